@@ -1,0 +1,25 @@
+//! flotilla-amqp: the AMQP 1.0 connection engine every Flotilla server and
+//! tool shares — framing, TLS, SASL, sessions, links, credit and settlement,
+//! with no routing. Performatives are `fe2o3-amqp-types` structs encoded by
+//! `serde_amqp`; payloads stay `Bytes` from the read buffer.
+//!
+//! # Layout
+//!
+//! - [`frame`]: protocol headers and frames, bytes in, frames out (no I/O).
+//! - [`message`]: finding `to`/`reply-to` and bodies in encoded messages.
+//! - [`connection`]: one connection's state machine: events in, frames out.
+//! - [`transport`]: TLS detection, SASL (ANONYMOUS, PLAIN, SCRAM-SHA-256)
+//!   and protocol headers, for accepting and connecting.
+//! - [`tls`]: rustls configuration from PEM files.
+//! - [`client`]: a small client on the same engine, for tools and benchmarks.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod connection;
+pub mod frame;
+pub mod message;
+pub mod tls;
+pub mod transport;
+
+pub use fe2o3_amqp_types as types;

@@ -1,0 +1,311 @@
+//! Reading and writing just enough of a message (AMQP 1.0 §3.2) without
+//! decoding it: a router forwards the encoded bytes as they came and only
+//! needs to find the `to` property (anonymous relay) or a body for people.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Section descriptor codes (AMQP 1.0 §3.2).
+pub mod section {
+    pub const HEADER: u64 = 0x70;
+    pub const DELIVERY_ANNOTATIONS: u64 = 0x71;
+    pub const MESSAGE_ANNOTATIONS: u64 = 0x72;
+    pub const PROPERTIES: u64 = 0x73;
+    pub const APPLICATION_PROPERTIES: u64 = 0x74;
+    pub const DATA: u64 = 0x75;
+    pub const AMQP_SEQUENCE: u64 = 0x76;
+    pub const AMQP_VALUE: u64 = 0x77;
+    pub const FOOTER: u64 = 0x78;
+}
+
+/// The message bytes do not form valid sections.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct MessageError(pub &'static str);
+
+fn need(b: &[u8], n: usize) -> Result<&[u8], MessageError> {
+    b.get(..n).ok_or(MessageError("value overruns message"))
+}
+
+fn be_u32(b: &[u8]) -> Result<usize, MessageError> {
+    let s = need(b, 4)?;
+    Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+}
+
+/// The length of the encoded value at the front of `b`, constructor included.
+pub fn value_len(b: &[u8]) -> Result<usize, MessageError> {
+    value_len_depth(b, 0)
+}
+
+fn value_len_depth(b: &[u8], depth: u32) -> Result<usize, MessageError> {
+    if depth > 32 {
+        return Err(MessageError("descriptors nested too deep"));
+    }
+    let code = *b.first().ok_or(MessageError("missing value"))?;
+    let rest = &b[1..];
+    let body = match code {
+        0x00 => {
+            let d = value_len_depth(rest, depth + 1)?;
+            let v = value_len_depth(
+                rest.get(d..)
+                    .ok_or(MessageError("value overruns message"))?,
+                depth + 1,
+            )?;
+            d + v
+        }
+        0x40..=0x45 => 0,
+        0x50..=0x56 => 1,
+        0x60 | 0x61 => 2,
+        0x70..=0x74 => 4,
+        0x80..=0x84 => 8,
+        0x94 | 0x98 => 16,
+        0xa0 | 0xa1 | 0xa3 | 0xc0 | 0xc1 | 0xe0 => {
+            1 + usize::from(*need(rest, 1)?.first().unwrap_or(&0))
+        }
+        0xb0 | 0xb1 | 0xb3 | 0xd0 | 0xd1 | 0xf0 => 4 + be_u32(rest)?,
+        _ => return Err(MessageError("unknown type constructor")),
+    };
+    need(rest, body)?;
+    Ok(1 + body)
+}
+
+/// A section: its descriptor code and its value's bytes (constructor included).
+#[derive(Debug, Clone, Copy)]
+pub struct Section<'a> {
+    pub code: u64,
+    pub value: &'a [u8],
+}
+
+/// Splits message bytes into sections.
+pub fn sections(mut b: &[u8]) -> impl Iterator<Item = Result<Section<'_>, MessageError>> {
+    std::iter::from_fn(move || {
+        if b.is_empty() {
+            return None;
+        }
+        let r = next_section(b).map(|(s, len)| {
+            b = &b[len..];
+            s
+        });
+        if r.is_err() {
+            b = &[];
+        }
+        Some(r)
+    })
+}
+
+fn next_section(b: &[u8]) -> Result<(Section<'_>, usize), MessageError> {
+    if b[0] != 0x00 {
+        return Err(MessageError("section is not a described type"));
+    }
+    let code = match b.get(1) {
+        Some(0x53) => u64::from(*need(&b[2..], 1)?.first().unwrap_or(&0)),
+        Some(0x80) => {
+            let s = need(&b[2..], 8)?;
+            u64::from_be_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
+        }
+        _ => return Err(MessageError("section descriptor is not a ulong")),
+    };
+    let dlen = value_len(&b[1..])?;
+    let vstart = 1 + dlen;
+    let vlen = value_len(
+        b.get(vstart..)
+            .ok_or(MessageError("section has no value"))?,
+    )?;
+    Ok((
+        Section {
+            code,
+            value: &b[vstart..vstart + vlen],
+        },
+        vstart + vlen,
+    ))
+}
+
+/// The list elements of an encoded list value.
+fn list_items(v: &[u8]) -> Result<(usize, &[u8]), MessageError> {
+    match v.first() {
+        Some(0x45) => Ok((0, &[])),
+        Some(0xc0) => {
+            let s = need(&v[1..], 2)?;
+            let end = 2 + usize::from(s[0]);
+            Ok((
+                usize::from(s[1]),
+                v.get(3..end).ok_or(MessageError("list overruns"))?,
+            ))
+        }
+        Some(0xd0) => {
+            let size = be_u32(&v[1..])?;
+            let count = be_u32(&v[5..])?;
+            Ok((
+                count,
+                v.get(9..5 + size).ok_or(MessageError("list overruns"))?,
+            ))
+        }
+        _ => Err(MessageError("properties is not a list")),
+    }
+}
+
+fn string_value(v: &[u8]) -> Option<&str> {
+    let s = match v.first()? {
+        0xa1 | 0xa3 => v.get(2..)?,
+        0xb1 | 0xb3 => v.get(5..)?,
+        _ => return None,
+    };
+    std::str::from_utf8(s).ok()
+}
+
+/// The `properties.to` field of a message, if it has one (AMQP 1.0 §3.2.4).
+pub fn to_address(message: &[u8]) -> Result<Option<&str>, MessageError> {
+    property_string(message, 2)
+}
+
+/// The `properties.reply-to` field, if set.
+pub fn reply_to(message: &[u8]) -> Result<Option<&str>, MessageError> {
+    property_string(message, 4)
+}
+
+fn property_string(message: &[u8], index: usize) -> Result<Option<&str>, MessageError> {
+    for s in sections(message) {
+        let s = s?;
+        if s.code == section::PROPERTIES {
+            let (count, mut items) = list_items(s.value)?;
+            for i in 0..count.min(index + 1) {
+                let len = value_len(items)?;
+                if i == index {
+                    return Ok(string_value(&items[..len]));
+                }
+                items = &items[len..];
+            }
+            return Ok(None);
+        }
+        if s.code >= section::APPLICATION_PROPERTIES {
+            break;
+        }
+    }
+    Ok(None)
+}
+
+/// The body as bytes: an amqp-value string or binary, or the data sections
+/// joined; `None` for other bodies.
+pub fn body_bytes(message: &[u8]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for s in sections(message) {
+        let s = s.ok()?;
+        match s.code {
+            section::AMQP_VALUE => {
+                let v = s.value;
+                return match v.first()? {
+                    0xa0 | 0xa1 | 0xa3 => v.get(2..).map(<[u8]>::to_vec),
+                    0xb0 | 0xb1 | 0xb3 => v.get(5..).map(<[u8]>::to_vec),
+                    _ => None,
+                };
+            }
+            section::DATA => {
+                let v = s.value;
+                let d = match v.first()? {
+                    0xa0 => v.get(2..)?,
+                    0xb0 => v.get(5..)?,
+                    _ => return None,
+                };
+                out.get_or_insert_with(Vec::new).extend_from_slice(d);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn put_str(out: &mut BytesMut, s: &[u8], small: u8, large: u8) {
+    if s.len() < 256 {
+        out.put_u8(small);
+        out.put_u8(s.len() as u8);
+    } else {
+        out.put_u8(large);
+        out.put_u32(s.len() as u32);
+    }
+    out.put_slice(s);
+}
+
+/// What to put in a message built by [`encode_message`].
+#[derive(Debug, Default, Clone)]
+pub struct MessageParts<'a> {
+    pub durable: bool,
+    pub message_id: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    /// The body; sent as an amqp-value string when `text`, else one data section.
+    pub body: &'a [u8],
+    pub text: bool,
+}
+
+/// Encodes a message (used by the tools and tests, not by the router).
+pub fn encode_message(p: &MessageParts<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(p.body.len() + 64);
+    if p.durable {
+        out.put_slice(&[0x00, 0x53, 0x70, 0xc0, 0x02, 0x01, 0x41]);
+    }
+    if p.message_id.is_some()
+        || p.to.is_some()
+        || p.reply_to.is_some()
+        || p.correlation_id.is_some()
+    {
+        let mut list = BytesMut::new();
+        let fields = [p.message_id, None, p.to, None, p.reply_to, p.correlation_id];
+        let count = fields
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(0, |i| i + 1);
+        for f in &fields[..count] {
+            match f {
+                Some(s) => put_str(&mut list, s.as_bytes(), 0xa1, 0xb1),
+                None => list.put_u8(0x40),
+            }
+        }
+        out.put_slice(&[0x00, 0x53, 0x73, 0xd0]);
+        out.put_u32(list.len() as u32 + 4);
+        out.put_u32(count as u32);
+        out.put_slice(&list);
+    }
+    if p.text {
+        out.put_slice(&[0x00, 0x53, 0x77]);
+        put_str(&mut out, p.body, 0xa1, 0xb1);
+    } else {
+        out.put_slice(&[0x00, 0x53, 0x75]);
+        put_str(&mut out, p.body, 0xa0, 0xb0);
+    }
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_properties_and_body() {
+        let m = encode_message(&MessageParts {
+            durable: true,
+            message_id: Some("id-1"),
+            to: Some("orders/eu"),
+            reply_to: Some("reply"),
+            body: b"hello",
+            text: true,
+            ..Default::default()
+        });
+        assert_eq!(to_address(&m).unwrap(), Some("orders/eu"));
+        assert_eq!(reply_to(&m).unwrap(), Some("reply"));
+        assert_eq!(body_bytes(&m).unwrap(), b"hello");
+        let m = encode_message(&MessageParts {
+            body: &[7u8; 300],
+            ..Default::default()
+        });
+        assert_eq!(to_address(&m).unwrap(), None);
+        assert_eq!(body_bytes(&m).unwrap(), vec![7u8; 300]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn scanning_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = to_address(&bytes);
+            let _ = body_bytes(&bytes);
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! `--config FILE`: resources in the REST/CRD shape, several YAML documents,
+//! applied at start like `kubectl apply -f`, and the validated view of them
+//! every component serves from ([`Tenancy`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+use crate::auth::ScramCredentials;
+use crate::pattern;
+use crate::resources::{
+    Address, AddressSpace, AddressType, AuthorizationRule, MessagingUser, Operation, Undeclared,
+    ValidationError,
+};
+
+/// The name of the zero-config address space.
+pub const DEFAULT_SPACE: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("document {doc}: {msg}")]
+    Parse { doc: usize, msg: String },
+    #[error("document {doc} ({kind} {name:?}): {source}")]
+    Invalid {
+        doc: usize,
+        kind: String,
+        name: String,
+        source: ValidationError,
+    },
+}
+
+/// Who may connect without credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymous {
+    Deny,
+    /// Only clients connecting from a loopback address (zero-config default).
+    Loopback,
+    Allow,
+}
+
+/// A messaging user as the servers need it: keys and rules, no password.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub credentials: ScramCredentials,
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// One address space (tenant) as the servers need it.
+#[derive(Debug, Clone)]
+pub struct Space {
+    pub name: String,
+    pub anonymous: Anonymous,
+    pub undeclared: Undeclared,
+    exact: HashMap<String, AddressType>,
+    patterns: Vec<(String, AddressType)>,
+    pub users: HashMap<String, User>,
+}
+
+impl Space {
+    fn new(name: &str, anonymous: Anonymous, undeclared: Undeclared) -> Self {
+        Space {
+            name: name.to_string(),
+            anonymous,
+            undeclared,
+            exact: HashMap::new(),
+            patterns: Vec::new(),
+            users: HashMap::new(),
+        }
+    }
+
+    /// The type of `address` in this space: a declared address, else the first
+    /// declared pattern it matches, else what the space does with undeclared ones.
+    pub fn lookup(&self, address: &str) -> Option<AddressType> {
+        if let Some(t) = self.exact.get(address) {
+            return Some(*t);
+        }
+        if let Some((_, t)) = self
+            .patterns
+            .iter()
+            .find(|(p, _)| pattern::matches(p, address))
+        {
+            return Some(*t);
+        }
+        match self.undeclared {
+            Undeclared::Anycast => Some(AddressType::Anycast),
+            Undeclared::Reject => None,
+        }
+    }
+
+    /// Declares an address.
+    pub fn declare(&mut self, address: &str, kind: AddressType) {
+        if pattern::is_pattern(address) {
+            self.patterns.retain(|(p, _)| p != address);
+            self.patterns.push((address.to_string(), kind));
+        } else {
+            self.exact.insert(address.to_string(), kind);
+        }
+    }
+
+    /// Number of declared addresses and patterns.
+    pub fn declared(&self) -> usize {
+        self.exact.len() + self.patterns.len()
+    }
+}
+
+/// Every address space a component serves.
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    pub spaces: HashMap<String, Space>,
+}
+
+impl Default for Tenancy {
+    fn default() -> Self {
+        Self::zero_config()
+    }
+}
+
+impl Tenancy {
+    /// One space, `default`: anonymous clients on loopback, and any address
+    /// nobody declared behaves as anycast (DESIGN.md "Zero-config behaviour").
+    pub fn zero_config() -> Self {
+        let mut spaces = HashMap::new();
+        spaces.insert(
+            DEFAULT_SPACE.to_string(),
+            Space::new(DEFAULT_SPACE, Anonymous::Loopback, Undeclared::Anycast),
+        );
+        Tenancy { spaces }
+    }
+
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// The file cannot be read, a document does not parse, or a resource is
+    /// invalid or names a space that does not exist.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Builds the tenancy from YAML text (one or more documents). The
+    /// zero-config `default` space stays unless a document declares an
+    /// AddressSpace named `default`, whose spec then applies.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let mut t = Self::zero_config();
+        let mut addresses = Vec::new();
+        let mut users = Vec::new();
+        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let doc = i + 1;
+            let value = serde_yaml::Value::deserialize_from(de, doc)?;
+            if value.is_null() {
+                continue;
+            }
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .ok_or_else(|| ConfigError::Parse {
+                    doc,
+                    msg: "missing `kind`".into(),
+                })?
+                .to_string();
+            match kind.as_str() {
+                "AddressSpace" => {
+                    let s: AddressSpace = typed(value, doc)?;
+                    s.validate()
+                        .map_err(|e| invalid(doc, &kind, &s.metadata.name, e))?;
+                    let anonymous = if s.spec.authentication.anonymous {
+                        Anonymous::Allow
+                    } else {
+                        Anonymous::Deny
+                    };
+                    t.spaces.insert(
+                        s.metadata.name.clone(),
+                        Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses),
+                    );
+                }
+                "Address" => {
+                    let a: Address = typed(value, doc)?;
+                    a.validate()
+                        .map_err(|e| invalid(doc, &kind, &a.metadata.name, e))?;
+                    addresses.push((doc, a));
+                }
+                "MessagingUser" => {
+                    let u: MessagingUser = typed(value, doc)?;
+                    u.validate()
+                        .map_err(|e| invalid(doc, &kind, &u.metadata.name, e))?;
+                    users.push((doc, u));
+                }
+                other => return Err(ConfigError::Parse {
+                    doc,
+                    msg: format!(
+                        "unknown kind {other:?} (expected AddressSpace, Address or MessagingUser)"
+                    ),
+                }),
+            }
+        }
+        for (doc, a) in addresses {
+            let space = t
+                .spaces
+                .get_mut(&a.spec.address_space)
+                .ok_or_else(|| no_space(doc, "Address", &a.metadata.name, &a.spec.address_space))?;
+            space.declare(&a.spec.address, a.spec.kind);
+        }
+        for (doc, u) in users {
+            let space = t.spaces.get_mut(&u.spec.address_space).ok_or_else(|| {
+                no_space(
+                    doc,
+                    "MessagingUser",
+                    &u.metadata.name,
+                    &u.spec.address_space,
+                )
+            })?;
+            let password = u.spec.password.as_deref().ok_or_else(|| {
+                invalid(
+                    doc,
+                    "MessagingUser",
+                    &u.metadata.name,
+                    ValidationError::Invalid("spec.password is required".into()),
+                )
+            })?;
+            space.users.insert(
+                u.spec.username.clone(),
+                User {
+                    credentials: ScramCredentials::derive(password),
+                    rules: u.spec.authorization.clone(),
+                },
+            );
+        }
+        Ok(t)
+    }
+}
+
+trait FromDoc: Sized {
+    fn deserialize_from(de: serde_yaml::Deserializer<'_>, doc: usize) -> Result<Self, ConfigError>;
+}
+
+impl FromDoc for serde_yaml::Value {
+    fn deserialize_from(de: serde_yaml::Deserializer<'_>, doc: usize) -> Result<Self, ConfigError> {
+        serde::Deserialize::deserialize(de).map_err(|e| ConfigError::Parse {
+            doc,
+            msg: e.to_string(),
+        })
+    }
+}
+
+fn typed<T: DeserializeOwned>(v: serde_yaml::Value, doc: usize) -> Result<T, ConfigError> {
+    serde_yaml::from_value(v).map_err(|e| ConfigError::Parse {
+        doc,
+        msg: e.to_string(),
+    })
+}
+
+fn invalid(doc: usize, kind: &str, name: &str, source: ValidationError) -> ConfigError {
+    ConfigError::Invalid {
+        doc,
+        kind: kind.to_string(),
+        name: name.to_string(),
+        source,
+    }
+}
+
+fn no_space(doc: usize, kind: &str, name: &str, space: &str) -> ConfigError {
+    invalid(
+        doc,
+        kind,
+        name,
+        ValidationError::Invalid(format!("address space {space:?} is not declared")),
+    )
+}
+
+/// Everything allowed: what an anonymous client of a space that admits
+/// anonymous clients may do.
+pub fn allow_all() -> Vec<AuthorizationRule> {
+    vec![AuthorizationRule {
+        addresses: vec!["#".into()],
+        operations: vec![
+            Operation::Send,
+            Operation::Recv,
+            Operation::View,
+            Operation::Manage,
+        ],
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: tenant-a}
+spec: {authentication: {anonymous: false}}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: prices}
+spec: {address: prices, type: multicast}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: orders}
+spec: {addressSpace: tenant-a, address: orders, type: anycast}
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: alice}
+spec:
+  addressSpace: tenant-a
+  username: alice
+  password: wonderland
+  authorization: [{addresses: ["orders"], operations: [send, recv]}]
+"#;
+
+    #[test]
+    fn loads_documents() {
+        let t = Tenancy::from_yaml(CONFIG).unwrap();
+        let d = &t.spaces["default"];
+        assert_eq!(d.lookup("prices"), Some(AddressType::Multicast));
+        assert_eq!(d.lookup("anything"), Some(AddressType::Anycast));
+        let a = &t.spaces["tenant-a"];
+        assert_eq!(a.lookup("orders"), Some(AddressType::Anycast));
+        assert_eq!(a.lookup("prices"), None);
+        assert_eq!(a.anonymous, Anonymous::Deny);
+        assert!(a.users["alice"].credentials.verify_password("wonderland"));
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e = Tenancy::from_yaml("kind: Bogus\n").unwrap_err().to_string();
+        assert!(e.contains("unknown kind"), "{e}");
+        let e = Tenancy::from_yaml(
+            "apiVersion: flotilla.dev/v1\nkind: Address\nmetadata: {name: x}\nspec: {addressSpace: nope, address: x, type: anycast}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not declared"), "{e}");
+        let e = Tenancy::from_yaml(
+            "apiVersion: flotilla.dev/v1\nkind: Address\nmetadata: {name: x}\nspec: {address: x, type: anycast, colour: red}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+}

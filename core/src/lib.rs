@@ -1,0 +1,21 @@
+//! flotilla-core: what every Flotilla component shares and none of them owns —
+//! the address model (address spaces, addresses, messaging users), address
+//! patterns, credentials and authorization, config files and telemetry.
+//!
+//! # Layout
+//!
+//! - [`resources`]: the Kubernetes-shaped objects (`AddressSpace`, `Address`,
+//!   `MessagingUser`) and their validation.
+//! - [`pattern`]: `/`- and `.`-separated address patterns with `+`, `*`, `#`.
+//! - [`config`]: loading `--config` files (several YAML documents) into a
+//!   validated [`config::Tenancy`].
+//! - [`auth`]: SCRAM-SHA-256 salted keys, password checks and authorization.
+//! - [`telemetry`]: tracing initialisation shared by every command.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod pattern;
+pub mod resources;
+pub mod telemetry;

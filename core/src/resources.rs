@@ -1,0 +1,273 @@
+//! The address model's objects, shaped like Kubernetes resources so that one
+//! JSON/YAML body is the REST body, the `--config` document and the CRD
+//! (DESIGN.md "Address model").
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The `apiVersion` every Flotilla resource carries.
+pub const API_VERSION: &str = "flotilla.dev/v1";
+
+/// Why a resource was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    #[error("metadata.name {0:?} is not a DNS label (lower-case letters, digits and '-', 1 to 63 characters)")]
+    BadName(String),
+    #[error("apiVersion {0:?} is not {API_VERSION:?}")]
+    BadApiVersion(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `metadata` of every resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The five address types (DESIGN.md table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressType {
+    Anycast,
+    Multicast,
+    Queue,
+    Topic,
+    Subscription,
+}
+
+impl AddressType {
+    /// Address types routers deliver directly (no broker).
+    pub fn is_direct(self) -> bool {
+        matches!(self, AddressType::Anycast | AddressType::Multicast)
+    }
+}
+
+/// What a space does with an address nobody declared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Undeclared {
+    /// Refuse the attach with `amqp:not-found` (spaces created by API or config).
+    #[default]
+    Reject,
+    /// Treat it as anycast, as a bare Qpid Dispatch Router does.
+    Anycast,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthenticationSpec {
+    /// Whether SASL ANONYMOUS (or no SASL at all) is accepted.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddressSpaceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub authentication: AuthenticationSpec,
+    #[serde(default)]
+    pub undeclared_addresses: Undeclared,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddressSpec {
+    /// The space; in a `--config` file it defaults to `default`.
+    #[serde(default = "default_space")]
+    pub address_space: String,
+    /// The string clients use; may contain `/` and `.`; may be a pattern for
+    /// multicast and topic.
+    pub address: String,
+    #[serde(rename = "type")]
+    pub kind: AddressType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+/// What an authorization rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Send,
+    Recv,
+    View,
+    Manage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationRule {
+    pub addresses: Vec<String>,
+    pub operations: Vec<Operation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MessagingUserSpec {
+    #[serde(default = "default_space")]
+    pub address_space: String,
+    pub username: String,
+    /// Write-only: accepted on input, turned into SCRAM keys, never echoed.
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub authorization: Vec<AuthorizationRule>,
+}
+
+fn default_space() -> String {
+    "default".to_string()
+}
+
+/// Status every resource reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+macro_rules! resource {
+    ($name:ident, $spec:ty, $kind:literal) => {
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $name {
+            pub api_version: String,
+            pub kind: String,
+            pub metadata: ObjectMeta,
+            pub spec: $spec,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<Status>,
+        }
+
+        impl $name {
+            /// The resource `kind` string.
+            pub const KIND: &'static str = $kind;
+
+            /// Checks the envelope shared by every resource.
+            fn validate_envelope(&self) -> Result<(), ValidationError> {
+                if self.api_version != API_VERSION {
+                    return Err(ValidationError::BadApiVersion(self.api_version.clone()));
+                }
+                validate_dns_label(&self.metadata.name)
+            }
+        }
+    };
+}
+
+resource!(AddressSpace, AddressSpaceSpec, "AddressSpace");
+resource!(Address, AddressSpec, "Address");
+resource!(MessagingUser, MessagingUserSpec, "MessagingUser");
+
+impl AddressSpace {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_envelope()
+    }
+}
+
+impl Address {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_envelope()?;
+        validate_address(&self.spec.address)?;
+        let pattern = crate::pattern::is_pattern(&self.spec.address);
+        if pattern && !matches!(self.spec.kind, AddressType::Multicast | AddressType::Topic) {
+            return Err(ValidationError::Invalid(format!(
+                "address {:?} is a pattern; only multicast and topic addresses may be patterns",
+                self.spec.address
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl MessagingUser {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_envelope()?;
+        if self.spec.username.is_empty() || self.spec.username.contains('@') {
+            return Err(ValidationError::Invalid(format!(
+                "username {:?} must be non-empty and must not contain '@'",
+                self.spec.username
+            )));
+        }
+        for rule in &self.spec.authorization {
+            for a in &rule.addresses {
+                validate_address(a)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A DNS label as Kubernetes names are (RFC 1123).
+pub fn validate_dns_label(name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::BadName(name.to_string()))
+    }
+}
+
+fn validate_address(a: &str) -> Result<(), ValidationError> {
+    if a.is_empty() || a.len() > 1024 || a.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ValidationError::Invalid(format!(
+            "address {a:?} must be 1 to 1024 characters with no spaces or control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        assert!(validate_dns_label("prices-1").is_ok());
+        assert!(validate_dns_label("Prices").is_err());
+        assert!(validate_dns_label("-a").is_err());
+        assert!(validate_dns_label("").is_err());
+    }
+
+    #[test]
+    fn pattern_only_for_multicast() {
+        let mut a = Address {
+            api_version: API_VERSION.into(),
+            kind: "Address".into(),
+            metadata: ObjectMeta {
+                name: "p".into(),
+                ..Default::default()
+            },
+            spec: AddressSpec {
+                address_space: "default".into(),
+                address: "prices/#".into(),
+                kind: AddressType::Anycast,
+                plan: None,
+            },
+            status: None,
+        };
+        assert!(a.validate().is_err());
+        a.spec.kind = AddressType::Multicast;
+        assert!(a.validate().is_ok());
+    }
+}

@@ -1,0 +1,780 @@
+//! One task per client connection: it owns the socket and the engine's
+//! session/link state, turns the engine's events into routing (through
+//! [`crate::core`]), and turns other tasks' [`ConnEvent`]s into frames.
+//! Everything produced in one wake-up goes out in one write.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use flotilla_amqp::connection::{
+    amqp_error, AttachReply, Connection, ConnectionConfig, Delivery, Event, LinkId, ProtocolError,
+};
+use flotilla_amqp::frame;
+use flotilla_amqp::message;
+use flotilla_amqp::transport::{BoxIo, Identity};
+use flotilla_amqp::types::definitions::{
+    AmqpError, ConnectionError, Error as AmqpErrorBody, Role, SenderSettleMode,
+};
+use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Rejected, Target, TargetArchetype};
+use flotilla_core::resources::{AddressType, Operation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::core::{AddressState, ConnEvent, ConnHandle, ConnectionId, Forwarded, Origin, Routed};
+use crate::policy::Principal;
+use crate::Shared;
+
+/// Stop reading from a peer that does not read what we write.
+const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Prefix of router-assigned dynamic addresses.
+pub const DYNAMIC_PREFIX: &str = "$dynamic/";
+
+enum IncomingTarget {
+    Address(Arc<AddressState>),
+    /// ANONYMOUS-RELAY: each message routed by its `to`.
+    Relay,
+}
+
+struct Incoming {
+    target: IncomingTarget,
+    /// This link's messages waiting in router queues (they hold its credit).
+    held: u32,
+}
+
+struct Outgoing {
+    address: Arc<AddressState>,
+    outstanding: Arc<AtomicU32>,
+    /// Receiver asked for pre-settled deliveries.
+    presettle: bool,
+    dynamic: bool,
+}
+
+/// Why a connection ended, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    PeerClosed,
+    ProtocolError,
+    Unauthorized,
+    Shutdown,
+    Io,
+}
+
+pub(crate) struct ConnectionTask {
+    id: ConnectionId,
+    handle: ConnHandle,
+    rx: mpsc::UnboundedReceiver<ConnEvent>,
+    conn: Connection,
+    shared: Arc<Shared>,
+    identity: Identity,
+    peer: SocketAddr,
+    principal: Option<Principal>,
+    incoming: HashMap<LinkId, Incoming>,
+    outgoing: HashMap<LinkId, Outgoing>,
+    /// Outgoing links that went away, so late deliveries find their address.
+    gone: HashMap<LinkId, Arc<AddressState>>,
+    /// Our unsettled deliveries to receivers: token -> (link, origin).
+    unsettled: HashMap<u64, (LinkId, Option<Origin>)>,
+    next_token: u64,
+    dirty: HashSet<LinkId>,
+    events: Vec<Event>,
+    closing: Option<CloseReason>,
+}
+
+impl ConnectionTask {
+    pub(crate) fn new(
+        id: ConnectionId,
+        shared: Arc<Shared>,
+        identity: Identity,
+        peer: SocketAddr,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cfg = ConnectionConfig {
+            container_id: shared.cfg.container_id.clone(),
+            max_frame_size: shared.cfg.max_frame_size,
+            channel_max: shared.cfg.channel_max,
+            idle_timeout: shared.cfg.idle_timeout,
+            max_links: shared.cfg.max_links_per_connection,
+            max_message_size: shared.cfg.max_message_size,
+            hostname: None,
+            offered_capabilities: vec!["ANONYMOUS-RELAY"],
+        };
+        ConnectionTask {
+            id,
+            handle: ConnHandle { id, tx },
+            rx,
+            conn: Connection::new(cfg),
+            shared,
+            identity,
+            peer,
+            principal: None,
+            incoming: HashMap::new(),
+            outgoing: HashMap::new(),
+            gone: HashMap::new(),
+            unsettled: HashMap::new(),
+            next_token: 0,
+            dirty: HashSet::new(),
+            events: Vec::new(),
+            closing: None,
+        }
+    }
+
+    /// Runs the connection until it closes.
+    pub(crate) async fn run(mut self, io: BoxIo, mut rbuf: BytesMut) -> CloseReason {
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let mut wbuf = BytesMut::with_capacity(64 * 1024);
+        let mut evbuf = Vec::with_capacity(256);
+        let mut next_tick = Instant::now();
+        let shutdown = self.shared.shutdown.clone();
+        let mut eof = false;
+        self.process_input(&mut rbuf);
+        loop {
+            self.top_up_credit();
+            if self.conn.has_output() {
+                let out = self.conn.take_output();
+                if wbuf.is_empty() {
+                    wbuf = out;
+                } else {
+                    wbuf.extend_from_slice(&out);
+                }
+            }
+            if wbuf.is_empty()
+                && (self.conn.is_closed()
+                    || (self.closing.is_some() && self.conn.close_sent())
+                    || eof)
+            {
+                break;
+            }
+            let can_read = !eof && wbuf.len() < WRITE_HIGH_WATER;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if self.closing.is_none() => {
+                    self.shut_down();
+                }
+                r = rd.read_buf(&mut rbuf), if can_read => match r {
+                    Ok(0) => { eof = true; self.closing.get_or_insert(CloseReason::PeerClosed); }
+                    Ok(_) => self.process_input(&mut rbuf),
+                    Err(e) => {
+                        debug!(conn.id = self.id.0, error = %e, "read failed");
+                        self.closing = Some(CloseReason::Io);
+                        break;
+                    }
+                },
+                n = self.rx.recv_many(&mut evbuf, 512) => {
+                    if n > 0 {
+                        for ev in evbuf.drain(..) {
+                            self.handle_conn_event(ev);
+                        }
+                    }
+                }
+                r = wr.write(&wbuf), if !wbuf.is_empty() => match r {
+                    Ok(n) => { let _ = wbuf.split_to(n); }
+                    Err(e) => {
+                        debug!(conn.id = self.id.0, error = %e, "write failed");
+                        self.closing = Some(CloseReason::Io);
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep_until(next_tick.into()) => {
+                    match self.conn.tick(Instant::now()) {
+                        Ok(t) => next_tick = t,
+                        Err(e) => self.protocol_error(e.0),
+                    }
+                }
+            }
+        }
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+        self.cleanup();
+        self.closing.unwrap_or(CloseReason::PeerClosed)
+    }
+
+    fn process_input(&mut self, rbuf: &mut BytesMut) {
+        let max = self.conn.max_frame_size();
+        loop {
+            if self.conn.is_closed() {
+                rbuf.clear();
+                return;
+            }
+            match frame::decode_frame(rbuf, max) {
+                Ok(Some(f)) => {
+                    let mut events = std::mem::take(&mut self.events);
+                    let r = self.conn.handle_frame(f, &mut events);
+                    for e in events.drain(..) {
+                        self.handle_event(e);
+                    }
+                    self.events = events;
+                    if let Err(ProtocolError(e)) = r {
+                        self.protocol_error(e);
+                        rbuf.clear();
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.protocol_error(e.to_amqp_error());
+                    rbuf.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: AmqpErrorBody) {
+        info!(conn.id = self.id.0, client.addr = %self.peer, error = ?e.condition, description = e.description.as_deref().unwrap_or(""), "closing connection: protocol error");
+        self.closing = Some(CloseReason::ProtocolError);
+        self.conn.close(Some(e));
+    }
+
+    fn shut_down(&mut self) {
+        self.closing = Some(CloseReason::Shutdown);
+        let links: Vec<LinkId> = self.incoming.keys().copied().collect();
+        for l in links {
+            self.conn.flow(l, 0, false);
+        }
+        self.conn.close(Some(amqp_error(
+            ConnectionError::ConnectionForced,
+            "router shutting down",
+        )));
+    }
+
+    fn handle_event(&mut self, e: Event) {
+        match e {
+            Event::Open(open) => self.handle_open(open.hostname.as_deref()),
+            Event::Begin { .. } | Event::End { .. } => {}
+            Event::Attach {
+                link,
+                attach,
+                reply: false,
+            } => self.handle_attach(link, *attach),
+            Event::Attach { .. } => {}
+            Event::Flow { link } => self.handle_flow(link),
+            Event::Delivery { link, delivery } => self.handle_delivery(link, delivery),
+            Event::Outcome {
+                token,
+                state,
+                settled,
+                ..
+            } => self.handle_outcome(token, state, settled),
+            Event::Detach {
+                link, unsettled, ..
+            } => self.link_gone(link, unsettled),
+            Event::Close { error } => {
+                if let Some(e) = error {
+                    debug!(conn.id = self.id.0, error = ?e.condition, "peer closed with error");
+                }
+                self.closing.get_or_insert(CloseReason::PeerClosed);
+            }
+        }
+    }
+
+    fn handle_open(&mut self, hostname: Option<&str>) {
+        match self
+            .shared
+            .policy
+            .on_open(&self.identity, hostname, self.peer)
+        {
+            Ok(p) => {
+                info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), "connection opened");
+                self.principal = Some(p);
+                self.conn.open();
+            }
+            Err(why) => {
+                info!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "connection refused");
+                self.closing = Some(CloseReason::Unauthorized);
+                self.conn
+                    .close(Some(amqp_error(AmqpError::UnauthorizedAccess, why)));
+            }
+        }
+    }
+
+    fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
+        let Some(p) = self.principal.clone() else {
+            self.conn.refuse_attach(
+                link,
+                amqp_error(AmqpError::IllegalState, "connection not open"),
+            );
+            return;
+        };
+        match attach.role {
+            Role::Sender => self.attach_incoming(link, &p, attach),
+            Role::Receiver => self.attach_outgoing(link, &p, attach),
+        }
+    }
+
+    /// Resolves an address for `op`, or the error to refuse with.
+    fn resolve(
+        &self,
+        p: &Principal,
+        op: Operation,
+        address: &str,
+    ) -> Result<AddressType, AmqpErrorBody> {
+        if !p.may(op, address) {
+            let what = if op == Operation::Send {
+                "send to"
+            } else {
+                "receive from"
+            };
+            return Err(amqp_error(
+                AmqpError::UnauthorizedAccess,
+                format!("not allowed to {what} {address:?}"),
+            ));
+        }
+        let t = self.shared.policy.tenancy();
+        let kind = t.spaces.get(&p.space).and_then(|s| s.lookup(address));
+        match kind {
+            None => Err(amqp_error(AmqpError::NotFound, format!("no address {address:?} in address space {:?}", p.space))),
+            Some(k) if !k.is_direct() => Err(amqp_error(
+                AmqpError::NotFound,
+                format!("address {address:?} is a {k:?} address, which needs a broker; this router has none"),
+            )),
+            Some(k) => Ok(k),
+        }
+    }
+
+    fn attach_incoming(
+        &mut self,
+        link: LinkId,
+        p: &Principal,
+        attach: flotilla_amqp::types::performatives::Attach,
+    ) {
+        let target = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => t.clone(),
+            #[allow(unreachable_patterns)]
+            Some(_) => {
+                self.conn.refuse_attach(
+                    link,
+                    amqp_error(AmqpError::NotImplemented, "transactions are not supported"),
+                );
+                return;
+            }
+            None => Target::default(),
+        };
+        let source = attach.source.as_deref().cloned();
+        let address = target.address.clone().filter(|a| !a.is_empty());
+        let target_state = match address {
+            None => IncomingTarget::Relay,
+            Some(a) => {
+                let resolved = if a.starts_with(DYNAMIC_PREFIX) {
+                    self.shared
+                        .table
+                        .get(&p.space, &a)
+                        .map(|s| s.kind)
+                        .ok_or_else(|| {
+                            amqp_error(AmqpError::NotFound, format!("no dynamic address {a:?}"))
+                        })
+                } else {
+                    self.resolve(p, Operation::Send, &a)
+                };
+                match resolved {
+                    Ok(kind) => {
+                        let st = self.shared.table.get_or_create(&p.space, &a, kind);
+                        st.add_sender(self.handle.clone(), link);
+                        IncomingTarget::Address(st)
+                    }
+                    Err(e) => {
+                        info!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
+                        self.conn.refuse_attach(link, e);
+                        return;
+                    }
+                }
+            }
+        };
+        debug!(conn.id = self.id.0, link.name = %attach.name, address = target.address.as_deref().unwrap_or("<relay>"), "sender attached");
+        self.conn.accept_attach(
+            link,
+            AttachReply {
+                source,
+                target: Some(target),
+                ..Default::default()
+            },
+        );
+        self.incoming.insert(
+            link,
+            Incoming {
+                target: target_state,
+                held: 0,
+            },
+        );
+        self.dirty.insert(link);
+    }
+
+    fn attach_outgoing(
+        &mut self,
+        link: LinkId,
+        p: &Principal,
+        attach: flotilla_amqp::types::performatives::Attach,
+    ) {
+        let mut source = attach.source.as_deref().cloned().unwrap_or_default();
+        let target = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let (address, kind, dynamic) = if source.dynamic {
+            let n = self.shared.dynamic_seq.fetch_add(1, Ordering::Relaxed);
+            let a = format!(
+                "{DYNAMIC_PREFIX}{}/{}.{n}",
+                self.shared.cfg.container_id, self.id.0
+            );
+            source.address = Some(a.clone());
+            (a, AddressType::Anycast, true)
+        } else {
+            let Some(a) = source.address.clone().filter(|a| !a.is_empty()) else {
+                self.conn.refuse_attach(
+                    link,
+                    amqp_error(
+                        AmqpError::InvalidField,
+                        "a receiver needs a source address or dynamic: true",
+                    ),
+                );
+                return;
+            };
+            let resolved = if a.starts_with(DYNAMIC_PREFIX) {
+                Err(amqp_error(
+                    AmqpError::UnauthorizedAccess,
+                    "dynamic addresses are consumed only by the link that created them",
+                ))
+            } else {
+                self.resolve(p, Operation::Recv, &a)
+            };
+            match resolved {
+                Ok(k) => (a, k, false),
+                Err(e) => {
+                    info!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
+                    self.conn.refuse_attach(link, e);
+                    return;
+                }
+            }
+        };
+        // Multicast is at-most-once: we send pre-settled.
+        let presettle =
+            kind == AddressType::Multicast || attach.snd_settle_mode == SenderSettleMode::Settled;
+        let snd = if kind == AddressType::Multicast {
+            Some(SenderSettleMode::Settled)
+        } else {
+            None
+        };
+        let st = self.shared.table.get_or_create(&p.space, &address, kind);
+        let outstanding = Arc::new(AtomicU32::new(0));
+        self.conn.accept_attach(
+            link,
+            AttachReply {
+                source: Some(source),
+                target,
+                snd_settle_mode: snd,
+                ..Default::default()
+            },
+        );
+        st.add_consumer(self.handle.clone(), link, outstanding.clone());
+        debug!(conn.id = self.id.0, link.name = %attach.name, address = %address, "receiver attached");
+        self.outgoing.insert(
+            link,
+            Outgoing {
+                address: st,
+                outstanding,
+                presettle,
+                dynamic,
+            },
+        );
+    }
+
+    fn handle_flow(&mut self, link: LinkId) {
+        let Some(out) = self.outgoing.get(&link) else {
+            return;
+        };
+        let Some(l) = self.conn.link(link) else {
+            return;
+        };
+        let limit = l.delivery_count.wrapping_add(l.credit);
+        let drain = l.drain;
+        let address = out.address.clone();
+        let msgs = address.consumer_credit(self.id, link, limit);
+        if !msgs.is_empty() {
+            crate::core::return_credit(&msgs);
+        }
+        for m in msgs {
+            self.deliver(link, m);
+        }
+        if drain {
+            // Nothing more is waiting for this receiver: use up its credit.
+            self.conn.drained(link);
+            if let Some(l) = self.conn.link(link) {
+                let limit = l.delivery_count.wrapping_add(l.credit);
+                address.consumer_credit(self.id, link, limit);
+            }
+        }
+    }
+
+    fn handle_delivery(&mut self, link: LinkId, d: Delivery) {
+        let Some(inc) = self.incoming.get(&link) else {
+            return;
+        };
+        let Some(p) = self.principal.as_ref() else {
+            return;
+        };
+        let origin = (!d.settled).then(|| Origin {
+            conn: self.handle.clone(),
+            delivery: d.id,
+        });
+        let routed = Routed {
+            payload: d.payload,
+            settled: d.settled,
+            origin,
+            sender: Some((self.handle.clone(), link)),
+        };
+        let state = match &inc.target {
+            IncomingTarget::Address(a) => a.clone(),
+            IncomingTarget::Relay => {
+                let to = match message::to_address(&routed.payload) {
+                    Ok(Some(to)) => to.to_string(),
+                    Ok(None) => {
+                        return self.reject(
+                            &d.id,
+                            d.settled,
+                            amqp_error(
+                                AmqpError::InvalidField,
+                                "message has no `to` address (anonymous relay)",
+                            ),
+                        )
+                    }
+                    Err(e) => {
+                        return self.reject(
+                            &d.id,
+                            d.settled,
+                            amqp_error(AmqpError::DecodeError, e.to_string()),
+                        )
+                    }
+                };
+                let resolved = if to.starts_with(DYNAMIC_PREFIX) {
+                    self.shared
+                        .table
+                        .get(&p.space, &to)
+                        .map(|s| s.kind)
+                        .ok_or_else(|| {
+                            amqp_error(AmqpError::NotFound, format!("no dynamic address {to:?}"))
+                        })
+                } else {
+                    self.resolve(p, Operation::Send, &to)
+                };
+                match resolved {
+                    Ok(kind) => match self.shared.table.get(&p.space, &to) {
+                        Some(s) => s,
+                        None if kind == AddressType::Multicast || kind == AddressType::Anycast => {
+                            // Nobody has ever attached: no receiver.
+                            return self.no_receiver(&d.id, d.settled);
+                        }
+                        None => return self.no_receiver(&d.id, d.settled),
+                    },
+                    Err(e) => return self.reject(&d.id, d.settled, e),
+                }
+            }
+        };
+        let settled = routed.settled;
+        let multicast = state.kind == AddressType::Multicast;
+        match state.forward(routed) {
+            Forwarded::Sent(_) if multicast && !settled => {
+                // Multicast is at-most-once: accepted once fanned out.
+                self.conn.settle(d.id, DeliveryState::Accepted(Accepted {}));
+            }
+            Forwarded::Sent(_) => {}
+            Forwarded::Queued => {
+                if let Some(inc) = self.incoming.get_mut(&link) {
+                    inc.held += 1;
+                }
+            }
+            Forwarded::NoReceiver => self.no_receiver(&d.id, settled),
+        }
+        self.dirty.insert(link);
+    }
+
+    fn reject(
+        &mut self,
+        id: &flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+        e: AmqpErrorBody,
+    ) {
+        debug!(
+            conn.id = self.id.0,
+            reason = e.description.as_deref().unwrap_or(""),
+            "delivery rejected"
+        );
+        if !settled {
+            self.conn
+                .settle(*id, DeliveryState::Rejected(Rejected { error: Some(e) }));
+        }
+    }
+
+    fn no_receiver(&mut self, id: &flotilla_amqp::connection::DeliveryRef, settled: bool) {
+        if !settled {
+            self.conn.settle(*id, crate::core::released());
+        }
+    }
+
+    /// Sends a routed message on our outgoing link, or gives it back.
+    fn deliver(&mut self, link: LinkId, msg: Routed) {
+        let Some(out) = self.outgoing.get(&link) else {
+            match self.gone.get(&link) {
+                Some(a) => a.clone().unsend(self.id, link, msg),
+                None => msg.release(),
+            }
+            return;
+        };
+        let settle_here = msg.settled || out.presettle;
+        let token = self.next_token;
+        if self.conn.send(link, &msg.payload, settle_here, token) {
+            self.next_token += 1;
+            if !settle_here {
+                self.unsettled.insert(token, (link, msg.origin));
+            } else if let Some(o) = msg.origin {
+                // The receiver takes it pre-settled: accepted for the sender.
+                out.outstanding.fetch_sub(1, Ordering::Relaxed);
+                o.conn.send(ConnEvent::Outcome {
+                    delivery: o.delivery,
+                    state: DeliveryState::Accepted(Accepted {}),
+                });
+            }
+        } else {
+            let a = out.address.clone();
+            a.unsend(self.id, link, msg);
+        }
+    }
+
+    fn handle_outcome(&mut self, token: u64, state: Option<DeliveryState>, settled: bool) {
+        let terminal = matches!(
+            state,
+            Some(
+                DeliveryState::Accepted(_)
+                    | DeliveryState::Rejected(_)
+                    | DeliveryState::Released(_)
+                    | DeliveryState::Modified(_)
+            )
+        );
+        if !settled && !terminal {
+            return;
+        }
+        let Some((link, origin)) = self.unsettled.remove(&token) else {
+            return;
+        };
+        if let Some(out) = self.outgoing.get(&link) {
+            out.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(o) = origin {
+            let state = match state {
+                Some(s) if terminal => s,
+                // Settled with no outcome: the receiver consumed it.
+                _ => DeliveryState::Accepted(Accepted {}),
+            };
+            o.conn.send(ConnEvent::Outcome {
+                delivery: o.delivery,
+                state,
+            });
+        }
+    }
+
+    fn link_gone(&mut self, link: LinkId, unsettled: Vec<u64>) {
+        if let Some(out) = self.outgoing.remove(&link) {
+            out.address.remove_consumer(self.id, link);
+            for token in unsettled {
+                if let Some((_, Some(o))) = self.unsettled.remove(&token) {
+                    o.conn.send(ConnEvent::Outcome {
+                        delivery: o.delivery,
+                        state: crate::core::released(),
+                    });
+                }
+            }
+            if out.dynamic {
+                out.address.release_all();
+            }
+            self.shared.table.gc(&out.address);
+            self.gone.insert(link, out.address);
+        } else if let Some(inc) = self.incoming.remove(&link) {
+            if let IncomingTarget::Address(a) = inc.target {
+                a.remove_sender(self.id, link);
+                self.shared.table.gc(&a);
+            }
+            self.dirty.remove(&link);
+        }
+    }
+
+    fn handle_conn_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Deliver { link, msg } => self.deliver(link, msg),
+            ConnEvent::Outcome { delivery, state } => self.conn.settle(delivery, state),
+            ConnEvent::Credit { link, returned } => {
+                if let Some(inc) = self.incoming.get_mut(&link) {
+                    inc.held = inc.held.saturating_sub(returned);
+                    self.dirty.insert(link);
+                }
+            }
+        }
+    }
+
+    /// Grants or withdraws credit on incoming links whose situation changed:
+    /// a window of `link_capacity` while a receiver exists (anonymous relay
+    /// links always), none while no receiver does (anycast and multicast).
+    fn top_up_credit(&mut self) {
+        if self.dirty.is_empty() || self.closing.is_some() {
+            return;
+        }
+        let window = self.shared.cfg.link_capacity;
+        for link in std::mem::take(&mut self.dirty) {
+            let Some(inc) = self.incoming.get(&link) else {
+                continue;
+            };
+            let Some(l) = self.conn.link(link) else {
+                continue;
+            };
+            let cur = l.credit;
+            let reachable = match &inc.target {
+                IncomingTarget::Relay => true,
+                IncomingTarget::Address(a) => a.has_consumers(),
+            };
+            if !reachable {
+                if cur > 0 {
+                    self.conn.flow(link, 0, false);
+                }
+                continue;
+            }
+            let want = window.saturating_sub(inc.held);
+            if cur + inc.held <= window / 2 && want > cur {
+                self.conn.flow(link, want, false);
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        for (_, origin) in self.unsettled.drain().map(|(_, v)| v) {
+            if let Some(o) = origin {
+                o.conn.send(ConnEvent::Outcome {
+                    delivery: o.delivery,
+                    state: crate::core::released(),
+                });
+            }
+        }
+        let outs: Vec<LinkId> = self.outgoing.keys().copied().collect();
+        for l in outs {
+            self.link_gone(l, Vec::new());
+        }
+        let ins: Vec<LinkId> = self.incoming.keys().copied().collect();
+        for l in ins {
+            self.link_gone(l, Vec::new());
+        }
+        // Deliveries still on their way to us go back.
+        self.rx.close();
+        while let Ok(ev) = self.rx.try_recv() {
+            if let ConnEvent::Deliver { link, msg } = ev {
+                match self.gone.get(&link) {
+                    Some(a) => a.clone().unsend(self.id, link, msg),
+                    None => msg.release(),
+                }
+            }
+        }
+        if self.closing == Some(CloseReason::Io) {
+            warn!(conn.id = self.id.0, client.addr = %self.peer, "connection lost");
+        }
+    }
+}

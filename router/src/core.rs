@@ -1,0 +1,556 @@
+//! The routing core: the address table and the forwarders.
+//!
+//! Each address (per address space) has one [`AddressState`] behind a mutex:
+//! its consumers (outgoing links to receivers, each with the credit its
+//! receiver granted), the senders attached to it (so they learn when
+//! receivers come and go), and, for anycast, the deliveries waiting for a
+//! receiver's credit. Connection tasks route by locking one address for one
+//! delivery; nothing else is shared. Deliveries travel to the receiving
+//! connection's task as [`ConnEvent::Deliver`]; outcomes travel back to the
+//! sending connection as [`ConnEvent::Outcome`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use flotilla_amqp::connection::{DeliveryRef, LinkId};
+use flotilla_amqp::types::messaging::DeliveryState;
+use flotilla_core::resources::AddressType;
+use tokio::sync::mpsc;
+
+/// The `released` outcome (AMQP 1.0 §3.4.4).
+pub fn released() -> DeliveryState {
+    DeliveryState::Released(flotilla_amqp::types::messaging::Released {})
+}
+
+/// A connection, unique for the life of the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+/// What other tasks tell a connection task.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// Send this message on our outgoing link `link`.
+    Deliver { link: LinkId, msg: Routed },
+    /// The receiver's outcome for a delivery that came in on our link.
+    Outcome {
+        delivery: DeliveryRef,
+        state: DeliveryState,
+    },
+    /// Re-evaluate credit on our incoming link: receivers came or went, or
+    /// `returned` of its deliveries left the router's queues.
+    Credit { link: LinkId, returned: u32 },
+}
+
+/// A cloneable sender to a connection task.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    pub id: ConnectionId,
+    pub tx: mpsc::UnboundedSender<ConnEvent>,
+}
+
+impl ConnHandle {
+    /// Sends an event; a connection that is gone is ignored (its links'
+    /// deliveries are released by whoever holds them).
+    pub fn send(&self, ev: ConnEvent) -> bool {
+        self.tx.send(ev).is_ok()
+    }
+}
+
+/// Where an unsettled delivery came from, to send its outcome back.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub conn: ConnHandle,
+    pub delivery: DeliveryRef,
+}
+
+/// A message on its way through the router.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub payload: Bytes,
+    pub settled: bool,
+    /// Present for unsettled deliveries.
+    pub origin: Option<Origin>,
+    /// The sending link, for returning its credit when the message waited.
+    pub sender: Option<(ConnHandle, LinkId)>,
+}
+
+impl Routed {
+    /// Gives the message back to its sender unsent: `released` (AMQP 1.0
+    /// §3.4.4) for unsettled deliveries; settled ones are dropped.
+    pub fn release(self) {
+        if let Some(o) = self.origin {
+            o.conn.send(ConnEvent::Outcome {
+                delivery: o.delivery,
+                state: crate::core::released(),
+            });
+        }
+    }
+}
+
+/// A receiver's link, as the address sees it.
+#[derive(Debug)]
+pub struct Consumer {
+    pub conn: ConnHandle,
+    pub link: LinkId,
+    /// Deliveries routed to this link so far (serial number).
+    pub routed: u32,
+    /// The delivery count up to which the receiver allows deliveries.
+    pub limit: u32,
+    /// Unsettled deliveries on this link, for balancing.
+    pub outstanding: Arc<AtomicU32>,
+    /// Multicast only: messages held while the receiver has no credit.
+    pub backlog: VecDeque<Routed>,
+}
+
+impl Consumer {
+    pub fn credit(&self) -> u32 {
+        let c = self.limit.wrapping_sub(self.routed);
+        if c > (1 << 31) {
+            0
+        } else {
+            c
+        }
+    }
+}
+
+/// The mutable part of an address.
+#[derive(Debug, Default)]
+pub struct AddressInner {
+    pub consumers: Vec<Consumer>,
+    pub senders: Vec<(ConnHandle, LinkId)>,
+    /// Anycast deliveries waiting for credit (bounded by senders' credit).
+    pub undelivered: VecDeque<Routed>,
+    rr: usize,
+}
+
+/// Messages held per multicast receiver without credit before the oldest
+/// are dropped (multicast is at-most-once).
+pub const MULTICAST_BACKLOG: usize = 1000;
+
+/// One address in one address space.
+#[derive(Debug)]
+pub struct AddressState {
+    pub space: String,
+    pub address: String,
+    pub kind: AddressType,
+    inner: Mutex<AddressInner>,
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// What happened to a delivery handed to [`AddressState::forward`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Sent to a receiver (anycast) or to `n` receivers (multicast).
+    Sent(usize),
+    /// Held until a receiver grants credit (anycast only).
+    Queued,
+    /// No receiver anywhere: the caller releases or drops it.
+    NoReceiver,
+}
+
+impl AddressState {
+    fn new(space: &str, address: &str, kind: AddressType) -> Self {
+        AddressState {
+            space: space.to_string(),
+            address: address.to_string(),
+            kind,
+            inner: Mutex::new(AddressInner::default()),
+            delivered: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks the address. Lock order: never hold two addresses' locks.
+    pub fn lock(&self) -> MutexGuard<'_, AddressInner> {
+        // A panic while holding the lock would be a bug in this module; the
+        // state is still consistent enough to keep serving, so recover.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn has_consumers(&self) -> bool {
+        !self.lock().consumers.is_empty()
+    }
+
+    /// Routes one message by the address's type.
+    pub fn forward(&self, msg: Routed) -> Forwarded {
+        match self.kind {
+            AddressType::Multicast => self.forward_multicast(msg),
+            _ => self.forward_anycast(msg),
+        }
+    }
+
+    /// Anycast: to the receiver with credit that has the fewest unsettled
+    /// deliveries, round-robin among equals; else wait for credit.
+    pub fn forward_anycast(&self, msg: Routed) -> Forwarded {
+        let mut g = self.lock();
+        if g.consumers.is_empty() {
+            return Forwarded::NoReceiver;
+        }
+        if !g.undelivered.is_empty() {
+            // Keep order: earlier messages are still waiting.
+            g.undelivered.push_back(msg);
+            return Forwarded::Queued;
+        }
+        let n = g.consumers.len();
+        let start = g.rr % n;
+        let mut best: Option<(usize, u32)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let c = &g.consumers[i];
+            if c.credit() == 0 {
+                continue;
+            }
+            let o = c.outstanding.load(Ordering::Relaxed);
+            if best.is_none_or(|(_, bo)| o < bo) {
+                best = Some((i, o));
+                if o == 0 {
+                    break;
+                }
+            }
+        }
+        match best {
+            Some((i, _)) => {
+                g.rr = i + 1;
+                let c = &mut g.consumers[i];
+                c.routed = c.routed.wrapping_add(1);
+                if !msg.settled {
+                    c.outstanding.fetch_add(1, Ordering::Relaxed);
+                }
+                c.conn.send(ConnEvent::Deliver { link: c.link, msg });
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                Forwarded::Sent(1)
+            }
+            None => {
+                g.undelivered.push_back(msg);
+                Forwarded::Queued
+            }
+        }
+    }
+
+    /// Multicast: a copy to every receiver (at-most-once); a receiver with
+    /// no credit keeps up to [`MULTICAST_BACKLOG`] messages, then loses the
+    /// oldest.
+    pub fn forward_multicast(&self, msg: Routed) -> Forwarded {
+        let mut g = self.lock();
+        if g.consumers.is_empty() {
+            return Forwarded::NoReceiver;
+        }
+        let copy = Routed {
+            payload: msg.payload,
+            settled: true,
+            origin: None,
+            sender: None,
+        };
+        let mut sent = 0;
+        for c in g.consumers.iter_mut() {
+            if c.credit() > 0 && c.backlog.is_empty() {
+                c.routed = c.routed.wrapping_add(1);
+                c.conn.send(ConnEvent::Deliver {
+                    link: c.link,
+                    msg: copy.clone(),
+                });
+                sent += 1;
+            } else {
+                if c.backlog.len() >= MULTICAST_BACKLOG {
+                    c.backlog.pop_front();
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                c.backlog.push_back(copy.clone());
+            }
+        }
+        self.delivered.fetch_add(sent as u64, Ordering::Relaxed);
+        Forwarded::Sent(g.consumers.len())
+    }
+
+    /// A receiver's credit changed: record its new limit and hand it what
+    /// waited for credit. Returns the messages to send on that link now.
+    pub fn consumer_credit(&self, conn: ConnectionId, link: LinkId, limit: u32) -> Vec<Routed> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(c) = g
+            .consumers
+            .iter_mut()
+            .find(|c| c.conn.id == conn && c.link == link)
+        else {
+            return Vec::new();
+        };
+        c.limit = limit;
+        let mut out = Vec::new();
+        while c.credit() > 0 {
+            let next = match self.kind {
+                AddressType::Multicast => c.backlog.pop_front(),
+                _ => g.undelivered.pop_front(),
+            };
+            let Some(m) = next else { break };
+            c.routed = c.routed.wrapping_add(1);
+            if !m.settled {
+                c.outstanding.fetch_add(1, Ordering::Relaxed);
+            }
+            out.push(m);
+        }
+        self.delivered
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// A message routed to `link` could not be sent (the link went away or
+    /// lost its credit): take it back and try elsewhere (anycast) or drop it.
+    pub fn unsend(&self, conn: ConnectionId, link: LinkId, msg: Routed) {
+        {
+            let mut g = self.lock();
+            if let Some(c) = g
+                .consumers
+                .iter_mut()
+                .find(|c| c.conn.id == conn && c.link == link)
+            {
+                c.routed = c.routed.wrapping_sub(1);
+                if !msg.settled {
+                    c.outstanding.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.delivered.fetch_sub(1, Ordering::Relaxed);
+        if self.kind == AddressType::Multicast {
+            return;
+        }
+        // Re-route without the link (it is gone or has no credit).
+        match self.forward_anycast(msg.clone()) {
+            Forwarded::NoReceiver => msg.release(),
+            Forwarded::Sent(_) | Forwarded::Queued => {}
+        }
+    }
+
+    /// Adds a receiver. Returns true if it is the first (senders should be
+    /// told to re-check credit).
+    pub fn add_consumer(
+        &self,
+        conn: ConnHandle,
+        link: LinkId,
+        outstanding: Arc<AtomicU32>,
+    ) -> bool {
+        let mut g = self.lock();
+        g.consumers.push(Consumer {
+            conn,
+            link,
+            routed: 0,
+            limit: 0,
+            outstanding,
+            backlog: VecDeque::new(),
+        });
+        let first = g.consumers.len() == 1;
+        if first {
+            notify_senders(&g);
+        }
+        first
+    }
+
+    /// Removes a receiver; when it was the last, waiting anycast messages
+    /// are released to their senders and senders lose their credit.
+    pub fn remove_consumer(&self, conn: ConnectionId, link: LinkId) {
+        let mut g = self.lock();
+        g.consumers
+            .retain(|c| !(c.conn.id == conn && c.link == link));
+        if g.consumers.is_empty() {
+            let waiting: Vec<Routed> = g.undelivered.drain(..).collect();
+            notify_senders(&g);
+            drop(g);
+            return_credit(&waiting);
+            for m in waiting {
+                m.release();
+            }
+        }
+    }
+
+    pub fn add_sender(&self, conn: ConnHandle, link: LinkId) {
+        self.lock().senders.push((conn, link));
+    }
+
+    pub fn remove_sender(&self, conn: ConnectionId, link: LinkId) {
+        self.lock()
+            .senders
+            .retain(|(c, l)| !(c.id == conn && *l == link));
+    }
+
+    /// Releases every waiting message (router shutdown).
+    pub fn release_all(&self) {
+        let waiting: Vec<Routed> = self.lock().undelivered.drain(..).collect();
+        for m in waiting {
+            m.release();
+        }
+    }
+
+    fn is_unused(&self) -> bool {
+        let g = self.lock();
+        g.consumers.is_empty() && g.senders.is_empty() && g.undelivered.is_empty()
+    }
+
+    /// Numbers for `flotilla stat`.
+    pub fn snapshot(&self) -> (usize, usize, usize) {
+        let g = self.lock();
+        (g.consumers.len(), g.senders.len(), g.undelivered.len())
+    }
+}
+
+fn notify_senders(g: &AddressInner) {
+    for (conn, link) in &g.senders {
+        conn.send(ConnEvent::Credit {
+            link: *link,
+            returned: 0,
+        });
+    }
+}
+
+/// Tells senders whose messages waited in the router that the credit those
+/// messages held is free again.
+pub fn return_credit(msgs: &[Routed]) {
+    let mut per: HashMap<(ConnectionId, LinkId), (ConnHandle, u32)> = HashMap::new();
+    for m in msgs {
+        if let Some((c, l)) = &m.sender {
+            per.entry((c.id, *l)).or_insert_with(|| (c.clone(), 0)).1 += 1;
+        }
+    }
+    for ((_, link), (conn, n)) in per {
+        conn.send(ConnEvent::Credit { link, returned: n });
+    }
+}
+
+/// Every address the router knows, by (space, address).
+#[derive(Debug, Default)]
+pub struct AddressTable {
+    map: Mutex<HashMap<(String, String), Arc<AddressState>>>,
+}
+
+impl AddressTable {
+    /// The address's state, made on first use with `kind`.
+    pub fn get_or_create(
+        &self,
+        space: &str,
+        address: &str,
+        kind: AddressType,
+    ) -> Arc<AddressState> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((space.to_string(), address.to_string()))
+            .or_insert_with(|| Arc::new(AddressState::new(space, address, kind)))
+            .clone()
+    }
+
+    pub fn get(&self, space: &str, address: &str) -> Option<Arc<AddressState>> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(space.to_string(), address.to_string())).cloned()
+    }
+
+    /// Forgets an address nobody uses any more.
+    pub fn gc(&self, a: &AddressState) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (a.space.clone(), a.address.clone());
+        if m.get(&key).is_some_and(|s| s.is_unused()) {
+            m.remove(&key);
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<AddressState>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(id: u64) -> (ConnHandle, mpsc::UnboundedReceiver<ConnEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            ConnHandle {
+                id: ConnectionId(id),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    fn msg(settled: bool, origin: Option<Origin>) -> Routed {
+        Routed {
+            payload: Bytes::from_static(b"m"),
+            settled,
+            origin,
+            sender: None,
+        }
+    }
+
+    #[test]
+    fn anycast_balances_by_credit_and_queues_without_it() {
+        let a = AddressState::new("default", "q", AddressType::Anycast);
+        assert_eq!(a.forward(msg(true, None)), Forwarded::NoReceiver);
+        let (c1, mut r1) = handle(1);
+        let (c2, mut r2) = handle(2);
+        a.add_consumer(c1, LinkId(1), Default::default());
+        a.add_consumer(c2, LinkId(2), Default::default());
+        assert_eq!(a.forward(msg(true, None)), Forwarded::Queued);
+        let sent = a.consumer_credit(ConnectionId(1), LinkId(1), 2);
+        assert_eq!(
+            sent.len(),
+            1,
+            "the queued message goes to the first receiver with credit"
+        );
+        a.consumer_credit(ConnectionId(2), LinkId(2), 2);
+        for _ in 0..3 {
+            assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
+        }
+        assert_eq!(
+            a.forward(msg(true, None)),
+            Forwarded::Queued,
+            "all credit used"
+        );
+        let n1 = std::iter::from_fn(|| r1.try_recv().ok()).count();
+        let n2 = std::iter::from_fn(|| r2.try_recv().ok()).count();
+        assert_eq!((n1, n2), (1, 2), "credit bounds what each receiver gets");
+    }
+
+    #[test]
+    fn last_receiver_leaving_releases_waiting_messages() {
+        let a = AddressState::new("default", "q", AddressType::Anycast);
+        let (c1, _r1) = handle(1);
+        let (origin, mut ro) = handle(9);
+        a.add_consumer(c1, LinkId(1), Default::default());
+        let o = Origin {
+            conn: origin,
+            delivery: DeliveryRef {
+                channel: 0,
+                delivery_id: 7,
+            },
+        };
+        assert_eq!(a.forward(msg(false, Some(o))), Forwarded::Queued);
+        a.remove_consumer(ConnectionId(1), LinkId(1));
+        match ro.try_recv() {
+            Ok(ConnEvent::Outcome {
+                delivery,
+                state: DeliveryState::Released(_),
+            }) => assert_eq!(delivery.delivery_id, 7),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn multicast_copies_to_every_receiver() {
+        let a = AddressState::new("default", "t", AddressType::Multicast);
+        let mut rxs = Vec::new();
+        for i in 0..3 {
+            let (c, r) = handle(i);
+            a.add_consumer(c, LinkId(0), Default::default());
+            a.consumer_credit(ConnectionId(i), LinkId(0), 10);
+            rxs.push(r);
+        }
+        assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(3));
+        for r in &mut rxs {
+            assert!(matches!(r.try_recv(), Ok(ConnEvent::Deliver { .. })));
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! flotilla-router: the AMQP 1.0 router. Clients attach senders and
+//! receivers to addresses; the router moves each message directly from a
+//! sender to a receiver (anycast) or to every receiver (multicast), with
+//! credit-based flow control end to end and outcomes relayed back.
+//!
+//! # Layout
+//!
+//! - [`server`]: listeners, accept loop, TLS/SASL handshake.
+//! - [`connection`]: one task per connection: engine events → routing.
+//! - [`core`]: the address table and the forwarders.
+//! - [`policy`]: authentication, address-space selection, authorization.
+
+#![forbid(unsafe_code)]
+
+pub mod connection;
+pub mod core;
+pub mod policy;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_amqp::transport::AcceptConfig;
+use flotilla_core::config::Tenancy;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::core::AddressTable;
+use crate::policy::Policy;
+
+/// Everything a router needs to start.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// AMQP listener (SASL and non-SASL clients; TLS too when a certificate is set).
+    pub amqp: SocketAddr,
+    /// AMQPS listener: TLS required.
+    pub amqps: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub container_id: String,
+    pub max_connections: usize,
+    pub max_links_per_connection: usize,
+    /// Largest message accepted (bytes; 0 = unlimited).
+    pub max_message_size: u64,
+    pub max_frame_size: u32,
+    pub channel_max: u16,
+    pub idle_timeout: Option<Duration>,
+    /// Credit window a sender gets while a receiver exists.
+    pub link_capacity: u32,
+    pub tenancy: Tenancy,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            amqp: "127.0.0.1:5672".parse().expect("literal address"),
+            amqps: None,
+            tls_cert: None,
+            tls_key: None,
+            container_id: "flotilla-router".into(),
+            max_connections: 10_000,
+            max_links_per_connection: 1000,
+            max_message_size: 16 * 1024 * 1024,
+            max_frame_size: 65536,
+            channel_max: 255,
+            idle_timeout: Some(Duration::from_secs(16)),
+            link_capacity: 1000,
+            tenancy: Tenancy::zero_config(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] flotilla_amqp::tls::TlsError),
+    #[error("--amqps needs --tls-cert and --tls-key")]
+    TlsMissing,
+}
+
+/// State every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) cfg: RouterConfig,
+    pub(crate) table: AddressTable,
+    pub(crate) policy: Policy,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) connections: AtomicUsize,
+    pub(crate) next_conn: AtomicU64,
+    pub(crate) dynamic_seq: AtomicU64,
+}
+
+/// A router whose listeners are bound.
+pub struct Router {
+    shared: Arc<Shared>,
+    listeners: Vec<(TcpListener, AcceptConfig)>,
+    /// Bound addresses: (protocol, address).
+    pub local_addrs: Vec<(&'static str, SocketAddr)>,
+}
+
+impl Router {
+    /// Validates the config and binds the listeners.
+    ///
+    /// # Errors
+    /// A port cannot be bound or the TLS files are invalid.
+    pub async fn bind(
+        cfg: RouterConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Router, RouterError> {
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(c), Some(k)) => Some(flotilla_amqp::tls::server_config(c, k, None)?),
+            (None, None) => None,
+            _ => return Err(RouterError::TlsMissing),
+        };
+        if cfg.amqps.is_some() && tls.is_none() {
+            return Err(RouterError::TlsMissing);
+        }
+        let mut listeners = Vec::new();
+        let mut local_addrs = Vec::new();
+        let plain = TcpListener::bind(cfg.amqp)
+            .await
+            .map_err(|source| RouterError::Bind {
+                addr: cfg.amqp,
+                source,
+            })?;
+        local_addrs.push((
+            "amqp",
+            plain.local_addr().map_err(|source| RouterError::Bind {
+                addr: cfg.amqp,
+                source,
+            })?,
+        ));
+        listeners.push((
+            plain,
+            AcceptConfig {
+                tls: tls.clone(),
+                require_tls: false,
+            },
+        ));
+        if let Some(addr) = cfg.amqps {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RouterError::Bind { addr, source })?;
+            local_addrs.push((
+                "amqps",
+                l.local_addr()
+                    .map_err(|source| RouterError::Bind { addr, source })?,
+            ));
+            listeners.push((
+                l,
+                AcceptConfig {
+                    tls: tls.clone(),
+                    require_tls: true,
+                },
+            ));
+        }
+        let policy = Policy::new(cfg.tenancy.clone());
+        let shared = Arc::new(Shared {
+            cfg,
+            table: AddressTable::default(),
+            policy,
+            shutdown,
+            tracker: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            dynamic_seq: AtomicU64::new(0),
+        });
+        Ok(Router {
+            shared,
+            listeners,
+            local_addrs,
+        })
+    }
+
+    /// Serves until the shutdown token is cancelled, then: stops accepting,
+    /// withdraws senders' credit, releases waiting deliveries to their
+    /// senders, closes connections, and waits for them (bounded).
+    pub async fn serve(self) {
+        for (proto, addr) in &self.local_addrs {
+            info!(proto = *proto, addr = %addr, "listening");
+        }
+        let shared = self.shared.clone();
+        for (l, cfg) in self.listeners {
+            shared
+                .tracker
+                .spawn(server::accept_loop(l, shared.clone(), cfg));
+        }
+        shared.shutdown.cancelled().await;
+        info!("shutting down: releasing in-flight deliveries and closing connections");
+        for a in shared.table.all() {
+            a.release_all();
+        }
+        shared.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            info!("some connections did not close within 5 s");
+        }
+        info!("stopped");
+    }
+}
+
+/// Binds and serves: the entry point the `flotilla` binary calls.
+///
+/// # Errors
+/// See [`Router::bind`].
+pub async fn run(cfg: RouterConfig, shutdown: CancellationToken) -> Result<(), RouterError> {
+    Router::bind(cfg, shutdown).await?.serve().await;
+    Ok(())
+}

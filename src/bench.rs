@@ -1,0 +1,573 @@
+//! `flotilla bench`: a load generator for any AMQP 1.0 endpoint. N senders
+//! and M receivers on their own connections; fixed body size; pre-settled
+//! or unsettled; for a duration or a count; optionally at a fixed rate.
+//! Each message carries its send time, so receivers measure latency into an
+//! HDR histogram. `--listen` makes the receiving side a server the senders
+//! connect to directly: the peer-to-peer ceiling with no router between.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use clap::Args;
+use flotilla_amqp::client::{Client, ClientError};
+use flotilla_amqp::connection::{AttachReply, Connection, ConnectionConfig, Event};
+use flotilla_amqp::frame;
+use flotilla_amqp::message::{self, MessageParts};
+use flotilla_amqp::transport::{self, AcceptConfig, Authenticator, Identity};
+use flotilla_amqp::types::definitions::Role;
+use flotilla_amqp::types::messaging::{Accepted, DeliveryState, TargetArchetype};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::tools::ConnArgs;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Address to send to and receive from.
+    #[arg(long, default_value = "bench")]
+    pub address: String,
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
+    #[arg(long, default_value_t = 1)]
+    pub receivers: usize,
+    /// Body size in bytes (at least 8: the send time).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Send pre-settled (at-most-once).
+    #[arg(long)]
+    pub presettled: bool,
+    /// Seconds to send for (ignored with --count).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Total messages to send.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Total messages per second across senders (default: as fast as credit allows).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Receivers' credit window.
+    #[arg(long, default_value_t = 1000)]
+    pub credit: u32,
+    /// Be the receiving peer: listen here and point the senders at it.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    not_accepted: AtomicU64,
+    received: AtomicU64,
+    latency: Mutex<Option<Histogram<u64>>>,
+}
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 ns .. 60 s at 3 significant digits; the bounds are constants.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Stats {
+    fn merge(&self, h: &Histogram<u64>) {
+        let mut g = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_mut() {
+            Some(all) => {
+                let _ = all.add(h);
+            }
+            None => *g = Some(h.clone()),
+        }
+    }
+}
+
+/// Records one delivery's latency from the send time in its body.
+fn record(h: &mut Histogram<u64>, payload: &[u8]) {
+    if let Some(b) = message::body_bytes(payload) {
+        if b.len() >= 8 {
+            let sent = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
+            let _ = h.record(now_ns().saturating_sub(sent).max(1));
+        }
+    }
+}
+
+pub async fn run(mut a: BenchArgs) -> ExitCode {
+    if a.size < 8 {
+        eprintln!("flotilla bench: --size must be at least 8");
+        return ExitCode::from(64);
+    }
+    base();
+    let stats = Arc::new(Stats::default());
+    let stop_receivers = CancellationToken::new();
+    let mut receivers = Vec::new();
+    if let Some(addr) = a.listen {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("flotilla bench: cannot listen on {addr}: {e}");
+                return ExitCode::from(64);
+            }
+        };
+        let bound = listener.local_addr().unwrap_or(addr);
+        eprintln!("listening on {bound} (peer-to-peer: senders connect here)");
+        a.conn.url = format!("amqp://{bound}");
+        receivers.push(tokio::spawn(listen(
+            listener,
+            a.clone(),
+            stats.clone(),
+            stop_receivers.clone(),
+        )));
+    } else {
+        for _ in 0..a.receivers {
+            let (a, s, stop) = (a.clone(), stats.clone(), stop_receivers.clone());
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            receivers.push(tokio::spawn(
+                async move { receiver(a, s, stop, ready_tx).await },
+            ));
+            match ready_rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    eprintln!("flotilla bench: receiver: {e}");
+                    return ExitCode::FAILURE;
+                }
+                Err(_) => return ExitCode::FAILURE,
+            }
+        }
+    }
+    let start = Instant::now();
+    let stop_senders = CancellationToken::new();
+    let remaining = Arc::new(AtomicU64::new(a.count.unwrap_or(u64::MAX)));
+    let mut senders = Vec::new();
+    for _ in 0..a.senders {
+        let (a, s, stop, rem) = (
+            a.clone(),
+            stats.clone(),
+            stop_senders.clone(),
+            remaining.clone(),
+        );
+        senders.push(tokio::spawn(async move { sender(a, s, stop, rem).await }));
+    }
+    // Progress once a second; stop after the duration (unless counting).
+    let deadline = start + Duration::from_secs_f64(a.duration);
+    let mut last = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        let all_done = senders.iter().all(|s| s.is_finished());
+        if all_done || (a.count.is_none() && Instant::now() >= deadline) {
+            break;
+        }
+        tick.tick().await;
+        let (s, r) = (
+            stats.sent.load(Ordering::Relaxed),
+            stats.received.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "{:>5.1}s  sent {:>9} msg/s  received {:>9} msg/s",
+            start.elapsed().as_secs_f64(),
+            s - last.0,
+            r - last.1
+        );
+        last = (s, r);
+    }
+    stop_senders.cancel();
+    let mut failed = false;
+    for s in senders {
+        match s.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("flotilla bench: sender: {e}");
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("flotilla bench: sender task: {e}");
+                failed = true;
+            }
+        }
+    }
+    let send_time = start.elapsed();
+    // Let receivers take what is in flight (bounded).
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while stats.received.load(Ordering::Relaxed) < sent && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed();
+    stop_receivers.cancel();
+    for r in receivers {
+        let _ = r.await;
+    }
+    report(&a, &stats, send_time, elapsed);
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) {
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let accepted = stats.accepted.load(Ordering::Relaxed);
+    let received = stats.received.load(Ordering::Relaxed);
+    let not_accepted = stats.not_accepted.load(Ordering::Relaxed);
+    let h = stats
+        .latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(new_hist);
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let send_rate = sent as f64 / send_time.as_secs_f64();
+    let recv_rate = received as f64
+        / elapsed
+            .as_secs_f64()
+            .min(send_time.as_secs_f64().max(1e-9))
+            .max(1e-9);
+    let mode = if a.presettled {
+        "pre-settled"
+    } else {
+        "unsettled"
+    };
+    if a.json {
+        println!(
+            "{{\"senders\":{},\"receivers\":{},\"size\":{},\"mode\":\"{mode}\",\"seconds\":{:.3},\"sent\":{sent},\"accepted\":{accepted},\"not_accepted\":{not_accepted},\"received\":{received},\"send_rate\":{send_rate:.0},\"receive_rate\":{recv_rate:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
+            a.senders, a.receivers, a.size, send_time.as_secs_f64(), us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0
+        );
+    } else {
+        println!(
+            "flotilla bench: {} sender(s), {} receiver(s), {} B bodies, {mode}, {:.1} s",
+            a.senders,
+            a.receivers,
+            a.size,
+            send_time.as_secs_f64()
+        );
+        println!("  sent     {sent:>10}  ({send_rate:.0} msg/s)");
+        if !a.presettled {
+            println!("  accepted {accepted:>10}  (not accepted: {not_accepted})");
+        }
+        println!("  received {received:>10}  ({recv_rate:.0} msg/s)");
+        println!(
+            "  latency  p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            h.max() as f64 / 1000.0
+        );
+    }
+}
+
+async fn sender(
+    a: BenchArgs,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    remaining: Arc<AtomicU64>,
+) -> Result<(), ClientError> {
+    let mut c = Client::connect(&a.conn.options()?).await?;
+    let link = c.open_sender(Some(&a.address), a.presettled).await?;
+    let body = vec![0u8; a.size];
+    let template = message::encode_message(&MessageParts {
+        body: &body,
+        ..Default::default()
+    });
+    let at = template.len() - a.size;
+    let mut buf = template.to_vec();
+    let interval = a
+        .rate
+        .map(|r| Duration::from_secs_f64(a.senders as f64 / r.max(1) as f64));
+    let mut next_send = Instant::now();
+    let (mut sent, mut settled) = (0u64, 0u64);
+    let mut finished = false;
+    loop {
+        if stop.is_cancelled() {
+            finished = true;
+        }
+        if !finished {
+            while c.conn.link(link).is_some_and(|l| l.credit > 0) {
+                if let Some(iv) = interval {
+                    if Instant::now() < next_send {
+                        break;
+                    }
+                    next_send += iv;
+                }
+                if remaining
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
+                    .is_err()
+                {
+                    finished = true;
+                    break;
+                }
+                buf[at..at + 8].copy_from_slice(&now_ns().to_be_bytes());
+                c.conn.send(link, &buf, a.presettled, sent);
+                sent += 1;
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+                if a.presettled {
+                    settled += 1;
+                }
+                if sent % 64 == 0 {
+                    break;
+                }
+            }
+        }
+        if finished && settled >= sent {
+            break;
+        }
+        c.flush().await?;
+        let ev = if !finished && c.conn.link(link).is_some_and(|l| l.credit > 0) {
+            match interval {
+                Some(_) => {
+                    tokio::select! {
+                        ev = c.next_event() => Some(ev?),
+                        _ = tokio::time::sleep_until(next_send.into()) => None,
+                        _ = stop.cancelled() => None,
+                    }
+                }
+                None => c.try_event(),
+            }
+        } else if finished {
+            match tokio::time::timeout(Duration::from_secs(10), c.next_event()).await {
+                Ok(ev) => Some(ev?),
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                ev = c.next_event() => Some(ev?),
+                _ = stop.cancelled() => None,
+            }
+        };
+        let Some(ev) = ev else { continue };
+        let mut handle = |ev: Event| -> Result<(), ClientError> {
+            match ev {
+                Event::Outcome { state, .. } => {
+                    settled += 1;
+                    match state {
+                        Some(DeliveryState::Accepted(_)) => {
+                            stats.accepted.fetch_add(1, Ordering::Relaxed)
+                        }
+                        _ => stats.not_accepted.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+                Event::Detach { error, .. } => return Err(ClientError::Refused(error)),
+                Event::Close { error } => return Err(ClientError::Closed(error)),
+                _ => {}
+            }
+            Ok(())
+        };
+        handle(ev)?;
+        while let Some(ev) = c.try_event() {
+            handle(ev)?;
+        }
+    }
+    c.close().await;
+    Ok(())
+}
+
+async fn receiver(
+    a: BenchArgs,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<Result<(), ClientError>>,
+) {
+    let setup = async {
+        let mut c = Client::connect(&a.conn.options()?).await?;
+        let (link, _) = c.open_receiver(Some(&a.address), a.credit).await?;
+        c.flush().await?;
+        Ok::<_, ClientError>((c, link))
+    };
+    let (mut c, link) = match setup.await {
+        Ok(x) => {
+            let _ = ready.send(Ok(()));
+            x
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut h = new_hist();
+    loop {
+        let ev = tokio::select! {
+            ev = c.next_event() => ev,
+            _ = stop.cancelled() => break,
+        };
+        match ev {
+            Ok(Event::Delivery { delivery, .. }) => {
+                record(&mut h, &delivery.payload);
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                if !delivery.settled {
+                    c.conn
+                        .settle(delivery.id, DeliveryState::Accepted(Accepted {}));
+                }
+                if c.conn.link(link).is_some_and(|l| l.credit <= a.credit / 2) {
+                    c.conn.flow(link, a.credit, false);
+                }
+            }
+            Ok(Event::Close { .. }) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    stats.merge(&h);
+    c.close().await;
+}
+
+/// Accepts anyone: the benchmark's own listening peer.
+struct OpenDoor;
+
+impl Authenticator for OpenDoor {
+    fn mechanisms(&self, _: SocketAddr) -> Vec<&'static str> {
+        vec!["ANONYMOUS", "PLAIN"]
+    }
+    fn allow_no_sasl(&self, _: SocketAddr) -> bool {
+        true
+    }
+    fn anonymous(&self, _: Option<&str>, _: SocketAddr) -> Option<Identity> {
+        Some(Identity {
+            user: None,
+            space: None,
+            mechanism: "ANONYMOUS",
+        })
+    }
+    async fn plain(&self, user: &str, _: &str, _: Option<&str>) -> Option<Identity> {
+        Some(Identity {
+            user: Some(user.to_string()),
+            space: None,
+            mechanism: "PLAIN",
+        })
+    }
+    async fn scram(
+        &self,
+        _: &str,
+        _: Option<&str>,
+    ) -> Option<(flotilla_core::auth::ScramCredentials, Identity)> {
+        None
+    }
+}
+
+async fn listen(
+    l: tokio::net::TcpListener,
+    a: BenchArgs,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let mut tasks = Vec::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = stop.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (a, stats, stop) = (a.clone(), stats.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(est) = transport::accept(tcp, peer, &AcceptConfig::default(), &OpenDoor).await
+            else {
+                return;
+            };
+            let h = serve_peer(est.io, est.read_buf, &a, &stats, stop).await;
+            stats.merge(&h);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// The listening peer: accepts every sender, grants credit, accepts and
+/// times every delivery.
+async fn serve_peer(
+    mut io: transport::BoxIo,
+    mut buf: BytesMut,
+    a: &BenchArgs,
+    stats: &Stats,
+    stop: CancellationToken,
+) -> Histogram<u64> {
+    let mut h = new_hist();
+    let mut conn = Connection::new(ConnectionConfig {
+        container_id: "flotilla-bench-peer".into(),
+        ..Default::default()
+    });
+    let mut events = Vec::new();
+    loop {
+        loop {
+            match frame::decode_frame(&mut buf, conn.max_frame_size()) {
+                Ok(Some(f)) => {
+                    if conn.handle_frame(f, &mut events).is_err() {
+                        return h;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return h,
+            }
+        }
+        for ev in events.drain(..) {
+            match ev {
+                Event::Open(_) => conn.open(),
+                Event::Attach {
+                    link,
+                    attach,
+                    reply: false,
+                } => {
+                    let target = match attach.target.as_deref() {
+                        Some(TargetArchetype::Target(t)) => Some(t.clone()),
+                        _ => None,
+                    };
+                    conn.accept_attach(
+                        link,
+                        AttachReply {
+                            source: attach.source.as_deref().cloned(),
+                            target,
+                            ..Default::default()
+                        },
+                    );
+                    if attach.role == Role::Sender {
+                        conn.flow(link, a.credit, false);
+                    }
+                }
+                Event::Delivery { link, delivery } => {
+                    record(&mut h, &delivery.payload);
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    if !delivery.settled {
+                        conn.settle(delivery.id, DeliveryState::Accepted(Accepted {}));
+                    }
+                    if conn.link(link).is_some_and(|l| l.credit <= a.credit / 2) {
+                        conn.flow(link, a.credit, false);
+                    }
+                }
+                Event::Close { .. } => {
+                    let out = conn.take_output();
+                    let _ = io.write_all(&out).await;
+                    return h;
+                }
+                _ => {}
+            }
+        }
+        if conn.has_output() {
+            let out = conn.take_output();
+            if io.write_all(&out).await.is_err() {
+                return h;
+            }
+        }
+        tokio::select! {
+            r = io.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => return h,
+                Ok(_) => {}
+            },
+            _ = stop.cancelled() => return h,
+        }
+    }
+}
