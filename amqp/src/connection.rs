@@ -187,8 +187,8 @@ struct Session {
     local_handles: Vec<bool>,
     /// Our unsettled outgoing deliveries: delivery-id -> (link, token).
     unsettled: HashMap<u32, (LinkId, u64)>,
-    /// Transfers waiting for the peer's session window.
-    blocked: std::collections::VecDeque<Bytes>,
+    /// Transfers waiting for the peer's session window, with their link.
+    blocked: std::collections::VecDeque<(LinkId, Bytes)>,
     /// Dispositions for incoming deliveries, written at the next flush.
     pending_dispositions: Vec<(u32, DeliveryState)>,
     end_sent: bool,
@@ -707,11 +707,14 @@ impl Connection {
                 }
             }
         }
-        events.push(Event::Attach {
-            link,
-            attach,
-            reply,
-        });
+        // The answer to an attach we detached since: the owner forgot it.
+        if !(reply && l.detach_sent) {
+            events.push(Event::Attach {
+                link,
+                attach,
+                reply,
+            });
+        }
         Ok(())
     }
 
@@ -817,21 +820,22 @@ impl Connection {
                 frame::encode_performative(&mut self.out, ch, &Performative::Detach(d));
             }
         }
-        let remote_attached = l.remote_handle.is_some();
-        if !remote_attached {
-            // Never answered: nothing more will come for it.
-            self.forget_link(link)
-        } else {
-            // Wait for the peer's detach to free the handles, but report the
-            // link's deliveries as finished now.
-            self.take_unsettled(ch, link)
-        }
+        // Wait for the peer's detach to free the handles, even when our
+        // attach is not answered yet: the answer is still coming, and must
+        // not be taken for a new link. Report the deliveries finished now.
+        self.take_unsettled(ch, link)
     }
 
     fn take_unsettled(&mut self, ch: u16, link: LinkId) -> Vec<u64> {
         let Some(Some(s)) = self.sessions.get_mut(usize::from(ch)) else {
             return Vec::new();
         };
+        // Its transfers still waiting for the window must not follow its
+        // detach; they were never sent, so they take no transfer-id.
+        let before = s.blocked.len();
+        s.blocked.retain(|(l, _)| *l != link);
+        let dropped = (before - s.blocked.len()) as u32;
+        s.next_outgoing_id = s.next_outgoing_id.wrapping_sub(dropped);
         let mut tokens = Vec::new();
         s.unsettled.retain(|_, (l, t)| {
             if *l == link {
@@ -871,6 +875,15 @@ impl Connection {
         };
         let was_ours = self.links.get(&link).is_some_and(|l| l.detach_sent);
         if !was_ours {
+            if self
+                .links
+                .get(&link)
+                .is_some_and(|l| l.local_handle.is_none())
+            {
+                // Not answered yet: attach (with no terminus) before the
+                // detach, or the peer never hears back (AMQP 1.0 §2.6.3).
+                self.accept_attach(link, AttachReply::default());
+            }
             let l = self
                 .links
                 .get_mut(&link)
@@ -933,13 +946,17 @@ impl Connection {
     fn on_flow(&mut self, ch: u16, f: Flow, events: &mut Vec<Event>) -> Result<(), ProtocolError> {
         let s = self.session(ch);
         let next_in = f.next_incoming_id.unwrap_or(0);
-        s.remote_incoming_window = next_in
-            .wrapping_add(f.incoming_window)
-            .wrapping_sub(s.next_outgoing_id);
-        if s.remote_incoming_window > f.incoming_window {
+        // AMQP 1.0 §2.5.6: next-incoming-id + incoming-window - the id of the
+        // next transfer we write. Blocked transfers have ids but are unsent.
+        let sent = s.next_outgoing_id.wrapping_sub(s.blocked.len() as u32);
+        let in_flight = sent.wrapping_sub(next_in);
+        s.remote_incoming_window = if in_flight > 1 << 31 {
             // next-incoming-id ahead of what we sent: treat as the window itself.
-            s.remote_incoming_window = f.incoming_window;
-        }
+            f.incoming_window
+        } else {
+            // A window shrunk below what is in flight leaves no room.
+            f.incoming_window.saturating_sub(in_flight)
+        };
         let mut echo = f.echo && f.handle.is_none();
         let mut echo_link = None;
         if let Some(h) = &f.handle {
@@ -1318,7 +1335,7 @@ impl Connection {
             } else {
                 let mut b = BytesMut::with_capacity(n + 64);
                 frame::encode_transfer(&mut b, ch, &hdr, &rest[..n]);
-                s.blocked.push_back(b.freeze());
+                s.blocked.push_back((link, b.freeze()));
             }
             rest = &rest[n..];
             first = false;
@@ -1334,7 +1351,7 @@ impl Connection {
             .as_mut()
             .expect("caller checked");
         while s.remote_incoming_window > 0 {
-            let Some(b) = s.blocked.pop_front() else {
+            let Some((_, b)) = s.blocked.pop_front() else {
                 break;
             };
             s.remote_incoming_window -= 1;
@@ -1347,6 +1364,8 @@ impl Connection {
         if let Some(Some(s)) = self.sessions.get_mut(usize::from(ch)) {
             if !s.end_sent {
                 s.end_sent = true;
+                // Nothing may follow the End on this channel.
+                s.blocked.clear();
                 frame::encode_performative(
                     &mut self.out,
                     ch,

@@ -384,7 +384,10 @@ mod tests {
             } => {
                 assert_eq!(t.handle, Handle(3));
                 assert_eq!(t.delivery_id, Some(70000));
-                assert_eq!(t.delivery_tag.as_deref(), Some(&b"tag-1"[..]));
+                assert_eq!(
+                    t.delivery_tag.as_deref().map(Vec::as_slice),
+                    Some(&b"tag-1"[..])
+                );
                 assert_eq!(t.settled, Some(false));
                 assert!(t.more);
                 assert_eq!(&payload[..], b"payload");

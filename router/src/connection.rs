@@ -582,6 +582,7 @@ impl ConnectionTask {
             }
             Forwarded::Sent(_) => {}
             Forwarded::Queued => {
+                debug!(conn.id = self.id.0, address = %state.address, "queued until a receiver has credit");
                 if let Some(inc) = self.incoming.get_mut(&link) {
                     inc.held += 1;
                 }
@@ -638,6 +639,7 @@ impl ConnectionTask {
                 });
             }
         } else {
+            debug!(conn.id = self.id.0, link = link.0, credit = self.conn.link(link).map(|l| l.credit), "could not send; re-routing");
             let a = out.address.clone();
             a.unsend(self.id, link, msg);
         }
