@@ -52,8 +52,8 @@ pub struct ConnectionConfig {
     /// Largest frame we accept (announced in our Open).
     pub max_frame_size: u32,
     pub channel_max: u16,
-    /// Close the connection when nothing arrives for this long; announced to
-    /// the peer as idle-time-out.
+    /// Close the connection when nothing arrives for this long; half of it is
+    /// announced to the peer as idle-time-out.
     pub idle_timeout: Option<Duration>,
     /// Links (all sessions together) this connection may have.
     pub max_links: usize,
@@ -351,7 +351,14 @@ impl Connection {
             hostname: self.cfg.hostname.clone(),
             max_frame_size: MaxFrameSize(self.cfg.max_frame_size),
             channel_max: ChannelMax(self.cfg.channel_max),
-            idle_time_out: self.cfg.idle_timeout.map(|d| d.as_millis() as u32),
+            // Announce half the silence we tolerate: peers heartbeat at
+            // some fraction of what we announce, some late (C Proton's
+            // blocking clients were seen at the full period), and a peer
+            // a little late must not be cut off.
+            idle_time_out: self
+                .cfg
+                .idle_timeout
+                .map(|d| (d.as_millis() / 2).max(1) as u32),
             outgoing_locales: None,
             incoming_locales: None,
             offered_capabilities: (!caps.is_empty()).then(|| caps.into()),

@@ -194,12 +194,14 @@ impl Tenancy {
                         .map_err(|e| invalid(doc, &kind, &u.metadata.name, e))?;
                     users.push((doc, u));
                 }
-                other => return Err(ConfigError::Parse {
-                    doc,
-                    msg: format!(
+                other => {
+                    return Err(ConfigError::Parse {
+                        doc,
+                        msg: format!(
                         "unknown kind {other:?} (expected AddressSpace, Address or MessagingUser)"
                     ),
-                }),
+                    })
+                }
             }
         }
         for (doc, a) in addresses {

@@ -639,7 +639,12 @@ impl ConnectionTask {
                 });
             }
         } else {
-            debug!(conn.id = self.id.0, link = link.0, credit = self.conn.link(link).map(|l| l.credit), "could not send; re-routing");
+            debug!(
+                conn.id = self.id.0,
+                link = link.0,
+                credit = self.conn.link(link).map(|l| l.credit),
+                "could not send; re-routing"
+            );
             let a = out.address.clone();
             a.unsend(self.id, link, msg);
         }
