@@ -373,6 +373,7 @@ impl Client {
                 return Ok(e);
             }
             while let Some(f) = frame::decode_frame(&mut self.buf, self.conn.max_frame_size())? {
+                tracing::trace!(frame = ?f, "received");
                 self.conn.handle_frame(f, &mut self.scratch)?;
                 if self.scratch.len() > 256 {
                     break;

@@ -94,8 +94,9 @@ pub struct Delivery {
 pub enum Event {
     /// The peer's Open. A server answers with [`Connection::open`].
     Open(Box<Open>),
-    /// The peer began a session (already answered).
-    Begin { channel: u16 },
+    /// The peer began a session (already answered; `answer: false`), or
+    /// answered one we began (`answer: true`).
+    Begin { channel: u16, answer: bool },
     /// The peer attached a new link (answer with `accept_attach` or
     /// `refuse_attach`), or answered one of ours (`reply: true`).
     Attach {
@@ -384,6 +385,8 @@ impl Connection {
             return;
         }
         self.open();
+        // Settlements decided before the Close still go out, ahead of it.
+        self.flush_dispositions();
         self.close_sent = true;
         frame::encode_performative(&mut self.out, 0, &Performative::Close(Close { error }));
     }
@@ -413,6 +416,11 @@ impl Connection {
             } => (channel, performative, payload),
         };
         if self.close_received {
+            return Ok(());
+        }
+        if self.close_sent && !matches!(performative, Performative::Close(_)) {
+            // After our Close nothing else may be sent (AMQP 1.0 §2.7.9):
+            // only the peer's Close matters now.
             return Ok(());
         }
         match performative {
@@ -595,8 +603,11 @@ impl Connection {
             } else {
                 self.deferred_begins.push(local);
             }
-            events.push(Event::Begin { channel: local });
         }
+        events.push(Event::Begin {
+            channel: local,
+            answer: begin.remote_channel.is_some(),
+        });
         Ok(())
     }
 

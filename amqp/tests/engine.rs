@@ -198,7 +198,10 @@ fn connected(client: ConnectionConfig, server: ConnectionConfig) -> (Pair, u16, 
         .take_events()
         .into_iter()
         .find_map(|e| match e {
-            Event::Begin { channel } => Some(channel),
+            Event::Begin {
+                channel,
+                answer: false,
+            } => Some(channel),
             _ => None,
         })
         .expect("server saw the Begin");
@@ -434,7 +437,10 @@ fn handshake_opens_and_begins() {
 
     let server_events = p.server.take_events();
     match &server_events[..] {
-        [Event::Open(open), Event::Begin { channel }] => {
+        [Event::Open(open), Event::Begin {
+            channel,
+            answer: false,
+        }] => {
             assert_eq!(open.container_id, "client");
             assert_eq!(open.hostname.as_deref(), Some("localhost"));
             assert!(p.server.conn.session_answered(*channel));
@@ -443,7 +449,7 @@ fn handshake_opens_and_begins() {
     }
     let client_events = p.client.take_events();
     match &client_events[..] {
-        [Event::Open(open)] => {
+        [Event::Open(open), Event::Begin { answer: true, .. }] => {
             assert_eq!(open.container_id, "server");
             assert_eq!(open.max_frame_size.0, 65536);
         }

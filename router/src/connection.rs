@@ -17,7 +17,7 @@ use flotilla_amqp::frame;
 use flotilla_amqp::message;
 use flotilla_amqp::transport::{BoxIo, Identity};
 use flotilla_amqp::types::definitions::{
-    AmqpError, ConnectionError, Error as AmqpErrorBody, Role, SenderSettleMode,
+    AmqpError, ConnectionError, Error as AmqpErrorBody, LinkError, Role, SenderSettleMode,
 };
 use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Rejected, Target, TargetArchetype};
 use flotilla_core::resources::{AddressType, Operation};
@@ -83,6 +83,8 @@ pub(crate) struct ConnectionTask {
     dirty: HashSet<LinkId>,
     events: Vec<Event>,
     closing: Option<CloseReason>,
+    /// The router is shutting down: no more credit for senders.
+    draining: bool,
 }
 
 impl ConnectionTask {
@@ -120,6 +122,7 @@ impl ConnectionTask {
             dirty: HashSet::new(),
             events: Vec::new(),
             closing: None,
+            draining: false,
         }
     }
 
@@ -130,6 +133,7 @@ impl ConnectionTask {
         let mut evbuf = Vec::with_capacity(256);
         let mut next_tick = Instant::now();
         let shutdown = self.shared.shutdown.clone();
+        let closing = self.shared.closing.clone();
         let mut eof = false;
         self.process_input(&mut rbuf);
         loop {
@@ -152,7 +156,10 @@ impl ConnectionTask {
             let can_read = !eof && wbuf.len() < WRITE_HIGH_WATER;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if self.closing.is_none() => {
+                _ = shutdown.cancelled(), if !self.draining => {
+                    self.withdraw_credit();
+                }
+                _ = closing.cancelled(), if self.closing.is_none() => {
                     self.shut_down();
                 }
                 r = rd.read_buf(&mut rbuf), if can_read => match r {
@@ -230,12 +237,25 @@ impl ConnectionTask {
         self.conn.close(Some(e));
     }
 
-    fn shut_down(&mut self) {
-        self.closing = Some(CloseReason::Shutdown);
+    /// Router shutdown, first step: senders get no more credit.
+    fn withdraw_credit(&mut self) {
+        self.draining = true;
         let links: Vec<LinkId> = self.incoming.keys().copied().collect();
         for l in links {
             self.conn.flow(l, 0, false);
         }
+    }
+
+    /// Router shutdown, last step: outcomes already on their way to us go
+    /// out before the Close.
+    fn shut_down(&mut self) {
+        if !self.draining {
+            self.withdraw_credit();
+        }
+        while let Ok(ev) = self.rx.try_recv() {
+            self.handle_conn_event(ev);
+        }
+        self.closing = Some(CloseReason::Shutdown);
         self.conn.close(Some(amqp_error(
             ConnectionError::ConnectionForced,
             "router shutting down",
@@ -625,6 +645,26 @@ impl ConnectionTask {
             return;
         };
         let settle_here = msg.settled || out.presettle;
+        let max = self.conn.link(link).map_or(0, |l| l.max_message_size);
+        if max > 0 && msg.payload.len() as u64 > max {
+            // The receiver cannot take it; another receiver might, but
+            // bouncing between receivers is worse than telling the sender.
+            out.address.unroute(self.id, link, msg.settled);
+            if let Some(o) = msg.origin {
+                let e = amqp_error(
+                    LinkError::MessageSizeExceeded,
+                    format!(
+                        "message of {} bytes exceeds the receiver's max-message-size {max}",
+                        msg.payload.len()
+                    ),
+                );
+                o.conn.send(ConnEvent::Outcome {
+                    delivery: o.delivery,
+                    state: DeliveryState::Rejected(Rejected { error: Some(e) }),
+                });
+            }
+            return;
+        }
         let token = self.next_token;
         if self.conn.send(link, &msg.payload, settle_here, token) {
             self.next_token += 1;
@@ -724,7 +764,7 @@ impl ConnectionTask {
     /// a window of `link_capacity` while a receiver exists (anonymous relay
     /// links always), none while no receiver does (anycast and multicast).
     fn top_up_credit(&mut self) {
-        if self.dirty.is_empty() || self.closing.is_some() {
+        if self.dirty.is_empty() || self.closing.is_some() || self.draining {
             return;
         }
         let window = self.shared.cfg.link_capacity;

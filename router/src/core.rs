@@ -299,20 +299,7 @@ impl AddressState {
     /// A message routed to `link` could not be sent (the link went away or
     /// lost its credit): take it back and try elsewhere (anycast) or drop it.
     pub fn unsend(&self, conn: ConnectionId, link: LinkId, msg: Routed) {
-        {
-            let mut g = self.lock();
-            if let Some(c) = g
-                .consumers
-                .iter_mut()
-                .find(|c| c.conn.id == conn && c.link == link)
-            {
-                c.routed = c.routed.wrapping_sub(1);
-                if !msg.settled {
-                    c.outstanding.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        }
-        self.delivered.fetch_sub(1, Ordering::Relaxed);
+        self.unroute(conn, link, msg.settled);
         if self.kind == AddressType::Multicast {
             return;
         }
@@ -321,6 +308,24 @@ impl AddressState {
             Forwarded::NoReceiver => msg.release(),
             Forwarded::Sent(_) | Forwarded::Queued => {}
         }
+    }
+
+    /// Undoes the accounting of a message routed to `link` but not sent.
+    pub fn unroute(&self, conn: ConnectionId, link: LinkId, settled: bool) {
+        {
+            let mut g = self.lock();
+            if let Some(c) = g
+                .consumers
+                .iter_mut()
+                .find(|c| c.conn.id == conn && c.link == link)
+            {
+                c.routed = c.routed.wrapping_sub(1);
+                if !settled {
+                    c.outstanding.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.delivered.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Adds a receiver. Returns true if it is the first (senders should be

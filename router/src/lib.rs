@@ -93,7 +93,10 @@ pub(crate) struct Shared {
     pub(crate) cfg: RouterConfig,
     pub(crate) table: AddressTable,
     pub(crate) policy: Policy,
+    /// Cancelled first: stop accepting and withdraw senders' credit.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled once waiting deliveries were released: close connections.
+    pub(crate) closing: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) connections: AtomicUsize,
     pub(crate) next_conn: AtomicU64,
@@ -170,6 +173,7 @@ impl Router {
             table: AddressTable::default(),
             policy,
             shutdown,
+            closing: CancellationToken::new(),
             tracker: TaskTracker::new(),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
@@ -197,9 +201,13 @@ impl Router {
         }
         shared.shutdown.cancelled().await;
         info!("shutting down: releasing in-flight deliveries and closing connections");
+        // Connection tasks withdraw their senders' credit on `shutdown`;
+        // messages waiting for a receiver go back to their senders; only
+        // then do connections close, after sending those outcomes.
         for a in shared.table.all() {
             a.release_all();
         }
+        shared.closing.cancel();
         shared.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait())
             .await
