@@ -73,6 +73,9 @@ class Part(MessagingHandler):
     def done(self):
         return True
 
+    def tick(self):
+        """Called every 50 ms by the scenario."""
+
 
 class Recv(Part):
     """Receives `n` messages (or until told to stop), settling each with
@@ -113,7 +116,12 @@ class Send(Part):
         self.link = container.create_sender(self.conn, self.address, options=opts)
 
     def on_sendable(self, event):
-        if not self.mine(event) or (self.wait_for and not self.wait_for()):
+        if self.mine(event):
+            self.tick()
+
+    def tick(self):
+        # Credit may come before `wait_for` holds; the scenario's timer retries.
+        if self.link is None or (self.wait_for and not self.wait_for()):
             return
         while self.sent < len(self.bodies) and self.link.credit > 0:
             self.link.send(Message(body=self.bodies[self.sent]))
@@ -141,6 +149,8 @@ class Scenario:
         event.container.schedule(0.05, self)
 
     def on_timer_task(self, event):
+        for p in self.parts:
+            p.tick()
         if all(p.done() for p in self.parts):
             event.container.stop()
         elif time.monotonic() > self.deadline:
@@ -248,9 +258,15 @@ class Client(Part):
             self.sender = event.container.create_sender(self.conn, self.address)
 
     def on_sendable(self, event):
-        if self.sender is not None and event.link == self.sender and self.server.link.state & self.server.link.REMOTE_ACTIVE:
-            while self.requests and self.sender.credit > 0:
-                self.sender.send(Message(body=self.requests.pop(0), reply_to=self.reply_to))
+        if self.sender is not None and event.link == self.sender:
+            self.tick()
+
+    def tick(self):
+        # Requests wait until the server listens (the scenario retries).
+        if self.sender is None or not self.server.link.state & self.server.link.REMOTE_ACTIVE:
+            return
+        while self.requests and self.sender.credit > 0:
+            self.sender.send(Message(body=self.requests.pop(0), reply_to=self.reply_to))
 
     def on_message(self, event):
         if self.mine(event):
