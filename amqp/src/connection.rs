@@ -1133,19 +1133,7 @@ impl Connection {
                 let format = t.message_format.unwrap_or(0);
                 if too_big(payload.len(), l.max_message_size) {
                     let max = l.max_message_size;
-                    self.detach(
-                        link,
-                        Some(amqp_error(
-                            LinkError::MessageSizeExceeded,
-                            format!("message larger than {max} bytes"),
-                        )),
-                    );
-                    events.push(Event::Detach {
-                        link,
-                        closed: true,
-                        error: None,
-                        unsettled: Vec::new(),
-                    });
+                    self.refuse_oversized(link, max, events);
                     return Ok(());
                 }
                 if t.more {
@@ -1178,19 +1166,7 @@ impl Connection {
                 if too_big(a.buf.len(), l.max_message_size) {
                     let max = l.max_message_size;
                     l.assembly = None;
-                    self.detach(
-                        link,
-                        Some(amqp_error(
-                            LinkError::MessageSizeExceeded,
-                            format!("message larger than {max} bytes"),
-                        )),
-                    );
-                    events.push(Event::Detach {
-                        link,
-                        closed: true,
-                        error: None,
-                        unsettled: Vec::new(),
-                    });
+                    self.refuse_oversized(link, max, events);
                     return Ok(());
                 }
                 if !t.more {
@@ -1210,6 +1186,22 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Detaches a receiving link whose message exceeds max-message-size
+    /// (AMQP 1.0 §2.7.3), and tells the owner the link is gone.
+    fn refuse_oversized(&mut self, link: LinkId, max: u64, events: &mut Vec<Event>) {
+        let e = amqp_error(
+            LinkError::MessageSizeExceeded,
+            format!("message larger than {max} bytes"),
+        );
+        self.detach(link, Some(e));
+        events.push(Event::Detach {
+            link,
+            closed: true,
+            error: None,
+            unsettled: Vec::new(),
+        });
     }
 
     /// Settles an incoming delivery with `state`. Dispositions are coalesced

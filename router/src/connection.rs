@@ -356,6 +356,26 @@ impl ConnectionTask {
         }
     }
 
+    /// Resolves where a sender sends (a target, or an anonymous-relay
+    /// message's `to`): a dynamic address anyone in the space may answer
+    /// on, or an address the principal may send to.
+    fn resolve_target(&self, p: &Principal, address: &str) -> Result<AddressType, AmqpErrorBody> {
+        if address.starts_with(DYNAMIC_PREFIX) {
+            return self
+                .shared
+                .table
+                .get(&p.space, address)
+                .map(|s| s.kind)
+                .ok_or_else(|| {
+                    amqp_error(
+                        AmqpError::NotFound,
+                        format!("no dynamic address {address:?}"),
+                    )
+                });
+        }
+        self.resolve(p, Operation::Send, address)
+    }
+
     fn attach_incoming(
         &mut self,
         link: LinkId,
@@ -378,31 +398,18 @@ impl ConnectionTask {
         let address = target.address.clone().filter(|a| !a.is_empty());
         let target_state = match address {
             None => IncomingTarget::Relay,
-            Some(a) => {
-                let resolved = if a.starts_with(DYNAMIC_PREFIX) {
-                    self.shared
-                        .table
-                        .get(&p.space, &a)
-                        .map(|s| s.kind)
-                        .ok_or_else(|| {
-                            amqp_error(AmqpError::NotFound, format!("no dynamic address {a:?}"))
-                        })
-                } else {
-                    self.resolve(p, Operation::Send, &a)
-                };
-                match resolved {
-                    Ok(kind) => {
-                        let st = self.shared.table.get_or_create(&p.space, &a, kind);
-                        st.add_sender(self.handle.clone(), link);
-                        IncomingTarget::Address(st)
-                    }
-                    Err(e) => {
-                        info!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
-                        self.conn.refuse_attach(link, e);
-                        return;
-                    }
+            Some(a) => match self.resolve_target(p, &a) {
+                Ok(kind) => {
+                    let st = self.shared.table.get_or_create(&p.space, &a, kind);
+                    st.add_sender(self.handle.clone(), link);
+                    IncomingTarget::Address(st)
                 }
-            }
+                Err(e) => {
+                    info!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
+                    self.conn.refuse_attach(link, e);
+                    return;
+                }
+            },
         };
         debug!(conn.id = self.id.0, link.name = %attach.name, address = target.address.as_deref().unwrap_or("<relay>"), "sender attached");
         self.conn.accept_attach(
@@ -569,24 +576,10 @@ impl ConnectionTask {
                         )
                     }
                 };
-                let resolved = if to.starts_with(DYNAMIC_PREFIX) {
-                    self.shared
-                        .table
-                        .get(&p.space, &to)
-                        .map(|s| s.kind)
-                        .ok_or_else(|| {
-                            amqp_error(AmqpError::NotFound, format!("no dynamic address {to:?}"))
-                        })
-                } else {
-                    self.resolve(p, Operation::Send, &to)
-                };
-                match resolved {
-                    Ok(kind) => match self.shared.table.get(&p.space, &to) {
+                match self.resolve_target(p, &to) {
+                    Ok(_) => match self.shared.table.get(&p.space, &to) {
                         Some(s) => s,
-                        None if kind == AddressType::Multicast || kind == AddressType::Anycast => {
-                            // Nobody has ever attached: no receiver.
-                            return self.no_receiver(&d.id, d.settled);
-                        }
+                        // Nobody has ever attached: no receiver.
                         None => return self.no_receiver(&d.id, d.settled),
                     },
                     Err(e) => return self.reject(&d.id, d.settled, e),
