@@ -36,8 +36,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything on this machine (for now: one router).
-    Up(RouterArgs),
+    /// Run everything on this machine (for now: routers).
+    Up(UpArgs),
     /// Run an AMQP 1.0 router.
     Router(RouterArgs),
     /// Send messages to an address.
@@ -65,9 +65,23 @@ struct RouterArgs {
     /// Resources (AddressSpace, Address, MessagingUser) to apply at start.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Container id announced in Open.
-    #[arg(long, default_value = "flotilla-router")]
+    /// Router id (container id announced in Open); must be unique in a mesh.
+    #[arg(
+        long = "router-id",
+        alias = "container-id",
+        default_value = "flotilla-router"
+    )]
     container_id: String,
+    /// Listener for other routers (joins the mesh), HOST:PORT.
+    #[arg(long)]
+    inter_router: Option<SocketAddr>,
+    /// A router to connect to, HOST:PORT (repeatable); a DNS name is
+    /// resolved again every few seconds and every address it has is a peer.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// CA (PEM) for mutual TLS between routers (with --tls-cert/--tls-key).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
     #[arg(long, default_value_t = 1000)]
@@ -98,6 +112,9 @@ impl RouterArgs {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             container_id: self.container_id,
+            inter_router: self.inter_router,
+            peers: self.peers,
+            tls_ca: self.tls_ca,
             max_connections: self.max_connections,
             max_links_per_connection: self.max_links_per_connection,
             max_message_size: self.max_message_size,
@@ -136,29 +153,88 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn run_router(args: RouterArgs, up: bool) -> ExitCode {
+#[derive(Args, Clone)]
+struct UpArgs {
+    #[command(flatten)]
+    router: RouterArgs,
+    /// How many routers to run, as a full mesh; router i listens for
+    /// clients on the --amqp port + i and for routers on 55672 + i.
+    #[arg(long, default_value_t = 1)]
+    routers: u16,
+}
+
+fn usage(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("flotilla: {e}");
+    ExitCode::from(EX_USAGE)
+}
+
+async fn run_router(args: RouterArgs) -> ExitCode {
     let cfg = match args.into_config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("flotilla: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(e) => return usage(e),
     };
-    let shutdown = shutdown_on_signal();
-    let router = match flotilla_router::Router::bind(cfg, shutdown).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("flotilla: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
-    };
-    if up {
-        let amqp = router.local_addrs[0].1;
-        eprintln!(
-            "flotilla is up. Try, in two more terminals:\n  flotilla receive greetings --url amqp://{amqp}\n  flotilla send greetings --body hello --url amqp://{amqp}\nPress Ctrl-C to stop."
-        );
+    match flotilla_router::Router::bind(cfg, shutdown_on_signal()).await {
+        Ok(r) => r.serve().await,
+        Err(e) => return usage(e),
     }
-    router.serve().await;
+    ExitCode::SUCCESS
+}
+
+/// `flotilla up`: N routers in one process, each with its own ports, every
+/// one connected to every other, as separate machines would be.
+async fn run_up(args: UpArgs) -> ExitCode {
+    let n = args.routers.max(1);
+    let shutdown = shutdown_on_signal();
+    let base = args.router.amqp;
+    let ir_base: SocketAddr = args
+        .router
+        .inter_router
+        .unwrap_or_else(|| SocketAddr::new(base.ip(), 55672));
+    let offset = |a: SocketAddr, i: u16| {
+        SocketAddr::new(a.ip(), if a.port() == 0 { 0 } else { a.port() + i })
+    };
+    let mut routers = Vec::new();
+    for i in 0..n {
+        let mut a = args.router.clone();
+        a.amqp = offset(base, i);
+        if n > 1 {
+            a.inter_router = Some(offset(ir_base, i));
+            a.container_id = format!("router-{i}");
+            // Full mesh: each router connects to the ones started before it.
+            a.peers
+                .extend(routers.iter().filter_map(|r: &flotilla_router::Router| {
+                    r.local_addrs
+                        .iter()
+                        .find(|(p, _)| *p == "inter-router")
+                        .map(|(_, addr)| addr.to_string())
+                }));
+        }
+        let cfg = match a.into_config() {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        };
+        match flotilla_router::Router::bind(cfg, shutdown.clone()).await {
+            Ok(r) => routers.push(r),
+            Err(e) => return usage(e),
+        }
+    }
+    let urls: Vec<String> = routers
+        .iter()
+        .map(|r| format!("amqp://{}", r.local_addrs[0].1))
+        .collect();
+    eprintln!(
+        "flotilla is up{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nPress Ctrl-C to stop.",
+        if n > 1 { format!(" with {n} routers ({})", urls.join(", ")) } else { String::new() },
+        urls[0],
+        urls[urls.len() - 1],
+    );
+    let tasks: Vec<_> = routers
+        .into_iter()
+        .map(|r| tokio::spawn(r.serve()))
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
     ExitCode::SUCCESS
 }
 
@@ -177,8 +253,8 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Command::Up(a) => run_router(a, true).await,
-            Command::Router(a) => run_router(a, false).await,
+            Command::Up(a) => run_up(a).await,
+            Command::Router(a) => run_router(a).await,
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
             Command::Bench(a) => bench::run(a).await,

@@ -1298,13 +1298,20 @@ impl Connection {
     /// comes back in [`Event::Outcome`] (unsettled sends) or in the detach's
     /// `unsettled` list.
     pub fn send(&mut self, link: LinkId, payload: &[u8], settled: bool, token: u64) -> bool {
+        self.send_parts(link, &[payload], settled, token)
+    }
+
+    /// [`Connection::send`] for a message in pieces (sent as their
+    /// concatenation).
+    pub fn send_parts(&mut self, link: LinkId, parts: &[&[u8]], settled: bool, token: u64) -> bool {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let Some(l) = self.links.get_mut(&link) else {
             return false;
         };
         if l.role != Role::Sender || l.credit == 0 || l.detach_sent || l.local_handle.is_none() {
             return false;
         }
-        if l.max_message_size > 0 && payload.len() as u64 > l.max_message_size {
+        if l.max_message_size > 0 && total as u64 > l.max_message_size {
             return false;
         }
         l.credit -= 1;
@@ -1326,25 +1333,40 @@ impl Connection {
         let room = max_frame
             .saturating_sub(frame::transfer_overhead(tag.len()))
             .max(64);
+        let single = total <= room;
+        let hdr = |first: bool, more: bool| TransferHeader {
+            handle,
+            first: first.then_some((id, &tag[..])),
+            message_format: 0,
+            settled,
+            more,
+        };
+        if single && s.remote_incoming_window > 0 && s.blocked.is_empty() {
+            // The common case: one frame, straight into the output.
+            s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
+            s.remote_incoming_window -= 1;
+            frame::encode_transfer_parts(&mut self.out, ch, &hdr(true, false), parts);
+            return true;
+        }
+        let joined: Vec<u8>;
+        let payload: &[u8] = if parts.len() == 1 {
+            parts[0]
+        } else {
+            joined = parts.concat();
+            &joined
+        };
         let mut rest = payload;
         let mut first = true;
         loop {
             let n = rest.len().min(room);
             let more = n < rest.len();
-            let hdr = TransferHeader {
-                handle,
-                first: first.then_some((id, &tag[..])),
-                message_format: 0,
-                settled,
-                more,
-            };
             s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
             if s.remote_incoming_window > 0 && s.blocked.is_empty() {
                 s.remote_incoming_window -= 1;
-                frame::encode_transfer(&mut self.out, ch, &hdr, &rest[..n]);
+                frame::encode_transfer(&mut self.out, ch, &hdr(first, more), &rest[..n]);
             } else {
                 let mut b = BytesMut::with_capacity(n + 64);
-                frame::encode_transfer(&mut b, ch, &hdr, &rest[..n]);
+                frame::encode_transfer(&mut b, ch, &hdr(first, more), &rest[..n]);
                 s.blocked.push_back((link, b.freeze()));
             }
             rest = &rest[n..];

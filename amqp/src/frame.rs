@@ -181,7 +181,101 @@ pub fn described_list_len(b: &[u8]) -> Result<(u64, usize), FrameError> {
     Ok((code, at))
 }
 
+/// How deep values may nest in a performative (lists in maps in described
+/// types...); real performatives stay under ten.
+const MAX_NESTING: u32 = 32;
+
+const OVERRUN: &str = "value overruns its container";
+
+/// The length of the encoded value at the front of `b`, constructor
+/// included, after checking that it and every value nested in it fit in the
+/// bytes their container declares.
+fn checked_value_len(b: &[u8], depth: u32) -> Result<usize, &'static str> {
+    if depth > MAX_NESTING {
+        return Err("values nested too deep");
+    }
+    match b.first() {
+        None => Err(OVERRUN),
+        Some(0x00) => {
+            let d = checked_value_len(&b[1..], depth + 1)?;
+            let v = checked_value_len(&b[1 + d..], depth + 1)?;
+            Ok(1 + d + v)
+        }
+        Some(&code) => Ok(1 + checked_body_len(code, &b[1..], depth)?),
+    }
+}
+
+/// The length of what follows constructor `code` at the front of `b` (for
+/// array elements, which share one constructor), checked as above.
+fn checked_body_len(code: u8, b: &[u8], depth: u32) -> Result<usize, &'static str> {
+    let fixed = match code {
+        0x40..=0x45 => Some(0),
+        0x50..=0x56 => Some(1),
+        0x60 | 0x61 => Some(2),
+        0x70..=0x74 => Some(4),
+        0x80..=0x84 => Some(8),
+        0x94 | 0x98 => Some(16),
+        0xa0 | 0xa1 | 0xa3 | 0xb0 | 0xb1 | 0xb3 => None,
+        0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => None,
+        _ => return Err("unknown type constructor"),
+    };
+    if let Some(n) = fixed {
+        return if n <= b.len() { Ok(n) } else { Err(OVERRUN) };
+    }
+    // Variable width: a size (and, for compounds, a count) of one byte for
+    // the 0xa_/0xc_/0xe_ codes, four for 0xb_/0xd_/0xf_.
+    let w = if matches!(code >> 4, 0xa | 0xc | 0xe) {
+        1
+    } else {
+        4
+    };
+    let read = |s: &[u8]| -> Result<usize, &'static str> {
+        let s = s.get(..w).ok_or(OVERRUN)?;
+        Ok(s.iter().fold(0usize, |n, &x| n << 8 | usize::from(x)))
+    };
+    let size = read(b)?;
+    let body = b[w..].get(..size).ok_or(OVERRUN)?;
+    if matches!(code >> 4, 0xa | 0xb) {
+        return Ok(w + size);
+    }
+    let count = read(body)?;
+    let mut rest = &body[w..];
+    if matches!(code >> 4, 0xc | 0xd) {
+        // Every list or map item takes at least its constructor byte, so a
+        // count larger than the bytes fails here instead of looping long.
+        for _ in 0..count {
+            let n = checked_value_len(rest, depth + 1)?;
+            rest = &rest[n..];
+        }
+    } else if count > 0 {
+        // Array: one element constructor (possibly described), then bare
+        // element bodies.
+        if rest.first() == Some(&0x00) {
+            let d = checked_value_len(&rest[1..], depth + 1)?;
+            rest = &rest[1 + d..];
+        }
+        let elem = *rest.first().ok_or(OVERRUN)?;
+        rest = &rest[1..];
+        for _ in 0..count {
+            let n = checked_body_len(elem, rest, depth + 1)?;
+            if n == 0 {
+                break;
+            }
+            rest = &rest[n..];
+        }
+    }
+    Ok(w + size)
+}
+
 fn de<'a, T: serde::Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, FrameError> {
+    // serde_amqp (0.18) allocates a string's, symbol's or binary's declared
+    // length before looking for the bytes: unchecked, a 19-byte frame
+    // declaring a 4 GiB container-id makes it allocate 4 GiB. Check every
+    // declared size against the bytes first.
+    checked_value_len(b, 0).map_err(|m| FrameError::Decode {
+        what,
+        msg: m.to_string(),
+    })?;
     serde_amqp::from_slice(b).map_err(|e| FrameError::Decode {
         what,
         msg: e.to_string(),
@@ -301,6 +395,17 @@ fn put_uint(out: &mut BytesMut, v: u32) {
 /// Appends a transfer frame with `payload`, written by hand: this is the
 /// router's hot path, and the header has at most six simple fields.
 pub fn encode_transfer(out: &mut BytesMut, channel: u16, t: &TransferHeader<'_>, payload: &[u8]) {
+    encode_transfer_parts(out, channel, t, &[payload]);
+}
+
+/// [`encode_transfer`] with a payload in pieces (e.g. a routing header
+/// and the message it routes), written without joining them first.
+pub fn encode_transfer_parts(
+    out: &mut BytesMut,
+    channel: u16,
+    t: &TransferHeader<'_>,
+    parts: &[&[u8]],
+) {
     let start = out.len();
     out.put_bytes(0, 8);
     out.put_slice(&[0x00, 0x53, 0x14, 0xd0]);
@@ -334,7 +439,9 @@ pub fn encode_transfer(out: &mut BytesMut, channel: u16, t: &TransferHeader<'_>,
     }
     let list_size = (out.len() - list_at - 4) as u32;
     out[list_at..list_at + 4].copy_from_slice(&list_size.to_be_bytes());
-    out.put_slice(payload);
+    for p in parts {
+        out.put_slice(p);
+    }
     let size = (out.len() - start) as u32;
     let mut hdr = &mut out[start..start + 8];
     hdr.put_u32(size);
@@ -353,6 +460,7 @@ pub fn transfer_overhead(tag_len: usize) -> usize {
 mod tests {
     use super::*;
     use fe2o3_amqp_types::definitions::Handle;
+    use fe2o3_amqp_types::performatives::{ChannelMax, MaxFrameSize};
 
     fn frames_of(bytes: &[u8], max: u32) -> Result<Vec<Frame>, FrameError> {
         let mut buf = BytesMut::from(bytes);
@@ -490,6 +598,68 @@ mod tests {
         fn decoder_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let _ = frames_of_lenient(&bytes);
         }
+    }
+
+    #[test]
+    fn oversized_declared_lengths_are_refused_before_serde() {
+        let frame = |body: &[u8]| {
+            let mut f = vec![0, 0, 0, 8 + body.len() as u8, 2, 0, 0, 0];
+            f.extend_from_slice(body);
+            f
+        };
+        // Found by `cargo fuzz run frame`: an Open whose container-id is a
+        // str32 declaring 0xffffffff bytes made serde_amqp allocate 4 GiB.
+        let open = frame(&[
+            0x00, 0x53, 0x10, 0xc0, 0x06, 0x01, 0xb1, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        // The same for a binary in the Open's properties map...
+        let in_map = frame(&[
+            0x00, 0x53, 0x10, 0xc0, 0x17, 0x0a, 0xa1, 0x01, b'c', 0x40, 0x40, 0x40, 0x40, 0x40,
+            0x40, 0x40, 0x40, 0xc1, 0x09, 0x02, 0xa3, 0x01, b'k', 0xb0, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        // ...and for a symbol in its offered-capabilities array.
+        let in_array = frame(&[
+            0x00, 0x53, 0x10, 0xc0, 0x12, 0x08, 0xa1, 0x01, b'c', 0x40, 0x40, 0x40, 0x40, 0x40,
+            0x40, 0xe0, 0x06, 0x01, 0xb3, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        for bytes in [open, in_map, in_array] {
+            match frames_of(&bytes, 512) {
+                Err(FrameError::Decode { what: "open", msg }) => {
+                    assert_eq!(msg, "value overruns its container")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn size_check_passes_what_serde_writes() {
+        // Arrays, maps and described values as serde_amqp encodes them.
+        let open = Open {
+            container_id: "c".into(),
+            hostname: Some("h".into()),
+            max_frame_size: MaxFrameSize(4096),
+            channel_max: ChannelMax(9),
+            idle_time_out: Some(1000),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: Some(vec!["a".into(), "b".into()].into()),
+            desired_capabilities: None,
+            properties: Some([("k".into(), "v".into())].into_iter().collect()),
+        };
+        let mut out = BytesMut::new();
+        encode_performative(&mut out, 0, &Performative::Open(Box::new(open)));
+        let mechs = SaslMechanisms {
+            sasl_server_mechanisms: vec!["PLAIN".into(), "ANONYMOUS".into()].into(),
+        };
+        encode_sasl(&mut out, &SaslFrame::Mechanisms(mechs));
+        let f = frames_of(&out, 4096).unwrap();
+        assert!(
+            matches!(&f[0], Frame::Amqp { performative: Performative::Open(o), .. } if o.properties.as_ref().is_some_and(|p| p.len() == 1))
+        );
+        assert!(
+            matches!(&f[1], Frame::Sasl(SaslFrame::Mechanisms(m)) if m.sasl_server_mechanisms.0.len() == 2)
+        );
     }
 
     fn frames_of_lenient(bytes: &[u8]) -> Result<(), FrameError> {

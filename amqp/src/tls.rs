@@ -87,3 +87,25 @@ pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
+
+/// A client configuration trusting the CAs in `ca` and presenting the
+/// certificate in `cert`/`key` (mutual TLS between routers).
+///
+/// # Errors
+/// Unreadable or invalid PEM files.
+pub fn client_config_with_cert(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let chain = certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+        path: key.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(cfg))
+}

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use flotilla_amqp::connection::{
-    amqp_error, AttachReply, Connection, ConnectionConfig, Delivery, Event, LinkId, ProtocolError,
+    amqp_error, AttachReply, Connection, ConnectionConfig, Delivery, DeliveryRef, Event, LinkId,
+    ProtocolError,
 };
 use flotilla_amqp::frame;
 use flotilla_amqp::message;
@@ -65,26 +66,32 @@ pub enum CloseReason {
 }
 
 pub(crate) struct ConnectionTask {
-    id: ConnectionId,
-    handle: ConnHandle,
+    pub(crate) id: ConnectionId,
+    pub(crate) handle: ConnHandle,
     rx: mpsc::UnboundedReceiver<ConnEvent>,
-    conn: Connection,
-    shared: Arc<Shared>,
+    pub(crate) conn: Connection,
+    pub(crate) shared: Arc<Shared>,
     identity: Identity,
     peer: SocketAddr,
     principal: Option<Principal>,
     incoming: HashMap<LinkId, Incoming>,
     outgoing: HashMap<LinkId, Outgoing>,
-    /// Outgoing links that went away, so late deliveries find their address.
-    gone: HashMap<LinkId, Arc<AddressState>>,
     /// Our unsettled deliveries to receivers: token -> (link, origin).
-    unsettled: HashMap<u64, (LinkId, Option<Origin>)>,
-    next_token: u64,
+    pub(crate) unsettled: HashMap<u64, Unsettled>,
+    pub(crate) next_token: u64,
     dirty: HashSet<LinkId>,
     events: Vec<Event>,
-    closing: Option<CloseReason>,
+    pub(crate) closing: Option<CloseReason>,
     /// The router is shutting down: no more credit for senders.
     draining: bool,
+    /// Set on inter-router connections.
+    pub(crate) mesh_peer: Option<crate::mesh::peer::PeerLink>,
+}
+
+/// One of our unsettled deliveries to a receiver (or a neighbour router).
+pub(crate) struct Unsettled {
+    pub(crate) origin: Option<Origin>,
+    pub(crate) outstanding: Arc<AtomicU32>,
 }
 
 impl ConnectionTask {
@@ -116,13 +123,13 @@ impl ConnectionTask {
             principal: None,
             incoming: HashMap::new(),
             outgoing: HashMap::new(),
-            gone: HashMap::new(),
             unsettled: HashMap::new(),
             next_token: 0,
             dirty: HashSet::new(),
             events: Vec::new(),
             closing: None,
             draining: false,
+            mesh_peer: None,
         }
     }
 
@@ -135,6 +142,8 @@ impl ConnectionTask {
         let shutdown = self.shared.shutdown.clone();
         let closing = self.shared.closing.clone();
         let mut eof = false;
+        let mut peer_commands = self.mesh_peer.as_mut().and_then(|p| p.commands.take());
+        self.peer_start();
         self.process_input(&mut rbuf);
         loop {
             self.top_up_credit();
@@ -171,6 +180,7 @@ impl ConnectionTask {
                         break;
                     }
                 },
+                Some(cmd) = recv_command(&mut peer_commands) => self.peer_command(cmd),
                 n = self.rx.recv_many(&mut evbuf, 512) => {
                     if n > 0 {
                         for ev in evbuf.drain(..) {
@@ -263,6 +273,9 @@ impl ConnectionTask {
     }
 
     fn handle_event(&mut self, e: Event) {
+        if self.mesh_peer.is_some() {
+            return self.handle_peer_event(e);
+        }
         match e {
             Event::Open(open) => self.handle_open(open.hostname.as_deref()),
             Event::Begin { .. } | Event::End { .. } => {}
@@ -287,6 +300,51 @@ impl ConnectionTask {
                 if let Some(e) = error {
                     debug!(conn.id = self.id.0, error = ?e.condition, "peer closed with error");
                 }
+                self.closing.get_or_insert(CloseReason::PeerClosed);
+            }
+        }
+    }
+
+    /// Events on an inter-router connection.
+    fn handle_peer_event(&mut self, e: Event) {
+        match e {
+            Event::Open(open) => self.peer_on_open(&open.container_id),
+            Event::Begin { channel, answer } => self.peer_on_begin(channel, answer),
+            Event::Attach {
+                link,
+                attach,
+                reply,
+            } => self.peer_on_attach(link, &attach, reply),
+            Event::Flow { link } => self.peer_on_flow(link),
+            Event::Delivery { link, delivery } => self.peer_on_delivery(link, delivery),
+            Event::Outcome {
+                token,
+                state,
+                settled,
+                ..
+            } => self.handle_outcome(token, state, settled),
+            Event::Detach { unsettled, .. } => {
+                // The neighbour dropped one of the mesh links: the
+                // connection is no use any more.
+                for token in unsettled {
+                    if let Some(Unsettled {
+                        origin: Some(o), ..
+                    }) = self.unsettled.remove(&token)
+                    {
+                        o.conn.send(ConnEvent::Outcome {
+                            delivery: o.delivery,
+                            state: crate::core::released(),
+                        });
+                    }
+                }
+                self.closing = Some(CloseReason::ProtocolError);
+                self.conn.close(Some(amqp_error(
+                    AmqpError::IllegalState,
+                    "mesh link detached",
+                )));
+            }
+            Event::End { .. } => {}
+            Event::Close { .. } => {
                 self.closing.get_or_insert(CloseReason::PeerClosed);
             }
         }
@@ -497,6 +555,7 @@ impl ConnectionTask {
             },
         );
         st.add_consumer(self.handle.clone(), link, outstanding.clone());
+        self.local_receivers_changed();
         debug!(conn.id = self.id.0, link.name = %attach.name, address = %address, "receiver attached");
         self.outgoing.insert(
             link,
@@ -519,12 +578,13 @@ impl ConnectionTask {
         let limit = l.delivery_count.wrapping_add(l.credit);
         let drain = l.drain;
         let address = out.address.clone();
-        let msgs = address.consumer_credit(self.id, link, limit);
+        let outstanding = out.outstanding.clone();
+        let msgs = address.consumer_credit(self.id, link, limit).msgs;
         if !msgs.is_empty() {
             crate::core::return_credit(&msgs);
         }
         for m in msgs {
-            self.deliver(link, m);
+            self.deliver(link, m, &address, &outstanding);
         }
         if drain {
             // Nothing more is waiting for this receiver: use up its credit.
@@ -552,6 +612,7 @@ impl ConnectionTask {
             settled: d.settled,
             origin,
             sender: Some((self.handle.clone(), link)),
+            hops: None,
         };
         let state = match &inc.target {
             IncomingTarget::Address(a) => a.clone(),
@@ -586,12 +647,35 @@ impl ConnectionTask {
                 }
             }
         };
+        self.route(&state, routed, d.id, link);
+        self.dirty.insert(link);
+    }
+
+    /// Routes a message that came in on our link `link` (a client's, or a
+    /// neighbour router's data link) and answers it where the router
+    /// decides its outcome.
+    pub(crate) fn route(
+        &mut self,
+        state: &Arc<AddressState>,
+        routed: Routed,
+        id: DeliveryRef,
+        link: LinkId,
+    ) {
         let settled = routed.settled;
-        let multicast = state.kind == AddressType::Multicast;
-        match state.forward(routed) {
-            Forwarded::Sent(_) if multicast && !settled => {
+        let forwarded = if state.kind == AddressType::Multicast {
+            let remote = self.forward_multicast_mesh(state, &routed);
+            match state.forward_multicast(routed) {
+                Forwarded::NoReceiver if remote > 0 => Forwarded::Sent(remote),
+                Forwarded::Sent(n) => Forwarded::Sent(n + remote),
+                other => other,
+            }
+        } else {
+            state.forward_anycast(routed)
+        };
+        match forwarded {
+            Forwarded::Sent(_) if state.kind == AddressType::Multicast && !settled => {
                 // Multicast is at-most-once: accepted once fanned out.
-                self.conn.settle(d.id, DeliveryState::Accepted(Accepted {}));
+                self.conn.settle(id, DeliveryState::Accepted(Accepted {}));
             }
             Forwarded::Sent(_) => {}
             Forwarded::Queued => {
@@ -600,12 +684,47 @@ impl ConnectionTask {
                     inc.held += 1;
                 }
             }
-            Forwarded::NoReceiver => self.no_receiver(&d.id, settled),
+            Forwarded::NoReceiver => self.no_receiver(&id, settled),
         }
-        self.dirty.insert(link);
     }
 
-    fn reject(
+    /// Multicast copies for other routers: to this router's children on the
+    /// ingress router's shortest-path tree. Returns how many went.
+    fn forward_multicast_mesh(&self, state: &Arc<AddressState>, msg: &Routed) -> usize {
+        let Some(mesh) = &self.shared.mesh else {
+            return 0;
+        };
+        let snap = mesh.snapshot();
+        let ingress = msg
+            .hops
+            .as_ref()
+            .map_or(mesh.id.as_str(), |h| h.ingress.as_str());
+        let mut sent = 0;
+        for (neighbor, conn, data) in snap.multicast_hops(&state.space, &state.address, ingress) {
+            if msg.visited(&neighbor) {
+                continue;
+            }
+            let copy = Routed {
+                payload: msg.payload.clone(),
+                settled: true,
+                origin: None,
+                sender: None,
+                hops: msg.hops.clone(),
+            };
+            let ev = ConnEvent::Deliver {
+                link: data,
+                msg: copy,
+                address: state.clone(),
+                outstanding: Default::default(),
+            };
+            if conn.send(ev) {
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    pub(crate) fn reject(
         &mut self,
         id: &flotilla_amqp::connection::DeliveryRef,
         settled: bool,
@@ -629,12 +748,24 @@ impl ConnectionTask {
     }
 
     /// Sends a routed message on our outgoing link, or gives it back.
-    fn deliver(&mut self, link: LinkId, msg: Routed) {
+    /// Sends a message routed to our outgoing link `link` (a receiver's,
+    /// or a neighbour router's data link), or gives it back.
+    pub(crate) fn deliver(
+        &mut self,
+        link: LinkId,
+        msg: Routed,
+        address: &Arc<AddressState>,
+        outstanding: &Arc<AtomicU32>,
+    ) {
+        if self
+            .mesh_peer
+            .as_ref()
+            .is_some_and(|p| p.data_out == Some(link))
+        {
+            return self.deliver_to_peer(link, msg, address, outstanding);
+        }
         let Some(out) = self.outgoing.get(&link) else {
-            match self.gone.get(&link) {
-                Some(a) => a.clone().unsend(self.id, link, msg),
-                None => msg.release(),
-            }
+            address.unsend(self.id, link, msg);
             return;
         };
         let settle_here = msg.settled || out.presettle;
@@ -662,10 +793,16 @@ impl ConnectionTask {
         if self.conn.send(link, &msg.payload, settle_here, token) {
             self.next_token += 1;
             if !settle_here {
-                self.unsettled.insert(token, (link, msg.origin));
+                self.unsettled.insert(
+                    token,
+                    Unsettled {
+                        origin: msg.origin,
+                        outstanding: outstanding.clone(),
+                    },
+                );
             } else if let Some(o) = msg.origin {
                 // The receiver takes it pre-settled: accepted for the sender.
-                out.outstanding.fetch_sub(1, Ordering::Relaxed);
+                outstanding.fetch_sub(1, Ordering::Relaxed);
                 o.conn.send(ConnEvent::Outcome {
                     delivery: o.delivery,
                     state: DeliveryState::Accepted(Accepted {}),
@@ -696,12 +833,15 @@ impl ConnectionTask {
         if !settled && !terminal {
             return;
         }
-        let Some((link, origin)) = self.unsettled.remove(&token) else {
+        let Some(Unsettled {
+            origin,
+            outstanding,
+            ..
+        }) = self.unsettled.remove(&token)
+        else {
             return;
         };
-        if let Some(out) = self.outgoing.get(&link) {
-            out.outstanding.fetch_sub(1, Ordering::Relaxed);
-        }
+        outstanding.fetch_sub(1, Ordering::Relaxed);
         if let Some(o) = origin {
             let state = match state {
                 Some(s) if terminal => s,
@@ -719,7 +859,10 @@ impl ConnectionTask {
         if let Some(out) = self.outgoing.remove(&link) {
             out.address.remove_consumer(self.id, link);
             for token in unsettled {
-                if let Some((_, Some(o))) = self.unsettled.remove(&token) {
+                if let Some(Unsettled {
+                    origin: Some(o), ..
+                }) = self.unsettled.remove(&token)
+                {
                     o.conn.send(ConnEvent::Outcome {
                         delivery: o.delivery,
                         state: crate::core::released(),
@@ -730,7 +873,7 @@ impl ConnectionTask {
                 out.address.release_all();
             }
             self.shared.table.gc(&out.address);
-            self.gone.insert(link, out.address);
+            self.local_receivers_changed();
         } else if let Some(inc) = self.incoming.remove(&link) {
             if let IncomingTarget::Address(a) = inc.target {
                 a.remove_sender(self.id, link);
@@ -742,7 +885,12 @@ impl ConnectionTask {
 
     fn handle_conn_event(&mut self, ev: ConnEvent) {
         match ev {
-            ConnEvent::Deliver { link, msg } => self.deliver(link, msg),
+            ConnEvent::Deliver {
+                link,
+                msg,
+                address,
+                outstanding,
+            } => self.deliver(link, msg, &address, &outstanding),
             ConnEvent::Outcome { delivery, state } => self.conn.settle(delivery, state),
             ConnEvent::Credit { link, returned } => {
                 if let Some(inc) = self.incoming.get_mut(&link) {
@@ -786,9 +934,16 @@ impl ConnectionTask {
         }
     }
 
+    /// Tells the mesh that local receivers came or went.
+    fn local_receivers_changed(&self) {
+        if let Some(m) = &self.shared.mesh {
+            m.send(crate::mesh::MeshEvent::LocalAddresses);
+        }
+    }
+
     fn cleanup(&mut self) {
-        for (_, origin) in self.unsettled.drain().map(|(_, v)| v) {
-            if let Some(o) = origin {
+        for u in std::mem::take(&mut self.unsettled).into_values() {
+            if let Some(o) = u.origin {
                 o.conn.send(ConnEvent::Outcome {
                     delivery: o.delivery,
                     state: crate::core::released(),
@@ -803,18 +958,30 @@ impl ConnectionTask {
         for l in ins {
             self.link_gone(l, Vec::new());
         }
-        // Deliveries still on their way to us go back.
+        // Deliveries still on their way to us go back (routing to a closed
+        // channel fails, so nothing more arrives after this).
         self.rx.close();
         while let Ok(ev) = self.rx.try_recv() {
-            if let ConnEvent::Deliver { link, msg } = ev {
-                match self.gone.get(&link) {
-                    Some(a) => a.clone().unsend(self.id, link, msg),
-                    None => msg.release(),
-                }
+            if let ConnEvent::Deliver {
+                link, msg, address, ..
+            } = ev
+            {
+                address.unsend(self.id, link, msg);
             }
         }
+        self.peer_cleanup();
         if self.closing == Some(CloseReason::Io) {
             warn!(conn.id = self.id.0, client.addr = %self.peer, "connection lost");
         }
+    }
+}
+
+/// The next command from the mesh, on peer connections; never on others.
+async fn recv_command(
+    rx: &mut Option<mpsc::UnboundedReceiver<crate::mesh::PeerCommand>>,
+) -> Option<crate::mesh::PeerCommand> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -31,8 +31,14 @@ pub struct ConnectionId(pub u64);
 /// What other tasks tell a connection task.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// Send this message on our outgoing link `link`.
-    Deliver { link: LinkId, msg: Routed },
+    /// Send this message on our outgoing link `link`, for `address`;
+    /// `outstanding` counts the link's unsettled deliveries (balancing).
+    Deliver {
+        link: LinkId,
+        msg: Routed,
+        address: Arc<AddressState>,
+        outstanding: Arc<AtomicU32>,
+    },
     /// The receiver's outcome for a delivery that came in on our link.
     Outcome {
         delivery: DeliveryRef,
@@ -74,6 +80,25 @@ pub struct Routed {
     pub origin: Option<Origin>,
     /// The sending link, for returning its credit when the message waited.
     pub sender: Option<(ConnHandle, LinkId)>,
+    /// Set when the message came through the mesh: where it entered and
+    /// the routers it passed (loop prevention).
+    pub hops: Option<Arc<Hops>>,
+}
+
+/// A meshed message's path so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hops {
+    pub ingress: String,
+    pub trace: Vec<String>,
+}
+
+impl Routed {
+    /// True when the message already passed router `id`.
+    pub fn visited(&self, id: &str) -> bool {
+        self.hops
+            .as_ref()
+            .is_some_and(|h| h.ingress == id || h.trace.iter().any(|t| t == id))
+    }
 }
 
 impl Routed {
@@ -102,6 +127,9 @@ pub struct Consumer {
     pub outstanding: Arc<AtomicU32>,
     /// Multicast only: messages held while the receiver has no credit.
     pub backlog: VecDeque<Routed>,
+    /// Receivers on other routers, reached through this neighbour's
+    /// inter-router data link (anycast only).
+    pub remote: Option<String>,
 }
 
 impl Consumer {
@@ -123,6 +151,8 @@ pub struct AddressInner {
     /// Anycast deliveries waiting for credit (bounded by senders' credit).
     pub undelivered: VecDeque<Routed>,
     rr: usize,
+    /// Multicast receivers exist on other routers.
+    pub remote_multicast: bool,
 }
 
 /// Messages held per multicast receiver without credit before the oldest
@@ -151,6 +181,14 @@ pub enum Forwarded {
     NoReceiver,
 }
 
+/// What a receiver's new credit released: messages to send on its link
+/// now, and the counter of its unsettled deliveries.
+#[derive(Debug, Default)]
+pub struct Credited {
+    pub msgs: Vec<Routed>,
+    pub outstanding: Option<Arc<AtomicU32>>,
+}
+
 impl AddressState {
     fn new(space: &str, address: &str, kind: AddressType) -> Self {
         AddressState {
@@ -170,12 +208,83 @@ impl AddressState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// True when a receiver exists anywhere in the mesh.
     pub fn has_consumers(&self) -> bool {
-        !self.lock().consumers.is_empty()
+        let g = self.lock();
+        !g.consumers.is_empty() || g.remote_multicast
+    }
+
+    /// True when a receiver is attached to this router.
+    pub fn has_local_consumers(&self) -> bool {
+        self.lock().consumers.iter().any(|c| c.remote.is_none())
+    }
+
+    /// Anycast: receivers behind `neighbor` now exist (`Some(link)`: that
+    /// neighbour's data link, with a window of `window` messages) or no
+    /// longer do (`None`).
+    pub fn set_remote(&self, neighbor: &str, via: Option<(ConnHandle, LinkId)>, window: u32) {
+        let mut g = self.lock();
+        let had_any = !g.consumers.is_empty();
+        let existing = g
+            .consumers
+            .iter()
+            .position(|c| c.remote.as_deref() == Some(neighbor));
+        match (existing, via) {
+            (Some(i), Some((conn, link)))
+                if g.consumers[i].link == link && g.consumers[i].conn.id == conn.id => {}
+            (existing, via) => {
+                if let Some(i) = existing {
+                    g.consumers.remove(i);
+                }
+                if let Some((conn, link)) = via {
+                    g.consumers.push(Consumer {
+                        conn,
+                        link,
+                        routed: 0,
+                        limit: window,
+                        outstanding: Default::default(),
+                        backlog: VecDeque::new(),
+                        remote: Some(neighbor.to_string()),
+                    });
+                }
+            }
+        }
+        self.after_consumers_changed(g, had_any);
+    }
+
+    /// Multicast: whether receivers exist on other routers (fan-out there
+    /// follows the mesh's trees; senders get credit while any exist).
+    pub fn set_remote_multicast(&self, present: bool) {
+        let mut g = self.lock();
+        let had_any = !g.consumers.is_empty() || g.remote_multicast;
+        g.remote_multicast = present;
+        let has_any = !g.consumers.is_empty() || g.remote_multicast;
+        if had_any != has_any {
+            notify_senders(&g);
+        }
+    }
+
+    /// Tells senders about a change between some receivers and none; with
+    /// none left, waiting messages go back to their senders.
+    fn after_consumers_changed(&self, g: MutexGuard<'_, AddressInner>, had_any: bool) {
+        let has_any = !g.consumers.is_empty() || g.remote_multicast;
+        if had_any == has_any {
+            return;
+        }
+        notify_senders(&g);
+        if !has_any {
+            let mut g = g;
+            let waiting: Vec<Routed> = g.undelivered.drain(..).collect();
+            drop(g);
+            return_credit(&waiting);
+            for m in waiting {
+                m.release();
+            }
+        }
     }
 
     /// Routes one message by the address's type.
-    pub fn forward(&self, msg: Routed) -> Forwarded {
+    pub fn forward(self: &Arc<Self>, msg: Routed) -> Forwarded {
         match self.kind {
             AddressType::Multicast => self.forward_multicast(msg),
             _ => self.forward_anycast(msg),
@@ -184,48 +293,70 @@ impl AddressState {
 
     /// Anycast: to the receiver with credit that has the fewest unsettled
     /// deliveries, round-robin among equals; else wait for credit.
-    pub fn forward_anycast(&self, msg: Routed) -> Forwarded {
+    pub fn forward_anycast(self: &Arc<Self>, mut msg: Routed) -> Forwarded {
         let mut g = self.lock();
-        if g.consumers.is_empty() {
-            return Forwarded::NoReceiver;
-        }
-        if !g.undelivered.is_empty() {
-            // Keep order: earlier messages are still waiting.
-            g.undelivered.push_back(msg);
-            return Forwarded::Queued;
-        }
-        let n = g.consumers.len();
-        let start = g.rr % n;
-        let mut best: Option<(usize, u32)> = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            let c = &g.consumers[i];
-            if c.credit() == 0 {
-                continue;
+        loop {
+            // Never back towards a router the message already passed.
+            let eligible = |c: &Consumer| c.remote.as_ref().is_none_or(|n| !msg.visited(n));
+            if !g.consumers.iter().any(eligible) {
+                return Forwarded::NoReceiver;
             }
-            let o = c.outstanding.load(Ordering::Relaxed);
-            if best.is_none_or(|(_, bo)| o < bo) {
-                best = Some((i, o));
-                if o == 0 {
-                    break;
-                }
-            }
-        }
-        match best {
-            Some((i, _)) => {
-                g.rr = i + 1;
-                let c = &mut g.consumers[i];
-                c.routed = c.routed.wrapping_add(1);
-                if !msg.settled {
-                    c.outstanding.fetch_add(1, Ordering::Relaxed);
-                }
-                c.conn.send(ConnEvent::Deliver { link: c.link, msg });
-                self.delivered.fetch_add(1, Ordering::Relaxed);
-                Forwarded::Sent(1)
-            }
-            None => {
+            if !g.undelivered.is_empty() {
+                // Keep order: earlier messages are still waiting.
                 g.undelivered.push_back(msg);
-                Forwarded::Queued
+                return Forwarded::Queued;
+            }
+            let n = g.consumers.len();
+            let start = g.rr % n;
+            let mut best: Option<(usize, u32)> = None;
+            for k in 0..n {
+                let i = (start + k) % n;
+                let c = &g.consumers[i];
+                if c.credit() == 0 || !eligible(c) {
+                    continue;
+                }
+                let o = c.outstanding.load(Ordering::Relaxed);
+                if best.is_none_or(|(_, bo)| o < bo) {
+                    best = Some((i, o));
+                    if o == 0 {
+                        break;
+                    }
+                }
+            }
+            let Some((i, _)) = best else {
+                g.undelivered.push_back(msg);
+                return Forwarded::Queued;
+            };
+            g.rr = i + 1;
+            let c = &mut g.consumers[i];
+            let unsettled = !msg.settled;
+            if unsettled {
+                c.outstanding.fetch_add(1, Ordering::Relaxed);
+            }
+            let ev = ConnEvent::Deliver {
+                link: c.link,
+                msg,
+                address: self.clone(),
+                outstanding: c.outstanding.clone(),
+            };
+            match c.conn.tx.send(ev) {
+                Ok(()) => {
+                    c.routed = c.routed.wrapping_add(1);
+                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                    return Forwarded::Sent(1);
+                }
+                Err(mpsc::error::SendError(ev)) => {
+                    // That connection is gone (its task closed its channel):
+                    // forget its receiver and try the others.
+                    if unsettled {
+                        c.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    g.consumers.remove(i);
+                    let ConnEvent::Deliver { msg: m, .. } = ev else {
+                        return Forwarded::NoReceiver;
+                    };
+                    msg = m;
+                }
             }
         }
     }
@@ -233,7 +364,7 @@ impl AddressState {
     /// Multicast: a copy to every receiver (at-most-once); a receiver with
     /// no credit keeps up to [`MULTICAST_BACKLOG`] messages, then loses the
     /// oldest.
-    pub fn forward_multicast(&self, msg: Routed) -> Forwarded {
+    pub fn forward_multicast(self: &Arc<Self>, msg: Routed) -> Forwarded {
         let mut g = self.lock();
         if g.consumers.is_empty() {
             return Forwarded::NoReceiver;
@@ -243,6 +374,7 @@ impl AddressState {
             settled: true,
             origin: None,
             sender: None,
+            hops: msg.hops,
         };
         let mut sent = 0;
         for c in g.consumers.iter_mut() {
@@ -251,6 +383,8 @@ impl AddressState {
                 c.conn.send(ConnEvent::Deliver {
                     link: c.link,
                     msg: copy.clone(),
+                    address: self.clone(),
+                    outstanding: c.outstanding.clone(),
                 });
                 sent += 1;
             } else {
@@ -267,7 +401,7 @@ impl AddressState {
 
     /// A receiver's credit changed: record its new limit and hand it what
     /// waited for credit. Returns the messages to send on that link now.
-    pub fn consumer_credit(&self, conn: ConnectionId, link: LinkId, limit: u32) -> Vec<Routed> {
+    pub fn consumer_credit(&self, conn: ConnectionId, link: LinkId, limit: u32) -> Credited {
         let mut g = self.lock();
         let g = &mut *g;
         let Some(c) = g
@@ -275,30 +409,39 @@ impl AddressState {
             .iter_mut()
             .find(|c| c.conn.id == conn && c.link == link)
         else {
-            return Vec::new();
+            return Credited::default();
         };
         c.limit = limit;
-        let mut out = Vec::new();
+        let mut msgs = Vec::new();
         while c.credit() > 0 {
-            let next = match self.kind {
-                AddressType::Multicast => c.backlog.pop_front(),
-                _ => g.undelivered.pop_front(),
+            let next = match (&self.kind, &c.remote) {
+                (AddressType::Multicast, _) => c.backlog.pop_front(),
+                (_, None) => g.undelivered.pop_front(),
+                // Through a neighbour: only what has not been there yet.
+                (_, Some(n)) => g
+                    .undelivered
+                    .iter()
+                    .position(|m| !m.visited(n))
+                    .and_then(|i| g.undelivered.remove(i)),
             };
             let Some(m) = next else { break };
             c.routed = c.routed.wrapping_add(1);
             if !m.settled {
                 c.outstanding.fetch_add(1, Ordering::Relaxed);
             }
-            out.push(m);
+            msgs.push(m);
         }
         self.delivered
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
-        out
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        Credited {
+            msgs,
+            outstanding: Some(c.outstanding.clone()),
+        }
     }
 
     /// A message routed to `link` could not be sent (the link went away or
     /// lost its credit): take it back and try elsewhere (anycast) or drop it.
-    pub fn unsend(&self, conn: ConnectionId, link: LinkId, msg: Routed) {
+    pub fn unsend(self: &Arc<Self>, conn: ConnectionId, link: LinkId, msg: Routed) {
         self.unroute(conn, link, msg.settled);
         if self.kind == AddressType::Multicast {
             return;
@@ -330,13 +473,9 @@ impl AddressState {
 
     /// Adds a receiver. Returns true if it is the first (senders should be
     /// told to re-check credit).
-    pub fn add_consumer(
-        &self,
-        conn: ConnHandle,
-        link: LinkId,
-        outstanding: Arc<AtomicU32>,
-    ) -> bool {
+    pub fn add_consumer(&self, conn: ConnHandle, link: LinkId, outstanding: Arc<AtomicU32>) {
         let mut g = self.lock();
+        let had_any = !g.consumers.is_empty() || g.remote_multicast;
         g.consumers.push(Consumer {
             conn,
             link,
@@ -344,29 +483,19 @@ impl AddressState {
             limit: 0,
             outstanding,
             backlog: VecDeque::new(),
+            remote: None,
         });
-        let first = g.consumers.len() == 1;
-        if first {
-            notify_senders(&g);
-        }
-        first
+        self.after_consumers_changed(g, had_any);
     }
 
-    /// Removes a receiver; when it was the last, waiting anycast messages
-    /// are released to their senders and senders lose their credit.
+    /// Removes a receiver; when it was the last anywhere, waiting anycast
+    /// messages are released to their senders and senders lose their credit.
     pub fn remove_consumer(&self, conn: ConnectionId, link: LinkId) {
         let mut g = self.lock();
+        let had_any = !g.consumers.is_empty() || g.remote_multicast;
         g.consumers
             .retain(|c| !(c.conn.id == conn && c.link == link));
-        if g.consumers.is_empty() {
-            let waiting: Vec<Routed> = g.undelivered.drain(..).collect();
-            notify_senders(&g);
-            drop(g);
-            return_credit(&waiting);
-            for m in waiting {
-                m.release();
-            }
-        }
+        self.after_consumers_changed(g, had_any);
     }
 
     pub fn add_sender(&self, conn: ConnHandle, link: LinkId) {
@@ -487,19 +616,20 @@ mod tests {
             settled,
             origin,
             sender: None,
+            hops: None,
         }
     }
 
     #[test]
     fn anycast_balances_by_credit_and_queues_without_it() {
-        let a = AddressState::new("default", "q", AddressType::Anycast);
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
         assert_eq!(a.forward(msg(true, None)), Forwarded::NoReceiver);
         let (c1, mut r1) = handle(1);
         let (c2, mut r2) = handle(2);
         a.add_consumer(c1, LinkId(1), Default::default());
         a.add_consumer(c2, LinkId(2), Default::default());
         assert_eq!(a.forward(msg(true, None)), Forwarded::Queued);
-        let sent = a.consumer_credit(ConnectionId(1), LinkId(1), 2);
+        let sent = a.consumer_credit(ConnectionId(1), LinkId(1), 2).msgs;
         assert_eq!(
             sent.len(),
             1,
@@ -521,7 +651,7 @@ mod tests {
 
     #[test]
     fn last_receiver_leaving_releases_waiting_messages() {
-        let a = AddressState::new("default", "q", AddressType::Anycast);
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
         let (c1, _r1) = handle(1);
         let (origin, mut ro) = handle(9);
         a.add_consumer(c1, LinkId(1), Default::default());
@@ -545,7 +675,7 @@ mod tests {
 
     #[test]
     fn multicast_copies_to_every_receiver() {
-        let a = AddressState::new("default", "t", AddressType::Multicast);
+        let a = Arc::new(AddressState::new("default", "t", AddressType::Multicast));
         let mut rxs = Vec::new();
         for i in 0..3 {
             let (c, r) = handle(i);
@@ -557,5 +687,46 @@ mod tests {
         for r in &mut rxs {
             assert!(matches!(r.try_recv(), Ok(ConnEvent::Deliver { .. })));
         }
+    }
+
+    #[test]
+    fn anycast_never_goes_back_to_a_router_the_message_passed() {
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (n1, mut r1) = handle(1);
+        a.set_remote("r1", Some((n1, LinkId(5))), 10);
+        let mut m = msg(true, None);
+        m.hops = Some(Arc::new(Hops {
+            ingress: "r0".into(),
+            trace: vec!["r0".into(), "r1".into()],
+        }));
+        assert_eq!(
+            a.forward(m),
+            Forwarded::NoReceiver,
+            "the only way on is back"
+        );
+        assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
+        assert!(matches!(
+            r1.try_recv(),
+            Ok(ConnEvent::Deliver {
+                link: LinkId(5),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_receiver_whose_connection_is_gone_is_skipped() {
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (c1, r1) = handle(1);
+        let (c2, mut r2) = handle(2);
+        a.add_consumer(c1, LinkId(1), Default::default());
+        a.add_consumer(c2, LinkId(2), Default::default());
+        a.consumer_credit(ConnectionId(1), LinkId(1), 10);
+        a.consumer_credit(ConnectionId(2), LinkId(2), 10);
+        drop(r1);
+        for _ in 0..4 {
+            assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
+        }
+        assert_eq!(std::iter::from_fn(|| r2.try_recv().ok()).count(), 4);
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod connection;
 pub mod core;
+pub mod mesh;
 pub mod policy;
 mod server;
 
@@ -53,6 +54,14 @@ pub struct RouterConfig {
     /// Credit window a sender gets while a receiver exists.
     pub link_capacity: u32,
     pub tenancy: Tenancy,
+    /// Listener for other routers' connections (joins the mesh).
+    pub inter_router: Option<SocketAddr>,
+    /// Routers to connect to: `HOST:PORT`, where HOST may be a DNS name
+    /// whose addresses are re-resolved every few seconds.
+    pub peers: Vec<String>,
+    /// CA for mutual TLS on inter-router connections (with the TLS
+    /// certificate and key): peers must present a certificate it signed.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for RouterConfig {
@@ -71,6 +80,9 @@ impl Default for RouterConfig {
             idle_timeout: Some(Duration::from_secs(16)),
             link_capacity: 1000,
             tenancy: Tenancy::zero_config(),
+            inter_router: None,
+            peers: Vec::new(),
+            tls_ca: None,
         }
     }
 }
@@ -91,7 +103,10 @@ pub enum RouterError {
 /// State every connection task shares.
 pub(crate) struct Shared {
     pub(crate) cfg: RouterConfig,
-    pub(crate) table: AddressTable,
+    pub(crate) table: Arc<AddressTable>,
+    pub(crate) mesh: Option<crate::mesh::MeshHandle>,
+    /// TLS for connecting to peers (mutual TLS), when configured.
+    pub(crate) peer_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) policy: Policy,
     /// Cancelled first: stop accepting and withdraw senders' credit.
     pub(crate) shutdown: CancellationToken,
@@ -109,6 +124,17 @@ pub struct Router {
     listeners: Vec<(TcpListener, AcceptConfig)>,
     /// Bound addresses: (protocol, address).
     pub local_addrs: Vec<(&'static str, SocketAddr)>,
+    inter_router: Option<(TcpListener, AcceptConfig)>,
+    mesh_task: Option<crate::mesh::MeshTask>,
+}
+
+/// A few random-ish hex digits for generated router ids.
+fn shutdown_nonce() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:05x}", t & 0xfffff)
 }
 
 impl Router {
@@ -167,10 +193,44 @@ impl Router {
                 },
             ));
         }
+        let mut cfg = cfg;
+        let meshed = cfg.inter_router.is_some() || !cfg.peers.is_empty();
+        let mut inter_router = None;
+        let mut peer_tls = None;
+        let mut peer_accept = AcceptConfig::default();
+        if meshed {
+            if cfg.container_id == RouterConfig::default().container_id {
+                // Router ids must be unique in a mesh.
+                cfg.container_id = format!("router-{}-{}", std::process::id(), shutdown_nonce());
+            }
+            if let (Some(c), Some(k), Some(ca)) = (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_ca) {
+                peer_accept = AcceptConfig {
+                    tls: Some(flotilla_amqp::tls::server_config(c, k, Some(ca))?),
+                    require_tls: true,
+                };
+                peer_tls = Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?);
+            }
+            if let Some(addr) = cfg.inter_router {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RouterError::Bind { addr, source })?;
+                local_addrs.push((
+                    "inter-router",
+                    l.local_addr()
+                        .map_err(|source| RouterError::Bind { addr, source })?,
+                ));
+                inter_router = Some(l);
+            }
+        }
+        let table = Arc::new(AddressTable::default());
+        let mesh_task =
+            meshed.then(|| crate::mesh::MeshTask::new(&cfg.container_id, table.clone()));
         let policy = Policy::new(cfg.tenancy.clone());
         let shared = Arc::new(Shared {
             cfg,
-            table: AddressTable::default(),
+            table,
+            mesh: mesh_task.as_ref().map(|(_, h)| h.clone()),
+            peer_tls,
             policy,
             shutdown,
             closing: CancellationToken::new(),
@@ -183,6 +243,8 @@ impl Router {
             shared,
             listeners,
             local_addrs,
+            inter_router: inter_router.map(|l| (l, peer_accept)),
+            mesh_task: mesh_task.map(|(t, _)| t),
         })
     }
 
@@ -194,10 +256,26 @@ impl Router {
             info!(proto = *proto, addr = %addr, "listening");
         }
         let shared = self.shared.clone();
+        if shared.mesh.is_some() {
+            info!(router = %shared.cfg.container_id, "mesh enabled");
+        }
         for (l, cfg) in self.listeners {
             shared
                 .tracker
-                .spawn(server::accept_loop(l, shared.clone(), cfg));
+                .spawn(server::accept_loop(l, shared.clone(), cfg, false));
+        }
+        if let Some((l, cfg)) = self.inter_router {
+            shared
+                .tracker
+                .spawn(server::accept_loop(l, shared.clone(), cfg, true));
+        }
+        if let Some(task) = self.mesh_task {
+            shared.tracker.spawn(task.run(shared.closing.clone()));
+        }
+        for peer in shared.cfg.peers.clone() {
+            shared
+                .tracker
+                .spawn(server::connect_peer(peer, shared.clone()));
         }
         shared.shutdown.cancelled().await;
         info!("shutting down: releasing in-flight deliveries and closing connections");

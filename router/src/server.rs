@@ -1,26 +1,37 @@
-//! The accept loop: TCP → (TLS) → SASL → a [`ConnectionTask`] per client.
-//! Accept errors back off and retry; they never end the loop.
+//! Listeners and connectors: TCP → (TLS) → SASL → a [`ConnectionTask`] per
+//! connection. Accept errors back off and retry; they never end the loop.
+//! Inter-router connections come in on their own listener and go out to
+//! `--peer` addresses, re-resolved periodically and reconnected with
+//! backoff.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_amqp::transport::{self, AcceptConfig};
-use tokio::net::TcpListener;
+use flotilla_amqp::transport::{
+    self, AcceptConfig, Authenticator, ClientSasl, ConnectConfig, Identity,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, Instrument};
 
 use crate::connection::ConnectionTask;
 use crate::core::ConnectionId;
+use crate::mesh::peer::PeerLink;
 use crate::Shared;
 
 /// How long a client may take from TCP connect to the AMQP header.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often peer DNS names are resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     accept_cfg: AcceptConfig,
+    inter_router: bool,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -45,43 +56,76 @@ pub(crate) async fn accept_loop(
         let shared2 = shared.clone();
         let cfg = accept_cfg.clone();
         let span = tracing::info_span!("conn", conn.id = id.0, client.addr = %peer);
-        shared
-            .tracker
-            .spawn(async move { serve(tcp, peer, id, shared2, cfg).await }.instrument(span));
+        shared.tracker.spawn(
+            async move { serve(tcp, peer, id, shared2, cfg, inter_router).await }.instrument(span),
+        );
+    }
+}
+
+/// Who may open an inter-router connection: anyone who completed the
+/// listener's TLS (mutual TLS when a CA is configured), as ANONYMOUS.
+struct PeerAuth;
+
+impl Authenticator for PeerAuth {
+    fn mechanisms(&self, _: SocketAddr) -> Vec<&'static str> {
+        vec!["ANONYMOUS"]
+    }
+    fn allow_no_sasl(&self, _: SocketAddr) -> bool {
+        true
+    }
+    fn anonymous(&self, _: Option<&str>, _: SocketAddr) -> Option<Identity> {
+        Some(Identity {
+            user: None,
+            space: None,
+            mechanism: "ANONYMOUS",
+        })
+    }
+    async fn plain(&self, _: &str, _: &str, _: Option<&str>) -> Option<Identity> {
+        None
+    }
+    async fn scram(
+        &self,
+        _: &str,
+        _: Option<&str>,
+    ) -> Option<(flotilla_core::auth::ScramCredentials, Identity)> {
+        None
     }
 }
 
 async fn serve(
-    tcp: tokio::net::TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     id: ConnectionId,
     shared: Arc<Shared>,
     cfg: AcceptConfig,
+    inter_router: bool,
 ) {
     let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
-    let _guard = scopeguard(shared.clone());
-    if open > shared.cfg.max_connections {
+    let _guard = ConnGuard(shared.clone());
+    if open > shared.cfg.max_connections && !inter_router {
         info!(
             limit = shared.cfg.max_connections,
             "connection refused: too many connections"
         );
         return;
     }
-    let hs = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        transport::accept(tcp, peer, &cfg, &shared.policy),
-    )
-    .await;
+    let hs = if inter_router {
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            transport::accept(tcp, peer, &cfg, &PeerAuth),
+        )
+        .await
+    } else {
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            transport::accept(tcp, peer, &cfg, &shared.policy),
+        )
+        .await
+    };
     let est = match hs {
         Ok(Ok(est)) => est,
-        Ok(Err(e)) => {
-            info!(error = %e, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            info!("handshake timed out");
-            return;
-        }
+        Ok(Err(e)) => return info!(error = %e, "handshake failed"),
+        Err(_) => return info!("handshake timed out"),
     };
     debug!(
         user = est.identity.user.as_deref().unwrap_or("<anonymous>"),
@@ -89,7 +133,13 @@ async fn serve(
         tls = est.tls,
         "authenticated"
     );
-    let task = ConnectionTask::new(id, shared.clone(), est.identity, peer);
+    let mut task = ConnectionTask::new(id, shared.clone(), est.identity, peer);
+    if inter_router {
+        let Some(mesh) = shared.mesh.clone() else {
+            return;
+        };
+        task.mesh_peer = Some(PeerLink::new(mesh, false));
+    }
     let reason = task.run(est.io, est.read_buf).await;
     debug!(reason = ?reason, "connection closed");
 }
@@ -102,6 +152,105 @@ impl Drop for ConnGuard {
     }
 }
 
-fn scopeguard(s: Arc<Shared>) -> ConnGuard {
-    ConnGuard(s)
+/// Keeps connections to every address `peer` (HOST:PORT) resolves to,
+/// resolving again every few seconds so routers that come and go behind
+/// a DNS name (a Kubernetes headless service) join and leave the mesh.
+pub(crate) async fn connect_peer(peer: String, shared: Arc<Shared>) {
+    let mut conns: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let own: Vec<SocketAddr> = Vec::new();
+    loop {
+        match tokio::net::lookup_host(peer.as_str()).await {
+            Ok(addrs) => {
+                let addrs: Vec<SocketAddr> = addrs.filter(|a| !own.contains(a)).collect();
+                conns.retain(|a, stop| {
+                    let keep = addrs.contains(a);
+                    if !keep {
+                        info!(peer = %peer, addr = %a, "peer address gone from DNS");
+                        stop.cancel();
+                    }
+                    keep
+                });
+                for a in addrs {
+                    conns.entry(a).or_insert_with(|| {
+                        let stop = shared.shutdown.child_token();
+                        shared
+                            .tracker
+                            .spawn(keep_connected(a, shared.clone(), stop.clone()));
+                        stop
+                    });
+                }
+            }
+            Err(e) => debug!(peer = %peer, error = %e, "cannot resolve peer"),
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+        }
+    }
+}
+
+/// Connects to one peer address, and again with backoff whenever the
+/// connection fails or closes, until `stop`.
+async fn keep_connected(addr: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let id = ConnectionId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::info_span!("peer", conn.id = id.0, peer.addr = %addr);
+        let connected = async {
+            let tcp = TcpStream::connect(addr).await.ok()?;
+            let _ = tcp.set_nodelay(true);
+            let tls = shared
+                .peer_tls
+                .clone()
+                .map(|c| (c, rustls_server_name(addr)));
+            let cc = ConnectConfig {
+                tls,
+                sasl: ClientSasl::Anonymous,
+                hostname: None,
+            };
+            let (io, buf) =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, transport::connect(tcp, &cc)).await {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => {
+                        info!(error = %e, "inter-router handshake failed");
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
+            let mesh = shared.mesh.clone()?;
+            let mut task = ConnectionTask::new(
+                id,
+                shared.clone(),
+                Identity {
+                    user: None,
+                    space: None,
+                    mechanism: "ANONYMOUS",
+                },
+                addr,
+            );
+            task.mesh_peer = Some(PeerLink::new(mesh, true));
+            let started = std::time::Instant::now();
+            let reason = tokio::select! {
+                r = task.run(io, buf) => Some(r),
+                _ = stop.cancelled() => None,
+            };
+            debug!(reason = ?reason, "inter-router connection closed");
+            Some(started.elapsed())
+        }
+        .instrument(span)
+        .await;
+        // A connection that lived a while earns a quick reconnect.
+        backoff = match connected {
+            Some(lived) if lived > Duration::from_secs(5) => Duration::from_millis(100),
+            _ => (backoff * 2).min(Duration::from_secs(2)),
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+fn rustls_server_name(addr: SocketAddr) -> rustls_pki_types::ServerName<'static> {
+    rustls_pki_types::ServerName::IpAddress(addr.ip().into())
 }

@@ -1,0 +1,578 @@
+//! The router mesh (DESIGN.md "Mesh"): inter-router connections
+//! ([`crate::connection`] in peer mode), HELLO-based neighbour liveness,
+//! link-state and mobile-address records flooded through the mesh, and
+//! shortest-path routes ([`routes`]) recomputed on every change.
+//!
+//! One [`MeshTask`] per router owns the databases. It turns them into
+//! routing state the connection tasks use directly: for anycast, a remote
+//! consumer per neighbour on each address with receivers elsewhere (see
+//! `AddressState::set_remote`); for multicast, the routers with receivers
+//! and each ingress router's shortest-path tree, in a [`Snapshot`].
+
+pub mod peer;
+pub mod routes;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flotilla_amqp::connection::LinkId;
+use flotilla_core::resources::AddressType;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::core::{AddressTable, ConnHandle};
+use routes::{LinkState, Routes};
+
+/// HELLO period; a neighbour is dead after [`DEAD_AFTER`] without one.
+pub const HELLO_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+/// Messages one address may have in flight towards one neighbour.
+pub const REMOTE_WINDOW: u32 = 1000;
+
+/// An address with receivers on some router.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AddressKey {
+    pub space: String,
+    pub address: String,
+    pub multicast: bool,
+}
+
+/// A router's mobile-address record: the addresses it has receivers for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressRecord {
+    pub id: String,
+    pub version: u64,
+    pub addresses: BTreeSet<AddressKey>,
+}
+
+/// Messages on the control link between two routers (JSON bodies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Control {
+    /// I am alive; the routers I hear HELLOs from.
+    Hello { id: String, seen: Vec<String> },
+    /// A router's link-state record, flooded.
+    LinkState(LinkState),
+    /// A router's mobile-address record, flooded.
+    Addresses(AddressRecord),
+}
+
+/// What the mesh asks a peer connection to do.
+#[derive(Debug, Clone)]
+pub enum PeerCommand {
+    Send(Control),
+    /// The neighbour went silent: drop the connection.
+    Close,
+}
+
+/// What peer connections and the router tell the mesh.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// A connection to router `id` is ready: its control channel and the
+    /// data link messages for that router go on.
+    PeerUp {
+        id: String,
+        conn: ConnHandle,
+        control: mpsc::UnboundedSender<PeerCommand>,
+        data: LinkId,
+    },
+    /// A control message from router `from` on connection `conn`.
+    Control {
+        from: String,
+        conn: u64,
+        msg: Control,
+    },
+    /// The connection `conn` to router `id` closed.
+    PeerDown { id: String, conn: u64 },
+    /// Local receivers came or went on some address.
+    LocalAddresses,
+}
+
+/// Routing state the connection tasks read (replaced whole on change).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub id: String,
+    /// Two-way neighbours and their data links.
+    pub neighbors: BTreeMap<String, (ConnHandle, LinkId)>,
+    /// Router → (next hop, cost).
+    pub routes: BTreeMap<String, (String, u64)>,
+    /// Multicast addresses → routers (other than this one) with receivers.
+    pub multicast: HashMap<(String, String), BTreeSet<String>>,
+    /// Ingress router → each router's parent on its shortest-path tree.
+    pub trees: HashMap<String, HashMap<String, String>>,
+}
+
+impl Snapshot {
+    /// Where this router sends a multicast message for (`space`,
+    /// `address`) that entered the mesh at `ingress`.
+    pub fn multicast_hops(
+        &self,
+        space: &str,
+        address: &str,
+        ingress: &str,
+    ) -> Vec<(String, ConnHandle, LinkId)> {
+        let Some(targets) = self
+            .multicast
+            .get(&(space.to_string(), address.to_string()))
+        else {
+            return Vec::new();
+        };
+        let Some(parents) = self.trees.get(ingress) else {
+            return Vec::new();
+        };
+        routes::multicast_children(&self.id, parents, targets)
+            .into_iter()
+            .filter_map(|n| self.neighbors.get(&n).map(|(c, l)| (n, c.clone(), *l)))
+            .collect()
+    }
+}
+
+/// A cloneable handle to the mesh task.
+#[derive(Debug, Clone)]
+pub struct MeshHandle {
+    pub id: String,
+    pub tx: mpsc::UnboundedSender<MeshEvent>,
+    snapshot: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl MeshHandle {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn send(&self, ev: MeshEvent) {
+        let _ = self.tx.send(ev);
+    }
+}
+
+struct Neighbor {
+    conn: ConnHandle,
+    control: mpsc::UnboundedSender<PeerCommand>,
+    data: LinkId,
+    last_hello: Instant,
+    /// It hears our HELLOs: the link works both ways.
+    two_way: bool,
+}
+
+/// Owns the link-state and mobile-address databases and the routes.
+pub struct MeshTask {
+    id: String,
+    version: u64,
+    rx: mpsc::UnboundedReceiver<MeshEvent>,
+    table: Arc<AddressTable>,
+    neighbors: BTreeMap<String, Neighbor>,
+    lsdb: HashMap<String, LinkState>,
+    mardb: HashMap<String, AddressRecord>,
+    routes: Routes,
+    /// Remote consumers installed per anycast address: the neighbours.
+    applied: HashMap<AddressKey, BTreeSet<String>>,
+    snapshot: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+fn clock_version() -> u64 {
+    // Versions start from the clock, so a restarted router's records
+    // replace the ones the mesh still remembers from before.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+}
+
+impl MeshTask {
+    /// A mesh task for router `id` over the router's address table.
+    pub fn new(id: &str, table: Arc<AddressTable>) -> (MeshTask, MeshHandle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let snapshot = Arc::new(RwLock::new(Arc::new(Snapshot {
+            id: id.to_string(),
+            ..Default::default()
+        })));
+        let version = clock_version();
+        let mut lsdb = HashMap::new();
+        lsdb.insert(
+            id.to_string(),
+            LinkState {
+                id: id.to_string(),
+                version,
+                neighbors: BTreeMap::new(),
+            },
+        );
+        let mut mardb = HashMap::new();
+        mardb.insert(
+            id.to_string(),
+            AddressRecord {
+                id: id.to_string(),
+                version,
+                addresses: BTreeSet::new(),
+            },
+        );
+        let task = MeshTask {
+            id: id.to_string(),
+            version,
+            rx,
+            table,
+            neighbors: BTreeMap::new(),
+            lsdb,
+            mardb,
+            routes: Routes::default(),
+            applied: HashMap::new(),
+            snapshot: snapshot.clone(),
+        };
+        (
+            task,
+            MeshHandle {
+                id: id.to_string(),
+                tx,
+                snapshot,
+            },
+        )
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut hello = tokio::time::interval(HELLO_INTERVAL);
+        hello.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = self.rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        return;
+                    }
+                    let mut changed = false;
+                    for ev in batch.drain(..) {
+                        changed |= self.handle_event(ev);
+                    }
+                    if changed {
+                        self.recompute();
+                    }
+                }
+                _ = hello.tick() => {
+                    if self.handle_tick() {
+                        self.recompute();
+                    }
+                }
+            }
+        }
+    }
+
+    fn flood(&self, msg: &Control, except: Option<&str>) {
+        for (id, n) in &self.neighbors {
+            if Some(id.as_str()) != except {
+                let _ = n.control.send(PeerCommand::Send(msg.clone()));
+            }
+        }
+    }
+
+    /// Sends HELLOs; drops neighbours silent for too long. True if routes
+    /// must be recomputed.
+    fn handle_tick(&mut self) -> bool {
+        let now = Instant::now();
+        let dead: Vec<String> = self
+            .neighbors
+            .iter()
+            .filter(|(_, n)| now.duration_since(n.last_hello) > DEAD_AFTER)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let changed = !dead.is_empty();
+        for id in dead {
+            info!(router = %id, "neighbour silent for 3 HELLO periods: dead");
+            if let Some(n) = self.neighbors.remove(&id) {
+                let _ = n.control.send(PeerCommand::Close);
+            }
+        }
+        if changed {
+            self.own_links_changed();
+        }
+        let hello = Control::Hello {
+            id: self.id.clone(),
+            seen: self.neighbors.keys().cloned().collect(),
+        };
+        self.flood(&hello, None);
+        changed
+    }
+
+    /// Handles one event; true if routes must be recomputed.
+    fn handle_event(&mut self, ev: MeshEvent) -> bool {
+        match ev {
+            MeshEvent::PeerUp {
+                id,
+                conn,
+                control,
+                data,
+            } => {
+                if id == self.id {
+                    let _ = control.send(PeerCommand::Close);
+                    return false;
+                }
+                debug!(router = %id, "peer connection up");
+                // Bring the new neighbour up to date with all we know.
+                for ls in self.lsdb.values() {
+                    let _ = control.send(PeerCommand::Send(Control::LinkState(ls.clone())));
+                }
+                for mar in self.mardb.values() {
+                    let _ = control.send(PeerCommand::Send(Control::Addresses(mar.clone())));
+                }
+                let seen = self.neighbors.keys().cloned().collect();
+                let _ = control.send(PeerCommand::Send(Control::Hello {
+                    id: self.id.clone(),
+                    seen,
+                }));
+                let old = self.neighbors.insert(
+                    id,
+                    Neighbor {
+                        conn,
+                        control,
+                        data,
+                        last_hello: Instant::now(),
+                        two_way: false,
+                    },
+                );
+                if let Some(old) = old {
+                    // A second connection to the same router replaces the first.
+                    let _ = old.control.send(PeerCommand::Close);
+                    self.own_links_changed();
+                    return true;
+                }
+                false
+            }
+            MeshEvent::PeerDown { id, conn } => {
+                if !self.neighbors.get(&id).is_some_and(|n| n.conn.id.0 == conn) {
+                    return false;
+                }
+                info!(router = %id, "neighbour connection lost");
+                self.neighbors.remove(&id);
+                self.own_links_changed();
+                true
+            }
+            MeshEvent::LocalAddresses => self.local_addresses(),
+            MeshEvent::Control { from, conn, msg } => {
+                if !self
+                    .neighbors
+                    .get(&from)
+                    .is_some_and(|n| n.conn.id.0 == conn)
+                {
+                    return false;
+                }
+                self.handle_control(from, msg)
+            }
+        }
+    }
+
+    fn handle_control(&mut self, from: String, msg: Control) -> bool {
+        match msg {
+            Control::Hello { id, seen } => {
+                let me = self.id.clone();
+                let Some(n) = self.neighbors.get_mut(&from) else {
+                    return false;
+                };
+                if id != from {
+                    return false;
+                }
+                n.last_hello = Instant::now();
+                let two_way = seen.contains(&me);
+                if two_way == n.two_way {
+                    return false;
+                }
+                n.two_way = two_way;
+                info!(router = %from, two_way, "neighbour");
+                self.own_links_changed();
+                true
+            }
+            Control::LinkState(ls) => {
+                if ls.id == self.id {
+                    // Our own record from before a restart: outdo it.
+                    if ls.version >= self.version {
+                        self.version = ls.version;
+                        self.own_links_changed();
+                        self.local_addresses();
+                        return true;
+                    }
+                    return false;
+                }
+                if self
+                    .lsdb
+                    .get(&ls.id)
+                    .is_some_and(|old| ls.version <= old.version)
+                {
+                    return false;
+                }
+                self.flood(&Control::LinkState(ls.clone()), Some(&from));
+                self.lsdb.insert(ls.id.clone(), ls);
+                true
+            }
+            Control::Addresses(mar) => {
+                if mar.id == self.id {
+                    return false;
+                }
+                if self
+                    .mardb
+                    .get(&mar.id)
+                    .is_some_and(|old| mar.version <= old.version)
+                {
+                    return false;
+                }
+                self.flood(&Control::Addresses(mar.clone()), Some(&from));
+                self.mardb.insert(mar.id.clone(), mar);
+                true
+            }
+        }
+    }
+
+    /// Our neighbours changed: a new link-state version, flooded.
+    fn own_links_changed(&mut self) {
+        self.version = self.version.max(clock_version()) + 1;
+        let neighbors = self
+            .neighbors
+            .iter()
+            .filter(|(_, n)| n.two_way)
+            .map(|(id, _)| (id.clone(), 1))
+            .collect();
+        let ls = LinkState {
+            id: self.id.clone(),
+            version: self.version,
+            neighbors,
+        };
+        self.flood(&Control::LinkState(ls.clone()), None);
+        self.lsdb.insert(self.id.clone(), ls);
+    }
+
+    /// Rescans the addresses with local receivers; floods a new record if
+    /// the set changed. True if it did.
+    fn local_addresses(&mut self) -> bool {
+        let addresses: BTreeSet<AddressKey> = self
+            .table
+            .all()
+            .into_iter()
+            .filter(|a| a.has_local_consumers())
+            .map(|a| AddressKey {
+                space: a.space.clone(),
+                address: a.address.clone(),
+                multicast: a.kind == AddressType::Multicast,
+            })
+            .collect();
+        if self
+            .mardb
+            .get(&self.id)
+            .is_some_and(|r| r.addresses == addresses)
+        {
+            return false;
+        }
+        self.version = self.version.max(clock_version()) + 1;
+        let mar = AddressRecord {
+            id: self.id.clone(),
+            version: self.version,
+            addresses,
+        };
+        self.flood(&Control::Addresses(mar.clone()), None);
+        self.mardb.insert(self.id.clone(), mar);
+        true
+    }
+
+    /// Routes from the link-state database, then the routing state the
+    /// connection tasks use.
+    fn recompute(&mut self) {
+        let routes = routes::compute(&self.id, &self.lsdb);
+        // Forget routers we can no longer reach.
+        let me = self.id.clone();
+        self.lsdb
+            .retain(|id, _| *id == me || routes.next_hop.contains_key(id));
+        self.mardb
+            .retain(|id, _| *id == me || routes.next_hop.contains_key(id));
+        if routes != self.routes {
+            let summary: Vec<String> = routes
+                .next_hop
+                .iter()
+                .map(|(d, h)| format!("{d} via {h} cost {}", routes.cost[d]))
+                .collect();
+            info!(routes = ?summary, "mesh routes");
+            self.routes = routes;
+        }
+        self.sync_addresses();
+    }
+
+    /// Installs remote consumers (anycast) and remote presence (multicast)
+    /// on every address with receivers on other routers.
+    fn sync_addresses(&mut self) {
+        let neighbors: BTreeMap<String, (ConnHandle, LinkId)> = self
+            .neighbors
+            .iter()
+            .filter(|(_, n)| n.two_way)
+            .map(|(id, n)| (id.clone(), (n.conn.clone(), n.data)))
+            .collect();
+        let mut wanted: HashMap<AddressKey, BTreeSet<String>> = HashMap::new();
+        let mut multicast: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+        for (router, rec) in &self.mardb {
+            if *router == self.id {
+                continue;
+            }
+            let Some(hop) = self.routes.next_hop.get(router) else {
+                continue;
+            };
+            for key in &rec.addresses {
+                if key.multicast {
+                    multicast
+                        .entry((key.space.clone(), key.address.clone()))
+                        .or_default()
+                        .insert(router.clone());
+                    wanted.entry(key.clone()).or_default();
+                } else if neighbors.contains_key(hop) {
+                    wanted.entry(key.clone()).or_default().insert(hop.clone());
+                }
+            }
+        }
+        let keys: BTreeSet<AddressKey> =
+            wanted.keys().chain(self.applied.keys()).cloned().collect();
+        for key in keys {
+            let new = wanted.get(&key).cloned().unwrap_or_default();
+            let old = self.applied.get(&key).cloned().unwrap_or_default();
+            let kind = if key.multicast {
+                AddressType::Multicast
+            } else {
+                AddressType::Anycast
+            };
+            let st = self.table.get_or_create(&key.space, &key.address, kind);
+            if key.multicast {
+                st.set_remote_multicast(wanted.contains_key(&key));
+            } else {
+                for n in old.union(&new) {
+                    let via = if new.contains(n) {
+                        neighbors.get(n).cloned()
+                    } else {
+                        None
+                    };
+                    st.set_remote(n, via, REMOTE_WINDOW);
+                }
+            }
+            if wanted.contains_key(&key) {
+                self.applied.insert(key, new);
+            } else {
+                self.applied.remove(&key);
+                self.table.gc(&st);
+            }
+        }
+        let mut trees = HashMap::new();
+        for id in self.lsdb.keys() {
+            trees.insert(id.clone(), routes::tree_parents(id, &self.lsdb));
+        }
+        let snap = Snapshot {
+            id: self.id.clone(),
+            neighbors,
+            routes: self
+                .routes
+                .next_hop
+                .iter()
+                .map(|(d, h)| (d.clone(), (h.clone(), self.routes.cost[d])))
+                .collect(),
+            multicast,
+            trees,
+        };
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+    }
+}

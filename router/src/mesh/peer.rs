@@ -1,0 +1,540 @@
+//! Inter-router connections: a [`crate::connection::ConnectionTask`] in
+//! peer mode. Each router attaches two sending links to the other: a
+//! control link (HELLO, link-state and address records, JSON) and a data
+//! link. A message on the data link is a routing header followed by the
+//! message exactly as the client sent it:
+//!
+//! ```text
+//! 0xF1 | flags (bit 0: multicast) | u16 len + space | u16 len + address
+//!      | u16 len + ingress router | u8 count, then u16 len + router id each (trace)
+//! ```
+//!
+//! The receiving router strips the header (a slice, no copy) and routes
+//! the message as if a local sender had sent it, except that it never
+//! sends it back towards a router in the trace. Outcomes of unsettled
+//! deliveries travel back hop by hop on the same links.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use flotilla_amqp::connection::{amqp_error, AttachReply, Delivery, LinkId};
+use flotilla_amqp::message::{self, MessageParts};
+use flotilla_amqp::types::definitions::{AmqpError, ReceiverSettleMode, Role, SenderSettleMode};
+use flotilla_amqp::types::messaging::{Source, Target, TargetArchetype};
+use flotilla_core::resources::AddressType;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use super::{Control, MeshEvent, MeshHandle, PeerCommand, REMOTE_WINDOW};
+use crate::connection::ConnectionTask;
+use crate::core::{AddressState, Hops, Origin, Routed};
+
+const CONTROL_ADDRESS: &str = "$flotilla/control";
+const DATA_ADDRESS: &str = "$flotilla/data";
+/// Credit we give a neighbour's data link (per-address windows bound what
+/// it may really have in flight).
+const DATA_CREDIT: u32 = 5000;
+const CONTROL_CREDIT: u32 = 1000;
+/// Multicast copies held for a neighbour without credit before new ones
+/// are dropped (multicast is at-most-once).
+const MULTICAST_PENDING: usize = 10_000;
+
+/// A meshed message's routing header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub multicast: bool,
+    pub space: String,
+    pub address: String,
+    pub ingress: String,
+    pub trace: Vec<String>,
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.put_u16(b.len() as u16);
+    out.put_slice(b);
+}
+
+impl Header {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(
+            16 + self.space.len() + self.address.len() + self.ingress.len() + 16 * self.trace.len(),
+        );
+        out.put_u8(0xF1);
+        out.put_u8(u8::from(self.multicast));
+        put_str(&mut out, &self.space);
+        put_str(&mut out, &self.address);
+        put_str(&mut out, &self.ingress);
+        out.put_u8(self.trace.len().min(255) as u8);
+        for t in self.trace.iter().take(255) {
+            put_str(&mut out, t);
+        }
+        out.freeze()
+    }
+
+    /// The header at the front of `b` and its length; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<(Header, usize)> {
+        let mut at = 0;
+        let byte = |at: &mut usize| -> Option<u8> {
+            let v = *b.get(*at)?;
+            *at += 1;
+            Some(v)
+        };
+        let string = |at: &mut usize| -> Option<String> {
+            let len = u16::from_be_bytes([*b.get(*at)?, *b.get(*at + 1)?]) as usize;
+            let s = std::str::from_utf8(b.get(*at + 2..*at + 2 + len)?)
+                .ok()?
+                .to_string();
+            *at += 2 + len;
+            Some(s)
+        };
+        if byte(&mut at)? != 0xF1 {
+            return None;
+        }
+        let flags = byte(&mut at)?;
+        let space = string(&mut at)?;
+        let address = string(&mut at)?;
+        let ingress = string(&mut at)?;
+        let n = byte(&mut at)?;
+        let mut trace = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            trace.push(string(&mut at)?);
+        }
+        Some((
+            Header {
+                multicast: flags & 1 != 0,
+                space,
+                address,
+                ingress,
+                trace,
+            },
+            at,
+        ))
+    }
+}
+
+/// The peer-mode state of a connection task.
+pub(crate) struct PeerLink {
+    pub(crate) mesh: MeshHandle,
+    /// We opened the connection (we begin the session).
+    outbound: bool,
+    remote_id: Option<String>,
+    control_out: Option<LinkId>,
+    pub(crate) data_out: Option<LinkId>,
+    control_in: Option<LinkId>,
+    data_in: Option<LinkId>,
+    out_attached: (bool, bool),
+    announced: bool,
+    control_tx: mpsc::UnboundedSender<PeerCommand>,
+    pub(crate) commands: Option<mpsc::UnboundedReceiver<PeerCommand>>,
+    control_queue: VecDeque<Bytes>,
+    /// Messages for the neighbour waiting for data-link credit.
+    pending: VecDeque<(Routed, Arc<AddressState>, Arc<AtomicU32>)>,
+    /// Messages sent per address, to advance its window with the neighbour.
+    sent: HashMap<(String, String), u32>,
+}
+
+impl PeerLink {
+    pub(crate) fn new(mesh: MeshHandle, outbound: bool) -> Self {
+        let (control_tx, commands) = mpsc::unbounded_channel();
+        PeerLink {
+            mesh,
+            outbound,
+            remote_id: None,
+            control_out: None,
+            data_out: None,
+            control_in: None,
+            data_in: None,
+            out_attached: (false, false),
+            announced: false,
+            control_tx,
+            commands: Some(commands),
+            control_queue: VecDeque::new(),
+            pending: VecDeque::new(),
+            sent: HashMap::new(),
+        }
+    }
+}
+
+impl ConnectionTask {
+    fn peer(&mut self) -> &mut PeerLink {
+        // Only called on connections made in peer mode.
+        self.mesh_peer.as_mut().expect("peer-mode connection")
+    }
+
+    /// Starts an outbound inter-router connection: Open, Begin, and our two
+    /// sending links.
+    pub(crate) fn peer_start(&mut self) {
+        if !self.mesh_peer.as_ref().is_some_and(|p| p.outbound) {
+            return;
+        }
+        self.conn.open();
+        if let Some(ch) = self.conn.begin() {
+            self.peer_attach_senders(ch);
+        }
+    }
+
+    fn peer_attach_senders(&mut self, ch: u16) {
+        let id = self.shared.cfg.container_id.clone();
+        let attach = |conn: &mut flotilla_amqp::connection::Connection,
+                      name: &str,
+                      address: &str,
+                      settled: bool| {
+            let target = Target {
+                address: Some(address.to_string()),
+                ..Default::default()
+            };
+            let snd = if settled {
+                SenderSettleMode::Settled
+            } else {
+                SenderSettleMode::Mixed
+            };
+            conn.attach(
+                ch,
+                &format!("{id}/{name}"),
+                Role::Sender,
+                Some(Source::default()),
+                Some(target),
+                snd,
+                ReceiverSettleMode::First,
+            )
+        };
+        let control = attach(&mut self.conn, "control", CONTROL_ADDRESS, true);
+        let data = attach(&mut self.conn, "data", DATA_ADDRESS, false);
+        let p = self.peer();
+        p.control_out = Some(control);
+        p.data_out = Some(data);
+    }
+
+    pub(crate) fn peer_on_open(&mut self, container_id: &str) {
+        info!(
+            conn.id = self.id.0,
+            router = container_id,
+            "inter-router connection open"
+        );
+        let outbound = self.peer().outbound;
+        self.peer().remote_id = Some(container_id.to_string());
+        if !outbound {
+            self.conn.open();
+        }
+    }
+
+    pub(crate) fn peer_on_begin(&mut self, channel: u16, answer: bool) {
+        if !answer && !self.peer().outbound && self.peer().control_out.is_none() {
+            self.peer_attach_senders(channel);
+        }
+    }
+
+    pub(crate) fn peer_on_attach(
+        &mut self,
+        link: LinkId,
+        attach: &flotilla_amqp::types::performatives::Attach,
+        reply: bool,
+    ) {
+        if reply {
+            let p = self.peer();
+            if Some(link) == p.control_out {
+                p.out_attached.0 = true;
+            } else if Some(link) == p.data_out {
+                p.out_attached.1 = true;
+            }
+            self.peer_announce();
+            return;
+        }
+        let address = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => t.address.clone(),
+            _ => None,
+        };
+        match (&attach.role, address.as_deref()) {
+            (Role::Sender, Some(a @ (CONTROL_ADDRESS | DATA_ADDRESS))) => {
+                let target = Target {
+                    address: Some(a.to_string()),
+                    ..Default::default()
+                };
+                self.conn.accept_attach(
+                    link,
+                    AttachReply {
+                        source: attach.source.as_deref().cloned(),
+                        target: Some(target),
+                        ..Default::default()
+                    },
+                );
+                if a == CONTROL_ADDRESS {
+                    self.peer().control_in = Some(link);
+                    self.conn.flow(link, CONTROL_CREDIT, false);
+                } else {
+                    self.peer().data_in = Some(link);
+                    self.conn.flow(link, DATA_CREDIT, false);
+                }
+            }
+            _ => self.conn.refuse_attach(
+                link,
+                amqp_error(
+                    AmqpError::NotAllowed,
+                    "inter-router connections carry only the mesh's own links",
+                ),
+            ),
+        }
+    }
+
+    /// Tells the mesh once both our links are attached.
+    fn peer_announce(&mut self) {
+        let handle = self.handle.clone();
+        let p = self.peer();
+        if p.announced || p.out_attached != (true, true) {
+            return;
+        }
+        let (Some(id), Some(data)) = (p.remote_id.clone(), p.data_out) else {
+            return;
+        };
+        p.announced = true;
+        let ev = MeshEvent::PeerUp {
+            id,
+            conn: handle,
+            control: p.control_tx.clone(),
+            data,
+        };
+        p.mesh.send(ev);
+    }
+
+    pub(crate) fn peer_on_flow(&mut self, link: LinkId) {
+        let p = self.peer();
+        if Some(link) == p.control_out {
+            self.flush_control();
+        } else if Some(link) == p.data_out {
+            self.flush_pending();
+        }
+    }
+
+    pub(crate) fn peer_command(&mut self, cmd: PeerCommand) {
+        match cmd {
+            PeerCommand::Send(c) => {
+                let body = match serde_json::to_vec(&c) {
+                    Ok(b) => b,
+                    Err(e) => return debug!(error = %e, "cannot encode control message"),
+                };
+                let msg = message::encode_message(&MessageParts {
+                    body: &body,
+                    ..Default::default()
+                });
+                self.peer().control_queue.push_back(msg);
+                self.flush_control();
+            }
+            PeerCommand::Close => {
+                info!(
+                    conn.id = self.id.0,
+                    "closing inter-router connection: neighbour silent"
+                );
+                self.closing = Some(crate::connection::CloseReason::Shutdown);
+                self.conn.close(Some(amqp_error(
+                    AmqpError::ResourceLimitExceeded,
+                    "no HELLO for 3 periods",
+                )));
+            }
+        }
+    }
+
+    fn flush_control(&mut self) {
+        let Some(link) = self.peer().control_out else {
+            return;
+        };
+        while self.conn.link(link).is_some_and(|l| l.credit > 0) {
+            let Some(m) = self.peer().control_queue.pop_front() else {
+                break;
+            };
+            self.conn.send(link, &m, true, 0);
+        }
+    }
+
+    /// A message for the neighbour: header, then the message as it came.
+    pub(crate) fn deliver_to_peer(
+        &mut self,
+        link: LinkId,
+        msg: Routed,
+        address: &Arc<AddressState>,
+        outstanding: &Arc<AtomicU32>,
+    ) {
+        let multicast = address.kind == AddressType::Multicast;
+        if multicast && self.peer().pending.len() >= MULTICAST_PENDING {
+            address
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let _ = link;
+        self.peer()
+            .pending
+            .push_back((msg, address.clone(), outstanding.clone()));
+        self.flush_pending();
+    }
+
+    fn flush_pending(&mut self) {
+        let me = self.shared.cfg.container_id.clone();
+        let Some(link) = self.peer().data_out else {
+            return;
+        };
+        while self.conn.link(link).is_some_and(|l| l.credit > 0) {
+            let Some((msg, address, outstanding)) = self.peer().pending.pop_front() else {
+                break;
+            };
+            let (ingress, mut trace) = match &msg.hops {
+                Some(h) => (h.ingress.clone(), h.trace.clone()),
+                None => (me.clone(), Vec::new()),
+            };
+            trace.push(me.clone());
+            let header = Header {
+                multicast: address.kind == AddressType::Multicast,
+                space: address.space.clone(),
+                address: address.address.clone(),
+                ingress,
+                trace,
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            if !self
+                .conn
+                .send_parts(link, &[&header.encode(), &msg.payload], msg.settled, token)
+            {
+                address.unsend(self.id, link, msg);
+                continue;
+            }
+            if !msg.settled {
+                self.unsettled.insert(
+                    token,
+                    crate::connection::Unsettled {
+                        origin: msg.origin,
+                        outstanding,
+                    },
+                );
+            }
+            if address.kind != AddressType::Multicast {
+                // The neighbour took one: widen this address's window.
+                let key = (address.space.clone(), address.address.clone());
+                let sent = {
+                    let n = self.peer().sent.entry(key).or_default();
+                    *n = n.wrapping_add(1);
+                    *n
+                };
+                let credited =
+                    address.consumer_credit(self.id, link, sent.wrapping_add(REMOTE_WINDOW));
+                crate::core::return_credit(&credited.msgs);
+                let outstanding = credited.outstanding.unwrap_or_default();
+                for m in credited.msgs {
+                    self.peer()
+                        .pending
+                        .push_back((m, address.clone(), outstanding.clone()));
+                }
+            }
+        }
+    }
+
+    /// A delivery from the neighbour: control messages go to the mesh,
+    /// data is routed.
+    pub(crate) fn peer_on_delivery(&mut self, link: LinkId, d: Delivery) {
+        let from = self.peer().remote_id.clone().unwrap_or_default();
+        if Some(link) == self.peer().control_in {
+            match message::body_bytes(&d.payload)
+                .and_then(|b| serde_json::from_slice::<Control>(&b).ok())
+            {
+                Some(msg) => {
+                    let conn = self.id.0;
+                    self.peer()
+                        .mesh
+                        .send(MeshEvent::Control { from, conn, msg });
+                }
+                None => debug!(conn.id = self.id.0, "undecodable control message ignored"),
+            }
+            if self
+                .conn
+                .link(link)
+                .is_some_and(|l| l.credit < CONTROL_CREDIT / 2)
+            {
+                self.conn.flow(link, CONTROL_CREDIT, false);
+            }
+            return;
+        }
+        if Some(link) != self.peer().data_in {
+            return;
+        }
+        if self
+            .conn
+            .link(link)
+            .is_some_and(|l| l.credit < DATA_CREDIT / 2)
+        {
+            self.conn.flow(link, DATA_CREDIT, false);
+        }
+        let Some((h, len)) = Header::decode(&d.payload) else {
+            return self.reject(
+                &d.id,
+                d.settled,
+                amqp_error(AmqpError::DecodeError, "bad inter-router routing header"),
+            );
+        };
+        let kind = if h.multicast {
+            AddressType::Multicast
+        } else {
+            AddressType::Anycast
+        };
+        let state = self.shared.table.get_or_create(&h.space, &h.address, kind);
+        let origin = (!d.settled).then(|| Origin {
+            conn: self.handle.clone(),
+            delivery: d.id,
+        });
+        let routed = Routed {
+            payload: d.payload.slice(len..),
+            settled: d.settled,
+            origin,
+            sender: None,
+            hops: Some(Arc::new(Hops {
+                ingress: h.ingress,
+                trace: h.trace,
+            })),
+        };
+        self.route(&state, routed, d.id, link);
+        self.shared.table.gc(&state);
+    }
+
+    /// The connection is gone: tell the mesh, give back what waited.
+    pub(crate) fn peer_cleanup(&mut self) {
+        let Some(p) = self.mesh_peer.as_mut() else {
+            return;
+        };
+        if let Some(id) = p.remote_id.clone() {
+            p.mesh.send(MeshEvent::PeerDown {
+                id,
+                conn: self.id.0,
+            });
+        }
+        let link = p.data_out.unwrap_or(LinkId(u32::MAX));
+        for (msg, address, _) in std::mem::take(&mut p.pending) {
+            address.unsend(self.id, link, msg);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_garbage() {
+        let h = Header {
+            multicast: true,
+            space: "default".into(),
+            address: "a/b".into(),
+            ingress: "r1".into(),
+            trace: vec!["r1".into(), "r2".into()],
+        };
+        let mut b = h.encode().to_vec();
+        b.extend_from_slice(b"message");
+        let (d, len) = Header::decode(&b).unwrap();
+        assert_eq!(d, h);
+        assert_eq!(&b[len..], b"message");
+        for cut in 0..len {
+            assert!(Header::decode(&b[..cut]).is_none());
+        }
+        assert!(Header::decode(b"\x00").is_none());
+    }
+}
