@@ -46,6 +46,8 @@ enum Command {
     Receive(tools::ReceiveArgs),
     /// Measure throughput and latency against any AMQP 1.0 endpoint.
     Bench(bench::BenchArgs),
+    /// Show a router's view: mesh routes, connections, addresses.
+    Stat(tools::StatArgs),
 }
 
 #[derive(Args, Clone)]
@@ -258,6 +260,7 @@ fn main() -> ExitCode {
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Stat(a) => tools::stat(a).await,
         }
     })
 }

@@ -206,3 +206,108 @@ async fn receive_inner(a: &ReceiveArgs) -> Result<u64, ClientError> {
     c.close().await;
     Ok(n)
 }
+
+#[derive(Args, Debug)]
+pub struct StatArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Print the router's JSON document as it came.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `flotilla stat`: asks the router for its `$stat` document.
+pub async fn stat(a: StatArgs) -> ExitCode {
+    let doc = async {
+        let mut c = Client::connect(&a.conn.options()?).await?;
+        c.open_receiver(Some("$stat"), 1).await?;
+        let body = loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.next_event())
+                .await
+                .map_err(|_| ClientError::Timeout("the router's state"))??
+            {
+                Event::Delivery { delivery, .. } => {
+                    break message::body_bytes(&delivery.payload).unwrap_or_default()
+                }
+                Event::Detach { error, .. } => return Err(ClientError::Refused(error)),
+                Event::Close { error } => return Err(ClientError::Closed(error)),
+                _ => {}
+            }
+        };
+        c.close().await;
+        Ok::<_, ClientError>(body)
+    }
+    .await;
+    let body = match doc {
+        Ok(b) => b,
+        Err(e) => return fail(&format!("stat {}", redact(&a.conn.url)), e),
+    };
+    if a.json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return fail("stat", e),
+    };
+    print_stat(&v);
+    ExitCode::SUCCESS
+}
+
+fn print_stat(v: &serde_json::Value) {
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!("router {}  connections {}", s(&v["id"]), v["connections"]);
+    if let Some(m) = v["mesh"].as_object() {
+        println!("\nRouters in the mesh");
+        println!("  {:<24} {:<24} {:>5}", "router", "next hop", "cost");
+        for r in m["routes"].as_array().into_iter().flatten() {
+            println!("  {:<24} {:<24} {:>5}", s(&r[0]), s(&r[1]), r[2]);
+        }
+        let n: Vec<String> = m["neighbors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "  neighbours: {}",
+            if n.is_empty() {
+                "none".to_string()
+            } else {
+                n.join(", ")
+            }
+        );
+    }
+    println!("\nAddresses");
+    println!(
+        "  {:<32} {:<9} {:>6} {:<16} {:>7} {:>7} {:>10} {:>8}",
+        "address", "type", "local", "remote via", "senders", "waiting", "delivered", "dropped"
+    );
+    for a in v["addresses"].as_array().into_iter().flatten() {
+        let via: Vec<String> = a["remote_via"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "  {:<32} {:<9} {:>6} {:<16} {:>7} {:>7} {:>10} {:>8}",
+            s(&a["address"]),
+            s(&a["type"]),
+            a["local_receivers"],
+            if via.is_empty() {
+                "-".to_string()
+            } else {
+                via.join(",")
+            },
+            a["senders"],
+            a["waiting"],
+            a["delivered"],
+            a["dropped"]
+        );
+    }
+}

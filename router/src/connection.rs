@@ -86,6 +86,8 @@ pub(crate) struct ConnectionTask {
     draining: bool,
     /// Set on inter-router connections.
     pub(crate) mesh_peer: Option<crate::mesh::peer::PeerLink>,
+    /// Receivers of `$stat` waiting for credit to get their snapshot.
+    stat_links: Vec<LinkId>,
 }
 
 /// One of our unsettled deliveries to a receiver (or a neighbour router).
@@ -130,6 +132,7 @@ impl ConnectionTask {
             closing: None,
             draining: false,
             mesh_peer: None,
+            stat_links: Vec::new(),
         }
     }
 
@@ -499,6 +502,27 @@ impl ConnectionTask {
             Some(TargetArchetype::Target(t)) => Some(t.clone()),
             _ => None,
         };
+        if source.address.as_deref() == Some(crate::stat::STAT_ADDRESS) {
+            if !p.may(Operation::View, "#") {
+                let e = amqp_error(
+                    AmqpError::UnauthorizedAccess,
+                    "viewing router state needs the view operation on all addresses",
+                );
+                return self.conn.refuse_attach(link, e);
+            }
+            let snd = Some(SenderSettleMode::Settled);
+            self.conn.accept_attach(
+                link,
+                AttachReply {
+                    source: Some(source),
+                    target,
+                    snd_settle_mode: snd,
+                    ..Default::default()
+                },
+            );
+            self.stat_links.push(link);
+            return;
+        }
         let (address, kind, dynamic) = if source.dynamic {
             let n = self.shared.dynamic_seq.fetch_add(1, Ordering::Relaxed);
             let a = format!(
@@ -569,6 +593,23 @@ impl ConnectionTask {
     }
 
     fn handle_flow(&mut self, link: LinkId) {
+        if let Some(i) = self.stat_links.iter().position(|l| *l == link) {
+            if self.conn.link(link).is_some_and(|l| l.credit > 0) {
+                self.stat_links.swap_remove(i);
+                let space = self
+                    .principal
+                    .as_ref()
+                    .map(|p| p.space.clone())
+                    .unwrap_or_default();
+                let body = crate::stat::snapshot(&self.shared, &space);
+                let msg = message::encode_message(&message::MessageParts {
+                    body: &body,
+                    ..Default::default()
+                });
+                self.conn.send(link, &msg, true, 0);
+            }
+            return;
+        }
         let Some(out) = self.outgoing.get(&link) else {
             return;
         };

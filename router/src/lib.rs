@@ -17,6 +17,7 @@ pub mod core;
 pub mod mesh;
 pub mod policy;
 mod server;
+pub mod stat;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

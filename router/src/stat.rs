@@ -1,0 +1,93 @@
+//! The router's view of itself for `flotilla stat` (like qdstat): a
+//! receiver attached to the source `$stat` gets one message, a JSON
+//! document with the router's id, its connections, the mesh (neighbours,
+//! routes) and the addresses of the client's address space with their
+//! local and remote receivers, senders and message counts. It needs the
+//! `view` operation on `#`.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::Shared;
+
+/// The source address that yields a snapshot.
+pub const STAT_ADDRESS: &str = "$stat";
+
+#[derive(Debug, Serialize)]
+pub struct RouterStat {
+    pub id: String,
+    pub connections: usize,
+    pub mesh: Option<MeshStat>,
+    pub addresses: Vec<AddressStat>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MeshStat {
+    pub neighbors: Vec<String>,
+    /// (router, next hop, cost)
+    pub routes: Vec<(String, String, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AddressStat {
+    pub space: String,
+    pub address: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub local_receivers: usize,
+    /// Neighbours through which receivers on other routers are reached.
+    pub remote_via: Vec<String>,
+    pub senders: usize,
+    pub waiting: usize,
+    pub delivered: u64,
+    pub dropped: u64,
+}
+
+/// The JSON snapshot for a client of address space `space`.
+pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
+    let mut addresses: Vec<AddressStat> = shared
+        .table
+        .all()
+        .into_iter()
+        .filter(|a| a.space == space)
+        .map(|a| {
+            let g = a.lock();
+            AddressStat {
+                space: a.space.clone(),
+                address: a.address.clone(),
+                kind: format!("{:?}", a.kind).to_lowercase(),
+                local_receivers: g.consumers.iter().filter(|c| c.remote.is_none()).count(),
+                remote_via: g
+                    .consumers
+                    .iter()
+                    .filter_map(|c| c.remote.clone())
+                    .collect(),
+                senders: g.senders.len(),
+                waiting: g.undelivered.len(),
+                delivered: a.delivered.load(Ordering::Relaxed),
+                dropped: a.dropped.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    addresses.sort_by(|a, b| a.address.cmp(&b.address));
+    let mesh = shared.mesh.as_ref().map(|m| {
+        let snap = m.snapshot();
+        MeshStat {
+            neighbors: snap.neighbors.keys().cloned().collect(),
+            routes: snap
+                .routes
+                .iter()
+                .map(|(d, (h, c))| (d.clone(), h.clone(), *c))
+                .collect(),
+        }
+    });
+    let stat = RouterStat {
+        id: shared.cfg.container_id.clone(),
+        connections: shared.connections.load(Ordering::Relaxed),
+        mesh,
+        addresses,
+    };
+    // Plain strings and numbers: serialization cannot fail.
+    serde_json::to_vec_pretty(&stat).unwrap_or_default()
+}
