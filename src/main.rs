@@ -84,6 +84,11 @@ struct RouterArgs {
     /// CA (PEM) for mutual TLS between routers (with --tls-cert/--tls-key).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// `interior` joins the mesh; `edge` keeps one uplink to an interior
+    /// router (the first --peer that answers, then the next) and does not
+    /// join link state.
+    #[arg(long, value_enum, default_value = "interior")]
+    mode: Mode,
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
     #[arg(long, default_value_t = 1000)]
@@ -117,6 +122,7 @@ impl RouterArgs {
             inter_router: self.inter_router,
             peers: self.peers,
             tls_ca: self.tls_ca,
+            edge: self.mode == Mode::Edge,
             max_connections: self.max_connections,
             max_links_per_connection: self.max_links_per_connection,
             max_message_size: self.max_message_size,
@@ -153,6 +159,12 @@ fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Interior,
+    Edge,
 }
 
 #[derive(Args, Clone)]

@@ -63,6 +63,10 @@ pub struct RouterConfig {
     /// CA for mutual TLS on inter-router connections (with the TLS
     /// certificate and key): peers must present a certificate it signed.
     pub tls_ca: Option<PathBuf>,
+    /// Edge router: one uplink at a time (the first of `peers` that
+    /// answers, the next on failure), no link state, no inter-router
+    /// listener.
+    pub edge: bool,
 }
 
 impl Default for RouterConfig {
@@ -84,6 +88,7 @@ impl Default for RouterConfig {
             inter_router: None,
             peers: Vec::new(),
             tls_ca: None,
+            edge: false,
         }
     }
 }
@@ -99,6 +104,10 @@ pub enum RouterError {
     Tls(#[from] flotilla_amqp::tls::TlsError),
     #[error("--amqps needs --tls-cert and --tls-key")]
     TlsMissing,
+    #[error(
+        "an edge router has no --inter-router listener and needs at least one --peer (its uplink)"
+    )]
+    EdgeConfig,
 }
 
 /// State every connection task shares.
@@ -195,6 +204,9 @@ impl Router {
             ));
         }
         let mut cfg = cfg;
+        if cfg.edge && (cfg.inter_router.is_some() || cfg.peers.is_empty()) {
+            return Err(RouterError::EdgeConfig);
+        }
         let meshed = cfg.inter_router.is_some() || !cfg.peers.is_empty();
         let mut inter_router = None;
         let mut peer_tls = None;
@@ -225,7 +237,7 @@ impl Router {
         }
         let table = Arc::new(AddressTable::default());
         let mesh_task =
-            meshed.then(|| crate::mesh::MeshTask::new(&cfg.container_id, table.clone()));
+            meshed.then(|| crate::mesh::MeshTask::new(&cfg.container_id, table.clone(), cfg.edge));
         let policy = Policy::new(cfg.tenancy.clone());
         let shared = Arc::new(Shared {
             cfg,
@@ -273,10 +285,17 @@ impl Router {
         if let Some(task) = self.mesh_task {
             shared.tracker.spawn(task.run(shared.closing.clone()));
         }
-        for peer in shared.cfg.peers.clone() {
-            shared
-                .tracker
-                .spawn(server::connect_peer(peer, shared.clone()));
+        if shared.cfg.edge {
+            shared.tracker.spawn(server::keep_uplink(
+                shared.cfg.peers.clone(),
+                shared.clone(),
+            ));
+        } else {
+            for peer in shared.cfg.peers.clone() {
+                shared
+                    .tracker
+                    .spawn(server::connect_peer(peer, shared.clone()));
+            }
         }
         shared.shutdown.cancelled().await;
         info!("shutting down: releasing in-flight deliveries and closing connections");

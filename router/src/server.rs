@@ -189,56 +189,44 @@ pub(crate) async fn connect_peer(peer: String, shared: Arc<Shared>) {
     }
 }
 
+/// An edge router's uplink: one connection at a time, to the first of
+/// `uplinks` that answers; when it fails, the next, round and round.
+pub(crate) async fn keep_uplink(uplinks: Vec<String>, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    for spec in uplinks.iter().cycle() {
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(spec.as_str()).await {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                debug!(uplink = %spec, error = %e, "cannot resolve uplink");
+                Vec::new()
+            }
+        };
+        for addr in addrs {
+            let stop = shared.shutdown.child_token();
+            if let Some(lived) = connect_once(addr, &shared, &stop).await {
+                info!(uplink = %addr, "uplink lost; trying the next");
+                if lived > Duration::from_secs(5) {
+                    backoff = Duration::from_millis(100);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Connects to one peer address, and again with backoff whenever the
 /// connection fails or closes, until `stop`.
 async fn keep_connected(addr: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
-        let id = ConnectionId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-        let span = tracing::info_span!("peer", conn.id = id.0, peer.addr = %addr);
-        let connected = async {
-            let tcp = TcpStream::connect(addr).await.ok()?;
-            let _ = tcp.set_nodelay(true);
-            let tls = shared
-                .peer_tls
-                .clone()
-                .map(|c| (c, rustls_server_name(addr)));
-            let cc = ConnectConfig {
-                tls,
-                sasl: ClientSasl::Anonymous,
-                hostname: None,
-            };
-            let (io, buf) =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, transport::connect(tcp, &cc)).await {
-                    Ok(Ok(x)) => x,
-                    Ok(Err(e)) => {
-                        info!(error = %e, "inter-router handshake failed");
-                        return None;
-                    }
-                    Err(_) => return None,
-                };
-            let mesh = shared.mesh.clone()?;
-            let mut task = ConnectionTask::new(
-                id,
-                shared.clone(),
-                Identity {
-                    user: None,
-                    space: None,
-                    mechanism: "ANONYMOUS",
-                },
-                addr,
-            );
-            task.mesh_peer = Some(PeerLink::new(mesh, true));
-            let started = std::time::Instant::now();
-            let reason = tokio::select! {
-                r = task.run(io, buf) => Some(r),
-                _ = stop.cancelled() => None,
-            };
-            debug!(reason = ?reason, "inter-router connection closed");
-            Some(started.elapsed())
-        }
-        .instrument(span)
-        .await;
+        let connected = connect_once(addr, &shared, &stop).await;
         // A connection that lived a while earns a quick reconnect.
         backoff = match connected {
             Some(lived) if lived > Duration::from_secs(5) => Duration::from_millis(100),
@@ -249,6 +237,61 @@ async fn keep_connected(addr: SocketAddr, shared: Arc<Shared>, stop: Cancellatio
             _ = tokio::time::sleep(backoff) => {}
         }
     }
+}
+
+/// One inter-router connection to `addr`, run until it closes or `stop`.
+/// Returns how long it lived, or `None` if it never opened.
+async fn connect_once(
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Option<Duration> {
+    let id = ConnectionId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let span = tracing::info_span!("peer", conn.id = id.0, peer.addr = %addr);
+    let connected = async {
+        let tcp = TcpStream::connect(addr).await.ok()?;
+        let _ = tcp.set_nodelay(true);
+        let tls = shared
+            .peer_tls
+            .clone()
+            .map(|c| (c, rustls_server_name(addr)));
+        let cc = ConnectConfig {
+            tls,
+            sasl: ClientSasl::Anonymous,
+            hostname: None,
+        };
+        let (io, buf) =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, transport::connect(tcp, &cc)).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    info!(error = %e, "inter-router handshake failed");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+        let mesh = shared.mesh.clone()?;
+        let mut task = ConnectionTask::new(
+            id,
+            shared.clone(),
+            Identity {
+                user: None,
+                space: None,
+                mechanism: "ANONYMOUS",
+            },
+            addr,
+        );
+        task.mesh_peer = Some(PeerLink::new(mesh, true));
+        let started = std::time::Instant::now();
+        let reason = tokio::select! {
+            r = task.run(io, buf) => Some(r),
+            _ = stop.cancelled() => None,
+        };
+        debug!(reason = ?reason, "inter-router connection closed");
+        Some(started.elapsed())
+    }
+    .instrument(span)
+    .await;
+    connected
 }
 
 fn rustls_server_name(addr: SocketAddr) -> rustls_pki_types::ServerName<'static> {

@@ -53,7 +53,13 @@ pub struct AddressRecord {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Control {
     /// I am alive; the routers I hear HELLOs from.
-    Hello { id: String, seen: Vec<String> },
+    Hello {
+        id: String,
+        seen: Vec<String>,
+        /// Sent by edge routers: they do not join link state.
+        #[serde(default)]
+        edge: bool,
+    },
     /// A router's link-state record, flooded.
     LinkState(LinkState),
     /// A router's mobile-address record, flooded.
@@ -103,6 +109,8 @@ pub struct Snapshot {
     pub multicast: HashMap<(String, String), BTreeSet<String>>,
     /// Ingress router → each router's parent on its shortest-path tree.
     pub trees: HashMap<String, HashMap<String, String>>,
+    /// Multicast addresses → edge routers attached here with receivers.
+    pub edge_multicast: HashMap<(String, String), BTreeSet<String>>,
 }
 
 impl Snapshot {
@@ -114,17 +122,33 @@ impl Snapshot {
         address: &str,
         ingress: &str,
     ) -> Vec<(String, ConnHandle, LinkId)> {
-        let Some(targets) = self
-            .multicast
-            .get(&(space.to_string(), address.to_string()))
-        else {
-            return Vec::new();
-        };
-        let Some(parents) = self.trees.get(ingress) else {
-            return Vec::new();
-        };
-        routes::multicast_children(&self.id, parents, targets)
-            .into_iter()
+        let key = (space.to_string(), address.to_string());
+        let mut hops: BTreeSet<String> = BTreeSet::new();
+        if let Some(targets) = self.multicast.get(&key) {
+            // A message from an edge router (not in link state) spreads as
+            // if it had entered here.
+            let root = if self.trees.contains_key(ingress) {
+                ingress
+            } else {
+                self.id.as_str()
+            };
+            match self.trees.get(root) {
+                Some(parents) => {
+                    hops.extend(routes::multicast_children(&self.id, parents, targets))
+                }
+                // An edge router: its uplink is the way to everything.
+                None => hops.extend(
+                    targets
+                        .iter()
+                        .filter(|t| self.neighbors.contains_key(*t))
+                        .cloned(),
+                ),
+            }
+        }
+        if let Some(edges) = self.edge_multicast.get(&key) {
+            hops.extend(edges.iter().cloned());
+        }
+        hops.into_iter()
             .filter_map(|n| self.neighbors.get(&n).map(|(c, l)| (n, c.clone(), *l)))
             .collect()
     }
@@ -158,11 +182,19 @@ struct Neighbor {
     last_hello: Instant,
     /// It hears our HELLOs: the link works both ways.
     two_way: bool,
+    /// An edge router hanging off this one.
+    edge: bool,
+    /// What we last told it (edge routers only).
+    told: Option<BTreeSet<AddressKey>>,
 }
 
 /// Owns the link-state and mobile-address databases and the routes.
 pub struct MeshTask {
     id: String,
+    /// This router is an edge router: one uplink, no link state.
+    edge: bool,
+    /// Edge routers attached here → the addresses they have receivers for.
+    edge_mars: HashMap<String, BTreeSet<AddressKey>>,
     version: u64,
     rx: mpsc::UnboundedReceiver<MeshEvent>,
     table: Arc<AddressTable>,
@@ -186,7 +218,7 @@ fn clock_version() -> u64 {
 
 impl MeshTask {
     /// A mesh task for router `id` over the router's address table.
-    pub fn new(id: &str, table: Arc<AddressTable>) -> (MeshTask, MeshHandle) {
+    pub fn new(id: &str, table: Arc<AddressTable>, edge: bool) -> (MeshTask, MeshHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let snapshot = Arc::new(RwLock::new(Arc::new(Snapshot {
             id: id.to_string(),
@@ -213,6 +245,8 @@ impl MeshTask {
         );
         let task = MeshTask {
             id: id.to_string(),
+            edge,
+            edge_mars: HashMap::new(),
             version,
             rx,
             table,
@@ -262,9 +296,11 @@ impl MeshTask {
         }
     }
 
+    /// Sends to every interior neighbour but `except` (edge routers get
+    /// records made for them in `sync_addresses`).
     fn flood(&self, msg: &Control, except: Option<&str>) {
         for (id, n) in &self.neighbors {
-            if Some(id.as_str()) != except {
+            if Some(id.as_str()) != except && !n.edge {
                 let _ = n.control.send(PeerCommand::Send(msg.clone()));
             }
         }
@@ -293,8 +329,11 @@ impl MeshTask {
         let hello = Control::Hello {
             id: self.id.clone(),
             seen: self.neighbors.keys().cloned().collect(),
+            edge: self.edge,
         };
-        self.flood(&hello, None);
+        for n in self.neighbors.values() {
+            let _ = n.control.send(PeerCommand::Send(hello.clone()));
+        }
         changed
     }
 
@@ -312,18 +351,27 @@ impl MeshTask {
                     return false;
                 }
                 debug!(router = %id, "peer connection up");
-                // Bring the new neighbour up to date with all we know.
-                for ls in self.lsdb.values() {
-                    let _ = control.send(PeerCommand::Send(Control::LinkState(ls.clone())));
-                }
-                for mar in self.mardb.values() {
-                    let _ = control.send(PeerCommand::Send(Control::Addresses(mar.clone())));
-                }
                 let seen = self.neighbors.keys().cloned().collect();
                 let _ = control.send(PeerCommand::Send(Control::Hello {
                     id: self.id.clone(),
                     seen,
+                    edge: self.edge,
                 }));
+                if self.edge {
+                    // An edge router tells its uplink only its own addresses.
+                    if let Some(mar) = self.mardb.get(&self.id) {
+                        let _ = control.send(PeerCommand::Send(Control::Addresses(mar.clone())));
+                    }
+                } else {
+                    // Bring the new neighbour up to date with all we know
+                    // (an edge router ignores what is not for it).
+                    for ls in self.lsdb.values() {
+                        let _ = control.send(PeerCommand::Send(Control::LinkState(ls.clone())));
+                    }
+                    for mar in self.mardb.values() {
+                        let _ = control.send(PeerCommand::Send(Control::Addresses(mar.clone())));
+                    }
+                }
                 let old = self.neighbors.insert(
                     id,
                     Neighbor {
@@ -332,6 +380,8 @@ impl MeshTask {
                         data,
                         last_hello: Instant::now(),
                         two_way: false,
+                        edge: false,
+                        told: None,
                     },
                 );
                 if let Some(old) = old {
@@ -348,6 +398,9 @@ impl MeshTask {
                 }
                 info!(router = %id, "neighbour connection lost");
                 self.neighbors.remove(&id);
+                if self.edge_mars.remove(&id).is_some() {
+                    self.local_addresses();
+                }
                 self.own_links_changed();
                 true
             }
@@ -367,7 +420,7 @@ impl MeshTask {
 
     fn handle_control(&mut self, from: String, msg: Control) -> bool {
         match msg {
-            Control::Hello { id, seen } => {
+            Control::Hello { id, seen, edge } => {
                 let me = self.id.clone();
                 let Some(n) = self.neighbors.get_mut(&from) else {
                     return false;
@@ -377,14 +430,16 @@ impl MeshTask {
                 }
                 n.last_hello = Instant::now();
                 let two_way = seen.contains(&me);
-                if two_way == n.two_way {
+                if two_way == n.two_way && edge == n.edge {
                     return false;
                 }
                 n.two_way = two_way;
-                info!(router = %from, two_way, "neighbour");
+                n.edge = edge;
+                info!(router = %from, two_way, edge, "neighbour");
                 self.own_links_changed();
                 true
             }
+            Control::LinkState(_) if self.edge => false,
             Control::LinkState(ls) => {
                 if ls.id == self.id {
                     // Our own record from before a restart: outdo it.
@@ -411,6 +466,17 @@ impl MeshTask {
                 if mar.id == self.id {
                     return false;
                 }
+                if self.neighbors.get(&from).is_some_and(|n| n.edge) && mar.id == from {
+                    // An edge router's receivers: this router answers for
+                    // them to the rest of the mesh.
+                    self.edge_mars.insert(from, mar.addresses);
+                    self.local_addresses();
+                    return true;
+                }
+                if self.edge && mar.id != from {
+                    // Edge routers learn only what their uplink tells them.
+                    return false;
+                }
                 if self
                     .mardb
                     .get(&mar.id)
@@ -428,10 +494,14 @@ impl MeshTask {
     /// Our neighbours changed: a new link-state version, flooded.
     fn own_links_changed(&mut self) {
         self.version = self.version.max(clock_version()) + 1;
+        if self.edge {
+            // Edge routers do not join link state.
+            return;
+        }
         let neighbors = self
             .neighbors
             .iter()
-            .filter(|(_, n)| n.two_way)
+            .filter(|(_, n)| n.two_way && !n.edge)
             .map(|(id, _)| (id.clone(), 1))
             .collect();
         let ls = LinkState {
@@ -443,20 +513,58 @@ impl MeshTask {
         self.lsdb.insert(self.id.clone(), ls);
     }
 
+    /// Tells each attached edge router which addresses have receivers
+    /// somewhere else: all of them are reached through this router.
+    fn tell_edges(&mut self) {
+        let own = self.own_addresses();
+        let elsewhere: Vec<(String, BTreeSet<AddressKey>)> = self
+            .mardb
+            .iter()
+            .filter(|(id, _)| **id != self.id && self.routes.next_hop.contains_key(*id))
+            .map(|(id, r)| (id.clone(), r.addresses.clone()))
+            .collect();
+        let edges: Vec<String> = self
+            .neighbors
+            .iter()
+            .filter(|(_, n)| n.edge)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for edge in edges {
+            let mut keys = own.clone();
+            for (_, a) in &elsewhere {
+                keys.extend(a.iter().cloned());
+            }
+            for (other, a) in &self.edge_mars {
+                if *other != edge {
+                    keys.extend(a.iter().cloned());
+                }
+            }
+            let version = self.version.max(clock_version()) + 1;
+            let Some(n) = self.neighbors.get_mut(&edge) else {
+                continue;
+            };
+            if n.told.as_ref() == Some(&keys) {
+                continue;
+            }
+            let rec = AddressRecord {
+                id: self.id.clone(),
+                version,
+                addresses: keys.clone(),
+            };
+            let _ = n.control.send(PeerCommand::Send(Control::Addresses(rec)));
+            n.told = Some(keys);
+            self.version = version;
+        }
+    }
+
     /// Rescans the addresses with local receivers; floods a new record if
     /// the set changed. True if it did.
     fn local_addresses(&mut self) -> bool {
-        let addresses: BTreeSet<AddressKey> = self
-            .table
-            .all()
-            .into_iter()
-            .filter(|a| a.has_local_consumers())
-            .map(|a| AddressKey {
-                space: a.space.clone(),
-                address: a.address.clone(),
-                multicast: a.kind == AddressType::Multicast,
-            })
-            .collect();
+        let mut addresses = self.own_addresses();
+        // What edge routers attached here have, this router answers for.
+        for e in self.edge_mars.values() {
+            addresses.extend(e.iter().cloned());
+        }
         if self
             .mardb
             .get(&self.id)
@@ -477,14 +585,40 @@ impl MeshTask {
 
     /// Routes from the link-state database, then the routing state the
     /// connection tasks use.
+    /// Addresses with receivers attached to this router itself.
+    fn own_addresses(&self) -> BTreeSet<AddressKey> {
+        self.table
+            .all()
+            .into_iter()
+            .filter(|a| a.has_local_consumers())
+            .map(|a| AddressKey {
+                space: a.space.clone(),
+                address: a.address.clone(),
+                multicast: a.kind == AddressType::Multicast,
+            })
+            .collect()
+    }
+
     fn recompute(&mut self) {
-        let routes = routes::compute(&self.id, &self.lsdb);
-        // Forget routers we can no longer reach.
-        let me = self.id.clone();
-        self.lsdb
-            .retain(|id, _| *id == me || routes.next_hop.contains_key(id));
-        self.mardb
-            .retain(|id, _| *id == me || routes.next_hop.contains_key(id));
+        let routes = if self.edge {
+            // Everything is behind the uplink.
+            let mut r = Routes::default();
+            for id in self
+                .neighbors
+                .iter()
+                .filter(|(_, n)| n.two_way)
+                .map(|(id, _)| id)
+            {
+                r.next_hop.insert(id.clone(), id.clone());
+                r.cost.insert(id.clone(), 1);
+            }
+            r
+        } else {
+            routes::compute(&self.id, &self.lsdb)
+        };
+        // Records of routers not reachable now stay: a record can arrive
+        // before the link that makes its router reachable (flooding has
+        // no order), and routes use only reachable routers.
         if routes != self.routes {
             let summary: Vec<String> = routes
                 .next_hop
@@ -527,6 +661,26 @@ impl MeshTask {
                 }
             }
         }
+        // Edge routers attached here are reached directly.
+        let mut edge_multicast: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+        for (edge, keys) in &self.edge_mars {
+            if !neighbors.contains_key(edge) {
+                continue;
+            }
+            for key in keys {
+                if key.multicast {
+                    edge_multicast
+                        .entry((key.space.clone(), key.address.clone()))
+                        .or_default()
+                        .insert(edge.clone());
+                }
+                wanted
+                    .entry(key.clone())
+                    .or_default()
+                    .extend((!key.multicast).then(|| edge.clone()));
+            }
+        }
+        self.tell_edges();
         let keys: BTreeSet<AddressKey> =
             wanted.keys().chain(self.applied.keys()).cloned().collect();
         for key in keys {
@@ -572,6 +726,7 @@ impl MeshTask {
                 .collect(),
             multicast,
             trees,
+            edge_multicast,
         };
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
     }

@@ -1,0 +1,572 @@
+//! Helpers shared by the process-level tests (`tests/router.rs`,
+//! `tests/mesh.rs`): bounded waiting, the `flotilla router` process (spawned
+//! on `127.0.0.1:0`, its ports read from its `listening` log lines, killed
+//! on drop), and clients: fe2o3-amqp (an AMQP 1.0 client we did not write)
+//! and our own `flotilla_amqp::client`, where link credit must be observed
+//! exactly.
+//!
+//! Every wait is bounded by [`WAIT`]; nothing sleeps to synchronise (the
+//! only polling is [`eventually`], for things with no event to wait on).
+
+// Each test crate that includes this module uses a different part of it.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::delivery::DeliveryFut;
+use fe2o3_amqp::link::SendError;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Connection, Receiver, Sendable, Sender, Session};
+use flotilla_amqp::client::{Client, ClientOptions};
+use flotilla_amqp::connection::{Event, LinkId};
+use flotilla_amqp::message::{self, MessageParts};
+// fe2o3-amqp and our engine share these types (fe2o3-amqp-types).
+use flotilla_amqp::types::messaging::{
+    Accepted, DeliveryState, Outcome, SerializableBody, Source, Target,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// The bound on every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------
+
+/// Runs `fut`, failing the test if it takes longer than [`WAIT`].
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+}
+
+/// Polls `cond` until it holds, failing the test after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Configs
+// ---------------------------------------------------------------------------
+
+/// `prices` is multicast; everything else in `default` stays anycast.
+pub const MULTICAST_CONFIG: &str = "\
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: prices}
+spec: {address: prices, type: multicast}
+";
+
+// ---------------------------------------------------------------------------
+// The router process
+// ---------------------------------------------------------------------------
+
+/// A unique scratch directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "flotilla-router-test-{}-{n}-{tag}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `flotilla router`, killed on drop. Its stderr is drained by a
+/// thread into `log`, printed if the test fails.
+pub struct RouterProc {
+    pub child: Child,
+    /// Its `--router-id`, or empty (names the log printed on failure).
+    pub name: String,
+    pub amqp: u16,
+    pub amqps: Option<u16>,
+    /// The inter-router listener's port, with `--inter-router`.
+    pub inter_router: Option<u16>,
+    log: Arc<Mutex<Vec<String>>>,
+    /// The number of lines in `log`, bumped as each arrives.
+    lines: watch::Receiver<usize>,
+    _dir: Option<TempDir>,
+}
+
+/// The port in a `listening proto="…" addr=HOST:PORT` line for `proto`.
+pub fn listening_port(line: &str, proto: &str) -> Option<u16> {
+    if !line.contains("listening") || !line.contains(&format!("proto=\"{proto}\"")) {
+        return None;
+    }
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))?;
+    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+}
+
+impl RouterProc {
+    /// `flotilla router --amqp 127.0.0.1:0 ARGS…`
+    pub async fn start(args: &[&str]) -> Self {
+        Self::spawn(args.iter().map(|s| s.to_string()).collect(), None).await
+    }
+
+    /// Like [`RouterProc::start`] with `--config` holding `yaml`.
+    pub async fn with_config(yaml: &str, args: &[&str]) -> Self {
+        let dir = TempDir::new("config");
+        let path = dir.write("flotilla.yaml", yaml);
+        let mut all = vec!["--config".to_string(), path.display().to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn(all, Some(dir)).await
+    }
+
+    pub async fn spawn(args: Vec<String>, dir: Option<TempDir>) -> Self {
+        let tls = args.iter().any(|a| a == "--amqps");
+        let meshed = args.iter().any(|a| a == "--inter-router");
+        let name = args
+            .iter()
+            .skip_while(|a| *a != "--router-id")
+            .nth(1)
+            .cloned()
+            .unwrap_or_default();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["router", "--amqp", "127.0.0.1:0"])
+            .args(&args)
+            // FLOTILLA_TEST_LOG=debug shows more of the router in failures.
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flotilla");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (count_tx, lines) = watch::channel(0usize);
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line.clone());
+                count_tx.send_modify(|n| *n += 1);
+                let _ = tx.send(line);
+            }
+        });
+        let mut router = RouterProc {
+            child,
+            name,
+            amqp: 0,
+            amqps: None,
+            inter_router: None,
+            log,
+            lines,
+            _dir: dir,
+        };
+        within("the router's listening line(s)", async {
+            while router.amqp == 0
+                || (tls && router.amqps.is_none())
+                || (meshed && router.inter_router.is_none())
+            {
+                let Some(line) = rx.recv().await else {
+                    panic!("router exited before listening:\n{}", router.log_text());
+                };
+                if let Some(p) = listening_port(&line, "amqp") {
+                    router.amqp = p;
+                }
+                if let Some(p) = listening_port(&line, "amqps") {
+                    router.amqps = Some(p);
+                }
+                if let Some(p) = listening_port(&line, "inter-router") {
+                    router.inter_router = Some(p);
+                }
+            }
+        })
+        .await;
+        router
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM: {status}");
+    }
+
+    /// Kills the router with SIGKILL (no shutdown, sockets reset) and
+    /// reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill -9 the router");
+        self.child.wait().expect("reap the router");
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits, bounded by [`WAIT`], until `found` returns something for the
+    /// log so far (checked again as each line arrives) and returns it.
+    pub async fn wait_log<T>(
+        &self,
+        what: &str,
+        mut found: impl FnMut(&[String]) -> Option<T>,
+    ) -> T {
+        let mut lines = self.lines.clone();
+        within(what, async {
+            loop {
+                lines.borrow_and_update();
+                if let Some(t) = found(&self.log.lock().unwrap()) {
+                    return t;
+                }
+                if lines.changed().await.is_err() {
+                    // The router closed its stderr: one last look.
+                    lines.borrow_and_update();
+                    if let Some(t) = found(&self.log.lock().unwrap()) {
+                        return t;
+                    }
+                    panic!("router {} exited while waiting for {what}", self.name);
+                }
+            }
+        })
+        .await
+    }
+
+    /// Options for an anonymous client of our own.
+    pub fn opts(&self) -> ClientOptions {
+        ClientOptions::from_url(&format!("amqp://127.0.0.1:{}", self.amqp)).expect("valid url")
+    }
+
+    /// Options for a user of our own client (PLAIN unless `scram`).
+    pub fn user_opts(&self, user: &str, password: &str, scram: bool) -> ClientOptions {
+        ClientOptions {
+            user: Some(user.into()),
+            password: Some(password.into()),
+            scram,
+            ..self.opts()
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        within("our client to connect", Client::connect(&self.opts()))
+            .await
+            .expect("connect")
+    }
+
+    pub async fn fe2o3(&self, container: &str) -> Fe {
+        Fe::connect(self.amqp, container).await
+    }
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- router log {} ----\n{}\n--------------------",
+                self.name,
+                self.log_text()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// fe2o3-amqp: an AMQP 1.0 client we did not write
+// ---------------------------------------------------------------------------
+
+/// One fe2o3 connection with one session.
+pub struct Fe {
+    _conn: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+}
+
+impl Fe {
+    pub async fn connect(port: u16, container: &str) -> Fe {
+        Self::connect_with_window(port, container, fe2o3_amqp::session::DEFAULT_WINDOW).await
+    }
+
+    /// Connects with a session that takes `incoming_window` transfer frames
+    /// at a time.
+    pub async fn connect_with_window(port: u16, container: &str, incoming_window: u32) -> Fe {
+        let url = format!("amqp://127.0.0.1:{port}");
+        let mut conn = within(
+            "fe2o3 to connect",
+            Connection::open(container.to_string(), url.as_str()),
+        )
+        .await
+        .expect("fe2o3 connect");
+        let session = within(
+            "fe2o3 session",
+            Session::builder()
+                .incoming_window(incoming_window)
+                .begin(&mut conn),
+        )
+        .await
+        .expect("fe2o3 begin");
+        Fe {
+            _conn: conn,
+            session,
+        }
+    }
+
+    pub async fn sender(&mut self, name: &str, address: &str) -> Sender {
+        within(
+            "fe2o3 sender attach",
+            Sender::attach(&mut self.session, name, address),
+        )
+        .await
+        .expect("sender attach")
+    }
+
+    /// A sender with no target address: ANONYMOUS-RELAY, routed by `to`.
+    pub async fn relay_sender(&mut self, name: &str) -> Sender {
+        within(
+            "fe2o3 relay sender attach",
+            Sender::builder()
+                .name(name)
+                .target(Target::builder().build())
+                .attach(&mut self.session),
+        )
+        .await
+        .expect("relay sender attach")
+    }
+
+    pub async fn receiver(&mut self, name: &str, address: &str) -> Receiver {
+        within(
+            "fe2o3 receiver attach",
+            Receiver::attach(&mut self.session, name, address),
+        )
+        .await
+        .expect("receiver attach")
+    }
+
+    /// A round trip with the router on this connection (attaching and
+    /// closing a sender): frames sent before it, such as a receiver's
+    /// credit, have been handled by the router when this returns.
+    pub async fn round_trip(&mut self) {
+        let s = self.sender("round-trip", "round-trip").await;
+        within("round-trip close", s.close()).await.expect("close");
+    }
+
+    /// A receiver from a router-made (dynamic) node, and that node's address.
+    pub async fn dynamic_receiver(&mut self, name: &str) -> (Receiver, String) {
+        let r = within(
+            "fe2o3 dynamic receiver attach",
+            Receiver::builder()
+                .name(name)
+                .source(Source::builder().dynamic(true).build())
+                .attach(&mut self.session),
+        )
+        .await
+        .expect("dynamic receiver attach");
+        let address = r
+            .source()
+            .as_ref()
+            .and_then(|s| s.address.clone())
+            .expect("the router names the dynamic node");
+        (r, address)
+    }
+}
+
+/// Receives one message, accepts it and returns its body.
+pub async fn recv_accept(r: &mut Receiver) -> String {
+    let d = within("a message", r.recv::<String>()).await.expect("recv");
+    within("accept", r.accept(&d)).await.expect("accept");
+    d.into_body()
+}
+
+/// An unsettled delivery's outcome, to come.
+pub type Pending = DeliveryFut<Result<Outcome, SendError>>;
+
+/// Sends each of `messages` unsettled without waiting for outcomes.
+pub async fn send_unsettled<T, B>(s: &mut Sender, messages: &[T]) -> Vec<Pending>
+where
+    T: Clone + Into<Sendable<B>>,
+    B: SerializableBody,
+{
+    let mut pending = Vec::new();
+    for m in messages {
+        pending.push(
+            within("send", s.send_batchable(m.clone()))
+                .await
+                .expect("send"),
+        );
+    }
+    pending
+}
+
+/// Waits for every outcome.
+pub async fn outcomes(pending: Vec<Pending>) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    for p in pending {
+        out.push(within("an outcome", p).await.expect("outcome"));
+    }
+    out
+}
+
+/// Sends `bodies` without waiting, then waits for every outcome.
+pub async fn send_all(s: &mut Sender, bodies: &[String]) -> Vec<Outcome> {
+    let pending = send_unsettled(s, bodies).await;
+    outcomes(pending).await
+}
+
+/// Receives `n` messages, accepting each; returns their bodies.
+pub async fn recv_n(r: &mut Receiver, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(recv_accept(r).await);
+    }
+    got
+}
+
+/// Forwards every message `r` receives, accepted, as (`id`, body) until the
+/// link or connection ends.
+pub fn spawn_collector(
+    id: usize,
+    mut r: Receiver,
+    tx: mpsc::UnboundedSender<(usize, String)>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(d) = r.recv::<String>().await {
+            if r.accept(&d).await.is_err() {
+                break;
+            }
+            if tx.send((id, d.into_body())).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+pub fn numbered(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+pub fn assert_all_accepted(outcomes: &[Outcome]) {
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(matches!(o, Outcome::Accepted(_)), "message {i}: {o:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Our own client, where credit and events must be seen exactly
+// ---------------------------------------------------------------------------
+
+/// Reads `c`'s events until `pick` returns something; other events are
+/// dropped.
+pub async fn next_event_where<T>(
+    c: &mut Client,
+    what: &str,
+    mut pick: impl FnMut(&Client, Event) -> Option<T>,
+) -> T {
+    within(what, async {
+        loop {
+            let e = c
+                .next_event()
+                .await
+                .unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
+            if let Some(t) = pick(c, e) {
+                return t;
+            }
+        }
+    })
+    .await
+}
+
+/// The credit the router gave our sending link.
+pub fn credit(c: &Client, link: LinkId) -> u32 {
+    c.conn.link(link).map_or(0, |l| l.credit)
+}
+
+/// A round trip with the router on `c`'s connection (a dynamic receiver
+/// attach): whatever the router sent `c` before answering it has been
+/// processed when this returns.
+pub async fn round_trip(c: &mut Client) {
+    within("a round trip", c.open_receiver(None, 0))
+        .await
+        .expect("dynamic receiver");
+}
+
+pub fn text(body: &str) -> bytes::Bytes {
+    message::encode_message(&MessageParts {
+        body: body.as_bytes(),
+        text: true,
+        ..Default::default()
+    })
+}
+
+/// Waits until the router gives our sending link credit.
+pub async fn await_credit(c: &mut Client, link: LinkId) {
+    if credit(c, link) == 0 {
+        next_event_where(c, "credit", |c, _| (credit(c, link) > 0).then_some(())).await;
+    }
+}
+
+/// Waits for credit, sends the encoded message `m` unsettled and returns
+/// its outcome.
+pub async fn send_message(
+    c: &mut Client,
+    link: LinkId,
+    token: u64,
+    m: bytes::Bytes,
+) -> Option<DeliveryState> {
+    await_credit(c, link).await;
+    assert!(c.conn.send(link, &m, false, token), "send with credit");
+    next_event_where(c, "an outcome", |_, e| match e {
+        Event::Outcome {
+            link: l,
+            token: t,
+            state,
+            settled: true,
+        } if l == link && t == token => Some(state),
+        _ => None,
+    })
+    .await
+}
+
+/// Waits for a message on `link`, accepts it and returns its body.
+pub async fn recv_text(c: &mut Client, link: LinkId) -> String {
+    let d = next_event_where(c, "a message", |_, e| match e {
+        Event::Delivery { link: l, delivery } if l == link => Some(delivery),
+        _ => None,
+    })
+    .await;
+    if !d.settled {
+        c.conn.settle(d.id, DeliveryState::Accepted(Accepted {}));
+        c.flush().await.expect("flush");
+    }
+    let body = message::body_bytes(&d.payload).expect("a text body");
+    String::from_utf8(body).expect("utf-8 body")
+}
+
+pub fn is_accepted(s: &Option<DeliveryState>) -> bool {
+    matches!(s, Some(DeliveryState::Accepted(_)))
+}
