@@ -58,9 +58,23 @@ pub struct BenchArgs {
     /// Be the receiving peer: listen here and point the senders at it.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Where the receivers connect, when not to --url (e.g. another router
+    /// of a mesh).
+    #[arg(long)]
+    pub receiver_url: Option<String>,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl BenchArgs {
+    fn receiver_options(&self) -> Result<flotilla_amqp::client::ClientOptions, ClientError> {
+        let mut conn = self.conn.clone();
+        if let Some(u) = &self.receiver_url {
+            conn.url = u.clone();
+        }
+        conn.options()
+    }
 }
 
 #[derive(Default)]
@@ -206,7 +220,8 @@ pub async fn run(mut a: BenchArgs) -> ExitCode {
     // Let receivers take what is in flight (bounded).
     let sent = stats.sent.load(Ordering::Relaxed);
     let drain_until = Instant::now() + Duration::from_secs(10);
-    while stats.received.load(Ordering::Relaxed) < sent && Instant::now() < drain_until {
+    let receiving = a.receivers > 0 || a.listen.is_some();
+    while receiving && stats.received.load(Ordering::Relaxed) < sent && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = start.elapsed();
@@ -385,7 +400,7 @@ async fn receiver(
     ready: tokio::sync::oneshot::Sender<Result<(), ClientError>>,
 ) {
     let setup = async {
-        let mut c = Client::connect(&a.conn.options()?).await?;
+        let mut c = Client::connect(&a.receiver_options()?).await?;
         let (link, _) = c.open_receiver(Some(&a.address), a.credit).await?;
         c.flush().await?;
         Ok::<_, ClientError>((c, link))

@@ -208,8 +208,9 @@ async fn messages_cross_a_chain_of_routers_once_each_in_order_accepted_end_to_en
     let (a, c) = (&routers[0], &routers[2]);
 
     let mut receiver = c.client().await;
+    // Credit for the N messages and the last one.
     let (rx, _) = receiver
-        .open_receiver(Some("chain"), N as u32)
+        .open_receiver(Some("chain"), N as u32 + 1)
         .await
         .expect("attach");
     let mut sender = a.client().await;
