@@ -221,7 +221,8 @@ pub async fn run(mut a: BenchArgs) -> ExitCode {
     let sent = stats.sent.load(Ordering::Relaxed);
     let drain_until = Instant::now() + Duration::from_secs(10);
     let receiving = a.receivers > 0 || a.listen.is_some();
-    while receiving && stats.received.load(Ordering::Relaxed) < sent && Instant::now() < drain_until {
+    while receiving && stats.received.load(Ordering::Relaxed) < sent && Instant::now() < drain_until
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = start.elapsed();

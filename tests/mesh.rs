@@ -12,9 +12,11 @@
 
 use std::collections::BTreeMap;
 
+use fe2o3_amqp::Sendable;
 use flotilla_amqp::client::{Client, ClientOptions};
 use flotilla_amqp::connection::{Event, LinkId};
-use flotilla_amqp::types::messaging::{DeliveryState, Message, Outcome, Properties};
+use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
+use flotilla_amqp::types::messaging::{DeliveryState, Message, Modified, Outcome, Properties};
 use tokio::sync::mpsc;
 
 mod common;
@@ -38,6 +40,28 @@ metadata: {name: x-orders}
 spec: {addressSpace: tenant-x, address: orders, type: anycast}
 ";
 
+/// Router `id` with an inter-router listener, connecting to the routers
+/// listening on `peers` (inter-router ports).
+async fn start_router(id: &str, peers: &[u16], config: Option<&str>) -> RouterProc {
+    let mut args = vec![
+        "--inter-router".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--router-id".to_string(),
+        id.to_string(),
+    ];
+    for port in peers {
+        args.push("--peer".into());
+        args.push(format!("127.0.0.1:{port}"));
+    }
+    match config {
+        Some(yaml) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            RouterProc::with_config(yaml, &args).await
+        }
+        None => RouterProc::spawn(args, None).await,
+    }
+}
+
 /// Routers named by `ids`, started in order, each with an inter-router
 /// listener; for every `(x, y)` in `links` the later-started of the two
 /// connects to the other with `--peer`. Returns them in `ids` order once
@@ -45,33 +69,18 @@ spec: {addressSpace: tenant-x, address: orders, type: anycast}
 async fn mesh(ids: &[&str], links: &[(&str, &str)], config: Option<&str>) -> Vec<RouterProc> {
     let mut routers: Vec<RouterProc> = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let mut args = vec![
-            "--inter-router".to_string(),
-            "127.0.0.1:0".to_string(),
-            "--router-id".to_string(),
-            id.to_string(),
-        ];
+        let mut peers = Vec::new();
         for (x, y) in links {
             let other = match (*x == *id, *y == *id) {
                 (true, false) => y,
                 (false, true) => x,
                 _ => continue,
             };
-            let Some(j) = ids[..i].iter().position(|p| p == other) else {
-                continue;
-            };
-            let port = routers[j].inter_router.expect("inter-router listener");
-            args.push("--peer".into());
-            args.push(format!("127.0.0.1:{port}"));
-        }
-        let r = match config {
-            Some(yaml) => {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                RouterProc::with_config(yaml, &args).await
+            if let Some(j) = ids[..i].iter().position(|p| p == other) {
+                peers.push(routers[j].inter_router.expect("inter-router listener"));
             }
-            None => RouterProc::spawn(args, None).await,
-        };
-        routers.push(r);
+        }
+        routers.push(start_router(id, &peers, config).await);
     }
     for (i, r) in routers.iter().enumerate() {
         let others: Vec<&str> = ids
@@ -110,6 +119,18 @@ async fn await_routes(router: &RouterProc, expected: &[&str]) -> BTreeMap<String
     router
         .wait_log(&what, |log| {
             latest_routes(log).filter(|r| expected.iter().all(|e| r.contains_key(*e)))
+        })
+        .await
+}
+
+/// Waits until `router`'s latest routes no longer list `gone`.
+async fn await_no_route(router: &RouterProc, gone: &str) {
+    let what = format!("router {} to drop its route to {gone}", router.name);
+    router
+        .wait_log(&what, |log| {
+            latest_routes(log)
+                .filter(|r| !r.contains_key(gone))
+                .map(|_| ())
         })
         .await
 }
@@ -255,6 +276,106 @@ async fn an_independent_clients_messages_cross_a_chain_of_routers_in_order() {
     let (outcomes, got) = tokio::join!(send_all(&mut tx, &bodies), recv_n(&mut rx, bodies.len()));
     assert_eq!(got, bodies, "every message arrives once, in order");
     assert_all_accepted(&outcomes);
+
+    // Pre-settled messages, then an unsettled one: whatever arrives before
+    // it is all there was.
+    let presettled = numbered("presettled", N);
+    for b in &presettled {
+        let s = Sendable::builder().message(b.clone()).settled(true).build();
+        let o = within("a pre-settled send", tx.send(s))
+            .await
+            .expect("send");
+        assert!(matches!(o, Outcome::Accepted(_)));
+    }
+    let end = within("send end", tx.send_batchable("end".to_string()))
+        .await
+        .expect("send");
+    let got = recv_n(&mut rx, presettled.len() + 1).await;
+    let mut expected = presettled.clone();
+    expected.push("end".into());
+    assert_eq!(
+        got, expected,
+        "pre-settled messages arrive once each, in order"
+    );
+    let end = within("the last outcome", end).await;
+    assert!(matches!(end, Ok(Outcome::Accepted(_))), "{end:?}");
+}
+
+#[tokio::test]
+async fn large_messages_cross_a_chain_of_routers_intact() {
+    let routers = mesh(&["A", "B", "C"], &[("A", "B"), ("B", "C")], None).await;
+    // Four transfer frames at a time: large deliveries span many windows.
+    let mut narrow = Fe::connect_with_window(routers[2].amqp, "narrow", 4).await;
+    let mut rx = narrow.receiver("rx", "bulk").await;
+    let mut fe = routers[0].fe2o3("bulk-sender").await;
+    let mut tx = fe.sender("tx", "bulk").await;
+
+    let bodies: Vec<String> = [300_000usize, 10, 1_000_000, 70_000]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let c = char::from(b'a' + i as u8);
+            std::iter::repeat_n(c, *n).collect()
+        })
+        .chain(numbered("small", 50))
+        .collect();
+    let (outcomes, got) = tokio::join!(send_all(&mut tx, &bodies), recv_n(&mut rx, bodies.len()));
+    assert_all_accepted(&outcomes);
+    assert_eq!(got.len(), bodies.len());
+    for (i, (g, b)) in got.iter().zip(&bodies).enumerate() {
+        assert!(
+            g == b,
+            "message {i}: {} bytes arrived, {} sent",
+            g.len(),
+            b.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn receiver_outcomes_reach_a_sender_two_routers_away() {
+    let routers = mesh(&["A", "B", "C"], &[("A", "B"), ("B", "C")], None).await;
+    let mut fe_rx = routers[2].fe2o3("judge").await;
+    let mut rx = fe_rx.receiver("rx", "outcomes").await;
+    let mut fe_tx = routers[0].fe2o3("hopeful").await;
+    let mut tx = fe_tx.sender("tx", "outcomes").await;
+
+    let error = AmqpErrorBody::new(
+        AmqpError::InvalidField,
+        Some("no such product".to_string()),
+        None,
+    );
+    let modified = Modified {
+        delivery_failed: Some(true),
+        undeliverable_here: Some(true),
+        message_annotations: None,
+    };
+    let pending = send_unsettled(&mut tx, &["reject me", "release me", "modify me"]).await;
+    for _ in 0..3 {
+        let d = within("a message", rx.recv::<String>())
+            .await
+            .expect("recv");
+        let r = match d.body().as_str() {
+            "reject me" => rx.reject(&d, error.clone()).await,
+            "release me" => rx.release(&d).await,
+            _ => rx.modify(&d, modified.clone()).await,
+        };
+        r.expect("disposition");
+    }
+    let outcomes = outcomes(pending).await;
+    match &outcomes[0] {
+        Outcome::Rejected(r) => assert_eq!(r.error.as_ref(), Some(&error), "the receiver's error"),
+        o => panic!("expected rejected, got {o:?}"),
+    }
+    assert!(
+        matches!(outcomes[1], Outcome::Released(_)),
+        "{:?}",
+        outcomes[1]
+    );
+    match &outcomes[2] {
+        Outcome::Modified(m) => assert_eq!(m, &modified),
+        o => panic!("expected modified, got {o:?}"),
+    }
 }
 
 #[tokio::test]
@@ -362,15 +483,12 @@ async fn anycast_in_a_ring_shares_messages_between_receivers_on_two_routers_with
 // Multicast
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn multicast_in_a_full_mesh_gives_every_receiver_on_every_router_every_message_once() {
+/// A multicast receiver on every router of the mesh `ids`/`links` and a
+/// sender on the first: every receiver gets every message once, in order.
+async fn multicast_reaches_every_router_once(ids: &[&str], links: &[(&str, &str)]) {
     const N: usize = 50;
-    let routers = mesh(
-        &["A", "B", "C"],
-        &[("A", "B"), ("B", "C"), ("A", "C")],
-        Some(MULTICAST_CONFIG),
-    )
-    .await;
+    let routers = mesh(ids, links, Some(MULTICAST_CONFIG)).await;
+    let n = routers.len();
 
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let mut conns = Vec::new();
@@ -386,9 +504,9 @@ async fn multicast_in_a_full_mesh_gives_every_receiver_on_every_router_every_mes
     let mut tx = fe.sender("prices-tx", "prices").await;
 
     // Probe until every receiver has had a copy: each probe reaches the
-    // receiver on A (the sender's router) at once, the others once their
-    // routers' addresses have reached A.
-    let mut per: Vec<Vec<String>> = vec![Vec::new(); 3];
+    // receiver on the sender's router at once, the others once their
+    // routers' addresses have reached it.
+    let mut per: Vec<Vec<String>> = vec![Vec::new(); n];
     for i in 0.. {
         assert!(i < 1000, "probes never reached every receiver: {per:?}");
         if per.iter().all(|p| !p.is_empty()) {
@@ -398,7 +516,7 @@ async fn multicast_in_a_full_mesh_gives_every_receiver_on_every_router_every_mes
         let o = within("a probe", tx.send(probe.clone())).await;
         assert!(matches!(o, Ok(Outcome::Accepted(_))), "{o:?}");
         while per[0].last() != Some(&probe) {
-            let (id, body) = within("the probe on A", seen.recv())
+            let (id, body) = within("the probe on the sender's router", seen.recv())
                 .await
                 .expect("collectors run");
             per[id].push(body);
@@ -423,12 +541,30 @@ async fn multicast_in_a_full_mesh_gives_every_receiver_on_every_router_every_mes
         let expected: Vec<&String> = bodies.iter().collect();
         assert_eq!(
             got, expected,
-            "the receiver on router {id} gets every message once, in order"
+            "the receiver on router {} gets every message once, in order",
+            ids[id]
         );
     }
     for c in collectors {
         c.abort();
     }
+}
+
+#[tokio::test]
+async fn multicast_in_a_full_mesh_gives_every_receiver_on_every_router_every_message_once() {
+    multicast_reaches_every_router_once(&["A", "B", "C"], &[("A", "B"), ("B", "C"), ("A", "C")])
+        .await;
+}
+
+/// In a ring the far router is reached through one of two equal paths:
+/// its receiver still gets one copy.
+#[tokio::test]
+async fn multicast_in_a_ring_gives_every_receiver_every_message_once() {
+    multicast_reaches_every_router_once(
+        &["A", "B", "C", "D"],
+        &[("A", "B"), ("B", "C"), ("C", "D"), ("D", "A")],
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -464,6 +600,60 @@ async fn sender_gets_credit_only_once_a_receiver_is_reachable_somewhere_in_the_m
         |c, e| matches!(e, Event::Flow { link } if link == tx && credit(c, tx) == 0).then_some(()),
     )
     .await;
+}
+
+#[tokio::test]
+async fn sender_loses_credit_when_the_router_between_it_and_the_receiver_dies() {
+    let mut routers = mesh(&["A", "B", "C"], &[("A", "B"), ("B", "C")], None).await;
+
+    let mut r = routers[2].client().await;
+    let (_rx, _) = r.open_receiver(Some("cut-off"), 10).await.expect("attach");
+    let mut s = routers[0].client().await;
+    let tx = s.open_sender(Some("cut-off"), false).await.expect("attach");
+    await_flow_credit(&mut s, tx, "credit for the receiver on C").await;
+
+    routers[1].kill();
+    await_no_route(&routers[0], "C").await;
+    next_event_where(&mut s, "credit withdrawn once C is unreachable", |c, e| {
+        matches!(e, Event::Flow { link } if link == tx && credit(c, tx) == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_router_rejoins_the_mesh_and_carries_traffic_again() {
+    // B connects to both A and C, so it can come back on new ports.
+    let mut routers = mesh(&["A", "C", "B"], &[("A", "B"), ("B", "C")], None).await;
+    let peers: Vec<u16> = routers[..2]
+        .iter()
+        .map(|r| r.inter_router.expect("inter-router listener"))
+        .collect();
+
+    let mut r = routers[1].client().await;
+    let (rx, _) = r.open_receiver(Some("again"), 10).await.expect("attach");
+    let mut s = routers[0].client().await;
+    let tx = s.open_sender(Some("again"), false).await.expect("attach");
+    let (state, got) = tokio::join!(
+        send_message(&mut s, tx, 0, text("before")),
+        recv_text(&mut r, rx)
+    );
+    assert!(is_accepted(&state), "{state:?}");
+    assert_eq!(got, "before");
+
+    routers[2].kill();
+    await_no_route(&routers[0], "C").await;
+    await_no_route(&routers[1], "A").await;
+
+    routers[2] = start_router("B", &peers, None).await;
+    await_routes(&routers[0], &["B", "C"]).await;
+    await_routes(&routers[1], &["A", "B"]).await;
+    await_routes(&routers[2], &["A", "C"]).await;
+    let (state, got) = tokio::join!(
+        send_message(&mut s, tx, 1, text("after")),
+        recv_text(&mut r, rx)
+    );
+    assert!(is_accepted(&state), "{state:?}");
+    assert_eq!(got, "after");
 }
 
 // ---------------------------------------------------------------------------
@@ -583,8 +773,21 @@ impl Tally {
     }
 }
 
-#[tokio::test]
-async fn traffic_fails_over_to_the_other_path_when_a_router_on_the_path_is_killed() {
+/// How the router on the path is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// `kill -9`: its sockets close, so its neighbours know at once.
+    Killed,
+    /// `kill -STOP`: its sockets stay open but it says nothing, so its
+    /// neighbours know only when its HELLOs stop (3 s).
+    Frozen,
+}
+
+/// Ring A-B-C-D, a receiver on C, a sender on A keeping [`IN_FLIGHT`]
+/// unsettled messages in flight; the router A reaches C through is lost
+/// under load. Traffic must continue on the other path and every delivery
+/// must end accepted or released.
+async fn fail_over(loss: Loss) {
     const BEFORE: u64 = 300;
     const AFTER: u64 = 300;
     let mut routers = mesh(
@@ -607,14 +810,14 @@ async fn traffic_fails_over_to_the_other_path_when_a_router_on_the_path_is_kille
     await_flow_credit(&mut s, tx, "credit for the receiver on C").await;
 
     let mut tally = Tally::default();
-    within("messages accepted before the kill", async {
+    within("messages accepted before the loss", async {
         while tally.accepted < BEFORE {
             tally.step(&mut s, tx, true).await;
         }
     })
     .await;
 
-    // Kill the router A reaches C through, under load.
+    // Lose the router A reaches C through, under load.
     let hop = routes_now(&routers[0])
         .get("C")
         .map(|(hop, _)| hop.clone())
@@ -622,9 +825,12 @@ async fn traffic_fails_over_to_the_other_path_when_a_router_on_the_path_is_kille
     assert!(hop == "B" || hop == "D", "A reaches C through {hop}");
     let victim = if hop == "B" { 1 } else { 3 };
     tally.killed_at = Some(tally.sent);
-    routers[victim].kill();
+    match loss {
+        Loss::Killed => routers[victim].kill(),
+        Loss::Frozen => routers[victim].signal("STOP"),
+    }
 
-    let what = format!("messages accepted after {hop} was killed");
+    let what = format!("messages accepted after {hop} was {loss:?}");
     within(&what, async {
         while tally.accepted_after_kill < AFTER {
             tally.step(&mut s, tx, true).await;
@@ -662,6 +868,16 @@ async fn traffic_fails_over_to_the_other_path_when_a_router_on_the_path_is_kille
     })
     .await;
     collector.abort();
+}
+
+#[tokio::test]
+async fn traffic_fails_over_to_the_other_path_when_a_router_on_the_path_is_killed() {
+    fail_over(Loss::Killed).await;
+}
+
+#[tokio::test]
+async fn traffic_fails_over_to_the_other_path_when_a_router_on_the_path_freezes() {
+    fail_over(Loss::Frozen).await;
 }
 
 // ---------------------------------------------------------------------------

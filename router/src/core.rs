@@ -518,7 +518,10 @@ impl AddressState {
 
     fn is_unused(&self) -> bool {
         let g = self.lock();
-        g.consumers.is_empty() && g.senders.is_empty() && g.undelivered.is_empty()
+        g.consumers.is_empty()
+            && g.senders.is_empty()
+            && g.undelivered.is_empty()
+            && !g.remote_multicast
     }
 
     /// Numbers for `flotilla stat`.
@@ -554,7 +557,8 @@ pub fn return_credit(msgs: &[Routed]) {
 /// Every address the router knows, by (space, address).
 #[derive(Debug, Default)]
 pub struct AddressTable {
-    map: Mutex<HashMap<(String, String), Arc<AddressState>>>,
+    /// space → address → state (looked up by `&str`, no allocation).
+    map: Mutex<HashMap<String, HashMap<String, Arc<AddressState>>>>,
 }
 
 impl AddressTable {
@@ -566,22 +570,32 @@ impl AddressTable {
         kind: AddressType,
     ) -> Arc<AddressState> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry((space.to_string(), address.to_string()))
-            .or_insert_with(|| Arc::new(AddressState::new(space, address, kind)))
-            .clone()
+        if let Some(a) = m.get(space).and_then(|s| s.get(address)) {
+            return a.clone();
+        }
+        let a = Arc::new(AddressState::new(space, address, kind));
+        m.entry(space.to_string())
+            .or_default()
+            .insert(address.to_string(), a.clone());
+        a
     }
 
     pub fn get(&self, space: &str, address: &str) -> Option<Arc<AddressState>> {
         let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&(space.to_string(), address.to_string())).cloned()
+        m.get(space).and_then(|s| s.get(address)).cloned()
     }
 
     /// Forgets an address nobody uses any more.
     pub fn gc(&self, a: &AddressState) {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (a.space.clone(), a.address.clone());
-        if m.get(&key).is_some_and(|s| s.is_unused()) {
-            m.remove(&key);
+        let Some(space) = m.get_mut(&a.space) else {
+            return;
+        };
+        if space.get(&a.address).is_some_and(|s| s.is_unused()) {
+            space.remove(&a.address);
+            if space.is_empty() {
+                m.remove(&a.space);
+            }
         }
     }
 
@@ -590,7 +604,7 @@ impl AddressTable {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .cloned()
+            .flat_map(|s| s.values().cloned())
             .collect()
     }
 }

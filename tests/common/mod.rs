@@ -213,11 +213,17 @@ impl RouterProc {
     }
 
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the router signal `name` (`TERM`, `STOP`, …). A stopped router
+    /// is still killed on drop.
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM: {status}");
+        assert!(status.success(), "kill -{name}: {status}");
     }
 
     /// Kills the router with SIGKILL (no shutdown, sockets reset) and

@@ -59,19 +59,23 @@ fn put_str(out: &mut BytesMut, s: &str) {
 
 impl Header {
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(
-            16 + self.space.len() + self.address.len() + self.ingress.len() + 16 * self.trace.len(),
-        );
+        let mut out = BytesMut::new();
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    /// Writes the header into `out` (cleared first).
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        out.clear();
         out.put_u8(0xF1);
         out.put_u8(u8::from(self.multicast));
-        put_str(&mut out, &self.space);
-        put_str(&mut out, &self.address);
-        put_str(&mut out, &self.ingress);
+        put_str(out, &self.space);
+        put_str(out, &self.address);
+        put_str(out, &self.ingress);
         out.put_u8(self.trace.len().min(255) as u8);
         for t in self.trace.iter().take(255) {
-            put_str(&mut out, t);
+            put_str(out, t);
         }
-        out.freeze()
     }
 
     /// The header at the front of `b` and its length; `None` if malformed.
@@ -132,8 +136,14 @@ pub(crate) struct PeerLink {
     control_queue: VecDeque<Bytes>,
     /// Messages for the neighbour waiting for data-link credit.
     pending: VecDeque<(Routed, Arc<AddressState>, Arc<AtomicU32>)>,
-    /// Messages sent per address, to advance its window with the neighbour.
-    sent: HashMap<(String, String), u32>,
+    /// Messages sent per address (by its state's address in memory), to
+    /// advance its window with the neighbour.
+    sent: HashMap<usize, u32>,
+    /// Scratch space for routing headers.
+    header_buf: BytesMut,
+    /// Control messages that came before we told the mesh about this
+    /// connection (the mesh ignores unknown connections).
+    early: Vec<Control>,
 }
 
 impl PeerLink {
@@ -154,6 +164,8 @@ impl PeerLink {
             control_queue: VecDeque::new(),
             pending: VecDeque::new(),
             sent: HashMap::new(),
+            header_buf: BytesMut::new(),
+            early: Vec::new(),
         }
     }
 }
@@ -290,13 +302,21 @@ impl ConnectionTask {
             return;
         };
         p.announced = true;
+        let conn = handle.id.0;
         let ev = MeshEvent::PeerUp {
-            id,
+            id: id.clone(),
             conn: handle,
             control: p.control_tx.clone(),
             data,
         };
         p.mesh.send(ev);
+        for msg in std::mem::take(&mut p.early) {
+            p.mesh.send(MeshEvent::Control {
+                from: id.clone(),
+                conn,
+                msg,
+            });
+        }
     }
 
     pub(crate) fn peer_on_flow(&mut self, link: LinkId) {
@@ -393,9 +413,10 @@ impl ConnectionTask {
             };
             let token = self.next_token;
             self.next_token += 1;
+            let hdr = self.mesh_header(&header);
             if !self
                 .conn
-                .send_parts(link, &[&header.encode(), &msg.payload], msg.settled, token)
+                .send_parts(link, &[&hdr, &msg.payload], msg.settled, token)
             {
                 address.unsend(self.id, link, msg);
                 continue;
@@ -411,7 +432,7 @@ impl ConnectionTask {
             }
             if address.kind != AddressType::Multicast {
                 // The neighbour took one: widen this address's window.
-                let key = (address.space.clone(), address.address.clone());
+                let key = Arc::as_ptr(&address) as usize;
                 let sent = {
                     let n = self.peer().sent.entry(key).or_default();
                     *n = n.wrapping_add(1);
@@ -430,6 +451,13 @@ impl ConnectionTask {
         }
     }
 
+    /// Encodes a routing header in the reused scratch buffer.
+    fn mesh_header(&mut self, h: &Header) -> BytesMut {
+        let p = self.peer();
+        h.encode_into(&mut p.header_buf);
+        p.header_buf.split()
+    }
+
     /// A delivery from the neighbour: control messages go to the mesh,
     /// data is routed.
     pub(crate) fn peer_on_delivery(&mut self, link: LinkId, d: Delivery) {
@@ -440,9 +468,12 @@ impl ConnectionTask {
             {
                 Some(msg) => {
                     let conn = self.id.0;
-                    self.peer()
-                        .mesh
-                        .send(MeshEvent::Control { from, conn, msg });
+                    let p = self.peer();
+                    if p.announced {
+                        p.mesh.send(MeshEvent::Control { from, conn, msg });
+                    } else {
+                        p.early.push(msg);
+                    }
                 }
                 None => debug!(conn.id = self.id.0, "undecodable control message ignored"),
             }
