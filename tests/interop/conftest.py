@@ -13,7 +13,7 @@ import time
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-LISTENING = re.compile(r'listening proto="(\w+)" addr=([\d.]+):(\d+)')
+LISTENING = re.compile(r'listening proto="([\w-]+)" addr=([\d.]+):(\d+)')
 
 
 def flotilla_bin():
@@ -36,7 +36,7 @@ class Router:
         self.ports = {}
         self.log = []
         deadline = time.monotonic() + 20
-        want = 2 if "--amqps" in args else 1
+        want = 1 + ("--amqps" in args) + ("--inter-router" in args)
         while len(self.ports) < want:
             if time.monotonic() > deadline:
                 self.stop()
@@ -60,6 +60,16 @@ class Router:
     @property
     def url(self):
         return "127.0.0.1:%d" % self.ports["amqp"]
+
+    def wait_for_log(self, pattern, timeout=20):
+        """Waits (bounded) until a log line matches `pattern`."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            if any(rx.search(l) for l in list(self.log)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("no log line matching %r:\n%s" % (pattern, "".join(self.log)))
 
     def stop(self):
         if self.proc.poll() is None:

@@ -332,3 +332,16 @@ def test_tls_connection(start_router, tmpdir_path):
     snd.send(Message(body="over tls"))
     assert receive_n(rcv, 1) == ["over tls"]
     c.close()
+
+
+def test_clients_on_different_routers_of_a_mesh(start_router):
+    a = start_router("--inter-router", "127.0.0.1:0", "--router-id", "A")
+    b = start_router("--router-id", "B", "--peer", "127.0.0.1:%d" % a.ports["inter-router"])
+    a.wait_for_log(r'mesh routes routes=\["B via B')
+    bodies = ["across %d" % i for i in range(10)]
+    rcv = Recv(b.url, "meshed", 10)
+    # The sender's credit comes once A has learnt of the receiver on B.
+    snd = Send(a.url, "meshed", bodies, wait_for=lambda: rcv.link and rcv.link.state & rcv.link.REMOTE_ACTIVE)
+    run(rcv, snd)
+    assert rcv.got == bodies
+    assert snd.outcomes == [Delivery.ACCEPTED] * 10
