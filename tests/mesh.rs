@@ -41,14 +41,15 @@ spec: {addressSpace: tenant-x, address: orders, type: anycast}
 ";
 
 /// Router `id` with an inter-router listener, connecting to the routers
-/// listening on `peers` (inter-router ports).
-async fn start_router(id: &str, peers: &[u16], config: Option<&str>) -> RouterProc {
+/// listening on `peers` (inter-router ports), with `extra` arguments.
+async fn start_router(id: &str, peers: &[u16], config: Option<&str>, extra: &[&str]) -> RouterProc {
     let mut args = vec![
         "--inter-router".to_string(),
         "127.0.0.1:0".to_string(),
         "--router-id".to_string(),
         id.to_string(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     for port in peers {
         args.push("--peer".into());
         args.push(format!("127.0.0.1:{port}"));
@@ -67,6 +68,16 @@ async fn start_router(id: &str, peers: &[u16], config: Option<&str>) -> RouterPr
 /// connects to the other with `--peer`. Returns them in `ids` order once
 /// every router has a route to every other.
 async fn mesh(ids: &[&str], links: &[(&str, &str)], config: Option<&str>) -> Vec<RouterProc> {
+    mesh_with(ids, links, config, &[]).await
+}
+
+/// [`mesh`] with `extra` arguments for every router.
+async fn mesh_with(
+    ids: &[&str],
+    links: &[(&str, &str)],
+    config: Option<&str>,
+    extra: &[&str],
+) -> Vec<RouterProc> {
     let mut routers: Vec<RouterProc> = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let mut peers = Vec::new();
@@ -80,7 +91,7 @@ async fn mesh(ids: &[&str], links: &[(&str, &str)], config: Option<&str>) -> Vec
                 peers.push(routers[j].inter_router.expect("inter-router listener"));
             }
         }
-        routers.push(start_router(id, &peers, config).await);
+        routers.push(start_router(id, &peers, config, extra).await);
     }
     for (i, r) in routers.iter().enumerate() {
         let others: Vec<&str> = ids
@@ -379,6 +390,48 @@ async fn receiver_outcomes_reach_a_sender_two_routers_away() {
 }
 
 #[tokio::test]
+async fn unsettled_deliveries_of_a_detaching_receiver_two_routers_away_are_released_to_the_sender()
+{
+    const N: usize = 20;
+    const ACCEPT: usize = 5;
+    let routers = mesh(&["A", "B", "C"], &[("A", "B"), ("B", "C")], None).await;
+    let mut fe_rx = routers[2].fe2o3("leaver").await;
+    let mut rx = fe_rx.receiver("rx", "handover").await;
+    let mut fe_tx = routers[0].fe2o3("producer").await;
+    let mut tx = fe_tx.sender("tx", "handover").await;
+
+    let bodies = numbered("m", N);
+    let pending = send_unsettled(&mut tx, &bodies).await;
+    for (i, b) in bodies.iter().enumerate() {
+        let d = within("a message", rx.recv::<String>())
+            .await
+            .expect("recv");
+        assert_eq!(d.body(), b);
+        if i < ACCEPT {
+            within("accept", rx.accept(&d)).await.expect("accept");
+        }
+    }
+    within("the receiver to detach", rx.close())
+        .await
+        .expect("close");
+
+    let outcomes = outcomes(pending).await;
+    let accepted = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Accepted(_)))
+        .count();
+    let released = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Released(_)))
+        .count();
+    assert_eq!(
+        (accepted, released),
+        (ACCEPT, N - ACCEPT),
+        "accepted + released == sent: {outcomes:?}"
+    );
+}
+
+#[tokio::test]
 async fn anycast_in_a_ring_shares_messages_between_receivers_on_two_routers_without_duplicates() {
     const N: usize = 200;
     let routers = mesh(
@@ -644,7 +697,7 @@ async fn a_restarted_router_rejoins_the_mesh_and_carries_traffic_again() {
     await_no_route(&routers[0], "C").await;
     await_no_route(&routers[1], "A").await;
 
-    routers[2] = start_router("B", &peers, None).await;
+    routers[2] = start_router("B", &peers, None, &[]).await;
     await_routes(&routers[0], &["B", "C"]).await;
     await_routes(&routers[1], &["A", "B"]).await;
     await_routes(&routers[2], &["A", "C"]).await;
@@ -654,6 +707,82 @@ async fn a_restarted_router_rejoins_the_mesh_and_carries_traffic_again() {
     );
     assert!(is_accepted(&state), "{state:?}");
     assert_eq!(got, "after");
+}
+
+/// Backpressure across the mesh: a receiver that takes nothing makes a
+/// sender two routers away run out of credit, as it would on one router
+/// (`slow_receiver_holds_a_sender_to_link_capacity` in tests/router.rs);
+/// the routers between do not queue without bound.
+#[tokio::test]
+#[ignore = "bug: no end-to-end backpressure across the mesh. A sender on A to a receiver on C \
+            that grants no credit (chain A-B-C, --link-capacity 10) never runs out of credit: \
+            about 100 000 messages in 3 s, all queued in C's memory (C's RSS 25 MB -> 60 MB). \
+            Causes: a neighbour's per-address window widens when a message is put on the data \
+            link, not when it is settled (mesh/peer.rs flush_pending: \
+            consumer_credit(sent + REMOTE_WINDOW)); the receiving router re-grants DATA_CREDIT \
+            on every delivery whatever it could route (peer_on_delivery); and a message the \
+            last router queues for a receiver without credit (Forwarded::Queued) is held \
+            against no incoming link (the data link is not in `incoming`), so \
+            AddressState::undelivered grows without bound while A's sender, whose messages never \
+            wait at A, is topped up to --link-capacity after every delivery"]
+async fn a_stalled_receiver_two_routers_away_stops_the_sender() {
+    const CAPACITY: u32 = 10;
+    /// Far more than the routers' windows add up to: the sender must have
+    /// stopped long before.
+    const LIMIT: u64 = 20_000;
+    /// No credit for this long: the sender has stopped. (Credit that is
+    /// never coming has no event to wait for.)
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+    let routers = mesh_with(
+        &["A", "B", "C"],
+        &[("A", "B"), ("B", "C")],
+        None,
+        &["--link-capacity", "10"],
+    )
+    .await;
+    let mut r = routers[2].client().await;
+    let (rx, _) = r.open_receiver(Some("stalled"), 0).await.expect("attach");
+    let mut s = routers[0].client().await;
+    let tx = s.open_sender(Some("stalled"), false).await.expect("attach");
+    await_flow_credit(&mut s, tx, "credit for the receiver on C").await;
+    assert_eq!(
+        credit(&s, tx),
+        CAPACITY,
+        "a sender's window is --link-capacity"
+    );
+
+    let mut sent = 0u64;
+    loop {
+        while credit(&s, tx) > 0 {
+            assert!(
+                sent < LIMIT,
+                "the sender never runs out of credit: {sent} messages taken for a receiver \
+                 that has granted none"
+            );
+            assert!(s.conn.send(tx, &text(&format!("m-{sent}")), false, sent));
+            sent += 1;
+        }
+        s.flush().await.expect("flush");
+        let more = tokio::time::timeout(
+            QUIET,
+            next_event_where(&mut s, "more credit", |c, e| {
+                matches!(e, Event::Flow { link } if link == tx && credit(c, tx) > 0).then_some(())
+            }),
+        )
+        .await;
+        if more.is_err() {
+            break;
+        }
+    }
+
+    // Once the receiver takes messages, all of them arrive, in order.
+    r.conn.flow(rx, sent as u32, false);
+    let mut got = Vec::new();
+    for _ in 0..sent {
+        got.push(recv_text(&mut r, rx).await);
+    }
+    let expected: Vec<String> = (0..sent).map(|i| format!("m-{i}")).collect();
+    assert_eq!(got, expected);
 }
 
 // ---------------------------------------------------------------------------
@@ -730,9 +859,9 @@ struct Tally {
     accepted: u64,
     released: u64,
     other: Vec<(u64, Option<DeliveryState>)>,
-    /// Messages sent before the kill have tokens below this.
-    killed_at: Option<u64>,
-    accepted_after_kill: u64,
+    /// Messages sent before the router was lost have tokens below this.
+    lost_at: Option<u64>,
+    accepted_after_loss: u64,
 }
 
 const IN_FLIGHT: u64 = 50;
@@ -758,8 +887,8 @@ impl Tally {
             } if l == link => match state {
                 Some(DeliveryState::Accepted(_)) => {
                     self.accepted += 1;
-                    if self.killed_at.is_some_and(|k| token >= k) {
-                        self.accepted_after_kill += 1;
+                    if self.lost_at.is_some_and(|k| token >= k) {
+                        self.accepted_after_loss += 1;
                     }
                 }
                 Some(DeliveryState::Released(_)) => self.released += 1,
@@ -824,7 +953,7 @@ async fn fail_over(loss: Loss) {
         .expect("A has a route to C");
     assert!(hop == "B" || hop == "D", "A reaches C through {hop}");
     let victim = if hop == "B" { 1 } else { 3 };
-    tally.killed_at = Some(tally.sent);
+    tally.lost_at = Some(tally.sent);
     match loss {
         Loss::Killed => routers[victim].kill(),
         Loss::Frozen => routers[victim].signal("STOP"),
@@ -832,7 +961,7 @@ async fn fail_over(loss: Loss) {
 
     let what = format!("messages accepted after {hop} was {loss:?}");
     within(&what, async {
-        while tally.accepted_after_kill < AFTER {
+        while tally.accepted_after_loss < AFTER {
             tally.step(&mut s, tx, true).await;
         }
     })
@@ -856,7 +985,7 @@ async fn fail_over(loss: Loss) {
         tally.sent,
         "every delivery is accepted or released: {tally:?}"
     );
-    assert!(tally.accepted_after_kill > 0, "{tally:?}");
+    assert!(tally.accepted_after_loss > 0, "{tally:?}");
 
     // The receiver got (at least) every accepted message.
     let mut received = 0u64;

@@ -291,8 +291,13 @@ impl Connection {
         }
     }
 
-    pub fn config(&self) -> &ConnectionConfig {
+        pub fn config(&self) -> &ConnectionConfig {
         &self.cfg
+    }
+
+    /// Changes the settings before our Open is sent.
+    pub fn config_mut(&mut self) -> &mut ConnectionConfig {
+        &mut self.cfg
     }
 
     /// The largest frame we accept right now.

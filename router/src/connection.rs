@@ -311,7 +311,7 @@ impl ConnectionTask {
     /// Events on an inter-router connection.
     fn handle_peer_event(&mut self, e: Event) {
         match e {
-            Event::Open(open) => self.peer_on_open(&open.container_id),
+            Event::Open(open) => self.peer_on_open(&open),
             Event::Begin { channel, answer } => self.peer_on_begin(channel, answer),
             Event::Attach {
                 link,

@@ -19,7 +19,6 @@ use tracing::{debug, error, info, Instrument};
 
 use crate::connection::ConnectionTask;
 use crate::core::ConnectionId;
-use crate::mesh::peer::PeerLink;
 use crate::Shared;
 
 /// How long a client may take from TCP connect to the AMQP header.
@@ -138,7 +137,7 @@ async fn serve(
         let Some(mesh) = shared.mesh.clone() else {
             return;
         };
-        task.mesh_peer = Some(PeerLink::new(mesh, false));
+        task.make_peer(mesh, false);
     }
     let reason = task.run(est.io, est.read_buf).await;
     debug!(reason = ?reason, "connection closed");
@@ -280,7 +279,7 @@ async fn connect_once(
             },
             addr,
         );
-        task.mesh_peer = Some(PeerLink::new(mesh, true));
+        task.make_peer(mesh, true);
         let started = std::time::Instant::now();
         let reason = tokio::select! {
             r = task.run(io, buf) => Some(r),

@@ -31,6 +31,8 @@ use super::{Control, MeshEvent, MeshHandle, PeerCommand, REMOTE_WINDOW};
 use crate::connection::ConnectionTask;
 use crate::core::{AddressState, Hops, Origin, Routed};
 
+/// Offered in the Open of every inter-router connection, both ways.
+pub const INTER_ROUTER_CAPABILITY: &str = "flotilla.inter-router";
 const CONTROL_ADDRESS: &str = "$flotilla/control";
 const DATA_ADDRESS: &str = "$flotilla/data";
 /// Credit we give a neighbour's data link (per-address windows bound what
@@ -220,7 +222,21 @@ impl ConnectionTask {
         p.data_out = Some(data);
     }
 
-    pub(crate) fn peer_on_open(&mut self, container_id: &str) {
+        /// Makes this connection an inter-router one.
+    pub(crate) fn make_peer(&mut self, mesh: MeshHandle, outbound: bool) {
+        self.conn.config_mut().offered_capabilities = vec![INTER_ROUTER_CAPABILITY];
+        self.mesh_peer = Some(PeerLink::new(mesh, outbound));
+    }
+
+    pub(crate) fn peer_on_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
+        let is_router = open.offered_capabilities.as_ref().is_some_and(|c| c.0.iter().any(|s| s.as_str() == INTER_ROUTER_CAPABILITY));
+        if !is_router {
+            info!(conn.id = self.id.0, container = %open.container_id, "refused: not a Flotilla router");
+            self.closing = Some(crate::connection::CloseReason::Unauthorized);
+            self.conn.close(Some(amqp_error(AmqpError::NotAllowed, format!("this port is for routers; Open must offer {INTER_ROUTER_CAPABILITY}"))));
+            return;
+        }
+        let container_id = open.container_id.as_str();
         info!(
             conn.id = self.id.0,
             router = container_id,
