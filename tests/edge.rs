@@ -8,7 +8,12 @@ use common::*;
 
 /// An interior router with an inter-router listener, connecting to `peers`.
 async fn interior(id: &str, peers: &[u16]) -> RouterProc {
-    let mut args = vec!["--inter-router".to_string(), "127.0.0.1:0".into(), "--router-id".into(), id.into()];
+    let mut args = vec![
+        "--inter-router".to_string(),
+        "127.0.0.1:0".into(),
+        "--router-id".into(),
+        id.into(),
+    ];
     for p in peers {
         args.extend(["--peer".to_string(), format!("127.0.0.1:{p}")]);
     }
@@ -17,7 +22,12 @@ async fn interior(id: &str, peers: &[u16]) -> RouterProc {
 
 /// An edge router with `uplinks` (inter-router ports) in order.
 async fn edge(id: &str, uplinks: &[u16]) -> RouterProc {
-    let mut args = vec!["--mode".to_string(), "edge".into(), "--router-id".into(), id.into()];
+    let mut args = vec![
+        "--mode".to_string(),
+        "edge".into(),
+        "--router-id".into(),
+        id.into(),
+    ];
     for p in uplinks {
         args.extend(["--peer".to_string(), format!("127.0.0.1:{p}")]);
     }
@@ -32,14 +42,24 @@ fn ir(r: &RouterProc) -> u16 {
 /// a working connection (the `neighbour` line after `from` lines).
 async fn await_edge(r: &RouterProc, edge: &str, from: usize) {
     let want = format!("router={edge} two_way=true edge=true");
-    r.wait_log(&format!("{} to see edge router {edge}", r.name), |log| log.iter().skip(from).any(|l| l.contains(&want)).then_some(())).await;
+    r.wait_log(&format!("{} to see edge router {edge}", r.name), |log| {
+        log.iter()
+            .skip(from)
+            .any(|l| l.contains(&want))
+            .then_some(())
+    })
+    .await;
 }
 
 /// Waits until `r`'s routes include `dest`.
 async fn await_route(r: &RouterProc, dest: &str) {
     let want = format!("\"{dest} via ");
     r.wait_log(&format!("{} to route to {dest}", r.name), |log| {
-        log.iter().rev().find(|l| l.contains("mesh routes")).filter(|l| l.contains(&want)).map(|_| ())
+        log.iter()
+            .rev()
+            .find(|l| l.contains("mesh routes"))
+            .filter(|l| l.contains(&want))
+            .map(|_| ())
     })
     .await;
 }
@@ -52,7 +72,10 @@ async fn one_message(from: &RouterProc, to: &RouterProc, address: &str, body: &s
     rx.flush().await.expect("flush");
     let mut tx = from.client().await;
     let tl = tx.open_sender(Some(address), false).await.expect("sender");
-    let (state, got) = tokio::join!(send_message(&mut tx, tl, 1, text(body)), recv_text(&mut rx, rl));
+    let (state, got) = tokio::join!(
+        send_message(&mut tx, tl, 1, text(body)),
+        recv_text(&mut rx, rl)
+    );
     assert_eq!(got, body);
     assert!(is_accepted(&state), "accepted end to end, got {state:?}");
 }
@@ -69,8 +92,16 @@ async fn an_edge_router_carries_traffic_both_ways_through_its_uplink() {
     one_message(&e, &a, "from-edge", "up").await;
     // The edge router takes no part in link state.
     let routes = a.log_text();
-    let last = routes.lines().rev().find(|l| l.contains("mesh routes")).unwrap_or_default().to_string();
-    assert!(!last.contains("E via"), "edge routers are not in the mesh's routes: {last}");
+    let last = routes
+        .lines()
+        .rev()
+        .find(|l| l.contains("mesh routes"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !last.contains("E via"),
+        "edge routers are not in the mesh's routes: {last}"
+    );
 }
 
 #[tokio::test]

@@ -291,7 +291,7 @@ impl Connection {
         }
     }
 
-        pub fn config(&self) -> &ConnectionConfig {
+    pub fn config(&self) -> &ConnectionConfig {
         &self.cfg
     }
 

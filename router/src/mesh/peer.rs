@@ -222,18 +222,24 @@ impl ConnectionTask {
         p.data_out = Some(data);
     }
 
-        /// Makes this connection an inter-router one.
+    /// Makes this connection an inter-router one.
     pub(crate) fn make_peer(&mut self, mesh: MeshHandle, outbound: bool) {
         self.conn.config_mut().offered_capabilities = vec![INTER_ROUTER_CAPABILITY];
         self.mesh_peer = Some(PeerLink::new(mesh, outbound));
     }
 
     pub(crate) fn peer_on_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
-        let is_router = open.offered_capabilities.as_ref().is_some_and(|c| c.0.iter().any(|s| s.as_str() == INTER_ROUTER_CAPABILITY));
+        let is_router = open
+            .offered_capabilities
+            .as_ref()
+            .is_some_and(|c| c.0.iter().any(|s| s.as_str() == INTER_ROUTER_CAPABILITY));
         if !is_router {
             info!(conn.id = self.id.0, container = %open.container_id, "refused: not a Flotilla router");
             self.closing = Some(crate::connection::CloseReason::Unauthorized);
-            self.conn.close(Some(amqp_error(AmqpError::NotAllowed, format!("this port is for routers; Open must offer {INTER_ROUTER_CAPABILITY}"))));
+            self.conn.close(Some(amqp_error(
+                AmqpError::NotAllowed,
+                format!("this port is for routers; Open must offer {INTER_ROUTER_CAPABILITY}"),
+            )));
             return;
         }
         let container_id = open.container_id.as_str();
