@@ -714,17 +714,6 @@ async fn a_restarted_router_rejoins_the_mesh_and_carries_traffic_again() {
 /// (`slow_receiver_holds_a_sender_to_link_capacity` in tests/router.rs);
 /// the routers between do not queue without bound.
 #[tokio::test]
-#[ignore = "bug: no end-to-end backpressure across the mesh. A sender on A to a receiver on C \
-            that grants no credit (chain A-B-C, --link-capacity 10) never runs out of credit: \
-            about 100 000 messages in 3 s, all queued in C's memory (C's RSS 25 MB -> 60 MB). \
-            Causes: a neighbour's per-address window widens when a message is put on the data \
-            link, not when it is settled (mesh/peer.rs flush_pending: \
-            consumer_credit(sent + REMOTE_WINDOW)); the receiving router re-grants DATA_CREDIT \
-            on every delivery whatever it could route (peer_on_delivery); and a message the \
-            last router queues for a receiver without credit (Forwarded::Queued) is held \
-            against no incoming link (the data link is not in `incoming`), so \
-            AddressState::undelivered grows without bound while A's sender, whose messages never \
-            wait at A, is topped up to --link-capacity after every delivery"]
 async fn a_stalled_receiver_two_routers_away_stops_the_sender() {
     const CAPACITY: u32 = 10;
     /// Far more than the routers' windows add up to: the sender must have

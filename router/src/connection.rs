@@ -723,6 +723,8 @@ impl ConnectionTask {
                 debug!(conn.id = self.id.0, address = %state.address, "queued until a receiver has credit");
                 if let Some(inc) = self.incoming.get_mut(&link) {
                     inc.held += 1;
+                } else {
+                    self.peer_held(link, 1, 0);
                 }
             }
             Forwarded::NoReceiver => self.no_receiver(&id, settled),
@@ -937,6 +939,8 @@ impl ConnectionTask {
                 if let Some(inc) = self.incoming.get_mut(&link) {
                     inc.held = inc.held.saturating_sub(returned);
                     self.dirty.insert(link);
+                } else {
+                    self.peer_held(link, 0, returned);
                 }
             }
         }
@@ -946,7 +950,11 @@ impl ConnectionTask {
     /// a window of `link_capacity` while a receiver exists (anonymous relay
     /// links always), none while no receiver does (anycast and multicast).
     fn top_up_credit(&mut self) {
-        if self.dirty.is_empty() || self.closing.is_some() || self.draining {
+        if self.closing.is_some() || self.draining {
+            return;
+        }
+        self.peer_top_up();
+        if self.dirty.is_empty() {
             return;
         }
         let window = self.shared.cfg.link_capacity;

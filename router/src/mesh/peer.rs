@@ -146,6 +146,8 @@ pub(crate) struct PeerLink {
     /// Control messages that came before we told the mesh about this
     /// connection (the mesh ignores unknown connections).
     early: Vec<Control>,
+    /// Messages from the neighbour waiting in this router for credit.
+    held: u32,
 }
 
 impl PeerLink {
@@ -168,6 +170,7 @@ impl PeerLink {
             sent: HashMap::new(),
             header_buf: BytesMut::new(),
             early: Vec::new(),
+            held: 0,
         }
     }
 }
@@ -511,13 +514,6 @@ impl ConnectionTask {
         if Some(link) != self.peer().data_in {
             return;
         }
-        if self
-            .conn
-            .link(link)
-            .is_some_and(|l| l.credit < DATA_CREDIT / 2)
-        {
-            self.conn.flow(link, DATA_CREDIT, false);
-        }
         let Some((h, len)) = Header::decode(&d.payload) else {
             return self.reject(
                 &d.id,
@@ -539,7 +535,9 @@ impl ConnectionTask {
             payload: d.payload.slice(len..),
             settled: d.settled,
             origin,
-            sender: None,
+            // Messages that wait here for a receiver's credit hold the data
+            // link's credit until they leave (see `peer_top_up`).
+            sender: Some((self.handle.clone(), link)),
             hops: Some(Arc::new(Hops {
                 ingress: h.ingress,
                 trace: h.trace,
@@ -547,6 +545,38 @@ impl ConnectionTask {
         };
         self.route(&state, routed, d.id, link);
         self.shared.table.gc(&state);
+    }
+
+    /// Credit for the neighbour's data link: [`DATA_CREDIT`] less the
+    /// messages of it that wait in this router for a receiver's credit, so
+    /// a stalled receiver anywhere stops its senders instead of filling
+    /// this router's memory.
+    pub(crate) fn peer_top_up(&mut self) {
+        let Some(p) = self.mesh_peer.as_ref() else {
+            return;
+        };
+        let (Some(link), held) = (p.data_in, p.held) else {
+            return;
+        };
+        let Some(l) = self.conn.link(link) else {
+            return;
+        };
+        let want = DATA_CREDIT.saturating_sub(held);
+        if l.credit + held <= DATA_CREDIT / 2 && want > l.credit {
+            self.conn.flow(link, want, false);
+        }
+    }
+
+    /// Messages from the neighbour started or stopped waiting here.
+    pub(crate) fn peer_held(&mut self, link: LinkId, queued: u32, returned: u32) -> bool {
+        let Some(p) = self.mesh_peer.as_mut() else {
+            return false;
+        };
+        if p.data_in != Some(link) {
+            return false;
+        }
+        p.held = (p.held + queued).saturating_sub(returned);
+        true
     }
 
     /// The connection is gone: tell the mesh, give back what waited.
