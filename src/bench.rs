@@ -17,7 +17,7 @@ use flotilla_amqp::client::{Client, ClientError};
 use flotilla_amqp::connection::{AttachReply, Connection, ConnectionConfig, Event};
 use flotilla_amqp::frame;
 use flotilla_amqp::message::{self, MessageParts};
-use flotilla_amqp::transport::{self, AcceptConfig, Authenticator, Identity};
+use flotilla_amqp::transport::{self, AcceptConfig};
 use flotilla_amqp::types::definitions::Role;
 use flotilla_amqp::types::messaging::{Accepted, DeliveryState, TargetArchetype};
 use hdrhistogram::Histogram;
@@ -442,39 +442,6 @@ async fn receiver(
     c.close().await;
 }
 
-/// Accepts anyone: the benchmark's own listening peer.
-struct OpenDoor;
-
-impl Authenticator for OpenDoor {
-    fn mechanisms(&self, _: SocketAddr) -> Vec<&'static str> {
-        vec!["ANONYMOUS", "PLAIN"]
-    }
-    fn allow_no_sasl(&self, _: SocketAddr) -> bool {
-        true
-    }
-    fn anonymous(&self, _: Option<&str>, _: SocketAddr) -> Option<Identity> {
-        Some(Identity {
-            user: None,
-            space: None,
-            mechanism: "ANONYMOUS",
-        })
-    }
-    async fn plain(&self, user: &str, _: &str, _: Option<&str>) -> Option<Identity> {
-        Some(Identity {
-            user: Some(user.to_string()),
-            space: None,
-            mechanism: "PLAIN",
-        })
-    }
-    async fn scram(
-        &self,
-        _: &str,
-        _: Option<&str>,
-    ) -> Option<(flotilla_core::auth::ScramCredentials, Identity)> {
-        None
-    }
-}
-
 async fn listen(
     l: tokio::net::TcpListener,
     a: BenchArgs,
@@ -490,7 +457,13 @@ async fn listen(
         let _ = tcp.set_nodelay(true);
         let (a, stats, stop) = (a.clone(), stats.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let Ok(est) = transport::accept(tcp, peer, &AcceptConfig::default(), &OpenDoor).await
+            let Ok(est) = transport::accept(
+                tcp,
+                peer,
+                &AcceptConfig::default(),
+                &transport::AllowAnonymous,
+            )
+            .await
             else {
                 return;
             };

@@ -91,6 +91,41 @@ pub trait Authenticator: Send + Sync {
     ) -> impl Future<Output = Option<(ScramCredentials, Identity)>> + Send;
 }
 
+/// Admits every peer as ANONYMOUS (with or without a SASL layer): for
+/// listeners whose peers are vouched for otherwise (mutual TLS between
+/// routers) or do not matter (a benchmark's own listening peer).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAnonymous;
+
+impl Authenticator for AllowAnonymous {
+    fn mechanisms(&self, _: SocketAddr) -> Vec<&'static str> {
+        vec!["ANONYMOUS"]
+    }
+    fn allow_no_sasl(&self, _: SocketAddr) -> bool {
+        true
+    }
+    fn anonymous(&self, _: Option<&str>, _: SocketAddr) -> Option<Identity> {
+        Some(Identity::anonymous())
+    }
+    async fn plain(&self, _: &str, _: &str, _: Option<&str>) -> Option<Identity> {
+        None
+    }
+    async fn scram(&self, _: &str, _: Option<&str>) -> Option<(ScramCredentials, Identity)> {
+        None
+    }
+}
+
+impl Identity {
+    /// A peer that did not authenticate.
+    pub fn anonymous() -> Self {
+        Identity {
+            user: None,
+            space: None,
+            mechanism: "ANONYMOUS",
+        }
+    }
+}
+
 /// A stream that first yields bytes already read from it.
 pub struct Prefixed<IO> {
     prefix: Bytes,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_amqp::transport::{
-    self, AcceptConfig, Authenticator, ClientSasl, ConnectConfig, Identity,
+    self, AcceptConfig, AllowAnonymous, ClientSasl, ConnectConfig, Identity,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -61,36 +61,6 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Who may open an inter-router connection: anyone who completed the
-/// listener's TLS (mutual TLS when a CA is configured), as ANONYMOUS.
-struct PeerAuth;
-
-impl Authenticator for PeerAuth {
-    fn mechanisms(&self, _: SocketAddr) -> Vec<&'static str> {
-        vec!["ANONYMOUS"]
-    }
-    fn allow_no_sasl(&self, _: SocketAddr) -> bool {
-        true
-    }
-    fn anonymous(&self, _: Option<&str>, _: SocketAddr) -> Option<Identity> {
-        Some(Identity {
-            user: None,
-            space: None,
-            mechanism: "ANONYMOUS",
-        })
-    }
-    async fn plain(&self, _: &str, _: &str, _: Option<&str>) -> Option<Identity> {
-        None
-    }
-    async fn scram(
-        &self,
-        _: &str,
-        _: Option<&str>,
-    ) -> Option<(flotilla_core::auth::ScramCredentials, Identity)> {
-        None
-    }
-}
-
 async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -111,7 +81,7 @@ async fn serve(
     let hs = if inter_router {
         tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            transport::accept(tcp, peer, &cfg, &PeerAuth),
+            transport::accept(tcp, peer, &cfg, &AllowAnonymous),
         )
         .await
     } else {
@@ -269,16 +239,7 @@ async fn connect_once(
                 Err(_) => return None,
             };
         let mesh = shared.mesh.clone()?;
-        let mut task = ConnectionTask::new(
-            id,
-            shared.clone(),
-            Identity {
-                user: None,
-                space: None,
-                mechanism: "ANONYMOUS",
-            },
-            addr,
-        );
+        let mut task = ConnectionTask::new(id, shared.clone(), Identity::anonymous(), addr);
         task.make_peer(mesh, true);
         let started = std::time::Instant::now();
         let reason = tokio::select! {
