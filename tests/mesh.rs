@@ -15,8 +15,7 @@ use std::collections::BTreeMap;
 use fe2o3_amqp::Sendable;
 use flotilla_amqp::client::{Client, ClientOptions};
 use flotilla_amqp::connection::{Event, LinkId};
-use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
-use flotilla_amqp::types::messaging::{DeliveryState, Message, Modified, Outcome, Properties};
+use flotilla_amqp::types::messaging::{DeliveryState, Message, Outcome, Properties};
 use tokio::sync::mpsc;
 
 mod common;
@@ -351,42 +350,7 @@ async fn receiver_outcomes_reach_a_sender_two_routers_away() {
     let mut fe_tx = routers[0].fe2o3("hopeful").await;
     let mut tx = fe_tx.sender("tx", "outcomes").await;
 
-    let error = AmqpErrorBody::new(
-        AmqpError::InvalidField,
-        Some("no such product".to_string()),
-        None,
-    );
-    let modified = Modified {
-        delivery_failed: Some(true),
-        undeliverable_here: Some(true),
-        message_annotations: None,
-    };
-    let pending = send_unsettled(&mut tx, &["reject me", "release me", "modify me"]).await;
-    for _ in 0..3 {
-        let d = within("a message", rx.recv::<String>())
-            .await
-            .expect("recv");
-        let r = match d.body().as_str() {
-            "reject me" => rx.reject(&d, error.clone()).await,
-            "release me" => rx.release(&d).await,
-            _ => rx.modify(&d, modified.clone()).await,
-        };
-        r.expect("disposition");
-    }
-    let outcomes = outcomes(pending).await;
-    match &outcomes[0] {
-        Outcome::Rejected(r) => assert_eq!(r.error.as_ref(), Some(&error), "the receiver's error"),
-        o => panic!("expected rejected, got {o:?}"),
-    }
-    assert!(
-        matches!(outcomes[1], Outcome::Released(_)),
-        "{:?}",
-        outcomes[1]
-    );
-    match &outcomes[2] {
-        Outcome::Modified(m) => assert_eq!(m, &modified),
-        o => panic!("expected modified, got {o:?}"),
-    }
+    assert_outcomes_relayed(&mut tx, &mut rx).await;
 }
 
 #[tokio::test]

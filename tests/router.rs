@@ -25,8 +25,7 @@ use flotilla_amqp::types::definitions::{
 };
 // fe2o3-amqp and our engine share these types (fe2o3-amqp-types).
 use flotilla_amqp::types::messaging::{
-    Accepted, DeliveryState, Message, Modified, Outcome, Properties, Source, Target,
-    TargetArchetype,
+    Accepted, DeliveryState, Message, Outcome, Properties, Source, Target, TargetArchetype,
 };
 use flotilla_amqp::types::performatives::{Attach, Begin, ChannelMax, MaxFrameSize, Open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -510,42 +509,7 @@ async fn receiver_outcomes_reach_the_sender() {
     let mut rx = fe.receiver("rx", "outcomes").await;
     let mut tx = fe.sender("tx", "outcomes").await;
 
-    let error = AmqpErrorBody::new(
-        AmqpError::InvalidField,
-        Some("no such product".to_string()),
-        None,
-    );
-    let modified = Modified {
-        delivery_failed: Some(true),
-        undeliverable_here: Some(true),
-        message_annotations: None,
-    };
-    let pending = send_unsettled(&mut tx, &["reject me", "release me", "modify me"]).await;
-    for _ in 0..3 {
-        let d = within("a message", rx.recv::<String>())
-            .await
-            .expect("recv");
-        let r = match d.body().as_str() {
-            "reject me" => rx.reject(&d, error.clone()).await,
-            "release me" => rx.release(&d).await,
-            _ => rx.modify(&d, modified.clone()).await,
-        };
-        r.expect("disposition");
-    }
-    let outcomes = outcomes(pending).await;
-    match &outcomes[0] {
-        Outcome::Rejected(r) => assert_eq!(r.error.as_ref(), Some(&error), "the receiver's error"),
-        o => panic!("expected rejected, got {o:?}"),
-    }
-    assert!(
-        matches!(outcomes[1], Outcome::Released(_)),
-        "{:?}",
-        outcomes[1]
-    );
-    match &outcomes[2] {
-        Outcome::Modified(m) => assert_eq!(m, &modified),
-        o => panic!("expected modified, got {o:?}"),
-    }
+    assert_outcomes_relayed(&mut tx, &mut rx).await;
 }
 
 #[tokio::test]

@@ -28,8 +28,9 @@ use flotilla_amqp::client::{Client, ClientOptions};
 use flotilla_amqp::connection::{Event, LinkId};
 use flotilla_amqp::message::{self, MessageParts};
 // fe2o3-amqp and our engine share these types (fe2o3-amqp-types).
+use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
 use flotilla_amqp::types::messaging::{
-    Accepted, DeliveryState, Outcome, SerializableBody, Source, Target,
+    Accepted, DeliveryState, Modified, Outcome, SerializableBody, Source, Target,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -575,4 +576,45 @@ pub async fn recv_text(c: &mut Client, link: LinkId) -> String {
 
 pub fn is_accepted(s: &Option<DeliveryState>) -> bool {
     matches!(s, Some(DeliveryState::Accepted(_)))
+}
+
+/// The receiver (`rx`) rejects, releases and modifies three messages from
+/// `tx`; each outcome, with its details, reaches the sender.
+pub async fn assert_outcomes_relayed(tx: &mut Sender, rx: &mut Receiver) {
+    let error = AmqpErrorBody::new(
+        AmqpError::InvalidField,
+        Some("no such product".to_string()),
+        None,
+    );
+    let modified = Modified {
+        delivery_failed: Some(true),
+        undeliverable_here: Some(true),
+        message_annotations: None,
+    };
+    let pending = send_unsettled(tx, &["reject me", "release me", "modify me"]).await;
+    for _ in 0..3 {
+        let d = within("a message", rx.recv::<String>())
+            .await
+            .expect("recv");
+        let r = match d.body().as_str() {
+            "reject me" => rx.reject(&d, error.clone()).await,
+            "release me" => rx.release(&d).await,
+            _ => rx.modify(&d, modified.clone()).await,
+        };
+        r.expect("disposition");
+    }
+    let outcomes = outcomes(pending).await;
+    match &outcomes[0] {
+        Outcome::Rejected(r) => assert_eq!(r.error.as_ref(), Some(&error), "the receiver's error"),
+        o => panic!("expected rejected, got {o:?}"),
+    }
+    assert!(
+        matches!(outcomes[1], Outcome::Released(_)),
+        "{:?}",
+        outcomes[1]
+    );
+    match &outcomes[2] {
+        Outcome::Modified(m) => assert_eq!(m, &modified),
+        o => panic!("expected modified, got {o:?}"),
+    }
 }
