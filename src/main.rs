@@ -30,6 +30,9 @@ struct Cli {
     /// Log as JSON lines (for Kubernetes).
     #[arg(long, global = true)]
     log_json: bool,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, global = true, env = "FLOTILLA_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -255,10 +258,11 @@ async fn run_up(args: UpArgs) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     flotilla_core::telemetry::init(cli.log_json);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads.filter(|n| *n > 0) {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flotilla: cannot start the runtime: {e}");
