@@ -43,6 +43,8 @@ enum Command {
     Up(UpArgs),
     /// Run an AMQP 1.0 router.
     Router(RouterArgs),
+    /// Run a broker: durable queues on the broker's own journal.
+    Broker(BrokerArgs),
     /// Send messages to an address.
     Send(tools::SendArgs),
     /// Receive messages from an address and print them.
@@ -164,6 +166,31 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+#[derive(Args, Clone)]
+struct BrokerArgs {
+    /// AMQP listener, HOST:PORT (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:5673")]
+    amqp: SocketAddr,
+    /// Where the journal lives.
+    #[arg(long, default_value = "data/broker")]
+    data_dir: PathBuf,
+    /// Container id announced in Open.
+    #[arg(long, default_value = "flotilla-broker")]
+    container_id: String,
+}
+
+async fn run_broker(a: BrokerArgs) -> ExitCode {
+    let cfg = flotilla_broker::BrokerConfig {
+        amqp: a.amqp,
+        data_dir: a.data_dir,
+        container_id: a.container_id,
+    };
+    match flotilla_broker::run(cfg, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage(e),
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
     Interior,
@@ -273,6 +300,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(a) => run_up(a).await,
             Command::Router(a) => run_router(a).await,
+            Command::Broker(a) => run_broker(a).await,
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
             Command::Bench(a) => bench::run(a).await,

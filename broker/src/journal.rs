@@ -330,9 +330,15 @@ impl Journal {
     }
 }
 
+/// What to do once a record is durable (or failed): called on the
+/// committer thread, in sequence order.
+pub type Done = Box<dyn FnOnce(Result<u64, JournalError>) + Send>;
+
 enum Request {
-    Append(Bytes, oneshot::Sender<Result<u64, JournalError>>),
+    Append(Bytes, Done),
     Retire(u64),
+    /// Answered once everything queued before it is durable.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// Counters of the committer, for benchmarks and `stat`.
@@ -362,10 +368,10 @@ impl JournalHandle {
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || {
-                let mut waiting: Vec<(u64, oneshot::Sender<Result<u64, JournalError>>)> =
-                    Vec::new();
+                let mut waiting: Vec<(u64, Done)> = Vec::new();
                 while let Ok(first) = rx.recv() {
                     let mut retire = None;
+                    let mut barriers = Vec::new();
                     let mut failed: Option<String> = None;
                     // Everything already queued joins this batch.
                     for req in
@@ -374,11 +380,10 @@ impl JournalHandle {
                         match req {
                             Request::Append(payload, done) => match journal.append(&payload) {
                                 Ok(seq) => waiting.push((seq, done)),
-                                Err(e) => {
-                                    let _ = done.send(Err(e));
-                                }
+                                Err(e) => done(Err(e)),
                             },
                             Request::Retire(seq) => retire = Some(seq),
+                            Request::Barrier(b) => barriers.push(b),
                         }
                     }
                     if !waiting.is_empty() {
@@ -395,8 +400,11 @@ impl JournalHandle {
                                 None => Ok(seq),
                                 Some(e) => Err(JournalError::Io(io::Error::other(e.clone()))),
                             };
-                            let _ = done.send(r);
+                            done(r);
                         }
+                    }
+                    for b in barriers.drain(..) {
+                        let _ = b.send(());
                     }
                     if let Some(seq) = retire {
                         if let Err(e) = journal.retire_before(seq) {
@@ -416,10 +424,33 @@ impl JournalHandle {
     /// failed.
     pub async fn append(&self, payload: Bytes) -> Result<u64, JournalError> {
         let (done, wait) = oneshot::channel();
+        self.append_then(
+            payload,
+            Box::new(move |r| {
+                let _ = done.send(r);
+            }),
+        )?;
+        wait.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Queues a record now (records keep the order of these calls) and
+    /// calls `done` on the committer thread once it is durable, in
+    /// sequence order.
+    ///
+    /// # Errors
+    /// The journal stopped (`done` is not called).
+    pub fn append_then(&self, payload: Bytes, done: Done) -> Result<(), JournalError> {
         self.tx
             .send(Request::Append(payload, done))
-            .map_err(|_| JournalError::Closed)?;
-        wait.await.map_err(|_| JournalError::Closed)?
+            .map_err(|_| JournalError::Closed)
+    }
+
+    /// Waits until everything appended before this call is durable.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Barrier(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Asks the committer to delete segments holding only records below `seq`.

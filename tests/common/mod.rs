@@ -90,6 +90,10 @@ impl TempDir {
         TempDir(p)
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
         let p = self.0.join(name);
         std::fs::write(&p, contents).expect("write temp file");
@@ -146,6 +150,11 @@ impl RouterProc {
     }
 
     pub async fn spawn(args: Vec<String>, dir: Option<TempDir>) -> Self {
+        Self::spawn_component("router", args, dir).await
+    }
+
+    /// `flotilla COMPONENT --amqp 127.0.0.1:0 ARGS…` (`router` or `broker`).
+    pub async fn spawn_component(component: &str, args: Vec<String>, dir: Option<TempDir>) -> Self {
         let tls = args.iter().any(|a| a == "--amqps");
         let meshed = args.iter().any(|a| a == "--inter-router");
         let name = args
@@ -155,7 +164,7 @@ impl RouterProc {
             .cloned()
             .unwrap_or_default();
         let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["router", "--amqp", "127.0.0.1:0"])
+            .args([component, "--amqp", "127.0.0.1:0"])
             .args(&args)
             // FLOTILLA_TEST_LOG=debug shows more of the router in failures.
             .env(

@@ -30,8 +30,8 @@ def flotilla_bin():
 class Router:
     """A running `flotilla router` process."""
 
-    def __init__(self, *args):
-        cmd = [flotilla_bin(), "router", "--amqp", "127.0.0.1:0", *args]
+    def __init__(self, *args, component="router"):
+        cmd = [flotilla_bin(), component, "--amqp", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.ports = {}
         self.log = []
@@ -89,6 +89,13 @@ def tmpdir_path():
     d = tempfile.mkdtemp(prefix="flotilla-interop-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(tmpdir_path):
+    b = Router("--data-dir", tmpdir_path, component="broker")
+    yield b
+    b.stop()
 
 
 @pytest.fixture

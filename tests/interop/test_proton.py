@@ -345,3 +345,15 @@ def test_clients_on_different_routers_of_a_mesh(start_router):
     run(rcv, snd)
     assert rcv.got == bodies
     assert snd.outcomes == [Delivery.ACCEPTED] * 10
+
+
+def test_broker_queue_keeps_messages_for_a_later_consumer(broker):
+    """Store and forward: sent before any consumer exists, accepted once
+    stored, received later, in order."""
+    bodies = ["stored %d" % i for i in range(10)]
+    snd = Send(broker.url, "queue-a", bodies)
+    run(snd)
+    assert snd.outcomes == [Delivery.ACCEPTED] * 10
+    later = Recv(broker.url, "queue-a", 10, credit=10)
+    run(later)
+    assert later.got == bodies
