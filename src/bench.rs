@@ -84,6 +84,8 @@ struct Stats {
     not_accepted: AtomicU64,
     received: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
+    /// Send → outcome at the sender (unsettled): how long acceptance takes.
+    accept: Mutex<Option<Histogram<u64>>>,
 }
 
 fn base() -> Instant {
@@ -250,6 +252,13 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
         .clone()
         .unwrap_or_else(new_hist);
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let acc = stats
+        .accept
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(new_hist);
+    let acc_us = |q: f64| acc.value_at_quantile(q) as f64 / 1000.0;
     let send_rate = sent as f64 / send_time.as_secs_f64();
     let recv_rate = received as f64
         / elapsed
@@ -263,8 +272,8 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
     };
     if a.json {
         println!(
-            "{{\"senders\":{},\"receivers\":{},\"size\":{},\"mode\":\"{mode}\",\"seconds\":{:.3},\"sent\":{sent},\"accepted\":{accepted},\"not_accepted\":{not_accepted},\"received\":{received},\"send_rate\":{send_rate:.0},\"receive_rate\":{recv_rate:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
-            a.senders, a.receivers, a.size, send_time.as_secs_f64(), us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0
+            "{{\"senders\":{},\"receivers\":{},\"size\":{},\"mode\":\"{mode}\",\"seconds\":{:.3},\"sent\":{sent},\"accepted\":{accepted},\"not_accepted\":{not_accepted},\"received\":{received},\"send_rate\":{send_rate:.0},\"receive_rate\":{recv_rate:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"accept_p50_us\":{:.1},\"accept_p99_us\":{:.1}}}",
+            a.senders, a.receivers, a.size, send_time.as_secs_f64(), us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0, acc_us(0.5), acc_us(0.99)
         );
     } else {
         println!(
@@ -276,7 +285,7 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
         );
         println!("  sent     {sent:>10}  ({send_rate:.0} msg/s)");
         if !a.presettled {
-            println!("  accepted {accepted:>10}  (not accepted: {not_accepted})");
+            println!("  accepted {accepted:>10}  (not accepted: {not_accepted}; send → outcome p50 {:.1} µs, p99 {:.1} µs)", acc_us(0.5), acc_us(0.99));
         }
         println!("  received {received:>10}  ({recv_rate:.0} msg/s)");
         println!(
@@ -309,6 +318,7 @@ async fn sender(
         .map(|r| Duration::from_secs_f64(a.senders as f64 / r.max(1) as f64));
     let mut next_send = Instant::now();
     let (mut sent, mut settled) = (0u64, 0u64);
+    let mut accept_hist = new_hist();
     let mut finished = false;
     loop {
         if stop.is_cancelled() {
@@ -330,7 +340,8 @@ async fn sender(
                     break;
                 }
                 buf[at..at + 8].copy_from_slice(&now_ns().to_be_bytes());
-                c.conn.send(link, &buf, a.presettled, sent);
+                // The token carries the send time, for the accept latency.
+                c.conn.send(link, &buf, a.presettled, now_ns());
                 sent += 1;
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 if a.presettled {
@@ -370,8 +381,9 @@ async fn sender(
         let Some(ev) = ev else { continue };
         let mut handle = |ev: Event| -> Result<(), ClientError> {
             match ev {
-                Event::Outcome { state, .. } => {
+                Event::Outcome { state, token, .. } => {
                     settled += 1;
+                    let _ = accept_hist.record(now_ns().saturating_sub(token).max(1));
                     match state {
                         Some(DeliveryState::Accepted(_)) => {
                             stats.accepted.fetch_add(1, Ordering::Relaxed)
@@ -388,6 +400,15 @@ async fn sender(
         handle(ev)?;
         while let Some(ev) = c.try_event() {
             handle(ev)?;
+        }
+    }
+    {
+        let mut g = stats.accept.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_mut() {
+            Some(all) => {
+                let _ = all.add(&accept_hist);
+            }
+            None => *g = Some(accept_hist),
         }
     }
     c.close().await;
