@@ -518,39 +518,11 @@ async fn unsettled_deliveries_of_a_detaching_receiver_are_released_to_the_sender
     const ACCEPT: usize = 5;
     let router = RouterProc::start(&[]).await;
     let mut fe_rx = router.fe2o3("leaver").await;
-    let mut rx = fe_rx.receiver("rx", "handover").await;
+    let rx = fe_rx.receiver("rx", "handover").await;
     let mut fe_tx = router.fe2o3("producer").await;
     let mut tx = fe_tx.sender("tx", "handover").await;
 
-    let bodies = numbered("m", N);
-    let pending = send_unsettled(&mut tx, &bodies).await;
-    for (i, b) in bodies.iter().enumerate() {
-        let d = within("a message", rx.recv::<String>())
-            .await
-            .expect("recv");
-        assert_eq!(d.body(), b);
-        if i < ACCEPT {
-            within("accept", rx.accept(&d)).await.expect("accept");
-        }
-    }
-    within("the receiver to detach", rx.close())
-        .await
-        .expect("close");
-
-    let outcomes = outcomes(pending).await;
-    let accepted = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Accepted(_)))
-        .count();
-    let released = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Released(_)))
-        .count();
-    assert_eq!(
-        (accepted, released),
-        (ACCEPT, N - ACCEPT),
-        "accepted + released == sent: {outcomes:?}"
-    );
+    assert_unaccepted_released_on_detach(&mut tx, rx, N, ACCEPT).await;
 }
 
 #[tokio::test]

@@ -627,3 +627,42 @@ pub async fn assert_outcomes_relayed(tx: &mut Sender, rx: &mut Receiver) {
         o => panic!("expected modified, got {o:?}"),
     }
 }
+
+/// Sends `n` messages unsettled to `rx`, which accepts the first `accept`
+/// and then detaches: the rest come back to the sender as released.
+pub async fn assert_unaccepted_released_on_detach(
+    tx: &mut Sender,
+    mut rx: Receiver,
+    n: usize,
+    accept: usize,
+) {
+    let bodies = numbered("m", n);
+    let pending = send_unsettled(tx, &bodies).await;
+    for (i, b) in bodies.iter().enumerate() {
+        let d = within("a message", rx.recv::<String>())
+            .await
+            .expect("recv");
+        assert_eq!(d.body(), b);
+        if i < accept {
+            within("accept", rx.accept(&d)).await.expect("accept");
+        }
+    }
+    within("the receiver to detach", rx.close())
+        .await
+        .expect("close");
+
+    let outcomes = outcomes(pending).await;
+    let accepted = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Accepted(_)))
+        .count();
+    let released = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Released(_)))
+        .count();
+    assert_eq!(
+        (accepted, released),
+        (accept, n - accept),
+        "accepted + released == sent: {outcomes:?}"
+    );
+}
