@@ -1129,6 +1129,54 @@ async fn amqps_listener_carries_messages_over_tls() {
     assert!(plain.is_err(), "plain AMQP on the amqps port must fail");
 }
 
+/// One listener takes plain AMQP, `amqps` and the AMQP TLS header
+/// (AMQP 1.0 §5.2.1) when it has a certificate.
+#[tokio::test]
+async fn the_amqp_port_upgrades_to_tls_with_the_tls_header() {
+    let dir = TempDir::new("tls-header");
+    let (ca, cert, key) = write_tls_files(&dir);
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let router = RouterProc::spawn(
+        ["--tls-cert", &cert, "--tls-key", &key]
+            .map(String::from)
+            .to_vec(),
+        Some(dir),
+    )
+    .await;
+    let header = ClientOptions {
+        tls_header: true,
+        ..tls_opts(router.amqp, &ca)
+    };
+    let direct = tls_opts(router.amqp, &ca);
+    let plain = router.opts();
+    let mut rx_client = within("TLS-header client", Client::connect(&header))
+        .await
+        .expect("TLS via the header");
+    let mut tx_client = within("amqps client", Client::connect(&direct))
+        .await
+        .expect("TLS from the first byte");
+    let mut plain_client = within("plain client", Client::connect(&plain))
+        .await
+        .expect("plain AMQP");
+    let (rx, _) = rx_client
+        .open_receiver(Some("upgraded"), 10)
+        .await
+        .expect("attach");
+    rx_client.flush().await.expect("flush");
+    for (i, c) in [&mut tx_client, &mut plain_client].into_iter().enumerate() {
+        let tx = c
+            .open_sender(Some("upgraded"), false)
+            .await
+            .expect("attach");
+        let (state, got) = tokio::join!(
+            send_message(c, tx, 0, text(&format!("hello {i}"))),
+            recv_text(&mut rx_client, rx)
+        );
+        assert!(is_accepted(&state), "{state:?}");
+        assert_eq!(got, format!("hello {i}"));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Bad input: each while another client keeps working
 // ---------------------------------------------------------------------------

@@ -66,6 +66,9 @@ pub struct ClientOptions {
     /// Use SCRAM-SHA-256 instead of PLAIN when a user is given.
     pub scram: bool,
     pub tls_ca: Option<std::path::PathBuf>,
+    /// With `amqps`: upgrade with the AMQP TLS header instead of starting
+    /// with TLS.
+    pub tls_header: bool,
     pub container_id: String,
     pub max_frame_size: u32,
 }
@@ -113,6 +116,7 @@ impl ClientOptions {
             vhost: None,
             scram: false,
             tls_ca: None,
+            tls_header: false,
             container_id: format!("flotilla-client-{}", std::process::id()),
             max_frame_size: 65536,
         })
@@ -200,6 +204,7 @@ impl Client {
             tls,
             sasl,
             hostname: Some(vhost.clone()),
+            tls_header: o.tls_header,
         };
         let (io, buf) = transport::connect(tcp, &cc).await?;
         let cfg = ConnectionConfig {

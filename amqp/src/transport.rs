@@ -499,6 +499,9 @@ pub struct ConnectConfig {
     pub sasl: ClientSasl,
     /// The SASL hostname (the address space, for Flotilla).
     pub hostname: Option<String>,
+    /// Start TLS with the AMQP TLS header (AMQP 1.0 §5.2.1) rather than
+    /// straight away (`amqps`).
+    pub tls_header: bool,
 }
 
 /// Runs the connecting end's handshake: TLS (as `amqps`), SASL, AMQP header.
@@ -511,6 +514,14 @@ pub async fn connect<IO: AsyncIo + 'static>(
 ) -> Result<(BoxIo, BytesMut), HandshakeError> {
     let mut io: BoxIo = Box::new(io);
     if let Some((tls, name)) = &cfg.tls {
+        if cfg.tls_header {
+            io.write_all(&HEADER_TLS).await?;
+            let mut hb = BytesMut::new();
+            let h = read_header(&mut io, &mut hb).await?;
+            if h != HEADER_TLS {
+                return Err(HandshakeError::BadHeader(h));
+            }
+        }
         let c = tokio_rustls::TlsConnector::from(tls.clone());
         io = Box::new(
             c.connect(name.clone(), io)

@@ -1961,3 +1961,125 @@ fn peer_idle_timeout_makes_us_send_heartbeats() {
     assert!(p.server.take_events().is_empty());
     assert!(p.server.conn.tick(Instant::now()).is_ok());
 }
+
+/// An aborted delivery (AMQP 1.0 §2.6.14) is dropped whole; the next one
+/// arrives intact.
+#[test]
+fn an_aborted_delivery_is_discarded_and_the_next_arrives() {
+    use flotilla_amqp::frame::{
+        encode_performative, encode_transfer, Performative, TransferHeader,
+    };
+    use flotilla_amqp::types::definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode};
+    use flotilla_amqp::types::messaging::{Source, Target, TargetArchetype};
+    use flotilla_amqp::types::performatives::{
+        Attach, Begin, ChannelMax, MaxFrameSize, Open, Transfer,
+    };
+
+    let mut server = Connection::new(ConnectionConfig::default());
+    let mut wire = bytes::BytesMut::new();
+    let open = Open {
+        container_id: "peer".into(),
+        hostname: None,
+        max_frame_size: MaxFrameSize(65536),
+        channel_max: ChannelMax(10),
+        idle_time_out: None,
+        outgoing_locales: None,
+        incoming_locales: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    encode_performative(&mut wire, 0, &Performative::Open(Box::new(open)));
+    let begin = Begin {
+        remote_channel: None,
+        next_outgoing_id: 0,
+        incoming_window: 100,
+        outgoing_window: 100,
+        handle_max: Handle(10),
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    encode_performative(&mut wire, 0, &Performative::Begin(begin));
+    let attach = Attach {
+        name: "sender".into(),
+        handle: Handle(0),
+        role: Role::Sender,
+        snd_settle_mode: SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(Source::default())),
+        target: Some(Box::new(TargetArchetype::Target(Target::default()))),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    encode_performative(&mut wire, 0, &Performative::Attach(Box::new(attach)));
+    // First frame of delivery 0, then its abort, then a whole delivery 1.
+    encode_transfer(
+        &mut wire,
+        0,
+        &TransferHeader {
+            handle: 0,
+            first: Some((0, b"t0")),
+            message_format: 0,
+            settled: false,
+            more: true,
+        },
+        b"part",
+    );
+    let abort = Transfer {
+        handle: Handle(0),
+        delivery_id: None,
+        delivery_tag: None,
+        message_format: None,
+        settled: Some(true),
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: true,
+        batchable: false,
+    };
+    encode_performative(&mut wire, 0, &Performative::Transfer(abort));
+    encode_transfer(
+        &mut wire,
+        0,
+        &TransferHeader {
+            handle: 0,
+            first: Some((1, b"t1")),
+            message_format: 0,
+            settled: false,
+            more: false,
+        },
+        b"whole",
+    );
+
+    let mut events = Vec::new();
+    let mut got = Vec::new();
+    while let Some(f) = flotilla_amqp::frame::decode_frame(&mut wire, 65536).expect("valid frames")
+    {
+        server
+            .handle_frame(f, &mut events)
+            .expect("no protocol error");
+        for e in events.drain(..) {
+            match e {
+                Event::Open(_) => server.open(),
+                Event::Attach {
+                    link, reply: false, ..
+                } => {
+                    server.accept_attach(link, Default::default());
+                    server.flow(link, 10, false);
+                }
+                Event::Delivery { delivery, .. } => got.push(delivery),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(got.len(), 1, "only the whole delivery arrives: {got:?}");
+    assert_eq!(&got[0].payload[..], b"whole");
+    assert_eq!(got[0].id.delivery_id, 1);
+}

@@ -228,6 +228,7 @@ async fn connect_once(
             tls,
             sasl: ClientSasl::Anonymous,
             hostname: None,
+            tls_header: false,
         };
         let (io, buf) =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, transport::connect(tcp, &cc)).await {
