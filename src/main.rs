@@ -177,13 +177,25 @@ struct BrokerArgs {
     /// Container id announced in Open.
     #[arg(long, default_value = "flotilla-broker")]
     container_id: String,
+    /// Deliveries without being consumed (failed, or held by a consumer
+    /// that went away) after which a message moves to the dead-letter queue.
+    #[arg(long, default_value_t = 10)]
+    max_deliveries: u32,
+    /// The dead-letter queue.
+    #[arg(long, default_value = "DLQ")]
+    dead_letter_queue: String,
 }
 
 async fn run_broker(a: BrokerArgs) -> ExitCode {
+    let dead_letter = flotilla_broker::queues::DeadLetter {
+        max_deliveries: a.max_deliveries.max(1),
+        queue: a.dead_letter_queue,
+    };
     let cfg = flotilla_broker::BrokerConfig {
         amqp: a.amqp,
         data_dir: a.data_dir,
         container_id: a.container_id,
+        dead_letter,
     };
     match flotilla_broker::run(cfg, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

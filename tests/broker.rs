@@ -233,3 +233,84 @@ async fn nothing_accepted_is_lost_across_twenty_kill_9s() {
         sent
     );
 }
+
+/// A message its consumers keep failing goes to the dead-letter queue
+/// after `--max-deliveries` attempts, and stays there across a restart.
+#[tokio::test]
+async fn a_message_failed_too_often_moves_to_the_dead_letter_queue() {
+    use flotilla_amqp::types::messaging::Modified;
+    let dir = TempDir::new("broker-dlq");
+    let args = |d: &TempDir| {
+        vec![
+            "--data-dir".to_string(),
+            d.path().display().to_string(),
+            "--max-deliveries".into(),
+            "2".into(),
+        ]
+    };
+    let mut b = RouterProc::spawn_component("broker", args(&dir), None).await;
+    let mut p = b.client().await;
+    produce(
+        &mut p,
+        "payments",
+        &["poison".to_string(), "fine".to_string()],
+    )
+    .await;
+    let mut c = b.client().await;
+    let (link, _) = c
+        .open_receiver(Some("payments"), 1)
+        .await
+        .expect("consumer");
+    for attempt in 1..=2 {
+        let d = next_event_where(&mut c, "a delivery", |_, e| match e {
+            Event::Delivery { link: l, delivery } if l == link => Some(delivery),
+            _ => None,
+        })
+        .await;
+        let body = String::from_utf8(flotilla_amqp::message::body_bytes(&d.payload).expect("body"))
+            .expect("utf-8");
+        assert_eq!(
+            body, "poison",
+            "attempt {attempt}: the failed message comes first again"
+        );
+        let failed = Modified {
+            delivery_failed: Some(true),
+            undeliverable_here: None,
+            message_annotations: None,
+        };
+        c.conn.settle(d.id, DeliveryState::Modified(failed));
+        c.conn.flow(link, 1, false);
+    }
+    assert_eq!(
+        recv_text(&mut c, link).await,
+        "fine",
+        "the poison message left the queue"
+    );
+    let mut dl = b.client().await;
+    let (dlink, _) = dl
+        .open_receiver(Some("DLQ"), 10)
+        .await
+        .expect("DLQ consumer");
+    let d = next_event_where(&mut dl, "the dead-lettered message", |_, e| match e {
+        Event::Delivery { link: l, delivery } if l == dlink => Some(delivery),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        flotilla_amqp::message::body_bytes(&d.payload).expect("body"),
+        b"poison"
+    );
+    drop(dl);
+    b.kill();
+    let b = RouterProc::spawn_component("broker", args(&dir), None).await;
+    let mut dl = b.client().await;
+    let (dlink, _) = dl
+        .open_receiver(Some("DLQ"), 10)
+        .await
+        .expect("DLQ consumer");
+    assert_eq!(
+        recv_text(&mut dl, dlink).await,
+        "poison",
+        "dead letters are durable too"
+    );
+}

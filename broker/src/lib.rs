@@ -40,6 +40,8 @@ pub struct BrokerConfig {
     pub amqp: SocketAddr,
     pub data_dir: PathBuf,
     pub container_id: String,
+    /// Dead-letter settings for every queue.
+    pub dead_letter: queues::DeadLetter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +75,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         "queues recovered"
     );
     let journal = journal::JournalHandle::start(j)?;
-    let (task, queues) = queues::QueueTask::new(journal.clone(), recovered);
+    let (task, queues) =
+        queues::QueueTask::new(journal.clone(), recovered, cfg.dead_letter.clone());
     let listener = TcpListener::bind(cfg.amqp)
         .await
         .map_err(|source| BrokerError::Bind {

@@ -116,11 +116,23 @@ struct Inflight {
 
 /// Owns every queue of a broker.
 pub struct QueueTask {
+    /// Our own handle, for messages moved to the dead-letter queue.
+    tx: QueueHandle,
+    dead_letter: DeadLetter,
     rx: mpsc::UnboundedReceiver<BrokerEvent>,
     queues: HashMap<String, Queue>,
     inflight: HashMap<u64, Inflight>,
     journal: JournalHandle,
     acks_since_retire: u32,
+}
+
+/// Where messages go that were delivered too often without being consumed.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Deliveries (returned released-with-failure, modified, or abandoned)
+    /// after which a message moves to `queue`.
+    pub max_deliveries: u32,
+    pub queue: String,
 }
 
 /// A cloneable sender to the queue task.
@@ -131,6 +143,7 @@ impl QueueTask {
     pub fn new(
         journal: JournalHandle,
         recovered: std::collections::BTreeMap<String, VecDeque<Stored>>,
+        dead_letter: DeadLetter,
     ) -> (QueueTask, QueueHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queues = recovered
@@ -147,6 +160,8 @@ impl QueueTask {
             .collect();
         (
             QueueTask {
+                tx: tx.clone(),
+                dead_letter,
                 rx,
                 queues,
                 inflight: HashMap::new(),
@@ -244,8 +259,7 @@ impl QueueTask {
                     Settlement::Requeue { failed } => {
                         let mut msg = f.msg;
                         msg.delivery_count += u32::from(failed);
-                        self.queues.entry(f.queue.clone()).or_default().requeue(msg);
-                        Some(f.queue)
+                        self.put_back(f.queue, msg)
                     }
                 }
             }
@@ -268,19 +282,55 @@ impl QueueTask {
             .filter(|(_, f)| held(f))
             .map(|(s, _)| *s)
             .collect();
-        let mut touched = None;
+        let mut touched = Vec::new();
         for seq in back {
             if let Some(f) = self.inflight.remove(&seq) {
                 let mut msg = f.msg;
                 msg.delivery_count += 1;
-                self.queues.entry(f.queue.clone()).or_default().requeue(msg);
-                touched = Some(f.queue);
+                if let Some(q) = self.put_back(f.queue, msg) {
+                    if !touched.contains(&q) {
+                        touched.push(q);
+                    }
+                }
             }
         }
-        // Other consumers of the queue get the returned messages.
-        if let Some(q) = &touched {
-            self.dispatch(q);
+        // Other consumers of those queues get the returned messages.
+        for q in touched {
+            self.dispatch(&q);
         }
+        None
+    }
+
+    /// A message came back: into its queue again, or, delivered too many
+    /// times, to the dead-letter queue. Returns the queue that got it.
+    fn put_back(&mut self, queue: String, msg: Stored) -> Option<String> {
+        let dl = &self.dead_letter;
+        if msg.delivery_count < dl.max_deliveries || queue == dl.queue {
+            self.queues.entry(queue.clone()).or_default().requeue(msg);
+            return Some(queue);
+        }
+        debug!(queue = %queue, seq = msg.seq, deliveries = msg.delivery_count, "dead-lettered");
+        // Stored in the dead-letter queue first, then acknowledged where it
+        // was: a crash in between leaves a duplicate, never a loss.
+        let (tx, dlq, payload) = (self.tx.clone(), dl.queue.clone(), msg.payload.clone());
+        let stored = Box::new(move |r: Result<u64, crate::journal::JournalError>| {
+            if let Ok(seq) = r {
+                let _ = tx.send(BrokerEvent::Stored {
+                    queue: dlq,
+                    msg: Stored {
+                        seq,
+                        payload,
+                        delivery_count: 0,
+                    },
+                });
+            }
+        });
+        let _ = self
+            .journal
+            .append_then(store::publish(&dl.queue, &msg.payload), stored);
+        let _ = self
+            .journal
+            .append_then(store::ack(msg.seq), Box::new(|_| {}));
         None
     }
 
