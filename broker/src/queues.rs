@@ -116,8 +116,9 @@ struct Inflight {
 
 /// Owns every queue of a broker.
 pub struct QueueTask {
-    /// Our own handle, for messages moved to the dead-letter queue.
-    tx: QueueHandle,
+    /// Our own handle, for messages moved to the dead-letter queue (weak,
+    /// so the task still ends when every connection's handle is gone).
+    tx: mpsc::WeakUnboundedSender<BrokerEvent>,
     dead_letter: DeadLetter,
     rx: mpsc::UnboundedReceiver<BrokerEvent>,
     queues: HashMap<String, Queue>,
@@ -160,7 +161,7 @@ impl QueueTask {
             .collect();
         (
             QueueTask {
-                tx: tx.clone(),
+                tx: tx.downgrade(),
                 dead_letter,
                 rx,
                 queues,
@@ -314,7 +315,7 @@ impl QueueTask {
         // was: a crash in between leaves a duplicate, never a loss.
         let (tx, dlq, payload) = (self.tx.clone(), dl.queue.clone(), msg.payload.clone());
         let stored = Box::new(move |r: Result<u64, crate::journal::JournalError>| {
-            if let Ok(seq) = r {
+            if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
                 let _ = tx.send(BrokerEvent::Stored {
                     queue: dlq,
                     msg: Stored {
