@@ -420,34 +420,7 @@ async fn anycast_shares_messages_between_two_receivers_without_duplicates() {
     // Per receiver, messages arrive in the order they were routed. Send
     // markers until each receiver has seen one: any duplicate of a work item
     // would have reached that receiver before its marker.
-    let mut marked = [false; 2];
-    for i in 0.. {
-        assert!(i < 100, "markers never reached both receivers");
-        if marked.iter().all(|m| *m) {
-            break;
-        }
-        let o = within("a marker", tx.send(format!("marker-{i}"))).await;
-        assert!(matches!(o, Ok(Outcome::Accepted(_))), "{o:?}");
-        loop {
-            let (id, body) = within("the marker", seen.recv())
-                .await
-                .expect("collectors run");
-            if body.starts_with("marker-") {
-                marked[id] = true;
-                if body == format!("marker-{i}") {
-                    break;
-                }
-            } else {
-                got.push((id, body));
-            }
-        }
-    }
-    assert_eq!(got.len(), N, "each work item is delivered exactly once");
-    let mut bodies_got: Vec<String> = got.iter().map(|(_, b)| b.clone()).collect();
-    bodies_got.sort();
-    let mut expected = bodies.clone();
-    expected.sort();
-    assert_eq!(bodies_got, expected);
+    assert_each_delivered_once(&mut tx, &mut seen, &mut got, &bodies, 100).await;
     for id in 0..2 {
         assert!(
             got.iter().any(|(who, _)| *who == id),

@@ -666,3 +666,48 @@ pub async fn assert_unaccepted_released_on_detach(
         "accepted + released == sent: {outcomes:?}"
     );
 }
+
+/// Two collectors (`spawn_collector` with ids 0 and 1) report on `seen`.
+/// Sends markers until each collector has seen one (at most `max_markers`):
+/// any duplicate of a work item would have arrived before. Then checks
+/// that `got` plus what arrived meanwhile is `bodies`, each exactly once.
+pub async fn assert_each_delivered_once(
+    tx: &mut Sender,
+    seen: &mut mpsc::UnboundedReceiver<(usize, String)>,
+    got: &mut Vec<(usize, String)>,
+    bodies: &[String],
+    max_markers: usize,
+) {
+    let mut marked = [false; 2];
+    for i in 0.. {
+        assert!(i < max_markers, "markers never reached both receivers");
+        if marked.iter().all(|m| *m) {
+            break;
+        }
+        let o = within("a marker", tx.send(format!("marker-{i}"))).await;
+        assert!(matches!(o, Ok(Outcome::Accepted(_))), "{o:?}");
+        loop {
+            let (id, body) = within("the marker", seen.recv())
+                .await
+                .expect("collectors run");
+            if body.starts_with("marker-") {
+                marked[id] = true;
+                if body == format!("marker-{i}") {
+                    break;
+                }
+            } else {
+                got.push((id, body));
+            }
+        }
+    }
+    assert_eq!(
+        got.len(),
+        bodies.len(),
+        "each work item is delivered exactly once"
+    );
+    let mut bodies_got: Vec<String> = got.iter().map(|(_, b)| b.clone()).collect();
+    bodies_got.sort();
+    let mut expected = bodies.to_vec();
+    expected.sort();
+    assert_eq!(bodies_got, expected);
+}
