@@ -282,6 +282,23 @@ fn print_stat(v: &serde_json::Value) {
             }
         );
     }
+    println!("\nLinks");
+    println!(
+        "  {:>10} {:<4} {:<32} {:>9}",
+        "connection", "dir", "address", "unsettled"
+    );
+    for l in v["links"].as_array().into_iter().flatten() {
+        let unsettled = l["unsettled"]
+            .as_u64()
+            .map_or("-".to_string(), |n| n.to_string());
+        println!(
+            "  {:>10} {:<4} {:<32} {:>9}",
+            l["connection"],
+            s(&l["dir"]),
+            s(&l["address"]),
+            unsettled
+        );
+    }
     println!("\nAddresses");
     println!(
         "  {:<32} {:<9} {:>6} {:<16} {:>7} {:>7} {:>10} {:>8}",

@@ -130,6 +130,8 @@ pub struct Consumer {
     /// Receivers on other routers, reached through this neighbour's
     /// inter-router data link (anycast only).
     pub remote: Option<String>,
+    /// Path cost to the nearest receivers behind this consumer (0: local).
+    pub cost: u32,
 }
 
 impl Consumer {
@@ -222,7 +224,12 @@ impl AddressState {
     /// Anycast: receivers behind `neighbor` now exist (`Some(link)`: that
     /// neighbour's data link, with a window of `window` messages) or no
     /// longer do (`None`).
-    pub fn set_remote(&self, neighbor: &str, via: Option<(ConnHandle, LinkId)>, window: u32) {
+    pub fn set_remote(
+        &self,
+        neighbor: &str,
+        via: Option<((ConnHandle, LinkId), u32)>,
+        window: u32,
+    ) {
         let mut g = self.lock();
         let had_any = !g.consumers.is_empty();
         let existing = g
@@ -230,13 +237,16 @@ impl AddressState {
             .iter()
             .position(|c| c.remote.as_deref() == Some(neighbor));
         match (existing, via) {
-            (Some(i), Some((conn, link)))
-                if g.consumers[i].link == link && g.consumers[i].conn.id == conn.id => {}
+            (Some(i), Some(((conn, link), cost)))
+                if g.consumers[i].link == link && g.consumers[i].conn.id == conn.id =>
+            {
+                g.consumers[i].cost = cost;
+            }
             (existing, via) => {
                 if let Some(i) = existing {
                     g.consumers.remove(i);
                 }
-                if let Some((conn, link)) = via {
+                if let Some(((conn, link), cost)) = via {
                     g.consumers.push(Consumer {
                         conn,
                         link,
@@ -245,6 +255,7 @@ impl AddressState {
                         outstanding: Default::default(),
                         backlog: VecDeque::new(),
                         remote: Some(neighbor.to_string()),
+                        cost,
                     });
                 }
             }
@@ -315,10 +326,12 @@ impl AddressState {
                 if c.credit() == 0 || !eligible(c) {
                     continue;
                 }
-                let o = c.outstanding.load(Ordering::Relaxed);
-                if best.is_none_or(|(_, bo)| o < bo) {
-                    best = Some((i, o));
-                    if o == 0 {
+                // Fewest unsettled deliveries plus path cost: an idle local
+                // receiver first, remote ones as local ones get busy.
+                let score = c.outstanding.load(Ordering::Relaxed).saturating_add(c.cost);
+                if best.is_none_or(|(_, bs)| score < bs) {
+                    best = Some((i, score));
+                    if score == 0 {
                         break;
                     }
                 }
@@ -484,6 +497,7 @@ impl AddressState {
             outstanding,
             backlog: VecDeque::new(),
             remote: None,
+            cost: 0,
         });
         self.after_consumers_changed(g, had_any);
     }
@@ -707,7 +721,7 @@ mod tests {
     fn anycast_never_goes_back_to_a_router_the_message_passed() {
         let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
         let (n1, mut r1) = handle(1);
-        a.set_remote("r1", Some((n1, LinkId(5))), 10);
+        a.set_remote("r1", Some(((n1, LinkId(5)), 1)), 10);
         let mut m = msg(true, None);
         m.hops = Some(Arc::new(Hops {
             ingress: "r0".into(),
@@ -742,5 +756,27 @@ mod tests {
             assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
         }
         assert_eq!(std::iter::from_fn(|| r2.try_recv().ok()).count(), 4);
+    }
+
+    #[test]
+    fn anycast_weighs_unsettled_deliveries_against_path_cost() {
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (local, mut rl) = handle(1);
+        let (remote, mut rr) = handle(2);
+        a.add_consumer(local, LinkId(1), Default::default());
+        a.consumer_credit(ConnectionId(1), LinkId(1), 100);
+        a.set_remote("r1", Some(((remote, LinkId(9)), 2)), 100);
+        // Unsettled: each one counts against its receiver until settled.
+        let sends: Vec<Forwarded> = (0..4).map(|_| a.forward(msg(false, None))).collect();
+        assert!(sends.iter().all(|f| *f == Forwarded::Sent(1)));
+        let local_n = std::iter::from_fn(|| rl.try_recv().ok()).count();
+        let remote_n = std::iter::from_fn(|| rr.try_recv().ok()).count();
+        // Costs 0 and 2: local takes the first three (scores 0, 1, 2 ties
+        // go round robin), the remote one gets work once local is busier.
+        assert!(
+            local_n >= 2 && remote_n >= 1,
+            "local {local_n}, remote {remote_n}"
+        );
+        assert_eq!(local_n + remote_n, 4);
     }
 }

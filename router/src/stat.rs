@@ -20,6 +20,19 @@ pub struct RouterStat {
     pub connections: usize,
     pub mesh: Option<MeshStat>,
     pub addresses: Vec<AddressStat>,
+    /// Client links attached to addresses of the space (anonymous-relay
+    /// senders, which have no one address, are not listed).
+    pub links: Vec<LinkStat>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LinkStat {
+    pub connection: u64,
+    /// `in` (a client sends) or `out` (a client receives).
+    pub dir: &'static str,
+    pub address: String,
+    /// Receivers: deliveries sent but not settled.
+    pub unsettled: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,6 +59,7 @@ pub struct AddressStat {
 
 /// The JSON snapshot for a client of address space `space`.
 pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
+    let mut links = Vec::new();
     let mut addresses: Vec<AddressStat> = shared
         .table
         .all()
@@ -53,6 +67,23 @@ pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
         .filter(|a| a.space == space)
         .map(|a| {
             let g = a.lock();
+            for c in g.consumers.iter().filter(|c| c.remote.is_none()) {
+                let unsettled = Some(c.outstanding.load(Ordering::Relaxed));
+                links.push(LinkStat {
+                    connection: c.conn.id.0,
+                    dir: "out",
+                    address: a.address.clone(),
+                    unsettled,
+                });
+            }
+            for (conn, _) in &g.senders {
+                links.push(LinkStat {
+                    connection: conn.id.0,
+                    dir: "in",
+                    address: a.address.clone(),
+                    unsettled: None,
+                });
+            }
             AddressStat {
                 space: a.space.clone(),
                 address: a.address.clone(),
@@ -70,6 +101,7 @@ pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
             }
         })
         .collect();
+    links.sort_by(|a, b| (a.connection, &a.address).cmp(&(b.connection, &b.address)));
     addresses.sort_by(|a, b| a.address.cmp(&b.address));
     let mesh = shared.mesh.as_ref().map(|m| {
         let snap = m.snapshot();
@@ -87,6 +119,7 @@ pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
         connections: shared.connections.load(Ordering::Relaxed),
         mesh,
         addresses,
+        links,
     };
     // Plain strings and numbers: serialization cannot fail.
     serde_json::to_vec_pretty(&stat).unwrap_or_default()

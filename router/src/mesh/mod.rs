@@ -203,7 +203,7 @@ pub struct MeshTask {
     mardb: HashMap<String, AddressRecord>,
     routes: Routes,
     /// Remote consumers installed per anycast address: the neighbours.
-    applied: HashMap<AddressKey, BTreeSet<String>>,
+    applied: HashMap<AddressKey, BTreeMap<String, u32>>,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
 }
 
@@ -640,7 +640,8 @@ impl MeshTask {
             .filter(|(_, n)| n.two_way)
             .map(|(id, n)| (id.clone(), (n.conn.clone(), n.data)))
             .collect();
-        let mut wanted: HashMap<AddressKey, BTreeSet<String>> = HashMap::new();
+        // Anycast: address → neighbour → the cost of its nearest receivers.
+        let mut wanted: HashMap<AddressKey, BTreeMap<String, u32>> = HashMap::new();
         let mut multicast: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
         for (router, rec) in &self.mardb {
             if *router == self.id {
@@ -657,7 +658,17 @@ impl MeshTask {
                         .insert(router.clone());
                     wanted.entry(key.clone()).or_default();
                 } else if neighbors.contains_key(hop) {
-                    wanted.entry(key.clone()).or_default().insert(hop.clone());
+                    let cost = self
+                        .routes
+                        .cost
+                        .get(router)
+                        .map_or(1, |c| (*c).min(u64::from(u32::MAX)) as u32);
+                    let e = wanted
+                        .entry(key.clone())
+                        .or_default()
+                        .entry(hop.clone())
+                        .or_insert(cost);
+                    *e = (*e).min(cost);
                 }
             }
         }
@@ -674,10 +685,10 @@ impl MeshTask {
                         .or_default()
                         .insert(edge.clone());
                 }
-                wanted
-                    .entry(key.clone())
-                    .or_default()
-                    .extend((!key.multicast).then(|| edge.clone()));
+                let w = wanted.entry(key.clone()).or_default();
+                if !key.multicast {
+                    w.insert(edge.clone(), 1);
+                }
             }
         }
         self.tell_edges();
@@ -695,12 +706,10 @@ impl MeshTask {
             if key.multicast {
                 st.set_remote_multicast(wanted.contains_key(&key));
             } else {
-                for n in old.union(&new) {
-                    let via = if new.contains(n) {
-                        neighbors.get(n).cloned()
-                    } else {
-                        None
-                    };
+                for n in old.keys().chain(new.keys()).collect::<BTreeSet<_>>() {
+                    let via = new
+                        .get(n)
+                        .and_then(|cost| neighbors.get(n).cloned().map(|v| (v, *cost)));
                     st.set_remote(n, via, REMOTE_WINDOW);
                 }
             }
