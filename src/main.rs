@@ -39,11 +39,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything on this machine (for now: routers).
+    /// Run everything on this machine: router(s) and a broker.
     Up(UpArgs),
     /// Run an AMQP 1.0 router.
     Router(RouterArgs),
-    /// Run a broker: durable queues on the broker's own journal.
+    /// Run a broker: durable queues and topics on the broker's own journal.
     Broker(BrokerArgs),
     /// Send messages to an address.
     Send(tools::SendArgs),
@@ -181,21 +181,46 @@ struct BrokerArgs {
     /// that went away) after which a message moves to the dead-letter queue.
     #[arg(long, default_value_t = 10)]
     max_deliveries: u32,
-    /// The dead-letter queue.
+    /// The dead-letter queue (in each address space).
     #[arg(long, default_value = "DLQ")]
     dead_letter_queue: String,
+    /// Where expired messages go (in each address space); unset: dropped.
+    #[arg(long)]
+    expiry_queue: Option<String>,
+    /// Address spaces, addresses and users (YAML, as for routers).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A router to connect to as a route container, HOST:PORT: the mesh
+    /// then routes links for queue, topic and subscription addresses here.
+    #[arg(long)]
+    router: Option<String>,
+}
+
+impl BrokerArgs {
+    fn into_config(self) -> Result<flotilla_broker::BrokerConfig, String> {
+        let tenancy = match &self.config {
+            Some(p) => Tenancy::load(p).map_err(|e| format!("--config: {e}"))?,
+            None => Tenancy::zero_config(),
+        };
+        Ok(flotilla_broker::BrokerConfig {
+            amqp: self.amqp,
+            data_dir: self.data_dir,
+            container_id: self.container_id,
+            dead_letter: flotilla_broker::queues::DeadLetter {
+                max_deliveries: self.max_deliveries.max(1),
+                queue: self.dead_letter_queue,
+                expiry_queue: self.expiry_queue,
+            },
+            tenancy,
+            router: self.router,
+        })
+    }
 }
 
 async fn run_broker(a: BrokerArgs) -> ExitCode {
-    let dead_letter = flotilla_broker::queues::DeadLetter {
-        max_deliveries: a.max_deliveries.max(1),
-        queue: a.dead_letter_queue,
-    };
-    let cfg = flotilla_broker::BrokerConfig {
-        amqp: a.amqp,
-        data_dir: a.data_dir,
-        container_id: a.container_id,
-        dead_letter,
+    let cfg = match a.into_config() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
     };
     match flotilla_broker::run(cfg, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -217,6 +242,16 @@ struct UpArgs {
     /// clients on the --amqp port + i and for routers on 55672 + i.
     #[arg(long, default_value_t = 1)]
     routers: u16,
+    /// The broker's AMQP listener (clients may also reach its queues
+    /// through any router).
+    #[arg(long, default_value = "127.0.0.1:5673")]
+    broker_amqp: SocketAddr,
+    /// Where the broker keeps its journal.
+    #[arg(long, default_value = "data/broker")]
+    data_dir: PathBuf,
+    /// Run routers only.
+    #[arg(long)]
+    no_broker: bool,
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {
@@ -278,16 +313,39 @@ async fn run_up(args: UpArgs) -> ExitCode {
         .iter()
         .map(|r| format!("amqp://{}", r.local_addrs[0].1))
         .collect();
+    let mut tasks = Vec::new();
+    if !args.no_broker {
+        // The broker joins router 0 as a route container, as it would in
+        // a cluster; it has its own listener too.
+        let b = BrokerArgs {
+            amqp: args.broker_amqp,
+            data_dir: args.data_dir.clone(),
+            container_id: "broker-0".into(),
+            max_deliveries: 10,
+            dead_letter_queue: "DLQ".into(),
+            expiry_queue: None,
+            config: args.router.config.clone(),
+            router: Some(routers[0].local_addrs[0].1.to_string()),
+        };
+        let cfg = match b.into_config() {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        };
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = flotilla_broker::run(cfg, stop).await {
+                tracing::error!(error = %e, "broker stopped");
+            }
+        }));
+    }
     eprintln!(
-        "flotilla is up{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nPress Ctrl-C to stop.",
+        "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue in --config, or any address a client attaches to with the capability \"queue\".\nPress Ctrl-C to stop.",
         if n > 1 { format!(" with {n} routers ({})", urls.join(", ")) } else { String::new() },
+        if args.no_broker { String::new() } else { format!(", broker on {} (journal in {})", args.broker_amqp, args.data_dir.display()) },
         urls[0],
         urls[urls.len() - 1],
     );
-    let tasks: Vec<_> = routers
-        .into_iter()
-        .map(|r| tokio::spawn(r.serve()))
-        .collect();
+    tasks.extend(routers.into_iter().map(|r| tokio::spawn(r.serve())));
     for t in tasks {
         let _ = t.await;
     }

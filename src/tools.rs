@@ -211,15 +211,32 @@ async fn receive_inner(a: &ReceiveArgs) -> Result<u64, ClientError> {
 pub struct StatArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
-    /// Print the router's JSON document as it came.
+    /// Print the JSON document as it came.
     #[arg(long)]
     pub json: bool,
+    /// Also show this broker's queues (URL of the broker's own listener,
+    /// e.g. amqp://127.0.0.1:5673 under `flotilla up`).
+    #[arg(long)]
+    pub broker: Option<String>,
 }
 
-/// `flotilla stat`: asks the router for its `$stat` document.
+/// `flotilla stat`: asks a router or a broker for its `$stat` document.
 pub async fn stat(a: StatArgs) -> ExitCode {
+    let code = stat_one(&a, &a.conn.url).await;
+    match &a.broker {
+        Some(b) => {
+            println!();
+            stat_one(&a, b).await
+        }
+        None => code,
+    }
+}
+
+async fn stat_one(a: &StatArgs, url: &str) -> ExitCode {
+    let mut conn = a.conn.clone();
+    conn.url = url.to_string();
     let doc = async {
-        let mut c = Client::connect(&a.conn.options()?).await?;
+        let mut c = Client::connect(&conn.options()?).await?;
         c.open_receiver(Some("$stat"), 1).await?;
         let body = loop {
             match tokio::time::timeout(Duration::from_secs(10), c.next_event())
@@ -240,7 +257,7 @@ pub async fn stat(a: StatArgs) -> ExitCode {
     .await;
     let body = match doc {
         Ok(b) => b,
-        Err(e) => return fail(&format!("stat {}", redact(&a.conn.url)), e),
+        Err(e) => return fail(&format!("stat {}", redact(url)), e),
     };
     if a.json {
         println!("{}", String::from_utf8_lossy(&body));
@@ -250,8 +267,43 @@ pub async fn stat(a: StatArgs) -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail("stat", e),
     };
-    print_stat(&v);
+    if v["kind"] == "broker" {
+        print_broker_stat(&v);
+    } else {
+        print_stat(&v);
+    }
     ExitCode::SUCCESS
+}
+
+fn print_broker_stat(v: &serde_json::Value) {
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!("broker {}", s(&v["id"]));
+    println!(
+        "  {:<12} {:<32} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
+        "space", "queue", "depth", "unsettled", "consumers", "in/s", "out/s", "expired", "dead"
+    );
+    for q in v["queues"].as_array().into_iter().flatten() {
+        let name = match q["subscription"].as_object() {
+            Some(sub) => format!("{} (on {})", s(&q["address"]), s(&sub["topic"])),
+            None => s(&q["address"]),
+        };
+        println!(
+            "  {:<12} {:<32} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
+            s(&q["space"]),
+            name,
+            s(&q["depth"]),
+            s(&q["unsettled"]),
+            s(&q["consumers"]),
+            s(&q["inRate"]),
+            s(&q["outRate"]),
+            s(&q["expired"]),
+            s(&q["deadLettered"])
+        );
+    }
 }
 
 fn print_stat(v: &serde_json::Value) {

@@ -778,6 +778,58 @@ impl Connection {
         id
     }
 
+    /// Attaches a link we start from a whole attach (link routing): its
+    /// name, role (ours), termini, settle modes, capabilities and
+    /// properties go out as given, with our handle and delivery count.
+    pub fn attach_as(&mut self, ch: u16, mut attach: Attach) -> LinkId {
+        let id = self.new_link(ch, attach.name.clone(), attach.role.clone());
+        let handle = self.alloc_handle(ch);
+        let l = self.links.get_mut(&id).expect("link just made");
+        l.local_handle = Some(handle);
+        l.snd_settle_mode = attach.snd_settle_mode.clone();
+        l.rcv_settle_mode = attach.rcv_settle_mode.clone();
+        attach.handle = Handle(handle);
+        attach.initial_delivery_count = matches!(attach.role, Role::Sender).then_some(0);
+        attach.unsettled = None;
+        attach.incomplete_unsettled = false;
+        attach.max_message_size =
+            (self.cfg.max_message_size > 0).then_some(self.cfg.max_message_size);
+        frame::encode_performative(&mut self.out, ch, &Performative::Attach(Box::new(attach)));
+        id
+    }
+
+    /// Answers a peer's attach with the termini, settle modes,
+    /// capabilities and properties of `answer` (link routing: the answer
+    /// of the far end).
+    pub fn accept_attach_as(&mut self, link: LinkId, answer: &Attach) {
+        let Some(l) = self.links.get(&link) else {
+            return;
+        };
+        let ch = l.channel;
+        let handle = self.alloc_handle(ch);
+        let l = self.links.get_mut(&link).expect("checked above");
+        l.local_handle = Some(handle);
+        l.snd_settle_mode = answer.snd_settle_mode.clone();
+        l.rcv_settle_mode = answer.rcv_settle_mode.clone();
+        let attach = Attach {
+            name: l.name.clone(),
+            handle: Handle(handle),
+            role: l.role.clone(),
+            snd_settle_mode: l.snd_settle_mode.clone(),
+            rcv_settle_mode: l.rcv_settle_mode.clone(),
+            source: answer.source.clone(),
+            target: answer.target.clone(),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: matches!(l.role, Role::Sender).then_some(l.delivery_count),
+            max_message_size: (self.cfg.max_message_size > 0).then_some(self.cfg.max_message_size),
+            offered_capabilities: answer.offered_capabilities.clone(),
+            desired_capabilities: answer.desired_capabilities.clone(),
+            properties: answer.properties.clone(),
+        };
+        frame::encode_performative(&mut self.out, ch, &Performative::Attach(Box::new(attach)));
+    }
+
     /// Answers a peer's attach, taking the link.
     pub fn accept_attach(&mut self, link: LinkId, reply: AttachReply) {
         let Some(l) = self.links.get(&link) else {
@@ -827,6 +879,19 @@ impl Connection {
     /// Detaches (closes) a link. The link is forgotten at once; its
     /// unsettled outgoing deliveries' tokens are returned.
     pub fn detach(&mut self, link: LinkId, error: Option<AmqpErrorBody>) -> Vec<u64> {
+        self.detach_with(link, true, error)
+    }
+
+    /// Detaches a link, closing it or not (`closed: false` keeps a durable
+    /// terminus, e.g. a durable subscription, for a later attach).
+    pub fn detach_with(
+        &mut self,
+        link: LinkId,
+        closed: bool,
+        error: Option<AmqpErrorBody>,
+    ) -> Vec<u64> {
+        // Outcomes decided before the detach go out before it.
+        self.flush_dispositions();
         let Some(l) = self.links.get_mut(&link) else {
             return Vec::new();
         };
@@ -837,7 +902,7 @@ impl Connection {
             if let Some(h) = handle {
                 let d = Detach {
                     handle: Handle(h),
-                    closed: true,
+                    closed,
                     error,
                 };
                 frame::encode_performative(&mut self.out, ch, &Performative::Detach(d));
@@ -1398,6 +1463,7 @@ impl Connection {
 
     /// Ends a session (client side).
     pub fn end(&mut self, ch: u16) {
+        self.flush_dispositions();
         if let Some(Some(s)) = self.sessions.get_mut(usize::from(ch)) {
             if !s.end_sent {
                 s.end_sent = true;

@@ -19,6 +19,7 @@ pub mod client;
 pub mod connection;
 pub mod frame;
 pub mod message;
+pub mod policy;
 pub mod tls;
 pub mod transport;
 

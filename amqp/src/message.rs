@@ -224,6 +224,83 @@ fn put_str(out: &mut BytesMut, s: &[u8], small: u8, large: u8) {
     out.put_slice(s);
 }
 
+/// The header and properties sections of a message: (offset, length) of each.
+fn header_and_properties(message: &[u8]) -> (Option<(usize, usize)>, Option<(usize, usize)>) {
+    let (mut header, mut props) = (None, None);
+    let mut at = 0;
+    while at < message.len() {
+        let Ok((sec, len)) = next_section(&message[at..]) else {
+            break;
+        };
+        match sec.code {
+            0x70 => header = Some((at, len)),
+            0x71 | 0x72 => {}
+            0x73 => props = Some((at, len)),
+            _ => break,
+        }
+        at += len;
+    }
+    (header, props)
+}
+
+/// The message as delivered again after `delivery_count` failed attempts:
+/// its header's `delivery-count` set (AMQP 1.0 §3.2.1) and
+/// `first-acquirer` cleared; a header is added if it had none. A message
+/// whose header does not decode is returned as it is.
+pub fn redelivered(message: &Bytes, delivery_count: u32) -> Bytes {
+    use fe2o3_amqp_types::messaging::Header;
+    let (h, _) = header_and_properties(message);
+    let (mut header, rest) = match h {
+        Some((at, len)) => match serde_amqp::from_slice::<Header>(&message[at..at + len]) {
+            Ok(h) if at == 0 => (h, &message[len..]),
+            _ => return message.clone(),
+        },
+        // A header that does not parse stays as it is.
+        None if message.starts_with(&[0x00, 0x53, 0x70]) => return message.clone(),
+        None => (Header::default(), &message[..]),
+    };
+    header.delivery_count = delivery_count;
+    header.first_acquirer = false;
+    let Ok(enc) = serde_amqp::to_vec(&header) else {
+        return message.clone();
+    };
+    let mut out = BytesMut::with_capacity(enc.len() + rest.len());
+    out.put_slice(&enc);
+    out.put_slice(rest);
+    out.freeze()
+}
+
+/// When a message expires, in ms since the Unix epoch (0: never): its
+/// `properties.absolute-expiry-time`, or `header.ttl` after `now_ms`,
+/// whichever comes first (AMQP 1.0 §3.2.1, §3.2.4).
+pub fn expiry(message: &[u8], now_ms: u64) -> u64 {
+    use fe2o3_amqp_types::messaging::{Header, Properties};
+    let (h, p) = header_and_properties(message);
+    let mut at = u64::MAX;
+    if let Some((o, l)) = h {
+        if let Ok(Header { ttl: Some(ttl), .. }) = serde_amqp::from_slice(&message[o..o + l]) {
+            at = at.min(now_ms.saturating_add(u64::from(ttl)));
+        }
+    }
+    if let Some((o, l)) = p {
+        if let Ok(Properties {
+            absolute_expiry_time: Some(t),
+            ..
+        }) = serde_amqp::from_slice(&message[o..o + l])
+        {
+            let ms = t.milliseconds();
+            if ms > 0 {
+                at = at.min(ms as u64);
+            }
+        }
+    }
+    if at == u64::MAX {
+        0
+    } else {
+        at.max(1)
+    }
+}
+
 /// What to put in a message built by [`encode_message`].
 #[derive(Debug, Default, Clone)]
 pub struct MessageParts<'a> {
@@ -298,6 +375,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(to_address(&m).unwrap(), None);
+        assert_eq!(expiry(&m, 1000), 0);
         assert_eq!(body_bytes(&m).unwrap(), vec![7u8; 300]);
     }
 
@@ -307,5 +385,54 @@ mod tests {
             let _ = to_address(&bytes);
             let _ = body_bytes(&bytes);
         }
+    }
+
+    #[test]
+    fn redelivery_sets_the_header_delivery_count() {
+        use fe2o3_amqp_types::messaging::Header;
+        let plain = encode_message(&MessageParts {
+            body: b"x",
+            ..Default::default()
+        });
+        let durable = encode_message(&MessageParts {
+            durable: true,
+            body: b"x",
+            ..Default::default()
+        });
+        for m in [plain, durable] {
+            let r = redelivered(&m, 3);
+            let (h, _) = header_and_properties(&r);
+            let (o, l) = h.expect("a header");
+            let hdr: Header = serde_amqp::from_slice(&r[o..o + l]).expect("decodes");
+            assert_eq!(hdr.delivery_count, 3);
+            assert!(!hdr.first_acquirer);
+            assert_eq!(body_bytes(&r).expect("body"), b"x");
+            let again = redelivered(&r, 4);
+            assert_eq!(again.len(), r.len());
+        }
+        let junk = Bytes::from_static(&[0x00, 0x53, 0x70, 0x99]);
+        assert_eq!(redelivered(&junk, 1), junk);
+    }
+
+    #[test]
+    fn expiry_from_ttl_or_absolute_time() {
+        use fe2o3_amqp_types::messaging::{Header, Properties};
+        use fe2o3_amqp_types::primitives::Timestamp;
+        let mut m = serde_amqp::to_vec(&Header {
+            ttl: Some(500),
+            ..Default::default()
+        })
+        .expect("encodes");
+        assert_eq!(expiry(&m, 1000), 1500);
+        m.extend(
+            serde_amqp::to_vec(&Properties {
+                absolute_expiry_time: Some(Timestamp::from_milliseconds(1200)),
+                ..Default::default()
+            })
+            .expect("encodes"),
+        );
+        m.extend_from_slice(&[0x00, 0x53, 0x77, 0x40]);
+        assert_eq!(expiry(&m, 1000), 1200);
+        assert_eq!(expiry(&m, 100), 600);
     }
 }

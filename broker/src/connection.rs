@@ -1,35 +1,86 @@
-//! One task per client connection: publishes go to the journal and, once
-//! durable, to their queue and back to the producer as `accepted`;
-//! consumers' credit and settlements go to the queue task, and the
-//! deliveries it hands out go onto the socket.
+//! One task per connection — a client's, or the broker's own connection to
+//! a router that routes links here. Publishes to a queue go to the journal
+//! and, once durable, to their queue and back to the producer as
+//! `accepted`; publishes to a topic go to the queue task, which stores
+//! them for the subscriptions that take them. Consumers' credit and
+//! settlements go to the queue task, and the deliveries it hands out go
+//! onto the socket.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use flotilla_amqp::connection::{
     amqp_error, AttachReply, Connection, ConnectionConfig, Event, LinkId,
 };
 use flotilla_amqp::frame;
-use flotilla_amqp::transport::BoxIo;
-use flotilla_amqp::types::definitions::{AmqpError, Role};
-use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Rejected, TargetArchetype};
+use flotilla_amqp::message::{self, MessageParts};
+use flotilla_amqp::policy::{Policy, Principal};
+use flotilla_amqp::transport::{BoxIo, Identity};
+use flotilla_amqp::types::definitions::{
+    AmqpError, Error as AmqpErrorBody, Role, SenderSettleMode,
+};
+use flotilla_amqp::types::messaging::{
+    Accepted, DeliveryState, DistributionMode, Rejected, Source, TargetArchetype,
+    TerminusDurability, TerminusExpiryPolicy,
+};
+use flotilla_amqp::types::performatives::Attach;
+use flotilla_amqp::types::primitives::{Symbol, Value};
+use flotilla_core::resources::{AddressType, Operation};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::journal::JournalHandle;
-use crate::queues::{BrokerEvent, QueueHandle, Settlement, ToConn};
-use crate::store::{self, Stored};
+use crate::queues::{BrokerEvent, PublishReply, QueueHandle, Settlement, SubSpec, ToConn};
+use crate::selector::{Fields as _, MessageFields, Selector};
+use crate::store::{self, Stored, SubRecord};
 
 /// Credit a producer link gets: messages not yet on disk count against it.
 const WINDOW: u32 = 1000;
+/// The source of a snapshot of every queue (`flotilla stat`).
+pub const STAT_ADDRESS: &str = "$stat";
+/// The target of management requests (`operation: PURGE`).
+pub const MANAGEMENT_ADDRESS: &str = "$management";
+/// Offered by a broker on its connection to a router.
+const ROUTE_CONTAINER_CAPABILITY: &str = "flotilla.route-container";
+const SELECTOR_FILTER: &str = "apache.org:selector-filter:string";
+const SELECTOR_FILTER_CODE: u64 = 0x0000_468C_0000_0004;
+
+enum Destination {
+    Queue(String),
+    Topic { space: String, topic: String },
+    Management,
+}
 
 struct Producer {
-    queue: String,
+    to: Destination,
     /// Published, not yet durable.
     storing: u32,
+}
+
+/// Who is on the other end.
+pub(crate) enum Peer {
+    /// A client: authenticated by the handshake, placed by its Open.
+    Client {
+        identity: Identity,
+        addr: SocketAddr,
+    },
+    /// A router that routes links here: attach properties say whose.
+    Router,
+}
+
+/// Where an attach goes, once resolved.
+struct Resolved {
+    space: String,
+    address: String,
+    kind: AddressType,
+    container: String,
+    link_name: String,
+    topic: Option<String>,
 }
 
 pub(crate) struct BrokerConnection {
@@ -37,12 +88,48 @@ pub(crate) struct BrokerConnection {
     conn: Connection,
     queues: QueueHandle,
     journal: JournalHandle,
+    policy: Policy,
+    peer: Peer,
+    principal: Option<Principal>,
+    remote_container: String,
     tx: mpsc::UnboundedSender<ToConn>,
     rx: mpsc::UnboundedReceiver<ToConn>,
     producers: HashMap<LinkId, Producer>,
     consumers: HashMap<LinkId, String>,
+    stat_links: Vec<LinkId>,
+    /// Receivers of management replies, by their (dynamic) address.
+    reply_links: HashMap<String, LinkId>,
+    next_reply: u64,
     events: Vec<Event>,
     closing: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn has_capability(caps: Option<&flotilla_amqp::types::primitives::Array<Symbol>>, c: &str) -> bool {
+    caps.is_some_and(|a| a.0.iter().any(|s| s.as_str() == c))
+}
+
+/// The selector in a source's filter set, if any.
+fn selector_of(source: &Source) -> Option<String> {
+    let filters = source.filter.as_ref()?;
+    filters.iter().find_map(|(_, v)| match v {
+        Value::Described(d) => {
+            let ours = match &d.descriptor {
+                serde_amqp::descriptor::Descriptor::Name(n) => n.as_str() == SELECTOR_FILTER,
+                serde_amqp::descriptor::Descriptor::Code(c) => *c == SELECTOR_FILTER_CODE,
+            };
+            match (&d.value, ours) {
+                (Value::String(s), true) => Some(s.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
 }
 
 impl BrokerConnection {
@@ -51,10 +138,17 @@ impl BrokerConnection {
         container_id: &str,
         queues: QueueHandle,
         journal: JournalHandle,
+        policy: Policy,
+        peer: Peer,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let offered = match peer {
+            Peer::Router => vec![ROUTE_CONTAINER_CAPABILITY],
+            Peer::Client { .. } => Vec::new(),
+        };
         let cfg = ConnectionConfig {
             container_id: container_id.to_string(),
+            offered_capabilities: offered,
             ..Default::default()
         };
         BrokerConnection {
@@ -62,10 +156,17 @@ impl BrokerConnection {
             conn: Connection::new(cfg),
             queues,
             journal,
+            policy,
+            peer,
+            principal: None,
+            remote_container: String::new(),
             tx,
             rx,
             producers: HashMap::new(),
             consumers: HashMap::new(),
+            stat_links: Vec::new(),
+            reply_links: HashMap::new(),
+            next_reply: 0,
             events: Vec::new(),
             closing: false,
         }
@@ -77,6 +178,10 @@ impl BrokerConnection {
         let mut batch = Vec::with_capacity(256);
         let mut next_tick = Instant::now();
         let mut eof = false;
+        if matches!(self.peer, Peer::Router) {
+            // We connected: our Open goes first.
+            self.conn.open();
+        }
         self.input(&mut rbuf);
         loop {
             if self.conn.has_output() {
@@ -120,6 +225,10 @@ impl BrokerConnection {
 
     fn input(&mut self, rbuf: &mut BytesMut) {
         loop {
+            if self.conn.is_closed() {
+                rbuf.clear();
+                return;
+            }
             match frame::decode_frame(rbuf, self.conn.max_frame_size()) {
                 Ok(Some(f)) => {
                     let mut events = std::mem::take(&mut self.events);
@@ -148,26 +257,39 @@ impl BrokerConnection {
         }
     }
 
+    fn handle_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
+        self.remote_container = open.container_id.clone();
+        let Peer::Client { identity, addr } = &self.peer else {
+            info!(conn.id = self.id, router = %open.container_id, "connected to router: links to our queues and topics are routed here");
+            return;
+        };
+        match self
+            .policy
+            .on_open(identity, open.hostname.as_deref(), *addr)
+        {
+            Ok(p) => {
+                debug!(conn.id = self.id, vhost = %p.space, "connection opened");
+                self.principal = Some(p);
+                self.conn.open();
+            }
+            Err(why) => {
+                info!(conn.id = self.id, reason = %why, "connection refused");
+                self.closing = true;
+                self.conn
+                    .close(Some(amqp_error(AmqpError::UnauthorizedAccess, why)));
+            }
+        }
+    }
+
     fn handle_event(&mut self, e: Event) {
         match e {
-            Event::Open(_) => self.conn.open(),
+            Event::Open(open) => self.handle_open(&open),
             Event::Attach {
                 link,
                 attach,
                 reply: false,
             } => self.attach(link, &attach),
-            Event::Flow { link } => {
-                if self.consumers.contains_key(&link) {
-                    if let Some(l) = self.conn.link(link) {
-                        let limit = l.delivery_count.wrapping_add(l.credit);
-                        let _ = self.queues.send(BrokerEvent::Credit {
-                            conn: self.id,
-                            link,
-                            limit,
-                        });
-                    }
-                }
-            }
+            Event::Flow { link } => self.on_flow(link),
             Event::Delivery { link, delivery } => self.publish(link, delivery),
             Event::Outcome {
                 token,
@@ -186,17 +308,17 @@ impl BrokerConnection {
                     _ if settled => Settlement::Consumed,
                     _ => return,
                 };
-                let _ = self.queues.send(BrokerEvent::Settle { seq: token, how });
+                let _ = self.queues.send(BrokerEvent::Settle { token, how });
             }
-            Event::Detach {
-                link, unsettled, ..
-            } => {
+            Event::Detach { link, closed, .. } => {
                 self.producers.remove(&link);
+                self.stat_links.retain(|l| *l != link);
+                self.reply_links.retain(|_, l| *l != link);
                 if self.consumers.remove(&link).is_some() {
-                    let _ = unsettled;
                     let _ = self.queues.send(BrokerEvent::Detach {
                         conn: self.id,
                         link,
+                        closed,
                     });
                 }
             }
@@ -205,80 +327,366 @@ impl BrokerConnection {
         }
     }
 
-    fn attach(&mut self, link: LinkId, attach: &flotilla_amqp::types::performatives::Attach) {
-        match attach.role {
-            Role::Sender => {
-                let target = match attach.target.as_deref() {
-                    Some(TargetArchetype::Target(t)) => Some(t.clone()),
-                    _ => None,
-                };
-                let Some(queue) = target
-                    .as_ref()
-                    .and_then(|t| t.address.clone())
-                    .filter(|a| !a.is_empty())
-                else {
-                    return self.conn.refuse_attach(
-                        link,
-                        amqp_error(AmqpError::InvalidField, "a producer needs a target queue"),
-                    );
-                };
-                self.conn.accept_attach(
+    fn on_flow(&mut self, link: LinkId) {
+        if let Some(i) = self.stat_links.iter().position(|l| *l == link) {
+            if self.conn.link(link).is_some_and(|l| l.credit > 0) {
+                self.stat_links.swap_remove(i);
+                let _ = self.queues.send(BrokerEvent::Stat {
+                    tx: self.tx.clone(),
                     link,
-                    AttachReply {
-                        source: attach.source.as_deref().cloned(),
-                        target,
-                        ..Default::default()
-                    },
-                );
-                self.conn.flow(link, WINDOW, false);
-                debug!(conn.id = self.id, queue = %queue, "producer attached");
-                self.producers.insert(link, Producer { queue, storing: 0 });
+                });
             }
-            Role::Receiver => {
-                let source = attach.source.as_deref().cloned().unwrap_or_default();
-                let Some(queue) = source.address.clone().filter(|a| !a.is_empty()) else {
-                    return self.conn.refuse_attach(
-                        link,
-                        amqp_error(AmqpError::InvalidField, "a consumer needs a source queue"),
-                    );
-                };
-                let target = match attach.target.as_deref() {
-                    Some(TargetArchetype::Target(t)) => Some(t.clone()),
-                    _ => None,
-                };
-                self.conn.accept_attach(
-                    link,
-                    AttachReply {
-                        source: Some(source),
-                        target,
-                        ..Default::default()
-                    },
-                );
-                debug!(conn.id = self.id, queue = %queue, "consumer attached");
-                let _ = self.queues.send(BrokerEvent::Attach {
-                    queue: queue.clone(),
+            return;
+        }
+        if self.consumers.contains_key(&link) {
+            if let Some(l) = self.conn.link(link) {
+                let limit = l.delivery_count.wrapping_add(l.credit);
+                let _ = self.queues.send(BrokerEvent::Credit {
                     conn: self.id,
                     link,
-                    tx: self.tx.clone(),
+                    limit,
+                    drain: l.drain,
                 });
-                self.consumers.insert(link, queue);
             }
         }
     }
 
-    /// A message from a producer: to the journal; once durable, to its
-    /// queue and `accepted` to the producer.
+    /// Who is attaching, in which space, to what kind of address.
+    fn resolve(&self, attach: &Attach, address: &str) -> Result<Resolved, AmqpErrorBody> {
+        let caps = match attach.role {
+            Role::Receiver => attach.source.as_ref().and_then(|s| s.capabilities.as_ref()),
+            Role::Sender => match attach.target.as_deref() {
+                Some(TargetArchetype::Target(t)) => t.capabilities.as_ref(),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            },
+        };
+        let by_capability = if has_capability(caps, "topic") {
+            AddressType::Topic
+        } else {
+            AddressType::Queue
+        };
+        if matches!(self.peer, Peer::Router) {
+            let props = attach.properties.as_ref();
+            let get = |k: &str| match props.and_then(|p| p.get(&Symbol::from(k))) {
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            };
+            let space = get("flotilla:space").ok_or_else(|| {
+                amqp_error(
+                    AmqpError::InvalidField,
+                    "a routed link must say its address space",
+                )
+            })?;
+            let kind = match get("flotilla:type").as_deref() {
+                Some("topic") => AddressType::Topic,
+                Some("subscription") => AddressType::Subscription,
+                _ => AddressType::Queue,
+            };
+            return Ok(Resolved {
+                space,
+                address: address.to_string(),
+                kind,
+                container: get("flotilla:container-id").unwrap_or_default(),
+                link_name: get("flotilla:link-name").unwrap_or_else(|| attach.name.clone()),
+                topic: get("flotilla:topic"),
+            });
+        }
+        let Some(p) = &self.principal else {
+            return Err(amqp_error(AmqpError::IllegalState, "connection not open"));
+        };
+        let op = match attach.role {
+            Role::Receiver => Operation::Recv,
+            Role::Sender => Operation::Send,
+        };
+        if !p.may(op, address) {
+            return Err(amqp_error(
+                AmqpError::UnauthorizedAccess,
+                format!("not allowed to {op:?} on {address:?}").to_lowercase(),
+            ));
+        }
+        let t = self.policy.tenancy();
+        let space = t.spaces.get(&p.space);
+        let declared = space.and_then(|s| s.declaration(address));
+        let kind = match declared {
+            Some((k, _)) if !k.is_direct() => k,
+            // Undeclared (or a router's type): a queue, or a topic if the
+            // client says so (as JMS clients do).
+            _ => by_capability,
+        };
+        Ok(Resolved {
+            space: p.space.clone(),
+            address: address.to_string(),
+            kind,
+            container: self.remote_container.clone(),
+            link_name: attach.name.clone(),
+            topic: space.and_then(|s| s.subscriptions.get(address).cloned()),
+        })
+    }
+
+    fn refuse(&mut self, link: LinkId, e: AmqpErrorBody) {
+        info!(
+            conn.id = self.id,
+            reason = e.description.as_deref().unwrap_or(""),
+            "attach refused"
+        );
+        self.conn.refuse_attach(link, e);
+    }
+
+    fn attach(&mut self, link: LinkId, attach: &Attach) {
+        if self.principal.is_none() && matches!(self.peer, Peer::Client { .. }) {
+            return self.refuse(
+                link,
+                amqp_error(AmqpError::IllegalState, "connection not open"),
+            );
+        }
+        match attach.role {
+            Role::Sender => self.attach_producer(link, attach),
+            Role::Receiver => self.attach_consumer(link, attach),
+        }
+    }
+
+    fn attach_producer(&mut self, link: LinkId, attach: &Attach) {
+        let target = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let Some(address) = target
+            .as_ref()
+            .and_then(|t| t.address.clone())
+            .filter(|a| !a.is_empty())
+        else {
+            return self.refuse(
+                link,
+                amqp_error(AmqpError::InvalidField, "a producer needs a target address"),
+            );
+        };
+        let to = if address == MANAGEMENT_ADDRESS {
+            Destination::Management
+        } else {
+            let r = match self.resolve(attach, &address) {
+                Ok(r) => r,
+                Err(e) => return self.refuse(link, e),
+            };
+            match r.kind {
+                AddressType::Topic => Destination::Topic {
+                    space: r.space,
+                    topic: r.address,
+                },
+                AddressType::Subscription => {
+                    return self.refuse(
+                        link,
+                        amqp_error(
+                            AmqpError::NotAllowed,
+                            format!("{address:?} is a subscription: send to its topic"),
+                        ),
+                    )
+                }
+                _ => Destination::Queue(store::queue_key(&r.space, &r.address)),
+            }
+        };
+        self.conn.accept_attach(
+            link,
+            AttachReply {
+                source: attach.source.as_deref().cloned(),
+                target,
+                ..Default::default()
+            },
+        );
+        self.conn.flow(link, WINDOW, false);
+        debug!(conn.id = self.id, address = %address, "producer attached");
+        self.producers.insert(link, Producer { to, storing: 0 });
+    }
+
+    fn attach_consumer(&mut self, link: LinkId, attach: &Attach) {
+        let mut source = attach.source.as_deref().cloned().unwrap_or_default();
+        let target = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => Some(t.clone()),
+            _ => None,
+        };
+        if source.dynamic {
+            // A reply address for management answers.
+            self.next_reply += 1;
+            let a = format!("$reply/{}/{}", self.id, self.next_reply);
+            source.address = Some(a.clone());
+            self.reply_links.insert(a, link);
+            return self.conn.accept_attach(
+                link,
+                AttachReply {
+                    source: Some(source),
+                    target,
+                    snd_settle_mode: Some(SenderSettleMode::Settled),
+                    ..Default::default()
+                },
+            );
+        }
+        let Some(address) = source.address.clone().filter(|a| !a.is_empty()) else {
+            return self.refuse(
+                link,
+                amqp_error(AmqpError::InvalidField, "a consumer needs a source address"),
+            );
+        };
+        if address == STAT_ADDRESS {
+            let allowed = match (&self.peer, &self.principal) {
+                (Peer::Router, _) => true,
+                (_, Some(p)) => p.may(Operation::View, "#"),
+                _ => false,
+            };
+            if !allowed {
+                return self.refuse(
+                    link,
+                    amqp_error(
+                        AmqpError::UnauthorizedAccess,
+                        "viewing broker state needs the view operation on all addresses",
+                    ),
+                );
+            }
+            self.conn.accept_attach(
+                link,
+                AttachReply {
+                    source: Some(source),
+                    target,
+                    snd_settle_mode: Some(SenderSettleMode::Settled),
+                    ..Default::default()
+                },
+            );
+            self.stat_links.push(link);
+            return;
+        }
+        let r = match self.resolve(attach, &address) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(link, e),
+        };
+        let event = match r.kind {
+            AddressType::Topic | AddressType::Subscription => {
+                let spec = match self.subscription(&r, &source) {
+                    Ok(s) => s,
+                    Err(e) => return self.refuse(link, e),
+                };
+                BrokerEvent::Subscribe {
+                    spec,
+                    conn: self.id,
+                    link,
+                    tx: self.tx.clone(),
+                }
+            }
+            _ => BrokerEvent::Attach {
+                queue: store::queue_key(&r.space, &r.address),
+                conn: self.id,
+                link,
+                tx: self.tx.clone(),
+                browse: source.distribution_mode == Some(DistributionMode::Copy),
+            },
+        };
+        let browse = matches!(event, BrokerEvent::Attach { browse: true, .. });
+        self.conn.accept_attach(
+            link,
+            AttachReply {
+                source: Some(source),
+                target,
+                snd_settle_mode: browse.then_some(SenderSettleMode::Settled),
+                ..Default::default()
+            },
+        );
+        debug!(conn.id = self.id, address = %address, kind = ?r.kind, "consumer attached");
+        let _ = self.queues.send(event);
+        self.consumers.insert(link, address);
+    }
+
+    /// The subscription a topic consumer (or a `subscription` address's
+    /// consumer) takes its messages from.
+    fn subscription(&self, r: &Resolved, source: &Source) -> Result<SubSpec, AmqpErrorBody> {
+        let selector_text = selector_of(source);
+        let selector = match &selector_text {
+            Some(s) => Some(Arc::new(Selector::parse(s).map_err(|e| {
+                amqp_error(AmqpError::InvalidField, format!("bad selector: {e}"))
+            })?)),
+            None => None,
+        };
+        if r.kind == AddressType::Subscription {
+            let topic = r.topic.clone().ok_or_else(|| {
+                amqp_error(
+                    AmqpError::NotFound,
+                    format!("subscription {:?} names no topic", r.address),
+                )
+            })?;
+            return Ok(SubSpec {
+                record: SubRecord {
+                    key: store::sub_key(&r.space, &format!("address/{}", r.address)),
+                    space: r.space.clone(),
+                    pattern: topic,
+                    selector: None,
+                    shared: true,
+                },
+                selector: None,
+                durable: true,
+            });
+        }
+        let caps = source.capabilities.as_ref();
+        let shared = has_capability(caps, "shared");
+        let durable = source.durable != TerminusDurability::None
+            || source.expiry_policy == TerminusExpiryPolicy::Never;
+        // JMS names the consumers of a shared subscription `name|N`.
+        let base = r.link_name.split('|').next().unwrap_or_default();
+        let name = if shared {
+            let owner = if has_capability(caps, "global") {
+                "global"
+            } else {
+                r.container.as_str()
+            };
+            format!("shared/{owner}/{base}")
+        } else if durable {
+            format!("durable/{}/{}", r.container, r.link_name)
+        } else {
+            format!("temp/{}/{}", self.id, r.link_name)
+        };
+        Ok(SubSpec {
+            record: SubRecord {
+                key: store::sub_key(&r.space, &name),
+                space: r.space.clone(),
+                pattern: r.address.clone(),
+                selector: selector_text,
+                shared,
+            },
+            selector,
+            durable,
+        })
+    }
+
+    /// A message from a producer: to the journal (a queue) or the queue
+    /// task (a topic); `accepted` once stored.
     fn publish(&mut self, link: LinkId, d: flotilla_amqp::connection::Delivery) {
         let Some(p) = self.producers.get_mut(&link) else {
             return;
         };
-        p.storing += 1;
-        let queue = p.queue.clone();
-        let queues = self.queues.clone();
-        let me = self.tx.clone();
         let (dref, settled) = (d.id, d.settled);
         let payload = d.payload;
-        let record = store::publish(&queue, &payload);
+        let queue = match &p.to {
+            Destination::Management => return self.management(dref, settled, &payload),
+            Destination::Topic { space, topic } => {
+                p.storing += 1;
+                let ev = BrokerEvent::Publish {
+                    space: space.clone(),
+                    topic: topic.clone(),
+                    expires: message::expiry(&payload, now_ms()),
+                    payload,
+                    reply: Some(PublishReply {
+                        tx: self.tx.clone(),
+                        link,
+                        delivery: dref,
+                        settled,
+                    }),
+                };
+                let _ = self.queues.send(ev);
+                return;
+            }
+            Destination::Queue(q) => q.clone(),
+        };
+        p.storing += 1;
+        let queues = self.queues.clone();
+        let me = self.tx.clone();
+        let expires = message::expiry(&payload, now_ms());
+        let record = store::publish(&[queue.as_str()], expires, &payload);
         let done = Box::new(
             move |r: Result<u64, crate::journal::JournalError>| match r {
                 Ok(seq) => {
@@ -288,6 +696,7 @@ impl BrokerConnection {
                             seq,
                             payload,
                             delivery_count: 0,
+                            expires,
                         },
                     });
                     let _ = me.send(ToConn::Stored {
@@ -319,12 +728,85 @@ impl BrokerConnection {
         }
     }
 
+    /// A management request: `operation: PURGE` with `name` (the queue's
+    /// address) in its application properties; the answer goes to its
+    /// `reply-to` (a receiver of this connection).
+    fn management(
+        &mut self,
+        dref: flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+        payload: &Bytes,
+    ) {
+        let f = MessageFields::from_message(payload);
+        let text = |v| match v {
+            crate::selector::Value::Str(s) => Some(s.into_owned()),
+            _ => None,
+        };
+        let operation = text(f.field("operation"));
+        let name = text(f.field("name"));
+        let reply_to = message::reply_to(payload)
+            .ok()
+            .flatten()
+            .map(str::to_string);
+        let correlation = text(f.field("JMSMessageID"));
+        let reply_link = reply_to
+            .as_ref()
+            .and_then(|r| self.reply_links.get(r))
+            .copied();
+        let outcome = match (operation.as_deref(), name, reply_link) {
+            (Some(op), Some(name), Some(link)) if op.eq_ignore_ascii_case("purge") => {
+                let space = match (&self.peer, &self.principal) {
+                    (Peer::Client { .. }, Some(p)) if p.may(Operation::Manage, &name) => {
+                        Some(p.space.clone())
+                    }
+                    _ => None,
+                };
+                match space {
+                    Some(space) => {
+                        let _ = self.queues.send(BrokerEvent::Purge {
+                            queue: store::queue_key(&space, &name),
+                            tx: self.tx.clone(),
+                            link,
+                            correlation,
+                        });
+                        DeliveryState::Accepted(Accepted {})
+                    }
+                    None => DeliveryState::Rejected(Rejected {
+                        error: Some(amqp_error(
+                            AmqpError::UnauthorizedAccess,
+                            format!("purging {name:?} needs the manage operation on it"),
+                        )),
+                    }),
+                }
+            }
+            _ => DeliveryState::Rejected(Rejected {
+                error: Some(amqp_error(
+                    AmqpError::NotImplemented,
+                    "management requests: operation PURGE with a name, and reply-to a receiver of this connection",
+                )),
+            }),
+        };
+        if !settled {
+            self.conn.settle(dref, outcome);
+        }
+    }
+
     fn handle_queue_event(&mut self, m: ToConn) {
         match m {
-            ToConn::Deliver { link, msg } => {
-                if !self.conn.send(link, &msg.payload, false, msg.seq) {
+            ToConn::Deliver {
+                link,
+                token,
+                msg,
+                settled,
+            } => {
+                let payload = if msg.delivery_count > 0 {
+                    message::redelivered(&msg.payload, msg.delivery_count)
+                } else {
+                    msg.payload
+                };
+                if !self.conn.send(link, &payload, settled, token) && !settled {
                     let _ = self.queues.send(BrokerEvent::Settle {
-                        seq: msg.seq,
+                        token,
                         how: Settlement::Requeue { failed: false },
                     });
                 }
@@ -354,6 +836,45 @@ impl BrokerConnection {
                     );
                 }
                 self.stored_one(link);
+            }
+            ToConn::Drained { link } => self.conn.drained(link),
+            ToConn::Stat { link, body } => {
+                let mut body = body;
+                // A client sees only its own address space.
+                if let (Peer::Client { .. }, Some(p)) = (&self.peer, &self.principal) {
+                    if let Some(qs) = body["queues"].as_array_mut() {
+                        qs.retain(|q| q["space"] == p.space.as_str());
+                    }
+                }
+                body["id"] = self.conn.config().container_id.clone().into();
+                let text = body.to_string();
+                let msg = message::encode_message(&MessageParts {
+                    body: text.as_bytes(),
+                    text: true,
+                    ..Default::default()
+                });
+                self.conn.send(link, &msg, true, 0);
+            }
+            ToConn::Purged {
+                link,
+                correlation,
+                queue,
+                count,
+            } => {
+                let body = match count {
+                    Some(n) => serde_json::json!({"status": 200, "queue": queue, "purged": n}),
+                    None => {
+                        serde_json::json!({"status": 404, "queue": queue, "error": "no such queue"})
+                    }
+                }
+                .to_string();
+                let msg = message::encode_message(&MessageParts {
+                    correlation_id: correlation.as_deref(),
+                    body: body.as_bytes(),
+                    text: true,
+                    ..Default::default()
+                });
+                self.conn.send(link, &msg, true, 0);
             }
         }
     }

@@ -1,26 +1,35 @@
-//! flotilla-broker: store-and-forward queues (DESIGN.md "Broker"). A
-//! message a producer sends unsettled is accepted only once it is on disk
-//! in the broker's own journal; consumers compete for a queue's messages
-//! with credit, in order; released, modified and unsettled-at-disconnect
-//! messages are redelivered; everything not acknowledged survives a crash.
+//! flotilla-broker: store-and-forward queues and topics (DESIGN.md
+//! "Broker"). A message a producer sends unsettled is accepted only once it
+//! is on disk in the broker's own journal; consumers compete for a queue's
+//! messages with credit, in order; released, modified and
+//! unsettled-at-disconnect messages are redelivered (with the header's
+//! delivery-count), and move to the dead-letter queue after too many
+//! attempts; expired messages are dropped or moved to an expiry queue.
+//! Topics fan out to subscriptions — durable, shared, wildcard, with
+//! selectors — each a queue of its own. Everything not acknowledged
+//! survives a crash.
 //!
-//! Not yet here (issue #4): topics and subscriptions, dead-letter and
-//! expiry addresses, browsing, purge, selectors, paging, delivery-count in
-//! the message header, authentication (every client is admitted), and
-//! being reached through routers.
+//! Clients connect directly (authenticated and placed in an address space
+//! as on a router) or through routers: with `router` set, the broker keeps
+//! a connection to that router as a route container, and the mesh routes
+//! links for queue, topic and subscription addresses to it.
+//!
+//! Not yet here: paging (every held message is in memory).
 //!
 //! # Layout
 //!
 //! - [`journal`]: segmented append-only files, CRC per record, group commit.
-//! - [`store`]: the broker's records in the journal; rebuilding queues.
-//! - [`queues`]: the task that owns every queue.
-//! - `connection`: one task per client connection.
+//! - [`store`]: the broker's records in the journal; rebuilding state.
+//! - [`queues`]: the task that owns every queue and subscription.
+//! - [`selector`]: message selectors (JMS / SQL-92 subset).
+//! - `connection`: one task per connection.
 
 #![forbid(unsafe_code)]
 
 mod connection;
 pub mod journal;
 pub mod queues;
+pub mod selector;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -28,11 +37,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use flotilla_amqp::transport::{self, AcceptConfig, AllowAnonymous};
+use flotilla_amqp::policy::Policy;
+use flotilla_amqp::transport::{self, AcceptConfig};
+use flotilla_core::config::Tenancy;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument};
+use tracing::{debug, info, Instrument};
 
 /// Everything a broker needs to start.
 #[derive(Debug, Clone)]
@@ -40,8 +51,12 @@ pub struct BrokerConfig {
     pub amqp: SocketAddr,
     pub data_dir: PathBuf,
     pub container_id: String,
-    /// Dead-letter settings for every queue.
+    /// Dead-letter and expiry settings for every queue.
     pub dead_letter: queues::DeadLetter,
+    /// Address spaces, users and addresses (as for routers).
+    pub tenancy: Tenancy,
+    /// A router to connect to as a route container (`HOST:PORT`).
+    pub router: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +72,66 @@ pub enum BrokerError {
     Io(#[from] std::io::Error),
 }
 
+/// Keeps a connection to `router` (re-resolved and retried with backoff)
+/// over which the router routes links to this broker.
+async fn keep_router(
+    router: String,
+    id: String,
+    queues: queues::QueueHandle,
+    journal: journal::JournalHandle,
+    policy: Policy,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut conn = 0u64;
+    while !shutdown.is_cancelled() {
+        conn += 1;
+        let started = std::time::Instant::now();
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(&router).await.ok()?;
+            let _ = tcp.set_nodelay(true);
+            let cc = transport::ConnectConfig {
+                tls: None,
+                sasl: transport::ClientSasl::Anonymous,
+                hostname: None,
+                tls_header: false,
+            };
+            let (io, buf) =
+                tokio::time::timeout(Duration::from_secs(10), transport::connect(tcp, &cc))
+                    .await
+                    .ok()?
+                    .ok()?;
+            info!(router = %router, "connected to router");
+            // Router connections count down from the top of the id space.
+            let cid = u64::MAX - conn;
+            connection::BrokerConnection::new(
+                cid,
+                &id,
+                queues.clone(),
+                journal.clone(),
+                policy.clone(),
+                connection::Peer::Router,
+            )
+            .run(io, buf, shutdown.clone())
+            .await;
+            Some(())
+        };
+        match attempt.await {
+            Some(()) => info!(router = %router, "connection to router closed"),
+            None => debug!(router = %router, "cannot reach router; retrying"),
+        }
+        backoff = if started.elapsed() > Duration::from_secs(5) {
+            Duration::from_millis(100)
+        } else {
+            (backoff * 2).min(Duration::from_secs(2))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
 /// Recovers the journal, binds, and serves until `shutdown`.
 ///
 /// # Errors
@@ -68,9 +143,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         .await
         .map_err(|e| BrokerError::Io(std::io::Error::other(e)))??;
     let recovered = store::recover(records);
-    let held: usize = recovered.values().map(|q| q.len()).sum();
+    let held: usize = recovered.queues.values().map(|q| q.len()).sum();
     info!(
-        queues = recovered.len(),
+        queues = recovered.queues.len(),
+        subscriptions = recovered.subscriptions.len(),
         messages = held,
         "queues recovered"
     );
@@ -90,6 +166,35 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     info!(proto = "amqp", addr = %addr, "listening");
     let tracker = TaskTracker::new();
     tracker.spawn(task.run());
+    let policy = Policy::new(cfg.tenancy.clone());
+    // `subscription` addresses exist before anyone consumes them.
+    for space in cfg.tenancy.spaces.values() {
+        for (address, topic) in &space.subscriptions {
+            let _ = queues.send(queues::BrokerEvent::Ensure {
+                spec: queues::SubSpec {
+                    record: store::SubRecord {
+                        key: store::sub_key(&space.name, &format!("address/{address}")),
+                        space: space.name.clone(),
+                        pattern: topic.clone(),
+                        selector: None,
+                        shared: true,
+                    },
+                    selector: None,
+                    durable: true,
+                },
+            });
+        }
+    }
+    if let Some(router) = cfg.router.clone() {
+        tracker.spawn(keep_router(
+            router,
+            cfg.container_id.clone(),
+            queues.clone(),
+            journal.clone(),
+            policy.clone(),
+            shutdown.clone(),
+        ));
+    }
     let next = AtomicU64::new(1);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -105,24 +210,29 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         };
         let _ = tcp.set_nodelay(true);
         let id = next.fetch_add(1, Ordering::Relaxed);
-        let (queues, journal, stop, cid) = (
+        let (queues, journal, stop, cid, policy) = (
             queues.clone(),
             journal.clone(),
             shutdown.clone(),
             cfg.container_id.clone(),
+            policy.clone(),
         );
         let span = tracing::info_span!("conn", conn.id = id, client.addr = %peer);
         tracker.spawn(
             async move {
                 let hs = tokio::time::timeout(
                     Duration::from_secs(10),
-                    transport::accept(tcp, peer, &AcceptConfig::default(), &AllowAnonymous),
+                    transport::accept(tcp, peer, &AcceptConfig::default(), &policy),
                 )
                 .await;
                 let Ok(Ok(est)) = hs else {
                     return info!("handshake failed");
                 };
-                connection::BrokerConnection::new(id, &cid, queues, journal)
+                let who = connection::Peer::Client {
+                    identity: est.identity,
+                    addr: peer,
+                };
+                connection::BrokerConnection::new(id, &cid, queues, journal, policy, who)
                     .run(est.io, est.read_buf, stop)
                     .await;
             }

@@ -1,35 +1,69 @@
-//! The queues: one task owns them all. Connection tasks tell it what was
-//! stored, who consumes, with how much credit, and how deliveries were
-//! settled; it hands each message to one consumer with credit (competing
-//! consumers, round robin), keeps order per queue, and puts back what
-//! comes back (released, modified, or with its consumer gone).
+//! The queues and subscriptions: one task owns them all. Connection tasks
+//! tell it what was stored, who consumes, with how much credit, and how
+//! deliveries were settled; it hands each message to one consumer with
+//! credit (competing consumers, round robin), keeps order per queue, and
+//! puts back what comes back (released, modified, or with its consumer
+//! gone).
+//!
+//! A topic is not a queue: a message published to a topic goes to every
+//! subscription whose pattern matches the topic address and whose
+//! selector matches the message, each a queue of its own. Durable
+//! subscriptions (and shared ones) outlive their consumers; the others
+//! go with their last consumer.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flotilla_amqp::connection::LinkId;
+use bytes::Bytes;
+use flotilla_amqp::connection::{DeliveryRef, LinkId};
+use flotilla_core::pattern;
+use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info};
 
-use crate::journal::JournalHandle;
-use crate::store::{self, Stored};
+use crate::journal::{JournalError, JournalHandle};
+use crate::selector::{MessageFields, Selector};
+use crate::store::{self, Stored, SubRecord};
 
 /// What the queue task tells a connection task.
 #[derive(Debug)]
 pub enum ToConn {
-    /// Send `msg` on our link `link` (unsettled; its token is `msg.seq`).
-    Deliver { link: LinkId, msg: Stored },
-    /// A message published on `link` is on disk: accept it.
+    /// Send `msg` on our link `link`: unsettled with `token`, or settled
+    /// (a browser's copy).
+    Deliver {
+        link: LinkId,
+        token: u64,
+        msg: Stored,
+        settled: bool,
+    },
+    /// A message published on `link` is on disk (or, for a topic, with
+    /// every subscription that takes it): accept it.
     Stored {
         link: LinkId,
-        delivery: flotilla_amqp::connection::DeliveryRef,
+        delivery: DeliveryRef,
         settled: bool,
     },
     /// Storing it failed.
     Failed {
         link: LinkId,
-        delivery: flotilla_amqp::connection::DeliveryRef,
+        delivery: DeliveryRef,
         settled: bool,
         why: String,
+    },
+    /// The state of every queue, for a `$stat` receiver on `link`.
+    Stat {
+        link: LinkId,
+        body: serde_json::Value,
+    },
+    /// Nothing more to give a consumer that asked to drain.
+    Drained { link: LinkId },
+    /// A purge finished: answer on `link` (`None`: no such queue).
+    Purged {
+        link: LinkId,
+        correlation: Option<String>,
+        queue: String,
+        count: Option<usize>,
     },
 }
 
@@ -42,34 +76,102 @@ pub enum Settlement {
     Requeue { failed: bool },
 }
 
+/// Where a connection wants the outcome of a topic publish.
+#[derive(Debug)]
+pub struct PublishReply {
+    pub tx: mpsc::UnboundedSender<ToConn>,
+    pub link: LinkId,
+    pub delivery: DeliveryRef,
+    pub settled: bool,
+}
+
+/// A subscription a consumer asks for (made if it does not exist).
+#[derive(Debug, Clone)]
+pub struct SubSpec {
+    pub record: SubRecord,
+    pub selector: Option<Arc<Selector>>,
+    pub durable: bool,
+}
+
 /// What connection tasks tell the queue task.
 #[derive(Debug)]
 pub enum BrokerEvent {
+    /// A message for `queue` is on disk.
     Stored {
         queue: String,
         msg: Stored,
     },
+    /// A topic message is on disk for these subscriptions.
+    StoredMany {
+        queues: Vec<String>,
+        msg: Stored,
+    },
+    /// A message for topic `topic` in `space`.
+    Publish {
+        space: String,
+        topic: String,
+        payload: Bytes,
+        expires: u64,
+        reply: Option<PublishReply>,
+    },
+    /// A consumer of queue `queue` (`browse`: it sees copies, takes nothing).
     Attach {
         queue: String,
         conn: u64,
         link: LinkId,
         tx: mpsc::UnboundedSender<ToConn>,
+        browse: bool,
+    },
+    /// A consumer of a subscription.
+    Subscribe {
+        spec: SubSpec,
+        conn: u64,
+        link: LinkId,
+        tx: mpsc::UnboundedSender<ToConn>,
+    },
+    /// Makes a subscription that exists whether consumed or not (a
+    /// `subscription` address).
+    Ensure {
+        spec: SubSpec,
     },
     Credit {
         conn: u64,
         link: LinkId,
         limit: u32,
+        /// The consumer asks to use up its credit now (AMQP 1.0 §2.6.7).
+        drain: bool,
     },
+    /// A consumer's link detached; `closed` ends its subscription if it
+    /// was durable (and it was the last consumer).
     Detach {
         conn: u64,
         link: LinkId,
+        closed: bool,
     },
     Settle {
-        seq: u64,
+        token: u64,
         how: Settlement,
     },
     Gone {
         conn: u64,
+    },
+    /// The journal holds subscription `key`'s record as `seq`.
+    SubRecorded {
+        key: String,
+        seq: u64,
+    },
+    /// Removes every message waiting in `queue`; answers how many on
+    /// the connection's `link`.
+    Purge {
+        queue: String,
+        tx: mpsc::UnboundedSender<ToConn>,
+        link: LinkId,
+        correlation: Option<String>,
+    },
+    /// The state of every queue, as JSON, to `link`.
+    Stat {
+        tx: mpsc::UnboundedSender<ToConn>,
+        link: LinkId,
     },
 }
 
@@ -79,6 +181,10 @@ struct Consumer {
     tx: mpsc::UnboundedSender<ToConn>,
     routed: u32,
     limit: u32,
+    /// Browsers: the sequence number of the next message to show.
+    browse: Option<u64>,
+    /// Asked to drain: after this dispatch its credit is used up.
+    drain: bool,
 }
 
 impl Consumer {
@@ -93,18 +199,66 @@ impl Consumer {
 }
 
 #[derive(Default)]
+struct Counters {
+    enqueued: u64,
+    delivered: u64,
+    acked: u64,
+    expired: u64,
+    dead_lettered: u64,
+    /// Per second, over the last tick.
+    in_rate: u64,
+    out_rate: u64,
+    last_enqueued: u64,
+    last_acked: u64,
+}
+
 struct Queue {
     messages: VecDeque<Stored>,
     consumers: Vec<Consumer>,
     rr: usize,
+    /// Its messages are in the journal (queues and durable subscriptions).
+    durable: bool,
+    /// Messages that carry an expiry time.
+    expiring: usize,
+    stats: Counters,
 }
 
 impl Queue {
+    fn new(durable: bool) -> Self {
+        Queue {
+            messages: VecDeque::new(),
+            consumers: Vec::new(),
+            rr: 0,
+            durable,
+            expiring: 0,
+            stats: Counters::default(),
+        }
+    }
+
+    fn push(&mut self, msg: Stored) {
+        self.stats.enqueued += 1;
+        if msg.expires != 0 {
+            self.expiring += 1;
+        }
+        self.messages.push_back(msg);
+    }
+
     /// Puts a message back in sequence order (usually at the front).
     fn requeue(&mut self, msg: Stored) {
+        if msg.expires != 0 {
+            self.expiring += 1;
+        }
         let at = self.messages.partition_point(|m| m.seq < msg.seq);
         self.messages.insert(at, msg);
     }
+}
+
+struct Subscription {
+    record: SubRecord,
+    selector: Option<Arc<Selector>>,
+    durable: bool,
+    /// Seq of its journal record (durable; 0 until written).
+    record_seq: u64,
 }
 
 struct Inflight {
@@ -114,7 +268,32 @@ struct Inflight {
     msg: Stored,
 }
 
-/// Owns every queue of a broker.
+/// What happens to messages that fail or expire.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Deliveries (returned released-with-failure, modified, or abandoned)
+    /// after which a message moves to `queue`.
+    pub max_deliveries: u32,
+    /// The dead-letter queue's address (in each address space).
+    pub queue: String,
+    /// Where expired messages go (in each space); `None`: dropped.
+    pub expiry_queue: Option<String>,
+}
+
+/// A cloneable sender to the queue task.
+pub type QueueHandle = mpsc::UnboundedSender<BrokerEvent>;
+
+/// Sequence numbers for messages that never reach the journal (they only
+/// order a non-durable subscription's queue).
+const MEMORY_SEQ_BASE: u64 = 1 << 62;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Owns every queue and subscription of a broker.
 pub struct QueueTask {
     /// Our own handle, for messages moved to the dead-letter queue (weak,
     /// so the task still ends when every connection's handle is gone).
@@ -122,50 +301,67 @@ pub struct QueueTask {
     dead_letter: DeadLetter,
     rx: mpsc::UnboundedReceiver<BrokerEvent>,
     queues: HashMap<String, Queue>,
+    subs: HashMap<String, Subscription>,
     inflight: HashMap<u64, Inflight>,
+    next_token: u64,
+    next_memory_seq: u64,
+    /// The highest journal seq this task has seen stored: records above it
+    /// may still be on their way here, so their segments must stay.
+    seen: u64,
     journal: JournalHandle,
     acks_since_retire: u32,
 }
 
-/// Where messages go that were delivered too often without being consumed.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// Deliveries (returned released-with-failure, modified, or abandoned)
-    /// after which a message moves to `queue`.
-    pub max_deliveries: u32,
-    pub queue: String,
-}
-
-/// A cloneable sender to the queue task.
-pub type QueueHandle = mpsc::UnboundedSender<BrokerEvent>;
-
 impl QueueTask {
-    /// A queue task starting with the recovered `queues`.
+    /// A queue task starting with what the journal held.
     pub fn new(
         journal: JournalHandle,
-        recovered: std::collections::BTreeMap<String, VecDeque<Stored>>,
+        recovered: store::Recovered,
         dead_letter: DeadLetter,
     ) -> (QueueTask, QueueHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queues = recovered
-            .into_iter()
-            .map(|(name, messages)| {
-                (
-                    name,
-                    Queue {
-                        messages,
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
+        let mut queues = HashMap::new();
+        let mut seen = 0;
+        for (name, messages) in recovered.queues {
+            let mut q = Queue::new(true);
+            for m in messages {
+                seen = seen.max(m.seq);
+                q.push(m);
+            }
+            q.stats = Counters::default();
+            queues.insert(name, q);
+        }
+        let mut subs = HashMap::new();
+        for (seq, record) in recovered.subscriptions {
+            seen = seen.max(seq);
+            let selector = record
+                .selector
+                .as_deref()
+                .and_then(|s| Selector::parse(s).ok().map(Arc::new));
+            queues
+                .entry(record.key.clone())
+                .or_insert_with(|| Queue::new(true));
+            subs.insert(
+                record.key.clone(),
+                Subscription {
+                    record,
+                    selector,
+                    durable: true,
+                    record_seq: seq,
+                },
+            );
+        }
         (
             QueueTask {
                 tx: tx.downgrade(),
                 dead_letter,
                 rx,
                 queues,
+                subs,
                 inflight: HashMap::new(),
+                next_token: 1,
+                next_memory_seq: MEMORY_SEQ_BASE,
+                seen,
                 journal,
                 acks_since_retire: 0,
             },
@@ -175,13 +371,22 @@ impl QueueTask {
 
     pub async fn run(mut self) {
         let mut batch = Vec::with_capacity(256);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.rx.recv_many(&mut batch, 256).await == 0 {
+            let n = tokio::select! {
+                n = self.rx.recv_many(&mut batch, 256) => n,
+                _ = tick.tick() => {
+                    self.tick();
+                    continue;
+                }
+            };
+            if n == 0 {
                 return;
             }
             let mut touched: Vec<String> = Vec::new();
             for ev in batch.drain(..) {
-                if let Some(q) = self.handle(ev) {
+                for q in self.handle(ev) {
                     if !touched.contains(&q) {
                         touched.push(q);
                     }
@@ -193,89 +398,355 @@ impl QueueTask {
         }
     }
 
-    /// Handles one event; returns the queue that may now have work.
-    fn handle(&mut self, ev: BrokerEvent) -> Option<String> {
+    /// Handles one event; returns the queues that may now have work.
+    fn handle(&mut self, ev: BrokerEvent) -> Vec<String> {
         match ev {
             BrokerEvent::Stored { queue, msg } => {
+                self.seen = self.seen.max(msg.seq);
                 self.queues
                     .entry(queue.clone())
-                    .or_default()
-                    .messages
-                    .push_back(msg);
-                Some(queue)
+                    .or_insert_with(|| Queue::new(true))
+                    .push(msg);
+                vec![queue]
             }
+            BrokerEvent::StoredMany { queues, msg } => {
+                self.seen = self.seen.max(msg.seq);
+                let mut touched = Vec::new();
+                for name in queues {
+                    // A subscription deleted while the message was stored
+                    // does not get it.
+                    if let Some(q) = self.queues.get_mut(&name) {
+                        q.push(msg.clone());
+                        touched.push(name);
+                    }
+                }
+                touched
+            }
+            BrokerEvent::Publish {
+                space,
+                topic,
+                payload,
+                expires,
+                reply,
+            } => self.publish(&space, &topic, payload, expires, reply),
             BrokerEvent::Attach {
                 queue,
                 conn,
                 link,
                 tx,
+                browse,
             } => {
-                self.queues
+                let q = self
+                    .queues
                     .entry(queue.clone())
-                    .or_default()
-                    .consumers
-                    .push(Consumer {
+                    .or_insert_with(|| Queue::new(true));
+                q.consumers.push(Consumer {
+                    conn,
+                    link,
+                    tx,
+                    routed: 0,
+                    limit: 0,
+                    browse: browse.then_some(0),
+                    drain: false,
+                });
+                vec![queue]
+            }
+            BrokerEvent::Subscribe {
+                spec,
+                conn,
+                link,
+                tx,
+            } => {
+                let key = self.ensure(spec);
+                if let Some(q) = self.queues.get_mut(&key) {
+                    q.consumers.push(Consumer {
                         conn,
                         link,
                         tx,
                         routed: 0,
                         limit: 0,
+                        browse: None,
+                        drain: false,
                     });
-                Some(queue)
+                }
+                vec![key]
             }
-            BrokerEvent::Credit { conn, link, limit } => {
-                let (name, q) = self
+            BrokerEvent::Ensure { spec } => {
+                self.ensure(spec);
+                Vec::new()
+            }
+            BrokerEvent::SubRecorded { key, seq } => {
+                if let Some(s) = self.subs.get_mut(&key) {
+                    s.record_seq = seq;
+                }
+                Vec::new()
+            }
+            BrokerEvent::Credit {
+                conn,
+                link,
+                limit,
+                drain,
+            } => {
+                let Some((name, q)) = self
                     .queues
                     .iter_mut()
-                    .find(|(_, q)| q.consumers.iter().any(|c| c.conn == conn && c.link == link))?;
+                    .find(|(_, q)| q.consumers.iter().any(|c| c.conn == conn && c.link == link))
+                else {
+                    return Vec::new();
+                };
                 if let Some(c) = q
                     .consumers
                     .iter_mut()
                     .find(|c| c.conn == conn && c.link == link)
                 {
                     c.limit = limit;
+                    c.drain = drain;
                 }
-                Some(name.clone())
+                vec![name.clone()]
             }
-            BrokerEvent::Detach { conn, link } => self.drop_consumers(
+            BrokerEvent::Detach { conn, link, closed } => self.drop_consumers(
                 |c| c.conn == conn && c.link == link,
                 |f| f.conn == conn && f.link == link,
+                closed,
             ),
             BrokerEvent::Gone { conn } => {
-                self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn)
+                self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn, false)
             }
-            BrokerEvent::Settle { seq, how } => {
-                let f = self.inflight.remove(&seq)?;
+            BrokerEvent::Settle { token, how } => {
+                let Some(f) = self.inflight.remove(&token) else {
+                    return Vec::new();
+                };
                 match how {
                     Settlement::Consumed => {
-                        // Durable or not, the ack only saves a redelivery.
-                        let _ = self.journal.append_then(store::ack(seq), Box::new(|_| {}));
-                        self.acks_since_retire += 1;
-                        if self.acks_since_retire >= 1000 {
-                            self.acks_since_retire = 0;
-                            self.retire();
+                        if let Some(q) = self.queues.get_mut(&f.queue) {
+                            q.stats.acked += 1;
                         }
-                        None
+                        self.ack(&f.queue, f.msg.seq);
+                        Vec::new()
                     }
                     Settlement::Requeue { failed } => {
                         let mut msg = f.msg;
                         msg.delivery_count += u32::from(failed);
-                        self.put_back(f.queue, msg)
+                        self.put_back(f.queue, msg).into_iter().collect()
                     }
                 }
+            }
+            BrokerEvent::Purge {
+                queue,
+                tx,
+                link,
+                correlation,
+            } => {
+                let count = self.purge(&queue);
+                let _ = tx.send(ToConn::Purged {
+                    link,
+                    correlation,
+                    queue,
+                    count,
+                });
+                Vec::new()
+            }
+            BrokerEvent::Stat { tx, link } => {
+                let _ = tx.send(ToConn::Stat {
+                    link,
+                    body: self.stat(),
+                });
+                Vec::new()
             }
         }
     }
 
+    /// Makes the subscription `spec` names if it does not exist (or
+    /// changed its topic or selector while nobody consumed it); returns
+    /// its queue's key.
+    fn ensure(&mut self, spec: SubSpec) -> String {
+        let key = spec.record.key.clone();
+        if let Some(s) = self.subs.get(&key) {
+            let same = s.record.pattern == spec.record.pattern
+                && s.record.selector == spec.record.selector;
+            let idle = self.queues.get(&key).is_none_or(|q| q.consumers.is_empty());
+            if same || !idle {
+                return key;
+            }
+            // A durable subscriber came back with another topic or
+            // selector: a new subscription replaces the old (JMS).
+            info!(subscription = %key, "subscription changed; its messages are dropped");
+            self.delete_subscription(&key);
+        }
+        debug!(subscription = %key, pattern = %spec.record.pattern, durable = spec.durable, "subscription made");
+        if spec.durable {
+            let tx = self.tx.clone();
+            let k = key.clone();
+            let _ = self.journal.append_then(
+                store::subscribe(&spec.record),
+                Box::new(move |r: Result<u64, JournalError>| {
+                    if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
+                        let _ = tx.send(BrokerEvent::SubRecorded { key: k, seq });
+                    }
+                }),
+            );
+        }
+        self.queues.insert(key.clone(), Queue::new(spec.durable));
+        self.subs.insert(
+            key.clone(),
+            Subscription {
+                record: spec.record,
+                selector: spec.selector,
+                durable: spec.durable,
+                record_seq: 0,
+            },
+        );
+        key
+    }
+
+    /// Deletes a subscription and what it held.
+    fn delete_subscription(&mut self, key: &str) {
+        let Some(s) = self.subs.remove(key) else {
+            return;
+        };
+        self.queues.remove(key);
+        if s.durable {
+            // Recovery drops the messages of a subscription that is gone.
+            let _ = self
+                .journal
+                .append_then(store::unsubscribe(key), Box::new(|_| {}));
+        }
+        debug!(subscription = %key, "subscription deleted");
+    }
+
+    /// A topic message: to every subscription in `space` that takes it;
+    /// on disk first for the durable ones.
+    fn publish(
+        &mut self,
+        space: &str,
+        topic: &str,
+        payload: Bytes,
+        expires: u64,
+        reply: Option<PublishReply>,
+    ) -> Vec<String> {
+        let mut fields: Option<MessageFields> = None;
+        let mut durable: Vec<String> = Vec::new();
+        let mut memory: Vec<String> = Vec::new();
+        for (key, s) in &self.subs {
+            if s.record.space != space || !pattern::matches(&s.record.pattern, topic) {
+                continue;
+            }
+            if let Some(sel) = &s.selector {
+                let f = fields.get_or_insert_with(|| MessageFields::from_message(&payload));
+                if !sel.matches(f) {
+                    continue;
+                }
+            }
+            if s.durable {
+                durable.push(key.clone());
+            } else {
+                memory.push(key.clone());
+            }
+        }
+        for key in &memory {
+            self.next_memory_seq += 1;
+            if let Some(q) = self.queues.get_mut(key) {
+                q.push(Stored {
+                    seq: self.next_memory_seq,
+                    payload: payload.clone(),
+                    delivery_count: 0,
+                    expires,
+                });
+            }
+        }
+        if durable.is_empty() {
+            if let Some(r) = reply {
+                let _ = r.tx.send(ToConn::Stored {
+                    link: r.link,
+                    delivery: r.delivery,
+                    settled: r.settled,
+                });
+            }
+            return memory;
+        }
+        let names: Vec<&str> = durable.iter().map(String::as_str).collect();
+        let record = store::publish(&names, expires, &payload);
+        let tx = self.tx.clone();
+        let done = Box::new(move |r: Result<u64, JournalError>| match r {
+            Ok(seq) => {
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx.send(BrokerEvent::StoredMany {
+                        queues: durable,
+                        msg: Stored {
+                            seq,
+                            payload,
+                            delivery_count: 0,
+                            expires,
+                        },
+                    });
+                }
+                if let Some(r) = reply {
+                    let _ = r.tx.send(ToConn::Stored {
+                        link: r.link,
+                        delivery: r.delivery,
+                        settled: r.settled,
+                    });
+                }
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.tx.send(ToConn::Failed {
+                        link: r.link,
+                        delivery: r.delivery,
+                        settled: r.settled,
+                        why: e.to_string(),
+                    });
+                }
+            }
+        });
+        let _ = self.journal.append_then(record, done);
+        memory
+    }
+
+    /// Records that `queue` consumed message `seq` for good.
+    fn ack(&mut self, queue: &str, seq: u64) {
+        let durable = self.queues.get(queue).is_some_and(|q| q.durable);
+        if !durable || seq >= MEMORY_SEQ_BASE {
+            return;
+        }
+        // Not waited for: losing it costs a redelivery, never a message.
+        let record = if store::is_subscription(queue) {
+            store::ack_one(seq, queue)
+        } else {
+            store::ack(seq)
+        };
+        let _ = self.journal.append_then(record, Box::new(|_| {}));
+        self.acks_since_retire += 1;
+        if self.acks_since_retire >= 1000 {
+            self.acks_since_retire = 0;
+            self.retire();
+        }
+    }
+
     /// Removes consumers; what they held goes back to their queues as
-    /// delivered once (it may have reached them).
+    /// delivered once (it may have reached them). Subscriptions left
+    /// without consumers end unless durable (or, `closed`, even then).
     fn drop_consumers(
         &mut self,
         mut which: impl FnMut(&Consumer) -> bool,
         mut held: impl FnMut(&Inflight) -> bool,
-    ) -> Option<String> {
-        for q in self.queues.values_mut() {
+        closed: bool,
+    ) -> Vec<String> {
+        let mut emptied = Vec::new();
+        for (name, q) in &mut self.queues {
+            let before = q.consumers.len();
             q.consumers.retain(|c| !which(c));
+            if q.consumers.len() < before && q.consumers.is_empty() {
+                emptied.push(name.clone());
+            }
+        }
+        for name in emptied {
+            let Some(s) = self.subs.get(&name) else {
+                continue;
+            };
+            if !s.durable || closed {
+                self.delete_subscription(&name);
+            }
         }
         let back: Vec<u64> = self
             .inflight
@@ -284,8 +755,8 @@ impl QueueTask {
             .map(|(s, _)| *s)
             .collect();
         let mut touched = Vec::new();
-        for seq in back {
-            if let Some(f) = self.inflight.remove(&seq) {
+        for token in back {
+            if let Some(f) = self.inflight.remove(&token) {
                 let mut msg = f.msg;
                 msg.delivery_count += 1;
                 if let Some(q) = self.put_back(f.queue, msg) {
@@ -295,70 +766,144 @@ impl QueueTask {
                 }
             }
         }
-        // Other consumers of those queues get the returned messages.
-        for q in touched {
-            self.dispatch(&q);
-        }
-        None
+        touched
+    }
+
+    /// The space part of a queue key.
+    fn space_of(queue: &str) -> &str {
+        queue.split_once('/').map_or("", |(s, _)| s)
     }
 
     /// A message came back: into its queue again, or, delivered too many
     /// times, to the dead-letter queue. Returns the queue that got it.
     fn put_back(&mut self, queue: String, msg: Stored) -> Option<String> {
-        let dl = &self.dead_letter;
-        if msg.delivery_count < dl.max_deliveries || queue == dl.queue {
-            self.queues.entry(queue.clone()).or_default().requeue(msg);
+        if !self.queues.contains_key(&queue) {
+            // Its subscription is gone.
+            return None;
+        }
+        let dlq = store::queue_key(Self::space_of(&queue), &self.dead_letter.queue);
+        if msg.delivery_count < self.dead_letter.max_deliveries || queue == dlq {
+            self.queues.get_mut(&queue)?.requeue(msg);
             return Some(queue);
         }
         debug!(queue = %queue, seq = msg.seq, deliveries = msg.delivery_count, "dead-lettered");
-        // Stored in the dead-letter queue first, then acknowledged where it
-        // was: a crash in between leaves a duplicate, never a loss.
-        let (tx, dlq, payload) = (self.tx.clone(), dl.queue.clone(), msg.payload.clone());
-        let stored = Box::new(move |r: Result<u64, crate::journal::JournalError>| {
+        if let Some(q) = self.queues.get_mut(&queue) {
+            q.stats.dead_lettered += 1;
+        }
+        self.move_to(&queue, msg, dlq);
+        None
+    }
+
+    /// Moves a message to another queue: stored there first, then
+    /// acknowledged where it was (a crash in between leaves a duplicate,
+    /// never a loss).
+    fn move_to(&mut self, from: &str, msg: Stored, to: String) {
+        let record = store::publish(&[to.as_str()], 0, &msg.payload);
+        let (tx, payload) = (self.tx.clone(), msg.payload.clone());
+        let stored = Box::new(move |r: Result<u64, JournalError>| {
             if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
                 let _ = tx.send(BrokerEvent::Stored {
-                    queue: dlq,
+                    queue: to,
                     msg: Stored {
                         seq,
                         payload,
                         delivery_count: 0,
+                        expires: 0,
                     },
                 });
             }
         });
-        let _ = self
-            .journal
-            .append_then(store::publish(&dl.queue, &msg.payload), stored);
-        let _ = self
-            .journal
-            .append_then(store::ack(msg.seq), Box::new(|_| {}));
-        None
+        let _ = self.journal.append_then(record, stored);
+        self.ack(from, msg.seq);
     }
 
-    /// Hands queued messages to consumers with credit, round robin.
+    /// Expired messages: to the expiry queue, or dropped.
+    fn expire(&mut self, queue: &str, expired: Vec<Stored>) {
+        if expired.is_empty() {
+            return;
+        }
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.stats.expired += expired.len() as u64;
+        }
+        debug!(queue = %queue, n = expired.len(), "expired");
+        let to = self
+            .dead_letter
+            .expiry_queue
+            .as_deref()
+            .map(|e| store::queue_key(Self::space_of(queue), e));
+        for m in expired {
+            match &to {
+                Some(t) if t != queue => self.move_to(queue, m, t.clone()),
+                _ => self.ack(queue, m.seq),
+            }
+        }
+    }
+
+    /// Hands queued messages to consumers with credit, round robin;
+    /// browsers get copies of what they have not seen.
     fn dispatch(&mut self, name: &str) {
+        let now = now_ms();
+        let mut expired = Vec::new();
         let Some(q) = self.queues.get_mut(name) else {
             return;
         };
+        while let Some(m) = q.messages.front() {
+            if m.expires != 0 && m.expires <= now {
+                expired.extend(q.messages.pop_front());
+            } else {
+                break;
+            }
+        }
+        for c in q.consumers.iter_mut().filter(|c| c.browse.is_some()) {
+            let from = c.browse.unwrap_or(0);
+            let start = q.messages.partition_point(|m| m.seq < from);
+            for m in q.messages.iter().skip(start) {
+                if c.credit() == 0 {
+                    break;
+                }
+                if c.tx
+                    .send(ToConn::Deliver {
+                        link: c.link,
+                        token: 0,
+                        msg: m.clone(),
+                        settled: true,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+                c.routed = c.routed.wrapping_add(1);
+                c.browse = Some(m.seq + 1);
+            }
+        }
         while !q.messages.is_empty() {
             let n = q.consumers.len();
             let Some(i) = (0..n)
                 .map(|k| (q.rr + k) % n.max(1))
-                .find(|&i| q.consumers[i].credit() > 0)
+                .find(|&i| q.consumers[i].browse.is_none() && q.consumers[i].credit() > 0)
             else {
                 break;
             };
             q.rr = i + 1;
             let msg = q.messages.pop_front().expect("checked non-empty");
+            if msg.expires != 0 && msg.expires <= now {
+                expired.push(msg);
+                continue;
+            }
             let c = &mut q.consumers[i];
+            let token = self.next_token;
             match c.tx.send(ToConn::Deliver {
                 link: c.link,
+                token,
                 msg: msg.clone(),
+                settled: false,
             }) {
                 Ok(()) => {
+                    self.next_token += 1;
                     c.routed = c.routed.wrapping_add(1);
+                    q.stats.delivered += 1;
                     self.inflight.insert(
-                        msg.seq,
+                        token,
                         Inflight {
                             queue: name.to_string(),
                             conn: c.conn,
@@ -374,21 +919,155 @@ impl QueueTask {
                 }
             }
         }
+        for c in q.consumers.iter_mut().filter(|c| c.drain) {
+            c.drain = false;
+            c.routed = c.limit;
+            let _ = c.tx.send(ToConn::Drained { link: c.link });
+        }
+        if q.expiring > 0 && q.messages.iter().all(|m| m.expires == 0) {
+            q.expiring = 0;
+        }
+        self.expire(name, expired);
     }
 
-    /// Deletes journal segments below the oldest message still held.
-    fn retire(&self) {
+    /// Once a second: expire what is due anywhere in a queue, and rates.
+    fn tick(&mut self) {
+        let now = now_ms();
+        let due: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.expiring > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in due {
+            let Some(q) = self.queues.get_mut(&name) else {
+                continue;
+            };
+            let mut expired = Vec::new();
+            let mut keep = VecDeque::with_capacity(q.messages.len());
+            let mut expiring = 0;
+            for m in q.messages.drain(..) {
+                if m.expires != 0 && m.expires <= now {
+                    expired.push(m);
+                } else {
+                    expiring += usize::from(m.expires != 0);
+                    keep.push_back(m);
+                }
+            }
+            q.messages = keep;
+            q.expiring = expiring;
+            self.expire(&name, expired);
+        }
+        for q in self.queues.values_mut() {
+            let s = &mut q.stats;
+            s.in_rate = s.enqueued - s.last_enqueued;
+            s.out_rate = s.acked - s.last_acked;
+            s.last_enqueued = s.enqueued;
+            s.last_acked = s.acked;
+        }
+    }
+
+    /// Removes the messages waiting in `queue` (not those delivered and
+    /// not yet settled). `None` if there is no such queue.
+    fn purge(&mut self, queue: &str) -> Option<usize> {
+        let q = self.queues.get_mut(queue)?;
+        let gone: Vec<u64> = q.messages.drain(..).map(|m| m.seq).collect();
+        q.expiring = 0;
+        q.stats.acked += gone.len() as u64;
+        info!(queue = %queue, messages = gone.len(), "purged");
+        for seq in &gone {
+            self.ack(queue, *seq);
+        }
+        Some(gone.len())
+    }
+
+    fn stat(&self) -> serde_json::Value {
+        let mut queues: Vec<serde_json::Value> = self
+            .queues
+            .iter()
+            .map(|(key, q)| {
+                let (space, address) = key.split_once('/').unwrap_or(("", key));
+                let inflight = self.inflight.values().filter(|f| f.queue == *key).count();
+                let mut v = json!({
+                    "space": space,
+                    "address": address,
+                    "durable": q.durable,
+                    "depth": q.messages.len(),
+                    "unsettled": inflight,
+                    "consumers": q.consumers.iter().filter(|c| c.browse.is_none()).count(),
+                    "browsers": q.consumers.iter().filter(|c| c.browse.is_some()).count(),
+                    "enqueued": q.stats.enqueued,
+                    "delivered": q.stats.delivered,
+                    "acknowledged": q.stats.acked,
+                    "expired": q.stats.expired,
+                    "deadLettered": q.stats.dead_lettered,
+                    "inRate": q.stats.in_rate,
+                    "outRate": q.stats.out_rate,
+                });
+                if let Some(s) = self.subs.get(key) {
+                    v["subscription"] = json!({
+                        "topic": s.record.pattern,
+                        "selector": s.record.selector,
+                        "shared": s.record.shared,
+                    });
+                }
+                v
+            })
+            .collect();
+        queues.sort_by(|a, b| {
+            (a["space"].as_str(), a["address"].as_str())
+                .cmp(&(b["space"].as_str(), b["address"].as_str()))
+        });
+        json!({ "kind": "broker", "queues": queues })
+    }
+
+    /// Deletes journal segments below the oldest record still needed: the
+    /// oldest message held, the oldest subscription record, and anything
+    /// not yet seen here. Subscription records far behind are written
+    /// again so they do not hold old segments forever.
+    fn retire(&mut self) {
         let oldest_queued = self
             .queues
             .values()
+            .filter(|q| q.durable)
             .filter_map(|q| q.messages.front().map(|m| m.seq))
             .min();
-        let oldest_inflight = self.inflight.keys().min().copied();
-        let oldest = match (oldest_queued, oldest_inflight) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => u64::MAX,
-        };
+        let oldest_inflight = self
+            .inflight
+            .values()
+            .map(|f| f.msg.seq)
+            .filter(|s| *s < MEMORY_SEQ_BASE)
+            .min();
+        let oldest_msg = oldest_queued
+            .into_iter()
+            .chain(oldest_inflight)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(self.seen + 1);
+        let mut oldest = oldest_msg;
+        let stale: Vec<SubRecord> = self
+            .subs
+            .values()
+            .filter(|s| s.durable && s.record_seq < oldest_msg)
+            .map(|s| s.record.clone())
+            .collect();
+        for s in &self.subs {
+            if s.1.durable {
+                oldest = oldest.min(s.1.record_seq);
+            }
+        }
+        for record in stale {
+            let tx = self.tx.clone();
+            let key = record.key.clone();
+            let _ = self.journal.append_then(
+                store::subscribe(&record),
+                Box::new(move |r: Result<u64, JournalError>| {
+                    if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
+                        let _ = tx.send(BrokerEvent::SubRecorded { key, seq });
+                    }
+                }),
+            );
+        }
         self.journal.retire_before(oldest);
     }
 }

@@ -1,15 +1,27 @@
-//! What the broker writes in its journal, and rebuilding the queues from
-//! it on start: a `Publish` record per stored message, an `Ack` record when
-//! a consumer has taken one for good.
+//! What the broker writes in its journal, and rebuilding its state from it
+//! on start:
+//!
+//! - `Publish`: a message and the queues it went to (a queue, or the
+//!   durable subscriptions of a topic that took it), with its expiry time;
+//! - `Ack`: a message consumed from every queue it went to, or `AckOne`:
+//!   from one of them;
+//! - `Subscribe` / `Unsubscribe`: a durable subscription made or deleted.
+//!
+//! Queue keys are `SPACE/ADDRESS` for queues and `SPACE/$sub/NAME` for
+//! subscriptions (space names are DNS labels, so the first `/` splits).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
 
 use crate::journal::Record;
 
-const PUBLISH: u8 = 1;
+const PUBLISH: u8 = 3;
 const ACK: u8 = 2;
+const ACK_ONE: u8 = 4;
+const SUBSCRIBE: u8 = 5;
+const UNSUBSCRIBE: u8 = 6;
 
 /// A message held by a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,19 +30,57 @@ pub struct Stored {
     pub payload: Bytes,
     /// Times it was handed to a consumer and came back.
     pub delivery_count: u32,
+    /// When it expires (ms since the Unix epoch; 0: never).
+    pub expires: u64,
 }
 
-/// Encodes a `Publish` record.
-pub fn publish(queue: &str, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(3 + queue.len() + payload.len());
+/// A durable subscription as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubRecord {
+    /// Its queue's key.
+    pub key: String,
+    pub space: String,
+    /// The topic address or pattern it takes messages from.
+    pub pattern: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Several consumers share it.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    let n = s.len().min(u16::MAX as usize);
+    b.put_u16(n as u16);
+    b.put_slice(&s.as_bytes()[..n]);
+}
+
+fn get_str(b: &mut &[u8]) -> Option<String> {
+    if b.len() < 2 {
+        return None;
+    }
+    let n = b.get_u16() as usize;
+    let s = std::str::from_utf8(b.get(..n)?).ok()?.to_string();
+    b.advance(n);
+    Some(s)
+}
+
+/// Encodes a `Publish` record of a message for `queues`.
+pub fn publish(queues: &[&str], expires: u64, payload: &[u8]) -> Bytes {
+    let names: usize = queues.iter().map(|q| 2 + q.len()).sum();
+    let mut b = BytesMut::with_capacity(11 + names + payload.len());
     b.put_u8(PUBLISH);
-    b.put_u16(queue.len().min(u16::MAX as usize) as u16);
-    b.put_slice(&queue.as_bytes()[..queue.len().min(u16::MAX as usize)]);
+    b.put_u64(expires);
+    b.put_u16(queues.len().min(u16::MAX as usize) as u16);
+    for q in queues.iter().take(u16::MAX as usize) {
+        put_str(&mut b, q);
+    }
     b.put_slice(payload);
     b.freeze()
 }
 
-/// Encodes an `Ack` record for the message stored as `seq`.
+/// Encodes an `Ack` record: the message stored as `seq` is consumed
+/// everywhere.
 pub fn ack(seq: u64) -> Bytes {
     let mut b = BytesMut::with_capacity(9);
     b.put_u8(ACK);
@@ -38,69 +88,196 @@ pub fn ack(seq: u64) -> Bytes {
     b.freeze()
 }
 
-/// The queues as the journal leaves them: every published message not
-/// acknowledged, per queue, in the order it was stored.
-pub fn recover(records: Vec<Record>) -> BTreeMap<String, VecDeque<Stored>> {
-    let mut acked = HashSet::new();
+/// Encodes an `AckOne` record: consumed from `queue` only.
+pub fn ack_one(seq: u64, queue: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(11 + queue.len());
+    b.put_u8(ACK_ONE);
+    b.put_u64(seq);
+    put_str(&mut b, queue);
+    b.freeze()
+}
+
+/// Encodes a `Subscribe` record.
+pub fn subscribe(s: &SubRecord) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(SUBSCRIBE);
+    b.put_slice(&serde_json::to_vec(s).unwrap_or_default());
+    b.freeze()
+}
+
+/// Encodes an `Unsubscribe` record.
+pub fn unsubscribe(key: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(UNSUBSCRIBE);
+    put_str(&mut b, key);
+    b.freeze()
+}
+
+/// What the journal leaves: each queue's messages not consumed, in the
+/// order they were stored, and the durable subscriptions with the seq of
+/// the record that made each.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub queues: BTreeMap<String, VecDeque<Stored>>,
+    pub subscriptions: Vec<(u64, SubRecord)>,
+}
+
+/// A `Publish` record's fields: expiry, queues, payload offset.
+fn parse_publish(p: &[u8]) -> Option<(u64, Vec<String>, usize)> {
+    let mut b = p.get(1..)?;
+    if b.len() < 10 {
+        return None;
+    }
+    let expires = b.get_u64();
+    let n = b.get_u16();
+    let mut queues = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        queues.push(get_str(&mut b)?);
+    }
+    Some((expires, queues, p.len() - b.len()))
+}
+
+/// Rebuilds the broker's state from the journal's records.
+pub fn recover(records: Vec<Record>) -> Recovered {
+    let mut acked: HashSet<u64> = HashSet::new();
+    let mut acked_one: HashSet<(u64, String)> = HashSet::new();
+    let mut subs: HashMap<String, (u64, SubRecord)> = HashMap::new();
     for r in &records {
-        if r.payload.first() == Some(&ACK) && r.payload.len() == 9 {
-            acked.insert(u64::from_be_bytes(
-                r.payload[1..9].try_into().unwrap_or_default(),
-            ));
-        }
-    }
-    let mut queues: BTreeMap<String, VecDeque<Stored>> = BTreeMap::new();
-    for r in records {
         let p = &r.payload;
-        if p.first() != Some(&PUBLISH) || p.len() < 3 || acked.contains(&r.seq) {
+        match p.first() {
+            Some(&ACK) if p.len() == 9 => {
+                acked.insert(u64::from_be_bytes(p[1..9].try_into().unwrap_or_default()));
+            }
+            Some(&ACK_ONE) if p.len() > 9 => {
+                let mut b = &p[9..];
+                if let Some(q) = get_str(&mut b) {
+                    acked_one.insert((
+                        u64::from_be_bytes(p[1..9].try_into().unwrap_or_default()),
+                        q,
+                    ));
+                }
+            }
+            Some(&SUBSCRIBE) => {
+                if let Ok(s) = serde_json::from_slice::<SubRecord>(&p[1..]) {
+                    subs.insert(s.key.clone(), (r.seq, s));
+                }
+            }
+            Some(&UNSUBSCRIBE) => {
+                let mut b = &p[1..];
+                if let Some(k) = get_str(&mut b) {
+                    subs.remove(&k);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Recovered::default();
+    for r in records {
+        if r.payload.first() != Some(&PUBLISH) || acked.contains(&r.seq) {
             continue;
         }
-        let qlen = u16::from_be_bytes([p[1], p[2]]) as usize;
-        let Some(name) = p.get(3..3 + qlen).and_then(|n| std::str::from_utf8(n).ok()) else {
+        let Some((expires, queues, at)) = parse_publish(&r.payload) else {
             continue;
         };
-        let stored = Stored {
-            seq: r.seq,
-            payload: r.payload.slice(3 + qlen..),
-            delivery_count: 0,
-        };
-        queues
-            .entry(name.to_string())
-            .or_default()
-            .push_back(stored);
+        let payload = r.payload.slice(at..);
+        for q in queues {
+            if acked_one.contains(&(r.seq, q.clone())) {
+                continue;
+            }
+            // A subscription deleted since keeps nothing.
+            if is_subscription(&q) && !subs.contains_key(&q) {
+                continue;
+            }
+            out.queues.entry(q).or_default().push_back(Stored {
+                seq: r.seq,
+                payload: payload.clone(),
+                delivery_count: 0,
+                expires,
+            });
+        }
     }
-    queues
+    let mut subs: Vec<(u64, SubRecord)> = subs.into_values().collect();
+    subs.sort_by_key(|(seq, _)| *seq);
+    out.subscriptions = subs;
+    out
+}
+
+/// True for a subscription's queue key.
+pub fn is_subscription(key: &str) -> bool {
+    key.split_once('/')
+        .is_some_and(|(_, rest)| rest.starts_with("$sub/"))
+}
+
+/// The key of queue `address` in `space`.
+pub fn queue_key(space: &str, address: &str) -> String {
+    format!("{space}/{address}")
+}
+
+/// The key of subscription `name` in `space`.
+pub fn sub_key(space: &str, name: &str) -> String {
+    format!("{space}/$sub/{name}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn rec(seq: u64, payload: Bytes) -> Record {
+        Record { seq, payload }
+    }
+
     #[test]
     fn acknowledged_messages_do_not_come_back() {
-        let recs = vec![
-            Record {
-                seq: 1,
-                payload: publish("q", b"a"),
-            },
-            Record {
-                seq: 2,
-                payload: publish("q", b"b"),
-            },
-            Record {
-                seq: 3,
-                payload: publish("r", b"c"),
-            },
-            Record {
-                seq: 4,
-                payload: ack(1),
-            },
-        ];
-        let q = recover(recs);
-        assert_eq!(
-            q["q"].iter().map(|s| s.payload.clone()).collect::<Vec<_>>(),
-            vec![Bytes::from_static(b"b")]
-        );
-        assert_eq!(q["r"][0].seq, 3);
+        let q = recover(vec![
+            rec(1, publish(&["s/q"], 0, b"a")),
+            rec(2, publish(&["s/q"], 7, b"b")),
+            rec(3, publish(&["s/r"], 0, b"c")),
+            rec(4, ack(1)),
+        ]);
+        let got: Vec<_> = q.queues["s/q"].iter().map(|s| s.payload.clone()).collect();
+        assert_eq!(got, vec![Bytes::from_static(b"b")]);
+        assert_eq!(q.queues["s/q"][0].expires, 7);
+        assert_eq!(q.queues["s/r"][0].seq, 3);
+    }
+
+    #[test]
+    fn a_topic_message_stays_for_each_subscription_until_it_consumes_it() {
+        let a = SubRecord {
+            key: sub_key("s", "a"),
+            space: "s".into(),
+            pattern: "t".into(),
+            selector: Some("x = 1".into()),
+            shared: false,
+        };
+        let mut b = a.clone();
+        b.key = sub_key("s", "b");
+        let mut c = a.clone();
+        c.key = sub_key("s", "c");
+        let q = recover(vec![
+            rec(1, subscribe(&a)),
+            rec(2, subscribe(&b)),
+            rec(3, subscribe(&c)),
+            rec(4, publish(&[&a.key, &b.key, &c.key], 0, b"m")),
+            rec(5, ack_one(4, &a.key)),
+            rec(6, unsubscribe(&c.key)),
+        ]);
+        assert!(!q.queues.contains_key(&a.key));
+        assert_eq!(q.queues[&b.key].len(), 1);
+        assert!(!q.queues.contains_key(&c.key));
+        let keys: Vec<_> = q.subscriptions.iter().map(|(_, s)| s.key.clone()).collect();
+        assert_eq!(keys, vec![a.key.clone(), b.key.clone()]);
+        assert_eq!(q.subscriptions[0].1, a);
+    }
+
+    #[test]
+    fn damaged_records_are_skipped() {
+        let q = recover(vec![
+            rec(1, Bytes::from_static(&[PUBLISH, 0, 0])),
+            rec(2, Bytes::from_static(&[ACK_ONE, 1])),
+            rec(3, Bytes::from_static(&[SUBSCRIBE, b'{'])),
+            rec(4, Bytes::from_static(&[UNSUBSCRIBE, 0, 9])),
+        ]);
+        assert!(q.queues.is_empty() && q.subscriptions.is_empty());
+        assert!(is_subscription("s/$sub/x") && !is_subscription("s/q"));
     }
 }

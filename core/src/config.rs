@@ -59,6 +59,8 @@ pub struct Space {
     pub undeclared: Undeclared,
     exact: HashMap<String, AddressType>,
     patterns: Vec<(String, AddressType)>,
+    /// `subscription` addresses → their topic.
+    pub subscriptions: HashMap<String, String>,
     pub users: HashMap<String, User>,
 }
 
@@ -70,6 +72,7 @@ impl Space {
             undeclared,
             exact: HashMap::new(),
             patterns: Vec::new(),
+            subscriptions: HashMap::new(),
             users: HashMap::new(),
         }
     }
@@ -77,20 +80,31 @@ impl Space {
     /// The type of `address` in this space: a declared address, else the first
     /// declared pattern it matches, else what the space does with undeclared ones.
     pub fn lookup(&self, address: &str) -> Option<AddressType> {
-        if let Some(t) = self.exact.get(address) {
-            return Some(*t);
-        }
-        if let Some((_, t)) = self
-            .patterns
-            .iter()
-            .find(|(p, _)| pattern::matches(p, address))
-        {
-            return Some(*t);
+        self.declaration(address).map(|(t, _)| t)
+    }
+
+    /// Like [`Space::lookup`], with the declaration that decided: the
+    /// address itself, or the pattern it matched (brokers place a topic
+    /// and everything under it together).
+    pub fn declaration<'a>(&'a self, address: &'a str) -> Option<(AddressType, &'a str)> {
+        if let Some(d) = self.declared_as(address) {
+            return Some(d);
         }
         match self.undeclared {
-            Undeclared::Anycast => Some(AddressType::Anycast),
+            Undeclared::Anycast => Some((AddressType::Anycast, address)),
             Undeclared::Reject => None,
         }
+    }
+
+    /// The declared address or pattern `address` falls under, if any.
+    pub fn declared_as<'a>(&'a self, address: &'a str) -> Option<(AddressType, &'a str)> {
+        if let Some(t) = self.exact.get(address) {
+            return Some((*t, address));
+        }
+        self.patterns
+            .iter()
+            .find(|(p, _)| pattern::matches(p, address))
+            .map(|(p, t)| (*t, p.as_str()))
     }
 
     /// Declares an address.
@@ -210,6 +224,11 @@ impl Tenancy {
                 .get_mut(&a.spec.address_space)
                 .ok_or_else(|| no_space(doc, "Address", &a.metadata.name, &a.spec.address_space))?;
             space.declare(&a.spec.address, a.spec.kind);
+            if let Some(t) = &a.spec.topic {
+                space
+                    .subscriptions
+                    .insert(a.spec.address.clone(), t.clone());
+            }
         }
         for (doc, u) in users {
             let space = t.spaces.get_mut(&u.spec.address_space).ok_or_else(|| {

@@ -93,6 +93,9 @@ pub struct AddressSpec {
     pub kind: AddressType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// `subscription` addresses: the topic address it subscribes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
 }
 
 /// What an authorization rule allows.
@@ -190,6 +193,21 @@ impl Address {
                 self.spec.address
             )));
         }
+        match (&self.spec.topic, self.spec.kind) {
+            (None, AddressType::Subscription) => {
+                return Err(ValidationError::Invalid(format!(
+                    "subscription address {:?} needs spec.topic, the topic it subscribes to",
+                    self.spec.address
+                )))
+            }
+            (Some(t), AddressType::Subscription) => validate_address(t)?,
+            (Some(_), _) => {
+                return Err(ValidationError::Invalid(
+                    "spec.topic is only for subscription addresses".into(),
+                ))
+            }
+            (None, _) => {}
+        }
         Ok(())
     }
 }
@@ -263,11 +281,19 @@ mod tests {
                 address: "prices/#".into(),
                 kind: AddressType::Anycast,
                 plan: None,
+                topic: None,
             },
             status: None,
         };
         assert!(a.validate().is_err());
         a.spec.kind = AddressType::Multicast;
         assert!(a.validate().is_ok());
+        a.spec.kind = AddressType::Subscription;
+        a.spec.address = "audit".into();
+        assert!(a.validate().is_err(), "a subscription needs its topic");
+        a.spec.topic = Some("prices/#".into());
+        assert!(a.validate().is_ok());
+        a.spec.kind = AddressType::Queue;
+        assert!(a.validate().is_err(), "only subscriptions name a topic");
     }
 }

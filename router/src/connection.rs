@@ -88,6 +88,10 @@ pub(crate) struct ConnectionTask {
     pub(crate) mesh_peer: Option<crate::mesh::peer::PeerLink>,
     /// Receivers of `$stat` waiting for credit to get their snapshot.
     stat_links: Vec<LinkId>,
+    /// Links routed to brokers (see [`crate::linkroute`]).
+    pub(crate) routes: crate::linkroute::Routes,
+    /// The peer's container-id (from its Open).
+    remote_container: String,
 }
 
 /// One of our unsettled deliveries to a receiver (or a neighbour router).
@@ -133,6 +137,8 @@ impl ConnectionTask {
             draining: false,
             mesh_peer: None,
             stat_links: Vec::new(),
+            routes: Default::default(),
+            remote_container: String::new(),
         }
     }
 
@@ -280,15 +286,27 @@ impl ConnectionTask {
             return self.handle_peer_event(e);
         }
         match e {
-            Event::Open(open) => self.handle_open(open.hostname.as_deref()),
+            Event::Open(open) => self.handle_open(&open),
+            Event::Begin {
+                channel,
+                answer: true,
+            } if self.routes.begun == Some(channel) => self.route_session_ready(channel),
             Event::Begin { .. } | Event::End { .. } => {}
             Event::Attach {
                 link,
                 attach,
                 reply: false,
             } => self.handle_attach(link, *attach),
-            Event::Attach { .. } => {}
+            Event::Attach {
+                link,
+                attach,
+                reply: true,
+            } => self.route_on_answer(link, &attach),
+            Event::Flow { link } if self.is_routed(link) => self.route_on_flow(link),
             Event::Flow { link } => self.handle_flow(link),
+            Event::Delivery { link, delivery } if self.is_routed(link) => {
+                self.route_on_delivery(link, delivery)
+            }
             Event::Delivery { link, delivery } => self.handle_delivery(link, delivery),
             Event::Outcome {
                 token,
@@ -296,6 +314,12 @@ impl ConnectionTask {
                 settled,
                 ..
             } => self.handle_outcome(token, state, settled),
+            Event::Detach {
+                link,
+                closed,
+                error,
+                unsettled,
+            } if self.is_routed(link) => self.route_on_detach(link, closed, error, unsettled),
             Event::Detach {
                 link, unsettled, ..
             } => self.link_gone(link, unsettled),
@@ -316,9 +340,18 @@ impl ConnectionTask {
             Event::Attach {
                 link,
                 attach,
+                reply: true,
+            } if self.is_routed(link) => self.route_on_answer(link, &attach),
+            Event::Attach {
+                link,
+                attach,
                 reply,
-            } => self.peer_on_attach(link, &attach, reply),
+            } => self.peer_on_attach(link, *attach, reply),
+            Event::Flow { link } if self.is_routed(link) => self.route_on_flow(link),
             Event::Flow { link } => self.peer_on_flow(link),
+            Event::Delivery { link, delivery } if self.is_routed(link) => {
+                self.route_on_delivery(link, delivery)
+            }
             Event::Delivery { link, delivery } => self.peer_on_delivery(link, delivery),
             Event::Outcome {
                 token,
@@ -326,6 +359,12 @@ impl ConnectionTask {
                 settled,
                 ..
             } => self.handle_outcome(token, state, settled),
+            Event::Detach {
+                link,
+                closed,
+                error,
+                unsettled,
+            } if self.is_routed(link) => self.route_on_detach(link, closed, error, unsettled),
             Event::Detach { unsettled, .. } => {
                 // The neighbour dropped one of the mesh links: the
                 // connection is no use any more.
@@ -353,16 +392,34 @@ impl ConnectionTask {
         }
     }
 
-    fn handle_open(&mut self, hostname: Option<&str>) {
+    fn handle_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
+        let hostname = open.hostname.as_deref();
+        self.remote_container = open.container_id.clone();
+        let route_container = open.offered_capabilities.as_ref().is_some_and(|c| {
+            c.0.iter()
+                .any(|s| s.as_str() == crate::linkroute::ROUTE_CONTAINER_CAPABILITY)
+        });
         match self
             .shared
             .policy
             .on_open(&self.identity, hostname, self.peer)
         {
+            Ok(p) if route_container && !p.may(Operation::Manage, "#") => {
+                info!(conn.id = self.id.0, client.addr = %self.peer, "route container refused: needs the manage operation on all addresses");
+                self.closing = Some(CloseReason::Unauthorized);
+                self.conn.close(Some(amqp_error(
+                    AmqpError::UnauthorizedAccess,
+                    "a broker (route container) needs the manage operation on all addresses",
+                )));
+            }
             Ok(p) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), "connection opened");
                 self.principal = Some(p);
                 self.conn.open();
+                if route_container {
+                    let id = open.container_id.clone();
+                    self.route_container_open(&id);
+                }
             }
             Err(why) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "connection refused");
@@ -381,10 +438,74 @@ impl ConnectionTask {
             );
             return;
         };
+        if let Some(info) = self.route_for(&p, &attach) {
+            return self.route_attach(link, attach, info);
+        }
         match attach.role {
             Role::Sender => self.attach_incoming(link, &p, attach),
             Role::Receiver => self.attach_outgoing(link, &p, attach),
         }
+    }
+
+    /// The route to a broker when `attach` names a queue, topic or
+    /// subscription the principal may use.
+    fn route_for(
+        &self,
+        p: &Principal,
+        attach: &flotilla_amqp::types::performatives::Attach,
+    ) -> Option<crate::linkroute::RouteInfo> {
+        let address = crate::linkroute::terminus_address(attach).filter(|a| !a.is_empty())?;
+        let op = match attach.role {
+            Role::Receiver => Operation::Recv,
+            Role::Sender => Operation::Send,
+        };
+        if !p.may(op, &address) {
+            return None;
+        }
+        let t = self.shared.policy.tenancy();
+        let space = t.spaces.get(&p.space)?;
+        let (kind, declared) = match space.declared_as(&address) {
+            Some(d) => d,
+            // Where undeclared addresses are allowed, a client may ask for
+            // a queue or topic by capability (as JMS clients do).
+            None if space.undeclared == flotilla_core::resources::Undeclared::Anycast => {
+                let caps = match attach.role {
+                    Role::Receiver => attach.source.as_ref().and_then(|s| s.capabilities.clone()),
+                    Role::Sender => match attach.target.as_deref() {
+                        Some(TargetArchetype::Target(t)) => t.capabilities.clone(),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    },
+                };
+                let has = |c: &str| {
+                    caps.as_ref()
+                        .is_some_and(|a| a.0.iter().any(|s| s.as_str() == c))
+                };
+                if has("queue") {
+                    (AddressType::Queue, address.as_str())
+                } else if has("topic") {
+                    (AddressType::Topic, address.as_str())
+                } else {
+                    return None;
+                }
+            }
+            None => return None,
+        };
+        if kind.is_direct() {
+            return None;
+        }
+        let topic = space.subscriptions.get(&address).cloned();
+        Some(crate::linkroute::RouteInfo {
+            space: p.space.clone(),
+            kind,
+            placed_by: declared.to_string(),
+            address: address.clone(),
+            container: self.remote_container.clone(),
+            link_name: attach.name.clone(),
+            broker: None,
+            hops: 0,
+            topic,
+        })
     }
 
     /// Resolves an address for `op`, or the error to refuse with.
@@ -410,8 +531,8 @@ impl ConnectionTask {
         match kind {
             None => Err(amqp_error(AmqpError::NotFound, format!("no address {address:?} in address space {:?}", p.space))),
             Some(k) if !k.is_direct() => Err(amqp_error(
-                AmqpError::NotFound,
-                format!("address {address:?} is a {k:?} address, which needs a broker; this router has none"),
+                AmqpError::NotImplemented,
+                format!("address {address:?} is held by a broker: attach a link to it (anonymous relay reaches only anycast and multicast addresses)"),
             )),
             Some(k) => Ok(k),
         }
@@ -943,6 +1064,7 @@ impl ConnectionTask {
                     self.peer_held(link, 0, returned);
                 }
             }
+            ev => self.route_event(ev),
         }
     }
 
@@ -991,6 +1113,7 @@ impl ConnectionTask {
     }
 
     fn cleanup(&mut self) {
+        self.route_cleanup();
         for u in std::mem::take(&mut self.unsettled).into_values() {
             if let Some(o) = u.origin {
                 o.conn.send(ConnEvent::Outcome {
@@ -1011,11 +1134,18 @@ impl ConnectionTask {
         // channel fails, so nothing more arrives after this).
         self.rx.close();
         while let Ok(ev) = self.rx.try_recv() {
-            if let ConnEvent::Deliver {
-                link, msg, address, ..
-            } = ev
-            {
-                address.unsend(self.id, link, msg);
+            match ev {
+                ConnEvent::Deliver {
+                    link, msg, address, ..
+                } => address.unsend(self.id, link, msg),
+                ConnEvent::RouteTransfer { msg, .. } => msg.release(),
+                ConnEvent::RouteAttach(req) => {
+                    req.from.send(ConnEvent::RouteRefused {
+                        link: req.from_link,
+                        error: amqp_error(AmqpError::NotFound, "the route to the broker closed"),
+                    });
+                }
+                _ => {}
             }
         }
         self.peer_cleanup();

@@ -47,6 +47,35 @@ pub enum ConnEvent {
     /// Re-evaluate credit on our incoming link: receivers came or went, or
     /// `returned` of its deliveries left the router's queues.
     Credit { link: LinkId, returned: u32 },
+    /// Link routing (see [`crate::linkroute`]): attach onward and pair.
+    RouteAttach(Box<crate::linkroute::RouteReq>),
+    /// The far end answered the onward attach of our `link`.
+    RouteAnswer {
+        link: LinkId,
+        peer_link: LinkId,
+        answer: Box<flotilla_amqp::types::performatives::Attach>,
+    },
+    /// No route: refuse the attach of our `link`.
+    RouteRefused {
+        link: LinkId,
+        error: flotilla_amqp::types::definitions::Error,
+    },
+    /// The receiving end allows `limit` deliveries on the route in all.
+    RouteFlow {
+        link: LinkId,
+        limit: u32,
+        drain: bool,
+    },
+    /// The sending end finished a drain.
+    RouteDrained { link: LinkId },
+    /// A message to send on our routed `link`.
+    RouteTransfer { link: LinkId, msg: Routed },
+    /// The paired link detached.
+    RouteDetach {
+        link: LinkId,
+        closed: bool,
+        error: Option<flotilla_amqp::types::definitions::Error>,
+    },
 }
 
 /// A cloneable sender to a connection task.

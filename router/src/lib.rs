@@ -8,14 +8,15 @@
 //! - [`server`]: listeners, accept loop, TLS/SASL handshake.
 //! - [`connection`]: one task per connection: engine events → routing.
 //! - [`core`]: the address table and the forwarders.
-//! - [`policy`]: authentication, address-space selection, authorization.
+//! - [`policy`] (from flotilla-amqp): authentication, address-space selection, authorization.
 
 #![forbid(unsafe_code)]
 
 pub mod connection;
 pub mod core;
+pub mod linkroute;
 pub mod mesh;
-pub mod policy;
+pub use flotilla_amqp::policy;
 mod server;
 pub mod stat;
 
@@ -126,6 +127,8 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicUsize,
     pub(crate) next_conn: AtomicU64,
     pub(crate) dynamic_seq: AtomicU64,
+    /// Brokers connected to this router (route containers) by id.
+    pub(crate) brokers: crate::mesh::Brokers,
 }
 
 /// A router whose listeners are bound.
@@ -236,8 +239,10 @@ impl Router {
             }
         }
         let table = Arc::new(AddressTable::default());
-        let mesh_task =
-            meshed.then(|| crate::mesh::MeshTask::new(&cfg.container_id, table.clone(), cfg.edge));
+        let brokers: crate::mesh::Brokers = Arc::default();
+        let mesh_task = meshed.then(|| {
+            crate::mesh::MeshTask::new(&cfg.container_id, table.clone(), brokers.clone(), cfg.edge)
+        });
         let policy = Policy::new(cfg.tenancy.clone());
         let shared = Arc::new(Shared {
             cfg,
@@ -251,6 +256,7 @@ impl Router {
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
             dynamic_seq: AtomicU64::new(0),
+            brokers,
         });
         Ok(Router {
             shared,

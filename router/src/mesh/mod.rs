@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::core::{AddressTable, ConnHandle};
+use crate::linkroute::BROKERS_SPACE;
 use routes::{LinkState, Routes};
 
 /// HELLO period; a neighbour is dead after [`DEAD_AFTER`] without one.
@@ -111,7 +112,12 @@ pub struct Snapshot {
     pub trees: HashMap<String, HashMap<String, String>>,
     /// Multicast addresses → edge routers attached here with receivers.
     pub edge_multicast: HashMap<(String, String), BTreeSet<String>>,
+    /// Brokers connected to other routers → the nearest such router.
+    pub brokers: BTreeMap<String, String>,
 }
+
+/// The brokers connected to a router, by id.
+pub type Brokers = Arc<std::sync::Mutex<BTreeMap<String, ConnHandle>>>;
 
 impl Snapshot {
     /// Where this router sends a multicast message for (`space`,
@@ -198,6 +204,8 @@ pub struct MeshTask {
     version: u64,
     rx: mpsc::UnboundedReceiver<MeshEvent>,
     table: Arc<AddressTable>,
+    /// Brokers connected to this router (route containers).
+    brokers: Brokers,
     neighbors: BTreeMap<String, Neighbor>,
     lsdb: HashMap<String, LinkState>,
     mardb: HashMap<String, AddressRecord>,
@@ -218,7 +226,12 @@ fn clock_version() -> u64 {
 
 impl MeshTask {
     /// A mesh task for router `id` over the router's address table.
-    pub fn new(id: &str, table: Arc<AddressTable>, edge: bool) -> (MeshTask, MeshHandle) {
+    pub fn new(
+        id: &str,
+        table: Arc<AddressTable>,
+        brokers: Brokers,
+        edge: bool,
+    ) -> (MeshTask, MeshHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let snapshot = Arc::new(RwLock::new(Arc::new(Snapshot {
             id: id.to_string(),
@@ -250,6 +263,7 @@ impl MeshTask {
             version,
             rx,
             table,
+            brokers,
             neighbors: BTreeMap::new(),
             lsdb,
             mardb,
@@ -587,7 +601,8 @@ impl MeshTask {
     /// connection tasks use.
     /// Addresses with receivers attached to this router itself.
     fn own_addresses(&self) -> BTreeSet<AddressKey> {
-        self.table
+        let mut own: BTreeSet<AddressKey> = self
+            .table
             .all()
             .into_iter()
             .filter(|a| a.has_local_consumers())
@@ -596,7 +611,15 @@ impl MeshTask {
                 address: a.address.clone(),
                 multicast: a.kind == AddressType::Multicast,
             })
-            .collect()
+            .collect();
+        // Brokers here are flooded like addresses in a space of their own.
+        let brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
+        own.extend(brokers.keys().map(|b| AddressKey {
+            space: BROKERS_SPACE.to_string(),
+            address: b.clone(),
+            multicast: false,
+        }));
+        own
     }
 
     fn recompute(&mut self) {
@@ -643,6 +666,7 @@ impl MeshTask {
         // Anycast: address → neighbour → the cost of its nearest receivers.
         let mut wanted: HashMap<AddressKey, BTreeMap<String, u32>> = HashMap::new();
         let mut multicast: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+        let mut brokers: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for (router, rec) in &self.mardb {
             if *router == self.id {
                 continue;
@@ -651,7 +675,15 @@ impl MeshTask {
                 continue;
             };
             for key in &rec.addresses {
-                if key.multicast {
+                if key.space == BROKERS_SPACE {
+                    let cost = self.routes.cost.get(router).copied().unwrap_or(u64::MAX);
+                    let e = brokers
+                        .entry(key.address.clone())
+                        .or_insert((cost, router.clone()));
+                    if (cost, router) < (e.0, &e.1) {
+                        *e = (cost, router.clone());
+                    }
+                } else if key.multicast {
                     multicast
                         .entry((key.space.clone(), key.address.clone()))
                         .or_default()
@@ -679,6 +711,9 @@ impl MeshTask {
                 continue;
             }
             for key in keys {
+                if key.space == BROKERS_SPACE {
+                    continue;
+                }
                 if key.multicast {
                     edge_multicast
                         .entry((key.space.clone(), key.address.clone()))
@@ -736,6 +771,7 @@ impl MeshTask {
             multicast,
             trees,
             edge_multicast,
+            brokers: brokers.into_iter().map(|(b, (_, r))| (b, r)).collect(),
         };
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
     }

@@ -190,6 +190,7 @@ impl ConnectionTask {
         self.conn.open();
         if let Some(ch) = self.conn.begin() {
             self.peer_attach_senders(ch);
+            self.route_session_ready(ch);
         }
     }
 
@@ -261,15 +262,22 @@ impl ConnectionTask {
     pub(crate) fn peer_on_begin(&mut self, channel: u16, answer: bool) {
         if !answer && !self.peer().outbound && self.peer().control_out.is_none() {
             self.peer_attach_senders(channel);
+            self.route_session_ready(channel);
         }
     }
 
     pub(crate) fn peer_on_attach(
         &mut self,
         link: LinkId,
-        attach: &flotilla_amqp::types::performatives::Attach,
+        attach: flotilla_amqp::types::performatives::Attach,
         reply: bool,
     ) {
+        if !reply {
+            // A link routed through us towards a broker.
+            if let Some(info) = crate::linkroute::RouteInfo::from_attach(&attach) {
+                return self.route_attach(link, attach, info);
+            }
+        }
         if reply {
             let p = self.peer();
             if Some(link) == p.control_out {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use flotilla_amqp::transport::{Authenticator, Identity};
+use crate::transport::{Authenticator, Identity};
 use flotilla_core::auth::{authorized, ScramCredentials};
 use flotilla_core::config::{allow_all, Anonymous, Tenancy, DEFAULT_SPACE};
 use flotilla_core::resources::{AuthorizationRule, Operation};

@@ -1,0 +1,700 @@
+//! Link routing (DESIGN.md "Data flow"): a client's attach to a
+//! broker-held address (queue, topic, subscription) travels hop by hop to
+//! the broker that holds it, and each hop pairs the link it was asked for
+//! with the link it attached onward. From then on every transfer, flow,
+//! disposition and detach is relayed one to one, so the client sees the
+//! broker's own semantics: its termini, filters, durability and outcomes.
+//!
+//! Brokers join as route containers: a broker connects to a router
+//! offering [`ROUTE_CONTAINER_CAPABILITY`]; the router attaches links to it
+//! and floods through the mesh that the broker is behind it. Which broker
+//! holds an address is decided by [`place`] from the brokers the mesh
+//! knows, the same way on every router.
+//!
+//! Credit travels as a *limit*: the number of deliveries, counted from the
+//! start of the link, the receiving end allows. Every hop counts the same
+//! deliveries, so each grants its neighbour `limit - what passed here`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use flotilla_amqp::connection::{amqp_error, LinkId};
+use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody, Fields, Role};
+use flotilla_amqp::types::messaging::TargetArchetype;
+use flotilla_amqp::types::performatives::Attach;
+use flotilla_amqp::types::primitives::{Symbol, Value};
+use flotilla_core::resources::AddressType;
+use tracing::{debug, info};
+
+use crate::connection::{ConnectionTask, Unsettled};
+use crate::core::{ConnEvent, ConnHandle, Origin, Routed};
+
+/// Offered on Open by a broker that wants routers to route links to it.
+pub const ROUTE_CONTAINER_CAPABILITY: &str = "flotilla.route-container";
+/// The pseudo address space in which routers flood where brokers are.
+pub const BROKERS_SPACE: &str = "$brokers";
+
+/// Attach properties a routed link carries (set by routers; a broker
+/// trusts them only on its own connection to a router).
+pub const PROP_SPACE: &str = "flotilla:space";
+pub const PROP_TYPE: &str = "flotilla:type";
+pub const PROP_CONTAINER: &str = "flotilla:container-id";
+pub const PROP_LINK_NAME: &str = "flotilla:link-name";
+pub const PROP_BROKER: &str = "flotilla:broker";
+pub const PROP_HOPS: &str = "flotilla:hops";
+pub const PROP_TOPIC: &str = "flotilla:topic";
+const MAX_HOPS: u32 = 16;
+
+/// Where a routed link goes and on whose behalf.
+#[derive(Debug, Clone)]
+pub struct RouteInfo {
+    pub space: String,
+    pub kind: AddressType,
+    /// The address the client attached to.
+    pub address: String,
+    /// What placement hashes: the declared address (a topic pattern) or
+    /// the address itself.
+    pub placed_by: String,
+    /// The client's container-id and link name (durable subscriptions
+    /// are named by them).
+    pub container: String,
+    pub link_name: String,
+    /// The broker, once placed.
+    pub broker: Option<String>,
+    pub hops: u32,
+    /// `subscription` addresses: the topic subscribed to.
+    pub topic: Option<String>,
+}
+
+impl RouteInfo {
+    /// The attach properties for the next hop: the client's own, minus
+    /// anything claiming to be ours, plus the route.
+    fn to_properties(&self, client: Option<&Fields>) -> Fields {
+        let mut f = Fields::default();
+        if let Some(c) = client {
+            for (k, v) in c.iter() {
+                if !k.as_str().starts_with("flotilla:") {
+                    f.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let s = |v: &str| Value::String(v.to_string());
+        f.insert(Symbol::from(PROP_SPACE), s(&self.space));
+        f.insert(Symbol::from(PROP_TYPE), s(kind_name(self.kind)));
+        f.insert(Symbol::from(PROP_CONTAINER), s(&self.container));
+        f.insert(Symbol::from(PROP_LINK_NAME), s(&self.link_name));
+        if let Some(b) = &self.broker {
+            f.insert(Symbol::from(PROP_BROKER), s(b));
+        }
+        f.insert(Symbol::from(PROP_HOPS), Value::Uint(self.hops));
+        if let Some(t) = &self.topic {
+            f.insert(Symbol::from(PROP_TOPIC), s(t));
+        }
+        f
+    }
+
+    /// The route of an attach that came from a neighbour router.
+    pub fn from_attach(a: &Attach) -> Option<RouteInfo> {
+        let p = a.properties.as_ref()?;
+        let get = |k: &str| match p.get(&Symbol::from(k)) {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let kind = match get(PROP_TYPE)?.as_str() {
+            "queue" => AddressType::Queue,
+            "topic" => AddressType::Topic,
+            "subscription" => AddressType::Subscription,
+            _ => return None,
+        };
+        let address = terminus_address(a)?;
+        Some(RouteInfo {
+            space: get(PROP_SPACE)?,
+            kind,
+            placed_by: address.clone(),
+            address,
+            container: get(PROP_CONTAINER).unwrap_or_default(),
+            link_name: get(PROP_LINK_NAME).unwrap_or_else(|| a.name.clone()),
+            broker: get(PROP_BROKER),
+            topic: get(PROP_TOPIC),
+            hops: match p.get(&Symbol::from(PROP_HOPS)) {
+                Some(Value::Uint(n)) => *n,
+                _ => 0,
+            },
+        })
+    }
+}
+
+pub fn kind_name(k: AddressType) -> &'static str {
+    match k {
+        AddressType::Anycast => "anycast",
+        AddressType::Multicast => "multicast",
+        AddressType::Queue => "queue",
+        AddressType::Topic => "topic",
+        AddressType::Subscription => "subscription",
+    }
+}
+
+/// The address an attach names: the source's for a receiver, the
+/// target's for a sender.
+pub fn terminus_address(a: &Attach) -> Option<String> {
+    match a.role {
+        Role::Receiver => a.source.as_ref().and_then(|s| s.address.clone()),
+        Role::Sender => match a.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => t.address.clone(),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        },
+    }
+}
+
+/// Which broker holds (`space`, `address`): rendezvous hashing over the
+/// brokers known, so every router picks the same one and a broker joining
+/// moves only the addresses it wins.
+pub fn place<'a>(
+    space: &str,
+    address: &str,
+    brokers: impl IntoIterator<Item = &'a String>,
+) -> Option<String> {
+    brokers
+        .into_iter()
+        .max_by_key(|b| {
+            (
+                fnv1a(&[b.as_bytes(), space.as_bytes(), address.as_bytes()]),
+                *b,
+            )
+        })
+        .cloned()
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Asks a connection task to attach onward and pair the new link with
+/// `from_link` on `from`.
+#[derive(Debug)]
+pub struct RouteReq {
+    /// The attach as the client sent it (its role is the one the onward
+    /// link takes: we face the next hop as the client faces us).
+    pub attach: Attach,
+    pub info: RouteInfo,
+    pub from: ConnHandle,
+    pub from_link: LinkId,
+}
+
+/// One of our links paired with a link on another connection task.
+pub(crate) struct RouteLink {
+    peer: ConnHandle,
+    /// The paired link; unknown on the client's side until the far end
+    /// answers.
+    peer_link: Option<LinkId>,
+    /// We answered (or started) the attach on our side.
+    answered: bool,
+    /// Our side detached before the far end answered: detach theirs when
+    /// the answer comes.
+    gone: bool,
+    /// The link's delivery count when it began (credit limits count from it).
+    base: u32,
+    /// A drain we passed on, not yet finished.
+    draining: bool,
+    /// A credit limit that came before the pairing was complete.
+    early_flow: Option<(u32, bool)>,
+}
+
+impl RouteLink {
+    fn new(peer: ConnHandle, peer_link: Option<LinkId>, answered: bool, base: u32) -> Self {
+        RouteLink {
+            peer,
+            peer_link,
+            answered,
+            gone: false,
+            base,
+            draining: false,
+            early_flow: None,
+        }
+    }
+}
+
+/// Per-connection link-routing state.
+#[derive(Default)]
+pub(crate) struct Routes {
+    pub(crate) links: std::collections::HashMap<LinkId, RouteLink>,
+    /// Set when this connection is a broker's: its container-id.
+    pub(crate) container: Option<String>,
+    /// The session we attach routed links on, once it is begun (and
+    /// answered, on a broker's connection).
+    pub(crate) session: Option<u16>,
+    pub(crate) begun: Option<u16>,
+    /// Requests waiting for that session.
+    pending: Vec<RouteReq>,
+    /// Counts outstanding deliveries for the shared `Unsettled` record.
+    outstanding: Arc<std::sync::atomic::AtomicU32>,
+    next_name: u64,
+}
+
+impl ConnectionTask {
+    /// True when `link` is one of ours in a route.
+    pub(crate) fn is_routed(&self, link: LinkId) -> bool {
+        self.routes.links.contains_key(&link)
+    }
+
+    /// The connection of the next hop towards the broker for `info`
+    /// (placing the address first if no hop before us did).
+    fn route_next_hop(&self, info: &mut RouteInfo) -> Option<ConnHandle> {
+        let brokers = self
+            .shared
+            .brokers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let snap = self.shared.mesh.as_ref().map(|m| m.snapshot());
+        if info.broker.is_none() {
+            let mut known: BTreeSet<String> = brokers.keys().cloned().collect();
+            if let Some(s) = &snap {
+                known.extend(s.brokers.keys().cloned());
+            }
+            info.broker = place(&info.space, &info.placed_by, &known);
+        }
+        match &info.broker {
+            Some(b) => {
+                if let Some(h) = brokers.get(b) {
+                    return Some(h.clone());
+                }
+                let s = snap?;
+                let router = s.brokers.get(b)?;
+                let (hop, _) = s.routes.get(router)?;
+                s.neighbors.get(hop).map(|(c, _)| c.clone())
+            }
+            // An edge router knows no brokers: its uplink places the address.
+            None if self.shared.cfg.edge => snap?.neighbors.values().next().map(|(c, _)| c.clone()),
+            None => None,
+        }
+    }
+
+    /// A client (or a neighbour router) attached `link` to a broker-held
+    /// address: ask the next hop to attach onward.
+    pub(crate) fn route_attach(&mut self, link: LinkId, attach: Attach, mut info: RouteInfo) {
+        let hop = if info.hops >= MAX_HOPS {
+            None
+        } else {
+            self.route_next_hop(&mut info)
+        };
+        let Some(hop) = hop else {
+            let e = amqp_error(
+                AmqpError::NotFound,
+                format!(
+                    "no broker reachable for {} {:?} in address space {:?}",
+                    kind_name(info.kind),
+                    info.address,
+                    info.space
+                ),
+            );
+            info!(conn.id = self.id.0, address = %info.address, "attach refused: no broker");
+            return self.conn.refuse_attach(link, e);
+        };
+        let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
+        debug!(conn.id = self.id.0, address = %info.address, broker = info.broker.as_deref().unwrap_or("?"), "routing link");
+        self.routes
+            .links
+            .insert(link, RouteLink::new(hop.clone(), None, false, base));
+        let req = RouteReq {
+            attach,
+            info,
+            from: self.handle.clone(),
+            from_link: link,
+        };
+        if !hop.send(ConnEvent::RouteAttach(Box::new(req))) {
+            self.routes.links.remove(&link);
+            self.conn.refuse_attach(
+                link,
+                amqp_error(AmqpError::NotFound, "the route to the broker just closed"),
+            );
+        }
+    }
+
+    /// Another task asks us (a broker's connection, or one to a neighbour
+    /// router) to attach onward.
+    pub(crate) fn route_on_request(&mut self, mut req: RouteReq) {
+        let usable = self.routes.container.is_some() || self.mesh_peer.is_some();
+        let Some(ch) = self.routes.session.filter(|_| usable) else {
+            if usable && self.closing.is_none() {
+                self.routes.pending.push(req);
+            } else {
+                req.from.send(ConnEvent::RouteRefused {
+                    link: req.from_link,
+                    error: amqp_error(AmqpError::NotFound, "the route to the broker closed"),
+                });
+            }
+            return;
+        };
+        if self.mesh_peer.is_some() {
+            req.info.hops += 1;
+        }
+        self.routes.next_name += 1;
+        let mut a = req.attach;
+        a.properties = Some(req.info.to_properties(a.properties.as_ref()));
+        a.name = format!("{}.{}", self.shared.cfg.container_id, self.routes.next_name);
+        let link = self.conn.attach_as(ch, a);
+        self.routes
+            .links
+            .insert(link, RouteLink::new(req.from, Some(req.from_link), true, 0));
+    }
+
+    /// The far end answered our onward attach: answer the one we were asked for.
+    pub(crate) fn route_on_answer(&mut self, link: LinkId, answer: &Attach) {
+        let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
+        let Some(r) = self.routes.links.get_mut(&link) else {
+            return;
+        };
+        r.base = base;
+        let Some(peer_link) = r.peer_link else {
+            return;
+        };
+        let ev = ConnEvent::RouteAnswer {
+            link: peer_link,
+            peer_link: link,
+            answer: Box::new(answer.clone()),
+        };
+        if !r.peer.send(ev) {
+            self.routes.links.remove(&link);
+            self.conn.detach(link, None);
+        }
+    }
+
+    /// The far end's answer reached the client's side.
+    fn route_answered(&mut self, link: LinkId, peer_link: LinkId, mut answer: Attach) {
+        let Some(r) = self.routes.links.get_mut(&link) else {
+            return;
+        };
+        r.peer_link = Some(peer_link);
+        if r.gone {
+            let peer = r.peer.clone();
+            self.routes.links.remove(&link);
+            peer.send(ConnEvent::RouteDetach {
+                link: peer_link,
+                closed: true,
+                error: None,
+            });
+            return;
+        }
+        r.answered = true;
+        let early = r.early_flow.take();
+        answer.properties = None;
+        self.conn.accept_attach_as(link, &answer);
+        if let Some((limit, drain)) = early {
+            self.route_send_limit(link, limit, drain);
+        }
+    }
+
+    /// Credit or drain changed on a routed link.
+    pub(crate) fn route_on_flow(&mut self, link: LinkId) {
+        let Some(l) = self.conn.link(link) else {
+            return;
+        };
+        let (role, dc, credit, drain) = (l.role.clone(), l.delivery_count, l.credit, l.drain);
+        let Some(r) = self.routes.links.get_mut(&link) else {
+            return;
+        };
+        match role {
+            // The far receiver's credit: pass the limit towards the sender.
+            Role::Sender => {
+                let limit = dc.wrapping_sub(r.base).wrapping_add(credit);
+                match r.peer_link {
+                    Some(pl) if r.answered => {
+                        r.peer.send(ConnEvent::RouteFlow {
+                            link: pl,
+                            limit,
+                            drain,
+                        });
+                    }
+                    _ => r.early_flow = Some((limit, drain)),
+                }
+            }
+            // The sender's delivery count: a drain ends when no credit is left.
+            Role::Receiver => {
+                if r.draining && credit == 0 {
+                    r.draining = false;
+                    if let Some(pl) = r.peer_link {
+                        r.peer.send(ConnEvent::RouteDrained { link: pl });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Grants our sender the credit left under `limit`.
+    fn route_send_limit(&mut self, link: LinkId, limit: u32, drain: bool) {
+        let Some(l) = self.conn.link(link) else {
+            return;
+        };
+        let Some(r) = self.routes.links.get_mut(&link) else {
+            return;
+        };
+        if !r.answered {
+            r.early_flow = Some((limit, drain));
+            return;
+        }
+        let passed = l.delivery_count.wrapping_sub(r.base);
+        let c = limit.wrapping_sub(passed);
+        let credit = if c > 1 << 31 { 0 } else { c };
+        r.draining = drain;
+        self.conn.flow(link, credit, drain);
+    }
+
+    /// A whole message on a routed link: to the paired link.
+    pub(crate) fn route_on_delivery(
+        &mut self,
+        link: LinkId,
+        d: flotilla_amqp::connection::Delivery,
+    ) {
+        let origin = (!d.settled).then(|| Origin {
+            conn: self.handle.clone(),
+            delivery: d.id,
+        });
+        let msg = Routed {
+            payload: d.payload,
+            settled: d.settled,
+            origin,
+            sender: None,
+            hops: None,
+        };
+        let sent = match self.routes.links.get(&link) {
+            Some(RouteLink {
+                peer,
+                peer_link: Some(pl),
+                ..
+            }) => {
+                let peer = peer.clone();
+                let pl = *pl;
+                let back = msg.clone();
+                if peer.send(ConnEvent::RouteTransfer { link: pl, msg }) {
+                    None
+                } else {
+                    Some(back)
+                }
+            }
+            _ => Some(msg),
+        };
+        if let Some(m) = sent {
+            m.release();
+        }
+    }
+
+    fn route_send(&mut self, link: LinkId, msg: Routed) {
+        if !self.is_routed(link) {
+            return msg.release();
+        }
+        let token = self.next_token;
+        if self.conn.send(link, &msg.payload, msg.settled, token) {
+            self.next_token += 1;
+            if !msg.settled {
+                self.routes
+                    .outstanding
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.unsettled.insert(
+                    token,
+                    Unsettled {
+                        origin: msg.origin,
+                        outstanding: self.routes.outstanding.clone(),
+                    },
+                );
+            }
+        } else {
+            msg.release();
+        }
+    }
+
+    /// The routed link `link` was detached by our peer: pass it on.
+    pub(crate) fn route_on_detach(
+        &mut self,
+        link: LinkId,
+        closed: bool,
+        error: Option<AmqpErrorBody>,
+        unsettled: Vec<u64>,
+    ) {
+        self.release_tokens(unsettled);
+        let Some(mut r) = self.routes.links.remove(&link) else {
+            return;
+        };
+        match r.peer_link {
+            Some(pl) => {
+                r.peer.send(ConnEvent::RouteDetach {
+                    link: pl,
+                    closed,
+                    error,
+                });
+            }
+            // Not answered yet: finish when the answer comes.
+            None => {
+                r.gone = true;
+                self.routes.links.insert(link, r);
+            }
+        }
+    }
+
+    /// Gives back, released, deliveries of ours that will never settle.
+    pub(crate) fn release_tokens(&mut self, tokens: Vec<u64>) {
+        for token in tokens {
+            if let Some(u) = self.unsettled.remove(&token) {
+                u.outstanding
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(o) = u.origin {
+                    o.conn.send(ConnEvent::Outcome {
+                        delivery: o.delivery,
+                        state: crate::core::released(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The other side of a route detached: detach ours the same way.
+    fn route_detached(&mut self, link: LinkId, closed: bool, error: Option<AmqpErrorBody>) {
+        let Some(r) = self.routes.links.remove(&link) else {
+            return;
+        };
+        if r.answered {
+            let tokens = self.conn.detach_with(link, closed, error);
+            self.release_tokens(tokens);
+        } else {
+            let e =
+                error.unwrap_or_else(|| amqp_error(AmqpError::NotFound, "refused by the broker"));
+            self.conn.refuse_attach(link, e);
+        }
+    }
+
+    /// Events for link routing from other connection tasks.
+    pub(crate) fn route_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::RouteAttach(req) => self.route_on_request(*req),
+            ConnEvent::RouteAnswer {
+                link,
+                peer_link,
+                answer,
+            } => self.route_answered(link, peer_link, *answer),
+            ConnEvent::RouteRefused { link, error } => {
+                if self.routes.links.remove(&link).is_some() {
+                    self.conn.refuse_attach(link, error);
+                }
+            }
+            ConnEvent::RouteFlow { link, limit, drain } => {
+                self.route_send_limit(link, limit, drain);
+            }
+            ConnEvent::RouteDrained { link } => {
+                if self.is_routed(link) {
+                    self.conn.drained(link);
+                }
+            }
+            ConnEvent::RouteTransfer { link, msg } => self.route_send(link, msg),
+            ConnEvent::RouteDetach {
+                link,
+                closed,
+                error,
+            } => self.route_detached(link, closed, error),
+            _ => {}
+        }
+    }
+
+    /// A session to attach routed links on is ready: send what waited.
+    pub(crate) fn route_session_ready(&mut self, ch: u16) {
+        self.routes.session = Some(ch);
+        for req in std::mem::take(&mut self.routes.pending) {
+            self.route_on_request(req);
+        }
+    }
+
+    /// This connection is a broker's: begin the session routed links use
+    /// and tell the mesh the broker is here.
+    pub(crate) fn route_container_open(&mut self, container: &str) {
+        info!(
+            conn.id = self.id.0,
+            broker = container,
+            "broker connected (route container)"
+        );
+        self.routes.container = Some(container.to_string());
+        self.shared
+            .brokers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(container.to_string(), self.handle.clone());
+        if let Some(m) = &self.shared.mesh {
+            m.send(crate::mesh::MeshEvent::LocalAddresses);
+        }
+        self.routes.begun = self.conn.begin();
+    }
+
+    /// The connection ends: every paired link hears of it.
+    pub(crate) fn route_cleanup(&mut self) {
+        let what = if self.routes.container.is_some() {
+            "the broker's connection to the router closed"
+        } else if self.mesh_peer.is_some() {
+            "the connection between routers on the route closed"
+        } else {
+            "the client's connection closed"
+        };
+        for (_, r) in self.routes.links.drain() {
+            if let Some(pl) = r.peer_link {
+                r.peer.send(ConnEvent::RouteDetach {
+                    link: pl,
+                    closed: false,
+                    error: Some(amqp_error(AmqpError::IllegalState, what)),
+                });
+            }
+        }
+        for req in std::mem::take(&mut self.routes.pending) {
+            req.from.send(ConnEvent::RouteRefused {
+                link: req.from_link,
+                error: amqp_error(AmqpError::NotFound, what),
+            });
+        }
+        if let Some(c) = self.routes.container.take() {
+            let mut b = self
+                .shared
+                .brokers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if b.get(&c).is_some_and(|h| h.id == self.id) {
+                b.remove(&c);
+            }
+            drop(b);
+            info!(conn.id = self.id.0, broker = %c, "broker disconnected");
+            if let Some(m) = &self.shared.mesh {
+                m.send(crate::mesh::MeshEvent::LocalAddresses);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_is_stable_and_spreads() {
+        let two: Vec<String> = vec!["b1".into(), "b2".into()];
+        let three: Vec<String> = vec!["b1".into(), "b2".into(), "b3".into()];
+        let mut on = std::collections::HashMap::new();
+        let mut moved_elsewhere = 0;
+        for i in 0..1000 {
+            let a = format!("q{i}");
+            let p2 = place("s", &a, &two).expect("brokers");
+            let p3 = place("s", &a, &three).expect("brokers");
+            assert_eq!(place("s", &a, two.iter().rev()).as_ref(), Some(&p2));
+            // A broker joining takes addresses only for itself.
+            if p3 != p2 && p3 != "b3" {
+                moved_elsewhere += 1;
+            }
+            *on.entry(p2).or_insert(0) += 1;
+        }
+        assert_eq!(moved_elsewhere, 0);
+        assert!(on.values().all(|n| *n > 350), "{on:?}");
+        assert_eq!(place("s", "q", &Vec::<String>::new()), None);
+    }
+}
