@@ -194,6 +194,10 @@ struct BrokerArgs {
     /// then routes links for queue, topic and subscription addresses here.
     #[arg(long)]
     router: Option<String>,
+    /// MiB of message bodies held in memory; past this, bodies stay in
+    /// the journal and are read back when delivered (paging).
+    #[arg(long, default_value_t = 1024)]
+    max_memory_mib: usize,
 }
 
 impl BrokerArgs {
@@ -213,6 +217,7 @@ impl BrokerArgs {
             },
             tenancy,
             router: self.router,
+            max_memory: self.max_memory_mib.saturating_mul(1 << 20),
         })
     }
 }
@@ -326,6 +331,7 @@ async fn run_up(args: UpArgs) -> ExitCode {
             expiry_queue: None,
             config: args.router.config.clone(),
             router: Some(routers[0].local_addrs[0].1.to_string()),
+            max_memory_mib: 1024,
         };
         let cfg = match b.into_config() {
             Ok(c) => c,

@@ -692,12 +692,7 @@ impl BrokerConnection {
                 Ok(seq) => {
                     let _ = queues.send(BrokerEvent::Stored {
                         queue,
-                        msg: Stored {
-                            seq,
-                            payload,
-                            delivery_count: 0,
-                            expires,
-                        },
+                        msg: Stored::new(seq, payload, expires),
                     });
                     let _ = me.send(ToConn::Stored {
                         link,

@@ -19,11 +19,13 @@
 //! that is short or fails its CRC and truncates the file to it. Damage
 //! anywhere else is reported, never skipped silently.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -68,6 +70,8 @@ pub enum JournalError {
     TooLarge(usize),
     #[error("the journal has stopped")]
     Closed,
+    #[error("record {0} is not in the journal")]
+    Missing(u64),
 }
 
 /// A recovered record.
@@ -83,6 +87,61 @@ struct Segment {
     path: PathBuf,
 }
 
+/// Where each record of each segment starts, so a record can be read back
+/// by its sequence number (paging): segment first seq → offsets.
+type Index = Arc<RwLock<BTreeMap<u64, Vec<u32>>>>;
+
+/// Reads records back from the journal's files by sequence number.
+#[derive(Debug)]
+pub struct JournalReader {
+    dir: PathBuf,
+    index: Index,
+    files: HashMap<u64, File>,
+}
+
+impl JournalReader {
+    /// The payload of record `seq`, read from its segment and checked
+    /// against its CRC.
+    ///
+    /// # Errors
+    /// The record is not in the journal (retired) or does not read back
+    /// intact.
+    pub fn read(&mut self, seq: u64) -> Result<Bytes, JournalError> {
+        let (first, offset) = {
+            let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let (first, offsets) = idx
+                .range(..=seq)
+                .next_back()
+                .ok_or(JournalError::Missing(seq))?;
+            let at = usize::try_from(seq - first).unwrap_or(usize::MAX);
+            (*first, *offsets.get(at).ok_or(JournalError::Missing(seq))?)
+        };
+        if !self.files.contains_key(&first) {
+            if self.files.len() > 64 {
+                self.files.clear();
+            }
+            let f = File::open(self.dir.join(segment_name(first)))?;
+            self.files.insert(first, f);
+        }
+        let f = &self.files[&first];
+        let mut h = [0u8; HEADER];
+        f.read_exact_at(&mut h, u64::from(offset))?;
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let sum = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let got = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let mut payload = vec![0u8; len];
+        f.read_exact_at(&mut payload, u64::from(offset) + HEADER as u64)?;
+        if got != seq || crc(seq, &payload) != sum {
+            return Err(JournalError::Corrupt {
+                segment: self.dir.join(segment_name(first)),
+                offset: u64::from(offset),
+                why: "record read back does not match",
+            });
+        }
+        Ok(Bytes::from(payload))
+    }
+}
+
 /// The journal itself: single-threaded; [`JournalHandle`] puts it behind a
 /// committer thread for group commit.
 #[derive(Debug)]
@@ -93,6 +152,9 @@ pub struct Journal {
     active_len: u64,
     next_seq: u64,
     buf: Vec<u8>,
+    index: Index,
+    /// Offsets of records in `buf`, for the index once written.
+    pending_offsets: Vec<u32>,
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -113,6 +175,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// What replaying one segment found.
 struct Replay {
     records: Vec<Record>,
+    offsets: Vec<u32>,
     /// Where valid data ends.
     valid_len: u64,
     /// Why it stopped before the end of the file, if it did.
@@ -122,6 +185,7 @@ struct Replay {
 fn replay_segment(data: &Bytes, mut expect: u64, max_record: usize) -> Replay {
     let mut at = 0usize;
     let mut records = Vec::new();
+    let mut offsets = Vec::new();
     let torn = loop {
         if at == data.len() {
             break None;
@@ -144,11 +208,13 @@ fn replay_segment(data: &Bytes, mut expect: u64, max_record: usize) -> Replay {
             break Some("sequence out of order");
         }
         records.push(Record { seq, payload });
+        offsets.push(at as u32);
         expect += 1;
         at += HEADER + len;
     };
     Replay {
         records,
+        offsets,
         valid_len: at as u64,
         torn,
     }
@@ -176,6 +242,7 @@ impl Journal {
             .collect();
         segments.sort_by_key(|s| s.first_seq);
         let mut records = Vec::new();
+        let mut index = BTreeMap::new();
         let mut next_seq = segments.first().map_or(1, |s| s.first_seq);
         let n = segments.len();
         let mut active_len = 0;
@@ -205,6 +272,7 @@ impl Journal {
             next_seq += r.records.len() as u64;
             active_len = r.valid_len;
             records.extend(r.records);
+            index.insert(seg.first_seq, r.offsets);
         }
         if segments.is_empty() {
             let path = cfg.dir.join(segment_name(next_seq));
@@ -214,6 +282,7 @@ impl Journal {
                 first_seq: next_seq,
                 path,
             });
+            index.insert(next_seq, Vec::new());
         }
         let last = segments.last().map(|s| s.path.clone()).unwrap_or_default();
         let active = OpenOptions::new().append(true).open(&last)?;
@@ -226,9 +295,20 @@ impl Journal {
                 active_len,
                 next_seq,
                 buf: Vec::with_capacity(1 << 20),
+                index: Arc::new(RwLock::new(index)),
+                pending_offsets: Vec::new(),
             },
             records,
         ))
+    }
+
+    /// A reader of this journal's records (for paged-out messages).
+    pub fn reader(&self) -> JournalReader {
+        JournalReader {
+            dir: self.cfg.dir.clone(),
+            index: self.index.clone(),
+            files: HashMap::new(),
+        }
     }
 
     /// The sequence number the next record gets.
@@ -251,6 +331,8 @@ impl Journal {
             self.roll()?;
         }
         let seq = self.next_seq;
+        self.pending_offsets
+            .push((self.active_len + self.buf.len() as u64) as u32);
         self.buf
             .extend_from_slice(&(payload.len() as u32).to_be_bytes());
         self.buf.extend_from_slice(&crc(seq, payload).to_be_bytes());
@@ -266,6 +348,11 @@ impl Journal {
             self.active.write_all(&self.buf)?;
             self.active_len += self.buf.len() as u64;
             self.buf.clear();
+            let first = self.segments.last().map_or(0, |s| s.first_seq);
+            let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+            idx.entry(first)
+                .or_default()
+                .extend(self.pending_offsets.drain(..));
         }
         Ok(())
     }
@@ -288,6 +375,10 @@ impl Journal {
             first_seq: self.next_seq,
             path,
         });
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.next_seq, Vec::new());
         self.active_len = 0;
         Ok(())
     }
@@ -315,6 +406,10 @@ impl Journal {
         // Segment i holds [first_seq(i), first_seq(i+1)).
         while self.segments.len() > 1 && self.segments[1].first_seq <= seq {
             let s = self.segments.remove(0);
+            self.index
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&s.first_seq);
             fs::remove_file(&s.path)?;
             gone += 1;
         }
@@ -510,6 +605,39 @@ mod tests {
             .collect();
         v.sort();
         v.pop().unwrap()
+    }
+
+    #[test]
+    fn records_read_back_by_sequence_before_and_after_reopening() {
+        let d = Dir::new("read");
+        let cfg = JournalConfig {
+            segment_bytes: 300,
+            ..d.cfg()
+        };
+        let p = payloads(40);
+        let (mut j, _) = Journal::open(cfg.clone()).unwrap();
+        let mut r = j.reader();
+        for x in &p[..20] {
+            j.append(x).unwrap();
+        }
+        j.commit().unwrap();
+        for x in &p[20..] {
+            j.append(x).unwrap();
+        }
+        j.commit().unwrap();
+        assert!(j.segments() > 3);
+        for (i, x) in p.iter().enumerate() {
+            assert_eq!(&r.read(i as u64 + 1).unwrap()[..], &x[..]);
+        }
+        assert!(matches!(r.read(41), Err(JournalError::Missing(41))));
+        j.retire_before(10).unwrap();
+        assert!(r.read(1).is_err(), "retired records are gone");
+        drop(j);
+        let (j, _) = Journal::open(cfg).unwrap();
+        let mut r = j.reader();
+        for (i, x) in p.iter().enumerate().skip(12) {
+            assert_eq!(&r.read(i as u64 + 1).unwrap()[..], &x[..]);
+        }
     }
 
     #[test]

@@ -14,8 +14,6 @@
 //! a connection to that router as a route container, and the mesh routes
 //! links for queue, topic and subscription addresses to it.
 //!
-//! Not yet here: paging (every held message is in memory).
-//!
 //! # Layout
 //!
 //! - [`journal`]: segmented append-only files, CRC per record, group commit.
@@ -57,6 +55,9 @@ pub struct BrokerConfig {
     pub tenancy: Tenancy,
     /// A router to connect to as a route container (`HOST:PORT`).
     pub router: Option<String>,
+    /// Bytes of message bodies kept in memory; past this, bodies stay in
+    /// the journal and are read back when delivered.
+    pub max_memory: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,9 +151,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         messages = held,
         "queues recovered"
     );
+    let memory = queues::Memory::new(cfg.max_memory, Some(j.reader()));
     let journal = journal::JournalHandle::start(j)?;
     let (task, queues) =
-        queues::QueueTask::new(journal.clone(), recovered, cfg.dead_letter.clone());
+        queues::QueueTask::new(journal.clone(), recovered, cfg.dead_letter.clone(), memory);
     let listener = TcpListener::bind(cfg.amqp)
         .await
         .map_err(|source| BrokerError::Bind {

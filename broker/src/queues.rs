@@ -20,9 +20,9 @@ use flotilla_amqp::connection::{DeliveryRef, LinkId};
 use flotilla_core::pattern;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
-use crate::journal::{JournalError, JournalHandle};
+use crate::journal::{JournalError, JournalHandle, JournalReader};
 use crate::selector::{MessageFields, Selector};
 use crate::store::{self, Stored, SubRecord};
 
@@ -280,6 +280,82 @@ pub struct DeadLetter {
     pub expiry_queue: Option<String>,
 }
 
+/// Message bodies held in memory against the broker's limit. Past it,
+/// bodies stay in the journal and are read back when they are delivered
+/// (paging); only what waits in queues counts, not what is out with
+/// consumers (bounded by their credit).
+pub struct Memory {
+    pub limit: usize,
+    held: usize,
+    reader: Option<JournalReader>,
+    paged: u64,
+    paged_in: u64,
+}
+
+impl Memory {
+    /// A budget of `limit` bytes; `reader` reads paged bodies back.
+    pub fn new(limit: usize, reader: Option<JournalReader>) -> Self {
+        Memory {
+            limit,
+            held: 0,
+            reader,
+            paged: 0,
+            paged_in: 0,
+        }
+    }
+
+    /// A message about to wait in a queue: counted, or paged out.
+    fn admit(&mut self, mut msg: Stored) -> Stored {
+        if msg.paged {
+            return msg;
+        }
+        let len = msg.payload.len();
+        let pageable = msg.seq < MEMORY_SEQ_BASE && self.reader.is_some();
+        if pageable && self.held + len > self.limit {
+            msg.payload = Bytes::new();
+            msg.paged = true;
+            self.paged += 1;
+        } else {
+            self.held += len;
+        }
+        msg
+    }
+
+    /// A message left its queue.
+    fn release(&mut self, msg: &Stored) {
+        if !msg.paged {
+            self.held = self.held.saturating_sub(msg.payload.len());
+        }
+    }
+
+    /// Reads a paged message's body back. False if it cannot be read.
+    fn load(&mut self, msg: &mut Stored) -> bool {
+        if !msg.paged {
+            return true;
+        }
+        let read = self.reader.as_mut().map(|r| r.read(msg.seq));
+        match read {
+            Some(Ok(rec)) => match store::payload_of(&rec) {
+                Some(p) => {
+                    msg.payload = p;
+                    msg.paged = false;
+                    self.paged_in += 1;
+                    true
+                }
+                None => {
+                    error!(seq = msg.seq, "a paged message's record is not a message");
+                    false
+                }
+            },
+            Some(Err(e)) => {
+                error!(seq = msg.seq, error = %e, "cannot read a paged message back");
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 /// A cloneable sender to the queue task.
 pub type QueueHandle = mpsc::UnboundedSender<BrokerEvent>;
 
@@ -310,6 +386,7 @@ pub struct QueueTask {
     seen: u64,
     journal: JournalHandle,
     acks_since_retire: u32,
+    memory: Memory,
 }
 
 impl QueueTask {
@@ -318,6 +395,7 @@ impl QueueTask {
         journal: JournalHandle,
         recovered: store::Recovered,
         dead_letter: DeadLetter,
+        mut memory: Memory,
     ) -> (QueueTask, QueueHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut queues = HashMap::new();
@@ -326,7 +404,7 @@ impl QueueTask {
             let mut q = Queue::new(true);
             for m in messages {
                 seen = seen.max(m.seq);
-                q.push(m);
+                q.push(memory.admit(m));
             }
             q.stats = Counters::default();
             queues.insert(name, q);
@@ -364,6 +442,7 @@ impl QueueTask {
                 seen,
                 journal,
                 acks_since_retire: 0,
+                memory,
             },
             tx,
         )
@@ -403,6 +482,7 @@ impl QueueTask {
         match ev {
             BrokerEvent::Stored { queue, msg } => {
                 self.seen = self.seen.max(msg.seq);
+                let msg = self.memory.admit(msg);
                 self.queues
                     .entry(queue.clone())
                     .or_insert_with(|| Queue::new(true))
@@ -416,7 +496,7 @@ impl QueueTask {
                     // A subscription deleted while the message was stored
                     // does not get it.
                     if let Some(q) = self.queues.get_mut(&name) {
-                        q.push(msg.clone());
+                        q.push(self.memory.admit(msg.clone()));
                         touched.push(name);
                     }
                 }
@@ -604,7 +684,11 @@ impl QueueTask {
         let Some(s) = self.subs.remove(key) else {
             return;
         };
-        self.queues.remove(key);
+        if let Some(q) = self.queues.remove(key) {
+            for m in &q.messages {
+                self.memory.release(m);
+            }
+        }
         if s.durable {
             // Recovery drops the messages of a subscription that is gone.
             let _ = self
@@ -646,12 +730,11 @@ impl QueueTask {
         for key in &memory {
             self.next_memory_seq += 1;
             if let Some(q) = self.queues.get_mut(key) {
-                q.push(Stored {
-                    seq: self.next_memory_seq,
-                    payload: payload.clone(),
-                    delivery_count: 0,
+                q.push(self.memory.admit(Stored::new(
+                    self.next_memory_seq,
+                    payload.clone(),
                     expires,
-                });
+                )));
             }
         }
         if durable.is_empty() {
@@ -672,12 +755,7 @@ impl QueueTask {
                 if let Some(tx) = tx.upgrade() {
                     let _ = tx.send(BrokerEvent::StoredMany {
                         queues: durable,
-                        msg: Stored {
-                            seq,
-                            payload,
-                            delivery_count: 0,
-                            expires,
-                        },
+                        msg: Stored::new(seq, payload, expires),
                     });
                 }
                 if let Some(r) = reply {
@@ -783,6 +861,7 @@ impl QueueTask {
         }
         let dlq = store::queue_key(Self::space_of(&queue), &self.dead_letter.queue);
         if msg.delivery_count < self.dead_letter.max_deliveries || queue == dlq {
+            let msg = self.memory.admit(msg);
             self.queues.get_mut(&queue)?.requeue(msg);
             return Some(queue);
         }
@@ -797,19 +876,17 @@ impl QueueTask {
     /// Moves a message to another queue: stored there first, then
     /// acknowledged where it was (a crash in between leaves a duplicate,
     /// never a loss).
-    fn move_to(&mut self, from: &str, msg: Stored, to: String) {
+    fn move_to(&mut self, from: &str, mut msg: Stored, to: String) {
+        if !self.memory.load(&mut msg) {
+            return;
+        }
         let record = store::publish(&[to.as_str()], 0, &msg.payload);
         let (tx, payload) = (self.tx.clone(), msg.payload.clone());
         let stored = Box::new(move |r: Result<u64, JournalError>| {
             if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
                 let _ = tx.send(BrokerEvent::Stored {
                     queue: to,
-                    msg: Stored {
-                        seq,
-                        payload,
-                        delivery_count: 0,
-                        expires: 0,
-                    },
+                    msg: Stored::new(seq, payload, 0),
                 });
             }
         });
@@ -844,12 +921,22 @@ impl QueueTask {
     fn dispatch(&mut self, name: &str) {
         let now = now_ms();
         let mut expired = Vec::new();
-        let Some(q) = self.queues.get_mut(name) else {
+        let mut unreadable = Vec::new();
+        let QueueTask {
+            queues,
+            memory,
+            inflight,
+            next_token,
+            ..
+        } = self;
+        let Some(q) = queues.get_mut(name) else {
             return;
         };
         while let Some(m) = q.messages.front() {
             if m.expires != 0 && m.expires <= now {
-                expired.extend(q.messages.pop_front());
+                let m = q.messages.pop_front().expect("front exists");
+                memory.release(&m);
+                expired.push(m);
             } else {
                 break;
             }
@@ -861,19 +948,21 @@ impl QueueTask {
                 if c.credit() == 0 {
                     break;
                 }
-                if c.tx
-                    .send(ToConn::Deliver {
-                        link: c.link,
-                        token: 0,
-                        msg: m.clone(),
-                        settled: true,
-                    })
-                    .is_err()
-                {
+                let mut copy = m.clone();
+                c.browse = Some(m.seq + 1);
+                if !memory.load(&mut copy) {
+                    continue;
+                }
+                let ev = ToConn::Deliver {
+                    link: c.link,
+                    token: 0,
+                    msg: copy,
+                    settled: true,
+                };
+                if c.tx.send(ev).is_err() {
                     break;
                 }
                 c.routed = c.routed.wrapping_add(1);
-                c.browse = Some(m.seq + 1);
             }
         }
         while !q.messages.is_empty() {
@@ -885,13 +974,18 @@ impl QueueTask {
                 break;
             };
             q.rr = i + 1;
-            let msg = q.messages.pop_front().expect("checked non-empty");
+            let mut msg = q.messages.pop_front().expect("checked non-empty");
+            memory.release(&msg);
             if msg.expires != 0 && msg.expires <= now {
                 expired.push(msg);
                 continue;
             }
+            if !memory.load(&mut msg) {
+                unreadable.push(msg.seq);
+                continue;
+            }
             let c = &mut q.consumers[i];
-            let token = self.next_token;
+            let token = *next_token;
             match c.tx.send(ToConn::Deliver {
                 link: c.link,
                 token,
@@ -899,10 +993,10 @@ impl QueueTask {
                 settled: false,
             }) {
                 Ok(()) => {
-                    self.next_token += 1;
+                    *next_token += 1;
                     c.routed = c.routed.wrapping_add(1);
                     q.stats.delivered += 1;
-                    self.inflight.insert(
+                    inflight.insert(
                         token,
                         Inflight {
                             queue: name.to_string(),
@@ -915,7 +1009,7 @@ impl QueueTask {
                 Err(_) => {
                     debug!(queue = name, "consumer's connection is gone");
                     q.consumers.remove(i);
-                    q.messages.push_front(msg);
+                    q.messages.push_front(memory.admit(msg));
                 }
             }
         }
@@ -924,8 +1018,10 @@ impl QueueTask {
             c.routed = c.limit;
             let _ = c.tx.send(ToConn::Drained { link: c.link });
         }
-        if q.expiring > 0 && q.messages.iter().all(|m| m.expires == 0) {
-            q.expiring = 0;
+        // A message whose body cannot be read back is lost to the disk;
+        // keeping it would block the queue forever.
+        for seq in unreadable {
+            self.ack(name, seq);
         }
         self.expire(name, expired);
     }
@@ -948,6 +1044,7 @@ impl QueueTask {
             let mut expiring = 0;
             for m in q.messages.drain(..) {
                 if m.expires != 0 && m.expires <= now {
+                    self.memory.release(&m);
                     expired.push(m);
                 } else {
                     expiring += usize::from(m.expires != 0);
@@ -971,7 +1068,11 @@ impl QueueTask {
     /// not yet settled). `None` if there is no such queue.
     fn purge(&mut self, queue: &str) -> Option<usize> {
         let q = self.queues.get_mut(queue)?;
-        let gone: Vec<u64> = q.messages.drain(..).map(|m| m.seq).collect();
+        let mut gone = Vec::with_capacity(q.messages.len());
+        for m in q.messages.drain(..) {
+            self.memory.release(&m);
+            gone.push(m.seq);
+        }
         q.expiring = 0;
         q.stats.acked += gone.len() as u64;
         info!(queue = %queue, messages = gone.len(), "purged");
@@ -1018,7 +1119,16 @@ impl QueueTask {
             (a["space"].as_str(), a["address"].as_str())
                 .cmp(&(b["space"].as_str(), b["address"].as_str()))
         });
-        json!({ "kind": "broker", "queues": queues })
+        json!({
+            "kind": "broker",
+            "memory": {
+                "limit": self.memory.limit,
+                "held": self.memory.held,
+                "pagedOut": self.memory.paged,
+                "pagedIn": self.memory.paged_in,
+            },
+            "queues": queues,
+        })
     }
 
     /// Deletes journal segments below the oldest record still needed: the

@@ -32,6 +32,31 @@ pub struct Stored {
     pub delivery_count: u32,
     /// When it expires (ms since the Unix epoch; 0: never).
     pub expires: u64,
+    /// The payload is not in memory: read it back from the journal
+    /// (record `seq`) when it is needed.
+    pub paged: bool,
+}
+
+impl Stored {
+    /// A message as stored, in memory.
+    pub fn new(seq: u64, payload: Bytes, expires: u64) -> Stored {
+        Stored {
+            seq,
+            payload,
+            delivery_count: 0,
+            expires,
+            paged: false,
+        }
+    }
+}
+
+/// The message in a `Publish` record read back from the journal.
+pub fn payload_of(record: &Bytes) -> Option<Bytes> {
+    if record.first() != Some(&PUBLISH) {
+        return None;
+    }
+    let (_, _, at) = parse_publish(record)?;
+    Some(record.slice(at..))
 }
 
 /// A durable subscription as the journal keeps it.
@@ -188,12 +213,11 @@ pub fn recover(records: Vec<Record>) -> Recovered {
             if is_subscription(&q) && !subs.contains_key(&q) {
                 continue;
             }
-            out.queues.entry(q).or_default().push_back(Stored {
-                seq: r.seq,
-                payload: payload.clone(),
-                delivery_count: 0,
+            out.queues.entry(q).or_default().push_back(Stored::new(
+                r.seq,
+                payload.clone(),
                 expires,
-            });
+            ));
         }
     }
     let mut subs: Vec<(u64, SubRecord)> = subs.into_values().collect();
