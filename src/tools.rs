@@ -56,6 +56,10 @@ pub struct SendArgs {
     /// `to` property (for anonymous relay).
     #[arg(long)]
     pub to: Option<String>,
+    /// Target capability, repeatable: `queue` or `topic` asks for a
+    /// broker-held address where undeclared addresses are allowed.
+    #[arg(long)]
+    pub capability: Vec<String>,
     /// Give up after this many seconds without progress.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
@@ -73,6 +77,10 @@ pub struct ReceiveArgs {
     /// Credit window.
     #[arg(long, default_value_t = 100)]
     pub credit: u32,
+    /// Source capability, repeatable: `queue` or `topic` asks for a
+    /// broker-held address where undeclared addresses are allowed.
+    #[arg(long)]
+    pub capability: Vec<String>,
     /// Give up after this many seconds without a message (0 = never).
     #[arg(long, default_value_t = 0)]
     pub timeout: u64,
@@ -103,7 +111,9 @@ pub async fn send(a: SendArgs) -> ExitCode {
 async fn send_inner(a: &SendArgs) -> Result<(u64, u64), ClientError> {
     let mut c = Client::connect(&a.conn.options()?).await?;
     let target = (!a.address.is_empty()).then_some(a.address.as_str());
-    let link = c.open_sender(target, a.presettled).await?;
+    let link = c
+        .open_sender_with(target, a.presettled, &a.capability)
+        .await?;
     let (mut sent, mut accepted, mut other) = (0u64, 0u64, 0u64);
     let timeout = Duration::from_secs(a.timeout);
     while accepted + other < a.count {
@@ -164,7 +174,9 @@ async fn receive_inner(a: &ReceiveArgs) -> Result<u64, ClientError> {
     } else {
         a.credit.max(1)
     };
-    let (link, _) = c.open_receiver(Some(&a.address), credit).await?;
+    let (link, _) = c
+        .open_receiver_with(Some(&a.address), credit, &a.capability)
+        .await?;
     let mut n = 0u64;
     let timeout = if a.timeout > 0 {
         Duration::from_secs(a.timeout)
@@ -281,7 +293,15 @@ fn print_broker_stat(v: &serde_json::Value) {
             .map(str::to_string)
             .unwrap_or_else(|| v.to_string())
     };
-    println!("broker {}", s(&v["id"]));
+    let m = &v["memory"];
+    println!(
+        "broker {}  bodies in memory {} of {} bytes, {} paged out, {} read back",
+        s(&v["id"]),
+        s(&m["held"]),
+        s(&m["limit"]),
+        s(&m["pagedOut"]),
+        s(&m["pagedIn"])
+    );
     println!(
         "  {:<12} {:<32} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
         "space", "queue", "depth", "unsettled", "consumers", "in/s", "out/s", "expired", "dead"
@@ -333,6 +353,15 @@ fn print_stat(v: &serde_json::Value) {
                 n.join(", ")
             }
         );
+    }
+    let brokers: Vec<String> = v["brokers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| format!("{} (at {})", s(&b[0]), s(&b[1])))
+        .collect();
+    if !brokers.is_empty() {
+        println!("brokers: {}", brokers.join(", "));
     }
     println!("\nLinks");
     println!(

@@ -257,9 +257,20 @@ impl Client {
         address: Option<&str>,
         settled: bool,
     ) -> Result<LinkId, ClientError> {
+        self.open_sender_with(address, settled, &[]).await
+    }
+
+    /// [`Client::open_sender`] with terminus capabilities (e.g. `queue`).
+    pub async fn open_sender_with(
+        &mut self,
+        address: Option<&str>,
+        settled: bool,
+        capabilities: &[String],
+    ) -> Result<LinkId, ClientError> {
         let name = self.link_name("sender");
         let target = Target {
             address: address.map(str::to_string),
+            capabilities: capability_array(capabilities),
             ..Default::default()
         };
         let snd = if settled {
@@ -291,10 +302,22 @@ impl Client {
         address: Option<&str>,
         credit: u32,
     ) -> Result<(LinkId, Option<String>), ClientError> {
+        self.open_receiver_with(address, credit, &[]).await
+    }
+
+    /// [`Client::open_receiver`] with source capabilities (e.g. `queue`,
+    /// `topic`).
+    pub async fn open_receiver_with(
+        &mut self,
+        address: Option<&str>,
+        credit: u32,
+        capabilities: &[String],
+    ) -> Result<(LinkId, Option<String>), ClientError> {
         let name = self.link_name("receiver");
         let source = Source {
             address: address.map(str::to_string),
             dynamic: address.is_none(),
+            capabilities: capability_array(capabilities),
             ..Default::default()
         };
         let link = self.conn.attach(
@@ -424,4 +447,16 @@ impl Client {
 /// Options for TLS on the client side made from a CA file.
 pub fn tls_options(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     crate::tls::client_config(ca).map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+fn capability_array(
+    caps: &[String],
+) -> Option<fe2o3_amqp_types::primitives::Array<fe2o3_amqp_types::primitives::Symbol>> {
+    (!caps.is_empty()).then(|| {
+        fe2o3_amqp_types::primitives::Array(
+            caps.iter()
+                .map(|c| fe2o3_amqp_types::primitives::Symbol::from(c.as_str()))
+                .collect(),
+        )
+    })
 }

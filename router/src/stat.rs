@@ -23,6 +23,8 @@ pub struct RouterStat {
     /// Client links attached to addresses of the space (anonymous-relay
     /// senders, which have no one address, are not listed).
     pub links: Vec<LinkStat>,
+    /// Brokers links are routed to: (broker, the router it is connected to).
+    pub brokers: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,12 +116,28 @@ pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
                 .collect(),
         }
     });
+    let mut brokers: Vec<(String, String)> = shared
+        .brokers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .map(|b| (b.clone(), shared.cfg.container_id.clone()))
+        .collect();
+    if let Some(m) = &shared.mesh {
+        for (b, r) in &m.snapshot().brokers {
+            if !brokers.iter().any(|(x, _)| x == b) {
+                brokers.push((b.clone(), r.clone()));
+            }
+        }
+    }
+    brokers.sort();
     let stat = RouterStat {
         id: shared.cfg.container_id.clone(),
         connections: shared.connections.load(Ordering::Relaxed),
         mesh,
         addresses,
         links,
+        brokers,
     };
     // Plain strings and numbers: serialization cannot fail.
     serde_json::to_vec_pretty(&stat).unwrap_or_default()
