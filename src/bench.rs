@@ -4,10 +4,12 @@
 //! Each message carries its send time, so receivers measure latency into an
 //! HDR histogram. `--listen` makes the receiving side a server the senders
 //! connect to directly: the peer-to-peer ceiling with no router between.
+//! `--senders 0` only receives: it drains what a queue already holds and
+//! reports the rate from the first message to the last.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,10 @@ use flotilla_amqp::frame;
 use flotilla_amqp::message::{self, MessageParts};
 use flotilla_amqp::transport::{self, AcceptConfig};
 use flotilla_amqp::types::definitions::Role;
-use flotilla_amqp::types::messaging::{Accepted, DeliveryState, TargetArchetype};
+use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Released, TargetArchetype};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::tools::ConnArgs;
@@ -33,6 +36,8 @@ pub struct BenchArgs {
     /// Address to send to and receive from.
     #[arg(long, default_value = "bench")]
     pub address: String,
+    /// 0: only receive (drain what the address already holds) until
+    /// --count messages arrived; the rate is taken from the first to the last.
     #[arg(long, default_value_t = 1)]
     pub senders: usize,
     #[arg(long, default_value_t = 1)]
@@ -43,10 +48,14 @@ pub struct BenchArgs {
     /// Send pre-settled (at-most-once).
     #[arg(long)]
     pub presettled: bool,
-    /// Seconds to send for (ignored with --count).
-    #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
-    /// Total messages to send.
+    /// Mark messages durable (header durable=true): brokers such as
+    /// RabbitMQ persist only durable messages.
+    #[arg(long)]
+    pub durable: bool,
+    /// Seconds to run for [default: 10; with --count, a bound only when given].
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Total messages to send (with --senders 0: to receive).
     #[arg(long)]
     pub count: Option<u64>,
     /// Total messages per second across senders (default: as fast as credit allows).
@@ -67,7 +76,16 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// With --count and no --duration, receivers-only mode gives up after this
+/// long without a message (the address holds fewer than --count).
+const IDLE_LIMIT: Duration = Duration::from_secs(10);
+
 impl BenchArgs {
+    /// Only receivers: measure draining what the address already holds.
+    fn receivers_only(&self) -> bool {
+        self.senders == 0
+    }
+
     fn receiver_options(&self) -> Result<flotilla_amqp::client::ClientOptions, ClientError> {
         let mut conn = self.conn.clone();
         if let Some(u) = &self.receiver_url {
@@ -77,7 +95,6 @@ impl BenchArgs {
     }
 }
 
-#[derive(Default)]
 struct Stats {
     sent: AtomicU64,
     accepted: AtomicU64,
@@ -86,6 +103,31 @@ struct Stats {
     latency: Mutex<Option<Histogram<u64>>>,
     /// Send → outcome at the sender (unsettled): how long acceptance takes.
     accept: Mutex<Option<Histogram<u64>>>,
+    /// Receive times (ns since `base`) of the first and last counted
+    /// delivery, across receivers; `first_rx` is u64::MAX until one arrives.
+    first_rx: AtomicU64,
+    last_rx: AtomicU64,
+    /// Senders that have ended.
+    senders_done: AtomicUsize,
+    /// Tells the main loop a sender ended or the receivers reached --count.
+    done: Notify,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            sent: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            not_accepted: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            latency: Mutex::new(None),
+            accept: Mutex::new(None),
+            first_rx: AtomicU64::new(u64::MAX),
+            last_rx: AtomicU64::new(0),
+            senders_done: AtomicUsize::new(0),
+            done: Notify::new(),
+        }
+    }
 }
 
 fn base() -> Instant {
@@ -112,6 +154,33 @@ impl Stats {
             None => *g = Some(h.clone()),
         }
     }
+
+    /// Counts one delivery unless `limit` were already counted; the one
+    /// that reaches the limit wakes the main loop.
+    fn count_received(&self, limit: u64) -> bool {
+        let r = self
+            .received
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r < limit).then_some(r + 1)
+            });
+        if r.ok().map(|before| before + 1) == Some(limit) {
+            self.done.notify_one();
+        }
+        r.is_ok()
+    }
+
+    /// Seconds from the first counted delivery to the last (0 if fewer than two).
+    fn receive_span(&self) -> f64 {
+        let (first, last) = (
+            self.first_rx.load(Ordering::Relaxed),
+            self.last_rx.load(Ordering::Relaxed),
+        );
+        if first == u64::MAX || last <= first {
+            0.0
+        } else {
+            (last - first) as f64 / 1e9
+        }
+    }
 }
 
 /// Records one delivery's latency from the send time in its body.
@@ -127,6 +196,14 @@ fn record(h: &mut Histogram<u64>, payload: &[u8]) {
 pub async fn run(mut a: BenchArgs) -> ExitCode {
     if a.size < 8 {
         eprintln!("flotilla bench: --size must be at least 8");
+        return ExitCode::from(64);
+    }
+    if a.duration.is_some_and(|d| !(d.is_finite() && d >= 0.0)) {
+        eprintln!("flotilla bench: --duration must be a number of seconds, 0 or more");
+        return ExitCode::from(64);
+    }
+    if a.receivers_only() && (a.receivers == 0 || a.listen.is_some()) {
+        eprintln!("flotilla bench: --senders 0 needs --receivers of at least 1 and no --listen");
         return ExitCode::from(64);
     }
     base();
@@ -178,19 +255,43 @@ pub async fn run(mut a: BenchArgs) -> ExitCode {
             stop_senders.clone(),
             remaining.clone(),
         );
-        senders.push(tokio::spawn(async move { sender(a, s, stop, rem).await }));
+        senders.push(tokio::spawn(async move {
+            let r = sender(a, s.clone(), stop, rem).await;
+            s.senders_done.fetch_add(1, Ordering::Relaxed);
+            s.done.notify_one();
+            r
+        }));
     }
-    // Progress once a second; stop after the duration (unless counting).
-    let deadline = start + Duration::from_secs_f64(a.duration);
+    // Progress once a second; stop after the duration (a bound with --count
+    // only when given), when the senders are done or, receiving only, at
+    // --count or after IDLE_LIMIT without a message.
+    let deadline = (a.count.is_none() || a.duration.is_some())
+        .then(|| start + Duration::from_secs_f64(a.duration.unwrap_or(10.0)));
     let mut last = (0u64, 0u64);
+    let mut last_progress = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
-        let all_done = senders.iter().all(|s| s.is_finished());
-        if all_done || (a.count.is_none() && Instant::now() >= deadline) {
+        let now = Instant::now();
+        let done = if a.receivers_only() {
+            let r = stats.received.load(Ordering::Relaxed);
+            a.count.is_some_and(|c| r >= c)
+                || receivers.iter().all(|r| r.is_finished())
+                || (deadline.is_none() && now.duration_since(last_progress) >= IDLE_LIMIT)
+        } else {
+            stats.senders_done.load(Ordering::Relaxed) == senders.len()
+        };
+        if done || deadline.is_some_and(|d| now >= d) {
             break;
         }
-        tick.tick().await;
+        // Wake at once when a sender ends or the count is reached: a
+        // --count run is timed to its end, not to the next tick.
+        let until = deadline.unwrap_or(now + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stats.done.notified() => continue,
+            _ = tokio::time::sleep_until(until.into()) => continue,
+        }
         let (s, r) = (
             stats.sent.load(Ordering::Relaxed),
             stats.received.load(Ordering::Relaxed),
@@ -201,6 +302,9 @@ pub async fn run(mut a: BenchArgs) -> ExitCode {
             s - last.0,
             r - last.1
         );
+        if r > last.1 {
+            last_progress = Instant::now();
+        }
         last = (s, r);
     }
     stop_senders.cancel();
@@ -245,56 +349,110 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
     let accepted = stats.accepted.load(Ordering::Relaxed);
     let received = stats.received.load(Ordering::Relaxed);
     let not_accepted = stats.not_accepted.load(Ordering::Relaxed);
-    let h = stats
-        .latency
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .unwrap_or_else(new_hist);
-    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let acc = stats
-        .accept
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .unwrap_or_else(new_hist);
-    let acc_us = |q: f64| acc.value_at_quantile(q) as f64 / 1000.0;
-    let send_rate = sent as f64 / send_time.as_secs_f64();
-    let recv_rate = received as f64
-        / elapsed
-            .as_secs_f64()
-            .min(send_time.as_secs_f64().max(1e-9))
-            .max(1e-9);
+    // Receiving only, there is no latency to report (the messages carry
+    // the time they were sent, before this run) and nothing was sent: the
+    // quantiles are null in JSON and n/a in text.
+    let take = |m: &Mutex<Option<Histogram<u64>>>| {
+        (!a.receivers_only()).then(|| {
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(new_hist)
+        })
+    };
+    let h = take(&stats.latency);
+    let acc = take(&stats.accept);
+    let q_us = |h: &Option<Histogram<u64>>, q: f64| {
+        h.as_ref().map(|h| {
+            if q >= 1.0 {
+                h.max() as f64 / 1000.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1000.0
+            }
+        })
+    };
+    let json_us = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |v| format!("{v:.1}"));
+    // Receiving only, the run is timed from the first delivery to the last.
+    let seconds = if a.receivers_only() {
+        stats.receive_span()
+    } else {
+        send_time.as_secs_f64()
+    };
+    let send_rate = if a.receivers_only() {
+        0.0
+    } else {
+        sent as f64 / send_time.as_secs_f64()
+    };
+    let recv_rate = if a.receivers_only() {
+        if seconds > 0.0 {
+            received as f64 / seconds
+        } else {
+            0.0
+        }
+    } else {
+        received as f64
+            / elapsed
+                .as_secs_f64()
+                .min(send_time.as_secs_f64().max(1e-9))
+                .max(1e-9)
+    };
     let mode = if a.presettled {
         "pre-settled"
     } else {
         "unsettled"
     };
+    let durable = a.durable;
     if a.json {
         println!(
-            "{{\"senders\":{},\"receivers\":{},\"size\":{},\"mode\":\"{mode}\",\"seconds\":{:.3},\"sent\":{sent},\"accepted\":{accepted},\"not_accepted\":{not_accepted},\"received\":{received},\"send_rate\":{send_rate:.0},\"receive_rate\":{recv_rate:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"accept_p50_us\":{:.1},\"accept_p99_us\":{:.1}}}",
-            a.senders, a.receivers, a.size, send_time.as_secs_f64(), us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0, acc_us(0.5), acc_us(0.99)
-        );
-    } else {
-        println!(
-            "flotilla bench: {} sender(s), {} receiver(s), {} B bodies, {mode}, {:.1} s",
+            "{{\"senders\":{},\"receivers\":{},\"size\":{},\"mode\":\"{mode}\",\"durable\":{durable},\"seconds\":{seconds:.3},\"sent\":{sent},\"accepted\":{accepted},\"not_accepted\":{not_accepted},\"received\":{received},\"send_rate\":{send_rate:.0},\"receive_rate\":{recv_rate:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"accept_p50_us\":{},\"accept_p99_us\":{}}}",
             a.senders,
             a.receivers,
             a.size,
-            send_time.as_secs_f64()
+            json_us(q_us(&h, 0.5)),
+            json_us(q_us(&h, 0.99)),
+            json_us(q_us(&h, 0.999)),
+            json_us(q_us(&h, 1.0)),
+            json_us(q_us(&acc, 0.5)),
+            json_us(q_us(&acc, 0.99)),
         );
+        return;
+    }
+    if a.receivers_only() {
+        println!(
+            "flotilla bench: 0 senders, {} receiver(s), {seconds:.1} s from the first message to the last",
+            a.receivers
+        );
+    } else {
+        println!(
+            "flotilla bench: {} sender(s), {} receiver(s), {} B bodies, {mode}{}, {seconds:.1} s",
+            a.senders,
+            a.receivers,
+            a.size,
+            if durable { ", durable" } else { "" },
+        );
+    }
+    if !a.receivers_only() {
         println!("  sent     {sent:>10}  ({send_rate:.0} msg/s)");
         if !a.presettled {
-            println!("  accepted {accepted:>10}  (not accepted: {not_accepted}; send → outcome p50 {:.1} µs, p99 {:.1} µs)", acc_us(0.5), acc_us(0.99));
+            let (p50, p99) = (
+                q_us(&acc, 0.5).unwrap_or_default(),
+                q_us(&acc, 0.99).unwrap_or_default(),
+            );
+            println!("  accepted {accepted:>10}  (not accepted: {not_accepted}; send → outcome p50 {p50:.1} µs, p99 {p99:.1} µs)");
         }
-        println!("  received {received:>10}  ({recv_rate:.0} msg/s)");
-        println!(
+    }
+    println!("  received {received:>10}  ({recv_rate:.0} msg/s)");
+    match &h {
+        Some(_) => println!(
             "  latency  p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            h.max() as f64 / 1000.0
-        );
+            q_us(&h, 0.5).unwrap_or_default(),
+            q_us(&h, 0.99).unwrap_or_default(),
+            q_us(&h, 0.999).unwrap_or_default(),
+            q_us(&h, 1.0).unwrap_or_default(),
+        ),
+        None => println!(
+            "  latency  n/a (receivers only: the messages were stamped when they were sent, before this run)"
+        ),
     }
 }
 
@@ -308,6 +466,7 @@ async fn sender(
     let link = c.open_sender(Some(&a.address), a.presettled).await?;
     let body = vec![0u8; a.size];
     let template = message::encode_message(&MessageParts {
+        durable: a.durable,
         body: &body,
         ..Default::default()
     });
@@ -438,6 +597,15 @@ async fn receiver(
         }
     };
     let mut h = new_hist();
+    // Receiving only, take exactly --count across receivers; the time of
+    // each counted delivery bounds the measured span.
+    let (limit, timed) = match (a.receivers_only(), a.count) {
+        (true, Some(n)) => (n, true),
+        (true, None) => (u64::MAX, true),
+        (false, _) => (u64::MAX, false),
+    };
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    let mut full = false;
     loop {
         let ev = tokio::select! {
             ev = c.next_event() => ev,
@@ -445,21 +613,48 @@ async fn receiver(
         };
         match ev {
             Ok(Event::Delivery { delivery, .. }) => {
-                record(&mut h, &delivery.payload);
-                stats.received.fetch_add(1, Ordering::Relaxed);
+                let counted = stats.count_received(limit);
+                if !counted {
+                    // Past --count: stop asking and give it back to the
+                    // queue (the Flow goes out first, so it is not resent).
+                    if !full {
+                        full = true;
+                        c.conn.flow(link, 0, false);
+                    }
+                    if !delivery.settled {
+                        c.conn
+                            .settle(delivery.id, DeliveryState::Released(Released {}));
+                    }
+                    continue;
+                }
+                if timed {
+                    let t = now_ns();
+                    first = first.min(t);
+                    last = t;
+                } else {
+                    record(&mut h, &delivery.payload);
+                }
                 if !delivery.settled {
                     c.conn
                         .settle(delivery.id, DeliveryState::Accepted(Accepted {}));
                 }
-                if c.conn.link(link).is_some_and(|l| l.credit <= a.credit / 2) {
+                if !full && c.conn.link(link).is_some_and(|l| l.credit <= a.credit / 2) {
                     c.conn.flow(link, a.credit, false);
                 }
+            }
+            Ok(Event::Detach { error, .. }) => {
+                eprintln!("flotilla bench: receiver detached: {error:?}");
+                break;
             }
             Ok(Event::Close { .. }) | Err(_) => break,
             Ok(_) => {}
         }
     }
     stats.merge(&h);
+    if first != u64::MAX {
+        stats.first_rx.fetch_min(first, Ordering::Relaxed);
+        stats.last_rx.fetch_max(last, Ordering::Relaxed);
+    }
     c.close().await;
 }
 

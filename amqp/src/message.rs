@@ -224,8 +224,11 @@ fn put_str(out: &mut BytesMut, s: &[u8], small: u8, large: u8) {
     out.put_slice(s);
 }
 
-/// The header and properties sections of a message: (offset, length) of each.
-fn header_and_properties(message: &[u8]) -> (Option<(usize, usize)>, Option<(usize, usize)>) {
+/// Where a section is in a message: (offset, length).
+type Span = Option<(usize, usize)>;
+
+/// The header and properties sections of a message.
+fn header_and_properties(message: &[u8]) -> (Span, Span) {
     let (mut header, mut props) = (None, None);
     let mut at = 0;
     while at < message.len() {

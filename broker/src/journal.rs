@@ -352,7 +352,7 @@ impl Journal {
             let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
             idx.entry(first)
                 .or_default()
-                .extend(self.pending_offsets.drain(..));
+                .append(&mut self.pending_offsets);
         }
         Ok(())
     }

@@ -579,19 +579,15 @@ impl ConnectionTask {
                 peer_link,
                 answer,
             } => self.route_answered(link, peer_link, *answer),
-            ConnEvent::RouteRefused { link, error } => {
-                if self.routes.links.remove(&link).is_some() {
-                    self.conn.refuse_attach(link, error);
-                }
+            ConnEvent::RouteRefused { link, error }
+                if self.routes.links.remove(&link).is_some() =>
+            {
+                self.conn.refuse_attach(link, error);
             }
             ConnEvent::RouteFlow { link, limit, drain } => {
                 self.route_send_limit(link, limit, drain);
             }
-            ConnEvent::RouteDrained { link } => {
-                if self.is_routed(link) {
-                    self.conn.drained(link);
-                }
-            }
+            ConnEvent::RouteDrained { link } if self.is_routed(link) => self.conn.drained(link),
             ConnEvent::RouteTransfer { link, msg } => self.route_send(link, msg),
             ConnEvent::RouteDetach {
                 link,
