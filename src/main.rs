@@ -198,6 +198,20 @@ struct BrokerArgs {
     /// the journal and are read back when delivered (paging).
     #[arg(long, default_value_t = 1024)]
     max_memory_mib: usize,
+    /// TLS certificate (PEM) for the listener (with --tls-key): clients
+    /// may then use `amqps` or the AMQP TLS header.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Connect to --router over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    router_ca: Option<PathBuf>,
+    /// Authenticate to --router as this user (SCRAM-SHA-256); the password
+    /// comes from the environment variable FLOTILLA_ROUTER_PASSWORD.
+    #[arg(long)]
+    router_user: Option<String>,
 }
 
 impl BrokerArgs {
@@ -218,6 +232,17 @@ impl BrokerArgs {
             tenancy,
             router: self.router,
             max_memory: self.max_memory_mib.saturating_mul(1 << 20),
+            tls: self.tls_cert.zip(self.tls_key),
+            router_tls_ca: self.router_ca,
+            router_sasl: match self.router_user {
+                Some(user) => flotilla_amqp::transport::ClientSasl::Scram {
+                    user,
+                    password: std::env::var("FLOTILLA_ROUTER_PASSWORD").map_err(|_| {
+                        "--router-user needs the password in FLOTILLA_ROUTER_PASSWORD".to_string()
+                    })?,
+                },
+                None => flotilla_amqp::transport::ClientSasl::Anonymous,
+            },
         })
     }
 }
@@ -332,6 +357,10 @@ async fn run_up(args: UpArgs) -> ExitCode {
             config: args.router.config.clone(),
             router: Some(routers[0].local_addrs[0].1.to_string()),
             max_memory_mib: 1024,
+            tls_cert: args.router.tls_cert.clone(),
+            tls_key: args.router.tls_key.clone(),
+            router_ca: None,
+            router_user: None,
         };
         let cfg = match b.into_config() {
             Ok(c) => c,

@@ -7,7 +7,6 @@
 //! Every wait is bounded by [`WAIT`]; nothing sleeps to synchronise (the
 //! only polling is [`eventually`], for things with no event to wait on).
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1015,39 +1014,6 @@ async fn users_authenticate_are_confined_to_their_rules_and_tenants_are_isolated
 // ---------------------------------------------------------------------------
 // TLS
 // ---------------------------------------------------------------------------
-
-/// Writes a CA and a server certificate for `localhost` signed by it;
-/// returns (ca, cert, key) paths.
-fn write_tls_files(dir: &TempDir) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "flotilla test CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
-    let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
-    (
-        dir.write("ca.pem", &ca.pem()),
-        dir.write("server.pem", &cert.pem()),
-        dir.write("server.key", &key.serialize_pem()),
-    )
-}
-
-fn tls_opts(port: u16, ca: &Path) -> ClientOptions {
-    ClientOptions {
-        tls_ca: Some(ca.to_path_buf()),
-        ..ClientOptions::from_url(&format!("amqps://localhost:{port}")).expect("valid url")
-    }
-}
 
 #[tokio::test]
 async fn amqps_listener_carries_messages_over_tls() {

@@ -58,6 +58,12 @@ pub struct BrokerConfig {
     /// Bytes of message bodies kept in memory; past this, bodies stay in
     /// the journal and are read back when delivered.
     pub max_memory: usize,
+    /// Certificate and key (PEM): the listener then takes TLS too
+    /// (`amqps` and the AMQP TLS header).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// How to reach the router: TLS with this CA, and credentials.
+    pub router_tls_ca: Option<PathBuf>,
+    pub router_sasl: transport::ClientSasl,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,12 +77,21 @@ pub enum BrokerError {
     Journal(#[from] journal::JournalError),
     #[error("cannot start the journal: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] flotilla_amqp::tls::TlsError),
 }
 
 /// Keeps a connection to `router` (re-resolved and retried with backoff)
 /// over which the router routes links to this broker.
+/// How the broker reaches its router.
+struct RouterLink {
+    addr: String,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    sasl: transport::ClientSasl,
+}
+
 async fn keep_router(
-    router: String,
+    link: RouterLink,
     id: String,
     queues: queues::QueueHandle,
     journal: journal::JournalHandle,
@@ -89,11 +104,25 @@ async fn keep_router(
         conn += 1;
         let started = std::time::Instant::now();
         let attempt = async {
-            let tcp = tokio::net::TcpStream::connect(&router).await.ok()?;
+            let tcp = tokio::net::TcpStream::connect(&link.addr).await.ok()?;
             let _ = tcp.set_nodelay(true);
+            let host = link
+                .addr
+                .rsplit_once(':')
+                .map_or(link.addr.as_str(), |(h, _)| h);
+            let tls = match &link.tls {
+                Some(c) => Some((
+                    c.clone(),
+                    rustls_pki_types::ServerName::try_from(
+                        host.trim_matches(['[', ']']).to_string(),
+                    )
+                    .ok()?,
+                )),
+                None => None,
+            };
             let cc = transport::ConnectConfig {
-                tls: None,
-                sasl: transport::ClientSasl::Anonymous,
+                tls,
+                sasl: link.sasl.clone(),
                 hostname: None,
                 tls_header: false,
             };
@@ -102,7 +131,7 @@ async fn keep_router(
                     .await
                     .ok()?
                     .ok()?;
-            info!(router = %router, "connected to router");
+            info!(router = %link.addr, "connected to router");
             // Router connections count down from the top of the id space.
             let cid = u64::MAX - conn;
             connection::BrokerConnection::new(
@@ -118,8 +147,8 @@ async fn keep_router(
             Some(())
         };
         match attempt.await {
-            Some(()) => info!(router = %router, "connection to router closed"),
-            None => debug!(router = %router, "cannot reach router; retrying"),
+            Some(()) => info!(router = %link.addr, "connection to router closed"),
+            None => debug!(router = %link.addr, "cannot reach router; retrying"),
         }
         backoff = if started.elapsed() > Duration::from_secs(5) {
             Duration::from_millis(100)
@@ -151,6 +180,17 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         messages = held,
         "queues recovered"
     );
+    let accept_cfg = AcceptConfig {
+        tls: match &cfg.tls {
+            Some((c, k)) => Some(flotilla_amqp::tls::server_config(c, k, None)?),
+            None => None,
+        },
+        require_tls: false,
+    };
+    let router_tls = match &cfg.router_tls_ca {
+        Some(ca) => Some(flotilla_amqp::tls::client_config(ca)?),
+        None => None,
+    };
     let memory = queues::Memory::new(cfg.max_memory, Some(j.reader()));
     let journal = journal::JournalHandle::start(j)?;
     let (task, queues) =
@@ -188,8 +228,13 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         }
     }
     if let Some(router) = cfg.router.clone() {
+        let link = RouterLink {
+            addr: router,
+            tls: router_tls,
+            sasl: cfg.router_sasl.clone(),
+        };
         tracker.spawn(keep_router(
-            router,
+            link,
             cfg.container_id.clone(),
             queues.clone(),
             journal.clone(),
@@ -212,19 +257,20 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         };
         let _ = tcp.set_nodelay(true);
         let id = next.fetch_add(1, Ordering::Relaxed);
-        let (queues, journal, stop, cid, policy) = (
+        let (queues, journal, stop, cid, policy, accept_cfg) = (
             queues.clone(),
             journal.clone(),
             shutdown.clone(),
             cfg.container_id.clone(),
             policy.clone(),
+            accept_cfg.clone(),
         );
         let span = tracing::info_span!("conn", conn.id = id, client.addr = %peer);
         tracker.spawn(
             async move {
                 let hs = tokio::time::timeout(
                     Duration::from_secs(10),
-                    transport::accept(tcp, peer, &AcceptConfig::default(), &policy),
+                    transport::accept(tcp, peer, &accept_cfg, &policy),
                 )
                 .await;
                 let Ok(Ok(est)) = hs else {

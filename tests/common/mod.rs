@@ -1,5 +1,6 @@
 //! Helpers shared by the process-level tests (`tests/router.rs`,
-//! `tests/mesh.rs`): bounded waiting, the `flotilla router` process (spawned
+//! `tests/mesh.rs`, `tests/broker.rs`, `tests/linkroute.rs`): bounded
+//! waiting, the `flotilla router` (or `broker`) process (spawned
 //! on `127.0.0.1:0`, its ports read from its `listening` log lines, killed
 //! on drop), and clients: fe2o3-amqp (an AMQP 1.0 client we did not write)
 //! and our own `flotilla_amqp::client`, where link credit must be observed
@@ -247,6 +248,16 @@ impl RouterProc {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// How many lines of the log so far contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Waits, bounded by [`WAIT`], until `found` returns something for the
     /// log so far (checked again as each line arrives) and returns it.
     pub async fn wait_log<T>(
@@ -351,6 +362,12 @@ impl Fe {
             _conn: conn,
             session,
         }
+    }
+
+    /// The session, for links with options the helpers here do not take
+    /// (terminus capabilities, durability, manual credit).
+    pub fn session(&mut self) -> &mut SessionHandle<()> {
+        &mut self.session
     }
 
     pub async fn sender(&mut self, name: &str, address: &str) -> Sender {
@@ -710,4 +727,37 @@ pub async fn assert_each_delivered_once(
     let mut expected = bodies.to_vec();
     expected.sort();
     assert_eq!(bodies_got, expected);
+}
+
+/// Writes a CA and a server certificate for `localhost` signed by it;
+/// returns (ca, cert, key) paths.
+pub fn write_tls_files(dir: &TempDir) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "flotilla test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+    let key = KeyPair::generate().expect("server key");
+    let params = CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
+    (
+        dir.write("ca.pem", &ca.pem()),
+        dir.write("server.pem", &cert.pem()),
+        dir.write("server.key", &key.serialize_pem()),
+    )
+}
+
+pub fn tls_opts(port: u16, ca: &std::path::Path) -> ClientOptions {
+    ClientOptions {
+        tls_ca: Some(ca.to_path_buf()),
+        ..ClientOptions::from_url(&format!("amqps://localhost:{port}")).expect("valid url")
+    }
 }

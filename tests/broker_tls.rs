@@ -1,0 +1,78 @@
+//! TLS on the broker: its own listener takes `amqps`, and its connection
+//! to a router (as a route container) runs over TLS too.
+
+mod common;
+
+use common::*;
+use flotilla_amqp::client::Client;
+
+const CONFIG: &str = "apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: secure}
+spec: {address: secure, type: queue}
+";
+
+#[tokio::test]
+async fn the_broker_listens_with_tls_and_reaches_its_router_over_tls() {
+    let dir = TempDir::new("broker-tls");
+    let (ca, cert, key) = write_tls_files(&dir);
+    let config = dir.write("config.yaml", CONFIG);
+    let s = |p: &std::path::Path| p.display().to_string();
+    let router = RouterProc::spawn(
+        vec![
+            "--tls-cert".into(),
+            s(&cert),
+            "--tls-key".into(),
+            s(&key),
+            "--config".into(),
+            s(&config),
+        ],
+        None,
+    )
+    .await;
+    let data = TempDir::new("broker-tls-data");
+    let broker = RouterProc::spawn_component(
+        "broker",
+        vec![
+            "--data-dir".into(),
+            s(data.path()),
+            "--tls-cert".into(),
+            s(&cert),
+            "--tls-key".into(),
+            s(&key),
+            "--config".into(),
+            s(&config),
+            "--router".into(),
+            format!("localhost:{}", router.amqp),
+            "--router-ca".into(),
+            s(&ca),
+        ],
+        None,
+    )
+    .await;
+    router
+        .wait_log("the broker's connection", |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("broker connected"))
+                .then_some(())
+        })
+        .await;
+
+    // Through the router: the broker took the link over TLS.
+    let mut p = router.client().await;
+    let tx = p
+        .open_sender(Some("secure"), false)
+        .await
+        .expect("producer");
+    assert!(is_accepted(
+        &send_message(&mut p, tx, 0, text("sealed")).await
+    ));
+
+    // Directly from the broker, over amqps.
+    let mut c = within("amqps client", Client::connect(&tls_opts(broker.amqp, &ca)))
+        .await
+        .expect("TLS to the broker");
+    let (rx, _) = c.open_receiver(Some("secure"), 10).await.expect("consumer");
+    assert_eq!(recv_text(&mut c, rx).await, "sealed");
+}
