@@ -129,6 +129,8 @@ pub(crate) struct Shared {
     pub(crate) dynamic_seq: AtomicU64,
     /// Brokers connected to this router (route containers) by id.
     pub(crate) brokers: crate::mesh::Brokers,
+    /// Every broker seen since start (placement keeps to this set).
+    pub(crate) known_brokers: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// A router whose listeners are bound.
@@ -257,6 +259,7 @@ impl Router {
             next_conn: AtomicU64::new(1),
             dynamic_seq: AtomicU64::new(0),
             brokers,
+            known_brokers: Default::default(),
         });
         Ok(Router {
             shared,

@@ -15,7 +15,6 @@
 //! start of the link, the receiving end allows. Every hop counts the same
 //! deliveries, so each grants its neighbour `limit - what passed here`.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use flotilla_amqp::connection::{amqp_error, LinkId};
@@ -256,11 +255,19 @@ impl ConnectionTask {
             .clone();
         let snap = self.shared.mesh.as_ref().map(|m| m.snapshot());
         if info.broker.is_none() {
-            let mut known: BTreeSet<String> = brokers.keys().cloned().collect();
+            // Every broker seen since this router started: an address stays
+            // with its broker while that broker is away (its attaches are
+            // refused) rather than moving and leaving its messages behind.
+            let mut known = self
+                .shared
+                .known_brokers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            known.extend(brokers.keys().cloned());
             if let Some(s) = &snap {
                 known.extend(s.brokers.keys().cloned());
             }
-            info.broker = place(&info.space, &info.placed_by, &known);
+            info.broker = place(&info.space, &info.placed_by, known.iter());
         }
         match &info.broker {
             Some(b) => {
@@ -290,10 +297,14 @@ impl ConnectionTask {
             let e = amqp_error(
                 AmqpError::NotFound,
                 format!(
-                    "no broker reachable for {} {:?} in address space {:?}",
+                    "no broker reachable for {} {:?} in address space {:?}{}",
                     kind_name(info.kind),
                     info.address,
-                    info.space
+                    info.space,
+                    info.broker
+                        .as_deref()
+                        .map(|b| format!(" (it is held by broker {b:?})"))
+                        .unwrap_or_default()
                 ),
             );
             info!(conn.id = self.id.0, address = %info.address, "attach refused: no broker");
