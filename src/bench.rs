@@ -403,7 +403,7 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
     };
     let durable = a.durable;
     if a.json {
-        println!(
+        out!(
             "{{\"senders\":{},\"receivers\":{},\"size\":{},\"mode\":\"{mode}\",\"durable\":{durable},\"seconds\":{seconds:.3},\"sent\":{sent},\"accepted\":{accepted},\"not_accepted\":{not_accepted},\"received\":{received},\"send_rate\":{send_rate:.0},\"receive_rate\":{recv_rate:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"accept_p50_us\":{},\"accept_p99_us\":{}}}",
             a.senders,
             a.receivers,
@@ -418,12 +418,12 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
         return;
     }
     if a.receivers_only() {
-        println!(
+        out!(
             "flotilla bench: 0 senders, {} receiver(s), {seconds:.1} s from the first message to the last",
             a.receivers
         );
     } else {
-        println!(
+        out!(
             "flotilla bench: {} sender(s), {} receiver(s), {} B bodies, {mode}{}, {seconds:.1} s",
             a.senders,
             a.receivers,
@@ -432,25 +432,25 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
         );
     }
     if !a.receivers_only() {
-        println!("  sent     {sent:>10}  ({send_rate:.0} msg/s)");
+        out!("  sent     {sent:>10}  ({send_rate:.0} msg/s)");
         if !a.presettled {
             let (p50, p99) = (
                 q_us(&acc, 0.5).unwrap_or_default(),
                 q_us(&acc, 0.99).unwrap_or_default(),
             );
-            println!("  accepted {accepted:>10}  (not accepted: {not_accepted}; send → outcome p50 {p50:.1} µs, p99 {p99:.1} µs)");
+            out!("  accepted {accepted:>10}  (not accepted: {not_accepted}; send → outcome p50 {p50:.1} µs, p99 {p99:.1} µs)");
         }
     }
-    println!("  received {received:>10}  ({recv_rate:.0} msg/s)");
+    out!("  received {received:>10}  ({recv_rate:.0} msg/s)");
     match &h {
-        Some(_) => println!(
+        Some(_) => out!(
             "  latency  p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
             q_us(&h, 0.5).unwrap_or_default(),
             q_us(&h, 0.99).unwrap_or_default(),
             q_us(&h, 0.999).unwrap_or_default(),
             q_us(&h, 1.0).unwrap_or_default(),
         ),
-        None => println!(
+        None => out!(
             "  latency  n/a (receivers only: the messages were stamped when they were sent, before this run)"
         ),
     }

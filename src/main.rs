@@ -4,6 +4,19 @@
 
 #![forbid(unsafe_code)]
 
+/// Prints a line to stdout like `println!`, but a closed pipe (`flotilla
+/// stat | head`) ends the program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod bench;
 mod tools;
 

@@ -193,7 +193,7 @@ async fn receive_inner(a: &ReceiveArgs) -> Result<u64, ClientError> {
                 let body = message::body_bytes(&delivery.payload)
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_else(|| format!("<{} bytes>", delivery.payload.len()));
-                println!("{body}");
+                out!("{body}");
                 if !delivery.settled {
                     c.conn
                         .settle(delivery.id, DeliveryState::Accepted(Accepted {}));
@@ -237,7 +237,7 @@ pub async fn stat(a: StatArgs) -> ExitCode {
     let code = stat_one(&a, &a.conn.url).await;
     match &a.broker {
         Some(b) => {
-            println!();
+            out!();
             stat_one(&a, b).await
         }
         None => code,
@@ -272,7 +272,7 @@ async fn stat_one(a: &StatArgs, url: &str) -> ExitCode {
         Err(e) => return fail(&format!("stat {}", redact(url)), e),
     };
     if a.json {
-        println!("{}", String::from_utf8_lossy(&body));
+        out!("{}", String::from_utf8_lossy(&body));
         return ExitCode::SUCCESS;
     }
     let v: serde_json::Value = match serde_json::from_slice(&body) {
@@ -294,7 +294,7 @@ fn print_broker_stat(v: &serde_json::Value) {
             .unwrap_or_else(|| v.to_string())
     };
     let m = &v["memory"];
-    println!(
+    out!(
         "broker {}  bodies in memory {} of {} bytes, {} paged out, {} read back",
         s(&v["id"]),
         s(&m["held"]),
@@ -302,16 +302,24 @@ fn print_broker_stat(v: &serde_json::Value) {
         s(&m["pagedOut"]),
         s(&m["pagedIn"])
     );
-    println!(
+    out!(
         "  {:<12} {:<32} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
-        "space", "queue", "depth", "unsettled", "consumers", "in/s", "out/s", "expired", "dead"
+        "space",
+        "queue",
+        "depth",
+        "unsettled",
+        "consumers",
+        "in/s",
+        "out/s",
+        "expired",
+        "dead"
     );
     for q in v["queues"].as_array().into_iter().flatten() {
         let name = match q["subscription"].as_object() {
             Some(sub) => format!("{} (on {})", s(&q["address"]), s(&sub["topic"])),
             None => s(&q["address"]),
         };
-        println!(
+        out!(
             "  {:<12} {:<32} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
             s(&q["space"]),
             name,
@@ -332,12 +340,12 @@ fn print_stat(v: &serde_json::Value) {
             .map(str::to_string)
             .unwrap_or_else(|| v.to_string())
     };
-    println!("router {}  connections {}", s(&v["id"]), v["connections"]);
+    out!("router {}  connections {}", s(&v["id"]), v["connections"]);
     if let Some(m) = v["mesh"].as_object() {
-        println!("\nRouters in the mesh");
-        println!("  {:<24} {:<24} {:>5}", "router", "next hop", "cost");
+        out!("\nRouters in the mesh");
+        out!("  {:<24} {:<24} {:>5}", "router", "next hop", "cost");
         for r in m["routes"].as_array().into_iter().flatten() {
-            println!("  {:<24} {:<24} {:>5}", s(&r[0]), s(&r[1]), r[2]);
+            out!("  {:<24} {:<24} {:>5}", s(&r[0]), s(&r[1]), r[2]);
         }
         let n: Vec<String> = m["neighbors"]
             .as_array()
@@ -345,7 +353,7 @@ fn print_stat(v: &serde_json::Value) {
             .flatten()
             .map(s)
             .collect();
-        println!(
+        out!(
             "  neighbours: {}",
             if n.is_empty() {
                 "none".to_string()
@@ -361,18 +369,21 @@ fn print_stat(v: &serde_json::Value) {
         .map(|b| format!("{} (at {})", s(&b[0]), s(&b[1])))
         .collect();
     if !brokers.is_empty() {
-        println!("brokers: {}", brokers.join(", "));
+        out!("brokers: {}", brokers.join(", "));
     }
-    println!("\nLinks");
-    println!(
+    out!("\nLinks");
+    out!(
         "  {:>10} {:<4} {:<32} {:>9}",
-        "connection", "dir", "address", "unsettled"
+        "connection",
+        "dir",
+        "address",
+        "unsettled"
     );
     for l in v["links"].as_array().into_iter().flatten() {
         let unsettled = l["unsettled"]
             .as_u64()
             .map_or("-".to_string(), |n| n.to_string());
-        println!(
+        out!(
             "  {:>10} {:<4} {:<32} {:>9}",
             l["connection"],
             s(&l["dir"]),
@@ -380,10 +391,17 @@ fn print_stat(v: &serde_json::Value) {
             unsettled
         );
     }
-    println!("\nAddresses");
-    println!(
+    out!("\nAddresses");
+    out!(
         "  {:<32} {:<9} {:>6} {:<16} {:>7} {:>7} {:>10} {:>8}",
-        "address", "type", "local", "remote via", "senders", "waiting", "delivered", "dropped"
+        "address",
+        "type",
+        "local",
+        "remote via",
+        "senders",
+        "waiting",
+        "delivered",
+        "dropped"
     );
     for a in v["addresses"].as_array().into_iter().flatten() {
         let via: Vec<String> = a["remote_via"]
@@ -392,7 +410,7 @@ fn print_stat(v: &serde_json::Value) {
             .flatten()
             .map(s)
             .collect();
-        println!(
+        out!(
             "  {:<32} {:<9} {:>6} {:<16} {:>7} {:>7} {:>10} {:>8}",
             s(&a["address"]),
             s(&a["type"]),
