@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use common::*;
 use flotilla_amqp::client::Client;
 use flotilla_amqp::connection::{Event, LinkId};
-use flotilla_amqp::types::messaging::{DeliveryState, Released};
+use flotilla_amqp::types::messaging::{DeliveryState, Released, Source, Target};
 
 async fn broker(dir: &TempDir) -> RouterProc {
     RouterProc::spawn_component(
@@ -312,5 +312,202 @@ async fn a_message_failed_too_often_moves_to_the_dead_letter_queue() {
         recv_text(&mut dl, dlink).await,
         "poison",
         "dead letters are durable too"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Topics
+// ---------------------------------------------------------------------------
+
+fn topic_capability() -> Vec<fe2o3_amqp::types::primitives::Symbol> {
+    vec![fe2o3_amqp::types::primitives::Symbol::from("topic")]
+}
+
+/// A sender to the topic `address` (by terminus capability, as JMS does).
+async fn topic_sender(fe: &mut Fe, name: &str, address: &str) -> fe2o3_amqp::Sender {
+    within(
+        "topic sender attach",
+        fe2o3_amqp::Sender::builder()
+            .name(name)
+            .target(
+                Target::builder()
+                    .address(address)
+                    .capabilities(topic_capability())
+                    .build(),
+            )
+            .attach(fe.session()),
+    )
+    .await
+    .expect("topic sender attach")
+}
+
+/// A subscriber to the topic `address`: durable (named by the container
+/// id and `name`, kept while detached) or for this link only.
+async fn subscriber(fe: &mut Fe, name: &str, address: &str, durable: bool) -> fe2o3_amqp::Receiver {
+    use flotilla_amqp::types::messaging::{TerminusDurability, TerminusExpiryPolicy};
+    let mut source = Source::builder()
+        .address(address)
+        .capabilities(topic_capability());
+    if durable {
+        source = source
+            .durable(TerminusDurability::UnsettledState)
+            .expiry_policy(TerminusExpiryPolicy::Never);
+    }
+    within(
+        "subscriber attach",
+        fe2o3_amqp::Receiver::builder()
+            .name(name)
+            .source(source.build())
+            .attach(fe.session()),
+    )
+    .await
+    .expect("subscriber attach")
+}
+
+/// Every subscriber of a topic gets every message, in order; one that
+/// subscribes later gets only what is published after.
+#[tokio::test]
+async fn every_non_durable_subscriber_of_a_topic_gets_every_message() {
+    let dir = TempDir::new("broker-topic");
+    let b = broker(&dir).await;
+    // The same link name on two connections: two subscriptions.
+    let mut f1 = b.fe2o3("topic-sub-1").await;
+    let mut s1 = subscriber(&mut f1, "news-sub", "news", false).await;
+    let mut f2 = b.fe2o3("topic-sub-2").await;
+    let mut s2 = subscriber(&mut f2, "news-sub", "news", false).await;
+    let mut fp = b.fe2o3("topic-pub").await;
+    let mut tx = topic_sender(&mut fp, "news-pub", "news").await;
+    let bodies = numbered("news", 30);
+    assert_all_accepted(&send_all(&mut tx, &bodies).await);
+    assert_eq!(recv_n(&mut s1, 30).await, bodies, "subscriber 1");
+    assert_eq!(recv_n(&mut s2, 30).await, bodies, "subscriber 2");
+
+    let mut f3 = b.fe2o3("topic-sub-3").await;
+    let mut s3 = subscriber(&mut f3, "news-sub", "news", false).await;
+    assert_all_accepted(&send_all(&mut tx, &["late".to_string()]).await);
+    for (i, s) in [&mut s1, &mut s2, &mut s3].into_iter().enumerate() {
+        assert_eq!(
+            recv_accept(s).await,
+            "late",
+            "subscriber {}: nothing else",
+            i + 1
+        );
+    }
+}
+
+/// A durable subscription keeps what is published while its subscriber
+/// is away, across `kill -9` of the broker; the subscriber (same
+/// container id and link name) gets exactly that, in order.
+#[tokio::test]
+async fn a_durable_subscription_survives_kill_9_while_its_subscriber_is_away() {
+    let dir = TempDir::new("broker-durable-sub");
+    let mut b = broker(&dir).await;
+    let mut fs = b.fe2o3("durable-client").await;
+    let mut sub = subscriber(&mut fs, "audit", "events", true).await;
+    // A non-durable subscriber too: it ends with the broker.
+    let mut ft = b.fe2o3("temp-client").await;
+    let _temp = subscriber(&mut ft, "peek", "events", false).await;
+    let mut fp = b.fe2o3("events-pub").await;
+    let mut tx = topic_sender(&mut fp, "events-pub", "events").await;
+    let before = numbered("before", 5);
+    assert_all_accepted(&send_all(&mut tx, &before).await);
+    assert_eq!(recv_n(&mut sub, 5).await, before);
+    // Detached, not closed: the subscription stays.
+    within("detach", sub.detach())
+        .await
+        .map_err(|(_, e)| e)
+        .expect("detach");
+
+    let away = numbered("away", 10);
+    assert_all_accepted(&send_all(&mut tx, &away).await);
+    b.kill();
+
+    let b = broker(&dir).await;
+    let mut fs = b.fe2o3("durable-client").await;
+    let mut sub = subscriber(&mut fs, "audit", "events", true).await;
+    assert_eq!(
+        recv_n(&mut sub, 10).await,
+        away,
+        "what was published while away, once, in order"
+    );
+    let mut fp = b.fe2o3("events-pub").await;
+    let mut tx = topic_sender(&mut fp, "events-pub", "events").await;
+    assert_all_accepted(&send_all(&mut tx, &["after".to_string()]).await);
+    assert_eq!(
+        recv_accept(&mut sub).await,
+        "after",
+        "nothing else was kept"
+    );
+}
+
+/// An fe2o3 consumer that closes its link holding a message unsettled:
+/// the message is delivered again, counted as a failed attempt (the
+/// header's delivery-count is 1).
+#[tokio::test]
+async fn a_message_held_by_a_consumer_that_closes_is_delivered_again_counted() {
+    let dir = TempDir::new("broker-abandon");
+    let b = broker(&dir).await;
+    let mut p = b.client().await;
+    produce(&mut p, "held", &["only".to_string()]).await;
+    let mut fe = b.fe2o3("abandon").await;
+    let mut gone = fe.receiver("gone", "held").await;
+    let d = within("a message", gone.recv::<String>())
+        .await
+        .expect("recv");
+    assert_eq!(d.body(), "only");
+    within("close", gone.close()).await.expect("close");
+    let mut rx = fe.receiver("next", "held").await;
+    let d = within("the message again", rx.recv::<String>())
+        .await
+        .expect("recv");
+    let count = d.message().header.as_ref().map_or(0, |h| h.delivery_count);
+    assert_eq!((d.body().as_str(), count), ("only", 1));
+}
+
+/// Consumers that leave holding a message count as failed attempts: after
+/// `--max-deliveries` of them it is dead-lettered.
+#[tokio::test]
+async fn a_message_abandoned_too_often_moves_to_the_dead_letter_queue() {
+    let dir = TempDir::new("broker-abandon-dlq");
+    let args = vec![
+        "--data-dir".to_string(),
+        dir.path().display().to_string(),
+        "--max-deliveries".into(),
+        "2".into(),
+    ];
+    let b = RouterProc::spawn_component("broker", args, None).await;
+    let mut p = b.client().await;
+    produce(
+        &mut p,
+        "payments",
+        &["poison".to_string(), "fine".to_string()],
+    )
+    .await;
+    let mut fe = b.fe2o3("abandon-dlq").await;
+    let mut counts = Vec::new();
+    for attempt in 0..3 {
+        let mut r = within(
+            "receiver attach",
+            fe2o3_amqp::Receiver::builder()
+                .name(format!("r-{attempt}"))
+                .source("payments")
+                .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
+                .attach(fe.session()),
+        )
+        .await
+        .expect("attach");
+        within("credit", r.set_credit(1)).await.expect("credit");
+        let d = within("a message", r.recv::<String>()).await.expect("recv");
+        let count = d.message().header.as_ref().map_or(0, |h| h.delivery_count);
+        counts.push((d.body().clone(), count));
+        within("close", r.close()).await.expect("close");
+    }
+    assert_eq!(
+        counts,
+        [
+            ("poison".to_string(), 0),
+            ("poison".to_string(), 1),
+            ("fine".to_string(), 0)
+        ]
     );
 }

@@ -559,7 +559,7 @@ impl BrokerConnection {
         };
         let event = match r.kind {
             AddressType::Topic | AddressType::Subscription => {
-                let spec = match self.subscription(&r, &source) {
+                let spec = match self.subscription(&r, &source, link) {
                     Ok(s) => s,
                     Err(e) => return self.refuse(link, e),
                 };
@@ -595,7 +595,12 @@ impl BrokerConnection {
 
     /// The subscription a topic consumer (or a `subscription` address's
     /// consumer) takes its messages from.
-    fn subscription(&self, r: &Resolved, source: &Source) -> Result<SubSpec, AmqpErrorBody> {
+    fn subscription(
+        &self,
+        r: &Resolved,
+        source: &Source,
+        link: LinkId,
+    ) -> Result<SubSpec, AmqpErrorBody> {
         let selector_text = selector_of(source);
         let selector = match &selector_text {
             Some(s) => Some(Arc::new(Selector::parse(s).map_err(|e| {
@@ -638,7 +643,9 @@ impl BrokerConnection {
         } else if durable {
             format!("durable/{}/{}", r.container, r.link_name)
         } else {
-            format!("temp/{}/{}", self.id, r.link_name)
+            // Its own, whoever else uses the same link name (through a
+            // router, every client's links share one connection).
+            format!("temp/{}/{}", self.id, link.0)
         };
         Ok(SubSpec {
             record: SubRecord {

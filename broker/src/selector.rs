@@ -1480,6 +1480,11 @@ fn checked_variable_len(code: u8, b: &[u8], depth: u32) -> Option<usize> {
         return Some(w + size);
     }
     let count = read(body)?;
+    // A map's count is keys plus values (AMQP 1.0 §1.6.23); serde_amqp
+    // 0.18 subtracts 2 per entry and overflows on an odd count.
+    if matches!(code, 0xc1 | 0xd1) && count % 2 != 0 {
+        return None;
+    }
     let mut rest = body.get(w..)?;
     if matches!(code >> 4, 0xc | 0xd) {
         // Each item takes at least one byte, so a false count fails fast.
@@ -2149,6 +2154,30 @@ mod tests {
         }
         let msg = app_properties_with(&[0xa1, 0x02, b'o', b'k']);
         assert!(matches("k = 'ok'", &msg));
+    }
+
+    #[test]
+    fn selector_maps_with_odd_counts_are_skipped() {
+        // Found by the `selector` fuzz target: a header given as a map8
+        // with one element made serde_amqp subtract past zero and panic.
+        // (A later section is broken too, so every field is NULL; what
+        // counts is that decoding the header returned.)
+        let msg = [
+            0x00, 0x53, 0x70, 0xc1, 0x02, 0x01, 0x41, 0x00, 0x53, 0x03, 0x44, 0x5f, 0x53, 0x70,
+            0xc0, 0x02, 0x01,
+        ];
+        assert_eq!(
+            MessageFields::from_message(&msg).field("JMSPriority"),
+            Value::Null
+        );
+        let mut app = vec![0x00, 0x53, 0x74, 0xc1, 0x05, 0x03, 0xa1, 0x01, b'k', 0x41];
+        let f = MessageFields::from_message(&app);
+        assert_eq!(f.field("k"), Value::Null);
+        app[5] = 0x02;
+        assert_eq!(
+            MessageFields::from_message(&app).field("k"),
+            Value::Bool(true)
+        );
     }
 
     proptest::proptest! {

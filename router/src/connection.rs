@@ -98,6 +98,41 @@ pub(crate) struct ConnectionTask {
 pub(crate) struct Unsettled {
     pub(crate) origin: Option<Origin>,
     pub(crate) outstanding: Arc<AtomicU32>,
+    /// What its sender hears if the delivery is lost unsettled.
+    pub(crate) lost: Lost,
+}
+
+/// The outcome a sender gets for a delivery lost on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// Never acted upon (a receiver of the router's that went away).
+    Released,
+    /// Handed to a broker that went away: it may have stored it
+    /// (`modified` with `delivery-failed`, AMQP 1.0 §3.4.5).
+    InDoubt,
+    /// Nothing: the link's detach tells the broker, which counts the
+    /// delivery (a routed consumer's abandoned delivery).
+    Silent,
+}
+
+impl Unsettled {
+    /// Tells the delivery's sender it was lost.
+    pub(crate) fn give_back(self) {
+        let Some(o) = self.origin else { return };
+        let state = match self.lost {
+            Lost::Silent => return,
+            Lost::Released => crate::core::released(),
+            Lost::InDoubt => DeliveryState::Modified(flotilla_amqp::types::messaging::Modified {
+                delivery_failed: Some(true),
+                undeliverable_here: None,
+                message_annotations: None,
+            }),
+        };
+        o.conn.send(ConnEvent::Outcome {
+            delivery: o.delivery,
+            state,
+        });
+    }
 }
 
 impl ConnectionTask {
@@ -369,14 +404,8 @@ impl ConnectionTask {
                 // The neighbour dropped one of the mesh links: the
                 // connection is no use any more.
                 for token in unsettled {
-                    if let Some(Unsettled {
-                        origin: Some(o), ..
-                    }) = self.unsettled.remove(&token)
-                    {
-                        o.conn.send(ConnEvent::Outcome {
-                            delivery: o.delivery,
-                            state: crate::core::released(),
-                        });
+                    if let Some(u) = self.unsettled.remove(&token) {
+                        u.give_back();
                     }
                 }
                 self.closing = Some(CloseReason::ProtocolError);
@@ -962,6 +991,7 @@ impl ConnectionTask {
                     Unsettled {
                         origin: msg.origin,
                         outstanding: outstanding.clone(),
+                        lost: Lost::Released,
                     },
                 );
             } else if let Some(o) = msg.origin {
@@ -1023,14 +1053,8 @@ impl ConnectionTask {
         if let Some(out) = self.outgoing.remove(&link) {
             out.address.remove_consumer(self.id, link);
             for token in unsettled {
-                if let Some(Unsettled {
-                    origin: Some(o), ..
-                }) = self.unsettled.remove(&token)
-                {
-                    o.conn.send(ConnEvent::Outcome {
-                        delivery: o.delivery,
-                        state: crate::core::released(),
-                    });
+                if let Some(u) = self.unsettled.remove(&token) {
+                    u.give_back();
                 }
             }
             if out.dynamic {
@@ -1115,12 +1139,7 @@ impl ConnectionTask {
     fn cleanup(&mut self) {
         self.route_cleanup();
         for u in std::mem::take(&mut self.unsettled).into_values() {
-            if let Some(o) = u.origin {
-                o.conn.send(ConnEvent::Outcome {
-                    delivery: o.delivery,
-                    state: crate::core::released(),
-                });
-            }
+            u.give_back();
         }
         let outs: Vec<LinkId> = self.outgoing.keys().copied().collect();
         for l in outs {

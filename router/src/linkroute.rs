@@ -25,7 +25,7 @@ use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::AddressType;
 use tracing::{debug, info};
 
-use crate::connection::{ConnectionTask, Unsettled};
+use crate::connection::{ConnectionTask, Lost, Unsettled};
 use crate::core::{ConnEvent, ConnHandle, Origin, Routed};
 
 /// Offered on Open by a broker that wants routers to route links to it.
@@ -205,6 +205,9 @@ pub(crate) struct RouteLink {
     draining: bool,
     /// A credit limit that came before the pairing was complete.
     early_flow: Option<(u32, bool)>,
+    /// The link faces the client (we were asked to route it), not the
+    /// broker (we attached it onward).
+    faces_client: bool,
 }
 
 impl RouteLink {
@@ -217,6 +220,7 @@ impl RouteLink {
             base,
             draining: false,
             early_flow: None,
+            faces_client: !answered,
         }
     }
 }
@@ -502,6 +506,13 @@ impl ConnectionTask {
         if !self.is_routed(link) {
             return msg.release();
         }
+        // Towards the client, a delivery lost with its link goes back to
+        // the broker by that link's detach; towards the broker, it may
+        // have been stored.
+        let lost = match self.routes.links.get(&link) {
+            Some(r) if r.faces_client => Lost::Silent,
+            _ => Lost::InDoubt,
+        };
         let token = self.next_token;
         if self.conn.send(link, &msg.payload, msg.settled, token) {
             self.next_token += 1;
@@ -514,6 +525,7 @@ impl ConnectionTask {
                     Unsettled {
                         origin: msg.origin,
                         outstanding: self.routes.outstanding.clone(),
+                        lost,
                     },
                 );
             }
@@ -550,18 +562,14 @@ impl ConnectionTask {
         }
     }
 
-    /// Gives back, released, deliveries of ours that will never settle.
+    /// Deliveries of ours that will never settle: their senders hear
+    /// what [`Lost`] says.
     pub(crate) fn release_tokens(&mut self, tokens: Vec<u64>) {
         for token in tokens {
             if let Some(u) = self.unsettled.remove(&token) {
                 u.outstanding
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                if let Some(o) = u.origin {
-                    o.conn.send(ConnEvent::Outcome {
-                        delivery: o.delivery,
-                        state: crate::core::released(),
-                    });
-                }
+                u.give_back();
             }
         }
     }

@@ -460,6 +460,7 @@ impl ConnectionTask {
                     crate::connection::Unsettled {
                         origin: msg.origin,
                         outstanding,
+                        lost: crate::connection::Lost::Released,
                     },
                 );
             }
