@@ -157,6 +157,12 @@ pub fn to_address(message: &[u8]) -> Result<Option<&str>, MessageError> {
     property_string(message, 2)
 }
 
+/// The `properties.message-id` field when it is a string (AMQP 1.0
+/// §3.2.4; the usual correlation key of request/response).
+pub fn message_id(message: &[u8]) -> Result<Option<&str>, MessageError> {
+    property_string(message, 0)
+}
+
 /// The `properties.reply-to` field, if set.
 pub fn reply_to(message: &[u8]) -> Result<Option<&str>, MessageError> {
     property_string(message, 4)
@@ -254,7 +260,7 @@ pub fn redelivered(message: &Bytes, delivery_count: u32) -> Bytes {
     use fe2o3_amqp_types::messaging::Header;
     let (h, _) = header_and_properties(message);
     let (mut header, rest) = match h {
-        Some((at, len)) => match serde_amqp::from_slice::<Header>(&message[at..at + len]) {
+        Some((at, len)) => match crate::frame::decode_checked::<Header>(&message[at..at + len]) {
             Ok(h) if at == 0 => (h, &message[len..]),
             _ => return message.clone(),
         },
@@ -281,7 +287,8 @@ pub fn expiry(message: &[u8], now_ms: u64) -> u64 {
     let (h, p) = header_and_properties(message);
     let mut at = u64::MAX;
     if let Some((o, l)) = h {
-        if let Ok(Header { ttl: Some(ttl), .. }) = serde_amqp::from_slice(&message[o..o + l]) {
+        if let Ok(Header { ttl: Some(ttl), .. }) = crate::frame::decode_checked(&message[o..o + l])
+        {
             at = at.min(now_ms.saturating_add(u64::from(ttl)));
         }
     }
@@ -289,7 +296,7 @@ pub fn expiry(message: &[u8], now_ms: u64) -> u64 {
         if let Ok(Properties {
             absolute_expiry_time: Some(t),
             ..
-        }) = serde_amqp::from_slice(&message[o..o + l])
+        }) = crate::frame::decode_checked(&message[o..o + l])
         {
             let ms = t.milliseconds();
             if ms > 0 {

@@ -750,7 +750,10 @@ impl BrokerConnection {
             .ok()
             .flatten()
             .map(str::to_string);
-        let correlation = text(f.field("JMSMessageID"));
+        let correlation = message::message_id(payload)
+            .ok()
+            .flatten()
+            .map(str::to_string);
         let reply_link = reply_to
             .as_ref()
             .and_then(|r| self.reply_links.get(r))

@@ -1413,101 +1413,10 @@ impl Fields for MessageFields {
     }
 }
 
-/// Decodes one section's value, if every size declared inside it fits.
+/// Decodes one section's value, if every size declared inside it fits
+/// (serde_amqp alone trusts declared sizes; see `flotilla_amqp::frame`).
 fn decode(b: &[u8]) -> Option<serde_amqp::Value> {
-    // serde_amqp 0.18 allocates a string's or binary's declared length
-    // before reading it, and recurses once per nested value: unchecked, a
-    // few bytes declaring a 4 GiB string, or lists nested a million deep,
-    // would take the broker down (see `flotilla_amqp::frame`'s check).
-    if checked_len(b, 0)? != b.len() {
-        return None;
-    }
-    serde_amqp::from_slice(b).ok()
-}
-
-/// How deep values may nest inside a section we decode; real ones nest
-/// two or three.
-const MAX_NESTING: u32 = 32;
-
-/// The length of the encoded value at the front of `b` (AMQP 1.0 §1.6),
-/// after checking that it and every value inside it fit in the bytes their
-/// container declares.
-fn checked_len(b: &[u8], depth: u32) -> Option<usize> {
-    if depth > MAX_NESTING {
-        return None;
-    }
-    let (&code, rest) = b.split_first()?;
-    if code == 0x00 {
-        let d = checked_len(rest, depth + 1)?;
-        let v = checked_len(rest.get(d..)?, depth + 1)?;
-        return Some(1 + d + v);
-    }
-    Some(1 + checked_body_len(code, rest, depth)?)
-}
-
-/// The length of what follows constructor `code` at the front of `b`
-/// (array elements share one constructor), checked as above.
-fn checked_body_len(code: u8, b: &[u8], depth: u32) -> Option<usize> {
-    let fixed = match code {
-        0x40..=0x45 => 0,
-        0x50..=0x56 => 1,
-        0x60 | 0x61 => 2,
-        0x70..=0x74 => 4,
-        0x80..=0x84 => 8,
-        0x94 | 0x98 => 16,
-        0xa0 | 0xa1 | 0xa3 | 0xb0 | 0xb1 | 0xb3 | 0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => {
-            return checked_variable_len(code, b, depth);
-        }
-        _ => return None,
-    };
-    (fixed <= b.len()).then_some(fixed)
-}
-
-fn checked_variable_len(code: u8, b: &[u8], depth: u32) -> Option<usize> {
-    // Sizes and counts take one byte for 0xa_/0xc_/0xe_, four for 0xb_/0xd_/0xf_.
-    let w = if matches!(code >> 4, 0xa | 0xc | 0xe) {
-        1
-    } else {
-        4
-    };
-    let read = |s: &[u8]| {
-        s.get(..w)
-            .map(|s| s.iter().fold(0usize, |n, &x| n << 8 | usize::from(x)))
-    };
-    let size = read(b)?;
-    let body = b.get(w..)?.get(..size)?;
-    if matches!(code >> 4, 0xa | 0xb) {
-        return Some(w + size);
-    }
-    let count = read(body)?;
-    // A map's count is keys plus values (AMQP 1.0 §1.6.23); serde_amqp
-    // 0.18 subtracts 2 per entry and overflows on an odd count.
-    if matches!(code, 0xc1 | 0xd1) && count % 2 != 0 {
-        return None;
-    }
-    let mut rest = body.get(w..)?;
-    if matches!(code >> 4, 0xc | 0xd) {
-        // Each item takes at least one byte, so a false count fails fast.
-        for _ in 0..count {
-            let n = checked_len(rest, depth + 1)?;
-            rest = rest.get(n..)?;
-        }
-    } else if count > 0 {
-        // Array: one (possibly described) element constructor, then bodies.
-        if rest.first() == Some(&0x00) {
-            let d = checked_len(rest.get(1..)?, depth + 1)?;
-            rest = rest.get(1 + d..)?;
-        }
-        let (&elem, mut items) = rest.split_first()?;
-        for _ in 0..count {
-            let n = checked_body_len(elem, items, depth + 1)?;
-            if n == 0 {
-                break;
-            }
-            items = items.get(n..)?;
-        }
-    }
-    Some(w + size)
+    flotilla_amqp::frame::decode_checked(b).ok()
 }
 
 #[cfg(test)]
