@@ -835,38 +835,32 @@ impl Connection {
         let Some(l) = self.links.get(&link) else {
             return;
         };
-        let ch = l.channel;
-        let handle = self.alloc_handle(ch);
-        let l = self.links.get_mut(&link).expect("checked above");
-        l.local_handle = Some(handle);
-        if let Some(m) = reply.snd_settle_mode.clone() {
-            l.snd_settle_mode = m;
-        }
-        if let Some(m) = reply.rcv_settle_mode.clone() {
-            l.rcv_settle_mode = m;
-        }
         let caps: Vec<_> = reply
             .offered_capabilities
             .iter()
             .map(|c| (*c).into())
             .collect();
-        let attach = Attach {
-            name: l.name.clone(),
-            handle: Handle(handle),
+        let answer = Attach {
+            name: String::new(),
+            handle: Handle(0),
             role: l.role.clone(),
-            snd_settle_mode: l.snd_settle_mode.clone(),
-            rcv_settle_mode: l.rcv_settle_mode.clone(),
+            snd_settle_mode: reply
+                .snd_settle_mode
+                .unwrap_or_else(|| l.snd_settle_mode.clone()),
+            rcv_settle_mode: reply
+                .rcv_settle_mode
+                .unwrap_or_else(|| l.rcv_settle_mode.clone()),
             source: reply.source.map(Box::new),
             target: reply.target.map(|t| Box::new(TargetArchetype::Target(t))),
             unsettled: None,
             incomplete_unsettled: false,
-            initial_delivery_count: matches!(l.role, Role::Sender).then_some(l.delivery_count),
-            max_message_size: (self.cfg.max_message_size > 0).then_some(self.cfg.max_message_size),
+            initial_delivery_count: None,
+            max_message_size: None,
             offered_capabilities: (!caps.is_empty()).then(|| caps.into()),
             desired_capabilities: None,
             properties: None,
         };
-        frame::encode_performative(&mut self.out, ch, &Performative::Attach(Box::new(attach)));
+        self.accept_attach_as(link, &answer);
     }
 
     /// Refuses a peer's attach: an attach with no terminus, then a closing

@@ -97,6 +97,9 @@ pub(crate) struct BrokerConnection {
     producers: HashMap<LinkId, Producer>,
     consumers: HashMap<LinkId, String>,
     stat_links: Vec<LinkId>,
+    /// Subscription consumers waiting for their subscription to be made:
+    /// the attach answer to give them then.
+    pending: HashMap<LinkId, AttachReply>,
     /// Receivers of management replies, by their (dynamic) address.
     reply_links: HashMap<String, LinkId>,
     next_reply: u64,
@@ -165,6 +168,7 @@ impl BrokerConnection {
             producers: HashMap::new(),
             consumers: HashMap::new(),
             stat_links: Vec::new(),
+            pending: HashMap::new(),
             reply_links: HashMap::new(),
             next_reply: 0,
             events: Vec::new(),
@@ -312,6 +316,7 @@ impl BrokerConnection {
             }
             Event::Detach { link, closed, .. } => {
                 self.producers.remove(&link);
+                self.pending.remove(&link);
                 self.stat_links.retain(|l| *l != link);
                 self.reply_links.retain(|_, l| *l != link);
                 if self.consumers.remove(&link).is_some() {
@@ -510,15 +515,7 @@ impl BrokerConnection {
             let a = format!("$reply/{}/{}", self.id, self.next_reply);
             source.address = Some(a.clone());
             self.reply_links.insert(a, link);
-            return self.conn.accept_attach(
-                link,
-                AttachReply {
-                    source: Some(source),
-                    target,
-                    snd_settle_mode: Some(SenderSettleMode::Settled),
-                    ..Default::default()
-                },
-            );
+            return self.accept_presettled(link, source, target);
         }
         let Some(address) = source.address.clone().filter(|a| !a.is_empty()) else {
             return self.refuse(
@@ -541,15 +538,7 @@ impl BrokerConnection {
                     ),
                 );
             }
-            self.conn.accept_attach(
-                link,
-                AttachReply {
-                    source: Some(source),
-                    target,
-                    snd_settle_mode: Some(SenderSettleMode::Settled),
-                    ..Default::default()
-                },
-            );
+            self.accept_presettled(link, source, target);
             self.stat_links.push(link);
             return;
         }
@@ -579,18 +568,39 @@ impl BrokerConnection {
             },
         };
         let browse = matches!(event, BrokerEvent::Attach { browse: true, .. });
+        let reply = AttachReply {
+            source: Some(source),
+            target,
+            snd_settle_mode: browse.then_some(SenderSettleMode::Settled),
+            ..Default::default()
+        };
+        if matches!(event, BrokerEvent::Subscribe { .. }) {
+            // Answered when the subscription exists (`ToConn::Subscribed`).
+            self.pending.insert(link, reply);
+        } else {
+            self.conn.accept_attach(link, reply);
+        }
+        debug!(conn.id = self.id, address = %address, kind = ?r.kind, "consumer attached");
+        let _ = self.queues.send(event);
+        self.consumers.insert(link, address);
+    }
+
+    /// Takes a consumer we send to pre-settled (`$stat`, management replies).
+    fn accept_presettled(
+        &mut self,
+        link: LinkId,
+        source: Source,
+        target: Option<flotilla_amqp::types::messaging::Target>,
+    ) {
         self.conn.accept_attach(
             link,
             AttachReply {
                 source: Some(source),
                 target,
-                snd_settle_mode: browse.then_some(SenderSettleMode::Settled),
+                snd_settle_mode: Some(SenderSettleMode::Settled),
                 ..Default::default()
             },
         );
-        debug!(conn.id = self.id, address = %address, kind = ?r.kind, "consumer attached");
-        let _ = self.queues.send(event);
-        self.consumers.insert(link, address);
     }
 
     /// The subscription a topic consumer (or a `subscription` address's
@@ -622,6 +632,7 @@ impl BrokerConnection {
                     pattern: topic,
                     selector: None,
                     shared: true,
+                    since: None,
                 },
                 selector: None,
                 durable: true,
@@ -654,6 +665,7 @@ impl BrokerConnection {
                 pattern: r.address.clone(),
                 selector: selector_text,
                 shared,
+                since: None,
             },
             selector,
             durable,
@@ -843,6 +855,13 @@ impl BrokerConnection {
                 self.stored_one(link);
             }
             ToConn::Drained { link } => self.conn.drained(link),
+            ToConn::Subscribed { link } => {
+                if let Some(reply) = self.pending.remove(&link) {
+                    self.conn.accept_attach(link, reply);
+                    // Credit the client gave before the answer.
+                    self.on_flow(link);
+                }
+            }
             ToConn::Stat { link, body } => {
                 let mut body = body;
                 // A client sees only its own address space.

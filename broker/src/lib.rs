@@ -220,6 +220,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
                         pattern: topic.clone(),
                         selector: None,
                         shared: true,
+                        since: None,
                     },
                     selector: None,
                     durable: true,

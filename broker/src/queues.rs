@@ -58,6 +58,9 @@ pub enum ToConn {
     },
     /// Nothing more to give a consumer that asked to drain.
     Drained { link: LinkId },
+    /// The subscription of consumer `link` exists (a durable one on disk):
+    /// answer its attach.
+    Subscribed { link: LinkId },
     /// A purge finished: answer on `link` (`None`: no such queue).
     Purged {
         link: LinkId,
@@ -188,6 +191,18 @@ struct Consumer {
 }
 
 impl Consumer {
+    fn new(conn: u64, link: LinkId, tx: mpsc::UnboundedSender<ToConn>, browse: bool) -> Self {
+        Consumer {
+            conn,
+            link,
+            tx,
+            routed: 0,
+            limit: 0,
+            browse: browse.then_some(0),
+            drain: false,
+        }
+    }
+
     fn credit(&self) -> u32 {
         let c = self.limit.wrapping_sub(self.routed);
         if c > (1 << 31) {
@@ -387,6 +402,8 @@ pub struct QueueTask {
     journal: JournalHandle,
     acks_since_retire: u32,
     memory: Memory,
+    /// Consumers of durable subscriptions whose record is not on disk yet.
+    waiting: Vec<(String, Consumer)>,
 }
 
 impl QueueTask {
@@ -443,6 +460,7 @@ impl QueueTask {
                 journal,
                 acks_since_retire: 0,
                 memory,
+                waiting: Vec::new(),
             },
             tx,
         )
@@ -520,15 +538,7 @@ impl QueueTask {
                     .queues
                     .entry(queue.clone())
                     .or_insert_with(|| Queue::new(true));
-                q.consumers.push(Consumer {
-                    conn,
-                    link,
-                    tx,
-                    routed: 0,
-                    limit: 0,
-                    browse: browse.then_some(0),
-                    drain: false,
-                });
+                q.consumers.push(Consumer::new(conn, link, tx, browse));
                 vec![queue]
             }
             BrokerEvent::Subscribe {
@@ -538,16 +548,19 @@ impl QueueTask {
                 tx,
             } => {
                 let key = self.ensure(spec);
+                let c = Consumer::new(conn, link, tx, false);
+                if self
+                    .subs
+                    .get(&key)
+                    .is_some_and(|s| s.durable && s.record_seq == 0)
+                {
+                    // Answered once its record is on disk (`SubRecorded`).
+                    self.waiting.push((key, c));
+                    return Vec::new();
+                }
+                let _ = c.tx.send(ToConn::Subscribed { link });
                 if let Some(q) = self.queues.get_mut(&key) {
-                    q.consumers.push(Consumer {
-                        conn,
-                        link,
-                        tx,
-                        routed: 0,
-                        limit: 0,
-                        browse: None,
-                        drain: false,
-                    });
+                    q.consumers.push(c);
                 }
                 vec![key]
             }
@@ -558,8 +571,19 @@ impl QueueTask {
             BrokerEvent::SubRecorded { key, seq } => {
                 if let Some(s) = self.subs.get_mut(&key) {
                     s.record_seq = seq;
+                    s.record.since.get_or_insert(seq);
                 }
-                Vec::new()
+                let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+                    .into_iter()
+                    .partition(|(k, _)| *k == key);
+                self.waiting = still;
+                for (_, c) in ready {
+                    let _ = c.tx.send(ToConn::Subscribed { link: c.link });
+                    if let Some(q) = self.queues.get_mut(&key) {
+                        q.consumers.push(c);
+                    }
+                }
+                vec![key]
             }
             BrokerEvent::Credit {
                 conn,
@@ -810,6 +834,7 @@ impl QueueTask {
         mut held: impl FnMut(&Inflight) -> bool,
         closed: bool,
     ) -> Vec<String> {
+        self.waiting.retain(|(_, c)| !which(c));
         let mut emptied = Vec::new();
         for (name, q) in &mut self.queues {
             let before = q.consumers.len();

@@ -72,6 +72,11 @@ pub struct SubRecord {
     /// Several consumers share it.
     #[serde(default)]
     pub shared: bool,
+    /// The seq of the record that first made it: it holds only messages
+    /// published after. Unset in that first record (its own seq), set when
+    /// the record is written again (compaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -183,7 +188,8 @@ pub fn recover(records: Vec<Record>) -> Recovered {
                 }
             }
             Some(&SUBSCRIBE) => {
-                if let Ok(s) = serde_json::from_slice::<SubRecord>(&p[1..]) {
+                if let Ok(mut s) = serde_json::from_slice::<SubRecord>(&p[1..]) {
+                    s.since.get_or_insert(r.seq);
                     subs.insert(s.key.clone(), (r.seq, s));
                 }
             }
@@ -209,8 +215,13 @@ pub fn recover(records: Vec<Record>) -> Recovered {
             if acked_one.contains(&(r.seq, q.clone())) {
                 continue;
             }
-            // A subscription deleted since keeps nothing.
-            if is_subscription(&q) && !subs.contains_key(&q) {
+            // A subscription deleted since keeps nothing, and one made
+            // again under the same name nothing from before.
+            if is_subscription(&q)
+                && subs
+                    .get(&q)
+                    .is_none_or(|(_, s)| s.since.is_some_and(|since| r.seq < since))
+            {
                 continue;
             }
             out.queues.entry(q).or_default().push_back(Stored::new(
@@ -272,6 +283,7 @@ mod tests {
             pattern: "t".into(),
             selector: Some("x = 1".into()),
             shared: false,
+            since: None,
         };
         let mut b = a.clone();
         b.key = sub_key("s", "b");
@@ -290,7 +302,37 @@ mod tests {
         assert!(!q.queues.contains_key(&c.key));
         let keys: Vec<_> = q.subscriptions.iter().map(|(_, s)| s.key.clone()).collect();
         assert_eq!(keys, vec![a.key.clone(), b.key.clone()]);
-        assert_eq!(q.subscriptions[0].1, a);
+        assert_eq!(q.subscriptions[0].1.since, Some(1));
+        assert_eq!(q.subscriptions[0].1.pattern, a.pattern);
+    }
+
+    #[test]
+    fn a_subscription_made_again_gets_nothing_from_before_and_compaction_keeps_its_start() {
+        let a = SubRecord {
+            key: sub_key("s", "a"),
+            space: "s".into(),
+            pattern: "t".into(),
+            selector: None,
+            shared: false,
+            since: None,
+        };
+        let rewritten = SubRecord {
+            since: Some(5),
+            ..a.clone()
+        };
+        let q = recover(vec![
+            rec(1, subscribe(&a)),
+            rec(2, publish(&[&a.key], 0, b"old")),
+            rec(3, unsubscribe(&a.key)),
+            rec(4, publish(&[&a.key], 0, b"lost with it")),
+            rec(5, subscribe(&a)),
+            rec(6, publish(&[&a.key], 0, b"new")),
+            // Written again later (compaction): still starts at 5.
+            rec(7, subscribe(&rewritten)),
+        ]);
+        let got: Vec<_> = q.queues[&a.key].iter().map(|m| m.payload.clone()).collect();
+        assert_eq!(got, vec![Bytes::from_static(b"new")]);
+        assert_eq!(q.subscriptions[0].1.since, Some(5));
     }
 
     #[test]

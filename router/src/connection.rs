@@ -317,6 +317,9 @@ impl ConnectionTask {
     }
 
     fn handle_event(&mut self, e: Event) {
+        let Some(e) = self.route_event_on_link(e) else {
+            return;
+        };
         if self.mesh_peer.is_some() {
             return self.handle_peer_event(e);
         }
@@ -332,16 +335,8 @@ impl ConnectionTask {
                 attach,
                 reply: false,
             } => self.handle_attach(link, *attach),
-            Event::Attach {
-                link,
-                attach,
-                reply: true,
-            } => self.route_on_answer(link, &attach),
-            Event::Flow { link } if self.is_routed(link) => self.route_on_flow(link),
+            Event::Attach { .. } => {}
             Event::Flow { link } => self.handle_flow(link),
-            Event::Delivery { link, delivery } if self.is_routed(link) => {
-                self.route_on_delivery(link, delivery)
-            }
             Event::Delivery { link, delivery } => self.handle_delivery(link, delivery),
             Event::Outcome {
                 token,
@@ -349,12 +344,6 @@ impl ConnectionTask {
                 settled,
                 ..
             } => self.handle_outcome(token, state, settled),
-            Event::Detach {
-                link,
-                closed,
-                error,
-                unsettled,
-            } if self.is_routed(link) => self.route_on_detach(link, closed, error, unsettled),
             Event::Detach {
                 link, unsettled, ..
             } => self.link_gone(link, unsettled),
@@ -375,18 +364,9 @@ impl ConnectionTask {
             Event::Attach {
                 link,
                 attach,
-                reply: true,
-            } if self.is_routed(link) => self.route_on_answer(link, &attach),
-            Event::Attach {
-                link,
-                attach,
                 reply,
             } => self.peer_on_attach(link, *attach, reply),
-            Event::Flow { link } if self.is_routed(link) => self.route_on_flow(link),
             Event::Flow { link } => self.peer_on_flow(link),
-            Event::Delivery { link, delivery } if self.is_routed(link) => {
-                self.route_on_delivery(link, delivery)
-            }
             Event::Delivery { link, delivery } => self.peer_on_delivery(link, delivery),
             Event::Outcome {
                 token,
@@ -394,12 +374,6 @@ impl ConnectionTask {
                 settled,
                 ..
             } => self.handle_outcome(token, state, settled),
-            Event::Detach {
-                link,
-                closed,
-                error,
-                unsettled,
-            } if self.is_routed(link) => self.route_on_detach(link, closed, error, unsettled),
             Event::Detach { unsettled, .. } => {
                 // The neighbour dropped one of the mesh links: the
                 // connection is no use any more.
@@ -524,6 +498,11 @@ impl ConnectionTask {
             return None;
         }
         let topic = space.subscriptions.get(&address).cloned();
+        // A subscription lives on the broker of its topic.
+        let declared = match &topic {
+            Some(t) => space.declared_as(t).map_or(t.as_str(), |(_, d)| d),
+            None => declared,
+        };
         Some(crate::linkroute::RouteInfo {
             space: p.space.clone(),
             kind,

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use flotilla_amqp::connection::{amqp_error, LinkId};
+use flotilla_amqp::connection::{amqp_error, Event, LinkId};
 use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody, Fields, Role};
 use flotilla_amqp::types::messaging::TargetArchetype;
 use flotilla_amqp::types::performatives::Attach;
@@ -289,6 +289,30 @@ impl ConnectionTask {
         }
     }
 
+    /// Handles an engine event on one of our routed links (an answer,
+    /// credit, a message, a detach); gives back any other event.
+    pub(crate) fn route_event_on_link(&mut self, e: Event) -> Option<Event> {
+        match e {
+            Event::Attach {
+                link,
+                attach,
+                reply: true,
+            } if self.is_routed(link) => self.route_on_answer(link, &attach),
+            Event::Flow { link } if self.is_routed(link) => self.route_on_flow(link),
+            Event::Delivery { link, delivery } if self.is_routed(link) => {
+                self.route_on_delivery(link, delivery)
+            }
+            Event::Detach {
+                link,
+                closed,
+                error,
+                unsettled,
+            } if self.is_routed(link) => self.route_on_detach(link, closed, error, unsettled),
+            other => return Some(other),
+        }
+        None
+    }
+
     /// A client (or a neighbour router) attached `link` to a broker-held
     /// address: ask the next hop to attach onward.
     pub(crate) fn route_attach(&mut self, link: LinkId, attach: Attach, mut info: RouteInfo) {
@@ -401,10 +425,22 @@ impl ConnectionTask {
         }
         r.answered = true;
         let early = r.early_flow.take();
+        let peer = r.peer.clone();
         answer.properties = None;
         self.conn.accept_attach_as(link, &answer);
         if let Some((limit, drain)) = early {
-            self.route_send_limit(link, limit, drain);
+            match self.conn.link(link).map(|l| l.role.clone()) {
+                // The client's credit, given before the answer: on to the broker.
+                Some(Role::Sender) => {
+                    peer.send(ConnEvent::RouteFlow {
+                        link: peer_link,
+                        limit,
+                        drain,
+                    });
+                }
+                // The broker's credit, for our client's sender.
+                _ => self.route_send_limit(link, limit, drain),
+            }
         }
     }
 

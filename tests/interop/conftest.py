@@ -2,6 +2,7 @@
 127.0.0.1 port 0, read the bound ports from its `listening` log lines, and
 kill it afterwards."""
 
+import json
 import os
 import re
 import shutil
@@ -30,8 +31,8 @@ def flotilla_bin():
 class Router:
     """A running `flotilla router` process."""
 
-    def __init__(self, *args, component="router"):
-        cmd = [flotilla_bin(), component, "--amqp", "127.0.0.1:0", *args]
+    def __init__(self, *args, component="router", amqp="127.0.0.1:0"):
+        cmd = [flotilla_bin(), component, "--amqp", amqp, *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.ports = {}
         self.log = []
@@ -50,24 +51,27 @@ class Router:
             if m:
                 self.ports[m.group(1)] = int(m.group(3))
         # Keep draining the log so the pipe never fills.
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain = threading.Thread(target=self._read_rest, args=(self.proc, self.log), daemon=True)
         self._drain.start()
 
-    def _read_rest(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
+    @staticmethod
+    def _read_rest(proc, log):
+        for line in proc.stderr:
+            log.append(line)
 
     @property
     def url(self):
         return "127.0.0.1:%d" % self.ports["amqp"]
 
-    def wait_for_log(self, pattern, timeout=20):
-        """Waits (bounded) until a log line matches `pattern`."""
+    def wait_for_log(self, pattern, timeout=20, count=1):
+        """Waits (bounded) until `count` log lines match `pattern`."""
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
         while time.monotonic() < deadline:
-            if any(rx.search(l) for l in list(self.log)):
+            if sum(1 for l in list(self.log) if rx.search(l)) >= count:
                 return
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.05)
         raise RuntimeError("no log line matching %r:\n%s" % (pattern, "".join(self.log)))
 
@@ -75,6 +79,28 @@ class Router:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+class Broker(Router):
+    """A running `flotilla broker` with its journal in `data_dir`."""
+
+    def __init__(self, data_dir, *args, amqp="127.0.0.1:0"):
+        self.data_dir, self.args = data_dir, args
+        super().__init__("--data-dir", data_dir, *args, component="broker", amqp=amqp)
+
+    def restart(self):
+        """Kills the broker (SIGKILL: no clean shutdown) and starts it again
+        in place on the same data dir and port."""
+        self.stop()
+        self.__init__(self.data_dir, *self.args, amqp=self.url)
+
+    def queues(self):
+        """The broker's queues by address, as `flotilla stat --json` reports them."""
+        out = subprocess.run(
+            [flotilla_bin(), "stat", "--url", "amqp://" + self.url, "--json"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+        return {q["address"]: q for q in json.loads(out)["queues"]}
 
 
 @pytest.fixture
@@ -110,3 +136,18 @@ def start_router():
     yield start
     for r in started:
         r.stop()
+
+
+@pytest.fixture
+def start_broker():
+    """Starts brokers (`start(data_dir, *args)`); all are killed afterwards."""
+    started = []
+
+    def start(data_dir, *args):
+        b = Broker(data_dir, *args)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
