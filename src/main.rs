@@ -58,6 +58,8 @@ enum Command {
     Router(RouterArgs),
     /// Run a broker: durable queues and topics on the broker's own journal.
     Broker(BrokerArgs),
+    /// Run the control plane: the REST API and the watch routers follow.
+    Console(ConsoleServeArgs),
     /// Send messages to an address.
     Send(tools::SendArgs),
     /// Receive messages from an address and print them.
@@ -66,6 +68,44 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show a router's view: mesh routes, connections, addresses.
     Stat(tools::StatArgs),
+}
+
+/// Following the control plane.
+#[derive(Args, Clone, Default)]
+struct ConsoleArgs {
+    /// Follow this console (http://HOST:PORT) for address spaces,
+    /// addresses and users; they replace --config as they change.
+    #[arg(long)]
+    console: Option<String>,
+    /// File with the console's admin token (else the environment variable
+    /// FLOTILLA_CONSOLE_TOKEN).
+    #[arg(long)]
+    console_token_file: Option<PathBuf>,
+}
+
+impl ConsoleArgs {
+    fn link(&self) -> Result<Option<flotilla_core::watch::ConsoleLink>, String> {
+        let Some(url) = &self.console else {
+            return Ok(None);
+        };
+        let token = match &self.console_token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| format!("--console-token-file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("FLOTILLA_CONSOLE_TOKEN").map_err(|_| {
+                "--console needs the admin token: --console-token-file or FLOTILLA_CONSOLE_TOKEN"
+                    .to_string()
+            })?,
+        };
+        if !url.starts_with("http://") {
+            return Err(format!("--console {url:?}: expected http://HOST:PORT"));
+        }
+        Ok(Some(flotilla_core::watch::ConsoleLink {
+            url: url.clone(),
+            token,
+        }))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -85,6 +125,8 @@ struct RouterArgs {
     /// Resources (AddressSpace, Address, MessagingUser) to apply at start.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    console: ConsoleArgs,
     /// Router id (container id announced in Open); must be unique in a mesh.
     #[arg(
         long = "router-id",
@@ -147,6 +189,7 @@ impl RouterArgs {
             link_capacity: self.link_capacity,
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             tenancy,
+            console: self.console.link()?,
             ..RouterConfig::default()
         })
     }
@@ -203,6 +246,8 @@ struct BrokerArgs {
     /// Address spaces, addresses and users (YAML, as for routers).
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    console: ConsoleArgs,
     /// A router to connect to as a route container, HOST:PORT: the mesh
     /// then routes links for queue, topic and subscription addresses here.
     #[arg(long)]
@@ -256,6 +301,7 @@ impl BrokerArgs {
                 },
                 None => flotilla_amqp::transport::ClientSasl::Anonymous,
             },
+            console: self.console.link()?,
         })
     }
 }
@@ -267,6 +313,37 @@ async fn run_broker(a: BrokerArgs) -> ExitCode {
     };
     match flotilla_broker::run(cfg, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage(e),
+    }
+}
+
+#[derive(Args, Clone)]
+struct ConsoleServeArgs {
+    /// HTTP listener, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the store and the admin token live.
+    #[arg(long, default_value = "data/console")]
+    data_dir: PathBuf,
+}
+
+async fn run_console(a: ConsoleServeArgs) -> ExitCode {
+    let cfg = flotilla_console::ConsoleConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+    };
+    match flotilla_console::Console::bind(cfg).await {
+        Ok(c) => {
+            eprintln!(
+                "console on http://{} ; the admin token is in {} :\n  curl -H \"Authorization: Bearer $(cat {})\" http://{}/api/v1/addressspaces",
+                c.local_addr,
+                c.token_file.display(),
+                c.token_file.display(),
+                c.local_addr
+            );
+            c.serve(shutdown_on_signal()).await;
+            ExitCode::SUCCESS
+        }
         Err(e) => usage(e),
     }
 }
@@ -295,6 +372,15 @@ struct UpArgs {
     /// Run routers only.
     #[arg(long)]
     no_broker: bool,
+    /// The console's HTTP listener (REST API and watch).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    console_listen: SocketAddr,
+    /// Where the console keeps its store and admin token.
+    #[arg(long, default_value = "data/console")]
+    console_data_dir: PathBuf,
+    /// Run no console (routers and broker take --config only).
+    #[arg(long)]
+    no_console: bool,
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {
@@ -316,9 +402,43 @@ async fn run_router(args: RouterArgs) -> ExitCode {
 
 /// `flotilla up`: N routers in one process, each with its own ports, every
 /// one connected to every other, as separate machines would be.
-async fn run_up(args: UpArgs) -> ExitCode {
+async fn run_up(mut args: UpArgs) -> ExitCode {
     let n = args.routers.max(1);
     let shutdown = shutdown_on_signal();
+    let mut tasks = Vec::new();
+    let mut console_note = String::new();
+    if !args.no_console && args.router.console.console.is_none() {
+        // Our own console; routers and the broker follow it.
+        let cfg = flotilla_console::ConsoleConfig {
+            listen: args.console_listen,
+            data_dir: args.console_data_dir.clone(),
+        };
+        let c = match flotilla_console::Console::bind(cfg).await {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        };
+        // A config file seeds the console, the source of truth.
+        if let Some(path) = &args.router.config {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => return usage(format!("--config {}: {e}", path.display())),
+            };
+            match c.apply_yaml(&text).await {
+                Ok(n) => tracing::info!(resources = n, "config applied to the console"),
+                Err(e) => return usage(format!("--config: {e}")),
+            }
+        }
+        console_note = format!(
+            "\nConsole API on http://{addr}; admin token in {file}:\n  curl -H \"Authorization: Bearer $(cat {file})\" http://{addr}/api/v1/addressspaces",
+            addr = c.local_addr,
+            file = c.token_file.display()
+        );
+        args.router.console = ConsoleArgs {
+            console: Some(format!("http://{}", c.local_addr)),
+            console_token_file: Some(c.token_file.clone()),
+        };
+        tasks.push(tokio::spawn(c.serve(shutdown.clone())));
+    }
     let base = args.router.amqp;
     let ir_base: SocketAddr = args
         .router
@@ -356,7 +476,6 @@ async fn run_up(args: UpArgs) -> ExitCode {
         .iter()
         .map(|r| format!("amqp://{}", r.local_addrs[0].1))
         .collect();
-    let mut tasks = Vec::new();
     if !args.no_broker {
         // The broker joins router 0 as a route container, as it would in
         // a cluster; it has its own listener too.
@@ -368,6 +487,7 @@ async fn run_up(args: UpArgs) -> ExitCode {
             dead_letter_queue: "DLQ".into(),
             expiry_queue: None,
             config: args.router.config.clone(),
+            console: args.router.console.clone(),
             router: Some(routers[0].local_addrs[0].1.to_string()),
             max_memory_mib: 1024,
             tls_cert: args.router.tls_cert.clone(),
@@ -387,11 +507,12 @@ async fn run_up(args: UpArgs) -> ExitCode {
         }));
     }
     eprintln!(
-        "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue in --config, or any address a client attaches to with the capability \"queue\".\nPress Ctrl-C to stop.",
+        "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue, or any address a client attaches to with the capability \"queue\".{}\nPress Ctrl-C to stop.",
         if n > 1 { format!(" with {n} routers ({})", urls.join(", ")) } else { String::new() },
         if args.no_broker { String::new() } else { format!(", broker on {} (journal in {})", args.broker_amqp, args.data_dir.display()) },
         urls[0],
         urls[urls.len() - 1],
+        console_note,
     );
     tasks.extend(routers.into_iter().map(|r| tokio::spawn(r.serve())));
     for t in tasks {
@@ -419,6 +540,7 @@ fn main() -> ExitCode {
             Command::Up(a) => run_up(a).await,
             Command::Router(a) => run_router(a).await,
             Command::Broker(a) => run_broker(a).await,
+            Command::Console(a) => run_console(a).await,
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
             Command::Bench(a) => bench::run(a).await,

@@ -587,13 +587,12 @@ impl Connection {
                         ),
                     ));
                 }
-                let ours = self.new_session(Some(channel)).ok_or_else(|| {
+                self.new_session(Some(channel)).ok_or_else(|| {
                     violation(
                         AmqpError::ResourceLimitExceeded,
                         "no free channel for another session",
                     )
-                })?;
-                ours
+                })?
             }
         };
         self.remote_channels.insert(channel, local);

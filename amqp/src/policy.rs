@@ -53,6 +53,12 @@ impl Policy {
         }
     }
 
+    /// Serves `t` from now on (new connections and attaches; existing ones
+    /// are checked again by their owners).
+    pub fn replace(&self, t: Tenancy) {
+        *self.tenancy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
+    }
+
     pub fn tenancy(&self) -> Arc<Tenancy> {
         self.tenancy
             .read()
@@ -78,6 +84,40 @@ impl Policy {
             })
             .unwrap_or_else(|| DEFAULT_SPACE.to_string());
         (name.to_string(), space)
+    }
+
+    /// Checks a principal again after the tenancy changed: its space and
+    /// user still exist (and anonymous clients are still admitted); its
+    /// rules as they are now.
+    ///
+    /// # Errors
+    /// Why the connection may not go on.
+    pub fn recheck(&self, p: &Principal, peer: SocketAddr) -> Result<Principal, String> {
+        let t = self.tenancy();
+        let s = t
+            .spaces
+            .get(&p.space)
+            .ok_or_else(|| format!("address space {:?} was deleted", p.space))?;
+        let rules = match &p.user {
+            Some(u) => s
+                .users
+                .get(u)
+                .ok_or_else(|| format!("user {u:?} was deleted"))?
+                .rules
+                .clone(),
+            None if anonymous_allowed(s.anonymous, peer) => allow_all(),
+            None => {
+                return Err(format!(
+                    "address space {:?} no longer allows anonymous connections",
+                    p.space
+                ))
+            }
+        };
+        Ok(Principal {
+            space: p.space.clone(),
+            user: p.user.clone(),
+            rules,
+        })
     }
 
     /// Decides the connection's principal at Open: `hostname` selects the

@@ -64,6 +64,8 @@ pub struct BrokerConfig {
     /// How to reach the router: TLS with this CA, and credentials.
     pub router_tls_ca: Option<PathBuf>,
     pub router_sasl: transport::ClientSasl,
+    /// Follow the control plane for address spaces, addresses and users.
+    pub console: Option<flotilla_core::watch::ConsoleLink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,28 @@ pub enum BrokerError {
 
 /// Keeps a connection to `router` (re-resolved and retried with backoff)
 /// over which the router routes links to this broker.
+/// `subscription` addresses exist before anyone consumes them.
+fn ensure_subscription_addresses(t: &Tenancy, queues: &queues::QueueHandle) {
+    for space in t.spaces.values() {
+        for (address, topic) in &space.subscriptions {
+            let _ = queues.send(queues::BrokerEvent::Ensure {
+                spec: queues::SubSpec {
+                    record: store::SubRecord {
+                        key: store::sub_key(&space.name, &format!("address/{address}")),
+                        space: space.name.clone(),
+                        pattern: topic.clone(),
+                        selector: None,
+                        shared: true,
+                        since: None,
+                    },
+                    selector: None,
+                    durable: true,
+                },
+            });
+        }
+    }
+}
+
 /// How the broker reaches its router.
 struct RouterLink {
     addr: String,
@@ -209,24 +233,14 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     let tracker = TaskTracker::new();
     tracker.spawn(task.run());
     let policy = Policy::new(cfg.tenancy.clone());
-    // `subscription` addresses exist before anyone consumes them.
-    for space in cfg.tenancy.spaces.values() {
-        for (address, topic) in &space.subscriptions {
-            let _ = queues.send(queues::BrokerEvent::Ensure {
-                spec: queues::SubSpec {
-                    record: store::SubRecord {
-                        key: store::sub_key(&space.name, &format!("address/{address}")),
-                        space: space.name.clone(),
-                        pattern: topic.clone(),
-                        selector: None,
-                        shared: true,
-                        since: None,
-                    },
-                    selector: None,
-                    durable: true,
-                },
-            });
-        }
+    ensure_subscription_addresses(&cfg.tenancy, &queues);
+    if let Some(link) = cfg.console.clone() {
+        let (p, q) = (policy.clone(), queues.clone());
+        let apply = move |t: Tenancy| {
+            ensure_subscription_addresses(&t, &q);
+            p.replace(t);
+        };
+        tracker.spawn(flotilla_core::watch::follow(link, apply, shutdown.clone()));
     }
     if let Some(router) = cfg.router.clone() {
         let link = RouterLink {

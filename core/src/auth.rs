@@ -29,6 +29,32 @@ pub struct ScramCredentials {
     pub server_key: [u8; 32],
 }
 
+impl ScramCredentials {
+    /// The keys in their stored form.
+    pub fn to_keys(&self) -> crate::resources::ScramKeys {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD;
+        crate::resources::ScramKeys {
+            salt: b.encode(&self.salt),
+            iterations: self.iterations,
+            stored_key: b.encode(self.stored_key),
+            server_key: b.encode(self.server_key),
+        }
+    }
+
+    /// Keys from their stored form; `None` if they do not decode.
+    pub fn from_keys(k: &crate::resources::ScramKeys) -> Option<Self> {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD;
+        Some(ScramCredentials {
+            salt: b.decode(&k.salt).ok()?,
+            iterations: k.iterations,
+            stored_key: b.decode(&k.stored_key).ok()?.try_into().ok()?,
+            server_key: b.decode(&k.server_key).ok()?.try_into().ok()?,
+        })
+    }
+}
+
 impl std::fmt::Debug for ScramCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ScramCredentials(<redacted>)")
@@ -95,7 +121,7 @@ pub enum ScramError {
     Failed,
 }
 
-fn attr<'a>(msg: &'a str, key: char) -> Option<&'a str> {
+fn attr(msg: &str, key: char) -> Option<&str> {
     msg.split(',').find_map(|p| {
         let mut c = p.chars();
         (c.next() == Some(key) && c.next() == Some('=')).then(|| &p[2..])

@@ -164,7 +164,7 @@ impl Tenancy {
     /// zero-config `default` space stays unless a document declares an
     /// AddressSpace named `default`, whose spec then applies.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let mut t = Self::zero_config();
+        let mut spaces = Vec::new();
         let mut addresses = Vec::new();
         let mut users = Vec::new();
         for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -182,32 +182,9 @@ impl Tenancy {
                 })?
                 .to_string();
             match kind.as_str() {
-                "AddressSpace" => {
-                    let s: AddressSpace = typed(value, doc)?;
-                    s.validate()
-                        .map_err(|e| invalid(doc, &kind, &s.metadata.name, e))?;
-                    let anonymous = if s.spec.authentication.anonymous {
-                        Anonymous::Allow
-                    } else {
-                        Anonymous::Deny
-                    };
-                    t.spaces.insert(
-                        s.metadata.name.clone(),
-                        Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses),
-                    );
-                }
-                "Address" => {
-                    let a: Address = typed(value, doc)?;
-                    a.validate()
-                        .map_err(|e| invalid(doc, &kind, &a.metadata.name, e))?;
-                    addresses.push((doc, a));
-                }
-                "MessagingUser" => {
-                    let u: MessagingUser = typed(value, doc)?;
-                    u.validate()
-                        .map_err(|e| invalid(doc, &kind, &u.metadata.name, e))?;
-                    users.push((doc, u));
-                }
+                "AddressSpace" => spaces.push((doc, typed(value, doc)?)),
+                "Address" => addresses.push((doc, typed(value, doc)?)),
+                "MessagingUser" => users.push((doc, typed(value, doc)?)),
                 other => {
                     return Err(ConfigError::Parse {
                         doc,
@@ -218,7 +195,38 @@ impl Tenancy {
                 }
             }
         }
+        Self::from_resources(spaces, addresses, users)
+    }
+
+    /// Builds the tenancy from resources (each with the number of the
+    /// document it came from, for errors), as a config file or the control
+    /// plane gives them. The zero-config `default` space stays unless an
+    /// AddressSpace named `default` is given, whose spec then applies.
+    ///
+    /// # Errors
+    /// A resource is invalid or names a space that does not exist.
+    pub fn from_resources(
+        spaces: Vec<(usize, AddressSpace)>,
+        addresses: Vec<(usize, Address)>,
+        users: Vec<(usize, MessagingUser)>,
+    ) -> Result<Self, ConfigError> {
+        let mut t = Self::zero_config();
+        for (doc, s) in spaces {
+            s.validate()
+                .map_err(|e| invalid(doc, "AddressSpace", &s.metadata.name, e))?;
+            let anonymous = if s.spec.authentication.anonymous {
+                Anonymous::Allow
+            } else {
+                Anonymous::Deny
+            };
+            t.spaces.insert(
+                s.metadata.name.clone(),
+                Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses),
+            );
+        }
         for (doc, a) in addresses {
+            a.validate()
+                .map_err(|e| invalid(doc, "Address", &a.metadata.name, e))?;
             let space = t
                 .spaces
                 .get_mut(&a.spec.address_space)
@@ -231,6 +239,8 @@ impl Tenancy {
             }
         }
         for (doc, u) in users {
+            u.validate()
+                .map_err(|e| invalid(doc, "MessagingUser", &u.metadata.name, e))?;
             let space = t.spaces.get_mut(&u.spec.address_space).ok_or_else(|| {
                 no_space(
                     doc,
@@ -239,18 +249,29 @@ impl Tenancy {
                     &u.spec.address_space,
                 )
             })?;
-            let password = u.spec.password.as_deref().ok_or_else(|| {
-                invalid(
-                    doc,
-                    "MessagingUser",
-                    &u.metadata.name,
-                    ValidationError::Invalid("spec.password is required".into()),
-                )
-            })?;
+            let credentials = match (&u.spec.password, &u.spec.scram_sha256) {
+                (Some(p), _) => ScramCredentials::derive(p),
+                (None, Some(k)) => ScramCredentials::from_keys(k).ok_or_else(|| {
+                    invalid(
+                        doc,
+                        "MessagingUser",
+                        &u.metadata.name,
+                        ValidationError::Invalid("spec.scramSha256 does not decode".into()),
+                    )
+                })?,
+                (None, None) => {
+                    return Err(invalid(
+                        doc,
+                        "MessagingUser",
+                        &u.metadata.name,
+                        ValidationError::Invalid("spec.password is required".into()),
+                    ))
+                }
+            };
             space.users.insert(
                 u.spec.username.clone(),
                 User {
-                    credentials: ScramCredentials::derive(password),
+                    credentials,
                     rules: u.spec.authorization.clone(),
                 },
             );

@@ -19,3 +19,4 @@ pub mod config;
 pub mod pattern;
 pub mod resources;
 pub mod telemetry;
+pub mod watch;

@@ -126,6 +126,27 @@ pub struct MessagingUserSpec {
     pub password: Option<String>,
     #[serde(default)]
     pub authorization: Vec<AuthorizationRule>,
+    /// The password's SCRAM-SHA-256 keys, as the control plane stores them
+    /// and sends them to routers and brokers (never shown to API clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scram_sha256: Option<ScramKeys>,
+}
+
+/// SCRAM-SHA-256 keys (RFC 5802), base64: enough to check a password or a
+/// proof, not to recover the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScramKeys {
+    pub salt: String,
+    pub iterations: u32,
+    pub stored_key: String,
+    pub server_key: String,
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(<redacted>)")
+    }
 }
 
 fn default_space() -> String {

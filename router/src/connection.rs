@@ -187,6 +187,7 @@ impl ConnectionTask {
         let closing = self.shared.closing.clone();
         let mut eof = false;
         let mut peer_commands = self.mesh_peer.as_mut().and_then(|p| p.commands.take());
+        let mut tenancy = self.shared.tenancy_version.subscribe();
         self.peer_start();
         self.process_input(&mut rbuf);
         loop {
@@ -225,6 +226,7 @@ impl ConnectionTask {
                     }
                 },
                 Some(cmd) = recv_command(&mut peer_commands) => self.peer_command(cmd),
+                Ok(()) = tenancy.changed() => self.recheck(),
                 n = self.rx.recv_many(&mut evbuf, 512) => {
                     if n > 0 {
                         for ev in evbuf.drain(..) {
@@ -289,6 +291,76 @@ impl ConnectionTask {
         info!(conn.id = self.id.0, client.addr = %self.peer, error = ?e.condition, description = e.description.as_deref().unwrap_or(""), "closing connection: protocol error");
         self.closing = Some(CloseReason::ProtocolError);
         self.conn.close(Some(e));
+    }
+
+    /// The tenancy changed: the client must still exist and be allowed
+    /// in; each of its links must still name an address it may use, as
+    /// the same type. What no longer holds is closed or detached with the
+    /// reason.
+    fn recheck(&mut self) {
+        let Some(p) = self.principal.clone() else {
+            return;
+        };
+        let p = match self.shared.policy.recheck(&p, self.peer) {
+            Ok(p) => p,
+            Err(why) => {
+                info!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "closing connection: no longer authorized");
+                self.closing = Some(CloseReason::Unauthorized);
+                self.conn
+                    .close(Some(amqp_error(AmqpError::UnauthorizedAccess, why)));
+                return;
+            }
+        };
+        self.principal = Some(p.clone());
+        let mut gone: Vec<(LinkId, AmqpErrorBody)> = Vec::new();
+        for (link, inc) in &self.incoming {
+            if let IncomingTarget::Address(a) = &inc.target {
+                if a.address.starts_with(DYNAMIC_PREFIX) {
+                    continue;
+                }
+                if let Some(e) = self.still(&p, Operation::Send, a) {
+                    gone.push((*link, e));
+                }
+            }
+        }
+        for (link, out) in &self.outgoing {
+            if out.dynamic {
+                continue;
+            }
+            if let Some(e) = self.still(&p, Operation::Recv, &out.address) {
+                gone.push((*link, e));
+            }
+        }
+        for (link, e) in gone {
+            info!(
+                conn.id = self.id.0,
+                link = link.0,
+                reason = e.description.as_deref().unwrap_or(""),
+                "detaching link"
+            );
+            let unsettled = self.conn.detach(link, Some(e));
+            self.link_gone(link, unsettled);
+        }
+        self.route_recheck(&p);
+    }
+
+    /// Why a link to `a` for `op` may no longer stay, if so.
+    fn still(&self, p: &Principal, op: Operation, a: &AddressState) -> Option<AmqpErrorBody> {
+        match self.resolve(p, op, &a.address) {
+            Ok(kind) if kind == a.kind => None,
+            Ok(_) => Some(amqp_error(
+                AmqpError::NotFound,
+                format!("address {:?} changed type", a.address),
+            )),
+            Err(e) => Some(if e.condition == AmqpError::NotFound.into() {
+                amqp_error(
+                    AmqpError::NotFound,
+                    format!("address {:?} was deleted", a.address),
+                )
+            } else {
+                e
+            }),
+        }
     }
 
     /// Router shutdown, first step: senders get no more credit.

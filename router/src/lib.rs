@@ -68,6 +68,9 @@ pub struct RouterConfig {
     /// answers, the next on failure), no link state, no inter-router
     /// listener.
     pub edge: bool,
+    /// Follow the control plane: address spaces, addresses and users from
+    /// its watch stream replace `tenancy` as they change.
+    pub console: Option<flotilla_core::watch::ConsoleLink>,
 }
 
 impl Default for RouterConfig {
@@ -90,6 +93,7 @@ impl Default for RouterConfig {
             peers: Vec::new(),
             tls_ca: None,
             edge: false,
+            console: None,
         }
     }
 }
@@ -131,6 +135,9 @@ pub(crate) struct Shared {
     pub(crate) brokers: crate::mesh::Brokers,
     /// Every broker seen since start (placement keeps to this set).
     pub(crate) known_brokers: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Bumped when the tenancy changes: connections check their clients
+    /// and links again.
+    pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
 }
 
 /// A router whose listeners are bound.
@@ -260,6 +267,7 @@ impl Router {
             dynamic_seq: AtomicU64::new(0),
             brokers,
             known_brokers: Default::default(),
+            tenancy_version: tokio::sync::watch::Sender::new(0),
         });
         Ok(Router {
             shared,
@@ -293,6 +301,18 @@ impl Router {
         }
         if let Some(task) = self.mesh_task {
             shared.tracker.spawn(task.run(shared.closing.clone()));
+        }
+        if let Some(link) = shared.cfg.console.clone() {
+            let s = shared.clone();
+            let apply = move |t: flotilla_core::config::Tenancy| {
+                s.policy.replace(t);
+                s.tenancy_version.send_modify(|v| *v += 1);
+            };
+            shared.tracker.spawn(flotilla_core::watch::follow(
+                link,
+                apply,
+                shared.closing.clone(),
+            ));
         }
         if shared.cfg.edge {
             shared.tracker.spawn(server::keep_uplink(

@@ -208,6 +208,9 @@ pub(crate) struct RouteLink {
     /// The link faces the client (we were asked to route it), not the
     /// broker (we attached it onward).
     faces_client: bool,
+    /// A client's link: the address and what the client does with it, to
+    /// check again when the tenancy changes.
+    guard: Option<(String, flotilla_core::resources::Operation)>,
 }
 
 impl RouteLink {
@@ -221,6 +224,7 @@ impl RouteLink {
             draining: false,
             early_flow: None,
             faces_client: !answered,
+            guard: None,
         }
     }
 }
@@ -340,9 +344,15 @@ impl ConnectionTask {
         };
         let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
         debug!(conn.id = self.id.0, address = %info.address, broker = info.broker.as_deref().unwrap_or("?"), "routing link");
-        self.routes
-            .links
-            .insert(link, RouteLink::new(hop.clone(), None, false, base));
+        let mut r = RouteLink::new(hop.clone(), None, false, base);
+        if self.mesh_peer.is_none() {
+            let op = match attach.role {
+                Role::Receiver => flotilla_core::resources::Operation::Recv,
+                Role::Sender => flotilla_core::resources::Operation::Send,
+            };
+            r.guard = Some((info.address.clone(), op));
+        }
+        self.routes.links.insert(link, r);
         let req = RouteReq {
             attach,
             info,
@@ -650,6 +660,66 @@ impl ConnectionTask {
                 error,
             } => self.route_detached(link, closed, error),
             _ => {}
+        }
+    }
+
+    /// The tenancy changed: a client's routed link whose address is gone
+    /// (or no longer a broker's, or no longer allowed) is detached, and so
+    /// is its pair towards the broker.
+    pub(crate) fn route_recheck(&mut self, p: &crate::policy::Principal) {
+        let t = self.shared.policy.tenancy();
+        let space = t.spaces.get(&p.space);
+        let gone: Vec<(LinkId, String)> = self
+            .routes
+            .links
+            .iter()
+            .filter_map(|(link, r)| {
+                let (address, op) = r.guard.as_ref()?;
+                let why = if !p.may(*op, address) {
+                    format!("no longer allowed to use {address:?}")
+                } else {
+                    match space.and_then(|s| s.declaration(address)) {
+                        Some((k, _)) if !k.is_direct() => return None,
+                        // Undeclared, allowed by capability: still there.
+                        Some(_) if space.is_some_and(|s| s.declared_as(address).is_none()) => {
+                            return None
+                        }
+                        _ => format!("address {address:?} was deleted"),
+                    }
+                };
+                Some((*link, why))
+            })
+            .collect();
+        for (link, why) in gone {
+            info!(conn.id = self.id.0, link = link.0, reason = %why, "detaching routed link");
+            let Some(mut r) = self.routes.links.remove(&link) else {
+                continue;
+            };
+            match r.peer_link {
+                Some(pl) => {
+                    r.peer.send(ConnEvent::RouteDetach {
+                        link: pl,
+                        closed: false,
+                        error: None,
+                    });
+                }
+                // Its answer is still coming: detach the far side then.
+                None => {
+                    r.gone = true;
+                    r.guard = None;
+                    self.routes.links.insert(link, r);
+                    let e = amqp_error(AmqpError::NotFound, why);
+                    self.conn.refuse_attach(link, e);
+                    continue;
+                }
+            }
+            let e = amqp_error(AmqpError::NotFound, why);
+            if r.answered {
+                let tokens = self.conn.detach(link, Some(e));
+                self.release_tokens(tokens);
+            } else {
+                self.conn.refuse_attach(link, e);
+            }
         }
     }
 

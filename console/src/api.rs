@@ -1,0 +1,746 @@
+//! The REST API under `/api/v1` (DESIGN.md "Control plane"): address
+//! spaces, and per space its addresses and users, in the Kubernetes
+//! resource shape, with `resourceVersion` optimistic concurrency; and the
+//! watch stream routers and brokers follow.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flotilla_core::auth::ScramCredentials;
+use flotilla_core::resources::{
+    Address, AddressSpace, MessagingUser, ValidationError, API_VERSION,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::store::{Change, Expect, Store, StoreError};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    /// The admin token every API call must present.
+    pub token: Arc<String>,
+}
+
+/// An API error: a status code and a Kubernetes-style `Status` body.
+#[derive(Debug)]
+pub struct ApiError {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let (code, reason) = match &e {
+            StoreError::Exists(_) => (StatusCode::CONFLICT, "AlreadyExists"),
+            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+            StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
+            StoreError::Gone(_) => (StatusCode::GONE, "Expired"),
+            StoreError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+        };
+        ApiError::new(code, reason, e.to_string())
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::invalid(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "apiVersion": "v1",
+            "kind": "Status",
+            "status": "Failure",
+            "reason": self.reason,
+            "message": self.message,
+            "code": self.code.as_u16(),
+        });
+        (self.code, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The three kinds and where they live in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    AddressSpace,
+    Address,
+    MessagingUser,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::AddressSpace => "AddressSpace",
+            Kind::Address => "Address",
+            Kind::MessagingUser => "MessagingUser",
+        }
+    }
+
+    /// The store key of `name` (in `space`, for addresses and users).
+    fn key(self, space: &str, name: &str) -> String {
+        match self {
+            Kind::AddressSpace => format!("AddressSpace/{name}"),
+            _ => format!("{}/{space}/{name}", self.name()),
+        }
+    }
+
+    fn prefix(self, space: &str) -> String {
+        match self {
+            Kind::AddressSpace => "AddressSpace/".to_string(),
+            _ => format!("{}/{space}/", self.name()),
+        }
+    }
+}
+
+/// Builds the API's router over `state`.
+pub fn routes(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/addressspaces", get(list_spaces).post(create_space))
+        .route(
+            "/addressspaces/{space}",
+            get(get_space).put(put_space).delete(delete_space),
+        )
+        .route(
+            "/addressspaces/{space}/addresses",
+            get(list_addresses).post(create_address),
+        )
+        .route(
+            "/addressspaces/{space}/addresses/{name}",
+            get(get_address).put(put_address).delete(delete_address),
+        )
+        .route(
+            "/addressspaces/{space}/users",
+            get(list_users).post(create_user),
+        )
+        .route(
+            "/addressspaces/{space}/users/{name}",
+            get(get_user).put(put_user).delete(delete_user),
+        )
+        .route("/watch", get(watch))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state.clone());
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such path") })
+}
+
+/// Compares without leaking where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same(t.trim().as_bytes(), state.token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "the token is not the admin token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "send the admin token: Authorization: Bearer TOKEN",
+        )
+        .into_response(),
+    }
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    cont: Option<String>,
+}
+
+/// What API clients see of a stored object: no SCRAM keys.
+fn shown(mut v: Value) -> Value {
+    if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.remove("scramSha256");
+        spec.remove("password");
+    }
+    v
+}
+
+async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiResult<Json<Value>> {
+    if kind != Kind::AddressSpace {
+        require_space(&state, &space).await?;
+    }
+    let limit = q.limit.unwrap_or(usize::MAX).max(1);
+    let prefix = kind.prefix(&space);
+    let after = q.cont.map(|c| format!("{prefix}{c}"));
+    let store = state.store.clone();
+    let (rv, items) =
+        blocking(move || store.list(&prefix, after.as_deref(), limit.saturating_add(1))).await?;
+    let more = items.len() > limit;
+    let items: Vec<(String, Value)> = items.into_iter().take(limit).collect();
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if more {
+        if let Some(last) = items.last() {
+            metadata["continue"] = Value::String(
+                last.1["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+    }
+    Ok(Json(json!({
+        "apiVersion": API_VERSION,
+        "kind": format!("{}List", kind.name()),
+        "metadata": metadata,
+        "items": items.into_iter().map(|(_, v)| shown(v)).collect::<Vec<_>>(),
+    })))
+}
+
+async fn get_one(
+    state: AppState,
+    kind: Kind,
+    space: String,
+    name: String,
+) -> ApiResult<Json<Value>> {
+    let key = kind.key(&space, &name);
+    let store = state.store.clone();
+    let k = key.clone();
+    match blocking(move || store.get(&k)).await? {
+        Some(v) => Ok(Json(shown(v))),
+        None => Err(StoreError::NotFound(describe(kind, &space, &name)).into()),
+    }
+}
+
+fn describe(kind: Kind, space: &str, name: &str) -> String {
+    match kind {
+        Kind::AddressSpace => format!("address space {name:?}"),
+        Kind::Address => format!("address {name:?} in address space {space:?}"),
+        Kind::MessagingUser => format!("user {name:?} in address space {space:?}"),
+    }
+}
+
+async fn require_space(state: &AppState, space: &str) -> ApiResult<()> {
+    // The zero-config space (anonymous clients from loopback, undeclared
+    // addresses anycast) exists until an AddressSpace replaces it.
+    if space == flotilla_core::config::DEFAULT_SPACE {
+        return Ok(());
+    }
+    let store = state.store.clone();
+    let key = Kind::AddressSpace.key("", space);
+    match blocking(move || store.get(&key)).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("address space {space:?} not found"),
+        )),
+    }
+}
+
+/// Parses and checks a body as `kind`, filling what the path says; returns
+/// the object to store and the resource version it was read at, if given.
+fn checked(
+    kind: Kind,
+    space: &str,
+    name: Option<&str>,
+    mut body: Value,
+) -> ApiResult<(String, Value, Option<u64>)> {
+    if !body.is_object() {
+        return Err(ApiError::bad("the body must be a JSON object"));
+    }
+    if body.get("apiVersion").is_none() {
+        body["apiVersion"] = Value::String(API_VERSION.into());
+    }
+    if body.get("kind").is_none() {
+        body["kind"] = Value::String(kind.name().into());
+    }
+    if body["kind"] != kind.name() {
+        return Err(ApiError::bad(format!(
+            "kind must be {:?} here",
+            kind.name()
+        )));
+    }
+    if body.get("metadata").is_none() {
+        body["metadata"] = json!({});
+    }
+    match (name, body["metadata"]["name"].as_str()) {
+        (Some(n), Some(m)) if n != m => {
+            return Err(ApiError::bad(format!(
+                "metadata.name {m:?} differs from the name in the path {n:?}"
+            )))
+        }
+        (Some(n), None) => body["metadata"]["name"] = Value::String(n.into()),
+        (None, None) => return Err(ApiError::invalid("metadata.name is required")),
+        _ => {}
+    }
+    let rv = match &body["metadata"]["resourceVersion"] {
+        Value::Null => None,
+        Value::String(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| ApiError::bad("metadata.resourceVersion is not one this API gave"))?,
+        ),
+        _ => return Err(ApiError::bad("metadata.resourceVersion must be a string")),
+    };
+    if let Some(m) = body["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("creationTimestamp");
+    }
+    body.as_object_mut().map(|o| o.remove("status"));
+    if kind != Kind::AddressSpace {
+        if body.get("spec").is_none() {
+            return Err(ApiError::invalid("spec is required"));
+        }
+        match body["spec"]["addressSpace"].as_str() {
+            Some(s) if s != space => {
+                return Err(ApiError::bad(format!(
+                    "spec.addressSpace {s:?} differs from the space in the path {space:?}"
+                )))
+            }
+            _ => body["spec"]["addressSpace"] = Value::String(space.into()),
+        }
+    } else if body.get("spec").is_none() {
+        body["spec"] = json!({});
+    }
+    // The typed resource checks field names, types and values.
+    let typed_err = |e: serde_json::Error| ApiError::invalid(format!("{}: {e}", kind.name()));
+    let name = body["metadata"]["name"].as_str().unwrap_or("").to_string();
+    match kind {
+        Kind::AddressSpace => {
+            let s: AddressSpace = serde_json::from_value(body.clone()).map_err(typed_err)?;
+            s.validate()?;
+        }
+        Kind::Address => {
+            let a: Address = serde_json::from_value(body.clone()).map_err(typed_err)?;
+            a.validate()?;
+        }
+        Kind::MessagingUser => {
+            if body["spec"].get("scramSha256").is_some() {
+                return Err(ApiError::invalid(
+                    "spec.scramSha256 is set by the console; send spec.password",
+                ));
+            }
+            let u: MessagingUser = serde_json::from_value(body.clone()).map_err(typed_err)?;
+            u.validate()?;
+        }
+    }
+    body["status"] = json!({
+        "phase": "Active",
+        "conditions": [{
+            "type": "Ready",
+            "status": "True",
+            "reason": "Accepted",
+            "message": "stored; routers and brokers that follow the console apply it",
+        }],
+    });
+    Ok((name, body, rv))
+}
+
+/// Turns a user's password into SCRAM keys; keeps the old keys when a
+/// replacement gives no password.
+fn with_keys(mut body: Value, old: Option<&Value>) -> ApiResult<Value> {
+    let keys = match body["spec"]["password"].as_str() {
+        Some("") => return Err(ApiError::invalid("spec.password must not be empty")),
+        Some(p) => serde_json::to_value(ScramCredentials::derive(p).to_keys())
+            .map_err(|e| ApiError::invalid(e.to_string()))?,
+        None => match old.map(|o| o["spec"]["scramSha256"].clone()) {
+            Some(k) if !k.is_null() => k,
+            _ => {
+                return Err(ApiError::invalid(
+                    "spec.password is required for a new user",
+                ))
+            }
+        },
+    };
+    if let Some(spec) = body["spec"].as_object_mut() {
+        spec.remove("password");
+        spec.insert("scramSha256".into(), keys);
+    }
+    Ok(body)
+}
+
+async fn write(
+    state: AppState,
+    kind: Kind,
+    space: String,
+    name: Option<String>,
+    body: Value,
+    create: bool,
+) -> ApiResult<Response> {
+    let (existed, stored) = store_object(&state, kind, space, name, body, create).await?;
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(shown(stored))).into_response())
+}
+
+/// Applies one resource given in the Kubernetes shape (as in a config
+/// file): created, or replaced if it exists.
+///
+/// # Errors
+/// As the API would answer it.
+pub async fn apply(state: &AppState, body: Value) -> Result<Value, ApiError> {
+    let kind = match body["kind"].as_str() {
+        Some("AddressSpace") => Kind::AddressSpace,
+        Some("Address") => Kind::Address,
+        Some("MessagingUser") => Kind::MessagingUser,
+        other => return Err(ApiError::bad(format!("unknown kind {other:?}"))),
+    };
+    let space = match kind {
+        Kind::AddressSpace => String::new(),
+        _ => body["spec"]["addressSpace"]
+            .as_str()
+            .unwrap_or(flotilla_core::config::DEFAULT_SPACE)
+            .to_string(),
+    };
+    Ok(store_object(state, kind, space, None, body, false).await?.1)
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// Validates and stores an object; says whether it replaced one.
+async fn store_object(
+    state: &AppState,
+    kind: Kind,
+    space: String,
+    name: Option<String>,
+    body: Value,
+    create: bool,
+) -> ApiResult<(bool, Value)> {
+    if kind != Kind::AddressSpace {
+        require_space(state, &space).await?;
+    }
+    let (name, mut object, rv) = checked(kind, &space, name.as_deref(), body)?;
+    let key = kind.key(&space, &name);
+    if kind == Kind::MessagingUser {
+        let store = state.store.clone();
+        let k = key.clone();
+        let old = if create {
+            None
+        } else {
+            blocking(move || store.get(&k)).await?
+        };
+        let password = object["spec"]["password"].is_string();
+        object = if password {
+            // Deriving keys is deliberately slow: off the async threads.
+            tokio::task::spawn_blocking(move || with_keys(object, None))
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "InternalError",
+                        e.to_string(),
+                    )
+                })??
+        } else {
+            with_keys(object, old.as_ref())?
+        };
+    }
+    let expect = if create {
+        Expect::Absent
+    } else {
+        Expect::Any(rv)
+    };
+    let store = state.store.clone();
+    let k = key.clone();
+    let existed = if create {
+        false
+    } else {
+        let store = state.store.clone();
+        blocking(move || store.get(&k).map(|o| o.is_some())).await?
+    };
+    let stored = blocking(move || store.put(&key, object, expect))
+        .await
+        .map_err(|e| match e.code {
+            StatusCode::CONFLICT if e.reason == "AlreadyExists" => ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{} already exists", describe(kind, &space, &name)),
+            ),
+            _ => e,
+        })?;
+    Ok((existed, stored))
+}
+
+async fn remove(
+    state: AppState,
+    kind: Kind,
+    space: String,
+    name: String,
+) -> ApiResult<Json<Value>> {
+    let mut keys = vec![kind.key(&space, &name)];
+    if kind == Kind::AddressSpace {
+        // A space takes its addresses and users with it.
+        let store = state.store.clone();
+        let (a, u) = (
+            Kind::Address.prefix(&name),
+            Kind::MessagingUser.prefix(&name),
+        );
+        let owned = blocking(move || {
+            let (_, mut x) = store.list(&a, None, usize::MAX)?;
+            let (_, y) = store.list(&u, None, usize::MAX)?;
+            x.extend(y);
+            Ok(x)
+        })
+        .await?;
+        keys.extend(owned.into_iter().map(|(k, _)| k));
+    }
+    let store = state.store.clone();
+    let gone = blocking(move || store.delete(&keys))
+        .await
+        .map_err(|e| match e.code {
+            StatusCode::NOT_FOUND => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{} not found", describe(kind, &space, &name)),
+            ),
+            _ => e,
+        })?;
+    Ok(Json(shown(gone)))
+}
+
+async fn list_spaces(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    list(s, Kind::AddressSpace, String::new(), q).await
+}
+async fn create_space(State(s): State<AppState>, Json(b): Json<Value>) -> ApiResult<Response> {
+    write(s, Kind::AddressSpace, String::new(), None, b, true).await
+}
+async fn get_space(State(s): State<AppState>, Path(space): Path<String>) -> ApiResult<Json<Value>> {
+    get_one(s, Kind::AddressSpace, String::new(), space).await
+}
+async fn put_space(
+    State(s): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<Value>,
+) -> ApiResult<Response> {
+    write(s, Kind::AddressSpace, String::new(), Some(space), b, false).await
+}
+async fn delete_space(
+    State(s): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Json<Value>> {
+    remove(s, Kind::AddressSpace, String::new(), space).await
+}
+async fn list_addresses(
+    State(s): State<AppState>,
+    Path(space): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    list(s, Kind::Address, space, q).await
+}
+async fn create_address(
+    State(s): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<Value>,
+) -> ApiResult<Response> {
+    write(s, Kind::Address, space, None, b, true).await
+}
+async fn get_address(
+    State(s): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    get_one(s, Kind::Address, space, name).await
+}
+async fn put_address(
+    State(s): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+    Json(b): Json<Value>,
+) -> ApiResult<Response> {
+    write(s, Kind::Address, space, Some(name), b, false).await
+}
+async fn delete_address(
+    State(s): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    remove(s, Kind::Address, space, name).await
+}
+async fn list_users(
+    State(s): State<AppState>,
+    Path(space): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    list(s, Kind::MessagingUser, space, q).await
+}
+async fn create_user(
+    State(s): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<Value>,
+) -> ApiResult<Response> {
+    write(s, Kind::MessagingUser, space, None, b, true).await
+}
+async fn get_user(
+    State(s): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    get_one(s, Kind::MessagingUser, space, name).await
+}
+async fn put_user(
+    State(s): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+    Json(b): Json<Value>,
+) -> ApiResult<Response> {
+    write(s, Kind::MessagingUser, space, Some(name), b, false).await
+}
+async fn delete_user(
+    State(s): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    remove(s, Kind::MessagingUser, space, name).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WatchQuery {
+    resource_version: Option<String>,
+}
+
+/// How often an idle watch says it is alive (and where it is).
+const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
+
+/// `GET /api/v1/watch`: NDJSON, one change a line. Without a
+/// `resourceVersion` (or with `0`) it starts with every object as `ADDED`;
+/// with one, it replays the changes after it (410 if the log no longer
+/// reaches back). Then it follows changes as they happen; `BOOKMARK` lines
+/// carry the current resource version while nothing changes.
+async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> ApiResult<Response> {
+    let from = match q.resource_version.as_deref() {
+        None | Some("") => 0,
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad("resourceVersion is not one this API gave"))?,
+    };
+    // Subscribe before reading history, so nothing falls in between.
+    let mut live = state.store.subscribe();
+    let store = state.store.clone();
+    let (mut last, first): (u64, Vec<String>) = blocking(move || {
+        if from == 0 {
+            let (rv, objects) = store.list("", None, usize::MAX)?;
+            let lines = objects
+                .into_iter()
+                .map(|(_, o)| {
+                    Change {
+                        rv,
+                        kind: "ADDED",
+                        object: o,
+                    }
+                    .to_line()
+                })
+                .collect();
+            Ok((rv, lines))
+        } else {
+            let (rv, changes) = store.changes_since(from)?;
+            Ok((rv.max(from), changes.iter().map(Change::to_line).collect()))
+        }
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+    tokio::spawn(async move {
+        for line in first {
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+        let mut bookmark = tokio::time::interval(BOOKMARK_EVERY);
+        bookmark.tick().await;
+        loop {
+            let line = tokio::select! {
+                _ = tx.closed() => return,
+                _ = bookmark.tick() => json!({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": last.to_string()}}}).to_string() + "\n",
+                c = live.recv() => match c {
+                    Ok(c) if c.rv <= last => continue,
+                    Ok(c) => {
+                        last = c.rv;
+                        c.to_line()
+                    }
+                    // Too far behind: end, and the client resumes from
+                    // the last version it saw.
+                    Err(_) => return,
+                },
+            };
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+            )
+        })
+}

@@ -1,0 +1,167 @@
+//! flotilla-console: the control plane (DESIGN.md "Control plane"). A REST
+//! API under `/api/v1` for address spaces, addresses and users in the
+//! Kubernetes resource shape, kept in an embedded store in the data
+//! directory, and a watch stream (`/api/v1/watch`, NDJSON) that routers
+//! and brokers started with `--console URL` follow.
+//!
+//! Every API call needs the admin token (`Authorization: Bearer TOKEN`).
+//! On first start the console makes one and writes it to
+//! `DATA_DIR/admin-token` (readable only by its owner); the token itself is
+//! never logged.
+//!
+//! # Layout
+//!
+//! - [`store`]: the resources and the change log (redb).
+//! - [`api`]: the HTTP handlers and the watch stream.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Everything the console needs to start.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("data directory {dir}: {source}")]
+    DataDir { dir: String, source: std::io::Error },
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+}
+
+/// The admin token in `dir/admin-token`, made on first start.
+///
+/// # Errors
+/// The file cannot be read or written.
+pub fn admin_token(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    use rand::RngCore as _;
+    let mut b = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut b);
+    let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    use std::io::Write as _;
+    opts.open(&path)?.write_all(token.as_bytes())?;
+    info!(file = %path.display(), "made the admin token");
+    Ok(token)
+}
+
+/// A console ready to serve.
+pub struct Console {
+    listener: tokio::net::TcpListener,
+    pub local_addr: SocketAddr,
+    app: axum::Router,
+    state: api::AppState,
+    pub token_file: PathBuf,
+}
+
+impl Console {
+    /// Opens the store, makes the token if needed, binds.
+    ///
+    /// # Errors
+    /// The data directory or store cannot be opened, or the port bound.
+    pub async fn bind(cfg: ConsoleConfig) -> Result<Console, ConsoleError> {
+        let dir_err = |source| ConsoleError::DataDir {
+            dir: cfg.data_dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
+        let token = admin_token(&cfg.data_dir).map_err(dir_err)?;
+        let db = cfg.data_dir.join("store.redb");
+        let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
+            .await
+            .map_err(|e| ConsoleError::Store(store::StoreError::Db(e.to_string())))??;
+        let state = api::AppState {
+            store,
+            token: Arc::new(token),
+        };
+        let app = api::routes(state.clone());
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ConsoleError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ConsoleError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        Ok(Console {
+            listener,
+            local_addr,
+            app,
+            state,
+            token_file: cfg.data_dir.join("admin-token"),
+        })
+    }
+
+    /// Applies the resources of a config file (YAML, one or more
+    /// documents): each is created, or replaced if it exists. Returns how
+    /// many.
+    ///
+    /// # Errors
+    /// A document does not parse or a resource is refused.
+    pub async fn apply_yaml(&self, text: &str) -> Result<usize, String> {
+        use serde::Deserialize as _;
+        let mut n = 0;
+        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let v = serde_json::Value::deserialize(de)
+                .map_err(|e| format!("document {}: {e}", i + 1))?;
+            if v.is_null() {
+                continue;
+            }
+            api::apply(&self.state, v)
+                .await
+                .map_err(|e| format!("document {}: {e}", i + 1))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        info!(proto = "http", addr = %self.local_addr, "listening");
+        let _ = axum::serve(self.listener, self.app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        info!("stopped");
+    }
+}
+
+/// Binds and serves: the entry point the `flotilla` binary calls.
+///
+/// # Errors
+/// See [`Console::bind`].
+pub async fn run(cfg: ConsoleConfig, shutdown: CancellationToken) -> Result<(), ConsoleError> {
+    Console::bind(cfg).await?.serve(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! Following the control plane (DESIGN.md "Control plane"): a router or
+//! broker started with `--console URL` reads the console's watch stream
+//! (`GET /api/v1/watch`, NDJSON) and rebuilds its tenancy after every batch
+//! of changes. It resumes from the last resource version it saw when the
+//! stream breaks, starts over when the console says that version is gone
+//! (410), and keeps serving its last known tenancy while the console is
+//! away.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::header::{AUTHORIZATION, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Tenancy;
+use crate::resources::{Address, AddressSpace, MessagingUser};
+
+/// Where the console is and how to prove we may read it.
+#[derive(Clone)]
+pub struct ConsoleLink {
+    /// `http://HOST:PORT`.
+    pub url: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for ConsoleLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConsoleLink({}, token <redacted>)", self.url)
+    }
+}
+
+/// Why one watch ended.
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error("{0}")]
+    Io(String),
+    #[error("the console answered {0}")]
+    Status(StatusCode),
+    #[error("the console no longer has our resource version")]
+    Gone,
+}
+
+/// What the watch has seen: every object by kind/space/name.
+#[derive(Default)]
+struct Seen {
+    rv: u64,
+    objects: BTreeMap<String, Value>,
+}
+
+impl Seen {
+    /// Applies one line; true if the objects changed.
+    fn line(&mut self, line: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return false;
+        };
+        let o = &v["object"];
+        if let Some(rv) = o["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            self.rv = self.rv.max(rv);
+        }
+        let kind = o["kind"].as_str().unwrap_or("");
+        let name = o["metadata"]["name"].as_str().unwrap_or("");
+        let space = o["spec"]["addressSpace"].as_str().unwrap_or("");
+        let key = format!("{kind}/{space}/{name}");
+        match v["type"].as_str() {
+            Some("ADDED" | "MODIFIED") => {
+                self.objects.insert(key, o.clone());
+                true
+            }
+            Some("DELETED") => self.objects.remove(&key).is_some(),
+            _ => false,
+        }
+    }
+
+    /// The tenancy the objects describe. Objects that do not parse, and
+    /// addresses and users of spaces not (yet) seen, are left out.
+    fn tenancy(&self) -> Tenancy {
+        let mut spaces = Vec::new();
+        let mut addresses = Vec::new();
+        let mut users = Vec::new();
+        for (i, o) in self.objects.values().enumerate() {
+            match o["kind"].as_str() {
+                Some("AddressSpace") => {
+                    if let Ok(s) = serde_json::from_value::<AddressSpace>(o.clone()) {
+                        spaces.push((i, s));
+                    }
+                }
+                Some("Address") => {
+                    if let Ok(a) = serde_json::from_value::<Address>(o.clone()) {
+                        addresses.push((i, a));
+                    }
+                }
+                Some("MessagingUser") => {
+                    if let Ok(u) = serde_json::from_value::<MessagingUser>(o.clone()) {
+                        users.push((i, u));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let known: std::collections::HashSet<String> = spaces
+            .iter()
+            .map(|(_, s)| s.metadata.name.clone())
+            .chain(std::iter::once(crate::config::DEFAULT_SPACE.to_string()))
+            .collect();
+        addresses.retain(|(_, a)| known.contains(&a.spec.address_space) && a.validate().is_ok());
+        users.retain(|(_, u)| known.contains(&u.spec.address_space) && u.validate().is_ok());
+        spaces.retain(|(_, s)| s.validate().is_ok());
+        Tenancy::from_resources(spaces, addresses, users).unwrap_or_else(|e| {
+            warn!(error = %e, "the console's resources do not make a tenancy; serving the default space only");
+            Tenancy::zero_config()
+        })
+    }
+}
+
+/// Follows the console until `shutdown`, calling `apply` with the new
+/// tenancy after every batch of changes.
+pub async fn follow(
+    link: ConsoleLink,
+    mut apply: impl FnMut(Tenancy) + Send,
+    shutdown: CancellationToken,
+) {
+    let mut seen = Seen::default();
+    let mut backoff = Duration::from_millis(100);
+    let mut connected_once = false;
+    loop {
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = watch_once(&link, &mut seen, &mut apply, &mut connected_once) => r,
+        };
+        match r {
+            Err(WatchError::Gone) => {
+                info!("console: our resource version is gone; reading everything again");
+                seen = Seen::default();
+                continue;
+            }
+            Err(e) => {
+                debug!(error = %e, "console watch ended; keeping the last configuration");
+            }
+            Ok(()) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn watch_once(
+    link: &ConsoleLink,
+    seen: &mut Seen,
+    apply: &mut (impl FnMut(Tenancy) + Send),
+    connected_once: &mut bool,
+) -> Result<(), WatchError> {
+    let authority = link
+        .url
+        .strip_prefix("http://")
+        .unwrap_or(&link.url)
+        .trim_end_matches('/')
+        .to_string();
+    let io = |e: &dyn std::fmt::Display| WatchError::Io(e.to_string());
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| io(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| io(&e))?;
+    tokio::spawn(conn);
+    let req = Request::get(format!("/api/v1/watch?resourceVersion={}", seen.rv))
+        .header(HOST, &authority)
+        .header(AUTHORIZATION, format!("Bearer {}", link.token))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| io(&e))?;
+    let mut res = sender.send_request(req).await.map_err(|e| io(&e))?;
+    match res.status() {
+        StatusCode::OK => {}
+        StatusCode::GONE => return Err(WatchError::Gone),
+        s => {
+            if s == StatusCode::UNAUTHORIZED {
+                warn!(console = %link.url, "the console refused our token");
+            }
+            return Err(WatchError::Status(s));
+        }
+    }
+    if !*connected_once {
+        info!(console = %link.url, "following the console");
+        *connected_once = true;
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = res.body_mut().frame().await {
+        let frame = frame.map_err(|e| io(&e))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        let mut changed = false;
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            changed |= seen.line(&line);
+        }
+        if changed {
+            debug!(
+                objects = seen.objects.len(),
+                rv = seen.rv,
+                "console changes applied"
+            );
+            apply(seen.tenancy());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_build_the_tenancy_and_orphans_are_left_out() {
+        let mut s = Seen::default();
+        let add = |o: Value| format!("{}\n", serde_json::json!({"type": "ADDED", "object": o}));
+        assert!(s.line(
+            add(serde_json::json!({
+                "apiVersion": "flotilla.dev/v1", "kind": "AddressSpace",
+                "metadata": {"name": "t", "resourceVersion": "1"}, "spec": {}
+            }))
+            .as_bytes()
+        ));
+        assert!(s.line(
+            add(serde_json::json!({
+                "apiVersion": "flotilla.dev/v1", "kind": "Address",
+                "metadata": {"name": "q", "resourceVersion": "2"},
+                "spec": {"addressSpace": "t", "address": "orders", "type": "queue"}
+            }))
+            .as_bytes()
+        ));
+        assert!(s.line(
+            add(serde_json::json!({
+                "apiVersion": "flotilla.dev/v1", "kind": "Address",
+                "metadata": {"name": "q", "resourceVersion": "3"},
+                "spec": {"addressSpace": "gone", "address": "orders", "type": "queue"}
+            }))
+            .as_bytes()
+        ));
+        assert!(!s.line(
+            b"{\"type\":\"BOOKMARK\",\"object\":{\"metadata\":{\"resourceVersion\":\"9\"}}}\n"
+        ));
+        assert!(!s.line(b"not json\n"));
+        assert_eq!(s.rv, 9);
+        let t = s.tenancy();
+        assert_eq!(
+            t.spaces["t"].lookup("orders"),
+            Some(crate::resources::AddressType::Queue)
+        );
+        assert!(!t.spaces.contains_key("gone"));
+        assert!(s.line(
+            format!(
+                "{}\n",
+                serde_json::json!({"type": "DELETED", "object": {
+                    "kind": "Address", "metadata": {"name": "q", "resourceVersion": "10"},
+                    "spec": {"addressSpace": "t"}
+                }})
+            )
+            .as_bytes()
+        ));
+        assert_eq!(s.tenancy().spaces["t"].lookup("orders"), None);
+    }
+}
