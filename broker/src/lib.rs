@@ -240,7 +240,38 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
             ensure_subscription_addresses(&t, &q);
             p.replace(t);
         };
-        tracker.spawn(flotilla_core::watch::follow(link, apply, shutdown.clone()));
+        tracker.spawn(flotilla_core::watch::follow(
+            link.clone(),
+            apply,
+            shutdown.clone(),
+        ));
+        let (q1, q2, id) = (queues.clone(), queues.clone(), cfg.container_id.clone());
+        let state = move || {
+            let (q, id) = (q1.clone(), id.clone());
+            async move {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let _ = q.send(queues::BrokerEvent::Report { reply: tx });
+                let mut v = rx.await.unwrap_or_default();
+                v["component"] = "broker".into();
+                v["id"] = id.into();
+                v
+            }
+        };
+        let command = move |c: serde_json::Value| {
+            if let (Some(space), Some(address)) =
+                (c["purge"]["space"].as_str(), c["purge"]["address"].as_str())
+            {
+                let _ = q2.send(queues::BrokerEvent::PurgeNow {
+                    queue: store::queue_key(space, address),
+                });
+            }
+        };
+        tracker.spawn(flotilla_core::watch::report_every_second(
+            link,
+            state,
+            command,
+            shutdown.clone(),
+        ));
     }
     if let Some(router) = cfg.router.clone() {
         let link = RouterLink {

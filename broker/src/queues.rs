@@ -176,6 +176,14 @@ pub enum BrokerEvent {
         tx: mpsc::UnboundedSender<ToConn>,
         link: LinkId,
     },
+    /// The state of every queue, for the console.
+    Report {
+        reply: tokio::sync::oneshot::Sender<serde_json::Value>,
+    },
+    /// Removes every message waiting in `queue` (a console command).
+    PurgeNow {
+        queue: String,
+    },
 }
 
 struct Consumer {
@@ -648,6 +656,14 @@ impl QueueTask {
                     queue,
                     count,
                 });
+                Vec::new()
+            }
+            BrokerEvent::Report { reply } => {
+                let _ = reply.send(self.stat());
+                Vec::new()
+            }
+            BrokerEvent::PurgeNow { queue } => {
+                self.purge(&queue);
                 Vec::new()
             }
             BrokerEvent::Stat { tx, link } => {

@@ -28,6 +28,41 @@ pub struct AppState {
     pub store: Store,
     /// The admin token every API call must present.
     pub token: Arc<String>,
+    /// What routers and brokers last reported, and commands for them.
+    pub live: Arc<std::sync::Mutex<Live>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, token: String) -> Self {
+        AppState {
+            store,
+            token: Arc::new(token),
+            live: Arc::default(),
+        }
+    }
+}
+
+/// Live state: each component's last report (kept while fresh) and the
+/// commands waiting for it.
+#[derive(Default)]
+pub struct Live {
+    reports: std::collections::HashMap<String, (std::time::Instant, Value)>,
+    commands: std::collections::HashMap<String, Vec<Value>>,
+}
+
+/// A report older than this is from a component that went away.
+const FRESH: Duration = Duration::from_secs(5);
+
+impl Live {
+    fn fresh(&self, component: &str) -> impl Iterator<Item = (&String, &Value)> {
+        let component = component.to_string();
+        self.reports
+            .iter()
+            .filter(move |(_, (at, v))| {
+                at.elapsed() < FRESH && v["component"] == component.as_str()
+            })
+            .map(|(id, (_, v))| (id, v))
+    }
 }
 
 /// An API error: a status code and a Kubernetes-style `Status` body.
@@ -149,6 +184,17 @@ pub fn routes(state: AppState) -> Router {
             get(get_user).put(put_user).delete(delete_user),
         )
         .route("/watch", get(watch))
+        .route("/reports", axum::routing::post(report))
+        .route("/addressspaces/{space}/connections", get(connections))
+        .route(
+            "/addressspaces/{space}/connections/{router}/{id}/close",
+            axum::routing::post(close_connection),
+        )
+        .route("/addressspaces/{space}/metrics", get(metrics))
+        .route(
+            "/addressspaces/{space}/addresses/{name}/purge",
+            axum::routing::post(purge),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -156,9 +202,26 @@ pub fn routes(state: AppState) -> Router {
         .with_state(state.clone());
     Router::new()
         .nest("/api/v1", api)
+        .route(
+            "/",
+            get(|| async { ui("text/html; charset=utf-8", include_str!("ui/index.html")) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { ui("text/javascript; charset=utf-8", include_str!("ui/app.js")) }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { ui("text/css; charset=utf-8", include_str!("ui/style.css")) }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such path") })
+}
+
+/// A file of the web console (built into the binary; no build step).
+fn ui(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// Compares without leaking where the first difference is.
@@ -214,6 +277,8 @@ struct ListQuery {
     limit: Option<usize>,
     #[serde(rename = "continue")]
     cont: Option<String>,
+    /// Only objects whose name or address contains this.
+    filter: Option<String>,
 }
 
 /// What API clients see of a stored object: no SCRAM keys.
@@ -233,8 +298,21 @@ async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiRe
     let prefix = kind.prefix(&space);
     let after = q.cont.map(|c| format!("{prefix}{c}"));
     let store = state.store.clone();
-    let (rv, items) =
-        blocking(move || store.list(&prefix, after.as_deref(), limit.saturating_add(1))).await?;
+    let filter = q.filter.filter(|f| !f.is_empty());
+    let (rv, items) = blocking(move || {
+        store.list_where(&prefix, after.as_deref(), limit.saturating_add(1), |v| {
+            filter.as_deref().is_none_or(|f| {
+                [
+                    &v["metadata"]["name"],
+                    &v["spec"]["address"],
+                    &v["spec"]["username"],
+                ]
+                .iter()
+                .any(|s| s.as_str().is_some_and(|s| s.contains(f)))
+            })
+        })
+    })
+    .await?;
     let more = items.len() > limit;
     let items: Vec<(String, Value)> = items.into_iter().take(limit).collect();
     let mut metadata = json!({"resourceVersion": rv.to_string()});
@@ -743,4 +821,148 @@ async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> Ap
                 e.to_string(),
             )
         })
+}
+
+/// `POST /api/v1/reports`: a router's or broker's live state; the answer
+/// carries the commands waiting for it.
+async fn report(State(state): State<AppState>, Json(body): Json<Value>) -> ApiResult<Json<Value>> {
+    let id = match (body["component"].as_str(), body["id"].as_str()) {
+        (Some(c @ ("router" | "broker")), Some(id)) => format!("{c}/{id}"),
+        _ => {
+            return Err(ApiError::bad(
+                "a report names its component (router or broker) and id",
+            ))
+        }
+    };
+    let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    live.reports
+        .insert(id.clone(), (std::time::Instant::now(), body));
+    let commands = live.commands.remove(&id).unwrap_or_default();
+    Ok(Json(json!({ "commands": commands })))
+}
+
+/// `GET …/connections`: the space's client connections on every router.
+async fn connections(
+    State(state): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_space(&state, &space).await?;
+    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let mut items = Vec::new();
+    for (id, r) in live.fresh("router") {
+        let router = id.trim_start_matches("router/");
+        for c in r["connections"].as_array().into_iter().flatten() {
+            if c["space"] == space.as_str() {
+                let mut c = c.clone();
+                c["router"] = router.into();
+                items.push(c);
+            }
+        }
+    }
+    Ok(Json(json!({"kind": "ConnectionList", "items": items})))
+}
+
+/// `POST …/connections/{router}/{id}/close`: the router closes it at its
+/// next report (within a second or so).
+async fn close_connection(
+    State(state): State<AppState>,
+    Path((space, router, id)): Path<(String, String, u64)>,
+) -> ApiResult<Response> {
+    let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let key = format!("router/{router}");
+    let known = live.fresh("router").any(|(k, r)| {
+        *k == key
+            && r["connections"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["id"] == id && c["space"] == space.as_str())
+            })
+    });
+    if !known {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no connection {id} on router {router:?} in address space {space:?}"),
+        ));
+    }
+    live.commands
+        .entry(key)
+        .or_default()
+        .push(json!({"closeConnection": id}));
+    Ok((StatusCode::ACCEPTED, Json(json!({"status": "closing"}))).into_response())
+}
+
+/// `GET …/metrics`: per address, what routers and brokers report:
+/// senders, receivers, messages delivered and per second, messages stored.
+async fn metrics(
+    State(state): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_space(&state, &space).await?;
+    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let mut by: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+    let add = |v: &mut Value, k: &str, n: &Value| {
+        let sum = v[k].as_u64().unwrap_or(0) + n.as_u64().unwrap_or(0);
+        v[k] = sum.into();
+    };
+    for (_, r) in live.fresh("router") {
+        for a in r["addresses"].as_array().into_iter().flatten() {
+            if a["space"] != space.as_str() {
+                continue;
+            }
+            let name = a["address"].as_str().unwrap_or("").to_string();
+            let v = by
+                .entry(name.clone())
+                .or_insert_with(|| json!({"address": name}));
+            for k in ["senders", "receivers", "delivered", "rate"] {
+                add(v, k, &a[k]);
+            }
+        }
+    }
+    for (_, r) in live.fresh("broker") {
+        for q in r["queues"].as_array().into_iter().flatten() {
+            if q["space"] != space.as_str() {
+                continue;
+            }
+            let name = q["address"].as_str().unwrap_or("").to_string();
+            let v = by
+                .entry(name.clone())
+                .or_insert_with(|| json!({"address": name}));
+            add(v, "stored", &q["depth"]);
+            add(v, "consumers", &q["consumers"]);
+            add(v, "storedRate", &q["inRate"]);
+        }
+    }
+    Ok(Json(
+        json!({"kind": "MetricsList", "items": by.into_values().collect::<Vec<_>>()}),
+    ))
+}
+
+/// `POST …/addresses/{name}/purge`: every broker drops the messages the
+/// address holds (at its next report).
+async fn purge(
+    State(state): State<AppState>,
+    Path((space, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let store = state.store.clone();
+    let key = Kind::Address.key(&space, &name);
+    let Some(a) = blocking(move || store.get(&key)).await? else {
+        return Err(StoreError::NotFound(describe(Kind::Address, &space, &name)).into());
+    };
+    let address = a["spec"]["address"].as_str().unwrap_or("").to_string();
+    let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let brokers: Vec<String> = live.fresh("broker").map(|(k, _)| k.clone()).collect();
+    if brokers.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "no broker reports to this console",
+        ));
+    }
+    for b in brokers {
+        live.commands
+            .entry(b)
+            .or_default()
+            .push(json!({"purge": {"space": space, "address": address}}));
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"status": "purging"}))).into_response())
 }

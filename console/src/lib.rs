@@ -21,7 +21,6 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -100,10 +99,7 @@ impl Console {
         let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
             .await
             .map_err(|e| ConsoleError::Store(store::StoreError::Db(e.to_string())))??;
-        let state = api::AppState {
-            store,
-            token: Arc::new(token),
-        };
+        let state = api::AppState::new(store, token);
         let app = api::routes(state.clone());
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await

@@ -190,6 +190,20 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(u64, Vec<(String, Value)>), StoreError> {
+        self.list_where(prefix, after, limit, |_| true)
+    }
+
+    /// [`Store::list`] of the objects `keep` accepts.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn list_where(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Result<(u64, Vec<(String, Value)>), StoreError> {
         let tx = self.db.begin_read()?;
         let rv = tx.open_table(META)?.get(RV)?.map_or(0, |g| g.value());
         let t = tx.open_table(OBJECTS)?;
@@ -207,7 +221,10 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            out.push((k.to_string(), serde_json::from_slice(v.value())?));
+            let v: Value = serde_json::from_slice(v.value())?;
+            if keep(&v) {
+                out.push((k.to_string(), v));
+            }
         }
         Ok((rv, out))
     }

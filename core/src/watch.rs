@@ -220,6 +220,74 @@ async fn watch_once(
     Ok(())
 }
 
+/// Sends the console this component's live state (`POST
+/// /api/v1/reports`); returns the commands the console has for it (a JSON
+/// array: close a connection, purge a queue).
+///
+/// # Errors
+/// The console cannot be reached or refused the report.
+pub async fn report(link: &ConsoleLink, body: Vec<u8>) -> Result<Vec<Value>, String> {
+    let authority = link
+        .url
+        .strip_prefix("http://")
+        .unwrap_or(&link.url)
+        .trim_end_matches('/')
+        .to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::post("/api/v1/reports")
+        .header(HOST, &authority)
+        .header(AUTHORIZATION, format!("Bearer {}", link.token))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if res.status() != StatusCode::OK {
+        return Err(format!("the console answered {}", res.status()));
+    }
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    Ok(v["commands"].as_array().cloned().unwrap_or_default())
+}
+
+/// Reports every second until `shutdown`: `state` makes the report,
+/// `command` carries out each command the console answers with.
+pub async fn report_every_second<F, Fut>(
+    link: ConsoleLink,
+    mut state: F,
+    mut command: impl FnMut(Value) + Send,
+    shutdown: CancellationToken,
+) where
+    F: FnMut() -> Fut + Send,
+    Fut: std::future::Future<Output = Value> + Send,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let body = serde_json::to_vec(&state().await).unwrap_or_default();
+        match tokio::time::timeout(Duration::from_secs(5), report(&link, body)).await {
+            Ok(Ok(commands)) => commands.into_iter().for_each(&mut command),
+            Ok(Err(e)) => debug!(error = %e, "cannot report to the console"),
+            Err(_) => debug!("reporting to the console timed out"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

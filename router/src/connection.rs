@@ -489,6 +489,20 @@ impl ConnectionTask {
             }
             Ok(p) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), "connection opened");
+                self.shared
+                    .clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        self.id.0,
+                        crate::stat::ClientInfo {
+                            space: p.space.clone(),
+                            user: p.user.clone(),
+                            addr: self.peer,
+                            container: open.container_id.clone(),
+                            handle: self.handle.clone(),
+                        },
+                    );
                 self.principal = Some(p);
                 self.conn.open();
                 if route_container {
@@ -1139,6 +1153,12 @@ impl ConnectionTask {
                     self.peer_held(link, 0, returned);
                 }
             }
+            ConnEvent::Close { reason } => {
+                info!(conn.id = self.id.0, client.addr = %self.peer, reason = %reason, "closing connection");
+                self.closing = Some(CloseReason::Shutdown);
+                self.conn
+                    .close(Some(amqp_error(ConnectionError::ConnectionForced, reason)));
+            }
             ev => self.route_event(ev),
         }
     }
@@ -1188,6 +1208,11 @@ impl ConnectionTask {
     }
 
     fn cleanup(&mut self) {
+        self.shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id.0);
         self.route_cleanup();
         for u in std::mem::take(&mut self.unsettled).into_values() {
             u.give_back();

@@ -76,6 +76,8 @@ pub enum ConnEvent {
         closed: bool,
         error: Option<flotilla_amqp::types::definitions::Error>,
     },
+    /// Close this connection (`amqp:connection:forced`).
+    Close { reason: String },
 }
 
 /// A cloneable sender to a connection task.

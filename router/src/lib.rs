@@ -138,6 +138,8 @@ pub(crate) struct Shared {
     /// Bumped when the tenancy changes: connections check their clients
     /// and links again.
     pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
+    /// Open client connections, for the console's live view.
+    pub(crate) clients: std::sync::Mutex<std::collections::BTreeMap<u64, stat::ClientInfo>>,
 }
 
 /// A router whose listeners are bound.
@@ -268,6 +270,7 @@ impl Router {
             brokers,
             known_brokers: Default::default(),
             tenancy_version: tokio::sync::watch::Sender::new(0),
+            clients: Default::default(),
         });
         Ok(Router {
             shared,
@@ -309,10 +312,20 @@ impl Router {
                 s.tenancy_version.send_modify(|v| *v += 1);
             };
             shared.tracker.spawn(flotilla_core::watch::follow(
-                link,
+                link.clone(),
                 apply,
                 shared.closing.clone(),
             ));
+            let (s1, s2) = (shared.clone(), shared.clone());
+            let mut last = std::collections::HashMap::new();
+            shared
+                .tracker
+                .spawn(flotilla_core::watch::report_every_second(
+                    link,
+                    move || std::future::ready(stat::report(&s1, &mut last)),
+                    move |c| stat::command(&s2, &c),
+                    shared.closing.clone(),
+                ));
         }
         if shared.cfg.edge {
             shared.tracker.spawn(server::keep_uplink(

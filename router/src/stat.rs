@@ -142,3 +142,84 @@ pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
     // Plain strings and numbers: serialization cannot fail.
     serde_json::to_vec_pretty(&stat).unwrap_or_default()
 }
+
+/// A client connection, as the console lists it.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientInfo {
+    pub space: String,
+    pub user: Option<String>,
+    pub addr: std::net::SocketAddr,
+    pub container: String,
+    pub handle: crate::core::ConnHandle,
+}
+
+/// The router's live state for the console: its client connections and,
+/// per address, senders, receivers, deliveries and their rate since the
+/// last report (`last` keeps the previous counts).
+pub(crate) fn report(
+    shared: &Shared,
+    last: &mut std::collections::HashMap<(String, String), u64>,
+) -> serde_json::Value {
+    let connections: Vec<serde_json::Value> = shared
+        .clients
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, c)| {
+            serde_json::json!({
+                "id": id,
+                "space": c.space,
+                "user": c.user,
+                "addr": c.addr.to_string(),
+                "container": c.container,
+            })
+        })
+        .collect();
+    let mut seen = std::collections::HashMap::new();
+    let addresses: Vec<serde_json::Value> = shared
+        .table
+        .all()
+        .into_iter()
+        .filter(|a| !a.space.starts_with('$'))
+        .map(|a| {
+            let g = a.lock();
+            let delivered = a.delivered.load(Ordering::Relaxed);
+            let key = (a.space.clone(), a.address.clone());
+            let rate = delivered.saturating_sub(last.get(&key).copied().unwrap_or(delivered));
+            seen.insert(key, delivered);
+            serde_json::json!({
+                "space": a.space,
+                "address": a.address,
+                "type": format!("{:?}", a.kind).to_lowercase(),
+                "senders": g.senders.len(),
+                "receivers": g.consumers.iter().filter(|c| c.remote.is_none()).count(),
+                "delivered": delivered,
+                "rate": rate,
+            })
+        })
+        .collect();
+    *last = seen;
+    serde_json::json!({
+        "component": "router",
+        "id": shared.cfg.container_id,
+        "connections": connections,
+        "addresses": addresses,
+    })
+}
+
+/// Carries out a console command: `{"closeConnection": ID}`.
+pub(crate) fn command(shared: &Shared, c: &serde_json::Value) {
+    if let Some(id) = c["closeConnection"].as_u64() {
+        let h = shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|c| c.handle.clone());
+        if let Some(h) = h {
+            h.send(crate::core::ConnEvent::Close {
+                reason: "closed by an administrator".into(),
+            });
+        }
+    }
+}
