@@ -197,27 +197,57 @@ async fn watch_once(
         *connected_once = true;
     }
     let mut buf: Vec<u8> = Vec::new();
-    while let Some(frame) = res.body_mut().frame().await {
-        let frame = frame.map_err(|e| io(&e))?;
+    // Changes are applied once the stream pauses (or every half second
+    // while it does not): rebuilding the tenancy per line would make a
+    // burst of N changes cost N rebuilds of N objects.
+    let mut pending_since: Option<std::time::Instant> = None;
+    loop {
+        let wait = if pending_since.is_some() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_secs(3600)
+        };
+        let frame = match tokio::time::timeout(wait, res.body_mut().frame()).await {
+            Ok(Some(f)) => f.map_err(|e| io(&e))?,
+            Ok(None) => {
+                flush(seen, apply, &mut pending_since);
+                return Ok(());
+            }
+            Err(_) => {
+                flush(seen, apply, &mut pending_since);
+                continue;
+            }
+        };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         buf.extend_from_slice(&data);
-        let mut changed = false;
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            changed |= seen.line(&line);
+            if seen.line(&line) && pending_since.is_none() {
+                pending_since = Some(std::time::Instant::now());
+            }
         }
-        if changed {
-            debug!(
-                objects = seen.objects.len(),
-                rv = seen.rv,
-                "console changes applied"
-            );
-            apply(seen.tenancy());
+        if pending_since.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
+            flush(seen, apply, &mut pending_since);
         }
     }
-    Ok(())
+}
+
+/// Applies what changed, if anything did.
+fn flush(
+    seen: &Seen,
+    apply: &mut (impl FnMut(Tenancy) + Send),
+    pending_since: &mut Option<std::time::Instant>,
+) {
+    if pending_since.take().is_some() {
+        debug!(
+            objects = seen.objects.len(),
+            rv = seen.rv,
+            "console changes applied"
+        );
+        apply(seen.tenancy());
+    }
 }
 
 /// Sends the console this component's live state (`POST
