@@ -83,12 +83,22 @@ struct Resolved {
     topic: Option<String>,
 }
 
+/// What every connection task works with.
+#[derive(Clone)]
+pub(crate) struct Services {
+    pub(crate) queues: QueueHandle,
+    pub(crate) journal: JournalHandle,
+    pub(crate) policy: Policy,
+    pub(crate) usage: crate::queues::Usage,
+}
+
 pub(crate) struct BrokerConnection {
     id: u64,
     conn: Connection,
     queues: QueueHandle,
     journal: JournalHandle,
     policy: Policy,
+    usage: crate::queues::Usage,
     peer: Peer,
     principal: Option<Principal>,
     remote_container: String,
@@ -136,14 +146,13 @@ fn selector_of(source: &Source) -> Option<String> {
 }
 
 impl BrokerConnection {
-    pub(crate) fn new(
-        id: u64,
-        container_id: &str,
-        queues: QueueHandle,
-        journal: JournalHandle,
-        policy: Policy,
-        peer: Peer,
-    ) -> Self {
+    pub(crate) fn new(id: u64, container_id: &str, services: Services, peer: Peer) -> Self {
+        let Services {
+            queues,
+            journal,
+            policy,
+            usage,
+        } = services;
         let (tx, rx) = mpsc::unbounded_channel();
         let offered = match peer {
             Peer::Router => vec![ROUTE_CONTAINER_CAPABILITY],
@@ -160,6 +169,7 @@ impl BrokerConnection {
             queues,
             journal,
             policy,
+            usage,
             peer,
             principal: None,
             remote_container: String::new(),
@@ -680,6 +690,21 @@ impl BrokerConnection {
         };
         let (dref, settled) = (d.id, d.settled);
         let payload = d.payload;
+        let space = match &p.to {
+            Destination::Topic { space, .. } => Some(space.clone()),
+            Destination::Queue(q) => q.split_once('/').map(|(s, _)| s.to_string()),
+            Destination::Management => None,
+        };
+        if let Some(e) = space.and_then(|s| self.over_storage_quota(&s)) {
+            if !settled {
+                self.conn
+                    .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
+            }
+            return;
+        }
+        let Some(p) = self.producers.get_mut(&link) else {
+            return;
+        };
         let queue = match &p.to {
             Destination::Management => return self.management(dref, settled, &payload),
             Destination::Topic { space, topic } => {
@@ -740,6 +765,26 @@ impl BrokerConnection {
                 }),
             );
         }
+    }
+
+    /// The space holds as many bytes as its quota allows: the error to
+    /// refuse a message with.
+    fn over_storage_quota(&self, space: &str) -> Option<AmqpErrorBody> {
+        let t = self.policy.tenancy();
+        let max = t.spaces.get(space)?.quotas.stored_bytes?;
+        let used = self
+            .usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(space)
+            .copied()
+            .unwrap_or(0);
+        (used >= max).then(|| {
+            amqp_error(
+                AmqpError::ResourceLimitExceeded,
+                format!("address space {space:?} stores {used} bytes, as many as its plan allows ({max})"),
+            )
+        })
     }
 
     /// A management request: `operation: PURGE` with `name` (the queue's

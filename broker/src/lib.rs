@@ -117,9 +117,7 @@ struct RouterLink {
 async fn keep_router(
     link: RouterLink,
     id: String,
-    queues: queues::QueueHandle,
-    journal: journal::JournalHandle,
-    policy: Policy,
+    services: connection::Services,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -158,16 +156,9 @@ async fn keep_router(
             info!(router = %link.addr, "connected to router");
             // Router connections count down from the top of the id space.
             let cid = u64::MAX - conn;
-            connection::BrokerConnection::new(
-                cid,
-                &id,
-                queues.clone(),
-                journal.clone(),
-                policy.clone(),
-                connection::Peer::Router,
-            )
-            .run(io, buf, shutdown.clone())
-            .await;
+            connection::BrokerConnection::new(cid, &id, services.clone(), connection::Peer::Router)
+                .run(io, buf, shutdown.clone())
+                .await;
             Some(())
         };
         match attempt.await {
@@ -217,8 +208,14 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     };
     let memory = queues::Memory::new(cfg.max_memory, Some(j.reader()));
     let journal = journal::JournalHandle::start(j)?;
-    let (task, queues) =
-        queues::QueueTask::new(journal.clone(), recovered, cfg.dead_letter.clone(), memory);
+    let usage = queues::Usage::default();
+    let (task, queues) = queues::QueueTask::new(
+        journal.clone(),
+        recovered,
+        cfg.dead_letter.clone(),
+        memory,
+        usage.clone(),
+    );
     let listener = TcpListener::bind(cfg.amqp)
         .await
         .map_err(|source| BrokerError::Bind {
@@ -233,6 +230,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     let tracker = TaskTracker::new();
     tracker.spawn(task.run());
     let policy = Policy::new(cfg.tenancy.clone());
+    let services = connection::Services {
+        queues: queues.clone(),
+        journal: journal.clone(),
+        policy: policy.clone(),
+        usage: usage.clone(),
+    };
     ensure_subscription_addresses(&cfg.tenancy, &queues);
     if let Some(link) = cfg.console.clone() {
         let (p, q) = (policy.clone(), queues.clone());
@@ -282,9 +285,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         tracker.spawn(keep_router(
             link,
             cfg.container_id.clone(),
-            queues.clone(),
-            journal.clone(),
-            policy.clone(),
+            services.clone(),
             shutdown.clone(),
         ));
     }
@@ -303,9 +304,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         };
         let _ = tcp.set_nodelay(true);
         let id = next.fetch_add(1, Ordering::Relaxed);
-        let (queues, journal, stop, cid, policy, accept_cfg) = (
-            queues.clone(),
-            journal.clone(),
+        let (services, stop, cid, policy, accept_cfg) = (
+            services.clone(),
             shutdown.clone(),
             cfg.container_id.clone(),
             policy.clone(),
@@ -326,7 +326,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
                     identity: est.identity,
                     addr: peer,
                 };
-                connection::BrokerConnection::new(id, &cid, queues, journal, policy, who)
+                connection::BrokerConnection::new(id, &cid, services, who)
                     .run(est.io, est.read_buf, stop)
                     .await;
             }

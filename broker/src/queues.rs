@@ -412,7 +412,14 @@ pub struct QueueTask {
     memory: Memory,
     /// Consumers of durable subscriptions whose record is not on disk yet.
     waiting: Vec<(String, Consumer)>,
+    /// Bytes held per address space, counted every second.
+    usage: Usage,
 }
+
+/// Bytes of messages each address space holds (queued or out with
+/// consumers), as of the last second: what publishes check against the
+/// space's `storedBytes` quota.
+pub type Usage = std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
 impl QueueTask {
     /// A queue task starting with what the journal held.
@@ -421,6 +428,7 @@ impl QueueTask {
         recovered: store::Recovered,
         dead_letter: DeadLetter,
         mut memory: Memory,
+        usage: Usage,
     ) -> (QueueTask, QueueHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut queues = HashMap::new();
@@ -469,6 +477,7 @@ impl QueueTask {
                 acks_since_retire: 0,
                 memory,
                 waiting: Vec::new(),
+                usage,
             },
             tx,
         )
@@ -1069,6 +1078,17 @@ impl QueueTask {
 
     /// Once a second: expire what is due anywhere in a queue, and rates.
     fn tick(&mut self) {
+        let mut usage: HashMap<String, u64> = HashMap::new();
+        for (name, q) in &self.queues {
+            let n: u64 = q.messages.iter().map(|m| u64::from(m.size)).sum();
+            *usage.entry(Self::space_of(name).to_string()).or_default() += n;
+        }
+        for f in self.inflight.values() {
+            *usage
+                .entry(Self::space_of(&f.queue).to_string())
+                .or_default() += u64::from(f.msg.size);
+        }
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
         let now = now_ms();
         let due: Vec<String> = self
             .queues

@@ -35,12 +35,15 @@ pub struct Stored {
     /// The payload is not in memory: read it back from the journal
     /// (record `seq`) when it is needed.
     pub paged: bool,
+    /// The payload's size, paged or not.
+    pub size: u32,
 }
 
 impl Stored {
     /// A message as stored, in memory.
     pub fn new(seq: u64, payload: Bytes, expires: u64) -> Stored {
         Stored {
+            size: payload.len().min(u32::MAX as usize) as u32,
             seq,
             payload,
             delivery_count: 0,

@@ -473,6 +473,45 @@ fn checked(
     Ok((name, body, rv))
 }
 
+/// A new address must fit its space's quota (plan).
+async fn check_address_quota(state: &AppState, space: &str, key: &str) -> ApiResult<()> {
+    let store = state.store.clone();
+    let (sk, prefix, key) = (
+        Kind::AddressSpace.key("", space),
+        Kind::Address.prefix(space),
+        key.to_string(),
+    );
+    let (s, exists, count) = blocking(move || {
+        Ok((
+            store.get(&sk)?,
+            store.get(&key)?.is_some(),
+            store.count(&prefix)?,
+        ))
+    })
+    .await?;
+    let Some(s) = s else { return Ok(()) };
+    let Ok(space_obj) = serde_json::from_value::<AddressSpace>(s) else {
+        return Ok(());
+    };
+    let q = space_obj.quotas().unwrap_or_default();
+    match q.addresses {
+        Some(max) if !exists && count as u64 >= max => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "QuotaExceeded",
+            format!(
+                "address space {space:?} allows {max} addresses{}; it has {count}",
+                space_obj
+                    .spec
+                    .plan
+                    .as_deref()
+                    .map(|p| format!(" (plan {p:?})"))
+                    .unwrap_or_default()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Turns a user's password into SCRAM keys; keeps the old keys when a
 /// replacement gives no password.
 fn with_keys(mut body: Value, old: Option<&Value>) -> ApiResult<Value> {
@@ -555,6 +594,9 @@ async fn store_object(
     }
     let (name, mut object, rv) = checked(kind, &space, name.as_deref(), body)?;
     let key = kind.key(&space, &name);
+    if kind == Kind::Address {
+        check_address_quota(state, &space, &key).await?;
+    }
     if kind == Kind::MessagingUser {
         let store = state.store.clone();
         let k = key.clone();

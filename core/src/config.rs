@@ -61,6 +61,8 @@ pub struct Space {
     patterns: Vec<(String, AddressType)>,
     /// `subscription` addresses → their topic.
     pub subscriptions: HashMap<String, String>,
+    /// What the space may use.
+    pub quotas: crate::resources::Quotas,
     pub users: HashMap<String, User>,
 }
 
@@ -73,6 +75,7 @@ impl Space {
             exact: HashMap::new(),
             patterns: Vec::new(),
             subscriptions: HashMap::new(),
+            quotas: Default::default(),
             users: HashMap::new(),
         }
     }
@@ -219,10 +222,11 @@ impl Tenancy {
             } else {
                 Anonymous::Deny
             };
-            t.spaces.insert(
-                s.metadata.name.clone(),
-                Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses),
-            );
+            let mut space = Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses);
+            space.quotas = s
+                .quotas()
+                .map_err(|e| invalid(doc, "AddressSpace", &s.metadata.name, e))?;
+            t.spaces.insert(s.metadata.name.clone(), space);
         }
         for (doc, a) in addresses {
             a.validate()

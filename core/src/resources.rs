@@ -69,11 +69,90 @@ pub struct AuthenticationSpec {
     pub anonymous: bool,
 }
 
+/// What an address space may use (DESIGN.md "Plans"); unset: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quotas {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+}
+
+/// The plans an address space may name, and what each allows.
+pub const PLANS: &[(&str, Quotas)] = &[
+    (
+        "small",
+        Quotas {
+            addresses: Some(100),
+            connections: Some(100),
+            message_size: Some(1 << 20),
+            stored_bytes: Some(100 << 20),
+        },
+    ),
+    (
+        "standard",
+        Quotas {
+            addresses: Some(1_000),
+            connections: Some(1_000),
+            message_size: Some(16 << 20),
+            stored_bytes: Some(1 << 30),
+        },
+    ),
+    (
+        "large",
+        Quotas {
+            addresses: Some(10_000),
+            connections: Some(10_000),
+            message_size: Some(64 << 20),
+            stored_bytes: Some(10 << 30),
+        },
+    ),
+];
+
+impl Quotas {
+    /// The plan's quotas, with `over` taking precedence field by field.
+    ///
+    /// # Errors
+    /// The plan is not one of [`PLANS`].
+    pub fn of(plan: Option<&str>, over: Option<&Quotas>) -> Result<Quotas, ValidationError> {
+        let base = match plan {
+            None => Quotas::default(),
+            Some(p) => PLANS
+                .iter()
+                .find(|(n, _)| *n == p)
+                .map(|(_, q)| *q)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = PLANS.iter().map(|(n, _)| *n).collect();
+                    ValidationError::Invalid(format!(
+                        "no plan {p:?}; the plans are {}",
+                        names.join(", ")
+                    ))
+                })?,
+        };
+        let o = over.copied().unwrap_or_default();
+        Ok(Quotas {
+            addresses: o.addresses.or(base.addresses),
+            connections: o.connections.or(base.connections),
+            message_size: o.message_size.or(base.message_size),
+            stored_bytes: o.stored_bytes.or(base.stored_bytes),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddressSpaceSpec {
+    /// One of [`PLANS`]; unset: no limits but `quotas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// Limits of this space's own, over its plan's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
     #[serde(default)]
     pub authentication: AuthenticationSpec,
     #[serde(default)]
@@ -199,7 +278,16 @@ resource!(MessagingUser, MessagingUserSpec, "MessagingUser");
 
 impl AddressSpace {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        self.validate_envelope()
+        self.validate_envelope()?;
+        self.quotas().map(|_| ())
+    }
+
+    /// What the space may use: its plan's quotas and its own.
+    ///
+    /// # Errors
+    /// The plan does not exist.
+    pub fn quotas(&self) -> Result<Quotas, ValidationError> {
+        Quotas::of(self.spec.plan.as_deref(), self.spec.quotas.as_ref())
     }
 }
 

@@ -487,6 +487,17 @@ impl ConnectionTask {
                     "a broker (route container) needs the manage operation on all addresses",
                 )));
             }
+            Ok(p) if !route_container && self.over_connection_quota(&p.space) => {
+                info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, "connection refused: the address space's connection quota is used up");
+                self.closing = Some(CloseReason::Unauthorized);
+                self.conn.close(Some(amqp_error(
+                    AmqpError::ResourceLimitExceeded,
+                    format!(
+                        "address space {:?} has as many connections as its plan allows",
+                        p.space
+                    ),
+                )));
+            }
             Ok(p) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), "connection opened");
                 self.shared
@@ -534,6 +545,41 @@ impl ConnectionTask {
             Role::Sender => self.attach_incoming(link, &p, attach),
             Role::Receiver => self.attach_outgoing(link, &p, attach),
         }
+    }
+
+    /// True when `space` already has as many client connections (on this
+    /// router) as its quota allows.
+    fn over_connection_quota(&self, space: &str) -> bool {
+        let t = self.shared.policy.tenancy();
+        let Some(max) = t.spaces.get(space).and_then(|s| s.quotas.connections) else {
+            return false;
+        };
+        let open = self
+            .shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| c.space == space)
+            .count() as u64;
+        open >= max
+    }
+
+    /// A message larger than the space's quota allows: the error to
+    /// reject it with.
+    pub(crate) fn over_message_quota(&self, len: usize) -> Option<AmqpErrorBody> {
+        let p = self.principal.as_ref()?;
+        let t = self.shared.policy.tenancy();
+        let max = t.spaces.get(&p.space)?.quotas.message_size?;
+        (len as u64 > max).then(|| {
+            amqp_error(
+                AmqpError::ResourceLimitExceeded,
+                format!(
+                    "message of {len} bytes exceeds address space {:?}'s limit of {max}",
+                    p.space
+                ),
+            )
+        })
     }
 
     /// The route to a broker when `attach` names a queue, topic or
@@ -853,6 +899,10 @@ impl ConnectionTask {
     }
 
     fn handle_delivery(&mut self, link: LinkId, d: Delivery) {
+        if let Some(e) = self.over_message_quota(d.payload.len()) {
+            self.dirty.insert(link);
+            return self.reject(&d.id, d.settled, e);
+        }
         let Some(inc) = self.incoming.get(&link) else {
             return;
         };

@@ -515,6 +515,9 @@ impl ConnectionTask {
         link: LinkId,
         d: flotilla_amqp::connection::Delivery,
     ) {
+        if let Some(e) = self.over_message_quota(d.payload.len()) {
+            return self.reject(&d.id, d.settled, e);
+        }
         let origin = (!d.settled).then(|| Origin {
             conn: self.handle.clone(),
             delivery: d.id,
