@@ -191,6 +191,7 @@ pub fn routes(state: AppState) -> Router {
             axum::routing::post(close_connection),
         )
         .route("/addressspaces/{space}/metrics", get(metrics))
+        .route("/addressspaces/{space}/links", get(links))
         .route(
             "/addressspaces/{space}/addresses/{name}/purge",
             axum::routing::post(purge),
@@ -1007,4 +1008,23 @@ async fn purge(
             .push(json!({"purge": {"space": space, "address": address}}));
     }
     Ok((StatusCode::ACCEPTED, Json(json!({"status": "purging"}))).into_response())
+}
+
+/// `GET …/links`: the space's links to addresses the routers route
+/// message by message (connection, direction, address, unsettled).
+async fn links(State(state): State<AppState>, Path(space): Path<String>) -> ApiResult<Json<Value>> {
+    require_space(&state, &space).await?;
+    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let mut items = Vec::new();
+    for (id, r) in live.fresh("router") {
+        let router = id.trim_start_matches("router/");
+        for l in r["links"].as_array().into_iter().flatten() {
+            if l["space"] == space.as_str() {
+                let mut l = l.clone();
+                l["router"] = router.into();
+                items.push(l);
+            }
+        }
+    }
+    Ok(Json(json!({"kind": "LinkList", "items": items})))
 }

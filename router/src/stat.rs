@@ -176,6 +176,7 @@ pub(crate) fn report(
         })
         .collect();
     let mut seen = std::collections::HashMap::new();
+    let mut links = Vec::new();
     let addresses: Vec<serde_json::Value> = shared
         .table
         .all()
@@ -183,6 +184,17 @@ pub(crate) fn report(
         .filter(|a| !a.space.starts_with('$'))
         .map(|a| {
             let g = a.lock();
+            for c in g.consumers.iter().filter(|c| c.remote.is_none()) {
+                links.push(serde_json::json!({
+                    "space": a.space, "address": a.address, "connection": c.conn.id.0,
+                    "dir": "out", "unsettled": c.outstanding.load(Ordering::Relaxed),
+                }));
+            }
+            for (conn, _) in &g.senders {
+                links.push(serde_json::json!({
+                    "space": a.space, "address": a.address, "connection": conn.id.0, "dir": "in",
+                }));
+            }
             let delivered = a.delivered.load(Ordering::Relaxed);
             let key = (a.space.clone(), a.address.clone());
             let rate = delivered.saturating_sub(last.get(&key).copied().unwrap_or(delivered));
@@ -202,8 +214,9 @@ pub(crate) fn report(
     serde_json::json!({
         "component": "router",
         "id": shared.cfg.container_id,
-        "connections": connections,
+                "connections": connections,
         "addresses": addresses,
+        "links": links,
     })
 }
 
