@@ -159,6 +159,41 @@ impl Kind {
     }
 }
 
+/// The API's OpenAPI document (served at `/openapi.json`).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Flotilla console API",
+        description = "Address spaces, addresses and users; the watch stream; live state."
+    ),
+    paths(
+        list_spaces,
+        create_space,
+        get_space,
+        put_space,
+        delete_space,
+        list_addresses,
+        create_address,
+        get_address,
+        put_address,
+        delete_address,
+        list_users,
+        create_user,
+        get_user,
+        put_user,
+        delete_user,
+        watch,
+        report,
+        connections,
+        close_connection,
+        metrics,
+        purge,
+        links
+    ),
+    components(schemas(AddressSpace, Address, MessagingUser))
+)]
+pub struct ApiDoc;
+
 /// Builds the API's router over `state`.
 pub fn routes(state: AppState) -> Router {
     let api = Router::new()
@@ -214,6 +249,10 @@ pub fn routes(state: AppState) -> Router {
         .route(
             "/ui/style.css",
             get(|| async { ui("text/css; charset=utf-8", include_str!("ui/style.css")) }),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
@@ -685,18 +724,22 @@ async fn remove(
     Ok(Json(shown(gone)))
 }
 
+#[utoipa::path(get, path = "/api/v1/addressspaces",  responses((status = 200, description = "the address spaces (`limit`, `continue`, `filter`)", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn list_spaces(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     list(s, Kind::AddressSpace, String::new(), q).await
 }
+#[utoipa::path(post, path = "/api/v1/addressspaces", request_body = AddressSpace, responses((status = 201, body = AddressSpace), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
 async fn create_space(State(s): State<AppState>, Json(b): Json<Value>) -> ApiResult<Response> {
     write(s, Kind::AddressSpace, String::new(), None, b, true).await
 }
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}", params(("space" = String, Path)), responses((status = 200, body = AddressSpace), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
 async fn get_space(State(s): State<AppState>, Path(space): Path<String>) -> ApiResult<Json<Value>> {
     get_one(s, Kind::AddressSpace, String::new(), space).await
 }
+#[utoipa::path(put, path = "/api/v1/addressspaces/{space}", params(("space" = String, Path)), request_body = AddressSpace, responses((status = 200, body = AddressSpace), (status = 201, body = AddressSpace), (status = 409, description = "stale resourceVersion"), (status = 401, description = "no or wrong admin token")))]
 async fn put_space(
     State(s): State<AppState>,
     Path(space): Path<String>,
@@ -704,12 +747,14 @@ async fn put_space(
 ) -> ApiResult<Response> {
     write(s, Kind::AddressSpace, String::new(), Some(space), b, false).await
 }
+#[utoipa::path(delete, path = "/api/v1/addressspaces/{space}", params(("space" = String, Path)), responses((status = 200, description = "deleted, with its addresses and users", body = AddressSpace), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
 async fn delete_space(
     State(s): State<AppState>,
     Path(space): Path<String>,
 ) -> ApiResult<Json<Value>> {
     remove(s, Kind::AddressSpace, String::new(), space).await
 }
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/addresses", params(("space" = String, Path)), responses((status = 200, description = "the addresses (`limit`, `continue`, `filter`)", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn list_addresses(
     State(s): State<AppState>,
     Path(space): Path<String>,
@@ -717,6 +762,7 @@ async fn list_addresses(
 ) -> ApiResult<Json<Value>> {
     list(s, Kind::Address, space, q).await
 }
+#[utoipa::path(post, path = "/api/v1/addressspaces/{space}/addresses", params(("space" = String, Path)), request_body = Address, responses((status = 201, body = Address), (status = 403, description = "quota exceeded"), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
 async fn create_address(
     State(s): State<AppState>,
     Path(space): Path<String>,
@@ -724,12 +770,14 @@ async fn create_address(
 ) -> ApiResult<Response> {
     write(s, Kind::Address, space, None, b, true).await
 }
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/addresses/{name}", params(("space" = String, Path), ("name" = String, Path)), responses((status = 200, body = Address), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
 async fn get_address(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     get_one(s, Kind::Address, space, name).await
 }
+#[utoipa::path(put, path = "/api/v1/addressspaces/{space}/addresses/{name}", params(("space" = String, Path), ("name" = String, Path)), request_body = Address, responses((status = 200, body = Address), (status = 201, body = Address), (status = 409, description = "stale resourceVersion"), (status = 401, description = "no or wrong admin token")))]
 async fn put_address(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
@@ -737,12 +785,14 @@ async fn put_address(
 ) -> ApiResult<Response> {
     write(s, Kind::Address, space, Some(name), b, false).await
 }
+#[utoipa::path(delete, path = "/api/v1/addressspaces/{space}/addresses/{name}", params(("space" = String, Path), ("name" = String, Path)), responses((status = 200, body = Address), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
 async fn delete_address(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     remove(s, Kind::Address, space, name).await
 }
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/users", params(("space" = String, Path)), responses((status = 200, description = "the users (`limit`, `continue`, `filter`)", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn list_users(
     State(s): State<AppState>,
     Path(space): Path<String>,
@@ -750,6 +800,7 @@ async fn list_users(
 ) -> ApiResult<Json<Value>> {
     list(s, Kind::MessagingUser, space, q).await
 }
+#[utoipa::path(post, path = "/api/v1/addressspaces/{space}/users", params(("space" = String, Path)), request_body = MessagingUser, responses((status = 201, description = "created; the password is never returned", body = MessagingUser), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
 async fn create_user(
     State(s): State<AppState>,
     Path(space): Path<String>,
@@ -757,12 +808,14 @@ async fn create_user(
 ) -> ApiResult<Response> {
     write(s, Kind::MessagingUser, space, None, b, true).await
 }
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/users/{name}", params(("space" = String, Path), ("name" = String, Path)), responses((status = 200, body = MessagingUser), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
 async fn get_user(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     get_one(s, Kind::MessagingUser, space, name).await
 }
+#[utoipa::path(put, path = "/api/v1/addressspaces/{space}/users/{name}", params(("space" = String, Path), ("name" = String, Path)), request_body = MessagingUser, responses((status = 200, body = MessagingUser), (status = 201, body = MessagingUser), (status = 409, description = "stale resourceVersion"), (status = 401, description = "no or wrong admin token")))]
 async fn put_user(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
@@ -770,6 +823,7 @@ async fn put_user(
 ) -> ApiResult<Response> {
     write(s, Kind::MessagingUser, space, Some(name), b, false).await
 }
+#[utoipa::path(delete, path = "/api/v1/addressspaces/{space}/users/{name}", params(("space" = String, Path), ("name" = String, Path)), responses((status = 200, body = MessagingUser), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
 async fn delete_user(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
@@ -791,6 +845,7 @@ const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
 /// with one, it replays the changes after it (410 if the log no longer
 /// reaches back). Then it follows changes as they happen; `BOOKMARK` lines
 /// carry the current resource version while nothing changes.
+#[utoipa::path(get, path = "/api/v1/watch", params(("resourceVersion" = Option<String>, Query, description = "resume after this version")), responses((status = 200, description = "NDJSON: one change a line (ADDED, MODIFIED, DELETED, BOOKMARK)", content_type = "application/x-ndjson"), (status = 410, description = "the version is too old: watch from 0"), (status = 401, description = "no or wrong admin token")))]
 async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> ApiResult<Response> {
     let from = match q.resource_version.as_deref() {
         None | Some("") => 0,
@@ -868,6 +923,7 @@ async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> Ap
 
 /// `POST /api/v1/reports`: a router's or broker's live state; the answer
 /// carries the commands waiting for it.
+#[utoipa::path(post, path = "/api/v1/reports", request_body = Object, responses((status = 200, description = "commands for the reporting router or broker", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn report(State(state): State<AppState>, Json(body): Json<Value>) -> ApiResult<Json<Value>> {
     let id = match (body["component"].as_str(), body["id"].as_str()) {
         (Some(c @ ("router" | "broker")), Some(id)) => format!("{c}/{id}"),
@@ -885,6 +941,7 @@ async fn report(State(state): State<AppState>, Json(body): Json<Value>) -> ApiRe
 }
 
 /// `GET …/connections`: the space's client connections on every router.
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/connections", params(("space" = String, Path)), responses((status = 200, description = "client connections on every router", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn connections(
     State(state): State<AppState>,
     Path(space): Path<String>,
@@ -907,6 +964,7 @@ async fn connections(
 
 /// `POST …/connections/{router}/{id}/close`: the router closes it at its
 /// next report (within a second or so).
+#[utoipa::path(post, path = "/api/v1/addressspaces/{space}/connections/{router}/{id}/close", params(("space" = String, Path), ("router" = String, Path), ("id" = u64, Path)), responses((status = 202, description = "the router closes it"), (status = 404, description = "no such connection"), (status = 401, description = "no or wrong admin token")))]
 async fn close_connection(
     State(state): State<AppState>,
     Path((space, router, id)): Path<(String, String, u64)>,
@@ -936,6 +994,7 @@ async fn close_connection(
 
 /// `GET …/metrics`: per address, what routers and brokers report:
 /// senders, receivers, messages delivered and per second, messages stored.
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/metrics", params(("space" = String, Path)), responses((status = 200, description = "per address: senders, receivers, delivered, rate, stored", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn metrics(
     State(state): State<AppState>,
     Path(space): Path<String>,
@@ -971,7 +1030,12 @@ async fn metrics(
                 .entry(name.clone())
                 .or_insert_with(|| json!({"address": name}));
             add(v, "stored", &q["depth"]);
-            add(v, "consumers", &q["consumers"]);
+            // A broker's consumers are the address's receivers (their
+            // links pass through the routers unnumbered), and what they
+            // acknowledged is what was delivered.
+            add(v, "receivers", &q["consumers"]);
+            add(v, "delivered", &q["acknowledged"]);
+            add(v, "rate", &q["outRate"]);
             add(v, "storedRate", &q["inRate"]);
         }
     }
@@ -982,6 +1046,7 @@ async fn metrics(
 
 /// `POST …/addresses/{name}/purge`: every broker drops the messages the
 /// address holds (at its next report).
+#[utoipa::path(post, path = "/api/v1/addressspaces/{space}/addresses/{name}/purge", params(("space" = String, Path), ("name" = String, Path)), responses((status = 202, description = "the brokers purge it"), (status = 503, description = "no broker reports"), (status = 401, description = "no or wrong admin token")))]
 async fn purge(
     State(state): State<AppState>,
     Path((space, name)): Path<(String, String)>,
@@ -1012,6 +1077,7 @@ async fn purge(
 
 /// `GET …/links`: the space's links to addresses the routers route
 /// message by message (connection, direction, address, unsettled).
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/links", params(("space" = String, Path)), responses((status = 200, description = "links on every router", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn links(State(state): State<AppState>, Path(space): Path<String>) -> ApiResult<Json<Value>> {
     require_space(&state, &space).await?;
     let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
