@@ -9,37 +9,24 @@ use std::collections::BTreeSet;
 
 use common::*;
 use flotilla_amqp::client::Client;
-use flotilla_amqp::connection::{Event, LinkId};
-use flotilla_amqp::types::messaging::{DeliveryState, Released, Source, Target};
+use flotilla_amqp::connection::Event;
+use flotilla_amqp::types::messaging::{DeliveryState, Released};
 
 async fn broker(dir: &TempDir) -> RouterProc {
-    RouterProc::spawn_component(
-        "broker",
-        vec!["--data-dir".into(), dir.path().display().to_string()],
-        None,
-    )
-    .await
+    start_broker(dir, &[]).await
 }
 
 /// Sends `bodies` unsettled on a new link and returns those accepted.
-async fn produce(c: &mut Client, queue: &str, bodies: &[String]) -> Vec<String> {
+async fn produce(c: &mut Client, queue: &str, bodies: &[impl AsRef<str>]) -> Vec<String> {
     let link = c.open_sender(Some(queue), false).await.expect("producer");
     let mut accepted = Vec::new();
     for (i, b) in bodies.iter().enumerate() {
+        let b = b.as_ref();
         if is_accepted(&send_message(c, link, i as u64, text(b)).await) {
-            accepted.push(b.clone());
+            accepted.push(b.to_string());
         }
     }
     accepted
-}
-
-/// Receives `n` messages on `link`, accepting each.
-async fn consume(c: &mut Client, link: LinkId, n: usize) -> Vec<String> {
-    let mut got = Vec::new();
-    for _ in 0..n {
-        got.push(recv_text(c, link).await);
-    }
-    got
 }
 
 #[tokio::test]
@@ -62,7 +49,7 @@ async fn accepted_messages_survive_kill_9_and_arrive_in_order() {
         .await
         .expect("consumer");
     assert_eq!(
-        consume(&mut c, link, 100).await,
+        recv_texts(&mut c, link, 100).await,
         bodies,
         "every accepted message, once, in order"
     );
@@ -77,7 +64,7 @@ async fn acknowledged_messages_are_not_delivered_again_after_a_restart() {
     produce(&mut p, "jobs", &bodies).await;
     let mut c = b.client().await;
     let (link, _) = c.open_receiver(Some("jobs"), 10).await.expect("consumer");
-    assert_eq!(consume(&mut c, link, 10).await, bodies[..10].to_vec());
+    assert_eq!(recv_texts(&mut c, link, 10).await, bodies[..10].to_vec());
     c.close().await;
     // A clean stop writes the acknowledgements before it exits.
     b.sigterm();
@@ -92,7 +79,7 @@ async fn acknowledged_messages_are_not_delivered_again_after_a_restart() {
     let mut c = b.client().await;
     let (link, _) = c.open_receiver(Some("jobs"), 20).await.expect("consumer");
     assert_eq!(
-        consume(&mut c, link, 10).await,
+        recv_texts(&mut c, link, 10).await,
         bodies[10..].to_vec(),
         "only the unacknowledged half comes back"
     );
@@ -111,7 +98,7 @@ async fn competing_consumers_share_a_queue_without_duplicates() {
     let mut p = b.client().await;
     let bodies = numbered("w", 10);
     produce(&mut p, "work", &bodies).await;
-    let (a, bb) = tokio::join!(consume(&mut c1, l1, 5), consume(&mut c2, l2, 5));
+    let (a, bb) = tokio::join!(recv_texts(&mut c1, l1, 5), recv_texts(&mut c2, l2, 5));
     let all: BTreeSet<String> = a.iter().chain(&bb).cloned().collect();
     assert_eq!(all.len(), 10, "each message once: {a:?} {bb:?}");
     assert_eq!(all, bodies.into_iter().collect());
@@ -122,12 +109,7 @@ async fn released_and_abandoned_messages_are_delivered_again() {
     let dir = TempDir::new("broker-redeliver");
     let b = broker(&dir).await;
     let mut p = b.client().await;
-    produce(
-        &mut p,
-        "retry",
-        &["first".to_string(), "second".to_string()],
-    )
-    .await;
+    produce(&mut p, "retry", &["first", "second"]).await;
 
     // Released by one consumer: the next delivery is the same message.
     let mut c = b.client().await;
@@ -215,7 +197,7 @@ async fn nothing_accepted_is_lost_across_twenty_kill_9s() {
     // Everything stored is delivered; read until the accepted set is covered
     // and the queue is empty (a final probe marks the end).
     let mut p = b.client().await;
-    produce(&mut p, "crash", &["end".to_string()]).await;
+    produce(&mut p, "crash", &["end"]).await;
     loop {
         let body = recv_text(&mut c, link).await;
         if body == "end" {
@@ -240,22 +222,9 @@ async fn nothing_accepted_is_lost_across_twenty_kill_9s() {
 async fn a_message_failed_too_often_moves_to_the_dead_letter_queue() {
     use flotilla_amqp::types::messaging::Modified;
     let dir = TempDir::new("broker-dlq");
-    let args = |d: &TempDir| {
-        vec![
-            "--data-dir".to_string(),
-            d.path().display().to_string(),
-            "--max-deliveries".into(),
-            "2".into(),
-        ]
-    };
-    let mut b = RouterProc::spawn_component("broker", args(&dir), None).await;
+    let mut b = start_broker(&dir, &["--max-deliveries", "2"]).await;
     let mut p = b.client().await;
-    produce(
-        &mut p,
-        "payments",
-        &["poison".to_string(), "fine".to_string()],
-    )
-    .await;
+    produce(&mut p, "payments", &["poison", "fine"]).await;
     let mut c = b.client().await;
     let (link, _) = c
         .open_receiver(Some("payments"), 1)
@@ -302,7 +271,7 @@ async fn a_message_failed_too_often_moves_to_the_dead_letter_queue() {
     );
     drop(dl);
     b.kill();
-    let b = RouterProc::spawn_component("broker", args(&dir), None).await;
+    let b = start_broker(&dir, &["--max-deliveries", "2"]).await;
     let mut dl = b.client().await;
     let (dlink, _) = dl
         .open_receiver(Some("DLQ"), 10)
@@ -319,51 +288,6 @@ async fn a_message_failed_too_often_moves_to_the_dead_letter_queue() {
 // Topics
 // ---------------------------------------------------------------------------
 
-fn topic_capability() -> Vec<fe2o3_amqp::types::primitives::Symbol> {
-    vec![fe2o3_amqp::types::primitives::Symbol::from("topic")]
-}
-
-/// A sender to the topic `address` (by terminus capability, as JMS does).
-async fn topic_sender(fe: &mut Fe, name: &str, address: &str) -> fe2o3_amqp::Sender {
-    within(
-        "topic sender attach",
-        fe2o3_amqp::Sender::builder()
-            .name(name)
-            .target(
-                Target::builder()
-                    .address(address)
-                    .capabilities(topic_capability())
-                    .build(),
-            )
-            .attach(fe.session()),
-    )
-    .await
-    .expect("topic sender attach")
-}
-
-/// A subscriber to the topic `address`: durable (named by the container
-/// id and `name`, kept while detached) or for this link only.
-async fn subscriber(fe: &mut Fe, name: &str, address: &str, durable: bool) -> fe2o3_amqp::Receiver {
-    use flotilla_amqp::types::messaging::{TerminusDurability, TerminusExpiryPolicy};
-    let mut source = Source::builder()
-        .address(address)
-        .capabilities(topic_capability());
-    if durable {
-        source = source
-            .durable(TerminusDurability::UnsettledState)
-            .expiry_policy(TerminusExpiryPolicy::Never);
-    }
-    within(
-        "subscriber attach",
-        fe2o3_amqp::Receiver::builder()
-            .name(name)
-            .source(source.build())
-            .attach(fe.session()),
-    )
-    .await
-    .expect("subscriber attach")
-}
-
 /// Every subscriber of a topic gets every message, in order; one that
 /// subscribes later gets only what is published after.
 #[tokio::test]
@@ -372,18 +296,18 @@ async fn every_non_durable_subscriber_of_a_topic_gets_every_message() {
     let b = broker(&dir).await;
     // The same link name on two connections: two subscriptions.
     let mut f1 = b.fe2o3("topic-sub-1").await;
-    let mut s1 = subscriber(&mut f1, "news-sub", "news", false).await;
+    let mut s1 = f1.subscriber("news-sub", "news", false).await;
     let mut f2 = b.fe2o3("topic-sub-2").await;
-    let mut s2 = subscriber(&mut f2, "news-sub", "news", false).await;
+    let mut s2 = f2.subscriber("news-sub", "news", false).await;
     let mut fp = b.fe2o3("topic-pub").await;
-    let mut tx = topic_sender(&mut fp, "news-pub", "news").await;
+    let mut tx = fp.topic_sender("news-pub", "news").await;
     let bodies = numbered("news", 30);
     assert_all_accepted(&send_all(&mut tx, &bodies).await);
     assert_eq!(recv_n(&mut s1, 30).await, bodies, "subscriber 1");
     assert_eq!(recv_n(&mut s2, 30).await, bodies, "subscriber 2");
 
     let mut f3 = b.fe2o3("topic-sub-3").await;
-    let mut s3 = subscriber(&mut f3, "news-sub", "news", false).await;
+    let mut s3 = f3.subscriber("news-sub", "news", false).await;
     assert_all_accepted(&send_all(&mut tx, &["late".to_string()]).await);
     for (i, s) in [&mut s1, &mut s2, &mut s3].into_iter().enumerate() {
         assert_eq!(
@@ -403,41 +327,21 @@ async fn a_durable_subscription_survives_kill_9_while_its_subscriber_is_away() {
     let dir = TempDir::new("broker-durable-sub");
     let mut b = broker(&dir).await;
     let mut fs = b.fe2o3("durable-client").await;
-    let mut sub = subscriber(&mut fs, "audit", "events", true).await;
+    let sub = fs.subscriber("audit", "events", true).await;
     // A non-durable subscriber too: it ends with the broker.
     let mut ft = b.fe2o3("temp-client").await;
-    let _temp = subscriber(&mut ft, "peek", "events", false).await;
+    let _temp = ft.subscriber("peek", "events", false).await;
     let mut fp = b.fe2o3("events-pub").await;
-    let mut tx = topic_sender(&mut fp, "events-pub", "events").await;
-    let before = numbered("before", 5);
-    assert_all_accepted(&send_all(&mut tx, &before).await);
-    assert_eq!(recv_n(&mut sub, 5).await, before);
-    // Detached, not closed: the subscription stays.
-    within("detach", sub.detach())
-        .await
-        .map_err(|(_, e)| e)
-        .expect("detach");
-
-    let away = numbered("away", 10);
-    assert_all_accepted(&send_all(&mut tx, &away).await);
+    let mut tx = fp.topic_sender("events-pub", "events").await;
+    let away = publish_while_durable_subscriber_is_away(&mut tx, sub).await;
     b.kill();
 
     let b = broker(&dir).await;
     let mut fs = b.fe2o3("durable-client").await;
-    let mut sub = subscriber(&mut fs, "audit", "events", true).await;
-    assert_eq!(
-        recv_n(&mut sub, 10).await,
-        away,
-        "what was published while away, once, in order"
-    );
+    let mut sub = fs.subscriber("audit", "events", true).await;
     let mut fp = b.fe2o3("events-pub").await;
-    let mut tx = topic_sender(&mut fp, "events-pub", "events").await;
-    assert_all_accepted(&send_all(&mut tx, &["after".to_string()]).await);
-    assert_eq!(
-        recv_accept(&mut sub).await,
-        "after",
-        "nothing else was kept"
-    );
+    let mut tx = fp.topic_sender("events-pub", "events").await;
+    assert_durable_subscriber_gets_only(&mut sub, &away, &mut tx).await;
 }
 
 /// An fe2o3 consumer that closes its link holding a message unsettled:
@@ -448,7 +352,7 @@ async fn a_message_held_by_a_consumer_that_closes_is_delivered_again_counted() {
     let dir = TempDir::new("broker-abandon");
     let b = broker(&dir).await;
     let mut p = b.client().await;
-    produce(&mut p, "held", &["only".to_string()]).await;
+    produce(&mut p, "held", &["only"]).await;
     let mut fe = b.fe2o3("abandon").await;
     let mut gone = fe.receiver("gone", "held").await;
     let d = within("a message", gone.recv::<String>())
@@ -460,8 +364,7 @@ async fn a_message_held_by_a_consumer_that_closes_is_delivered_again_counted() {
     let d = within("the message again", rx.recv::<String>())
         .await
         .expect("recv");
-    let count = d.message().header.as_ref().map_or(0, |h| h.delivery_count);
-    assert_eq!((d.body().as_str(), count), ("only", 1));
+    assert_eq!((d.body().as_str(), delivery_count(&d)), ("only", 1));
 }
 
 /// Consumers that leave holding a message count as failed attempts: after
@@ -469,37 +372,17 @@ async fn a_message_held_by_a_consumer_that_closes_is_delivered_again_counted() {
 #[tokio::test]
 async fn a_message_abandoned_too_often_moves_to_the_dead_letter_queue() {
     let dir = TempDir::new("broker-abandon-dlq");
-    let args = vec![
-        "--data-dir".to_string(),
-        dir.path().display().to_string(),
-        "--max-deliveries".into(),
-        "2".into(),
-    ];
-    let b = RouterProc::spawn_component("broker", args, None).await;
+    let b = start_broker(&dir, &["--max-deliveries", "2"]).await;
     let mut p = b.client().await;
-    produce(
-        &mut p,
-        "payments",
-        &["poison".to_string(), "fine".to_string()],
-    )
-    .await;
+    produce(&mut p, "payments", &["poison", "fine"]).await;
     let mut fe = b.fe2o3("abandon-dlq").await;
     let mut counts = Vec::new();
     for attempt in 0..3 {
-        let mut r = within(
-            "receiver attach",
-            fe2o3_amqp::Receiver::builder()
-                .name(format!("r-{attempt}"))
-                .source("payments")
-                .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
-                .attach(fe.session()),
-        )
-        .await
-        .expect("attach");
-        within("credit", r.set_credit(1)).await.expect("credit");
-        let d = within("a message", r.recv::<String>()).await.expect("recv");
-        let count = d.message().header.as_ref().map_or(0, |h| h.delivery_count);
-        counts.push((d.body().clone(), count));
+        let mut r = fe
+            .manual_receiver(&format!("r-{attempt}"), "payments", None)
+            .await;
+        let d = recv_one(&mut r).await;
+        counts.push((d.body().clone(), delivery_count(&d)));
         within("close", r.close()).await.expect("close");
     }
     assert_eq!(

@@ -17,47 +17,24 @@ async fn the_broker_listens_with_tls_and_reaches_its_router_over_tls() {
     let dir = TempDir::new("broker-tls");
     let (ca, cert, key) = write_tls_files(&dir);
     let config = dir.write("config.yaml", CONFIG);
-    let s = |p: &std::path::Path| p.display().to_string();
-    let router = RouterProc::spawn(
-        vec![
-            "--tls-cert".into(),
-            s(&cert),
-            "--tls-key".into(),
-            s(&key),
-            "--config".into(),
-            s(&config),
-        ],
-        None,
-    )
-    .await;
+    // The router and the broker share the certificate and the config.
+    let mut shared = tls_args(&cert, &key);
+    shared.extend(["--config".into(), config.display().to_string()]);
+    let router = RouterProc::spawn(shared.clone(), None).await;
     let data = TempDir::new("broker-tls-data");
-    let broker = RouterProc::spawn_component(
-        "broker",
-        vec![
-            "--data-dir".into(),
-            s(data.path()),
-            "--tls-cert".into(),
-            s(&cert),
-            "--tls-key".into(),
-            s(&key),
-            "--config".into(),
-            s(&config),
-            "--router".into(),
-            format!("localhost:{}", router.amqp),
-            "--router-ca".into(),
-            s(&ca),
-        ],
-        None,
-    )
-    .await;
-    router
-        .wait_log("the broker's connection", |lines| {
-            lines
-                .iter()
-                .any(|l| l.contains("broker connected"))
-                .then_some(())
-        })
-        .await;
+    let to_router = [
+        "--router".to_string(),
+        format!("localhost:{}", router.amqp),
+        "--router-ca".into(),
+        ca.display().to_string(),
+    ];
+    let args: Vec<&str> = shared
+        .iter()
+        .chain(&to_router)
+        .map(String::as_str)
+        .collect();
+    let broker = start_broker(&data, &args).await;
+    await_broker_at(&router).await;
 
     // Through the router: the broker took the link over TLS.
     let mut p = router.client().await;

@@ -17,17 +17,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use common::*;
-use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::link::SenderAttachError;
-use fe2o3_amqp::types::primitives::Symbol;
-use fe2o3_amqp::{Receiver, Sender};
 use flotilla_amqp::client::{Client, ClientError, ClientOptions};
 use flotilla_amqp::connection::{Delivery, Event, LinkId};
 use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody, ErrorCondition};
-use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Modified, Source, Target};
+use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Modified};
 
 // ---------------------------------------------------------------------------
-// Routers and brokers
+// Configs
 // ---------------------------------------------------------------------------
 
 /// A router config declaring each of `queues` (in the default space) as a
@@ -42,98 +39,6 @@ fn queues_config(queues: &[&str]) -> String {
         })
         .collect::<Vec<_>>()
         .join("---\n")
-}
-
-/// `flotilla broker --data-dir DIR --router ROUTER ARGS…`
-async fn broker_behind(router: &RouterProc, dir: &TempDir, extra: &[&str]) -> RouterProc {
-    let mut args = vec![
-        "--data-dir".to_string(),
-        dir.path().display().to_string(),
-        "--router".to_string(),
-        format!("127.0.0.1:{}", router.amqp),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    RouterProc::spawn_component("broker", args, None).await
-}
-
-fn conn_id(line: &str) -> Option<&str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("conn.id="))
-}
-
-/// The router's broker connections still up, by `conn.id`, from its log.
-fn live_brokers(log: &[String]) -> BTreeSet<String> {
-    let mut live = BTreeSet::new();
-    for l in log {
-        if l.contains("broker connected (route container)") {
-            live.extend(conn_id(l).map(str::to_string));
-        } else if l.contains("broker disconnected") {
-            if let Some(id) = conn_id(l) {
-                live.remove(id);
-            }
-        }
-    }
-    live
-}
-
-/// Waits until a broker is connected to `router` as a route container.
-async fn await_broker_at(router: &RouterProc) {
-    router
-        .wait_log("a broker connected as a route container", |log| {
-            (!live_brokers(log).is_empty()).then_some(())
-        })
-        .await;
-}
-
-/// Waits until `router` has seen its brokers' connections close.
-async fn await_no_broker_at(router: &RouterProc) {
-    router
-        .wait_log("the broker's connection to close", |log| {
-            live_brokers(log).is_empty().then_some(())
-        })
-        .await;
-}
-
-/// Router `id` with an inter-router listener, connecting to `peers`
-/// (inter-router ports).
-async fn mesh_router(id: &str, peers: &[u16], config: &str) -> RouterProc {
-    let mut args = vec![
-        "--inter-router".to_string(),
-        "127.0.0.1:0".to_string(),
-        "--router-id".to_string(),
-        id.to_string(),
-    ];
-    for p in peers {
-        args.push("--peer".into());
-        args.push(format!("127.0.0.1:{p}"));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    RouterProc::with_config(config, &args).await
-}
-
-/// Router → next hop from the last `mesh routes routes=[…]` line in `log`.
-fn latest_routes(log: &[String]) -> Option<BTreeMap<String, String>> {
-    let line = log.iter().rev().find(|l| l.contains("mesh routes"))?;
-    let list = line.split("routes=[").nth(1)?.rsplit_once(']')?.0;
-    let mut routes = BTreeMap::new();
-    for entry in list.split(", ").filter(|e| !e.is_empty()) {
-        let words: Vec<&str> = entry.trim_matches('"').split_whitespace().collect();
-        if let [to, "via", hop, ..] = words[..] {
-            routes.insert(to.to_string(), hop.to_string());
-        }
-    }
-    Some(routes)
-}
-
-async fn await_route(router: &RouterProc, to: &str) {
-    let what = format!("router {} to have a route to {to}", router.name);
-    router
-        .wait_log(&what, |log| {
-            latest_routes(log)
-                .filter(|r| r.contains_key(to))
-                .map(|_| ())
-        })
-        .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -180,39 +85,25 @@ async fn routed_receiver(c: &mut Client, address: &str, credit: u32) -> LinkId {
     .await
 }
 
-/// Sends each of `bodies` unsettled on `link` as credit allows and returns
-/// every outcome, by index.
-async fn send_texts(c: &mut Client, link: LinkId, bodies: &[String]) -> Vec<Option<DeliveryState>> {
-    let mut states: Vec<Option<Option<DeliveryState>>> = bodies.iter().map(|_| None).collect();
-    let mut next = 0;
-    let mut settled = 0;
-    within("every message sent and settled", async {
-        while settled < bodies.len() {
-            while next < bodies.len() && credit(c, link) > 0 {
-                assert!(c.conn.send(link, &text(&bodies[next]), false, next as u64));
-                next += 1;
-            }
-            match c.next_event().await.expect("sender's connection") {
-                Event::Outcome {
-                    link: l,
-                    token,
-                    state,
-                    settled: true,
-                } if l == link => {
-                    let slot = &mut states[token as usize];
-                    assert!(slot.is_none(), "message {token} settled twice");
-                    *slot = Some(state);
-                    settled += 1;
-                }
-                Event::Detach { link: l, error, .. } if l == link => {
-                    panic!("the sending link was detached: {error:?}")
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
-    states.into_iter().map(|s| s.expect("settled")).collect()
+/// A client of `router` with a sender routed to `address` that has sent
+/// `bodies`, each accepted.
+async fn routed_producer(
+    router: &RouterProc,
+    address: &str,
+    bodies: &[String],
+) -> (Client, LinkId) {
+    let mut p = router.client().await;
+    let tx = routed_sender(&mut p, address).await;
+    send_accepted(&mut p, tx, bodies).await;
+    (p, tx)
+}
+
+/// A client of `router` with a receiver routed from `address`, granting
+/// `credit`.
+async fn routed_consumer(router: &RouterProc, address: &str, credit: u32) -> (Client, LinkId) {
+    let mut c = router.client().await;
+    let rx = routed_receiver(&mut c, address, credit).await;
+    (c, rx)
 }
 
 /// Sends `bodies` and asserts each was accepted.
@@ -222,11 +113,34 @@ async fn send_accepted(c: &mut Client, link: LinkId, bodies: &[String]) {
     }
 }
 
-async fn recv_texts(c: &mut Client, link: LinkId, n: usize) -> Vec<String> {
+/// Grants `credit` on `link` with drain set and returns the bodies (each
+/// accepted) of what arrives before the drain's answer: the credit used
+/// up, the delivery-count advanced by all of it (AMQP 1.0 §2.6.7).
+async fn drain_texts(c: &mut Client, link: LinkId, credit: u32) -> Vec<String> {
+    let dc = c.conn.link(link).expect("link").delivery_count;
+    c.conn.flow(link, credit, true);
+    c.flush().await.expect("flush");
     let mut got = Vec::new();
-    for _ in 0..n {
-        got.push(recv_text(c, link).await);
-    }
+    within("what is there, then the drain's answer", async {
+        loop {
+            match c.next_event().await.expect("consumer's connection") {
+                Event::Delivery { link: l, delivery } if l == link => {
+                    let body = flotilla_amqp::message::body_bytes(&delivery.payload).expect("text");
+                    got.push(String::from_utf8(body).expect("utf-8"));
+                    c.conn
+                        .settle(delivery.id, DeliveryState::Accepted(Accepted {}));
+                }
+                Event::Flow { link: l } if l == link => {
+                    let state = c.conn.link(link).expect("link");
+                    if state.credit == 0 && state.delivery_count == dc.wrapping_add(credit) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
     got
 }
 
@@ -252,61 +166,6 @@ async fn detach_error(c: &mut Client, link: LinkId, what: &str) -> Option<AmqpEr
 }
 
 // ---------------------------------------------------------------------------
-// fe2o3-amqp through a router: queues by terminus capability
-// ---------------------------------------------------------------------------
-
-fn queue_capability() -> Vec<Symbol> {
-    vec![Symbol::from("queue")]
-}
-
-async fn queue_sender(fe: &mut Fe, name: &str, address: &str) -> Result<Sender, SenderAttachError> {
-    within(
-        "fe2o3 queue sender attach",
-        Sender::builder()
-            .name(name)
-            .target(
-                Target::builder()
-                    .address(address)
-                    .capabilities(queue_capability())
-                    .build(),
-            )
-            .attach(fe.session()),
-    )
-    .await
-}
-
-/// A receiver that grants credit only when told to.
-async fn queue_receiver(fe: &mut Fe, name: &str, address: &str, capability: bool) -> Receiver {
-    let mut source = Source::builder().address(address);
-    if capability {
-        source = source.capabilities(queue_capability());
-    }
-    within(
-        "fe2o3 queue receiver attach",
-        Receiver::builder()
-            .name(name)
-            .source(source.build())
-            .credit_mode(CreditMode::Manual)
-            .attach(fe.session()),
-    )
-    .await
-    .expect("queue receiver attach")
-}
-
-/// Grants one credit and returns the one delivery it brings (fe2o3 fails
-/// `recv` if more arrive than granted).
-async fn recv_one(r: &mut Receiver) -> fe2o3_amqp::link::delivery::Delivery<String> {
-    within("set credit", r.set_credit(1))
-        .await
-        .expect("set credit");
-    within("a message", r.recv::<String>()).await.expect("recv")
-}
-
-fn delivery_count<T>(d: &fe2o3_amqp::link::delivery::Delivery<T>) -> u32 {
-    d.message().header.as_ref().map_or(0, |h| h.delivery_count)
-}
-
-// ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
 
@@ -322,7 +181,7 @@ fn delivery_count<T>(d: &fe2o3_amqp::link::delivery::Delivery<T>) -> u32 {
 async fn a_queue_behind_one_router_keeps_count_order_and_outcomes() {
     let router = RouterProc::start(&[]).await;
     let mut fe = router.fe2o3("lr-one-producer").await;
-    match queue_sender(&mut fe, "too-early", "orders").await {
+    match fe.queue_sender("too-early", "orders").await {
         Err(SenderAttachError::RemoteClosedWithError(e)) => {
             assert!(condition_is(&e, AmqpError::NotFound), "{e:?}")
         }
@@ -331,15 +190,15 @@ async fn a_queue_behind_one_router_keeps_count_order_and_outcomes() {
     }
 
     let dir = TempDir::new("lr-one");
-    let mut b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let mut b = broker_connected_to(&router, &dir, &[]).await;
     b.wait_log("the broker to say it is connected", |log| {
         log.iter()
             .any(|l| l.contains("connected to router"))
             .then_some(())
     })
     .await;
-    let mut tx = queue_sender(&mut fe, "orders-in", "orders")
+    let mut tx = fe
+        .queue_sender("orders-in", "orders")
         .await
         .expect("queue sender attach");
     let bodies = numbered("order", 50);
@@ -348,11 +207,12 @@ async fn a_queue_behind_one_router_keeps_count_order_and_outcomes() {
     // Accepted means stored: kill -9 now, nothing is lost.
     b.kill();
     await_no_broker_at(&router).await;
-    let _b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let _b = broker_connected_to(&router, &dir, &[]).await;
 
     let mut fc = router.fe2o3("lr-one-consumer").await;
-    let mut rx = queue_receiver(&mut fc, "orders-out", "orders", true).await;
+    let mut rx = fc
+        .manual_receiver("orders-out", "orders", Some("queue"))
+        .await;
     let d = recv_one(&mut rx).await;
     assert_eq!((d.body().as_str(), delivery_count(&d)), ("order-0", 0));
     within("release", rx.release(&d)).await.expect("release");
@@ -395,7 +255,8 @@ async fn a_queue_behind_one_router_keeps_count_order_and_outcomes() {
     );
 
     // Nothing else is left: a marker sent now is next.
-    let mut tx = queue_sender(&mut fe, "orders-marker", "orders")
+    let mut tx = fe
+        .queue_sender("orders-marker", "orders")
         .await
         .expect("queue sender attach");
     assert_all_accepted(&send_all(&mut tx, &["end".to_string()]).await);
@@ -412,25 +273,18 @@ async fn a_queue_behind_one_router_keeps_count_order_and_outcomes() {
 #[tokio::test]
 async fn a_queue_behind_another_router_of_the_mesh_keeps_count_and_order() {
     let config = queues_config(&["orders"]);
-    let a = mesh_router("A", &[], &config).await;
-    let b = mesh_router("B", &[a.inter_router.expect("listener")], &config).await;
-    await_route(&a, "B").await;
-    await_route(&b, "A").await;
+    let (a, b) = two_routers(Some(&config)).await;
     let dir = TempDir::new("lr-mesh");
-    let _broker = broker_behind(&b, &dir, &[]).await;
-    await_broker_at(&b).await;
+    let _broker = broker_connected_to(&b, &dir, &[]).await;
     assert!(
-        live_brokers(&a.log_text().lines().map(str::to_string).collect::<Vec<_>>()).is_empty(),
+        live_brokers(&a.log_lines()).is_empty(),
         "the broker is attached to B only"
     );
 
-    let mut p = a.client().await;
-    let tx = routed_sender(&mut p, "orders").await;
     let bodies = numbered("mesh-order", 300);
-    send_accepted(&mut p, tx, &bodies).await;
+    let (mut p, tx) = routed_producer(&a, "orders", &bodies).await;
 
-    let mut c = a.client().await;
-    let rx = routed_receiver(&mut c, "orders", 50).await;
+    let (mut c, rx) = routed_consumer(&a, "orders", 50).await;
     let mut got = Vec::new();
     while got.len() < bodies.len() {
         got.push(recv_text(&mut c, rx).await);
@@ -617,10 +471,7 @@ async fn nothing_accepted_through_the_router_is_lost_across_twenty_kill_9s() {
 #[tokio::test]
 async fn nothing_accepted_across_the_mesh_is_lost_across_ten_kill_9s() {
     let config = queues_config(&["crash"]);
-    let a = mesh_router("A", &[], &config).await;
-    let b = mesh_router("B", &[a.inter_router.expect("listener")], &config).await;
-    await_route(&a, "B").await;
-    await_route(&b, "A").await;
+    let (a, b) = two_routers(Some(&config)).await;
     crash_through(&a, &b, 10).await;
 }
 
@@ -643,8 +494,7 @@ async fn crash_through(clients: &RouterProc, brokers: &RouterProc, rounds: usize
             early.kill();
             early_kills += 1;
         }
-        let mut b = broker_behind(brokers, &dir, &[]).await;
-        await_broker_at(brokers).await;
+        let mut b = broker_connected_to(brokers, &dir, &[]).await;
         for p in &mut producers {
             p.attach().await;
         }
@@ -663,8 +513,7 @@ async fn crash_through(clients: &RouterProc, brokers: &RouterProc, rounds: usize
         await_no_broker_at(brokers).await;
     }
 
-    let _b = broker_behind(brokers, &dir, &[]).await;
-    await_broker_at(brokers).await;
+    let _b = broker_connected_to(brokers, &dir, &[]).await;
     for p in &mut producers {
         p.finish().await;
     }
@@ -765,24 +614,20 @@ async fn crash_through(clients: &RouterProc, brokers: &RouterProc, rounds: usize
 async fn links_to_a_broker_that_dies_are_detached_and_attach_again_after_restart() {
     let router = RouterProc::with_config(&queues_config(&["outage", "outage-idle"]), &[]).await;
     let dir = TempDir::new("lr-outage");
-    let mut b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let mut b = broker_connected_to(&router, &dir, &[]).await;
 
-    let mut p = router.client().await;
-    let tx = routed_sender(&mut p, "outage").await;
     let bodies = numbered("held", 10);
-    send_accepted(&mut p, tx, &bodies).await;
+    let (mut p, tx) = routed_producer(&router, "outage", &bodies).await;
     // A consumer holds five unsettled; an fe2o3 consumer waits on an
     // empty queue.
-    let mut c = router.client().await;
-    let rx = routed_receiver(&mut c, "outage", 5).await;
+    let (mut c, rx) = routed_consumer(&router, "outage", 5).await;
     for b in &bodies[..5] {
         let d = next_delivery(&mut c, rx).await;
         let body = flotilla_amqp::message::body_bytes(&d.payload).expect("text");
         assert_eq!(body, b.as_bytes());
     }
     let mut fe = router.fe2o3("lr-outage-fe").await;
-    let mut idle = queue_receiver(&mut fe, "idle", "outage-idle", false).await;
+    let mut idle = fe.manual_receiver("idle", "outage-idle", None).await;
     within("credit", idle.set_credit(10)).await.expect("credit");
 
     b.kill();
@@ -803,8 +648,7 @@ async fn links_to_a_broker_that_dies_are_detached_and_attach_again_after_restart
     .expect_err("no broker behind the router");
     assert!(refused_not_found(&refused), "{refused}");
 
-    let _b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let _b = broker_connected_to(&router, &dir, &[]).await;
     let rx = routed_receiver(&mut c, "outage", 20).await;
     assert_eq!(
         recv_texts(&mut c, rx, 10).await,
@@ -824,15 +668,11 @@ async fn links_to_a_broker_that_dies_are_detached_and_attach_again_after_restart
 async fn credit_and_drain_pass_through_the_router() {
     let router = RouterProc::with_config(&queues_config(&["credit"]), &[]).await;
     let dir = TempDir::new("lr-credit");
-    let _b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
-    let mut p = router.client().await;
-    let tx = routed_sender(&mut p, "credit").await;
+    let _b = broker_connected_to(&router, &dir, &[]).await;
     let bodies = numbered("one", 5);
-    send_accepted(&mut p, tx, &bodies).await;
+    let (mut p, tx) = routed_producer(&router, "credit", &bodies).await;
 
-    let mut c = router.client().await;
-    let rx = routed_receiver(&mut c, "credit", 0).await;
+    let (mut c, rx) = routed_consumer(&router, "credit", 0).await;
     for b in &bodies {
         c.conn.flow(rx, 1, false);
         assert_eq!(&recv_text(&mut c, rx).await, b);
@@ -856,36 +696,13 @@ async fn credit_and_drain_pass_through_the_router() {
     // is used up by advancing the delivery-count (AMQP 1.0 §2.6.7).
     let more = numbered("drain", 2);
     send_accepted(&mut p, tx, &more).await;
-    let dc = c.conn.link(rx).expect("link").delivery_count;
-    c.conn.flow(rx, 3, true);
-    c.flush().await.expect("flush");
-    let mut got = Vec::new();
-    within("two messages, then the drain's answer", async {
-        loop {
-            match c.next_event().await.expect("consumer's connection") {
-                Event::Delivery { link, delivery } if link == rx => {
-                    let body = flotilla_amqp::message::body_bytes(&delivery.payload).expect("text");
-                    got.push(String::from_utf8(body).expect("utf-8"));
-                    c.conn
-                        .settle(delivery.id, DeliveryState::Accepted(Accepted {}));
-                }
-                Event::Flow { link } if link == rx => {
-                    let l = c.conn.link(rx).expect("link");
-                    if l.credit == 0 && l.delivery_count == dc.wrapping_add(3) {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let got = drain_texts(&mut c, rx, 3).await;
     assert_eq!(got, more, "what was there arrives before the drain ends");
 
     // fe2o3 (which fails a receive beyond its credit): one at a time, then
     // a drain on an empty queue leaves the link usable.
     let mut fe = router.fe2o3("lr-credit-fe").await;
-    let mut r = queue_receiver(&mut fe, "credit-fe", "credit", false).await;
+    let mut r = fe.manual_receiver("credit-fe", "credit", None).await;
     let third = numbered("fe", 3);
     send_accepted(&mut p, tx, &third).await;
     for b in &third {
@@ -940,8 +757,8 @@ spec:
     let router = RouterProc::with_config(TENANTS, &[]).await;
     let dir = TempDir::new("lr-tenants");
     let config = dir.write("flotilla.yaml", TENANTS);
-    let broker = broker_behind(&router, &dir, &["--config", &config.display().to_string()]).await;
-    await_broker_at(&router).await;
+    let broker =
+        broker_connected_to(&router, &dir, &["--config", &config.display().to_string()]).await;
 
     let connect = |o: ClientOptions| async move {
         within("a tenant's client to connect", Client::connect(&o))
@@ -1003,50 +820,6 @@ spec:
 // Topics through the router
 // ---------------------------------------------------------------------------
 
-fn topic_capability() -> Vec<Symbol> {
-    vec![Symbol::from("topic")]
-}
-
-async fn topic_sender(fe: &mut Fe, name: &str, address: &str) -> Sender {
-    within(
-        "fe2o3 topic sender attach",
-        Sender::builder()
-            .name(name)
-            .target(
-                Target::builder()
-                    .address(address)
-                    .capabilities(topic_capability())
-                    .build(),
-            )
-            .attach(fe.session()),
-    )
-    .await
-    .expect("topic sender attach")
-}
-
-/// A subscriber to the topic `address`: durable (named by its container
-/// id and `name`) or for this link only.
-async fn subscriber(fe: &mut Fe, name: &str, address: &str, durable: bool) -> Receiver {
-    use flotilla_amqp::types::messaging::{TerminusDurability, TerminusExpiryPolicy};
-    let mut source = Source::builder()
-        .address(address)
-        .capabilities(topic_capability());
-    if durable {
-        source = source
-            .durable(TerminusDurability::UnsettledState)
-            .expiry_policy(TerminusExpiryPolicy::Never);
-    }
-    within(
-        "fe2o3 subscriber attach",
-        Receiver::builder()
-            .name(name)
-            .source(source.build())
-            .attach(fe.session()),
-    )
-    .await
-    .expect("subscriber attach")
-}
-
 /// Two clients subscribe to a topic through the router with the same link
 /// name (link names are unique per container, not across clients): each
 /// has its own subscription and gets every message.
@@ -1054,14 +827,13 @@ async fn subscriber(fe: &mut Fe, name: &str, address: &str, durable: bool) -> Re
 async fn topic_subscribers_through_the_router_each_get_every_message() {
     let router = RouterProc::start(&[]).await;
     let dir = TempDir::new("lr-topic");
-    let _b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let _b = broker_connected_to(&router, &dir, &[]).await;
     let mut f1 = router.fe2o3("lr-topic-sub-1").await;
-    let s1 = subscriber(&mut f1, "news-sub", "news", false).await;
+    let s1 = f1.subscriber("news-sub", "news", false).await;
     let mut f2 = router.fe2o3("lr-topic-sub-2").await;
-    let s2 = subscriber(&mut f2, "news-sub", "news", false).await;
+    let s2 = f2.subscriber("news-sub", "news", false).await;
     let mut fp = router.fe2o3("lr-topic-pub").await;
-    let mut tx = topic_sender(&mut fp, "news-pub", "news").await;
+    let mut tx = fp.topic_sender("news-pub", "news").await;
     let bodies = numbered("news", 10);
     assert_all_accepted(&send_all(&mut tx, &bodies).await);
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
@@ -1070,28 +842,12 @@ async fn topic_subscribers_through_the_router_each_get_every_message() {
     // Markers until each subscriber has seen one: whatever it was given
     // of the ten arrived before.
     let mut got: [Vec<String>; 2] = Default::default();
-    let mut marked = [false; 2];
-    for i in 0.. {
-        assert!(i < 10, "markers never reached both subscribers");
-        if marked.iter().all(|m| *m) {
-            break;
+    send_markers_until_both_saw_one(&mut tx, &mut seen, 10, |id, body, marked| {
+        if !marked {
+            got[id].push(body);
         }
-        let marker = format!("marker-{i}");
-        assert_all_accepted(&send_all(&mut tx, std::slice::from_ref(&marker)).await);
-        loop {
-            let (id, body) = within("the marker", seen.recv())
-                .await
-                .expect("collectors run");
-            if body.starts_with("marker-") {
-                marked[id] = true;
-                if body == marker {
-                    break;
-                }
-            } else if !marked[id] {
-                got[id].push(body);
-            }
-        }
-    }
+    })
+    .await;
     assert_eq!(
         got,
         [bodies.clone(), bodies],
@@ -1106,39 +862,19 @@ async fn topic_subscribers_through_the_router_each_get_every_message() {
 async fn a_durable_subscription_through_the_router_survives_kill_9() {
     let router = RouterProc::start(&[]).await;
     let dir = TempDir::new("lr-durable-sub");
-    let mut b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let mut b = broker_connected_to(&router, &dir, &[]).await;
     let mut fs = router.fe2o3("lr-durable-client").await;
-    let mut sub = subscriber(&mut fs, "audit", "events", true).await;
+    let sub = fs.subscriber("audit", "events", true).await;
     let mut fp = router.fe2o3("lr-events-pub").await;
-    let mut tx = topic_sender(&mut fp, "events-pub", "events").await;
-    let before = numbered("before", 5);
-    assert_all_accepted(&send_all(&mut tx, &before).await);
-    assert_eq!(recv_n(&mut sub, 5).await, before);
-    within("detach", sub.detach())
-        .await
-        .map_err(|(_, e)| e)
-        .expect("detach");
-    let away = numbered("away", 10);
-    assert_all_accepted(&send_all(&mut tx, &away).await);
+    let mut tx = fp.topic_sender("events-pub", "events").await;
+    let away = publish_while_durable_subscriber_is_away(&mut tx, sub).await;
 
     b.kill();
     await_no_broker_at(&router).await;
-    let _b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
-    let mut sub = subscriber(&mut fs, "audit", "events", true).await;
-    assert_eq!(
-        recv_n(&mut sub, 10).await,
-        away,
-        "what was published while away, once, in order"
-    );
-    let mut tx = topic_sender(&mut fp, "events-pub-2", "events").await;
-    assert_all_accepted(&send_all(&mut tx, &["after".to_string()]).await);
-    assert_eq!(
-        recv_accept(&mut sub).await,
-        "after",
-        "nothing else was kept"
-    );
+    let _b = broker_connected_to(&router, &dir, &[]).await;
+    let mut sub = fs.subscriber("audit", "events", true).await;
+    let mut tx = fp.topic_sender("events-pub-2", "events").await;
+    assert_durable_subscriber_gets_only(&mut sub, &away, &mut tx).await;
 }
 
 /// The mesh: the broker is behind B, the consumer on A. A drain crosses
@@ -1147,43 +883,14 @@ async fn a_durable_subscription_through_the_router_survives_kill_9() {
 #[tokio::test]
 async fn drain_and_broker_loss_cross_the_mesh() {
     let config = queues_config(&["far"]);
-    let a = mesh_router("A", &[], &config).await;
-    let b = mesh_router("B", &[a.inter_router.expect("listener")], &config).await;
-    await_route(&a, "B").await;
-    await_route(&b, "A").await;
+    let (a, b) = two_routers(Some(&config)).await;
     let dir = TempDir::new("lr-mesh-drain");
-    let mut broker = broker_behind(&b, &dir, &[]).await;
-    await_broker_at(&b).await;
+    let mut broker = broker_connected_to(&b, &dir, &[]).await;
 
-    let mut p = a.client().await;
-    let tx = routed_sender(&mut p, "far").await;
     let bodies = numbered("far", 2);
-    send_accepted(&mut p, tx, &bodies).await;
-    let mut c = a.client().await;
-    let rx = routed_receiver(&mut c, "far", 0).await;
-    let dc = c.conn.link(rx).expect("link").delivery_count;
-    c.conn.flow(rx, 5, true);
-    let mut got = Vec::new();
-    within("two messages, then the drain's answer", async {
-        loop {
-            match c.next_event().await.expect("consumer's connection") {
-                Event::Delivery { link, delivery } if link == rx => {
-                    let body = flotilla_amqp::message::body_bytes(&delivery.payload).expect("text");
-                    got.push(String::from_utf8(body).expect("utf-8"));
-                    c.conn
-                        .settle(delivery.id, DeliveryState::Accepted(Accepted {}));
-                }
-                Event::Flow { link } if link == rx => {
-                    let l = c.conn.link(rx).expect("link");
-                    if l.credit == 0 && l.delivery_count == dc.wrapping_add(5) {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let (mut p, tx) = routed_producer(&a, "far", &bodies).await;
+    let (mut c, rx) = routed_consumer(&a, "far", 0).await;
+    let got = drain_texts(&mut c, rx, 5).await;
     assert_eq!(got, bodies);
 
     c.conn.flow(rx, 5, false);
@@ -1194,8 +901,7 @@ async fn drain_and_broker_loss_cross_the_mesh() {
     let e = detach_error(&mut p, tx, "the producer's link on A to be detached").await;
     assert!(e.is_some(), "detached with an error");
 
-    let _broker = broker_behind(&b, &dir, &[]).await;
-    await_broker_at(&b).await;
+    let _broker = broker_connected_to(&b, &dir, &[]).await;
     let tx = routed_sender(&mut p, "far").await;
     let rx = routed_receiver(&mut c, "far", 5).await;
     send_accepted(&mut p, tx, &["again".to_string()]).await;
@@ -1216,17 +922,19 @@ async fn drain_and_broker_loss_cross_the_mesh() {
 async fn large_messages_cross_the_route_whole() {
     let router = RouterProc::start(&[]).await;
     let dir = TempDir::new("lr-large");
-    let _b = broker_behind(&router, &dir, &[]).await;
-    await_broker_at(&router).await;
+    let _b = broker_connected_to(&router, &dir, &[]).await;
     let mut fe = router.fe2o3("lr-large").await;
-    let mut tx = queue_sender(&mut fe, "large-in", "large")
+    let mut tx = fe
+        .queue_sender("large-in", "large")
         .await
         .expect("queue sender attach");
     let bodies: Vec<String> = (0..3)
         .map(|i| format!("{i}:{}", "x".repeat(300_000 * (i + 1))))
         .collect();
     assert_all_accepted(&send_all(&mut tx, &bodies).await);
-    let mut rx = queue_receiver(&mut fe, "large-out", "large", true).await;
+    let mut rx = fe
+        .manual_receiver("large-out", "large", Some("queue"))
+        .await;
     within("credit", rx.set_credit(10)).await.expect("credit");
     let got = recv_n(&mut rx, 3).await;
     for (g, b) in got.iter().zip(&bodies) {
@@ -1250,10 +958,10 @@ async fn large_messages_cross_the_route_whole() {
 async fn a_message_abandoned_through_the_router_counts_towards_dead_lettering() {
     let router = RouterProc::start(&[]).await;
     let dir = TempDir::new("lr-abandon");
-    let _b = broker_behind(&router, &dir, &["--max-deliveries", "2"]).await;
-    await_broker_at(&router).await;
+    let _b = broker_connected_to(&router, &dir, &["--max-deliveries", "2"]).await;
     let mut fe = router.fe2o3("lr-abandon").await;
-    let mut tx = queue_sender(&mut fe, "poison-in", "payments")
+    let mut tx = fe
+        .queue_sender("poison-in", "payments")
         .await
         .expect("queue sender attach");
     let bodies = vec!["poison".to_string(), "fine".to_string()];
@@ -1263,12 +971,14 @@ async fn a_message_abandoned_through_the_router_counts_towards_dead_lettering() 
     // settling it (the broker sees each detach before the next credit).
     let mut counts = Vec::new();
     for attempt in 0..2 {
-        let mut gone = queue_receiver(&mut fe, &format!("gone-{attempt}"), "payments", true).await;
+        let mut gone = fe
+            .manual_receiver(&format!("gone-{attempt}"), "payments", Some("queue"))
+            .await;
         let d = recv_one(&mut gone).await;
         counts.push((d.body().clone(), delivery_count(&d)));
         within("close", gone.close()).await.expect("close");
     }
-    let mut rx = queue_receiver(&mut fe, "after", "payments", true).await;
+    let mut rx = fe.manual_receiver("after", "payments", Some("queue")).await;
     let d = recv_one(&mut rx).await;
     counts.push((d.body().clone(), delivery_count(&d)));
     assert_eq!(

@@ -22,7 +22,7 @@ mod common;
 use common::*;
 
 // ---------------------------------------------------------------------------
-// Building a mesh
+// A config and routes (the mesh itself is built by `common::mesh`)
 // ---------------------------------------------------------------------------
 
 /// A second address space that admits anonymous clients, with an `orders`
@@ -39,100 +39,6 @@ metadata: {name: x-orders}
 spec: {addressSpace: tenant-x, address: orders, type: anycast}
 ";
 
-/// Router `id` with an inter-router listener, connecting to the routers
-/// listening on `peers` (inter-router ports), with `extra` arguments.
-async fn start_router(id: &str, peers: &[u16], config: Option<&str>, extra: &[&str]) -> RouterProc {
-    let mut args = vec![
-        "--inter-router".to_string(),
-        "127.0.0.1:0".to_string(),
-        "--router-id".to_string(),
-        id.to_string(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    for port in peers {
-        args.push("--peer".into());
-        args.push(format!("127.0.0.1:{port}"));
-    }
-    match config {
-        Some(yaml) => {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            RouterProc::with_config(yaml, &args).await
-        }
-        None => RouterProc::spawn(args, None).await,
-    }
-}
-
-/// Routers named by `ids`, started in order, each with an inter-router
-/// listener; for every `(x, y)` in `links` the later-started of the two
-/// connects to the other with `--peer`. Returns them in `ids` order once
-/// every router has a route to every other.
-async fn mesh(ids: &[&str], links: &[(&str, &str)], config: Option<&str>) -> Vec<RouterProc> {
-    mesh_with(ids, links, config, &[]).await
-}
-
-/// [`mesh`] with `extra` arguments for every router.
-async fn mesh_with(
-    ids: &[&str],
-    links: &[(&str, &str)],
-    config: Option<&str>,
-    extra: &[&str],
-) -> Vec<RouterProc> {
-    let mut routers: Vec<RouterProc> = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let mut peers = Vec::new();
-        for (x, y) in links {
-            let other = match (*x == *id, *y == *id) {
-                (true, false) => y,
-                (false, true) => x,
-                _ => continue,
-            };
-            if let Some(j) = ids[..i].iter().position(|p| p == other) {
-                peers.push(routers[j].inter_router.expect("inter-router listener"));
-            }
-        }
-        routers.push(start_router(id, &peers, config, extra).await);
-    }
-    for (i, r) in routers.iter().enumerate() {
-        let others: Vec<&str> = ids
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, id)| *id)
-            .collect();
-        await_routes(r, &others).await;
-    }
-    routers
-}
-
-/// Router → (next hop, cost) from the last `mesh routes routes=[…]` line
-/// in `log`, e.g. `routes=["B via B cost 1", "C via B cost 2"]`.
-fn latest_routes(log: &[String]) -> Option<BTreeMap<String, (String, u64)>> {
-    let line = log.iter().rev().find(|l| l.contains("mesh routes"))?;
-    let list = line.split("routes=[").nth(1)?.rsplit_once(']')?.0;
-    let mut routes = BTreeMap::new();
-    for entry in list.split(", ").filter(|e| !e.is_empty()) {
-        let words: Vec<&str> = entry.trim_matches('"').split_whitespace().collect();
-        match words[..] {
-            [to, "via", hop, "cost", cost] => {
-                routes.insert(to.to_string(), (hop.to_string(), cost.parse().ok()?));
-            }
-            _ => panic!("unexpected route {entry:?} in {line:?}"),
-        }
-    }
-    Some(routes)
-}
-
-/// Waits until `router`'s latest routes list every router in `expected`;
-/// returns them.
-async fn await_routes(router: &RouterProc, expected: &[&str]) -> BTreeMap<String, (String, u64)> {
-    let what = format!("router {} to have routes to {expected:?}", router.name);
-    router
-        .wait_log(&what, |log| {
-            latest_routes(log).filter(|r| expected.iter().all(|e| r.contains_key(*e)))
-        })
-        .await
-}
-
 /// Waits until `router`'s latest routes no longer list `gone`.
 async fn await_no_route(router: &RouterProc, gone: &str) {
     let what = format!("router {} to drop its route to {gone}", router.name);
@@ -147,64 +53,12 @@ async fn await_no_route(router: &RouterProc, gone: &str) {
 
 /// The current routes of `router` (its latest `mesh routes` line).
 fn routes_now(router: &RouterProc) -> BTreeMap<String, (String, u64)> {
-    let log = router.log_text();
-    let lines: Vec<String> = log.lines().map(str::to_string).collect();
-    latest_routes(&lines).unwrap_or_default()
+    latest_routes(&router.log_lines()).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
 // Our own client
 // ---------------------------------------------------------------------------
-
-/// Sends each of `bodies` unsettled on `link` as credit allows (token =
-/// index) and returns every outcome, by index.
-async fn send_texts(c: &mut Client, link: LinkId, bodies: &[String]) -> Vec<Option<DeliveryState>> {
-    let mut states: Vec<Option<Option<DeliveryState>>> = bodies.iter().map(|_| None).collect();
-    let mut next = 0;
-    let mut settled = 0;
-    within("every message sent and settled", async {
-        while settled < bodies.len() {
-            while next < bodies.len() && credit(c, link) > 0 {
-                assert!(c.conn.send(link, &text(&bodies[next]), false, next as u64));
-                next += 1;
-            }
-            match c.next_event().await.expect("sender's connection") {
-                Event::Outcome {
-                    link: l,
-                    token,
-                    state,
-                    settled: true,
-                } if l == link => {
-                    let slot = &mut states[token as usize];
-                    assert!(slot.is_none(), "message {token} settled twice");
-                    *slot = Some(state);
-                    settled += 1;
-                }
-                Event::Detach { link: l, error, .. } if l == link => {
-                    panic!("the sending link was detached: {error:?}")
-                }
-                _ => {}
-            }
-        }
-    })
-    .await;
-    states.into_iter().map(|s| s.expect("settled")).collect()
-}
-
-/// Receives `n` messages on `link`, accepting each; returns their bodies.
-async fn recv_texts(c: &mut Client, link: LinkId, n: usize) -> Vec<String> {
-    let mut got = Vec::new();
-    for _ in 0..n {
-        got.push(recv_text(c, link).await);
-    }
-    got
-}
-
-fn assert_all_states_accepted(states: &[Option<DeliveryState>]) {
-    for (i, s) in states.iter().enumerate() {
-        assert!(is_accepted(s), "message {i}: {s:?}");
-    }
-}
 
 /// Our client of `space` (an address space admitting anonymous clients).
 async fn client_of(router: &RouterProc, space: &str) -> Client {
@@ -606,7 +460,7 @@ async fn a_restarted_router_rejoins_the_mesh_and_carries_traffic_again() {
     await_no_route(&routers[0], "C").await;
     await_no_route(&routers[1], "A").await;
 
-    routers[2] = start_router("B", &peers, None, &[]).await;
+    routers[2] = start_mesh_router("B", &peers, None, &[]).await;
     await_routes(&routers[0], &["B", "C"]).await;
     await_routes(&routers[1], &["A", "B"]).await;
     await_routes(&routers[2], &["A", "C"]).await;

@@ -6,17 +6,7 @@ mod common;
 use common::*;
 
 async fn broker(dir: &TempDir) -> RouterProc {
-    RouterProc::spawn_component(
-        "broker",
-        vec![
-            "--data-dir".into(),
-            dir.path().display().to_string(),
-            "--max-memory-mib".into(),
-            "1".into(),
-        ],
-        None,
-    )
-    .await
+    start_broker(dir, &["--max-memory-mib", "1"]).await
 }
 
 /// The broker's `$stat` document.

@@ -1019,21 +1019,9 @@ async fn users_authenticate_are_confined_to_their_rules_and_tenants_are_isolated
 async fn amqps_listener_carries_messages_over_tls() {
     let dir = TempDir::new("tls");
     let (ca, cert, key) = write_tls_files(&dir);
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let router = RouterProc::spawn(
-        [
-            "--amqps",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ]
-        .map(String::from)
-        .to_vec(),
-        Some(dir),
-    )
-    .await;
+    let mut args = vec!["--amqps".to_string(), "127.0.0.1:0".into()];
+    args.extend(tls_args(&cert, &key));
+    let router = RouterProc::spawn(args, Some(dir)).await;
     let port = router.amqps.expect("amqps listener");
     let opts = tls_opts(port, &ca);
     assert!(opts.tls);
@@ -1074,14 +1062,7 @@ async fn amqps_listener_carries_messages_over_tls() {
 async fn the_amqp_port_upgrades_to_tls_with_the_tls_header() {
     let dir = TempDir::new("tls-header");
     let (ca, cert, key) = write_tls_files(&dir);
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let router = RouterProc::spawn(
-        ["--tls-cert", &cert, "--tls-key", &key]
-            .map(String::from)
-            .to_vec(),
-        Some(dir),
-    )
-    .await;
+    let router = RouterProc::spawn(tls_args(&cert, &key), Some(dir)).await;
     let header = ClientOptions {
         tls_header: true,
         ..tls_opts(router.amqp, &ca)

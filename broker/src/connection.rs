@@ -58,6 +58,8 @@ enum Destination {
 
 struct Producer {
     to: Destination,
+    /// The address the client attached to.
+    address: String,
     /// Published, not yet durable.
     storing: u32,
 }
@@ -90,6 +92,8 @@ pub(crate) struct Services {
     pub(crate) journal: JournalHandle,
     pub(crate) policy: Policy,
     pub(crate) usage: crate::queues::Usage,
+    /// Bumped when the tenancy changes.
+    pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
 }
 
 pub(crate) struct BrokerConnection {
@@ -99,6 +103,7 @@ pub(crate) struct BrokerConnection {
     journal: JournalHandle,
     policy: Policy,
     usage: crate::queues::Usage,
+    tenancy_version: tokio::sync::watch::Sender<u64>,
     peer: Peer,
     principal: Option<Principal>,
     remote_container: String,
@@ -152,6 +157,7 @@ impl BrokerConnection {
             journal,
             policy,
             usage,
+            tenancy_version,
         } = services;
         let (tx, rx) = mpsc::unbounded_channel();
         let offered = match peer {
@@ -170,6 +176,7 @@ impl BrokerConnection {
             journal,
             policy,
             usage,
+            tenancy_version,
             peer,
             principal: None,
             remote_container: String::new(),
@@ -192,6 +199,7 @@ impl BrokerConnection {
         let mut batch = Vec::with_capacity(256);
         let mut next_tick = Instant::now();
         let mut eof = false;
+        let mut tenancy = self.tenancy_version.subscribe();
         if matches!(self.peer, Peer::Router) {
             // We connected: our Open goes first.
             self.conn.open();
@@ -208,6 +216,7 @@ impl BrokerConnection {
                 break;
             }
             tokio::select! {
+                                Ok(()) = tenancy.changed() => self.recheck(),
                 _ = shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
                     self.conn.close(Some(amqp_error(flotilla_amqp::types::definitions::ConnectionError::ConnectionForced, "broker shutting down")));
@@ -414,12 +423,7 @@ impl BrokerConnection {
             Role::Receiver => Operation::Recv,
             Role::Sender => Operation::Send,
         };
-        if !p.may(op, address) {
-            return Err(amqp_error(
-                AmqpError::UnauthorizedAccess,
-                format!("not allowed to {op:?} on {address:?}").to_lowercase(),
-            ));
-        }
+        self.may_use(p, op, address)?;
         let t = self.policy.tenancy();
         let space = t.spaces.get(&p.space);
         let declared = space.and_then(|s| s.declaration(address));
@@ -437,6 +441,84 @@ impl BrokerConnection {
             link_name: attach.name.clone(),
             topic: space.and_then(|s| s.subscriptions.get(address).cloned()),
         })
+    }
+
+    /// A direct client may use `address` for `op`: its rules allow it, and
+    /// the address exists in its space (declared, or the space takes
+    /// undeclared addresses).
+    fn may_use(&self, p: &Principal, op: Operation, address: &str) -> Result<(), AmqpErrorBody> {
+        if !p.may(op, address) {
+            return Err(amqp_error(
+                AmqpError::UnauthorizedAccess,
+                format!("not allowed to {op:?} on {address:?}").to_lowercase(),
+            ));
+        }
+        let t = self.policy.tenancy();
+        match t.spaces.get(&p.space).map(|s| s.declaration(address)) {
+            Some(Some(_)) => Ok(()),
+            _ => Err(amqp_error(
+                AmqpError::NotFound,
+                format!("no address {address:?} in address space {:?}", p.space),
+            )),
+        }
+    }
+
+    /// The tenancy changed: a direct client must still exist and be
+    /// allowed in, and each of its links must still name an address it
+    /// may use; what no longer holds is closed or detached with the reason.
+    /// (Routed links are checked by the routers, which detach them here.)
+    fn recheck(&mut self) {
+        let (Peer::Client { addr, .. }, Some(p)) = (&self.peer, self.principal.clone()) else {
+            return;
+        };
+        let p = match self.policy.recheck(&p, *addr) {
+            Ok(p) => p,
+            Err(why) => {
+                info!(conn.id = self.id, reason = %why, "closing connection: no longer authorized");
+                self.closing = true;
+                self.conn
+                    .close(Some(amqp_error(AmqpError::UnauthorizedAccess, why)));
+                return;
+            }
+        };
+        let mut gone = Vec::new();
+        for (link, prod) in &self.producers {
+            if matches!(prod.to, Destination::Management) {
+                continue;
+            }
+            if let Err(e) = self.may_use(&p, Operation::Send, &prod.address) {
+                gone.push((*link, e));
+            }
+        }
+        for (link, address) in &self.consumers {
+            if let Err(e) = self.may_use(&p, Operation::Recv, address) {
+                gone.push((*link, e));
+            }
+        }
+        self.principal = Some(p);
+        for (link, e) in gone {
+            let e = if e.condition == AmqpError::NotFound.into() {
+                amqp_error(AmqpError::NotFound, "the address was deleted")
+            } else {
+                e
+            };
+            info!(
+                conn.id = self.id,
+                link = link.0,
+                reason = e.description.as_deref().unwrap_or(""),
+                "detaching link"
+            );
+            self.conn.detach(link, Some(e));
+            self.producers.remove(&link);
+            self.pending.remove(&link);
+            if self.consumers.remove(&link).is_some() {
+                let _ = self.queues.send(BrokerEvent::Detach {
+                    conn: self.id,
+                    link,
+                    closed: false,
+                });
+            }
+        }
     }
 
     fn refuse(&mut self, link: LinkId, e: AmqpErrorBody) {
@@ -510,7 +592,14 @@ impl BrokerConnection {
         );
         self.conn.flow(link, WINDOW, false);
         debug!(conn.id = self.id, address = %address, "producer attached");
-        self.producers.insert(link, Producer { to, storing: 0 });
+        self.producers.insert(
+            link,
+            Producer {
+                to,
+                address,
+                storing: 0,
+            },
+        );
     }
 
     fn attach_consumer(&mut self, link: LinkId, attach: &Attach) {

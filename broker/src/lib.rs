@@ -235,13 +235,19 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         journal: journal.clone(),
         policy: policy.clone(),
         usage: usage.clone(),
+        tenancy_version: tokio::sync::watch::Sender::new(0),
     };
     ensure_subscription_addresses(&cfg.tenancy, &queues);
     if let Some(link) = cfg.console.clone() {
-        let (p, q) = (policy.clone(), queues.clone());
+        let (p, q, v) = (
+            policy.clone(),
+            queues.clone(),
+            services.tenancy_version.clone(),
+        );
         let apply = move |t: Tenancy| {
             ensure_subscription_addresses(&t, &q);
             p.replace(t);
+            v.send_modify(|n| *n += 1);
         };
         tracker.spawn(flotilla_core::watch::follow(
             link.clone(),

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -126,6 +125,39 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// A JSON request body; what does not parse is a `Status` error too.
+struct Body(Value);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<Value>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::new(e.status(), "BadRequest", e.body_text())),
+        }
+    }
+}
+
+/// Query parameters; what does not parse is a `Status` error too.
+struct Params<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for Params<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Params(v)),
+            Err(e) => Err(ApiError::bad(e.body_text())),
+        }
+    }
+}
+
 /// The three kinds and where they live in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -219,6 +251,13 @@ pub fn routes(state: AppState) -> Router {
             get(get_user).put(put_user).delete(delete_user),
         )
         .route("/watch", get(watch))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "this path does not take that method",
+            )
+        })
         .route("/reports", axum::routing::post(report))
         .route("/addressspaces/{space}/connections", get(connections))
         .route(
@@ -334,7 +373,7 @@ async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiRe
     if kind != Kind::AddressSpace {
         require_space(&state, &space).await?;
     }
-    let limit = q.limit.unwrap_or(usize::MAX).max(1);
+    let limit = q.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
     let prefix = kind.prefix(&space);
     let after = q.cont.map(|c| format!("{prefix}{c}"));
     let store = state.store.clone();
@@ -638,6 +677,35 @@ async fn store_object(
         check_address_quota(state, &space, &key).await?;
     }
     if kind == Kind::MessagingUser {
+        // A username names one user in a space (it is what clients log in with).
+        let username = object["spec"]["username"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let (store, prefix, me) = (
+            state.store.clone(),
+            Kind::MessagingUser.prefix(&space),
+            name.clone(),
+        );
+        let (_, same) = blocking(move || {
+            store.list_where(&prefix, None, 1, |u| {
+                u["spec"]["username"] == username.as_str() && u["metadata"]["name"] != me.as_str()
+            })
+        })
+        .await?;
+        if let Some((_, other)) = same.first() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!(
+                    "username {:?} is taken by user {:?} in address space {space:?}",
+                    other["spec"]["username"].as_str().unwrap_or(""),
+                    other["metadata"]["name"].as_str().unwrap_or("")
+                ),
+            ));
+        }
+    }
+    if kind == Kind::MessagingUser {
         let store = state.store.clone();
         let k = key.clone();
         let old = if create {
@@ -681,6 +749,11 @@ async fn store_object(
                 StatusCode::CONFLICT,
                 "AlreadyExists",
                 format!("{} already exists", describe(kind, &space, &name)),
+            ),
+            StatusCode::NOT_FOUND => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{} not found", describe(kind, &space, &name)),
             ),
             _ => e,
         })?;
@@ -727,12 +800,12 @@ async fn remove(
 #[utoipa::path(get, path = "/api/v1/addressspaces",  responses((status = 200, description = "the address spaces (`limit`, `continue`, `filter`)", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn list_spaces(
     State(s): State<AppState>,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     list(s, Kind::AddressSpace, String::new(), q).await
 }
 #[utoipa::path(post, path = "/api/v1/addressspaces", request_body = AddressSpace, responses((status = 201, body = AddressSpace), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
-async fn create_space(State(s): State<AppState>, Json(b): Json<Value>) -> ApiResult<Response> {
+async fn create_space(State(s): State<AppState>, Body(b): Body) -> ApiResult<Response> {
     write(s, Kind::AddressSpace, String::new(), None, b, true).await
 }
 #[utoipa::path(get, path = "/api/v1/addressspaces/{space}", params(("space" = String, Path)), responses((status = 200, body = AddressSpace), (status = 404, description = "not found"), (status = 401, description = "no or wrong admin token")))]
@@ -743,7 +816,7 @@ async fn get_space(State(s): State<AppState>, Path(space): Path<String>) -> ApiR
 async fn put_space(
     State(s): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<Value>,
+    Body(b): Body,
 ) -> ApiResult<Response> {
     write(s, Kind::AddressSpace, String::new(), Some(space), b, false).await
 }
@@ -758,7 +831,7 @@ async fn delete_space(
 async fn list_addresses(
     State(s): State<AppState>,
     Path(space): Path<String>,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     list(s, Kind::Address, space, q).await
 }
@@ -766,7 +839,7 @@ async fn list_addresses(
 async fn create_address(
     State(s): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<Value>,
+    Body(b): Body,
 ) -> ApiResult<Response> {
     write(s, Kind::Address, space, None, b, true).await
 }
@@ -781,7 +854,7 @@ async fn get_address(
 async fn put_address(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
-    Json(b): Json<Value>,
+    Body(b): Body,
 ) -> ApiResult<Response> {
     write(s, Kind::Address, space, Some(name), b, false).await
 }
@@ -796,7 +869,7 @@ async fn delete_address(
 async fn list_users(
     State(s): State<AppState>,
     Path(space): Path<String>,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     list(s, Kind::MessagingUser, space, q).await
 }
@@ -804,7 +877,7 @@ async fn list_users(
 async fn create_user(
     State(s): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<Value>,
+    Body(b): Body,
 ) -> ApiResult<Response> {
     write(s, Kind::MessagingUser, space, None, b, true).await
 }
@@ -819,7 +892,7 @@ async fn get_user(
 async fn put_user(
     State(s): State<AppState>,
     Path((space, name)): Path<(String, String)>,
-    Json(b): Json<Value>,
+    Body(b): Body,
 ) -> ApiResult<Response> {
     write(s, Kind::MessagingUser, space, Some(name), b, false).await
 }
@@ -846,7 +919,10 @@ const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
 /// reaches back). Then it follows changes as they happen; `BOOKMARK` lines
 /// carry the current resource version while nothing changes.
 #[utoipa::path(get, path = "/api/v1/watch", params(("resourceVersion" = Option<String>, Query, description = "resume after this version")), responses((status = 200, description = "NDJSON: one change a line (ADDED, MODIFIED, DELETED, BOOKMARK)", content_type = "application/x-ndjson"), (status = 410, description = "the version is too old: watch from 0"), (status = 401, description = "no or wrong admin token")))]
-async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> ApiResult<Response> {
+async fn watch(
+    State(state): State<AppState>,
+    Params(q): Params<WatchQuery>,
+) -> ApiResult<Response> {
     let from = match q.resource_version.as_deref() {
         None | Some("") => 0,
         Some(s) => s
@@ -911,7 +987,7 @@ async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> Ap
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
+        .body(axum::body::Body::from_stream(stream))
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -924,7 +1000,7 @@ async fn watch(State(state): State<AppState>, Query(q): Query<WatchQuery>) -> Ap
 /// `POST /api/v1/reports`: a router's or broker's live state; the answer
 /// carries the commands waiting for it.
 #[utoipa::path(post, path = "/api/v1/reports", request_body = Object, responses((status = 200, description = "commands for the reporting router or broker", body = Object), (status = 401, description = "no or wrong admin token")))]
-async fn report(State(state): State<AppState>, Json(body): Json<Value>) -> ApiResult<Json<Value>> {
+async fn report(State(state): State<AppState>, Body(body): Body) -> ApiResult<Json<Value>> {
     let id = match (body["component"].as_str(), body["id"].as_str()) {
         (Some(c @ ("router" | "broker")), Some(id)) => format!("{c}/{id}"),
         _ => {

@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -60,10 +59,7 @@ fn api(tag: &str) -> Api {
 
 fn app_in(dir: &TempDir) -> axum::Router {
     let store = Store::open(&dir.0.join("store.redb")).expect("open the store");
-    routes(AppState {
-        store,
-        token: Arc::new(TOKEN.to_string()),
-    })
+    routes(AppState::new(store, TOKEN.to_string()))
 }
 
 fn request(method: Method, uri: &str, token: Option<&str>, body: Option<&Value>) -> Request<Body> {

@@ -1,10 +1,10 @@
 //! Helpers shared by the process-level tests (`tests/router.rs`,
-//! `tests/mesh.rs`, `tests/broker.rs`, `tests/linkroute.rs`): bounded
+//! `tests/mesh.rs`, `tests/broker.rs`, `tests/linkroute.rs`, …): bounded
 //! waiting, the `flotilla router` (or `broker`) process (spawned
 //! on `127.0.0.1:0`, its ports read from its `listening` log lines, killed
-//! on drop), and clients: fe2o3-amqp (an AMQP 1.0 client we did not write)
-//! and our own `flotilla_amqp::client`, where link credit must be observed
-//! exactly.
+//! on drop), a broker behind a router, a mesh of routers, TLS files, and
+//! clients: fe2o3-amqp (an AMQP 1.0 client we did not write) and our own
+//! `flotilla_amqp::client`, where link credit must be observed exactly.
 //!
 //! Every wait is bounded by [`WAIT`]; nothing sleeps to synchronise (the
 //! only polling is [`eventually`], for things with no event to wait on).
@@ -12,6 +12,7 @@
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -21,9 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fe2o3_amqp::connection::ConnectionHandle;
-use fe2o3_amqp::link::delivery::DeliveryFut;
-use fe2o3_amqp::link::SendError;
+use fe2o3_amqp::link::delivery::{Delivery as FeDelivery, DeliveryFut};
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::link::{SendError, SenderAttachError};
 use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::primitives::Symbol;
 use fe2o3_amqp::{Connection, Receiver, Sendable, Sender, Session};
 use flotilla_amqp::client::{Client, ClientOptions};
 use flotilla_amqp::connection::{Event, LinkId};
@@ -32,6 +35,7 @@ use flotilla_amqp::message::{self, MessageParts};
 use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
 use flotilla_amqp::types::messaging::{
     Accepted, DeliveryState, Modified, Outcome, SerializableBody, Source, Target,
+    TerminusDurability, TerminusExpiryPolicy,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -248,6 +252,11 @@ impl RouterProc {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The log so far, a line each.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// How many lines of the log so far contain `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
         self.log
@@ -326,6 +335,186 @@ impl Drop for RouterProc {
 }
 
 // ---------------------------------------------------------------------------
+// The broker, alone or behind a router
+// ---------------------------------------------------------------------------
+
+/// `flotilla broker --data-dir DIR ARGS…`
+pub async fn start_broker(dir: &TempDir, args: &[&str]) -> RouterProc {
+    let mut all = vec!["--data-dir".to_string(), dir.path().display().to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    RouterProc::spawn_component("broker", all, None).await
+}
+
+/// `flotilla broker --data-dir DIR --router ROUTER ARGS…`, without waiting
+/// for the router to see it (see [`broker_connected_to`]).
+pub async fn broker_behind(router: &RouterProc, dir: &TempDir, args: &[&str]) -> RouterProc {
+    let at = format!("127.0.0.1:{}", router.amqp);
+    let mut all = vec!["--router", at.as_str()];
+    all.extend_from_slice(args);
+    start_broker(dir, &all).await
+}
+
+/// [`broker_behind`], returned once `router` has it as a route container.
+pub async fn broker_connected_to(router: &RouterProc, dir: &TempDir, args: &[&str]) -> RouterProc {
+    let broker = broker_behind(router, dir, args).await;
+    await_broker_at(router).await;
+    broker
+}
+
+fn conn_id(line: &str) -> Option<&str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("conn.id="))
+}
+
+/// A router's broker connections still up, by `conn.id`, from its log.
+pub fn live_brokers(log: &[String]) -> BTreeSet<String> {
+    let mut live = BTreeSet::new();
+    for l in log {
+        if l.contains("broker connected (route container)") {
+            live.extend(conn_id(l).map(str::to_string));
+        } else if l.contains("broker disconnected") {
+            if let Some(id) = conn_id(l) {
+                live.remove(id);
+            }
+        }
+    }
+    live
+}
+
+/// Waits until a broker is connected to `router` as a route container.
+pub async fn await_broker_at(router: &RouterProc) {
+    router
+        .wait_log("a broker connected as a route container", |log| {
+            (!live_brokers(log).is_empty()).then_some(())
+        })
+        .await;
+}
+
+/// Waits until `router` has seen its brokers' connections close.
+pub async fn await_no_broker_at(router: &RouterProc) {
+    router
+        .wait_log("the broker's connection to close", |log| {
+            live_brokers(log).is_empty().then_some(())
+        })
+        .await;
+}
+
+// ---------------------------------------------------------------------------
+// A mesh of routers
+// ---------------------------------------------------------------------------
+
+/// Router `id` with an inter-router listener, connecting to the routers
+/// listening on `peers` (inter-router ports), with `extra` arguments.
+pub async fn start_mesh_router(
+    id: &str,
+    peers: &[u16],
+    config: Option<&str>,
+    extra: &[&str],
+) -> RouterProc {
+    let mut args = vec![
+        "--inter-router".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--router-id".to_string(),
+        id.to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    for port in peers {
+        args.push("--peer".into());
+        args.push(format!("127.0.0.1:{port}"));
+    }
+    match config {
+        Some(yaml) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            RouterProc::with_config(yaml, &args).await
+        }
+        None => RouterProc::spawn(args, None).await,
+    }
+}
+
+/// Routers named by `ids`, started in order, each with an inter-router
+/// listener; for every `(x, y)` in `links` the later-started of the two
+/// connects to the other with `--peer`. Returns them in `ids` order once
+/// every router has a route to every other.
+pub async fn mesh(ids: &[&str], links: &[(&str, &str)], config: Option<&str>) -> Vec<RouterProc> {
+    mesh_with(ids, links, config, &[]).await
+}
+
+/// [`mesh`] with `extra` arguments for every router.
+pub async fn mesh_with(
+    ids: &[&str],
+    links: &[(&str, &str)],
+    config: Option<&str>,
+    extra: &[&str],
+) -> Vec<RouterProc> {
+    let mut routers: Vec<RouterProc> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut peers = Vec::new();
+        for (x, y) in links {
+            let other = match (*x == *id, *y == *id) {
+                (true, false) => y,
+                (false, true) => x,
+                _ => continue,
+            };
+            if let Some(j) = ids[..i].iter().position(|p| p == other) {
+                peers.push(routers[j].inter_router.expect("inter-router listener"));
+            }
+        }
+        routers.push(start_mesh_router(id, &peers, config, extra).await);
+    }
+    for (i, r) in routers.iter().enumerate() {
+        let others: Vec<&str> = ids
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, id)| *id)
+            .collect();
+        await_routes(r, &others).await;
+    }
+    routers
+}
+
+/// Routers `A` and `B` (which connects to A), both with `config`, once
+/// each has a route to the other.
+pub async fn two_routers(config: Option<&str>) -> (RouterProc, RouterProc) {
+    let mut routers = mesh(&["A", "B"], &[("A", "B")], config).await;
+    let b = routers.pop().expect("B");
+    let a = routers.pop().expect("A");
+    (a, b)
+}
+
+/// Router → (next hop, cost) from the last `mesh routes routes=[…]` line
+/// in `log`, e.g. `routes=["B via B cost 1", "C via B cost 2"]`.
+pub fn latest_routes(log: &[String]) -> Option<BTreeMap<String, (String, u64)>> {
+    let line = log.iter().rev().find(|l| l.contains("mesh routes"))?;
+    let list = line.split("routes=[").nth(1)?.rsplit_once(']')?.0;
+    let mut routes = BTreeMap::new();
+    for entry in list.split(", ").filter(|e| !e.is_empty()) {
+        let words: Vec<&str> = entry.trim_matches('"').split_whitespace().collect();
+        match words[..] {
+            [to, "via", hop, "cost", cost] => {
+                routes.insert(to.to_string(), (hop.to_string(), cost.parse().ok()?));
+            }
+            _ => panic!("unexpected route {entry:?} in {line:?}"),
+        }
+    }
+    Some(routes)
+}
+
+/// Waits until `router`'s latest routes list every router in `expected`;
+/// returns them.
+pub async fn await_routes(
+    router: &RouterProc,
+    expected: &[&str],
+) -> BTreeMap<String, (String, u64)> {
+    let what = format!("router {} to have routes to {expected:?}", router.name);
+    router
+        .wait_log(&what, |log| {
+            latest_routes(log).filter(|r| expected.iter().all(|e| r.contains_key(*e)))
+        })
+        .await
+}
+
+// ---------------------------------------------------------------------------
 // fe2o3-amqp: an AMQP 1.0 client we did not write
 // ---------------------------------------------------------------------------
 
@@ -364,12 +553,6 @@ impl Fe {
         }
     }
 
-    /// The session, for links with options the helpers here do not take
-    /// (terminus capabilities, durability, manual credit).
-    pub fn session(&mut self) -> &mut SessionHandle<()> {
-        &mut self.session
-    }
-
     pub async fn sender(&mut self, name: &str, address: &str) -> Sender {
         within(
             "fe2o3 sender attach",
@@ -399,6 +582,92 @@ impl Fe {
         )
         .await
         .expect("receiver attach")
+    }
+
+    /// A sender to the queue `address`, asked for by the target's `queue`
+    /// capability (as JMS does); the attach may be refused.
+    pub async fn queue_sender(
+        &mut self,
+        name: &str,
+        address: &str,
+    ) -> Result<Sender, SenderAttachError> {
+        self.sender_with_capability(name, address, "queue").await
+    }
+
+    /// A sender to the topic `address`, asked for by the target's `topic`
+    /// capability (as JMS does).
+    pub async fn topic_sender(&mut self, name: &str, address: &str) -> Sender {
+        self.sender_with_capability(name, address, "topic")
+            .await
+            .expect("topic sender attach")
+    }
+
+    async fn sender_with_capability(
+        &mut self,
+        name: &str,
+        address: &str,
+        capability: &str,
+    ) -> Result<Sender, SenderAttachError> {
+        within(
+            "fe2o3 sender attach (by capability)",
+            Sender::builder()
+                .name(name)
+                .target(
+                    Target::builder()
+                        .address(address)
+                        .capabilities(vec![Symbol::from(capability)])
+                        .build(),
+                )
+                .attach(&mut self.session),
+        )
+        .await
+    }
+
+    /// A receiver from `address` (with the source's `capability`, if any)
+    /// that grants credit only when told to; see [`recv_one`].
+    pub async fn manual_receiver(
+        &mut self,
+        name: &str,
+        address: &str,
+        capability: Option<&str>,
+    ) -> Receiver {
+        let mut source = Source::builder().address(address);
+        if let Some(c) = capability {
+            source = source.capabilities(vec![Symbol::from(c)]);
+        }
+        within(
+            "fe2o3 manual-credit receiver attach",
+            Receiver::builder()
+                .name(name)
+                .source(source.build())
+                .credit_mode(CreditMode::Manual)
+                .attach(&mut self.session),
+        )
+        .await
+        .expect("manual-credit receiver attach")
+    }
+
+    /// A subscriber to the topic `address` (by the source's `topic`
+    /// capability): durable (named by the container id and `name`, kept
+    /// while detached) or for this link only.
+    pub async fn subscriber(&mut self, name: &str, address: &str, durable: bool) -> Receiver {
+        let mut source = Source::builder()
+            .address(address)
+            .capabilities(vec![Symbol::from("topic")]);
+        if durable {
+            source = source
+                .durable(TerminusDurability::UnsettledState)
+                .expiry_policy(TerminusExpiryPolicy::Never);
+        }
+        within(
+            "fe2o3 subscriber attach",
+            Receiver::builder()
+                .name(name)
+                .source(source.build())
+                .attach(&mut self.session),
+        )
+        .await
+        .expect("subscriber attach")
     }
 
     /// A round trip with the router on this connection (attaching and
@@ -434,6 +703,55 @@ pub async fn recv_accept(r: &mut Receiver) -> String {
     let d = within("a message", r.recv::<String>()).await.expect("recv");
     within("accept", r.accept(&d)).await.expect("accept");
     d.into_body()
+}
+
+/// Grants one credit (to a [`Fe::manual_receiver`]) and returns the one
+/// delivery it brings (fe2o3 fails `recv` if more arrive than granted).
+pub async fn recv_one(r: &mut Receiver) -> FeDelivery<String> {
+    within("set credit", r.set_credit(1))
+        .await
+        .expect("set credit");
+    within("a message", r.recv::<String>()).await.expect("recv")
+}
+
+/// The delivery-count of `d`'s header (0 without one).
+pub fn delivery_count<T>(d: &FeDelivery<T>) -> u32 {
+    d.message().header.as_ref().map_or(0, |h| h.delivery_count)
+}
+
+/// The durable subscriber `sub` gets the five messages `tx` publishes
+/// first, then detaches (not closes: the subscription stays) and `tx`
+/// publishes ten more; returns those, published while it was away.
+pub async fn publish_while_durable_subscriber_is_away(
+    tx: &mut Sender,
+    mut sub: Receiver,
+) -> Vec<String> {
+    let before = numbered("before", 5);
+    assert_all_accepted(&send_all(tx, &before).await);
+    assert_eq!(recv_n(&mut sub, 5).await, before);
+    within("detach", sub.detach())
+        .await
+        .map_err(|(_, e)| e)
+        .expect("detach");
+    let away = numbered("away", 10);
+    assert_all_accepted(&send_all(tx, &away).await);
+    away
+}
+
+/// The durable subscriber `sub`, attached again, gets exactly `away`, once
+/// and in order, and then what `tx` publishes next: nothing else was kept.
+pub async fn assert_durable_subscriber_gets_only(
+    sub: &mut Receiver,
+    away: &[String],
+    tx: &mut Sender,
+) {
+    assert_eq!(
+        recv_n(sub, away.len()).await,
+        away,
+        "what was published while away, once, in order"
+    );
+    assert_all_accepted(&send_all(tx, &["after".to_string()]).await);
+    assert_eq!(recv_accept(sub).await, "after", "nothing else was kept");
 }
 
 /// An unsettled delivery's outcome, to come.
@@ -600,8 +918,62 @@ pub async fn recv_text(c: &mut Client, link: LinkId) -> String {
     String::from_utf8(body).expect("utf-8 body")
 }
 
+/// Receives `n` messages on `link`, accepting each; returns their bodies.
+pub async fn recv_texts(c: &mut Client, link: LinkId, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(recv_text(c, link).await);
+    }
+    got
+}
+
+/// Sends each of `bodies` unsettled on `link` as credit allows (token =
+/// index) and returns every outcome, by index.
+pub async fn send_texts(
+    c: &mut Client,
+    link: LinkId,
+    bodies: &[String],
+) -> Vec<Option<DeliveryState>> {
+    let mut states: Vec<Option<Option<DeliveryState>>> = bodies.iter().map(|_| None).collect();
+    let mut next = 0;
+    let mut settled = 0;
+    within("every message sent and settled", async {
+        while settled < bodies.len() {
+            while next < bodies.len() && credit(c, link) > 0 {
+                assert!(c.conn.send(link, &text(&bodies[next]), false, next as u64));
+                next += 1;
+            }
+            match c.next_event().await.expect("sender's connection") {
+                Event::Outcome {
+                    link: l,
+                    token,
+                    state,
+                    settled: true,
+                } if l == link => {
+                    let slot = &mut states[token as usize];
+                    assert!(slot.is_none(), "message {token} settled twice");
+                    *slot = Some(state);
+                    settled += 1;
+                }
+                Event::Detach { link: l, error, .. } if l == link => {
+                    panic!("the sending link was detached: {error:?}")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    states.into_iter().map(|s| s.expect("settled")).collect()
+}
+
 pub fn is_accepted(s: &Option<DeliveryState>) -> bool {
     matches!(s, Some(DeliveryState::Accepted(_)))
+}
+
+pub fn assert_all_states_accepted(states: &[Option<DeliveryState>]) {
+    for (i, s) in states.iter().enumerate() {
+        assert!(is_accepted(s), "message {i}: {s:?}");
+    }
 }
 
 /// The receiver (`rx`) rejects, releases and modifies three messages from
@@ -695,28 +1067,8 @@ pub async fn assert_each_delivered_once(
     bodies: &[String],
     max_markers: usize,
 ) {
-    let mut marked = [false; 2];
-    for i in 0.. {
-        assert!(i < max_markers, "markers never reached both receivers");
-        if marked.iter().all(|m| *m) {
-            break;
-        }
-        let o = within("a marker", tx.send(format!("marker-{i}"))).await;
-        assert!(matches!(o, Ok(Outcome::Accepted(_))), "{o:?}");
-        loop {
-            let (id, body) = within("the marker", seen.recv())
-                .await
-                .expect("collectors run");
-            if body.starts_with("marker-") {
-                marked[id] = true;
-                if body == format!("marker-{i}") {
-                    break;
-                }
-            } else {
-                got.push((id, body));
-            }
-        }
-    }
+    send_markers_until_both_saw_one(tx, seen, max_markers, |id, body, _| got.push((id, body)))
+        .await;
     assert_eq!(
         got.len(),
         bodies.len(),
@@ -727,6 +1079,42 @@ pub async fn assert_each_delivered_once(
     let mut expected = bodies.to_vec();
     expected.sort();
     assert_eq!(bodies_got, expected);
+}
+
+/// Two collectors (`spawn_collector` with ids 0 and 1) report on `seen`.
+/// Sends `marker-0`, `marker-1`, … on `tx`, each accepted, until each
+/// collector has seen one (at most `max_markers`). Everything else that
+/// arrives meanwhile goes to `other(id, body, marked)`, `marked` saying
+/// whether collector `id` had already seen a marker.
+pub async fn send_markers_until_both_saw_one(
+    tx: &mut Sender,
+    seen: &mut mpsc::UnboundedReceiver<(usize, String)>,
+    max_markers: usize,
+    mut other: impl FnMut(usize, String, bool),
+) {
+    let mut marked = [false; 2];
+    for i in 0.. {
+        assert!(i < max_markers, "markers never reached both receivers");
+        if marked.iter().all(|m| *m) {
+            break;
+        }
+        let marker = format!("marker-{i}");
+        let o = within("a marker", tx.send(marker.clone())).await;
+        assert!(matches!(o, Ok(Outcome::Accepted(_))), "{o:?}");
+        loop {
+            let (id, body) = within("the marker", seen.recv())
+                .await
+                .expect("collectors run");
+            if body.starts_with("marker-") {
+                marked[id] = true;
+                if body == marker {
+                    break;
+                }
+            } else {
+                other(id, body, marked[id]);
+            }
+        }
+    }
 }
 
 /// Writes a CA and a server certificate for `localhost` signed by it;
@@ -755,9 +1143,241 @@ pub fn write_tls_files(dir: &TempDir) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// `--tls-cert CERT --tls-key KEY`, for a router or a broker.
+pub fn tls_args(cert: &std::path::Path, key: &std::path::Path) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]
+}
+
 pub fn tls_opts(port: u16, ca: &std::path::Path) -> ClientOptions {
     ClientOptions {
         tls_ca: Some(ca.to_path_buf()),
         ..ClientOptions::from_url(&format!("amqps://localhost:{port}")).expect("valid url")
     }
+}
+
+// ---------------------------------------------------------------------------
+// The console (control plane) process and a tiny HTTP client for its API
+// ---------------------------------------------------------------------------
+
+/// A running `flotilla console --listen 127.0.0.1:0 --data-dir DIR`,
+/// killed on drop; its port is read from its `listening proto="http"` line
+/// and its admin token from `DIR/admin-token`.
+pub struct ConsoleProc {
+    pub child: Child,
+    pub port: u16,
+    pub token: String,
+    log: Arc<Mutex<Vec<String>>>,
+    /// Always `Some` but while [`ConsoleProc::restart`] moves it on.
+    dir: Option<TempDir>,
+}
+
+impl ConsoleProc {
+    pub async fn start() -> Self {
+        Self::start_in(TempDir::new("console"), "127.0.0.1:0").await
+    }
+
+    /// Kills the console and starts it again on the same port and data
+    /// directory (its store and token survive).
+    pub async fn restart(mut self) -> Self {
+        self.kill();
+        let dir = self.dir.take().expect("the console has its directory");
+        let listen = format!("127.0.0.1:{}", self.port);
+        drop(self);
+        Self::start_in(dir, &listen).await
+    }
+
+    async fn start_in(dir: TempDir, listen: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["console", "--listen", listen, "--data-dir"])
+            .arg(dir.path())
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flotilla console");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let port = within("the console's listening line", async {
+            loop {
+                let Some(line) = rx.recv().await else {
+                    panic!(
+                        "console exited before listening:\n{}",
+                        log.lock().unwrap().join("\n")
+                    );
+                };
+                if let Some(p) = listening_port(&line, "http") {
+                    return p;
+                }
+            }
+        })
+        .await;
+        let token = std::fs::read_to_string(dir.path().join("admin-token"))
+            .expect("the console made its admin token")
+            .trim()
+            .to_string();
+        ConsoleProc {
+            child,
+            port,
+            token,
+            log,
+            dir: Some(dir),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for `--console`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The admin token's file, for `--console-token-file`.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir
+            .as_ref()
+            .expect("the console has its directory")
+            .path()
+            .join("admin-token")
+    }
+
+    /// `--console URL --console-token-file FILE`, for a router or broker.
+    pub fn follow_args(&self) -> Vec<String> {
+        vec![
+            "--console".into(),
+            self.url(),
+            "--console-token-file".into(),
+            self.token_file().display().to_string(),
+        ]
+    }
+
+    /// One API call with the admin token: the status and the JSON body
+    /// (`Null` if the body is empty or not JSON).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        within(
+            "an API call",
+            http_call(self.port, method, path, Some(&self.token), body),
+        )
+        .await
+    }
+
+    /// An API call that must answer `want`; returns the body.
+    pub async fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        want: u16,
+    ) -> serde_json::Value {
+        let (status, v) = self.call(method, path, body.as_ref()).await;
+        assert_eq!(status, want, "{method} {path}: {v}");
+        v
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Kills the console with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ConsoleProc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- console log ----\n{}\n--------------------",
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection, `Connection:
+/// close`): the status and the JSON body (`Null` if empty or not JSON).
+pub async fn http_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the console");
+    tcp.write_all(req.as_bytes())
+        .await
+        .expect("send the request");
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.expect("read the answer");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut content = raw[split + 4..].to_vec();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &content[..];
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = &rest[nl + 2 + size + 2..];
+        }
+        content = out;
+    }
+    (
+        status,
+        serde_json::from_slice(&content).unwrap_or(serde_json::Value::Null),
+    )
 }

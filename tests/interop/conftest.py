@@ -1,6 +1,8 @@
 """Fixtures for interop tests: start the real `flotilla` binary on
 127.0.0.1 port 0, read the bound ports from its `listening` log lines, and
-kill it afterwards."""
+kill it afterwards. Also what every test module uses: `TIMEOUT`, a blocking
+proton `connect`, a `Scenario` running several proton connections at once,
+and `config_file` to write a config for a process."""
 
 import json
 import os
@@ -12,9 +14,19 @@ import threading
 import time
 
 import pytest
+from proton import Endpoint
+from proton.reactor import Container
+from proton.utils import BlockingConnection
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 LISTENING = re.compile(r'listening proto="([\w-]+)" addr=([\d.]+):(\d+)')
+# The bound on a client's wait, in seconds.
+TIMEOUT = 10
+
+
+def connect(url, **kw):
+    """A blocking python-qpid-proton connection to `url`."""
+    return BlockingConnection(url, timeout=TIMEOUT, **kw)
 
 
 def flotilla_bin():
@@ -103,6 +115,45 @@ class Broker(Router):
         return {q["address"]: q for q in json.loads(out)["queues"]}
 
 
+class Scenario:
+    """Runs `parts` in one proton container: each is a handler with
+    `start(container)`, which opens its connection `conn`, and `tick()`,
+    called every 50 ms. Runs until `done()` holds or the timeout (then
+    `timed_out`). With `close`, it then closes the parts' connections and
+    stops once the peer has closed each (so every settlement reached it)."""
+
+    def __init__(self, parts, done, timeout=TIMEOUT, close=False):
+        self.parts, self.done, self.timeout, self.close = parts, done, timeout, close
+        self.timed_out = self.closing = False
+
+    def run(self):
+        Container(self).run()
+        return self
+
+    def on_reactor_init(self, event):
+        self.deadline = time.monotonic() + self.timeout
+        for p in self.parts:
+            p.start(event.container)
+        event.container.schedule(0.05, self)
+
+    def on_timer_task(self, event):
+        for p in self.parts:
+            p.tick()
+        if self.closing:
+            if all(p.conn.state & Endpoint.REMOTE_CLOSED for p in self.parts):
+                return event.container.stop()
+        elif self.done():
+            if not self.close:
+                return event.container.stop()
+            self.closing = True
+            for p in self.parts:
+                p.conn.close()
+        if time.monotonic() > self.deadline:
+            self.timed_out = True
+            return event.container.stop()
+        event.container.schedule(0.05, self)
+
+
 @pytest.fixture
 def router():
     r = Router()
@@ -115,6 +166,20 @@ def tmpdir_path():
     d = tempfile.mkdtemp(prefix="flotilla-interop-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def config_file(tmpdir_path):
+    """`config_file(yaml)`: writes `yaml` to config.yaml in the test's
+    temporary directory and returns its path (for `--config`)."""
+
+    def write(yaml):
+        path = os.path.join(tmpdir_path, "config.yaml")
+        with open(path, "w") as f:
+            f.write(yaml)
+        return path
+
+    return write
 
 
 @pytest.fixture
@@ -151,3 +216,81 @@ def start_broker():
     yield start
     for b in started:
         b.stop()
+
+
+class Console:
+    """A running `flotilla console` (the control plane) with its store and
+    admin token in `data_dir`; `api()` calls its REST API with the token."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        cmd = [flotilla_bin(), "console", "--listen", "127.0.0.1:0", "--data-dir", data_dir]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.log = []
+        self.port = None
+        deadline = time.monotonic() + 20
+        while self.port is None:
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("console did not report listening:\n" + "".join(self.log))
+            line = self.proc.stderr.readline()
+            if not line:
+                self.stop()
+                raise RuntimeError("console exited:\n" + "".join(self.log))
+            self.log.append(line)
+            m = LISTENING.search(line)
+            if m and m.group(1) == "http":
+                self.port = int(m.group(3))
+        self._drain = threading.Thread(target=Router._read_rest, args=(self.proc, self.log), daemon=True)
+        self._drain.start()
+        self.token_file = os.path.join(data_dir, "admin-token")
+        with open(self.token_file) as f:
+            self.token = f.read().strip()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def follow_args(self):
+        """`--console URL --console-token-file FILE`, for a router or broker."""
+        return ["--console", self.url, "--console-token-file", self.token_file]
+
+    def api(self, method, path, body=None):
+        """One call with the admin token: (status, JSON body or None)."""
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", "Bearer " + self.token)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as res:
+                status, raw = res.status, res.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        except urllib.error.URLError as e:
+            raise RuntimeError("%s %s: %s (console exit status %r); its log:\n%s"
+                               % (method, path, e, self.proc.poll(), "".join(self.log))) from e
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, None
+
+    def expect(self, method, path, body=None, status=200):
+        got, v = self.api(method, path, body)
+        assert got == status, "%s %s: %s %s" % (method, path, got, v)
+        return v
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def console(tmpdir_path):
+    c = Console(os.path.join(tmpdir_path, "console"))
+    yield c
+    c.stop()

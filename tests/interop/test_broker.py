@@ -14,9 +14,9 @@ import pytest
 from proton import Data, Delivery, Endpoint, Message, Timeout, symbol
 from proton.handlers import MessagingHandler
 from proton.reactor import Container, Copy, DurableSubscription, ReceiverOption, Selector
-from proton.utils import BlockingConnection, LinkDetached
+from proton.utils import LinkDetached
 
-TIMEOUT = 10
+from conftest import TIMEOUT, Scenario, connect
 
 CONFIG = """
 apiVersion: flotilla.dev/v1
@@ -54,15 +54,13 @@ BROKER_UP = r"broker connected \(route container\)"
 
 
 @pytest.fixture
-def mesh(start_router, start_broker, tmpdir_path):
+def mesh(start_router, start_broker, tmpdir_path, config_file):
     """`mesh(*broker_args)`: a router and a broker behind it (on a fresh
     data dir), both with CONFIG; returns them once the router routes to
     the broker."""
 
     def start(*broker_args):
-        cfg = os.path.join(tmpdir_path, "config.yaml")
-        with open(cfg, "w") as f:
-            f.write(CONFIG)
+        cfg = config_file(CONFIG)
         r = start_router("--config", cfg)
         b = start_broker(os.path.join(tmpdir_path, "data"), "--config", cfg, "--router", r.url, *broker_args)
         r.wait_for_log(BROKER_UP)
@@ -72,10 +70,6 @@ def mesh(start_router, start_broker, tmpdir_path):
 
 
 # ---- blocking helpers -------------------------------------------------------
-
-
-def connect(url, **kw):
-    return BlockingConnection(url, timeout=TIMEOUT, **kw)
 
 
 def publish(url, address, messages):
@@ -210,44 +204,13 @@ class Publisher(MessagingHandler):
         self.outcomes.append(event.delivery.remote_state)
 
 
-class Scenario:
-    """Runs parts in one container until `done()`, then closes their
-    connections (so every accept reaches the broker) and stops."""
-
-    def __init__(self, parts, done, timeout=TIMEOUT):
-        self.parts, self.done, self.timeout = parts, done, timeout
-        self.timed_out = self.closing = False
-
-    def on_reactor_init(self, event):
-        self.deadline = time.monotonic() + self.timeout
-        for p in self.parts:
-            p.start(event.container)
-        event.container.schedule(0.05, self)
-
-    def on_timer_task(self, event):
-        for p in self.parts:
-            p.tick()
-        if self.closing:
-            if all(p.conn.state & Endpoint.REMOTE_CLOSED for p in self.parts):
-                return event.container.stop()
-        elif self.done():
-            self.closing = True
-            for p in self.parts:
-                p.conn.close()
-        if time.monotonic() > self.deadline:
-            self.timed_out = True
-            return event.container.stop()
-        event.container.schedule(0.05, self)
-
-
 def compete(takers, publisher, total, timeout=TIMEOUT):
     """Runs takers and a publisher until the takers have `total` messages
     between them and every publish is settled."""
     def done():
         return sum(len(t.got) for t in takers) >= total and len(publisher.outcomes) == len(publisher.bodies)
 
-    s = Scenario([*takers, publisher], done, timeout)
-    Container(s).run()
+    s = Scenario([*takers, publisher], done, timeout, close=True).run()
     assert not s.timed_out, "timed out: got %r, outcomes %d/%d" % (
         [t.got for t in takers], len(publisher.outcomes), len(publisher.bodies))
     assert publisher.outcomes == [Delivery.ACCEPTED] * len(publisher.bodies)
@@ -563,10 +526,8 @@ def test_remade_durable_subscription_gets_no_old_messages_after_restart(mesh):
     c.close()
 
 
-def test_subscription_address_with_two_brokers(start_router, start_broker, tmpdir_path):
-    cfg = os.path.join(tmpdir_path, "config.yaml")
-    with open(cfg, "w") as f:
-        f.write(CONFIG)
+def test_subscription_address_with_two_brokers(start_router, start_broker, tmpdir_path, config_file):
+    cfg = config_file(CONFIG)
     r = start_router("--config", cfg)
     # With these ids, "prices/#" is placed on b2 and "audit" on b1.
     for name in ("b1", "b2"):

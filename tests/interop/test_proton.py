@@ -3,16 +3,15 @@ this team wrote, talking to the real router binary."""
 
 import os
 import subprocess
-import time
 
 import pytest
 from proton import Message, SSLDomain, Delivery
 from proton.handlers import MessagingHandler
-from proton.reactor import AtMostOnce, Container, DynamicNodeProperties
+from proton.reactor import AtMostOnce, DynamicNodeProperties
 from proton import ConnectionException, Timeout
-from proton.utils import BlockingConnection, SendException, LinkDetached
+from proton.utils import SendException, LinkDetached
 
-TIMEOUT = 10
+from conftest import TIMEOUT, Scenario, connect
 
 CONFIG = """
 apiVersion: flotilla.dev/v1
@@ -41,10 +40,6 @@ spec:
 """
 
 
-def connect(url, **kw):
-    return BlockingConnection(url, timeout=TIMEOUT, **kw)
-
-
 def receive_n(receiver, n):
     got = []
     for _ in range(n):
@@ -63,7 +58,7 @@ class Part(MessagingHandler):
         super().__init__(prefetch=credit, auto_accept=False)
         self.url, self.address, self.link = url, address, None
 
-    def begin(self, container):
+    def start(self, container):
         self.conn = container.connect(self.url, handler=self)
         self.attach(container)
 
@@ -137,36 +132,11 @@ class Send(Part):
         return len(self.outcomes) == len(self.bodies)
 
 
-class Scenario:
-    """Runs parts in one container until all are done (or the timeout)."""
-
-    def __init__(self, parts, timeout=TIMEOUT):
-        self.parts, self.timeout, self.timed_out = parts, timeout, False
-
-    def on_reactor_init(self, event):
-        for p in self.parts:
-            p.begin(event.container)
-        event.container.schedule(0.05, self)
-
-    def on_timer_task(self, event):
-        for p in self.parts:
-            p.tick()
-        if all(p.done() for p in self.parts):
-            event.container.stop()
-        elif time.monotonic() > self.deadline:
-            self.timed_out = True
-            event.container.stop()
-        else:
-            event.container.schedule(0.05, self)
-
-    def run(self):
-        self.deadline = time.monotonic() + self.timeout
-        Container(self).run()
-        assert not self.timed_out, "scenario timed out: %r" % [(type(p).__name__, p.done()) for p in self.parts]
-
-
 def run(*parts):
-    Scenario(parts).run()
+    """Runs `parts` until all are done; fails if that takes longer than
+    TIMEOUT."""
+    s = Scenario(parts, lambda: all(p.done() for p in parts)).run()
+    assert not s.timed_out, "scenario timed out: %r" % [(type(p).__name__, p.done()) for p in parts]
     return parts
 
 
@@ -209,11 +179,8 @@ def test_rejected_reaches_the_sender(router):
     assert snd.outcomes == [Delivery.REJECTED]
 
 
-def test_multicast_fan_out_to_three_receivers(start_router, tmpdir_path):
-    cfg = os.path.join(tmpdir_path, "config.yaml")
-    with open(cfg, "w") as f:
-        f.write(CONFIG)
-    r = start_router("--config", cfg)
+def test_multicast_fan_out_to_three_receivers(start_router, config_file):
+    r = start_router("--config", config_file(CONFIG))
     receivers = [Recv(r.url, "prices", 10, credit=100) for _ in range(3)]
     attached = lambda: all(x.link and x.link.state & x.link.REMOTE_ACTIVE for x in receivers)
     snd = Send(r.url, "prices", range(10), wait_for=attached)
@@ -287,11 +254,8 @@ def test_request_reply_with_dynamic_addresses_and_anonymous_relay(router):
     assert b.replies == ["B-%d" % i for i in range(3)]
 
 
-def test_plain_authentication(start_router, tmpdir_path):
-    cfg = os.path.join(tmpdir_path, "config.yaml")
-    with open(cfg, "w") as f:
-        f.write(CONFIG)
-    r = start_router("--config", cfg)
+def test_plain_authentication(start_router, config_file):
+    r = start_router("--config", config_file(CONFIG))
     with pytest.raises(ConnectionException):
         connect(r.url, user="alice@tenant-a", password="wrong", allowed_mechs="PLAIN")
     c = connect(r.url, user="alice@tenant-a", password="wonderland", allowed_mechs="PLAIN")
@@ -326,7 +290,7 @@ def test_tls_connection(start_router, tmpdir_path):
     domain = SSLDomain(SSLDomain.MODE_CLIENT)
     domain.set_trusted_ca_db(ca)
     domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
-    c = BlockingConnection("amqps://localhost:%d" % r.ports["amqps"], timeout=TIMEOUT, ssl_domain=domain)
+    c = connect("amqps://localhost:%d" % r.ports["amqps"], ssl_domain=domain)
     rcv = c.create_receiver("secure", credit=5)
     snd = c.create_sender("secure", options=AtMostOnce())
     snd.send(Message(body="over tls"))
