@@ -576,3 +576,83 @@ async fn broker_following(console: &ConsoleProc) -> (TempDir, RouterProc) {
     let broker = start_broker(&dir, &args).await;
     (dir, broker)
 }
+
+/// A plan's quotas hold: the API refuses an address past the quota (403),
+/// the router a connection, a link and a message past theirs
+/// (`amqp:resource-limit-exceeded`).
+#[tokio::test]
+async fn quotas_refuse_what_the_plan_does_not_allow() {
+    let console = ConsoleProc::start().await;
+    let router = RouterProc::spawn(console.follow_args(), None).await;
+    console
+        .expect(
+            "POST",
+            "/api/v1/addressspaces",
+            Some(json!({"metadata": {"name": "tight"}, "spec": {
+                "plan": "small", "authentication": {"anonymous": false},
+                "quotas": {"addresses": 1, "connections": 1, "links": 2, "messageSize": 200}
+            }})),
+            201,
+        )
+        .await;
+    create_address(&console, "tight", "one", "one", "anycast").await;
+    let refused = console
+        .expect(
+            "POST",
+            "/api/v1/addressspaces/tight/addresses",
+            Some(
+                json!({"metadata": {"name": "two"}, "spec": {"address": "two", "type": "anycast"}}),
+            ),
+            403,
+        )
+        .await;
+    assert_eq!(refused["reason"], "QuotaExceeded", "{refused}");
+    console
+        .expect(
+            "POST",
+            "/api/v1/addressspaces",
+            Some(json!({"metadata": {"name": "wrong"}, "spec": {"plan": "huge"}})),
+            422,
+        )
+        .await;
+    create_user(&console, "tight", "carol", "secret", &["one"]).await;
+
+    let mut c = login(&router, "carol@tight", "secret", false).await;
+    let rx = receiver_when_known(&mut c, "one").await;
+    let tx = c
+        .open_sender(Some("one"), false)
+        .await
+        .expect("second link");
+    // A third link is past the quota.
+    let third = c.open_receiver(Some("one"), 1).await;
+    assert_eq!(
+        refusal(third),
+        AmqpError::ResourceLimitExceeded.into(),
+        "a third link"
+    );
+    // A message past the size quota is rejected; a small one goes.
+    let big = send_message(&mut c, tx, 0, text(&"x".repeat(500))).await;
+    match big {
+        Some(flotilla_amqp::types::messaging::DeliveryState::Rejected(r)) => assert_eq!(
+            r.error.map(|e| e.condition),
+            Some(AmqpError::ResourceLimitExceeded.into())
+        ),
+        other => panic!("a 500-byte message: {other:?}"),
+    }
+    assert!(c.conn.send(tx, &text("fits"), false, 1));
+    c.flush().await.expect("flush");
+    assert_eq!(recv_text(&mut c, rx).await, "fits");
+    // A second connection is past the quota.
+    let opts = router.user_opts("carol@tight", "secret", false);
+    match flotilla_amqp::client::Client::connect(&opts).await {
+        Err(ClientError::Closed(Some(e))) => {
+            assert_eq!(
+                e.condition,
+                AmqpError::ResourceLimitExceeded.into(),
+                "{e:?}"
+            )
+        }
+        Err(e) => panic!("a second connection: {e}"),
+        Ok(_) => panic!("a second connection was let in"),
+    }
+}

@@ -78,6 +78,8 @@ pub struct Quotas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_bytes: Option<u64>,
@@ -90,6 +92,7 @@ pub const PLANS: &[(&str, Quotas)] = &[
         Quotas {
             addresses: Some(100),
             connections: Some(100),
+            links: Some(1_000),
             message_size: Some(1 << 20),
             stored_bytes: Some(100 << 20),
         },
@@ -99,6 +102,7 @@ pub const PLANS: &[(&str, Quotas)] = &[
         Quotas {
             addresses: Some(1_000),
             connections: Some(1_000),
+            links: Some(10_000),
             message_size: Some(16 << 20),
             stored_bytes: Some(1 << 30),
         },
@@ -108,6 +112,7 @@ pub const PLANS: &[(&str, Quotas)] = &[
         Quotas {
             addresses: Some(10_000),
             connections: Some(10_000),
+            links: Some(100_000),
             message_size: Some(64 << 20),
             stored_bytes: Some(10 << 30),
         },
@@ -138,6 +143,7 @@ impl Quotas {
         Ok(Quotas {
             addresses: o.addresses.or(base.addresses),
             connections: o.connections.or(base.connections),
+            links: o.links.or(base.links),
             message_size: o.message_size.or(base.message_size),
             stored_bytes: o.stored_bytes.or(base.stored_bytes),
         })

@@ -92,6 +92,10 @@ pub(crate) struct ConnectionTask {
     pub(crate) routes: crate::linkroute::Routes,
     /// The peer's container-id (from its Open).
     remote_container: String,
+    /// The largest message the client's space allows (its quota).
+    message_quota: Option<u64>,
+    /// How many links this client has open, for its space's link quota.
+    link_count: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One of our unsettled deliveries to a receiver (or a neighbour router).
@@ -174,6 +178,8 @@ impl ConnectionTask {
             stat_links: Vec::new(),
             routes: Default::default(),
             remote_container: String::new(),
+            message_quota: None,
+            link_count: Arc::default(),
         }
     }
 
@@ -218,7 +224,12 @@ impl ConnectionTask {
                 }
                 r = rd.read_buf(&mut rbuf), if can_read => match r {
                     Ok(0) => { eof = true; self.closing.get_or_insert(CloseReason::PeerClosed); }
-                    Ok(_) => self.process_input(&mut rbuf),
+                                        Ok(_) => {
+                        self.process_input(&mut rbuf);
+                        if self.principal.is_some() {
+                            self.link_count.store(self.conn.links().count(), Ordering::Relaxed);
+                        }
+                    }
                     Err(e) => {
                         debug!(conn.id = self.id.0, error = %e, "read failed");
                         self.closing = Some(CloseReason::Io);
@@ -311,6 +322,13 @@ impl ConnectionTask {
                 return;
             }
         };
+        self.message_quota = self
+            .shared
+            .policy
+            .tenancy()
+            .spaces
+            .get(&p.space)
+            .and_then(|s| s.quotas.message_size);
         self.principal = Some(p.clone());
         let mut gone: Vec<(LinkId, AmqpErrorBody)> = Vec::new();
         for (link, inc) in &self.incoming {
@@ -512,8 +530,16 @@ impl ConnectionTask {
                             addr: self.peer,
                             container: open.container_id.clone(),
                             handle: self.handle.clone(),
+                            links: self.link_count.clone(),
                         },
                     );
+                self.message_quota = self
+                    .shared
+                    .policy
+                    .tenancy()
+                    .spaces
+                    .get(&p.space)
+                    .and_then(|s| s.quotas.message_size);
                 self.principal = Some(p);
                 self.conn.open();
                 if route_container {
@@ -538,6 +564,10 @@ impl ConnectionTask {
             );
             return;
         };
+        if let Some(e) = self.over_link_quota(&p.space) {
+            info!(conn.id = self.id.0, client.addr = %self.peer, "attach refused: the address space's link quota is used up");
+            return self.conn.refuse_attach(link, e);
+        }
         if let Some(info) = self.route_for(&p, &attach) {
             return self.route_attach(link, attach, info);
         }
@@ -565,12 +595,37 @@ impl ConnectionTask {
         open >= max
     }
 
+    /// The space has as many links open (on this router) as its quota
+    /// allows: the error to refuse another with.
+    fn over_link_quota(&self, space: &str) -> Option<AmqpErrorBody> {
+        let t = self.shared.policy.tenancy();
+        let max = t.spaces.get(space)?.quotas.links?;
+        // This connection's count as of now (the new link is not answered).
+        let mine = self.conn.links().count().saturating_sub(1);
+        self.link_count
+            .store(mine, std::sync::atomic::Ordering::Relaxed);
+        let open: usize = self
+            .shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| c.space == space)
+            .map(|c| c.links.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        (open as u64 >= max).then(|| {
+            amqp_error(
+                AmqpError::ResourceLimitExceeded,
+                format!("address space {space:?} has as many links as its plan allows ({max})"),
+            )
+        })
+    }
+
     /// A message larger than the space's quota allows: the error to
     /// reject it with.
     pub(crate) fn over_message_quota(&self, len: usize) -> Option<AmqpErrorBody> {
+        let max = self.message_quota?;
         let p = self.principal.as_ref()?;
-        let t = self.shared.policy.tenancy();
-        let max = t.spaces.get(&p.space)?.quotas.message_size?;
         (len as u64 > max).then(|| {
             amqp_error(
                 AmqpError::ResourceLimitExceeded,

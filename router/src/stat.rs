@@ -5,7 +5,8 @@
 //! local and remote receivers, senders and message counts. It needs the
 //! `view` operation on `#`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -151,6 +152,8 @@ pub(crate) struct ClientInfo {
     pub addr: std::net::SocketAddr,
     pub container: String,
     pub handle: crate::core::ConnHandle,
+    /// Links the client has open (refreshed by its connection task).
+    pub links: Arc<AtomicUsize>,
 }
 
 /// The router's live state for the console: its client connections and,
