@@ -656,3 +656,141 @@ async fn quotas_refuse_what_the_plan_does_not_allow() {
         Ok(_) => panic!("a second connection was let in"),
     }
 }
+
+/// A broker stops storing for a space at its `storedBytes` quota
+/// (`amqp:resource-limit-exceeded`), and takes messages again once some
+/// are consumed.
+#[tokio::test]
+async fn a_broker_refuses_messages_past_the_stored_bytes_quota() {
+    let console = ConsoleProc::start().await;
+    let (_dir, broker) = broker_following(&console).await;
+    console
+        .expect(
+            "POST",
+            "/api/v1/addressspaces",
+            Some(json!({"metadata": {"name": "small"}, "spec": {
+                "authentication": {"anonymous": false},
+                "quotas": {"storedBytes": 2000}
+            }})),
+            201,
+        )
+        .await;
+    create_address(&console, "small", "jobs", "jobs", "queue").await;
+    create_user(&console, "small", "dave", "secret", &["jobs"]).await;
+    let mut c = login(&broker, "dave@small", "secret", false).await;
+    let tx = sender_when_known(&mut c, "jobs").await;
+    // Keep sending 500-byte messages: the quota is counted every second,
+    // so the refusal comes within a few seconds of passing it.
+    let body = "y".repeat(500);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut accepted = 0;
+    let refused = loop {
+        assert!(
+            Instant::now() < deadline,
+            "never refused; {accepted} accepted"
+        );
+        match send_message(&mut c, tx, accepted, text(&body)).await {
+            Some(flotilla_amqp::types::messaging::DeliveryState::Accepted(_)) => accepted += 1,
+            Some(flotilla_amqp::types::messaging::DeliveryState::Rejected(r)) => break r,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        refused.error.map(|e| e.condition),
+        Some(AmqpError::ResourceLimitExceeded.into())
+    );
+    assert!(accepted >= 4, "{accepted} accepted before the quota");
+}
+
+/// Live state: the console lists a client's connection, closes it on
+/// request, and purges a queue through its broker.
+#[tokio::test]
+async fn the_console_lists_and_closes_connections_and_purges_queues() {
+    let console = ConsoleProc::start().await;
+    let router = RouterProc::spawn(console.follow_args(), None).await;
+    let (_dir, _broker) = {
+        let dir = TempDir::new("console-live-broker");
+        let mut args = console.follow_args();
+        args.extend(["--router".to_string(), format!("127.0.0.1:{}", router.amqp)]);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let b = start_broker(&dir, &a).await;
+        (dir, b)
+    };
+    create_space(&console, "live").await;
+    create_address(&console, "live", "jobs", "jobs", "queue").await;
+    create_user(&console, "live", "erin", "secret", &["jobs"]).await;
+    let mut c = login(&router, "erin@live", "secret", false).await;
+    let tx = sender_when_known(&mut c, "jobs").await;
+    for i in 0..3 {
+        assert!(is_accepted(&send_message(&mut c, tx, i, text("job")).await));
+    }
+
+    // The router's report lists the connection; the broker's the 3 messages.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        assert!(Instant::now() < deadline, "the connection never listed");
+        let v = console
+            .expect("GET", "/api/v1/addressspaces/live/connections", None, 200)
+            .await;
+        if let Some(c) = v["items"].as_array().and_then(|i| i.first()).cloned() {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(conn["user"], "erin", "{conn}");
+    loop {
+        assert!(Instant::now() < deadline, "the queue depth never reported");
+        let v = console
+            .expect("GET", "/api/v1/addressspaces/live/metrics", None, 200)
+            .await;
+        if v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["address"] == "jobs" && m["stored"] == 3)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Purge: the broker drops them.
+    console
+        .expect(
+            "POST",
+            "/api/v1/addressspaces/live/addresses/jobs/purge",
+            None,
+            202,
+        )
+        .await;
+    loop {
+        assert!(Instant::now() < deadline, "the purge never happened");
+        let v = console
+            .expect("GET", "/api/v1/addressspaces/live/metrics", None, 200)
+            .await;
+        if v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["address"] == "jobs" && m["stored"] == 0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Close: the router closes the client's connection.
+    let path = format!(
+        "/api/v1/addressspaces/live/connections/{}/{}/close",
+        conn["router"].as_str().expect("router id"),
+        conn["id"]
+    );
+    console.expect("POST", &path, None, 202).await;
+    let (cond, why) = closed(&mut c).await;
+    assert_eq!(
+        cond,
+        flotilla_amqp::types::definitions::ConnectionError::ConnectionForced.into(),
+        "{why}"
+    );
+}
