@@ -275,8 +275,16 @@ pub fn routes(state: AppState) -> Router {
             require_token,
         ))
         .with_state(state.clone());
+    let prometheus = Router::new()
+        .route("/metrics", get(prometheus))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state.clone());
     Router::new()
         .nest("/api/v1", api)
+        .merge(prometheus)
         .route(
             "/",
             get(|| async { ui("text/html; charset=utf-8", include_str!("ui/index.html")) }),
@@ -1169,4 +1177,113 @@ async fn links(State(state): State<AppState>, Path(space): Path<String>) -> ApiR
         }
     }
     Ok(Json(json!({"kind": "LinkList", "items": items})))
+}
+
+/// `GET /metrics`: Prometheus text format (admin token as bearer): per
+/// address and space what routers and brokers last reported, and what the
+/// store holds.
+async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
+    use std::fmt::Write as _;
+    let store = state.store.clone();
+    let counts = blocking(move || {
+        Ok((
+            store.count("AddressSpace/")?,
+            store.count("Address/")?,
+            store.count("MessagingUser/")?,
+        ))
+    })
+    .await?;
+    let esc = |v: &Value| {
+        v.as_str()
+            .unwrap_or("")
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP flotilla_objects Resources in the console's store.\n# TYPE flotilla_objects gauge"
+    );
+    for (kind, c) in [
+        ("AddressSpace", counts.0),
+        ("Address", counts.1),
+        ("MessagingUser", counts.2),
+    ] {
+        let _ = writeln!(out, "flotilla_objects{{kind=\"{kind}\"}} {c}");
+    }
+    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = writeln!(out, "# HELP flotilla_router_connections Client connections per router and address space.\n# TYPE flotilla_router_connections gauge");
+    let mut per: std::collections::BTreeMap<(String, String), u64> =
+        std::collections::BTreeMap::new();
+    let mut addresses = String::new();
+    for (id, r) in live.fresh("router") {
+        let router = id.trim_start_matches("router/").to_string();
+        for c in r["connections"].as_array().into_iter().flatten() {
+            *per.entry((router.clone(), esc(&c["space"]))).or_default() += 1;
+        }
+        for a in r["addresses"].as_array().into_iter().flatten() {
+            let labels = format!(
+                "router=\"{router}\",space=\"{}\",address=\"{}\"",
+                esc(&a["space"]),
+                esc(&a["address"])
+            );
+            let _ = writeln!(
+                addresses,
+                "flotilla_address_delivered_total{{{labels}}} {}",
+                n(&a["delivered"])
+            );
+            let _ = writeln!(
+                addresses,
+                "flotilla_address_senders{{{labels}}} {}",
+                n(&a["senders"])
+            );
+            let _ = writeln!(
+                addresses,
+                "flotilla_address_receivers{{{labels}}} {}",
+                n(&a["receivers"])
+            );
+        }
+    }
+    for ((router, space), c) in per {
+        let _ = writeln!(
+            out,
+            "flotilla_router_connections{{router=\"{router}\",space=\"{space}\"}} {c}"
+        );
+    }
+    let _ = writeln!(out, "# HELP flotilla_address_delivered_total Messages routers delivered per address.\n# TYPE flotilla_address_delivered_total counter");
+    let _ = writeln!(
+        out,
+        "# TYPE flotilla_address_senders gauge\n# TYPE flotilla_address_receivers gauge"
+    );
+    out.push_str(&addresses);
+    let _ = writeln!(out, "# HELP flotilla_queue_depth Messages a broker holds per queue or subscription.\n# TYPE flotilla_queue_depth gauge\n# TYPE flotilla_queue_acknowledged_total counter\n# TYPE flotilla_queue_expired_total counter\n# TYPE flotilla_queue_dead_lettered_total counter");
+    for (id, r) in live.fresh("broker") {
+        let broker = id.trim_start_matches("broker/");
+        for q in r["queues"].as_array().into_iter().flatten() {
+            let labels = format!(
+                "broker=\"{broker}\",space=\"{}\",queue=\"{}\"",
+                esc(&q["space"]),
+                esc(&q["address"])
+            );
+            let _ = writeln!(out, "flotilla_queue_depth{{{labels}}} {}", n(&q["depth"]));
+            let _ = writeln!(
+                out,
+                "flotilla_queue_acknowledged_total{{{labels}}} {}",
+                n(&q["acknowledged"])
+            );
+            let _ = writeln!(
+                out,
+                "flotilla_queue_expired_total{{{labels}}} {}",
+                n(&q["expired"])
+            );
+            let _ = writeln!(
+                out,
+                "flotilla_queue_dead_lettered_total{{{labels}}} {}",
+                n(&q["deadLettered"])
+            );
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

@@ -1339,3 +1339,59 @@ async fn watch_resumes_after_a_resource_version() {
     // 410 Gone needs more than 200,000 changes to trim the log: not
     // exercised here (store::changes_since returns Gone; the API maps it).
 }
+
+/// `/metrics` (Prometheus text) needs the token, counts what the store
+/// holds, and shows what components report; `/openapi.json` describes the
+/// API.
+#[tokio::test]
+async fn metrics_and_openapi() {
+    let api = api("metrics");
+    api.create_space("m").await;
+    api.create(
+        "/api/v1/addressspaces/m/addresses",
+        json!({"metadata": {"name": "q"}, "spec": {"address": "q", "type": "queue"}}),
+    )
+    .await;
+    let (s, _) = api
+        .call(
+            Method::POST,
+            "/api/v1/reports",
+            Some(json!({"component": "broker", "id": "b1", "queues": [
+                {"space": "m", "address": "q", "depth": 7, "acknowledged": 2}
+            ]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let text = |token: Option<&str>| {
+        let app = api.app.clone();
+        let token = token.map(str::to_string);
+        async move {
+            let res = app
+                .oneshot(request(Method::GET, "/metrics", token.as_deref(), None))
+                .await
+                .expect("infallible");
+            let status = res.status();
+            let b = res.into_body().collect().await.expect("body").to_bytes();
+            (status, String::from_utf8_lossy(&b).into_owned())
+        }
+    };
+    let (s, _) = text(None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = text(Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        body.contains("flotilla_objects{kind=\"Address\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("flotilla_queue_depth{broker=\"b1\",space=\"m\",queue=\"q\"} 7"),
+        "{body}"
+    );
+    let (s, doc) = api.call_as(None, Method::GET, "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        doc["paths"]["/api/v1/addressspaces/{space}/addresses"]["post"].is_object(),
+        "{doc}"
+    );
+    assert!(doc["components"]["schemas"]["Address"].is_object());
+}
