@@ -322,14 +322,7 @@ impl ConnectionTask {
                 return;
             }
         };
-        self.message_quota = self
-            .shared
-            .policy
-            .tenancy()
-            .spaces
-            .get(&p.space)
-            .and_then(|s| s.quotas.message_size);
-        self.principal = Some(p.clone());
+        self.set_principal(p.clone());
         let mut gone: Vec<(LinkId, AmqpErrorBody)> = Vec::new();
         for (link, inc) in &self.incoming {
             if let IncomingTarget::Address(a) = &inc.target {
@@ -360,6 +353,18 @@ impl ConnectionTask {
             self.link_gone(link, unsettled);
         }
         self.route_recheck(&p);
+    }
+
+    /// Who the client is from now on, with its space's message-size quota.
+    fn set_principal(&mut self, p: Principal) {
+        self.message_quota = self
+            .shared
+            .policy
+            .tenancy()
+            .spaces
+            .get(&p.space)
+            .and_then(|s| s.quotas.message_size);
+        self.principal = Some(p);
     }
 
     /// Why a link to `a` for `op` may no longer stay, if so.
@@ -533,14 +538,7 @@ impl ConnectionTask {
                             links: self.link_count.clone(),
                         },
                     );
-                self.message_quota = self
-                    .shared
-                    .policy
-                    .tenancy()
-                    .spaces
-                    .get(&p.space)
-                    .and_then(|s| s.quotas.message_size);
-                self.principal = Some(p);
+                self.set_principal(p);
                 self.conn.open();
                 if route_container {
                     let id = open.container_id.clone();
