@@ -934,6 +934,12 @@ impl ConnectionTask {
         let drain = l.drain;
         let address = out.address.clone();
         let outstanding = out.outstanding.clone();
+        // Messages routed to this receiver before it ran out of credit may
+        // still be in our channel: they go out before what waited in the
+        // address's queue (which came after them).
+        while let Ok(ev) = self.rx.try_recv() {
+            self.handle_conn_event(ev);
+        }
         let msgs = address.consumer_credit(self.id, link, limit).msgs;
         if !msgs.is_empty() {
             crate::core::return_credit(&msgs);

@@ -445,7 +445,12 @@ impl AddressState {
 
     /// A receiver's credit changed: record its new limit and hand it what
     /// waited for credit. Returns the messages to send on that link now.
-    pub fn consumer_credit(&self, conn: ConnectionId, link: LinkId, limit: u32) -> Credited {
+    pub fn consumer_credit(
+        self: &Arc<Self>,
+        conn: ConnectionId,
+        link: LinkId,
+        limit: u32,
+    ) -> Credited {
         let mut g = self.lock();
         let g = &mut *g;
         let Some(c) = g
@@ -477,6 +482,31 @@ impl AddressState {
         }
         self.delivered
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        if c.remote.is_some() && !msgs.is_empty() {
+            // Towards a neighbour, what waited goes through the neighbour
+            // connection's channel, sent while this lock is held: behind
+            // any message routed to it earlier (still in that channel) and
+            // ahead of any routed later, so order holds.
+            return_credit(&msgs);
+            for m in msgs {
+                let ev = ConnEvent::Deliver {
+                    link: c.link,
+                    msg: m,
+                    address: self.clone(),
+                    outstanding: c.outstanding.clone(),
+                };
+                if let Err(mpsc::error::SendError(ConnEvent::Deliver { msg, .. })) =
+                    c.conn.tx.send(ev)
+                {
+                    // The connection is gone; its cleanup re-routes the rest.
+                    msg.release();
+                }
+            }
+            return Credited {
+                msgs: Vec::new(),
+                outstanding: Some(c.outstanding.clone()),
+            };
+        }
         Credited {
             msgs,
             outstanding: Some(c.outstanding.clone()),
@@ -771,6 +801,32 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn what_waited_for_a_neighbour_follows_what_was_already_on_its_way() {
+        // m1 goes straight to the neighbour's channel; m2 waits for the
+        // window; when the window opens, m2 must queue behind m1 (which the
+        // neighbour's connection has not taken from its channel yet).
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (n1, mut r1) = handle(1);
+        a.set_remote("r1", Some(((n1, LinkId(5)), 1)), 1);
+        let body = |b: &'static [u8]| Routed {
+            payload: Bytes::from_static(b),
+            ..msg(true, None)
+        };
+        assert_eq!(a.forward(body(b"m1")), Forwarded::Sent(1));
+        assert_eq!(a.forward(body(b"m2")), Forwarded::Queued);
+        let credited = a.consumer_credit(ConnectionId(1), LinkId(5), 2);
+        assert!(credited.msgs.is_empty(), "sent through the channel instead");
+        let mut order = Vec::new();
+        while let Ok(ConnEvent::Deliver { msg, .. }) = r1.try_recv() {
+            order.push(msg.payload);
+        }
+        assert_eq!(
+            order,
+            vec![Bytes::from_static(b"m1"), Bytes::from_static(b"m2")]
+        );
     }
 
     #[test]
