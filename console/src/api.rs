@@ -132,10 +132,13 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<Value>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(ApiError::new(e.status(), "BadRequest", e.body_text())),
-        }
+        // JSON whatever the Content-Type says (`curl -d` sends a form type).
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), "BadRequest", e.body_text()))?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::bad(format!("the body is not JSON: {e}")))
     }
 }
 
