@@ -991,3 +991,51 @@ async fn a_message_abandoned_through_the_router_counts_towards_dead_lettering() 
         "abandoned twice: counted, then dead-lettered (as on the broker itself)"
     );
 }
+
+/// Placement from config: with two brokers behind a router, a queue
+/// pinned to one (`spec.broker`) is held by that one — for two queues
+/// pinned to different brokers, so at least one is not where hashing
+/// would put it.
+#[tokio::test]
+async fn a_queue_pinned_to_a_broker_is_held_by_it() {
+    const PINNED: &str = "apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: pinned-1}
+spec: {address: pinned-1, type: queue, broker: b1}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: pinned-2}
+spec: {address: pinned-2, type: queue, broker: b2}
+";
+    let router = RouterProc::with_config(PINNED, &[]).await;
+    let cfg = TempDir::new("pinned-config");
+    let config = cfg.write("config.yaml", PINNED);
+    let config = config.display().to_string();
+    let (d1, d2) = (TempDir::new("pinned-b1"), TempDir::new("pinned-b2"));
+    let b1 = broker_behind(&router, &d1, &["--container-id", "b1", "--config", &config]).await;
+    let b2 = broker_behind(&router, &d2, &["--container-id", "b2", "--config", &config]).await;
+    router
+        .wait_log("both brokers", |log| {
+            (live_brokers(log).len() == 2).then_some(())
+        })
+        .await;
+    for (address, broker) in [("pinned-1", &b1), ("pinned-2", &b2)] {
+        let mut p = router.client().await;
+        let tx = p.open_sender(Some(address), false).await.expect("producer");
+        for i in 0..3 {
+            let body = format!("{address}-{i}");
+            assert!(is_accepted(&send_message(&mut p, tx, i, text(&body)).await));
+        }
+        // The pinned broker holds them: a consumer connected to it
+        // directly gets all three.
+        let mut c = broker.client().await;
+        let (rx, _) = c.open_receiver(Some(address), 10).await.expect("consumer");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(recv_text(&mut c, rx).await);
+        }
+        let want: Vec<String> = (0..3).map(|i| format!("{address}-{i}")).collect();
+        assert_eq!(got, want, "{address} on its broker");
+    }
+}

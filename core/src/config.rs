@@ -61,6 +61,8 @@ pub struct Space {
     patterns: Vec<(String, AddressType)>,
     /// `subscription` addresses → their topic.
     pub subscriptions: HashMap<String, String>,
+    /// Declared addresses (or patterns) pinned to a broker.
+    pub placements: HashMap<String, String>,
     /// What the space may use.
     pub quotas: crate::resources::Quotas,
     pub users: HashMap<String, User>,
@@ -75,6 +77,7 @@ impl Space {
             exact: HashMap::new(),
             patterns: Vec::new(),
             subscriptions: HashMap::new(),
+            placements: HashMap::new(),
             quotas: Default::default(),
             users: HashMap::new(),
         }
@@ -240,6 +243,9 @@ impl Tenancy {
                 space
                     .subscriptions
                     .insert(a.spec.address.clone(), t.clone());
+            }
+            if let Some(b) = &a.spec.broker {
+                space.placements.insert(a.spec.address.clone(), b.clone());
             }
         }
         for (doc, u) in users {

@@ -181,6 +181,10 @@ pub struct AddressSpec {
     /// `subscription` addresses: the topic address it subscribes to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
+    /// Queues and topics: the broker (its container id) that holds it;
+    /// unset: routers place it among the brokers they know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 /// What an authorization rule allows.
@@ -324,6 +328,11 @@ impl Address {
             }
             (None, _) => {}
         }
+        if self.spec.broker.is_some() && self.spec.kind.is_direct() {
+            return Err(ValidationError::Invalid(
+                "spec.broker is only for queue, topic and subscription addresses".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -398,6 +407,7 @@ mod tests {
                 kind: AddressType::Anycast,
                 plan: None,
                 topic: None,
+                broker: None,
             },
             status: None,
         };

@@ -695,7 +695,7 @@ impl ConnectionTask {
             address: address.clone(),
             container: self.remote_container.clone(),
             link_name: attach.name.clone(),
-            broker: None,
+            broker: space.placements.get(declared).cloned(),
             hops: 0,
             topic,
         })
