@@ -347,12 +347,7 @@ fn print_stat(v: &serde_json::Value) {
         for r in m["routes"].as_array().into_iter().flatten() {
             out!("  {:<24} {:<24} {:>5}", s(&r[0]), s(&r[1]), r[2]);
         }
-        let n: Vec<String> = m["neighbors"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+        let n = strings(&m["neighbors"]);
         out!(
             "  neighbours: {}",
             if n.is_empty() {
@@ -404,12 +399,7 @@ fn print_stat(v: &serde_json::Value) {
         "dropped"
     );
     for a in v["addresses"].as_array().into_iter().flatten() {
-        let via: Vec<String> = a["remote_via"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+        let via = strings(&a["remote_via"]);
         out!(
             "  {:<32} {:<9} {:>6} {:<16} {:>7} {:>7} {:>10} {:>8}",
             s(&a["address"]),
@@ -426,4 +416,17 @@ fn print_stat(v: &serde_json::Value) {
             a["dropped"]
         );
     }
+}
+
+/// A JSON array's items as text.
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| x.to_string())
+        })
+        .collect()
 }

@@ -484,11 +484,7 @@ async fn a_queue_through_router_and_broker_follows_the_console() {
 /// logs in and uses a queue; once deleted, it can no longer log in.
 #[tokio::test]
 async fn a_broker_serves_users_made_through_the_api() {
-    let console = ConsoleProc::start().await;
-    let (_dir, broker) = broker_following(&console).await;
-    create_space(&console, "tenant-a").await;
-    create_address(&console, "tenant-a", "jobs", "jobs", "queue").await;
-    create_user(&console, "tenant-a", "alice", "wonderland", &["jobs"]).await;
+    let (console, _dir, broker) = broker_with_alice().await;
 
     let mut alice = login(&broker, "alice@tenant-a", "wonderland", false).await;
     let tx = sender_when_known(&mut alice, "jobs").await;
@@ -521,11 +517,7 @@ async fn a_broker_serves_users_made_through_the_api() {
 /// through the API work; deleting the address detaches the link.
 #[tokio::test]
 async fn a_broker_detaches_links_to_a_deleted_address() {
-    let console = ConsoleProc::start().await;
-    let (_dir, broker) = broker_following(&console).await;
-    create_space(&console, "tenant-a").await;
-    create_address(&console, "tenant-a", "jobs", "jobs", "queue").await;
-    create_user(&console, "tenant-a", "alice", "wonderland", &["jobs"]).await;
+    let (console, _dir, broker) = broker_with_alice().await;
 
     let mut alice = login(&broker, "alice@tenant-a", "wonderland", false).await;
     let tx = sender_when_known(&mut alice, "jobs").await;
@@ -533,9 +525,6 @@ async fn a_broker_detaches_links_to_a_deleted_address() {
     let rx = receiver_when_known(&mut worker, "jobs").await;
     send_and_receive(&mut alice, tx, &mut worker, rx, 1, "job 1").await;
 
-    // (New attaches are not the test: a broker takes any address its
-    // rules allow as a queue, declared or not, since routers decide which
-    // addresses exist.)
     delete(&console, "/api/v1/addressspaces/tenant-a/addresses/jobs").await;
     let (cond, why) = detached(&mut worker, rx).await;
     assert_eq!(cond, AmqpError::NotFound.into(), "{why}");
@@ -545,11 +534,7 @@ async fn a_broker_detaches_links_to_a_deleted_address() {
 /// connection.
 #[tokio::test]
 async fn a_broker_closes_a_deleted_users_connections() {
-    let console = ConsoleProc::start().await;
-    let (_dir, broker) = broker_following(&console).await;
-    create_space(&console, "tenant-a").await;
-    create_address(&console, "tenant-a", "jobs", "jobs", "queue").await;
-    create_user(&console, "tenant-a", "alice", "wonderland", &["jobs"]).await;
+    let (console, _dir, broker) = broker_with_alice().await;
     let mut alice = login(&broker, "alice@tenant-a", "wonderland", false).await;
     sender_when_known(&mut alice, "jobs").await;
 
@@ -567,6 +552,17 @@ async fn a_broker_closes_a_deleted_users_connections() {
     // …and the connection already open must close.
     let (cond, why) = closed(&mut alice).await;
     assert_eq!(cond, AmqpError::UnauthorizedAccess.into(), "{why}");
+}
+
+/// A console, a broker following it, and in space `tenant-a` a queue
+/// `jobs` and the user alice (password `wonderland`) who may use it.
+async fn broker_with_alice() -> (ConsoleProc, TempDir, RouterProc) {
+    let console = ConsoleProc::start().await;
+    let (dir, broker) = broker_following(&console).await;
+    create_space(&console, "tenant-a").await;
+    create_address(&console, "tenant-a", "jobs", "jobs", "queue").await;
+    create_user(&console, "tenant-a", "alice", "wonderland", &["jobs"]).await;
+    (console, dir, broker)
 }
 
 async fn broker_following(console: &ConsoleProc) -> (TempDir, RouterProc) {

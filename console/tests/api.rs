@@ -804,56 +804,34 @@ async fn invalid_bodies_are_refused_with_clear_errors() {
 #[tokio::test]
 async fn a_body_that_is_not_json_is_a_client_error() {
     let api = api("notjson");
-    let res = api
-        .app
-        .clone()
-        .oneshot(
-            Request::builder()
+    let post = |content_type: Option<&'static str>, body: &'static str| {
+        let app = api.app.clone();
+        async move {
+            let mut r = Request::builder()
                 .method(Method::POST)
                 .uri("/api/v1/addressspaces")
-                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from("{not json"))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert!(res.status().is_client_error(), "{}", res.status());
-    let res = api
-        .app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/api/v1/addressspaces")
-                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-                .body(Body::from(r#"{"metadata":{"name":"a"}}"#))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+            if let Some(t) = content_type {
+                r = r.header(header::CONTENT_TYPE, t);
+            }
+            let req = r.body(Body::from(body)).unwrap();
+            app.oneshot(req).await.unwrap().status()
+        }
+    };
+    let status = post(Some("application/json"), "{not json").await;
+    assert!(status.is_client_error(), "{status}");
     // JSON is read whatever the Content-Type says (`curl -d` sends a form
     // type), and what is not JSON is still refused.
     assert_eq!(
-        res.status(),
+        post(None, r#"{"metadata":{"name":"a"}}"#).await,
         StatusCode::CREATED,
         "JSON without a content type"
     );
-    let res = api
-        .app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::POST)
-                .uri("/api/v1/addressspaces")
-                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from("name=b"))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::BAD_REQUEST, "a form body");
+    assert_eq!(
+        post(Some("application/x-www-form-urlencoded"), "name=b").await,
+        StatusCode::BAD_REQUEST,
+        "a form body"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -582,15 +582,19 @@ impl ConnectionTask {
         let Some(max) = t.spaces.get(space).and_then(|s| s.quotas.connections) else {
             return false;
         };
-        let open = self
-            .shared
+        self.sum_over_clients(space, |_| 1) >= max
+    }
+
+    /// Sums `f` over the client connections of `space` on this router.
+    fn sum_over_clients(&self, space: &str, f: impl Fn(&crate::stat::ClientInfo) -> u64) -> u64 {
+        self.shared
             .clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter(|c| c.space == space)
-            .count() as u64;
-        open >= max
+            .map(f)
+            .sum()
     }
 
     /// The space has as many links open (on this router) as its quota
@@ -602,16 +606,10 @@ impl ConnectionTask {
         let mine = self.conn.links().count().saturating_sub(1);
         self.link_count
             .store(mine, std::sync::atomic::Ordering::Relaxed);
-        let open: usize = self
-            .shared
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|c| c.space == space)
-            .map(|c| c.links.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
-        (open as u64 >= max).then(|| {
+        let open = self.sum_over_clients(space, |c| {
+            c.links.load(std::sync::atomic::Ordering::Relaxed) as u64
+        });
+        (open >= max).then(|| {
             amqp_error(
                 AmqpError::ResourceLimitExceeded,
                 format!("address space {space:?} has as many links as its plan allows ({max})"),

@@ -168,19 +168,12 @@ impl RouterProc {
             .nth(1)
             .cloned()
             .unwrap_or_default();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args([component, "--amqp", "127.0.0.1:0"])
-            .args(&args)
-            // FLOTILLA_TEST_LOG=debug shows more of the router in failures.
-            .env(
-                "RUST_LOG",
-                std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn flotilla");
+        let mut child = spawn_flotilla(
+            [component, "--amqp", "127.0.0.1:0"]
+                .iter()
+                .map(std::ffi::OsStr::new)
+                .chain(args.iter().map(std::ffi::OsStr::new)),
+        );
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -1192,18 +1185,12 @@ impl ConsoleProc {
     }
 
     async fn start_in(dir: TempDir, listen: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["console", "--listen", listen, "--data-dir"])
-            .arg(dir.path())
-            .env(
-                "RUST_LOG",
-                std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn flotilla console");
+        let mut child = spawn_flotilla(
+            ["console", "--listen", listen, "--data-dir"]
+                .iter()
+                .map(std::ffi::OsStr::new)
+                .chain(std::iter::once(dir.path().as_os_str())),
+        );
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -1380,4 +1367,20 @@ pub async fn http_call(
         status,
         serde_json::from_slice(&content).unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// Starts `flotilla ARGS…` with its log on a pipe (`FLOTILLA_TEST_LOG=debug`
+/// shows more of it in failures).
+fn spawn_flotilla<'a>(args: impl IntoIterator<Item = &'a std::ffi::OsStr>) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flotilla")
 }
