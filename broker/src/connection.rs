@@ -62,6 +62,20 @@ struct Producer {
     address: String,
     /// Published, not yet durable.
     storing: u32,
+    /// The space's `storedBytes` quota, if it has one (looked up at attach
+    /// and when the tenancy changes, not per message).
+    quota: Option<(String, u64)>,
+}
+
+impl Destination {
+    /// The address space a message for here is stored in.
+    fn space(&self) -> Option<&str> {
+        match self {
+            Destination::Topic { space, .. } => Some(space),
+            Destination::Queue(q) => q.split_once('/').map(|(s, _)| s),
+            Destination::Management => None,
+        }
+    }
 }
 
 /// Who is on the other end.
@@ -468,6 +482,17 @@ impl BrokerConnection {
     /// may use; what no longer holds is closed or detached with the reason.
     /// (Routed links are checked by the routers, which detach them here.)
     fn recheck(&mut self) {
+        // Quotas may have changed, for routed producers too.
+        let quotas: Vec<(LinkId, Option<(String, u64)>)> = self
+            .producers
+            .iter()
+            .map(|(l, prod)| (*l, self.storage_quota(&prod.to)))
+            .collect();
+        for (l, q) in quotas {
+            if let Some(prod) = self.producers.get_mut(&l) {
+                prod.quota = q;
+            }
+        }
         let (Peer::Client { addr, .. }, Some(p)) = (&self.peer, self.principal.clone()) else {
             return;
         };
@@ -592,12 +617,14 @@ impl BrokerConnection {
         );
         self.conn.flow(link, WINDOW, false);
         debug!(conn.id = self.id, address = %address, "producer attached");
+        let quota = self.storage_quota(&to);
         self.producers.insert(
             link,
             Producer {
                 to,
                 address,
                 storing: 0,
+                quota,
             },
         );
     }
@@ -779,21 +806,17 @@ impl BrokerConnection {
         };
         let (dref, settled) = (d.id, d.settled);
         let payload = d.payload;
-        let space = match &p.to {
-            Destination::Topic { space, .. } => Some(space.clone()),
-            Destination::Queue(q) => q.split_once('/').map(|(s, _)| s.to_string()),
-            Destination::Management => None,
-        };
-        if let Some(e) = space.and_then(|s| self.over_storage_quota(&s)) {
+        if let Some(e) = p
+            .quota
+            .as_ref()
+            .and_then(|q| over_storage_quota(&self.usage, q))
+        {
             if !settled {
                 self.conn
                     .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
             }
             return;
         }
-        let Some(p) = self.producers.get_mut(&link) else {
-            return;
-        };
         let queue = match &p.to {
             Destination::Management => return self.management(dref, settled, &payload),
             Destination::Topic { space, topic } => {
@@ -856,24 +879,17 @@ impl BrokerConnection {
         }
     }
 
-    /// The space holds as many bytes as its quota allows: the error to
-    /// refuse a message with.
-    fn over_storage_quota(&self, space: &str) -> Option<AmqpErrorBody> {
-        let t = self.policy.tenancy();
-        let max = t.spaces.get(space)?.quotas.stored_bytes?;
-        let used = self
-            .usage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(space)
-            .copied()
-            .unwrap_or(0);
-        (used >= max).then(|| {
-            amqp_error(
-                AmqpError::ResourceLimitExceeded,
-                format!("address space {space:?} stores {used} bytes, as many as its plan allows ({max})"),
-            )
-        })
+    /// The `storedBytes` quota of the space `to` stores in, if any.
+    fn storage_quota(&self, to: &Destination) -> Option<(String, u64)> {
+        let space = to.space()?;
+        let max = self
+            .policy
+            .tenancy()
+            .spaces
+            .get(space)?
+            .quotas
+            .stored_bytes?;
+        Some((space.to_string(), max))
     }
 
     /// A management request: `operation: PURGE` with `name` (the queue's
@@ -1049,4 +1065,26 @@ impl BrokerConnection {
             self.conn.flow(link, WINDOW - storing, false);
         }
     }
+}
+
+/// The space holds as many bytes as its quota allows: the error to refuse
+/// a message with.
+fn over_storage_quota(
+    usage: &crate::queues::Usage,
+    (space, max): &(String, u64),
+) -> Option<AmqpErrorBody> {
+    let used = usage
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(space)
+        .copied()
+        .unwrap_or(0);
+    (used >= *max).then(|| {
+        amqp_error(
+            AmqpError::ResourceLimitExceeded,
+            format!(
+                "address space {space:?} stores {used} bytes, as many as its plan allows ({max})"
+            ),
+        )
+    })
 }
