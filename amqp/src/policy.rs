@@ -1,22 +1,59 @@
 //! Policy at fixed points: which SASL mechanisms a peer is offered, who a
 //! set of credentials is, which address space a connection lands in (Open),
 //! and whether a link may attach to an address (Attach).
+//!
+//! # Which address space
+//!
+//! A client names its space by SASL-init's `hostname`, else the Open
+//! frame's `hostname`, else by logging in as `user@space`, else it is in
+//! `default` (DESIGN.md "Connecting"). A hostname counts only when it is
+//! the name of a space (clients send the server's DNS name there by
+//! default). Names that disagree — a SASL hostname and an Open hostname
+//! naming two spaces, or `user@a` on a connection that names `b` — refuse
+//! the connection: credentials of one space never open another.
+//!
+//! PLAIN is checked against the space the connection names; when only the
+//! Open frame names it (python-qpid-proton's `virtual_host` sets no SASL
+//! hostname), the transport answers SASL and checks the password once the
+//! Open frame is read ([`Verdict::AwaitOpen`]). SCRAM-SHA-256 must pick the
+//! user's keys before Open: SASL hostname, else `user@space`, else the one
+//! space that has such a user, else `default`; an Open hostname naming
+//! another space is then refused.
+//!
+//! A space with `requireTls` (or a router with `--require-tls`) refuses
+//! clients that did not come over TLS, and refuses a PLAIN login over
+//! plain TCP before its password is looked at.
+//!
+//! # Components
+//!
+//! Routers, brokers, gateways and the last-will service prove the mesh
+//! credential: SCRAM-SHA-256 as `ID@$mesh` with the mesh secret, or a
+//! certificate signed by the mesh CA. Such a peer is a
+//! [`PeerKind::Component`], never a tenant; a tenant's credentials never
+//! make one.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use crate::transport::{Authenticator, Identity};
-use flotilla_core::auth::{authorized, ScramCredentials};
-use flotilla_core::config::{allow_all, Anonymous, Tenancy, DEFAULT_SPACE};
+use crate::transport::{Authenticator, Hostnames, Identity, PeerKind, TlsState, Verdict};
+use flotilla_core::auth::{authorized, MeshSecret, ScramCredentials};
+use flotilla_core::config::{allow_all, Anonymous, Space, Tenancy, DEFAULT_SPACE};
 use flotilla_core::resources::{AuthorizationRule, Operation};
 
-/// The tenancy the router serves, replaceable while running.
+/// The tenancy a router or broker serves (replaceable while running) and
+/// how components prove themselves.
 #[derive(Debug, Clone)]
 pub struct Policy {
     tenancy: Arc<RwLock<Arc<Tenancy>>>,
+    /// The mesh secret: components log in with it as `ID@$mesh`.
+    mesh: Option<MeshSecret>,
+    /// A client certificate the listener's CA verified proves a component.
+    cert_components: bool,
+    /// Every space requires TLS (`--require-tls`).
+    require_tls: bool,
 }
 
-/// Who a connection is, once its Open is accepted.
+/// Who a client connection is, once its Open is accepted.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub space: String,
@@ -46,11 +83,53 @@ fn split_user(user: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Keys no password matches, checked for logins of unknown users.
+fn unknown_user_keys() -> &'static ScramCredentials {
+    static KEYS: std::sync::OnceLock<ScramCredentials> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let n = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        ScramCredentials::derive(&format!("unknown-user-{n:x}-{:p}", &n))
+    })
+}
+
+/// `hostname` if it is the name of a space.
+fn naming<'a>(t: &Tenancy, hostname: Option<&'a str>) -> Option<&'a str> {
+    hostname.filter(|h| t.spaces.contains_key(*h))
+}
+
 impl Policy {
     pub fn new(t: Tenancy) -> Self {
         Policy {
             tenancy: Arc::new(RwLock::new(Arc::new(t))),
+            mesh: None,
+            cert_components: false,
+            require_tls: false,
         }
+    }
+
+    /// Components may log in with the mesh secret.
+    #[must_use]
+    pub fn with_mesh_secret(mut self, secret: Option<MeshSecret>) -> Self {
+        self.mesh = secret;
+        self
+    }
+
+    /// A client certificate the listener's CA verified proves a component.
+    #[must_use]
+    pub fn with_cert_components(mut self, on: bool) -> Self {
+        self.cert_components = on;
+        self
+    }
+
+    /// Every space requires TLS.
+    #[must_use]
+    pub fn with_require_tls(mut self, on: bool) -> Self {
+        self.require_tls = on;
+        self
     }
 
     /// Serves `t` from now on (new connections and attaches; existing ones
@@ -66,24 +145,10 @@ impl Policy {
             .clone()
     }
 
-    /// The space credentials belong to: `user@space`, else the SASL
-    /// hostname when it names a space, else `default`.
-    fn credential_space(
-        &self,
-        t: &Tenancy,
-        user: &str,
-        hostname: Option<&str>,
-    ) -> (String, String) {
-        let (name, space) = split_user(user);
-        let space = space
-            .map(str::to_string)
-            .or_else(|| {
-                hostname
-                    .filter(|h| t.spaces.contains_key(*h))
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| DEFAULT_SPACE.to_string());
-        (name.to_string(), space)
+    /// Why a client of `space` may not use a connection without TLS.
+    fn tls_refusal(&self, space: &Space, tls: bool) -> Option<String> {
+        (!tls && (self.require_tls || space.require_tls))
+            .then(|| format!("address space {:?} requires TLS", space.name))
     }
 
     /// Checks a principal again after the tenancy changed: its space and
@@ -92,12 +157,15 @@ impl Policy {
     ///
     /// # Errors
     /// Why the connection may not go on.
-    pub fn recheck(&self, p: &Principal, peer: SocketAddr) -> Result<Principal, String> {
+    pub fn recheck(&self, p: &Principal, peer: SocketAddr, tls: bool) -> Result<Principal, String> {
         let t = self.tenancy();
         let s = t
             .spaces
             .get(&p.space)
             .ok_or_else(|| format!("address space {:?} was deleted", p.space))?;
+        if let Some(why) = self.tls_refusal(s, tls) {
+            return Err(why);
+        }
         let rules = match &p.user {
             Some(u) => s
                 .users
@@ -120,8 +188,8 @@ impl Policy {
         })
     }
 
-    /// Decides the connection's principal at Open: `hostname` selects the
-    /// space when it names one; an authenticated user must belong to it.
+    /// Decides a client connection's principal at Open, from what its login
+    /// proved and the Open frame's `hostname`.
     ///
     /// # Errors
     /// A description for `amqp:unauthorized-access`.
@@ -131,25 +199,36 @@ impl Policy {
         hostname: Option<&str>,
         peer: SocketAddr,
     ) -> Result<Principal, String> {
+        if identity.kind == PeerKind::Component {
+            return Err("a component's connection has no address space".into());
+        }
         let t = self.tenancy();
-        let named = hostname.filter(|h| t.spaces.contains_key(*h));
+        let named = naming(&t, hostname);
+        let space = match (&identity.space, named) {
+            (Some(s), Some(h)) if s != h => {
+                return Err(format!(
+                    "the login names address space {s:?} but Open names {h:?}"
+                ))
+            }
+            (Some(s), _) => s.clone(),
+            (None, Some(h)) => h.to_string(),
+            (None, None) => DEFAULT_SPACE.to_string(),
+        };
+        let s = t
+            .spaces
+            .get(&space)
+            .ok_or_else(|| format!("address space {space:?} does not exist"))?;
+        if let Some(why) = self.tls_refusal(s, identity.tls) {
+            return Err(why);
+        }
         match &identity.user {
             Some(user) => {
-                let space = identity
-                    .space
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_SPACE.to_string());
-                if let Some(h) = named {
-                    if h != space {
-                        return Err(format!(
-                            "user {user:?} belongs to address space {space:?}, not {h:?}"
-                        ));
-                    }
+                if identity.space.as_deref() != Some(space.as_str()) {
+                    // Credentials are checked in the space they belong to.
+                    return Err(format!(
+                        "user {user:?} was not authenticated in address space {space:?}"
+                    ));
                 }
-                let s = t
-                    .spaces
-                    .get(&space)
-                    .ok_or_else(|| format!("address space {space:?} does not exist"))?;
                 let u = s
                     .users
                     .get(user)
@@ -161,11 +240,6 @@ impl Policy {
                 })
             }
             None => {
-                let space = named.unwrap_or(DEFAULT_SPACE).to_string();
-                let s = t
-                    .spaces
-                    .get(&space)
-                    .ok_or_else(|| format!("address space {space:?} does not exist"))?;
                 if !anonymous_allowed(s.anonymous, peer) {
                     return Err(format!(
                         "address space {space:?} does not allow anonymous connections from {}",
@@ -180,46 +254,100 @@ impl Policy {
             }
         }
     }
-}
 
-impl Authenticator for Policy {
-    fn mechanisms(&self, peer: SocketAddr) -> Vec<&'static str> {
-        let mut m = vec!["SCRAM-SHA-256", "PLAIN"];
-        if self.allow_no_sasl(peer) {
-            m.push("ANONYMOUS");
-        }
-        m
-    }
-
-    fn allow_no_sasl(&self, peer: SocketAddr) -> bool {
+    /// True when some space admits anonymous clients from `peer`.
+    fn any_anonymous(&self, peer: SocketAddr) -> bool {
         self.tenancy()
             .spaces
             .values()
             .any(|s| anonymous_allowed(s.anonymous, peer))
     }
+}
 
-    fn anonymous(&self, hostname: Option<&str>, peer: SocketAddr) -> Option<Identity> {
-        let _ = hostname;
-        self.allow_no_sasl(peer).then_some(Identity {
-            user: None,
-            space: None,
-            mechanism: "ANONYMOUS",
-        })
+impl Authenticator for Policy {
+    fn mechanisms(&self, peer: SocketAddr, tls: TlsState) -> Vec<&'static str> {
+        let mut m = vec!["SCRAM-SHA-256", "PLAIN"];
+        if self.cert_components && tls.client_cert {
+            m.insert(0, "EXTERNAL");
+        }
+        if self.any_anonymous(peer) {
+            m.push("ANONYMOUS");
+        }
+        m
     }
 
-    async fn plain(&self, user: &str, password: &str, hostname: Option<&str>) -> Option<Identity> {
+    fn without_credentials(
+        &self,
+        hostname: Option<&str>,
+        peer: SocketAddr,
+        tls: TlsState,
+    ) -> Option<Identity> {
+        if self.cert_components && tls.client_cert {
+            return Some(Identity::component(None, "EXTERNAL"));
+        }
         let t = self.tenancy();
-        let (name, space) = self.credential_space(&t, user, hostname);
-        let creds = t.spaces.get(&space)?.users.get(&name)?.credentials.clone();
+        match naming(&t, hostname) {
+            Some(space) => {
+                let s = &t.spaces[space];
+                anonymous_allowed(s.anonymous, peer).then(|| Identity {
+                    space: Some(space.to_string()),
+                    ..Identity::anonymous()
+                })
+            }
+            // Open may still name the space: decided there.
+            None => self.any_anonymous(peer).then(Identity::anonymous),
+        }
+    }
+
+    async fn plain(
+        &self,
+        user: &str,
+        password: &str,
+        names: Hostnames<'_>,
+        tls: TlsState,
+    ) -> Verdict {
+        if MeshSecret::login_id(user).is_some() {
+            return Verdict::Refuse("the mesh secret is only accepted with SCRAM-SHA-256".into());
+        }
+        let t = self.tenancy();
+        let (name, at) = split_user(user);
+        let space = match (naming(&t, names.sasl), names.open) {
+            (Some(s), _) => s,
+            // Open may name the space: check the password then.
+            (None, None) if at.is_none() => return Verdict::AwaitOpen,
+            (None, open) => naming(&t, open.flatten()).or(at).unwrap_or(DEFAULT_SPACE),
+        };
+        if let Some(a) = at.filter(|a| *a != space) {
+            return Verdict::Refuse(format!(
+                "the login names address space {a:?} but the connection names {space:?}"
+            ));
+        }
+        let Some(s) = t.spaces.get(space) else {
+            return Verdict::Refuse(format!("no address space {space:?}"));
+        };
+        if let Some(why) = self.tls_refusal(s, tls.tls) {
+            return Verdict::Refuse(why);
+        }
+        let user = s.users.get(name).map(|u| u.credentials.clone());
+        // An unknown user costs as much as a wrong password, so timing does
+        // not tell which usernames exist.
+        let known = user.is_some();
+        let creds = user.unwrap_or_else(|| unknown_user_keys().clone());
         // PBKDF2 costs milliseconds: keep it off the async workers.
         let password = password.to_string();
         let ok = tokio::task::spawn_blocking(move || creds.verify_password(&password))
             .await
             .unwrap_or(false);
-        ok.then_some(Identity {
-            user: Some(name),
-            space: Some(space),
-            mechanism: "PLAIN",
+        if !known {
+            return Verdict::Refuse(format!("no user {name:?} in address space {space:?}"));
+        }
+        if !ok {
+            return Verdict::Refuse("wrong password".into());
+        }
+        Verdict::Accept(Identity {
+            user: Some(name.to_string()),
+            space: Some(space.to_string()),
+            ..Identity::anonymous()
         })
     }
 
@@ -227,17 +355,380 @@ impl Authenticator for Policy {
         &self,
         user: &str,
         hostname: Option<&str>,
-    ) -> Option<(ScramCredentials, Identity)> {
+        tls: TlsState,
+    ) -> Result<Option<(ScramCredentials, Identity)>, String> {
+        if let Some(id) = MeshSecret::login_id(user) {
+            let Some(mesh) = &self.mesh else {
+                return Ok(None);
+            };
+            if self.require_tls && !tls.tls {
+                return Err("this listener requires TLS".into());
+            }
+            return Ok(Some((
+                mesh.keys().clone(),
+                Identity::component(Some(id), "SCRAM-SHA-256"),
+            )));
+        }
         let t = self.tenancy();
-        let (name, space) = self.credential_space(&t, user, hostname);
-        let creds = t.spaces.get(&space)?.users.get(&name)?.credentials.clone();
-        Some((
-            creds,
+        let (name, at) = split_user(user);
+        let space = match (naming(&t, hostname), at) {
+            (Some(s), Some(a)) if s != a => {
+                return Err(format!(
+                    "the login names address space {a:?} but SASL names {s:?}"
+                ))
+            }
+            (Some(s), _) | (None, Some(s)) => s.to_string(),
+            (None, None) => {
+                // The keys must be chosen before Open: the space that has
+                // such a user, if only one has (Open must then agree).
+                let mut with = t
+                    .spaces
+                    .values()
+                    .filter(|s| s.users.contains_key(name))
+                    .map(|s| s.name.as_str());
+                match (with.next(), with.next()) {
+                    (Some(only), None) => only.to_string(),
+                    _ => DEFAULT_SPACE.to_string(),
+                }
+            }
+        };
+        let Some(s) = t.spaces.get(&space) else {
+            return Ok(None);
+        };
+        if let Some(why) = self.tls_refusal(s, tls.tls) {
+            return Err(why);
+        }
+        let Some(u) = s.users.get(name) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            u.credentials.clone(),
             Identity {
-                user: Some(name),
+                user: Some(name.to_string()),
                 space: Some(space),
-                mechanism: "SCRAM-SHA-256",
+                ..Identity::anonymous()
             },
-        ))
+        )))
+    }
+}
+
+/// The inter-router listener's authenticator: only routers that prove the
+/// mesh credential. With a mesh secret, SCRAM-SHA-256 as `ID@$mesh` is
+/// required; with a mesh CA, the TLS layer already required a certificate
+/// it signed (both, when both are configured). With neither — allowed only
+/// on a loopback listener — peers from loopback are taken on trust.
+#[derive(Debug, Clone)]
+pub struct MeshAuth {
+    pub secret: Option<MeshSecret>,
+    /// The listener requires client certificates from the mesh CA.
+    pub ca: bool,
+}
+
+impl MeshAuth {
+    fn unauthenticated(&self) -> bool {
+        self.secret.is_none() && !self.ca
+    }
+}
+
+impl Authenticator for MeshAuth {
+    fn mechanisms(&self, peer: SocketAddr, tls: TlsState) -> Vec<&'static str> {
+        if self.secret.is_some() {
+            vec!["SCRAM-SHA-256"]
+        } else if self.ca && tls.client_cert {
+            vec!["EXTERNAL", "ANONYMOUS"]
+        } else if self.unauthenticated() && peer.ip().is_loopback() {
+            vec!["ANONYMOUS"]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn without_credentials(
+        &self,
+        _: Option<&str>,
+        peer: SocketAddr,
+        tls: TlsState,
+    ) -> Option<Identity> {
+        let ok = self.secret.is_none()
+            && ((self.ca && tls.client_cert)
+                || (self.unauthenticated() && peer.ip().is_loopback()));
+        ok.then(|| Identity::component(None, "EXTERNAL"))
+    }
+
+    async fn plain(&self, _: &str, _: &str, _: Hostnames<'_>, _: TlsState) -> Verdict {
+        Verdict::Refuse("routers authenticate with SCRAM-SHA-256 or a certificate".into())
+    }
+
+    async fn scram(
+        &self,
+        user: &str,
+        _: Option<&str>,
+        tls: TlsState,
+    ) -> Result<Option<(ScramCredentials, Identity)>, String> {
+        let (Some(secret), Some(id)) = (&self.secret, MeshSecret::login_id(user)) else {
+            return Ok(None);
+        };
+        if self.ca && !tls.client_cert {
+            return Err("no certificate from the mesh CA".into());
+        }
+        Ok(Some((
+            secret.keys().clone(),
+            Identity::component(Some(id), "SCRAM-SHA-256"),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r##"
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: tenant-a}
+spec: {authentication: {anonymous: false}}
+---
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: tenant-b}
+spec: {authentication: {anonymous: true}, requireTls: true}
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: app}
+spec: {addressSpace: tenant-a, username: app, password: secret-a, authorization: [{addresses: ["#"], operations: [send]}]}
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: app}
+spec: {addressSpace: tenant-b, username: app, password: secret-b}
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: solo}
+spec: {addressSpace: tenant-a, username: solo, password: solo-pw}
+"##;
+
+    fn policy() -> Policy {
+        Policy::new(Tenancy::from_yaml(CONFIG).unwrap())
+    }
+
+    const PLAIN_TCP: TlsState = TlsState {
+        tls: false,
+        client_cert: false,
+    };
+    const TLS: TlsState = TlsState {
+        tls: true,
+        client_cert: false,
+    };
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
+    }
+
+    async fn plain(
+        p: &Policy,
+        user: &str,
+        pw: &str,
+        sasl: Option<&str>,
+        open: Option<Option<&str>>,
+        tls: TlsState,
+    ) -> Verdict {
+        p.plain(user, pw, Hostnames { sasl, open }, tls).await
+    }
+
+    fn accepted(v: Verdict) -> Identity {
+        match v {
+            Verdict::Accept(i) => i,
+            other => panic!("expected Accept, got {other:?}"),
+        }
+    }
+
+    fn refused(v: Verdict) -> String {
+        match v {
+            Verdict::Refuse(why) => why,
+            other => panic!("expected Refuse, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_space_by_each_name() {
+        let p = policy();
+        // SASL hostname.
+        let i = accepted(plain(&p, "app", "secret-a", Some("tenant-a"), None, PLAIN_TCP).await);
+        assert_eq!(i.space.as_deref(), Some("tenant-a"));
+        assert!(p.on_open(&i, Some("tenant-a"), peer()).is_ok());
+        assert!(p.on_open(&i, Some("localhost"), peer()).is_ok());
+        assert!(
+            p.on_open(&i, Some("default"), peer()).is_err(),
+            "Open names another space"
+        );
+        // Open hostname only: decided once Open is read.
+        assert!(matches!(
+            plain(&p, "app", "secret-a", None, None, PLAIN_TCP).await,
+            Verdict::AwaitOpen
+        ));
+        assert!(matches!(
+            plain(&p, "app", "secret-a", Some("localhost"), None, PLAIN_TCP).await,
+            Verdict::AwaitOpen
+        ));
+        let i = accepted(
+            plain(
+                &p,
+                "app",
+                "secret-a",
+                None,
+                Some(Some("tenant-a")),
+                PLAIN_TCP,
+            )
+            .await,
+        );
+        assert_eq!(i.space.as_deref(), Some("tenant-a"));
+        // user@space.
+        let i = accepted(plain(&p, "app@tenant-a", "secret-a", None, None, PLAIN_TCP).await);
+        assert_eq!(i.space.as_deref(), Some("tenant-a"));
+        // Nothing names a space: default, where there is no `app`.
+        refused(plain(&p, "app", "secret-a", None, Some(None), PLAIN_TCP).await);
+    }
+
+    #[tokio::test]
+    async fn plain_never_crosses_spaces() {
+        let p = policy();
+        // A's password in B, however B is named.
+        refused(plain(&p, "app", "secret-a", Some("tenant-b"), None, TLS).await);
+        refused(plain(&p, "app", "secret-a", None, Some(Some("tenant-b")), TLS).await);
+        refused(plain(&p, "app@tenant-a", "secret-a", Some("tenant-b"), None, TLS).await);
+        refused(
+            plain(
+                &p,
+                "app@tenant-a",
+                "secret-a",
+                None,
+                Some(Some("tenant-b")),
+                TLS,
+            )
+            .await,
+        );
+        // A login for A on a connection whose Open names B.
+        let i = accepted(plain(&p, "app@tenant-a", "secret-a", None, None, TLS).await);
+        assert!(p.on_open(&i, Some("tenant-b"), peer()).is_err());
+        // A mesh login is never a PLAIN one.
+        refused(plain(&p, "x@$mesh", "whatever", None, None, TLS).await);
+    }
+
+    #[tokio::test]
+    async fn require_tls_refuses_before_the_password() {
+        let p = policy();
+        let why = refused(plain(&p, "app", "secret-b", Some("tenant-b"), None, PLAIN_TCP).await);
+        assert!(why.contains("requires TLS"), "{why}");
+        // Even a wrong password gets the TLS answer: it was never checked.
+        let why = refused(plain(&p, "app", "nope", Some("tenant-b"), None, PLAIN_TCP).await);
+        assert!(why.contains("requires TLS"), "{why}");
+        let i = accepted(plain(&p, "app", "secret-b", Some("tenant-b"), None, TLS).await);
+        let mut i = i;
+        i.tls = true;
+        assert!(p.on_open(&i, None, peer()).is_ok());
+        // Anonymous clients of a TLS-only space.
+        let mut anon = p.without_credentials(None, peer(), PLAIN_TCP).unwrap();
+        assert!(p.on_open(&anon, Some("tenant-b"), peer()).is_err());
+        anon.tls = true;
+        assert!(p.on_open(&anon, Some("tenant-b"), peer()).is_ok());
+        // Router-wide.
+        let p = policy().with_require_tls(true);
+        refused(plain(&p, "app", "secret-a", Some("tenant-a"), None, PLAIN_TCP).await);
+        assert!(p.scram("app", Some("tenant-a"), PLAIN_TCP).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn scram_picks_keys_before_open() {
+        let p = policy();
+        let (_, i) = p
+            .scram("app", Some("tenant-a"), TLS)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(i.space.as_deref(), Some("tenant-a"));
+        let (_, i) = p.scram("app@tenant-a", None, TLS).await.unwrap().unwrap();
+        assert_eq!(i.space.as_deref(), Some("tenant-a"));
+        assert!(p
+            .scram("app@tenant-a", Some("tenant-b"), TLS)
+            .await
+            .is_err());
+        // `solo` exists in one space only.
+        let (_, i) = p.scram("solo", None, TLS).await.unwrap().unwrap();
+        assert_eq!(i.space.as_deref(), Some("tenant-a"));
+        assert!(p.on_open(&i, Some("tenant-b"), peer()).is_err());
+        // `app` is in two: nothing names one, so default, which has none.
+        assert!(p.scram("app", None, TLS).await.unwrap().is_none());
+        // Mesh logins need a mesh secret.
+        assert!(p.scram("r1@$mesh", None, TLS).await.unwrap().is_none());
+        let p = policy().with_mesh_secret(Some(MeshSecret::new("0123456789abcdef", "f").unwrap()));
+        let (k, i) = p.scram("r1@$mesh", None, TLS).await.unwrap().unwrap();
+        assert!(k.verify_password("0123456789abcdef"));
+        assert!(i.is_component());
+        assert!(
+            p.on_open(&i, None, peer()).is_err(),
+            "a component is no tenant"
+        );
+    }
+
+    #[tokio::test]
+    async fn anonymous_by_sasl_or_open_hostname() {
+        let p = policy();
+        let i = p
+            .without_credentials(Some("tenant-b"), peer(), TLS)
+            .unwrap();
+        assert_eq!(i.space.as_deref(), Some("tenant-b"));
+        // tenant-a admits no anonymous clients, however it is named.
+        assert!(p
+            .without_credentials(Some("tenant-a"), peer(), TLS)
+            .is_none());
+        let i = p.without_credentials(None, peer(), TLS).unwrap();
+        assert!(p.on_open(&i, Some("tenant-a"), peer()).is_err());
+        assert_eq!(p.on_open(&i, None, peer()).unwrap().space, "default");
+        // SASL and Open disagree.
+        let mut i = p
+            .without_credentials(Some("tenant-b"), peer(), TLS)
+            .unwrap();
+        i.tls = true;
+        assert!(p.on_open(&i, Some("default"), peer()).is_err());
+        assert!(p.on_open(&i, Some("tenant-b"), peer()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn mesh_listener_takes_only_routers() {
+        let loopback = peer();
+        let remote: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let open = MeshAuth {
+            secret: None,
+            ca: false,
+        };
+        assert!(open
+            .without_credentials(None, loopback, PLAIN_TCP)
+            .is_some());
+        assert!(open.without_credentials(None, remote, PLAIN_TCP).is_none());
+        let secret = MeshSecret::new("0123456789abcdef", "f").unwrap();
+        let m = MeshAuth {
+            secret: Some(secret),
+            ca: false,
+        };
+        assert!(m.without_credentials(None, loopback, PLAIN_TCP).is_none());
+        assert_eq!(m.mechanisms(loopback, PLAIN_TCP), vec!["SCRAM-SHA-256"]);
+        assert!(m.scram("alice", None, PLAIN_TCP).await.unwrap().is_none());
+        assert!(m
+            .scram("r2@$mesh", None, PLAIN_TCP)
+            .await
+            .unwrap()
+            .is_some());
+        let ca = MeshAuth {
+            secret: None,
+            ca: true,
+        };
+        assert!(ca.without_credentials(None, loopback, TLS).is_none());
+        let cert = TlsState {
+            tls: true,
+            client_cert: true,
+        };
+        assert!(ca.without_credentials(None, remote, cert).is_some());
     }
 }

@@ -41,16 +41,34 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// A server configuration from a certificate chain and key; with `client_ca`
-/// clients must present a certificate signed by it (mutual TLS).
+/// Whether a listener asks its peers for certificates.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCerts<'a> {
+    /// No client certificates.
+    None,
+    /// Peers may present a certificate signed by this CA (a component on a
+    /// client port); one that presents another is refused.
+    Optional(&'a Path),
+    /// Peers must present a certificate signed by this CA (mutual TLS
+    /// between routers).
+    Required(&'a Path),
+}
+
+/// A server configuration from a certificate chain and key, asking for
+/// client certificates as `client` says.
 ///
 /// # Errors
 /// Unreadable or invalid PEM files.
 pub fn server_config(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
+    client: ClientCerts<'_>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let (client_ca, optional) = match client {
+        ClientCerts::None => (None, false),
+        ClientCerts::Optional(ca) => (Some(ca), true),
+        ClientCerts::Required(ca) => (Some(ca), false),
+    };
     let chain = certs(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
         path: key.display().to_string(),
@@ -60,12 +78,14 @@ pub fn server_config(
         .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(ca)?),
                 provider(),
-            )
-            .build()
-            .map_err(|e| TlsError::Pem {
+            );
+            if optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::Pem {
                 path: ca.display().to_string(),
                 msg: e.to_string(),
             })?;

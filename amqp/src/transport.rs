@@ -56,73 +56,147 @@ pub enum HandshakeError {
     Eof,
 }
 
+/// What kind of peer a connection's credentials prove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A messaging client: a tenant's user, or anonymous.
+    Client,
+    /// A Flotilla component or router: it proved the mesh credential (the
+    /// mesh secret, or a certificate from the mesh CA).
+    Component,
+}
+
 /// Who the peer proved to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// `None` for anonymous peers.
+    /// The user (clients), or the claimed id (components); `None` for
+    /// anonymous clients.
     pub user: Option<String>,
-    /// The address space the credentials belong to, when the authenticator
-    /// could tell (e.g. `user@space`, or the SASL hostname).
+    /// The address space the login named: the one a user's credentials
+    /// were checked in, or the one an anonymous client's SASL hostname
+    /// named.
     pub space: Option<String>,
     pub mechanism: &'static str,
+    pub kind: PeerKind,
+    /// The connection came over TLS.
+    pub tls: bool,
+}
+
+impl Identity {
+    /// A client that did not authenticate.
+    pub fn anonymous() -> Self {
+        Identity {
+            user: None,
+            space: None,
+            mechanism: "ANONYMOUS",
+            kind: PeerKind::Client,
+            tls: false,
+        }
+    }
+
+    /// A component or router that proved the mesh credential.
+    pub fn component(id: Option<&str>, mechanism: &'static str) -> Self {
+        Identity {
+            user: id.map(str::to_string),
+            space: None,
+            mechanism,
+            kind: PeerKind::Component,
+            tls: false,
+        }
+    }
+
+    /// True for a component or router.
+    pub fn is_component(&self) -> bool {
+        self.kind == PeerKind::Component
+    }
+}
+
+/// What TLS established about the peer before SASL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsState {
+    /// The connection is encrypted.
+    pub tls: bool,
+    /// The peer presented a certificate the listener's client CA signed.
+    pub client_cert: bool,
+}
+
+/// The names a client gave for its address space (AMQP 1.0 §5.3.3.3 and
+/// §2.7.1).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hostnames<'a> {
+    /// SASL-init's hostname.
+    pub sasl: Option<&'a str>,
+    /// Open's hostname: `None` while the Open frame has not been read,
+    /// `Some(None)` when it carries none.
+    pub open: Option<Option<&'a str>>,
+}
+
+/// An authenticator's answer to a PLAIN login.
+#[derive(Debug)]
+pub enum Verdict {
+    Accept(Identity),
+    Refuse(String),
+    /// Which credentials to check depends on the Open frame's hostname:
+    /// ask again once it is read.
+    AwaitOpen,
 }
 
 /// Checks credentials for the accepting end. Checks are async so that a
 /// credential store behind I/O fits.
 pub trait Authenticator: Send + Sync {
     /// Mechanisms to offer to this peer, most preferred first.
-    fn mechanisms(&self, peer: SocketAddr) -> Vec<&'static str>;
-    /// Whether a client may skip SASL entirely (treated as ANONYMOUS).
-    fn allow_no_sasl(&self, peer: SocketAddr) -> bool;
-    /// SASL ANONYMOUS.
-    fn anonymous(&self, hostname: Option<&str>, peer: SocketAddr) -> Option<Identity>;
-    /// SASL PLAIN.
+    fn mechanisms(&self, peer: SocketAddr, tls: TlsState) -> Vec<&'static str>;
+    /// Who a peer is that gives no credentials: it skipped SASL, or chose
+    /// ANONYMOUS or EXTERNAL (then what TLS proved is all there is).
+    /// `None`: such peers are refused.
+    fn without_credentials(
+        &self,
+        hostname: Option<&str>,
+        peer: SocketAddr,
+        tls: TlsState,
+    ) -> Option<Identity>;
+    /// SASL PLAIN. Never answers [`Verdict::AwaitOpen`] once
+    /// `names.open` is known.
     fn plain(
         &self,
         user: &str,
         password: &str,
-        hostname: Option<&str>,
-    ) -> impl Future<Output = Option<Identity>> + Send;
-    /// The SCRAM keys of `user`, with the identity it proves if the proof holds.
+        names: Hostnames<'_>,
+        tls: TlsState,
+    ) -> impl Future<Output = Verdict> + Send;
+    /// The SCRAM keys of `user`, with the identity it proves if the proof
+    /// holds; `Err` refuses at once (the reason is logged, not sent).
     fn scram(
         &self,
         user: &str,
         hostname: Option<&str>,
-    ) -> impl Future<Output = Option<(ScramCredentials, Identity)>> + Send;
+        tls: TlsState,
+    ) -> impl Future<Output = Result<Option<(ScramCredentials, Identity)>, String>> + Send;
 }
 
-/// Admits every peer as ANONYMOUS (with or without a SASL layer): for
-/// listeners whose peers are vouched for otherwise (mutual TLS between
-/// routers) or do not matter (a benchmark's own listening peer).
+/// Admits every peer as an anonymous client (with or without a SASL
+/// layer): for listeners whose peers do not matter (a benchmark's own
+/// listening peer).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AllowAnonymous;
 
 impl Authenticator for AllowAnonymous {
-    fn mechanisms(&self, _: SocketAddr) -> Vec<&'static str> {
+    fn mechanisms(&self, _: SocketAddr, _: TlsState) -> Vec<&'static str> {
         vec!["ANONYMOUS"]
     }
-    fn allow_no_sasl(&self, _: SocketAddr) -> bool {
-        true
-    }
-    fn anonymous(&self, _: Option<&str>, _: SocketAddr) -> Option<Identity> {
+    fn without_credentials(&self, _: Option<&str>, _: SocketAddr, _: TlsState) -> Option<Identity> {
         Some(Identity::anonymous())
     }
-    async fn plain(&self, _: &str, _: &str, _: Option<&str>) -> Option<Identity> {
-        None
+    async fn plain(&self, _: &str, _: &str, _: Hostnames<'_>, _: TlsState) -> Verdict {
+        Verdict::Refuse("PLAIN is not offered".into())
     }
-    async fn scram(&self, _: &str, _: Option<&str>) -> Option<(ScramCredentials, Identity)> {
-        None
-    }
-}
-
-impl Identity {
-    /// A peer that did not authenticate.
-    pub fn anonymous() -> Self {
-        Identity {
-            user: None,
-            space: None,
-            mechanism: "ANONYMOUS",
-        }
+    async fn scram(
+        &self,
+        _: &str,
+        _: Option<&str>,
+        _: TlsState,
+    ) -> Result<Option<(ScramCredentials, Identity)>, String> {
+        Err("SCRAM is not offered".into())
     }
 }
 
@@ -239,7 +313,11 @@ pub struct AcceptConfig {
 }
 
 /// Runs the accepting end's handshake: TLS if the client starts with a TLS
-/// ClientHello or the TLS header, then SASL, then the AMQP header.
+/// ClientHello or the TLS header, then SASL, then the AMQP header. A PLAIN
+/// login whose address space only the Open frame names is checked once
+/// that frame is read (it stays in the returned read buffer); refused, it
+/// gets an Open and a Close with `amqp:unauthorized-access` (AMQP 1.0
+/// §2.4.1).
 ///
 /// # Errors
 /// A protocol header we do not speak (answered with ours first, as AMQP 1.0
@@ -256,63 +334,82 @@ where
 {
     let mut io: BoxIo = Box::new(io);
     let mut buf = BytesMut::with_capacity(1024);
-    let mut tls = false;
+    let mut tls = TlsState::default();
     loop {
         fill(&mut io, &mut buf, 1).await?;
-        if buf[0] == 0x16 && !tls {
+        if buf[0] == 0x16 && !tls.tls {
             // A TLS ClientHello: an `amqps` client.
             let acceptor = cfg.tls.clone().ok_or(HandshakeError::NoTls)?;
-            io = tls_accept(io, buf.split().freeze(), acceptor).await?;
-            tls = true;
+            (io, tls) = tls_accept(io, buf.split().freeze(), acceptor).await?;
             continue;
         }
         let header = read_header(&mut io, &mut buf).await?;
         match header {
-            HEADER_TLS if !tls => {
+            HEADER_TLS if !tls.tls => {
                 let Some(acceptor) = cfg.tls.clone() else {
                     io.write_all(&HEADER_SASL).await?;
                     return Err(HandshakeError::NoTls);
                 };
                 io.write_all(&HEADER_TLS).await?;
-                io = tls_accept(io, buf.split().freeze(), acceptor).await?;
-                tls = true;
+                (io, tls) = tls_accept(io, buf.split().freeze(), acceptor).await?;
             }
-            _ if cfg.require_tls && !tls => {
+            _ if cfg.require_tls && !tls.tls => {
                 io.write_all(&HEADER_TLS).await?;
                 return Err(HandshakeError::Tls("this listener requires TLS".into()));
             }
             HEADER_SASL => {
                 io.write_all(&HEADER_SASL).await?;
-                let identity = sasl_server(&mut io, &mut buf, peer, auth).await?;
+                let login = sasl_server(&mut io, &mut buf, peer, tls, auth).await?;
                 let next = read_header(&mut io, &mut buf).await?;
                 if next != HEADER_AMQP {
                     io.write_all(&HEADER_AMQP).await?;
                     return Err(HandshakeError::BadHeader(next));
                 }
                 io.write_all(&HEADER_AMQP).await?;
+                let mut identity = match login {
+                    Login::Done(identity) => identity,
+                    Login::AwaitOpen {
+                        user,
+                        password,
+                        sasl_hostname,
+                    } => {
+                        plain_at_open(
+                            &mut io,
+                            &mut buf,
+                            auth,
+                            &user,
+                            &password,
+                            sasl_hostname,
+                            tls,
+                        )
+                        .await?
+                    }
+                };
+                identity.tls = tls.tls;
                 return Ok(Established {
                     io,
                     read_buf: buf,
                     identity,
-                    tls,
+                    tls: tls.tls,
                 });
             }
             HEADER_AMQP => {
-                if !auth.allow_no_sasl(peer) {
+                let Some(mut identity) = auth.without_credentials(None, peer, tls) else {
                     io.write_all(&HEADER_SASL).await?;
                     return Err(HandshakeError::SaslRequired);
-                }
-                io.write_all(&HEADER_AMQP).await?;
-                let identity = Identity {
-                    user: None,
-                    space: None,
-                    mechanism: "none",
                 };
+                io.write_all(&HEADER_AMQP).await?;
+                identity.mechanism = if identity.is_component() {
+                    "EXTERNAL"
+                } else {
+                    "none"
+                };
+                identity.tls = tls.tls;
                 return Ok(Established {
                     io,
                     read_buf: buf,
                     identity,
-                    tls,
+                    tls: tls.tls,
                 });
             }
             other => {
@@ -327,22 +424,129 @@ async fn tls_accept(
     io: BoxIo,
     prefix: Bytes,
     cfg: Arc<rustls::ServerConfig>,
-) -> Result<BoxIo, HandshakeError> {
+) -> Result<(BoxIo, TlsState), HandshakeError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let s = acceptor
         .accept(Prefixed::new(prefix, io))
         .await
         .map_err(|e| HandshakeError::Tls(e.to_string()))?;
-    Ok(Box::new(s))
+    // rustls hands over a peer certificate only once its verifier (the
+    // listener's client CA) accepted it.
+    let client_cert = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    Ok((
+        Box::new(s),
+        TlsState {
+            tls: true,
+            client_cert,
+        },
+    ))
 }
 
+/// What the SASL exchange settled.
+enum Login {
+    Done(Identity),
+    /// PLAIN, answered `ok`, to be checked against the space Open names.
+    AwaitOpen {
+        user: String,
+        password: String,
+        sasl_hostname: Option<String>,
+    },
+}
+
+/// Reads the client's Open (without taking it from `buf`) and checks a
+/// PLAIN login against the space its hostname names.
+async fn plain_at_open<A: Authenticator>(
+    io: &mut BoxIo,
+    buf: &mut BytesMut,
+    auth: &A,
+    user: &str,
+    password: &str,
+    sasl_hostname: Option<String>,
+    tls: TlsState,
+) -> Result<Identity, HandshakeError> {
+    let open = loop {
+        let mut peek = buf.clone();
+        match frame::decode_frame(&mut peek, SASL_MAX_FRAME)? {
+            Some(Frame::Amqp {
+                performative: frame::Performative::Open(open),
+                ..
+            }) => break open,
+            Some(Frame::Empty { .. }) => {
+                // A heartbeat before Open: skip it.
+                *buf = peek;
+                continue;
+            }
+            Some(_) => return Err(HandshakeError::Unexpected("expected open")),
+            None => {
+                if io.read_buf(buf).await? == 0 {
+                    return Err(HandshakeError::Eof);
+                }
+            }
+        }
+    };
+    let names = Hostnames {
+        sasl: sasl_hostname.as_deref(),
+        open: Some(open.hostname.as_deref()),
+    };
+    match auth.plain(user, password, names, tls).await {
+        Verdict::Accept(mut identity) => {
+            identity.mechanism = "PLAIN";
+            Ok(identity)
+        }
+        verdict => {
+            let why = match verdict {
+                Verdict::Refuse(why) => why,
+                _ => "the authenticator could not decide at Open".to_string(),
+            };
+            refuse_open(io, "Authentication failed").await?;
+            Err(HandshakeError::AuthFailed(why))
+        }
+    }
+}
+
+/// Refuses a connection after its SASL layer: our Open, then a Close with
+/// `amqp:unauthorized-access` (AMQP 1.0 §2.4.1).
+async fn refuse_open(io: &mut BoxIo, description: &str) -> Result<(), HandshakeError> {
+    use fe2o3_amqp_types::definitions::{AmqpError, Error as AmqpErrorBody};
+    use fe2o3_amqp_types::performatives::{Close, Open};
+    let mut out = BytesMut::new();
+    let open = Open {
+        container_id: String::new(),
+        hostname: None,
+        max_frame_size: Default::default(),
+        channel_max: Default::default(),
+        idle_time_out: None,
+        outgoing_locales: None,
+        incoming_locales: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    frame::encode_performative(&mut out, 0, &frame::Performative::Open(Box::new(open)));
+    let close = Close {
+        error: Some(AmqpErrorBody::new(
+            AmqpError::UnauthorizedAccess,
+            Some(description.to_string()),
+            None,
+        )),
+    };
+    frame::encode_performative(&mut out, 0, &frame::Performative::Close(close));
+    io.write_all(&out).await?;
+    io.flush().await?;
+    Ok(())
+}
 async fn sasl_server<A: Authenticator>(
     io: &mut BoxIo,
     buf: &mut BytesMut,
     peer: SocketAddr,
+    tls: TlsState,
     auth: &A,
-) -> Result<Identity, HandshakeError> {
-    let mechs = auth.mechanisms(peer);
+) -> Result<Login, HandshakeError> {
+    let mechs = auth.mechanisms(peer, tls);
     let list: Vec<Symbol> = mechs.iter().map(|m| Symbol::from(*m)).collect();
     write_sasl(
         io,
@@ -363,30 +567,48 @@ async fn sasl_server<A: Authenticator>(
     let offered = mechs.iter().find(|m| **m == mech).copied();
     let mut scram_final: Option<Vec<u8>> = None;
     let result = match offered {
-        Some("ANONYMOUS") => auth
-            .anonymous(hostname, peer)
-            .ok_or_else(|| "anonymous not allowed".to_string()),
+        Some(m @ ("ANONYMOUS" | "EXTERNAL")) => auth
+            .without_credentials(hostname, peer, tls)
+            .map(|mut i| {
+                i.mechanism = m;
+                Login::Done(i)
+            })
+            .ok_or_else(|| format!("{m} not allowed")),
         Some("PLAIN") => {
             // authzid NUL authcid NUL password (RFC 4616)
             let mut parts = response.split(|b| *b == 0);
             let (_authz, user, pass) = (parts.next(), parts.next(), parts.next());
             match (user.map(std::str::from_utf8), pass.map(std::str::from_utf8)) {
-                (Some(Ok(u)), Some(Ok(p))) => auth
-                    .plain(u, p, hostname)
-                    .await
-                    .ok_or_else(|| format!("PLAIN for {u:?} refused")),
+                (Some(Ok(u)), Some(Ok(p))) => {
+                    let names = Hostnames {
+                        sasl: hostname,
+                        open: None,
+                    };
+                    match auth.plain(u, p, names, tls).await {
+                        Verdict::Accept(mut i) => {
+                            i.mechanism = "PLAIN";
+                            Ok(Login::Done(i))
+                        }
+                        Verdict::Refuse(why) => Err(format!("PLAIN for {u:?} refused: {why}")),
+                        Verdict::AwaitOpen => Ok(Login::AwaitOpen {
+                            user: u.to_string(),
+                            password: p.to_string(),
+                            sasl_hostname: hostname.map(str::to_string),
+                        }),
+                    }
+                }
                 _ => Err("malformed PLAIN response".to_string()),
             }
         }
         Some("SCRAM-SHA-256") => {
-            let (r, fin) = scram_server(io, buf, &response, hostname, auth).await?;
+            let (r, fin) = scram_server(io, buf, &response, hostname, tls, auth).await?;
             scram_final = fin;
-            r
+            r.map(Login::Done)
         }
         _ => Err(format!("mechanism {mech:?} not offered")),
     };
     match result {
-        Ok(identity) => {
+        Ok(login) => {
             let additional_data = scram_final.take().map(Binary::from);
             write_sasl(
                 io,
@@ -396,7 +618,7 @@ async fn sasl_server<A: Authenticator>(
                 }),
             )
             .await?;
-            Ok(identity)
+            Ok(login)
         }
         Err(why) => {
             write_sasl(
@@ -420,6 +642,7 @@ async fn scram_server<A: Authenticator>(
     buf: &mut BytesMut,
     client_first: &[u8],
     hostname: Option<&str>,
+    tls: TlsState,
     auth: &A,
 ) -> Result<(Result<Identity, String>, Option<Vec<u8>>), HandshakeError> {
     let Ok(user) = scram_client_first_username(client_first) else {
@@ -427,12 +650,13 @@ async fn scram_server<A: Authenticator>(
     };
     // An unknown user still gets a full exchange with throwaway keys, so the
     // answer does not tell which usernames exist.
-    let (creds, identity) = match auth.scram(&user, hostname).await {
-        Some((c, i)) => (c, Some(i)),
-        None => (
+    let (creds, identity) = match auth.scram(&user, hostname, tls).await {
+        Ok(Some((c, i))) => (c, Some(i)),
+        Ok(None) => (
             ScramCredentials::derive_with(&random_password(), b"unknown-user-salt".to_vec(), 4096),
             None,
         ),
+        Err(why) => return Ok((Err(format!("SCRAM for {user:?} refused: {why}")), None)),
     };
     let Ok((server, server_first)) = ScramServer::start(client_first, creds) else {
         return Ok((Err("malformed SCRAM client-first".into()), None));
@@ -448,7 +672,10 @@ async fn scram_server<A: Authenticator>(
         return Err(HandshakeError::Unexpected("expected sasl-response"));
     };
     match (server.finish(&resp.response), identity) {
-        (Ok(server_final), Some(identity)) => Ok((Ok(identity), Some(server_final))),
+        (Ok(server_final), Some(mut identity)) => {
+            identity.mechanism = "SCRAM-SHA-256";
+            Ok((Ok(identity), Some(server_final)))
+        }
         _ => Ok((Err(format!("SCRAM for {user:?} refused")), None)),
     }
 }

@@ -294,6 +294,133 @@ impl ScramClient {
     }
 }
 
+/// The realm of mesh logins: a router or component proves it holds the
+/// mesh secret with SCRAM-SHA-256 as `ID@$mesh`. No address space can be
+/// named `$mesh` (space names are DNS labels) and no MessagingUser's name
+/// holds an `@`, so a tenant's login can never be taken for a mesh login.
+pub const MESH_REALM: &str = "$mesh";
+
+/// The shortest mesh secret accepted.
+pub const MESH_SECRET_MIN: usize = 16;
+
+/// Why a mesh secret file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshSecretError {
+    #[error("--mesh-secret-file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--mesh-secret-file {path}: the secret must be at least {MESH_SECRET_MIN} characters (e.g. `openssl rand -hex 32 > {path}`)")]
+    TooShort { path: String },
+}
+
+/// The mesh credential (`--mesh-secret-file`): a secret every router and
+/// component (broker, gateway, last-will service) of one installation
+/// shares, as a mounted Kubernetes Secret gives it. It is only ever used
+/// through SCRAM-SHA-256, so it never crosses the wire, and both ends prove
+/// they know it. The secret itself is never logged (`Debug` redacts it).
+#[derive(Clone)]
+pub struct MeshSecret {
+    secret: String,
+    keys: ScramCredentials,
+}
+
+impl std::fmt::Debug for MeshSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshSecret(<redacted>)")
+    }
+}
+
+impl MeshSecret {
+    /// A secret from its text (surrounding white space is not part of it).
+    ///
+    /// # Errors
+    /// The secret is shorter than [`MESH_SECRET_MIN`].
+    pub fn new(secret: &str, path: &str) -> Result<Self, MeshSecretError> {
+        let secret = secret.trim();
+        if secret.chars().count() < MESH_SECRET_MIN {
+            return Err(MeshSecretError::TooShort {
+                path: path.to_string(),
+            });
+        }
+        Ok(MeshSecret {
+            secret: secret.to_string(),
+            keys: ScramCredentials::derive(secret),
+        })
+    }
+
+    /// Reads the secret from `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read or the secret is too short.
+    pub fn load(path: &std::path::Path) -> Result<Self, MeshSecretError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| MeshSecretError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::new(&text, &shown)
+    }
+
+    /// Reads the secret from `path`, first writing a new random one there
+    /// (readable only by its owner) if the file does not exist: what
+    /// `flotilla up` does in its data directory.
+    ///
+    /// # Errors
+    /// The file cannot be read or written.
+    pub fn load_or_create(path: &std::path::Path) -> Result<Self, MeshSecretError> {
+        if !path.exists() {
+            let mut b = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut b);
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            write_private(path, &hex).map_err(|source| MeshSecretError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        Self::load(path)
+    }
+
+    /// The SCRAM username a router or component with id `id` logs in as.
+    pub fn username(id: &str) -> String {
+        format!("{id}@{MESH_REALM}")
+    }
+
+    /// The id in a mesh login (`ID@$mesh`), or `None` for any other login.
+    pub fn login_id(user: &str) -> Option<&str> {
+        user.strip_suffix(MESH_REALM)?
+            .strip_suffix('@')
+            .filter(|id| !id.is_empty())
+    }
+
+    /// The secret, for the connecting end's SCRAM exchange.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// The secret's SCRAM keys, for the accepting end (derived once).
+    pub fn keys(&self) -> &ScramCredentials {
+        &self.keys
+    }
+}
+
+/// Writes `text` to a new file at `path` that only its owner may read.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    use std::io::Write as _;
+    opts.open(path)?.write_all(text.as_bytes())
+}
+
 /// True when one of `rules` allows `op` on `address`.
 pub fn authorized(rules: &[AuthorizationRule], op: Operation, address: &str) -> bool {
     rules.iter().any(|r| {
@@ -346,6 +473,20 @@ mod tests {
         let fin = format!("{without_proof},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
         let out = server.finish(fin.as_bytes()).unwrap();
         assert_eq!(out, b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+    }
+
+    #[test]
+    fn mesh_logins() {
+        assert_eq!(MeshSecret::login_id("router-1@$mesh"), Some("router-1"));
+        assert_eq!(MeshSecret::login_id("a@b@$mesh"), Some("a@b"));
+        assert_eq!(MeshSecret::login_id("@$mesh"), None);
+        assert_eq!(MeshSecret::login_id("alice@tenant-a"), None);
+        assert_eq!(MeshSecret::login_id("$mesh"), None);
+        assert!(MeshSecret::new("short", "f").is_err());
+        let m = MeshSecret::new("  0123456789abcdef\n", "f").unwrap();
+        assert_eq!(m.secret(), "0123456789abcdef");
+        assert!(m.keys().verify_password("0123456789abcdef"));
+        assert!(!format!("{m:?}").contains("0123"));
     }
 
     #[test]

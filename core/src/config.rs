@@ -57,6 +57,8 @@ pub struct Space {
     pub name: String,
     pub anonymous: Anonymous,
     pub undeclared: Undeclared,
+    /// Clients must come over TLS (`spec.requireTls`).
+    pub require_tls: bool,
     exact: HashMap<String, AddressType>,
     patterns: Vec<(String, AddressType)>,
     /// `subscription` addresses → their topic.
@@ -74,6 +76,7 @@ impl Space {
             name: name.to_string(),
             anonymous,
             undeclared,
+            require_tls: false,
             exact: HashMap::new(),
             patterns: Vec::new(),
             subscriptions: HashMap::new(),
@@ -133,6 +136,9 @@ impl Space {
 #[derive(Debug, Clone)]
 pub struct Tenancy {
     pub spaces: HashMap<String, Space>,
+    /// The brokers the console has registered (and not retired), over
+    /// which routers place queues and topics; `None` without a console.
+    pub brokers: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Tenancy {
@@ -150,7 +156,10 @@ impl Tenancy {
             DEFAULT_SPACE.to_string(),
             Space::new(DEFAULT_SPACE, Anonymous::Loopback, Undeclared::Anycast),
         );
-        Tenancy { spaces }
+        Tenancy {
+            spaces,
+            brokers: None,
+        }
     }
 
     /// Reads and validates a config file.
@@ -226,6 +235,7 @@ impl Tenancy {
                 Anonymous::Deny
             };
             let mut space = Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses);
+            space.require_tls = s.spec.require_tls;
             space.quotas = s
                 .quotas()
                 .map_err(|e| invalid(doc, "AddressSpace", &s.metadata.name, e))?;
@@ -244,7 +254,8 @@ impl Tenancy {
                     .subscriptions
                     .insert(a.spec.address.clone(), t.clone());
             }
-            if let Some(b) = &a.spec.broker {
+            let placed = a.status.as_ref().and_then(|s| s.broker.as_ref());
+            if let Some(b) = a.spec.broker.as_ref().or(placed) {
                 space.placements.insert(a.spec.address.clone(), b.clone());
             }
         }

@@ -163,6 +163,10 @@ pub struct AddressSpaceSpec {
     pub authentication: AuthenticationSpec,
     #[serde(default)]
     pub undeclared_addresses: Undeclared,
+    /// Clients of this space must connect over TLS: others are refused,
+    /// and a PLAIN login over plain TCP before its password is checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -253,6 +257,10 @@ pub struct Status {
     pub conditions: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Queues and topics without `spec.broker`: the broker the console
+    /// placed it on (it stays there until that broker is retired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 macro_rules! resource {
