@@ -75,11 +75,11 @@ enum Command {
 struct ConsoleArgs {
     /// Follow this console (http://HOST:PORT) for address spaces,
     /// addresses and users; they replace --config as they change.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_CONSOLE")]
     console: Option<String>,
     /// File with the console's admin token (else the environment variable
-    /// FLOTILLA_CONSOLE_TOKEN).
-    #[arg(long)]
+    /// FLOTILLA_ADMIN_TOKEN).
+    #[arg(long, env = "FLOTILLA_CONSOLE_TOKEN_FILE")]
     console_token_file: Option<PathBuf>,
 }
 
@@ -93,8 +93,8 @@ impl ConsoleArgs {
                 .map_err(|e| format!("--console-token-file {}: {e}", f.display()))?
                 .trim()
                 .to_string(),
-            None => std::env::var("FLOTILLA_CONSOLE_TOKEN").map_err(|_| {
-                "--console needs the admin token: --console-token-file or FLOTILLA_CONSOLE_TOKEN"
+            None => admin_token_from_env().ok_or_else(|| {
+                "--console needs the admin token: --console-token-file or FLOTILLA_ADMIN_TOKEN"
                     .to_string()
             })?,
         };
@@ -108,22 +108,40 @@ impl ConsoleArgs {
     }
 }
 
+/// The admin token from the environment (FLOTILLA_ADMIN_TOKEN; the older
+/// FLOTILLA_CONSOLE_TOKEN too).
+fn admin_token_from_env() -> Option<String> {
+    ["FLOTILLA_ADMIN_TOKEN", "FLOTILLA_CONSOLE_TOKEN"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// The mesh secret from `--mesh-secret-file`.
+fn mesh_secret(
+    path: Option<&std::path::Path>,
+) -> Result<Option<flotilla_core::auth::MeshSecret>, String> {
+    path.map(|p| flotilla_core::auth::MeshSecret::load(p).map_err(|e| e.to_string()))
+        .transpose()
+}
+
 #[derive(Args, Clone)]
 struct RouterArgs {
     /// AMQP listener, HOST:PORT (port 0 = any free port).
-    #[arg(long, default_value = "127.0.0.1:5672")]
+    #[arg(long, env = "FLOTILLA_AMQP", default_value = "127.0.0.1:5672")]
     amqp: SocketAddr,
     /// AMQPS (TLS-only) listener, HOST:PORT.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_AMQPS")]
     amqps: Option<SocketAddr>,
     /// PEM certificate chain for TLS.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM private key for TLS.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Resources (AddressSpace, Address, MessagingUser) to apply at start.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     console: ConsoleArgs,
@@ -131,36 +149,54 @@ struct RouterArgs {
     #[arg(
         long = "router-id",
         alias = "container-id",
+        env = "FLOTILLA_ROUTER_ID",
         default_value = "flotilla-router"
     )]
     container_id: String,
-    /// Listener for other routers (joins the mesh), HOST:PORT.
-    #[arg(long)]
+    /// Listener for other routers (joins the mesh), HOST:PORT. Off
+    /// loopback it needs --mesh-secret-file or --tls-ca.
+    #[arg(long, env = "FLOTILLA_INTER_ROUTER")]
     inter_router: Option<SocketAddr>,
     /// A router to connect to, HOST:PORT (repeatable); a DNS name is
     /// resolved again every few seconds and every address it has is a peer.
-    #[arg(long = "peer")]
+    #[arg(long = "peer", env = "FLOTILLA_PEER", value_delimiter = ',')]
     peers: Vec<String>,
-    /// CA (PEM) for mutual TLS between routers (with --tls-cert/--tls-key).
-    #[arg(long)]
+    /// The mesh CA (PEM): routers must present a certificate it signed
+    /// (mutual TLS, with --tls-cert/--tls-key), and so may components.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// File holding the mesh secret every router and component shares:
+    /// routers and brokers authenticate with it (SCRAM-SHA-256).
+    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
+    /// Refuse every client that does not connect over TLS.
+    #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
+    require_tls: bool,
+    /// Retire a broker away for this many seconds: its queues and topics
+    /// are placed on the other brokers (0 = only when the console retires it).
+    #[arg(long, env = "FLOTILLA_RETIRE_BROKERS_AFTER", default_value_t = 0)]
+    retire_brokers_after: u64,
     /// `interior` joins the mesh; `edge` keeps one uplink to an interior
     /// router (the first --peer that answers, then the next) and does not
     /// join link state.
-    #[arg(long, value_enum, default_value = "interior")]
+    #[arg(long, env = "FLOTILLA_MODE", value_enum, default_value = "interior")]
     mode: Mode,
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
-    #[arg(long, default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "FLOTILLA_MAX_LINKS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
     max_links_per_connection: usize,
     /// Largest message in bytes (0 = unlimited).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "FLOTILLA_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024 * 1024)]
     max_message_size: u64,
     /// Credit a sender gets while a receiver exists.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "FLOTILLA_LINK_CAPACITY", default_value_t = 1000)]
     link_capacity: u32,
     /// Close connections silent for this many seconds (0 = never).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "FLOTILLA_IDLE_TIMEOUT", default_value_t = 16)]
     idle_timeout: u64,
 }
 
@@ -190,6 +226,10 @@ impl RouterArgs {
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             tenancy,
             console: self.console.link()?,
+            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            require_tls: self.require_tls,
+            retire_brokers_after: (self.retire_brokers_after > 0)
+                .then(|| Duration::from_secs(self.retire_brokers_after)),
             ..RouterConfig::default()
         })
     }
@@ -225,51 +265,64 @@ fn shutdown_on_signal() -> CancellationToken {
 #[derive(Args, Clone)]
 struct BrokerArgs {
     /// AMQP listener, HOST:PORT (port 0 = any free port).
-    #[arg(long, default_value = "127.0.0.1:5673")]
+    #[arg(long, env = "FLOTILLA_AMQP", default_value = "127.0.0.1:5673")]
     amqp: SocketAddr,
     /// Where the journal lives.
-    #[arg(long, default_value = "data/broker")]
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "data/broker")]
     data_dir: PathBuf,
-    /// Container id announced in Open.
-    #[arg(long, default_value = "flotilla-broker")]
+    /// Broker id (container id announced in Open): placement and routing
+    /// name brokers by it.
+    #[arg(
+        long,
+        alias = "broker-id",
+        env = "FLOTILLA_CONTAINER_ID",
+        default_value = "flotilla-broker"
+    )]
     container_id: String,
     /// Deliveries without being consumed (failed, or held by a consumer
     /// that went away) after which a message moves to the dead-letter queue.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "FLOTILLA_MAX_DELIVERIES", default_value_t = 10)]
     max_deliveries: u32,
     /// The dead-letter queue (in each address space).
-    #[arg(long, default_value = "DLQ")]
+    #[arg(long, env = "FLOTILLA_DEAD_LETTER_QUEUE", default_value = "DLQ")]
     dead_letter_queue: String,
     /// Where expired messages go (in each address space); unset: dropped.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_EXPIRY_QUEUE")]
     expiry_queue: Option<String>,
     /// Address spaces, addresses and users (YAML, as for routers).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     console: ConsoleArgs,
     /// A router to connect to as a route container, HOST:PORT: the mesh
     /// then routes links for queue, topic and subscription addresses here.
-    #[arg(long)]
+    /// Needs the component credential: --mesh-secret-file, or --tls-ca
+    /// with --tls-cert/--tls-key.
+    #[arg(long, env = "FLOTILLA_ROUTER")]
     router: Option<String>,
     /// MiB of message bodies held in memory; past this, bodies stay in
     /// the journal and are read back when delivered (paging).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "FLOTILLA_MAX_MEMORY_MIB", default_value_t = 1024)]
     max_memory_mib: usize,
     /// TLS certificate (PEM) for the listener (with --tls-key): clients
     /// may then use `amqps` or the AMQP TLS header.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Connect to --router over TLS, trusting this CA (PEM).
-    #[arg(long)]
-    router_ca: Option<PathBuf>,
-    /// Authenticate to --router as this user (SCRAM-SHA-256); the password
-    /// comes from the environment variable FLOTILLA_ROUTER_PASSWORD.
-    #[arg(long)]
-    router_user: Option<String>,
+    /// The mesh CA (PEM): the router's certificate must be signed by it,
+    /// and with --tls-cert/--tls-key the broker proves itself a component
+    /// to the router with its own.
+    #[arg(long, alias = "router-ca", env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// File holding the mesh secret: the broker proves to its router that
+    /// it is a component with it.
+    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
+    /// Refuse clients of the broker's own listener that do not use TLS.
+    #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
+    require_tls: bool,
 }
 
 impl BrokerArgs {
@@ -291,16 +344,9 @@ impl BrokerArgs {
             router: self.router,
             max_memory: self.max_memory_mib.saturating_mul(1 << 20),
             tls: self.tls_cert.zip(self.tls_key),
-            router_tls_ca: self.router_ca,
-            router_sasl: match self.router_user {
-                Some(user) => flotilla_amqp::transport::ClientSasl::Scram {
-                    user,
-                    password: std::env::var("FLOTILLA_ROUTER_PASSWORD").map_err(|_| {
-                        "--router-user needs the password in FLOTILLA_ROUTER_PASSWORD".to_string()
-                    })?,
-                },
-                None => flotilla_amqp::transport::ClientSasl::Anonymous,
-            },
+            tls_ca: self.tls_ca,
+            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            require_tls: self.require_tls,
             console: self.console.link()?,
         })
     }
@@ -319,28 +365,55 @@ async fn run_broker(a: BrokerArgs) -> ExitCode {
 
 #[derive(Args, Clone)]
 struct ConsoleServeArgs {
-    /// HTTP listener, HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    /// HTTP listener (REST API, web console, watch, metrics), HOST:PORT.
+    #[arg(
+        long,
+        alias = "listen",
+        env = "FLOTILLA_HTTP",
+        default_value = "127.0.0.1:8080"
+    )]
+    http: SocketAddr,
     /// Where the store and the admin token live.
-    #[arg(long, default_value = "data/console")]
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "data/console")]
     data_dir: PathBuf,
+    /// Retire a broker that has not reported for this many seconds: the
+    /// routers place its queues and topics on the other brokers (0 = only
+    /// through the API, DELETE /api/v1/brokers/ID).
+    #[arg(long, env = "FLOTILLA_RETIRE_BROKERS_AFTER", default_value_t = 0)]
+    retire_brokers_after: u64,
+}
+
+impl ConsoleServeArgs {
+    fn config(&self) -> flotilla_console::ConsoleConfig {
+        flotilla_console::ConsoleConfig {
+            listen: self.http,
+            data_dir: self.data_dir.clone(),
+            admin_token: admin_token_from_env(),
+            retire_brokers_after: (self.retire_brokers_after > 0)
+                .then(|| Duration::from_secs(self.retire_brokers_after)),
+        }
+    }
+}
+
+/// How to use the console's admin token, for people.
+fn token_hint(c: &flotilla_console::Console) -> String {
+    match &c.token_file {
+        Some(f) => format!(
+            "admin token in {file}:\n  curl -H \"Authorization: Bearer $(cat {file})\" http://{addr}/api/v1/addressspaces",
+            file = f.display(),
+            addr = c.local_addr
+        ),
+        None => format!(
+            "admin token from FLOTILLA_ADMIN_TOKEN:\n  curl -H \"Authorization: Bearer $FLOTILLA_ADMIN_TOKEN\" http://{}/api/v1/addressspaces",
+            c.local_addr
+        ),
+    }
 }
 
 async fn run_console(a: ConsoleServeArgs) -> ExitCode {
-    let cfg = flotilla_console::ConsoleConfig {
-        listen: a.listen,
-        data_dir: a.data_dir,
-    };
-    match flotilla_console::Console::bind(cfg).await {
+    match flotilla_console::Console::bind(a.config()).await {
         Ok(c) => {
-            eprintln!(
-                "console on http://{} ; the admin token is in {} :\n  curl -H \"Authorization: Bearer $(cat {})\" http://{}/api/v1/addressspaces",
-                c.local_addr,
-                c.token_file.display(),
-                c.token_file.display(),
-                c.local_addr
-            );
+            eprintln!("console on http://{} ; {}", c.local_addr, token_hint(&c));
             c.serve(shutdown_on_signal()).await;
             ExitCode::SUCCESS
         }
@@ -360,26 +433,30 @@ struct UpArgs {
     router: RouterArgs,
     /// How many routers to run, as a full mesh; router i listens for
     /// clients on the --amqp port + i and for routers on 55672 + i.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "FLOTILLA_ROUTERS", default_value_t = 1)]
     routers: u16,
     /// The broker's AMQP listener (clients may also reach its queues
     /// through any router).
-    #[arg(long, default_value = "127.0.0.1:5673")]
+    #[arg(long, env = "FLOTILLA_BROKER_AMQP", default_value = "127.0.0.1:5673")]
     broker_amqp: SocketAddr,
-    /// Where the broker keeps its journal.
-    #[arg(long, default_value = "data/broker")]
+    /// The root of everything kept on disk: the broker's journal in
+    /// DIR/broker, the console's store and admin token in DIR/console, the
+    /// mesh secret in DIR/mesh-secret.
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Run routers only.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_NO_BROKER")]
     no_broker: bool,
-    /// The console's HTTP listener (REST API and watch).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    console_listen: SocketAddr,
-    /// Where the console keeps its store and admin token.
-    #[arg(long, default_value = "data/console")]
-    console_data_dir: PathBuf,
+    /// The console's HTTP listener (REST API, web console, watch, metrics).
+    #[arg(
+        long,
+        alias = "console-listen",
+        env = "FLOTILLA_HTTP",
+        default_value = "127.0.0.1:8080"
+    )]
+    http: SocketAddr,
     /// Run no console (routers and broker take --config only).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_NO_CONSOLE")]
     no_console: bool,
 }
 
@@ -401,18 +478,33 @@ async fn run_router(args: RouterArgs) -> ExitCode {
 }
 
 /// `flotilla up`: N routers in one process, each with its own ports, every
-/// one connected to every other, as separate machines would be.
+/// one connected to every other, as separate machines would be; a broker
+/// behind router 0; a console they all follow. Components talk over their
+/// public protocols, authenticated with a mesh secret made in the data
+/// directory on first start.
 async fn run_up(mut args: UpArgs) -> ExitCode {
     let n = args.routers.max(1);
     let shutdown = shutdown_on_signal();
     let mut tasks = Vec::new();
+    if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
+        return usage(format!("--data-dir {}: {e}", args.data_dir.display()));
+    }
+    if args.router.mesh_secret_file.is_none() {
+        let path = args.data_dir.join("mesh-secret");
+        if let Err(e) = flotilla_core::auth::MeshSecret::load_or_create(&path) {
+            return usage(e);
+        }
+        args.router.mesh_secret_file = Some(path);
+    }
     let mut console_note = String::new();
     if !args.no_console && args.router.console.console.is_none() {
         // Our own console; routers and the broker follow it.
-        let cfg = flotilla_console::ConsoleConfig {
-            listen: args.console_listen,
-            data_dir: args.console_data_dir.clone(),
-        };
+        let cfg = ConsoleServeArgs {
+            http: args.http,
+            data_dir: args.data_dir.join("console"),
+            retire_brokers_after: 0,
+        }
+        .config();
         let c = match flotilla_console::Console::bind(cfg).await {
             Ok(c) => c,
             Err(e) => return usage(e),
@@ -428,14 +520,10 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
                 Err(e) => return usage(format!("--config: {e}")),
             }
         }
-        console_note = format!(
-            "\nConsole API on http://{addr}; admin token in {file}:\n  curl -H \"Authorization: Bearer $(cat {file})\" http://{addr}/api/v1/addressspaces",
-            addr = c.local_addr,
-            file = c.token_file.display()
-        );
+        console_note = format!("\nConsole on http://{}; {}", c.local_addr, token_hint(&c));
         args.router.console = ConsoleArgs {
             console: Some(format!("http://{}", c.local_addr)),
-            console_token_file: Some(c.token_file.clone()),
+            console_token_file: c.token_file.clone(),
         };
         tasks.push(tokio::spawn(c.serve(shutdown.clone())));
     }
@@ -476,12 +564,14 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
         .iter()
         .map(|r| format!("amqp://{}", r.local_addrs[0].1))
         .collect();
+    let broker_dir = args.data_dir.join("broker");
     if !args.no_broker {
         // The broker joins router 0 as a route container, as it would in
-        // a cluster; it has its own listener too.
+        // a cluster, proving it is a component with the mesh secret; it
+        // has its own listener too.
         let b = BrokerArgs {
             amqp: args.broker_amqp,
-            data_dir: args.data_dir.clone(),
+            data_dir: broker_dir.clone(),
             container_id: "broker-0".into(),
             max_deliveries: 10,
             dead_letter_queue: "DLQ".into(),
@@ -492,8 +582,9 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             max_memory_mib: 1024,
             tls_cert: args.router.tls_cert.clone(),
             tls_key: args.router.tls_key.clone(),
-            router_ca: None,
-            router_user: None,
+            tls_ca: args.router.tls_ca.clone(),
+            mesh_secret_file: args.router.mesh_secret_file.clone(),
+            require_tls: false,
         };
         let cfg = match b.into_config() {
             Ok(c) => c,
@@ -509,7 +600,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
     eprintln!(
         "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue, or any address a client attaches to with the capability \"queue\".{}\nPress Ctrl-C to stop.",
         if n > 1 { format!(" with {n} routers ({})", urls.join(", ")) } else { String::new() },
-        if args.no_broker { String::new() } else { format!(", broker on {} (journal in {})", args.broker_amqp, args.data_dir.display()) },
+        if args.no_broker { String::new() } else { format!(", broker on {} (journal in {})", args.broker_amqp, broker_dir.display()) },
         urls[0],
         urls[urls.len() - 1],
         console_note,

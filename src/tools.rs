@@ -230,6 +230,10 @@ pub struct StatArgs {
     /// e.g. amqp://127.0.0.1:5673 under `flotilla up`).
     #[arg(long)]
     pub broker: Option<String>,
+    /// Log in with the mesh secret (as an operator's tool: a component) and
+    /// see every address space; else a client sees its own space only.
+    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
+    pub mesh_secret_file: Option<PathBuf>,
 }
 
 /// `flotilla stat`: asks a router or a broker for its `$stat` document.
@@ -247,8 +251,26 @@ pub async fn stat(a: StatArgs) -> ExitCode {
 async fn stat_one(a: &StatArgs, url: &str) -> ExitCode {
     let mut conn = a.conn.clone();
     conn.url = url.to_string();
+    let mesh = match a
+        .mesh_secret_file
+        .as_deref()
+        .map(flotilla_core::auth::MeshSecret::load)
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("flotilla stat: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let doc = async {
-        let mut c = Client::connect(&conn.options()?).await?;
+        let mut opts = conn.options()?;
+        if let Some(m) = &mesh {
+            opts.user = Some(flotilla_core::auth::MeshSecret::username("flotilla-stat"));
+            opts.password = Some(m.secret().to_string());
+            opts.scram = true;
+        }
+        let mut c = Client::connect(&opts).await?;
         c.open_receiver(Some("$stat"), 1).await?;
         let body = loop {
             match tokio::time::timeout(Duration::from_secs(10), c.next_event())

@@ -300,6 +300,13 @@ impl BrokerConnection {
             info!(conn.id = self.id, router = %open.container_id, "connected to router: links to our queues and topics are routed here");
             return;
         };
+        if identity.is_component() {
+            // An operator's tool with the mesh credential: it may view
+            // every space's queues, and nothing else.
+            info!(conn.id = self.id, container = %open.container_id, "component connected");
+            self.conn.open();
+            return;
+        }
         match self
             .policy
             .on_open(identity, open.hostname.as_deref(), *addr)
@@ -369,9 +376,12 @@ impl BrokerConnection {
         if let Some(i) = self.stat_links.iter().position(|l| *l == link) {
             if self.conn.link(link).is_some_and(|l| l.credit > 0) {
                 self.stat_links.swap_remove(i);
+                // A tenant sees its own space; routers and components all.
+                let space = self.principal.as_ref().map(|p| p.space.clone());
                 let _ = self.queues.send(BrokerEvent::Stat {
                     tx: self.tx.clone(),
                     link,
+                    space,
                 });
             }
             return;
@@ -416,6 +426,14 @@ impl BrokerConnection {
                     "a routed link must say its address space",
                 )
             })?;
+            // Routers send a broker only the links placed on it.
+            let me = self.conn.config().container_id.as_str();
+            if let Some(b) = get("flotilla:broker").filter(|b| b != me) {
+                return Err(amqp_error(
+                    AmqpError::NotFound,
+                    format!("routed to broker {b:?}, but this is {me:?}"),
+                ));
+            }
             let kind = match get("flotilla:type").as_deref() {
                 Some("topic") => AddressType::Topic,
                 Some("subscription") => AddressType::Subscription,
@@ -493,10 +511,11 @@ impl BrokerConnection {
                 prod.quota = q;
             }
         }
-        let (Peer::Client { addr, .. }, Some(p)) = (&self.peer, self.principal.clone()) else {
+        let (Peer::Client { addr, identity }, Some(p)) = (&self.peer, self.principal.clone())
+        else {
             return;
         };
-        let p = match self.policy.recheck(&p, *addr) {
+        let p = match self.policy.recheck(&p, *addr, identity.tls) {
             Ok(p) => p,
             Err(why) => {
                 info!(conn.id = self.id, reason = %why, "closing connection: no longer authorized");
@@ -555,8 +574,28 @@ impl BrokerConnection {
         self.conn.refuse_attach(link, e);
     }
 
+    /// A component (not a tenant) on our own listener.
+    fn is_component(&self) -> bool {
+        matches!(&self.peer, Peer::Client { identity, .. } if identity.is_component())
+    }
+
     fn attach(&mut self, link: LinkId, attach: &Attach) {
-        if self.principal.is_none() && matches!(self.peer, Peer::Client { .. }) {
+        if self.is_component() {
+            let stat = attach.role == Role::Receiver
+                && attach
+                    .source
+                    .as_ref()
+                    .is_some_and(|s| s.address.as_deref() == Some(STAT_ADDRESS));
+            if !stat {
+                return self.refuse(
+                    link,
+                    amqp_error(
+                        AmqpError::NotAllowed,
+                        "a component's connection to a broker may only read $stat",
+                    ),
+                );
+            }
+        } else if self.principal.is_none() && matches!(self.peer, Peer::Client { .. }) {
             return self.refuse(
                 link,
                 amqp_error(AmqpError::IllegalState, "connection not open"),
@@ -652,6 +691,7 @@ impl BrokerConnection {
         if address == STAT_ADDRESS {
             let allowed = match (&self.peer, &self.principal) {
                 (Peer::Router, _) => true,
+                _ if self.is_component() => true,
                 (_, Some(p)) => p.may(Operation::View, "#"),
                 _ => false,
             };

@@ -41,7 +41,7 @@ use flotilla_core::config::Tenancy;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 /// Everything a broker needs to start.
 #[derive(Debug, Clone)]
@@ -61,9 +61,16 @@ pub struct BrokerConfig {
     /// Certificate and key (PEM): the listener then takes TLS too
     /// (`amqps` and the AMQP TLS header).
     pub tls: Option<(PathBuf, PathBuf)>,
-    /// How to reach the router: TLS with this CA, and credentials.
-    pub router_tls_ca: Option<PathBuf>,
-    pub router_sasl: transport::ClientSasl,
+    /// The mesh CA: the router's certificate must be signed by it, and
+    /// with `tls` the broker presents its own certificate to the router,
+    /// which proves it a component.
+    pub tls_ca: Option<PathBuf>,
+    /// The mesh secret: the broker proves it is a component to its router
+    /// with it (SCRAM-SHA-256 as `ID@$mesh`); operators' tools may log in
+    /// to the broker's own listener with it to see every space.
+    pub mesh_secret: Option<flotilla_core::auth::MeshSecret>,
+    /// Clients of the broker's own listener must use TLS.
+    pub require_tls: bool,
     /// Follow the control plane for address spaces, addresses and users.
     pub console: Option<flotilla_core::watch::ConsoleLink>,
 }
@@ -81,6 +88,10 @@ pub enum BrokerError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] flotilla_amqp::tls::TlsError),
+    #[error("--require-tls needs --tls-cert and --tls-key")]
+    TlsMissing,
+    #[error("--router needs a component credential to be a route container: --mesh-secret-file FILE (the routers' mesh secret), or --tls-ca with --tls-cert/--tls-key (a certificate from the mesh CA)")]
+    NoComponentCredential,
 }
 
 /// Keeps a connection to `router` (re-resolved and retried with backoff)
@@ -149,10 +160,17 @@ async fn keep_router(
                 tls_header: false,
             };
             let (io, buf) =
-                tokio::time::timeout(Duration::from_secs(10), transport::connect(tcp, &cc))
+                match tokio::time::timeout(Duration::from_secs(10), transport::connect(tcp, &cc))
                     .await
-                    .ok()?
-                    .ok()?;
+                {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => {
+                        // Most often a credential the router does not take.
+                        warn!(router = %link.addr, error = %e, "the router refused this broker");
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
             info!(router = %link.addr, "connected to router");
             // Router connections count down from the top of the id space.
             let cid = u64::MAX - conn;
@@ -183,6 +201,13 @@ async fn keep_router(
 /// The journal cannot be recovered (damage before its tail) or the port
 /// cannot be bound.
 pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), BrokerError> {
+    let proves_component = cfg.mesh_secret.is_some() || (cfg.tls_ca.is_some() && cfg.tls.is_some());
+    if cfg.router.is_some() && !proves_component {
+        return Err(BrokerError::NoComponentCredential);
+    }
+    if cfg.require_tls && cfg.tls.is_none() {
+        return Err(BrokerError::TlsMissing);
+    }
     let jcfg = journal::JournalConfig::new(cfg.data_dir.join("journal"));
     let (j, records) = tokio::task::spawn_blocking(move || journal::Journal::open(jcfg))
         .await
@@ -195,17 +220,30 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         messages = held,
         "queues recovered"
     );
+    let client_certs = cfg.tls_ca.as_deref().map_or(
+        flotilla_amqp::tls::ClientCerts::None,
+        flotilla_amqp::tls::ClientCerts::Optional,
+    );
     let accept_cfg = AcceptConfig {
         tls: match &cfg.tls {
-            Some((c, k)) => Some(flotilla_amqp::tls::server_config(c, k, None)?),
+            Some((c, k)) => Some(flotilla_amqp::tls::server_config(c, k, client_certs)?),
             None => None,
         },
-        require_tls: false,
+        require_tls: cfg.require_tls,
     };
-    let router_tls = match &cfg.router_tls_ca {
-        Some(ca) => Some(flotilla_amqp::tls::client_config(ca)?),
-        None => None,
+    let router_tls = match (&cfg.tls_ca, &cfg.tls) {
+        (Some(ca), Some((c, k))) => Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?),
+        (Some(ca), None) => Some(flotilla_amqp::tls::client_config(ca)?),
+        _ => None,
     };
+    let router_sasl = match &cfg.mesh_secret {
+        Some(m) => transport::ClientSasl::Scram {
+            user: flotilla_core::auth::MeshSecret::username(&cfg.container_id),
+            password: m.secret().to_string(),
+        },
+        None => transport::ClientSasl::Anonymous,
+    };
+
     let memory = queues::Memory::new(cfg.max_memory, Some(j.reader()));
     let journal = journal::JournalHandle::start(j)?;
     let usage = queues::Usage::default();
@@ -229,7 +267,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     info!(proto = "amqp", addr = %addr, "listening");
     let tracker = TaskTracker::new();
     tracker.spawn(task.run());
-    let policy = Policy::new(cfg.tenancy.clone());
+    let policy = Policy::new(cfg.tenancy.clone())
+        .with_mesh_secret(cfg.mesh_secret.clone())
+        .with_cert_components(cfg.tls_ca.is_some())
+        .with_require_tls(cfg.require_tls);
     let services = connection::Services {
         queues: queues.clone(),
         journal: journal.clone(),
@@ -286,7 +327,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         let link = RouterLink {
             addr: router,
             tls: router_tls,
-            sasl: cfg.router_sasl.clone(),
+            sasl: router_sasl,
         };
         tracker.spawn(keep_router(
             link,

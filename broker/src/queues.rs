@@ -171,10 +171,11 @@ pub enum BrokerEvent {
         link: LinkId,
         correlation: Option<String>,
     },
-    /// The state of every queue, as JSON, to `link`.
+    /// The state of every queue (of `space`, if given), as JSON, to `link`.
     Stat {
         tx: mpsc::UnboundedSender<ToConn>,
         link: LinkId,
+        space: Option<String>,
     },
     /// The state of every queue, for the console.
     Report {
@@ -675,11 +676,12 @@ impl QueueTask {
                 self.purge(&queue);
                 Vec::new()
             }
-            BrokerEvent::Stat { tx, link } => {
-                let _ = tx.send(ToConn::Stat {
-                    link,
-                    body: self.stat(),
-                });
+            BrokerEvent::Stat { tx, link, space } => {
+                let mut body = self.stat();
+                if let (Some(space), Some(q)) = (space, body["queues"].as_array_mut()) {
+                    q.retain(|v| v["space"] == space.as_str());
+                }
+                let _ = tx.send(ToConn::Stat { link, body });
                 Vec::new()
             }
         }

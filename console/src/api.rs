@@ -29,6 +29,8 @@ pub struct AppState {
     pub token: Arc<String>,
     /// What routers and brokers last reported, and commands for them.
     pub live: Arc<std::sync::Mutex<Live>>,
+    /// Brokers known to be in the registry.
+    pub registered: crate::brokers::Registered,
 }
 
 impl AppState {
@@ -37,6 +39,7 @@ impl AppState {
             store,
             token: Arc::new(token),
             live: Arc::default(),
+            registered: Default::default(),
         }
     }
 }
@@ -50,9 +53,14 @@ pub struct Live {
 }
 
 /// A report older than this is from a component that went away.
-const FRESH: Duration = Duration::from_secs(5);
+pub(crate) const FRESH: Duration = Duration::from_secs(5);
 
 impl Live {
+    /// When `id` (`router/ID`, `broker/ID`) last reported.
+    pub(crate) fn last_report(&self, id: &str) -> Option<std::time::Instant> {
+        self.reports.get(id).map(|(at, _)| *at)
+    }
+
     fn fresh(&self, component: &str) -> impl Iterator<Item = (&String, &Value)> {
         let component = component.to_string();
         self.reports
@@ -73,7 +81,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+    /// The HTTP status it answers with.
+    pub fn code(&self) -> StatusCode {
+        self.code
+    }
+
+    pub(crate) fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             code,
             reason,
@@ -123,7 +136,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// A JSON request body; what does not parse is a `Status` error too.
 struct Body(Value);
@@ -223,7 +236,10 @@ impl Kind {
         close_connection,
         metrics,
         purge,
-        links
+        links,
+        crate::brokers::list,
+        crate::brokers::get_one,
+        crate::brokers::retire
     ),
     components(schemas(AddressSpace, Address, MessagingUser))
 )]
@@ -254,6 +270,11 @@ pub fn routes(state: AppState) -> Router {
             get(get_user).put(put_user).delete(delete_user),
         )
         .route("/watch", get(watch))
+        .route("/brokers", get(crate::brokers::list))
+        .route(
+            "/brokers/{id}",
+            get(crate::brokers::get_one).delete(crate::brokers::retire),
+        )
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -347,7 +368,7 @@ async fn require_token(
 }
 
 /// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
@@ -747,12 +768,16 @@ async fn store_object(
     };
     let store = state.store.clone();
     let k = key.clone();
-    let existed = if create {
-        false
+    let old = if create {
+        None
     } else {
         let store = state.store.clone();
-        blocking(move || store.get(&k).map(|o| o.is_some())).await?
+        blocking(move || store.get(&k)).await?
     };
+    let existed = old.is_some();
+    if kind == Kind::Address {
+        crate::brokers::place_address(state, &mut object, old.as_ref());
+    }
     let stored = blocking(move || store.put(&key, object, expect))
         .await
         .map_err(|e| match e.code {
@@ -1020,6 +1045,9 @@ async fn report(State(state): State<AppState>, Body(body): Body) -> ApiResult<Js
             ))
         }
     };
+    if let Some(broker) = id.strip_prefix("broker/") {
+        crate::brokers::on_report(&state, broker).await;
+    }
     let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
     live.reports
         .insert(id.clone(), (std::time::Instant::now(), body));

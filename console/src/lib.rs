@@ -13,10 +13,12 @@
 //!
 //! - [`store`]: the resources and the change log (redb).
 //! - [`api`]: the HTTP handlers and the watch stream.
+//! - [`brokers`]: the broker registry routers place queues and topics over.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod brokers;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -30,6 +32,11 @@ use tracing::info;
 pub struct ConsoleConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The admin token (FLOTILLA_ADMIN_TOKEN); else the one in
+    /// `DATA_DIR/admin-token`, made on first start.
+    pub admin_token: Option<String>,
+    /// Retire brokers that have not reported for this long.
+    pub retire_brokers_after: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +68,7 @@ pub fn admin_token(dir: &Path) -> std::io::Result<String> {
     let mut b = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut b);
     let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    use std::io::Write as _;
-    opts.open(&path)?.write_all(token.as_bytes())?;
+    flotilla_core::auth::write_private(&path, &token)?;
     info!(file = %path.display(), "made the admin token");
     Ok(token)
 }
@@ -80,7 +79,9 @@ pub struct Console {
     pub local_addr: SocketAddr,
     app: axum::Router,
     state: api::AppState,
-    pub token_file: PathBuf,
+    /// Where the admin token is kept (`None`: it came from the environment).
+    pub token_file: Option<PathBuf>,
+    retire_brokers_after: Option<std::time::Duration>,
 }
 
 impl Console {
@@ -94,12 +95,19 @@ impl Console {
             source,
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
-        let token = admin_token(&cfg.data_dir).map_err(dir_err)?;
+        let (token, token_file) = match &cfg.admin_token {
+            Some(t) => (t.clone(), None),
+            None => (
+                admin_token(&cfg.data_dir).map_err(dir_err)?,
+                Some(cfg.data_dir.join("admin-token")),
+            ),
+        };
         let db = cfg.data_dir.join("store.redb");
         let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
             .await
             .map_err(|e| ConsoleError::Store(store::StoreError::Db(e.to_string())))??;
         let state = api::AppState::new(store, token);
+        state.registered.load(&state.store)?;
         let app = api::routes(state.clone());
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -116,7 +124,8 @@ impl Console {
             local_addr,
             app,
             state,
-            token_file: cfg.data_dir.join("admin-token"),
+            token_file,
+            retire_brokers_after: cfg.retire_brokers_after,
         })
     }
 
@@ -146,6 +155,13 @@ impl Console {
     /// Serves until `shutdown`.
     pub async fn serve(self, shutdown: CancellationToken) {
         info!(proto = "http", addr = %self.local_addr, "listening");
+        if let Some(after) = self.retire_brokers_after {
+            tokio::spawn(brokers::retire_away(
+                self.state.clone(),
+                after,
+                shutdown.clone(),
+            ));
+        }
         let _ = axum::serve(self.listener, self.app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;

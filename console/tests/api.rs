@@ -1390,3 +1390,65 @@ async fn metrics_and_openapi() {
     );
     assert!(doc["components"]["schemas"]["Address"].is_object());
 }
+
+/// A broker's report, as brokers post it every second.
+fn broker_report(id: &str) -> Value {
+    json!({"component": "broker", "id": id, "queues": []})
+}
+
+#[tokio::test]
+async fn brokers_register_by_reporting_hold_their_queues_and_move_only_when_retired() {
+    let api = api("brokers");
+    // A queue made before any broker exists waits unplaced.
+    let early = api
+        .create_address("default", "early", "early", "queue")
+        .await;
+    assert!(early["status"].get("broker").is_none(), "{early}");
+    let (s, _) = api.post("/api/v1/reports", broker_report("b1")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, list) = api.get("/api/v1/brokers").await;
+    assert_eq!(names(&list), ["b1"]);
+    assert_eq!(list["items"][0]["status"]["phase"], "Ready");
+    // Registering placed the waiting queue; new ones are placed at once.
+    let (_, early) = api
+        .get("/api/v1/addressspaces/default/addresses/early")
+        .await;
+    assert_eq!(early["status"]["broker"], "b1", "{early}");
+    let jobs = api.create_address("default", "jobs", "jobs", "queue").await;
+    assert_eq!(jobs["status"]["broker"], "b1");
+    // Direct addresses are never placed; a pinned one stays pinned.
+    let any = api.create_address("default", "any", "any", "anycast").await;
+    assert!(any["status"].get("broker").is_none());
+    // A second broker joining takes nothing already placed, and a
+    // rewritten address keeps its broker.
+    api.post("/api/v1/reports", broker_report("b2")).await;
+    let (s, jobs) = api
+        .put(
+            "/api/v1/addressspaces/default/addresses/jobs",
+            json!({"metadata": {"name": "jobs"}, "spec": {"address": "jobs", "type": "queue"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{jobs}");
+    assert_eq!(jobs["status"]["broker"], "b1");
+    // A reporting broker is not retired.
+    let got = api.delete("/api/v1/brokers/b1").await;
+    assert_status(&got, StatusCode::CONFLICT, "Conflict");
+    let got = api.delete("/api/v1/brokers/nobody").await;
+    assert_status(&got, StatusCode::NOT_FOUND, "NotFound");
+    // The watch carries the registry to routers.
+    let mut w = api.watch(None).await;
+    let mut brokers = Vec::new();
+    for _ in 0..5 {
+        let l = w.next().await;
+        if l["object"]["kind"] == "Broker" {
+            brokers.push(
+                l["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+    }
+    brokers.sort();
+    assert_eq!(brokers, ["b1", "b2"]);
+}

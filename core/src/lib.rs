@@ -7,6 +7,7 @@
 //! - [`resources`]: the Kubernetes-shaped objects (`AddressSpace`, `Address`,
 //!   `MessagingUser`) and their validation.
 //! - [`pattern`]: `/`- and `.`-separated address patterns with `+`, `*`, `#`.
+//! - [`placement`]: which broker holds a queue or topic.
 //! - [`config`]: loading `--config` files (several YAML documents) into a
 //!   validated [`config::Tenancy`].
 //! - [`auth`]: SCRAM-SHA-256 salted keys, password checks and authorization.
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod config;
 pub mod pattern;
+pub mod placement;
 pub mod resources;
 pub mod telemetry;
 pub mod watch;

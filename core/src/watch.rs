@@ -68,6 +68,9 @@ impl Seen {
         }
         let kind = o["kind"].as_str().unwrap_or("");
         let name = o["metadata"]["name"].as_str().unwrap_or("");
+        if kind.is_empty() || name.is_empty() {
+            return false;
+        }
         let space = o["spec"]["addressSpace"].as_str().unwrap_or("");
         let key = format!("{kind}/{space}/{name}");
         match v["type"].as_str() {
@@ -86,8 +89,14 @@ impl Seen {
         let mut spaces = Vec::new();
         let mut addresses = Vec::new();
         let mut users = Vec::new();
+        let mut brokers = std::collections::BTreeSet::new();
         for (i, o) in self.objects.values().enumerate() {
             match o["kind"].as_str() {
+                Some("Broker") => {
+                    if let Some(id) = o["metadata"]["name"].as_str() {
+                        brokers.insert(id.to_string());
+                    }
+                }
                 Some("AddressSpace") => {
                     if let Ok(s) = serde_json::from_value::<AddressSpace>(o.clone()) {
                         spaces.push((i, s));
@@ -114,10 +123,12 @@ impl Seen {
         addresses.retain(|(_, a)| known.contains(&a.spec.address_space) && a.validate().is_ok());
         users.retain(|(_, u)| known.contains(&u.spec.address_space) && u.validate().is_ok());
         spaces.retain(|(_, s)| s.validate().is_ok());
-        Tenancy::from_resources(spaces, addresses, users).unwrap_or_else(|e| {
+        let mut t = Tenancy::from_resources(spaces, addresses, users).unwrap_or_else(|e| {
             warn!(error = %e, "the console's resources do not make a tenancy; serving the default space only");
             Tenancy::zero_config()
-        })
+        });
+        t.brokers = Some(brokers);
+        t
     }
 }
 

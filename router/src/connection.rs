@@ -312,7 +312,7 @@ impl ConnectionTask {
         let Some(p) = self.principal.clone() else {
             return;
         };
-        let p = match self.shared.policy.recheck(&p, self.peer) {
+        let p = match self.shared.policy.recheck(&p, self.peer, self.identity.tls) {
             Ok(p) => p,
             Err(why) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "closing connection: no longer authorized");
@@ -497,32 +497,45 @@ impl ConnectionTask {
             c.0.iter()
                 .any(|s| s.as_str() == crate::linkroute::ROUTE_CONTAINER_CAPABILITY)
         });
+        if self.identity.is_component() {
+            // A broker (or another component): it proved the mesh
+            // credential. It serves routed links; it is no tenant. Without
+            // the route-container capability it is an operator's tool,
+            // which may only read `$stat`.
+            info!(conn.id = self.id.0, client.addr = %self.peer, mechanism = self.identity.mechanism, route_container, "component connected");
+            self.conn.open();
+            if route_container {
+                let id = open.container_id.clone();
+                self.route_container_open(&id);
+            }
+            return;
+        }
+        if route_container {
+            // Tenants' credentials, however broad their rules, never make a
+            // route container: links of every space could be routed to it.
+            info!(conn.id = self.id.0, client.addr = %self.peer, user = self.identity.user.as_deref().unwrap_or("<anonymous>"), "route container refused: not a component");
+            return self.refuse_open(
+                AmqpError::UnauthorizedAccess,
+                "a route container must authenticate as a component: SCRAM-SHA-256 as ID@$mesh with the mesh secret, or a certificate from the mesh CA".to_string(),
+            );
+        }
         match self
             .shared
             .policy
             .on_open(&self.identity, hostname, self.peer)
         {
-            Ok(p) if route_container && !p.may(Operation::Manage, "#") => {
-                info!(conn.id = self.id.0, client.addr = %self.peer, "route container refused: needs the manage operation on all addresses");
-                self.closing = Some(CloseReason::Unauthorized);
-                self.conn.close(Some(amqp_error(
-                    AmqpError::UnauthorizedAccess,
-                    "a broker (route container) needs the manage operation on all addresses",
-                )));
-            }
-            Ok(p) if !route_container && self.over_connection_quota(&p.space) => {
+            Ok(p) if self.over_connection_quota(&p.space) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, "connection refused: the address space's connection quota is used up");
-                self.closing = Some(CloseReason::Unauthorized);
-                self.conn.close(Some(amqp_error(
+                self.refuse_open(
                     AmqpError::ResourceLimitExceeded,
                     format!(
                         "address space {:?} has as many connections as its plan allows",
                         p.space
                     ),
-                )));
+                );
             }
             Ok(p) => {
-                info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), "connection opened");
+                info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), mechanism = self.identity.mechanism, tls = self.identity.tls, "connection opened");
                 self.shared
                     .clients
                     .lock()
@@ -540,26 +553,57 @@ impl ConnectionTask {
                     );
                 self.set_principal(p);
                 self.conn.open();
-                if route_container {
-                    let id = open.container_id.clone();
-                    self.route_container_open(&id);
-                }
             }
             Err(why) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "connection refused");
-                self.closing = Some(CloseReason::Unauthorized);
-                self.conn
-                    .close(Some(amqp_error(AmqpError::UnauthorizedAccess, why)));
+                self.refuse_open(AmqpError::UnauthorizedAccess, why);
             }
         }
     }
 
+    /// A receiver of `$stat`: it gets a snapshot once it gives credit.
+    fn accept_stat(&mut self, link: LinkId, attach: &flotilla_amqp::types::performatives::Attach) {
+        let target = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => Some(t.clone()),
+            _ => None,
+        };
+        self.conn.accept_attach(
+            link,
+            AttachReply {
+                source: attach.source.as_deref().cloned(),
+                target,
+                snd_settle_mode: Some(SenderSettleMode::Settled),
+                ..Default::default()
+            },
+        );
+        self.stat_links.push(link);
+    }
+
+    /// Answers an Open with ours and a Close with `condition` (AMQP 1.0
+    /// §2.4.1: a refused connection still gets an Open first).
+    fn refuse_open(&mut self, condition: AmqpError, why: String) {
+        self.closing = Some(CloseReason::Unauthorized);
+        self.conn.close(Some(amqp_error(condition, why)));
+    }
+
     fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
+        if self.identity.is_component()
+            && self.routes.container.is_none()
+            && attach.role == Role::Receiver
+            && attach.source.as_ref().and_then(|s| s.address.as_deref())
+                == Some(crate::stat::STAT_ADDRESS)
+        {
+            return self.accept_stat(link, &attach);
+        }
         let Some(p) = self.principal.clone() else {
-            self.conn.refuse_attach(
-                link,
-                amqp_error(AmqpError::IllegalState, "connection not open"),
-            );
+            let why = if self.identity.is_component() {
+                "a route container's connection carries only the links routers route to it"
+            } else {
+                "connection not open"
+            };
+            info!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
+            self.conn
+                .refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
             return;
         };
         if let Some(e) = self.over_link_quota(&p.space) {
@@ -822,18 +866,7 @@ impl ConnectionTask {
                 );
                 return self.conn.refuse_attach(link, e);
             }
-            let snd = Some(SenderSettleMode::Settled);
-            self.conn.accept_attach(
-                link,
-                AttachReply {
-                    source: Some(source),
-                    target,
-                    snd_settle_mode: snd,
-                    ..Default::default()
-                },
-            );
-            self.stat_links.push(link);
-            return;
+            return self.accept_stat(link, &attach);
         }
         let (address, kind, dynamic) = if source.dynamic {
             let n = self.shared.dynamic_seq.fetch_add(1, Ordering::Relaxed);
@@ -908,12 +941,10 @@ impl ConnectionTask {
         if let Some(i) = self.stat_links.iter().position(|l| *l == link) {
             if self.conn.link(link).is_some_and(|l| l.credit > 0) {
                 self.stat_links.swap_remove(i);
-                let space = self
-                    .principal
-                    .as_ref()
-                    .map(|p| p.space.clone())
-                    .unwrap_or_default();
-                let body = crate::stat::snapshot(&self.shared, &space);
+                // A tenant sees its own space; a component (an operator's
+                // tool with the mesh credential) every space.
+                let space = self.principal.as_ref().map(|p| p.space.clone());
+                let body = crate::stat::snapshot(&self.shared, space.as_deref());
                 let msg = message::encode_message(&message::MessageParts {
                     body: &body,
                     ..Default::default()

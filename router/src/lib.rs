@@ -71,6 +71,14 @@ pub struct RouterConfig {
     /// Follow the control plane: address spaces, addresses and users from
     /// its watch stream replace `tenancy` as they change.
     pub console: Option<flotilla_core::watch::ConsoleLink>,
+    /// The mesh credential (`--mesh-secret-file`): routers authenticate
+    /// to each other with it, and components (brokers) to this router.
+    pub mesh_secret: Option<flotilla_core::auth::MeshSecret>,
+    /// Every client must come over TLS (`--require-tls`).
+    pub require_tls: bool,
+    /// A broker away this long is retired: the addresses it held are
+    /// placed on the others (`None`: only when the console retires it).
+    pub retire_brokers_after: Option<Duration>,
 }
 
 impl Default for RouterConfig {
@@ -94,6 +102,9 @@ impl Default for RouterConfig {
             tls_ca: None,
             edge: false,
             console: None,
+            mesh_secret: None,
+            require_tls: false,
+            retire_brokers_after: None,
         }
     }
 }
@@ -113,6 +124,12 @@ pub enum RouterError {
         "an edge router has no --inter-router listener and needs at least one --peer (its uplink)"
     )]
     EdgeConfig,
+    #[error(
+        "--inter-router {0} is reachable from other machines but has no mesh credential: give --mesh-secret-file FILE (a secret of at least 16 characters every router and broker shares, e.g. `openssl rand -hex 32 > FILE`) or --tls-ca CA with --tls-cert/--tls-key (mutual TLS between routers)"
+    )]
+    OpenMesh(SocketAddr),
+    #[error("--tls-ca needs --tls-cert and --tls-key (this router's own certificate)")]
+    CaWithoutCert,
 }
 
 /// State every connection task shares.
@@ -123,6 +140,8 @@ pub(crate) struct Shared {
     /// TLS for connecting to peers (mutual TLS), when configured.
     pub(crate) peer_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) policy: Policy,
+    /// Who may connect on the inter-router listener.
+    pub(crate) mesh_auth: flotilla_amqp::policy::MeshAuth,
     /// Cancelled first: stop accepting and withdraw senders' credit.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled once waiting deliveries were released: close connections.
@@ -133,8 +152,8 @@ pub(crate) struct Shared {
     pub(crate) dynamic_seq: AtomicU64,
     /// Brokers connected to this router (route containers) by id.
     pub(crate) brokers: crate::mesh::Brokers,
-    /// Every broker seen since start (placement keeps to this set).
-    pub(crate) known_brokers: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The brokers placement spreads addresses over.
+    pub(crate) known_brokers: std::sync::Mutex<linkroute::KnownBrokers>,
     /// Bumped when the tenancy changes: connections check their clients
     /// and links again.
     pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
@@ -170,13 +189,32 @@ impl Router {
         cfg: RouterConfig,
         shutdown: CancellationToken,
     ) -> Result<Router, RouterError> {
+        use flotilla_amqp::tls::ClientCerts;
+        if cfg.tls_ca.is_some() && (cfg.tls_cert.is_none() || cfg.tls_key.is_none()) {
+            return Err(RouterError::CaWithoutCert);
+        }
+        // With a mesh CA, a client port also takes components that present
+        // a certificate it signed.
+        let client_certs = cfg
+            .tls_ca
+            .as_deref()
+            .map_or(ClientCerts::None, ClientCerts::Optional);
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(c), Some(k)) => Some(flotilla_amqp::tls::server_config(c, k, None)?),
+            (Some(c), Some(k)) => Some(flotilla_amqp::tls::server_config(c, k, client_certs)?),
             (None, None) => None,
             _ => return Err(RouterError::TlsMissing),
         };
         if cfg.amqps.is_some() && tls.is_none() {
             return Err(RouterError::TlsMissing);
+        }
+        if cfg.require_tls && tls.is_none() {
+            return Err(RouterError::TlsMissing);
+        }
+        let mesh_credential = cfg.mesh_secret.is_some() || cfg.tls_ca.is_some();
+        if let Some(addr) = cfg.inter_router {
+            if !addr.ip().is_loopback() && !mesh_credential {
+                return Err(RouterError::OpenMesh(addr));
+            }
         }
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
@@ -197,7 +235,7 @@ impl Router {
             plain,
             AcceptConfig {
                 tls: tls.clone(),
-                require_tls: false,
+                require_tls: cfg.require_tls,
             },
         ));
         if let Some(addr) = cfg.amqps {
@@ -232,7 +270,11 @@ impl Router {
             }
             if let (Some(c), Some(k), Some(ca)) = (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_ca) {
                 peer_accept = AcceptConfig {
-                    tls: Some(flotilla_amqp::tls::server_config(c, k, Some(ca))?),
+                    tls: Some(flotilla_amqp::tls::server_config(
+                        c,
+                        k,
+                        ClientCerts::Required(ca),
+                    )?),
                     require_tls: true,
                 };
                 peer_tls = Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?);
@@ -246,6 +288,9 @@ impl Router {
                     l.local_addr()
                         .map_err(|source| RouterError::Bind { addr, source })?,
                 ));
+                if !mesh_credential {
+                    tracing::warn!(addr = %addr, "the inter-router listener has no mesh credential: any process on this machine can join the mesh (give --mesh-secret-file or --tls-ca)");
+                }
                 inter_router = Some(l);
             }
         }
@@ -254,13 +299,21 @@ impl Router {
         let mesh_task = meshed.then(|| {
             crate::mesh::MeshTask::new(&cfg.container_id, table.clone(), brokers.clone(), cfg.edge)
         });
-        let policy = Policy::new(cfg.tenancy.clone());
+        let policy = Policy::new(cfg.tenancy.clone())
+            .with_mesh_secret(cfg.mesh_secret.clone())
+            .with_cert_components(cfg.tls_ca.is_some())
+            .with_require_tls(cfg.require_tls);
+        let mesh_auth = flotilla_amqp::policy::MeshAuth {
+            secret: cfg.mesh_secret.clone(),
+            ca: cfg.tls_ca.is_some(),
+        };
         let shared = Arc::new(Shared {
             cfg,
             table,
             mesh: mesh_task.as_ref().map(|(_, h)| h.clone()),
             peer_tls,
             policy,
+            mesh_auth,
             shutdown,
             closing: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -305,6 +358,9 @@ impl Router {
         if let Some(task) = self.mesh_task {
             shared.tracker.spawn(task.run(shared.closing.clone()));
         }
+        shared
+            .tracker
+            .spawn(linkroute::watch_brokers(shared.clone()));
         if let Some(link) = shared.cfg.console.clone() {
             let s = shared.clone();
             let apply = move |t: flotilla_core::config::Tenancy| {

@@ -146,34 +146,99 @@ pub fn terminus_address(a: &Attach) -> Option<String> {
     }
 }
 
-/// Which broker holds (`space`, `address`): rendezvous hashing over the
-/// brokers known, so every router picks the same one and a broker joining
-/// moves only the addresses it wins.
-pub fn place<'a>(
-    space: &str,
-    address: &str,
-    brokers: impl IntoIterator<Item = &'a String>,
-) -> Option<String> {
-    brokers
-        .into_iter()
-        .max_by_key(|b| {
-            (
-                fnv1a(&[b.as_bytes(), space.as_bytes(), address.as_bytes()]),
-                *b,
-            )
-        })
-        .cloned()
+pub use flotilla_core::placement::place;
+
+/// The brokers placement spreads addresses over (DESIGN.md "Broker"):
+/// every broker seen since this router started and, following a console,
+/// every broker it has registered. A broker that is away keeps its
+/// addresses (attaches to them are refused, not moved, so its messages are
+/// not stranded) until it is retired: the console forgets it (through its
+/// API, or after `--retire-brokers-after`), or it has been away longer than
+/// this router's `--retire-brokers-after`.
+#[derive(Debug, Default)]
+pub(crate) struct KnownBrokers {
+    /// Broker → when it was last seen connected, here or in the mesh.
+    seen: std::collections::BTreeMap<String, std::time::Instant>,
 }
 
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.iter().chain(std::iter::once(&0xff)) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+impl KnownBrokers {
+    /// Brings the set up to date with the brokers `present` now.
+    pub(crate) fn refresh(
+        &mut self,
+        present: &std::collections::BTreeSet<String>,
+        registry: Option<&std::collections::BTreeSet<String>>,
+        retire_after: Option<std::time::Duration>,
+    ) {
+        let now = std::time::Instant::now();
+        for b in present {
+            self.seen.insert(b.clone(), now);
+        }
+        if let Some(r) = registry {
+            for b in r {
+                self.seen.entry(b.clone()).or_insert(now);
+            }
+            self.seen.retain(|b, _| {
+                let keep = r.contains(b) || present.contains(b);
+                if !keep {
+                    info!(broker = %b, "broker retired by the console: its addresses move to the other brokers");
+                }
+                keep
+            });
+        }
+        if let Some(d) = retire_after {
+            self.seen.retain(|b, at| {
+                let keep = now.duration_since(*at) <= d;
+                if !keep {
+                    info!(broker = %b, away_s = d.as_secs(), "broker away too long: retired, its addresses move to the other brokers");
+                }
+                keep
+            });
         }
     }
-    h
+
+    /// The brokers addresses are placed over.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = &String> {
+        self.seen.keys()
+    }
+}
+
+impl crate::Shared {
+    /// Brokers connected here or anywhere in the mesh now.
+    pub(crate) fn present_brokers(&self) -> std::collections::BTreeSet<String> {
+        let mut present: std::collections::BTreeSet<String> = self
+            .brokers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        if let Some(m) = &self.mesh {
+            present.extend(m.snapshot().brokers.keys().cloned());
+        }
+        present
+    }
+
+    /// Refreshes the placement set (every second, and before placing).
+    pub(crate) fn refresh_brokers(&self) {
+        let present = self.present_brokers();
+        let t = self.policy.tenancy();
+        self.known_brokers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh(&present, t.brokers.as_ref(), self.cfg.retire_brokers_after);
+    }
+}
+
+/// Keeps the placement set up to date, so a broker's time away is
+/// counted from when it left.
+pub(crate) async fn watch_brokers(shared: Arc<crate::Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shared.closing.cancelled() => return,
+            _ = tick.tick() => shared.refresh_brokers(),
+        }
+    }
 }
 
 /// Asks a connection task to attach onward and pair the new link with
@@ -263,19 +328,13 @@ impl ConnectionTask {
             .clone();
         let snap = self.shared.mesh.as_ref().map(|m| m.snapshot());
         if info.broker.is_none() {
-            // Every broker seen since this router started: an address stays
-            // with its broker while that broker is away (its attaches are
-            // refused) rather than moving and leaving its messages behind.
-            let mut known = self
+            self.shared.refresh_brokers();
+            let known = self
                 .shared
                 .known_brokers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            known.extend(brokers.keys().cloned());
-            if let Some(s) = &snap {
-                known.extend(s.brokers.keys().cloned());
-            }
-            info.broker = place(&info.space, &info.placed_by, known.iter());
+            info.broker = place(&info.space, &info.placed_by, known.ids());
         }
         match &info.broker {
             Some(b) => {
@@ -793,32 +852,5 @@ impl ConnectionTask {
                 m.send(crate::mesh::MeshEvent::LocalAddresses);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placement_is_stable_and_spreads() {
-        let two: Vec<String> = vec!["b1".into(), "b2".into()];
-        let three: Vec<String> = vec!["b1".into(), "b2".into(), "b3".into()];
-        let mut on = std::collections::HashMap::new();
-        let mut moved_elsewhere = 0;
-        for i in 0..1000 {
-            let a = format!("q{i}");
-            let p2 = place("s", &a, &two).expect("brokers");
-            let p3 = place("s", &a, &three).expect("brokers");
-            assert_eq!(place("s", &a, two.iter().rev()).as_ref(), Some(&p2));
-            // A broker joining takes addresses only for itself.
-            if p3 != p2 && p3 != "b3" {
-                moved_elsewhere += 1;
-            }
-            *on.entry(p2).or_insert(0) += 1;
-        }
-        assert_eq!(moved_elsewhere, 0);
-        assert!(on.values().all(|n| *n > 350), "{on:?}");
-        assert_eq!(place("s", "q", &Vec::<String>::new()), None);
     }
 }

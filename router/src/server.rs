@@ -10,9 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_amqp::transport::{
-    self, AcceptConfig, AllowAnonymous, ClientSasl, ConnectConfig, Identity,
-};
+use flotilla_amqp::transport::{self, AcceptConfig, ClientSasl, ConnectConfig, Identity};
+use flotilla_core::auth::MeshSecret;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, Instrument};
@@ -69,19 +68,21 @@ async fn serve(
     cfg: AcceptConfig,
     inter_router: bool,
 ) {
+    // Every connection counts, routers' too: no port lets a peer past
+    // the limit.
     let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = ConnGuard(shared.clone());
-    if open > shared.cfg.max_connections && !inter_router {
+    if open > shared.cfg.max_connections {
         info!(
             limit = shared.cfg.max_connections,
-            "connection refused: too many connections"
+            inter_router, "connection refused: too many connections"
         );
         return;
     }
     let hs = if inter_router {
         tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            transport::accept(tcp, peer, &cfg, &AllowAnonymous),
+            transport::accept(tcp, peer, &cfg, &shared.mesh_auth),
         )
         .await
     } else {
@@ -93,8 +94,8 @@ async fn serve(
     };
     let est = match hs {
         Ok(Ok(est)) => est,
-        Ok(Err(e)) => return info!(error = %e, "handshake failed"),
-        Err(_) => return info!("handshake timed out"),
+        Ok(Err(e)) => return info!(error = %e, inter_router, "handshake failed"),
+        Err(_) => return info!(inter_router, "handshake timed out"),
     };
     debug!(
         user = est.identity.user.as_deref().unwrap_or("<anonymous>"),
@@ -224,9 +225,16 @@ async fn connect_once(
             .peer_tls
             .clone()
             .map(|c| (c, rustls_server_name(addr)));
+        let sasl = match &shared.cfg.mesh_secret {
+            Some(m) => ClientSasl::Scram {
+                user: MeshSecret::username(&shared.cfg.container_id),
+                password: m.secret().to_string(),
+            },
+            None => ClientSasl::Anonymous,
+        };
         let cc = ConnectConfig {
             tls,
-            sasl: ClientSasl::Anonymous,
+            sasl,
             hostname: None,
             tls_header: false,
         };
@@ -240,7 +248,8 @@ async fn connect_once(
                 Err(_) => return None,
             };
         let mesh = shared.mesh.clone()?;
-        let mut task = ConnectionTask::new(id, shared.clone(), Identity::anonymous(), addr);
+        let identity = Identity::component(None, "outbound");
+        let mut task = ConnectionTask::new(id, shared.clone(), identity, addr);
         task.make_peer(mesh, true);
         let started = std::time::Instant::now();
         let reason = tokio::select! {

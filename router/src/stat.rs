@@ -3,7 +3,9 @@
 //! document with the router's id, its connections, the mesh (neighbours,
 //! routes) and the addresses of the client's address space with their
 //! local and remote receivers, senders and message counts. It needs the
-//! `view` operation on `#`.
+//! `view` operation on `#`, and shows a tenant only its own space (and its
+//! own connections); a component (an operator's tool with the mesh
+//! credential) sees every space.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,14 +62,15 @@ pub struct AddressStat {
     pub dropped: u64,
 }
 
-/// The JSON snapshot for a client of address space `space`.
-pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
+/// The JSON snapshot for a client of address space `space` (what no
+/// other tenant's clients see), or of every space for a component.
+pub(crate) fn snapshot(shared: &Shared, space: Option<&str>) -> Vec<u8> {
     let mut links = Vec::new();
     let mut addresses: Vec<AddressStat> = shared
         .table
         .all()
         .into_iter()
-        .filter(|a| a.space == space)
+        .filter(|a| space.map_or(!a.space.starts_with('$'), |s| a.space == s))
         .map(|a| {
             let g = a.lock();
             for c in g.consumers.iter().filter(|c| c.remote.is_none()) {
@@ -132,9 +135,19 @@ pub(crate) fn snapshot(shared: &Shared, space: &str) -> Vec<u8> {
         }
     }
     brokers.sort();
+    let connections = match space {
+        Some(s) => shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| c.space == s)
+            .count(),
+        None => shared.connections.load(Ordering::Relaxed),
+    };
     let stat = RouterStat {
         id: shared.cfg.container_id.clone(),
-        connections: shared.connections.load(Ordering::Relaxed),
+        connections,
         mesh,
         addresses,
         links,

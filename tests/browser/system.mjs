@@ -49,9 +49,8 @@ export async function startSystem(ms = 20000) {
     'up',
     '--amqp', '127.0.0.1:0',
     '--broker-amqp', '127.0.0.1:0',
-    '--console-listen', '127.0.0.1:0',
-    '--data-dir', join(dir, 'broker'),
-    '--console-data-dir', join(dir, 'console'),
+    '--http', '127.0.0.1:0',
+    '--data-dir', dir,
   ], {
     // Its own process group, so stop() ends everything it started.
     detached: true,

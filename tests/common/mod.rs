@@ -128,6 +128,24 @@ pub struct RouterProc {
     _dir: Option<TempDir>,
 }
 
+/// An argument for the spawn helpers (never passed on): start the router
+/// or broker without the suite's mesh secret.
+pub const NO_MESH_SECRET: &str = "<no mesh secret>";
+
+/// The mesh secret every router and broker of this test process shares
+/// (written once, to a file under the temporary directory).
+pub fn mesh_secret_file() -> PathBuf {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("flotilla-test-mesh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mesh secret directory");
+        let path = dir.join("mesh-secret");
+        std::fs::write(&path, "test-mesh-secret-0123456789abcdef").expect("write the mesh secret");
+        path
+    })
+    .clone()
+}
+
 /// The port in a `listening proto="…" addr=HOST:PORT` line for `proto`.
 pub fn listening_port(line: &str, proto: &str) -> Option<u16> {
     if !line.contains("listening") || !line.contains(&format!("proto=\"{proto}\"")) {
@@ -158,8 +176,17 @@ impl RouterProc {
         Self::spawn_component("router", args, dir).await
     }
 
-    /// `flotilla COMPONENT --amqp 127.0.0.1:0 ARGS…` (`router` or `broker`).
+    /// `flotilla COMPONENT --amqp 127.0.0.1:0 ARGS…` (`router` or `broker`),
+    /// with the suite's mesh secret (as every installation has one) unless
+    /// ARGS give their own or say [`NO_MESH_SECRET`].
     pub async fn spawn_component(component: &str, args: Vec<String>, dir: Option<TempDir>) -> Self {
+        let mut args = args;
+        if let Some(i) = args.iter().position(|a| a == NO_MESH_SECRET) {
+            args.remove(i);
+        } else if !args.iter().any(|a| a == "--mesh-secret-file") {
+            args.push("--mesh-secret-file".into());
+            args.push(mesh_secret_file().display().to_string());
+        }
         let tls = args.iter().any(|a| a == "--amqps");
         let meshed = args.iter().any(|a| a == "--inter-router");
         let name = args
