@@ -4,6 +4,7 @@ kill it afterwards. Also what every test module uses: `TIMEOUT`, a blocking
 proton `connect`, a `Scenario` running several proton connections at once,
 and `config_file` to write a config for a process."""
 
+import atexit
 import json
 import os
 import re
@@ -40,10 +41,34 @@ def flotilla_bin():
     raise RuntimeError("build flotilla first (cargo build --release) or set FLOTILLA_BIN")
 
 
+# An argument for Router/Broker (never passed on): start without the
+# suite's mesh secret.
+NO_MESH_SECRET = "<no mesh secret>"
+_MESH_DIR = tempfile.mkdtemp(prefix="flotilla-interop-mesh-")
+atexit.register(shutil.rmtree, _MESH_DIR, True)
+# The mesh secret every router and broker of the suite shares, as every
+# installation has one (`flotilla up` makes it in its data directory).
+MESH_SECRET_FILE = os.path.join(_MESH_DIR, "mesh-secret")
+with open(MESH_SECRET_FILE, "w") as _f:
+    _f.write("interop-mesh-secret-0123456789abcdef")
+
+
+def with_mesh_secret(args):
+    """`args` with `--mesh-secret-file` for the suite's secret, unless they
+    give their own or say NO_MESH_SECRET (which is dropped)."""
+    args = list(args)
+    if NO_MESH_SECRET in args:
+        args.remove(NO_MESH_SECRET)
+    elif "--mesh-secret-file" not in args:
+        args += ["--mesh-secret-file", MESH_SECRET_FILE]
+    return args
+
+
 class Router:
     """A running `flotilla router` process."""
 
     def __init__(self, *args, component="router", amqp="127.0.0.1:0"):
+        args = with_mesh_secret(args)
         cmd = [flotilla_bin(), component, "--amqp", amqp, *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.ports = {}
@@ -113,6 +138,21 @@ class Broker(Router):
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout
         return {q["address"]: q for q in json.loads(out)["queues"]}
+
+
+def make_certs(d):
+    """A CA and a server certificate for 127.0.0.1 and localhost, by openssl."""
+    run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=flotilla-test-ca")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    with open(os.path.join(d, "ext.cnf"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return os.path.join(d, "ca.pem"), os.path.join(d, "server.pem"), os.path.join(d, "server.key")
+
 
 
 class Scenario:
@@ -222,9 +262,9 @@ class Console:
     """A running `flotilla console` (the control plane) with its store and
     admin token in `data_dir`; `api()` calls its REST API with the token."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, *args):
         self.data_dir = data_dir
-        cmd = [flotilla_bin(), "console", "--listen", "127.0.0.1:0", "--data-dir", data_dir]
+        cmd = [flotilla_bin(), "console", "--http", "127.0.0.1:0", "--data-dir", data_dir, *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.log = []
         self.port = None
@@ -246,6 +286,8 @@ class Console:
         self.token_file = os.path.join(data_dir, "admin-token")
         with open(self.token_file) as f:
             self.token = f.read().strip()
+
+    wait_for_log = Router.wait_for_log
 
     @property
     def url(self):

@@ -11,7 +11,7 @@ from proton.reactor import AtMostOnce, DynamicNodeProperties
 from proton import ConnectionException, Timeout
 from proton.utils import SendException, LinkDetached
 
-from conftest import TIMEOUT, Scenario, connect
+from conftest import TIMEOUT, Scenario, connect, make_certs
 
 CONFIG = """
 apiVersion: flotilla.dev/v1
@@ -268,20 +268,6 @@ def test_plain_authentication(start_router, config_file):
         c.create_sender("secrets")
     assert "unauthorized-access" in str(e.value)
     c.close()
-
-
-def make_certs(d):
-    """A CA and a server certificate for 127.0.0.1 and localhost, by openssl."""
-    run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=flotilla-test-ca")
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=localhost")
-    with open(os.path.join(d, "ext.cnf"), "w") as f:
-        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    return os.path.join(d, "ca.pem"), os.path.join(d, "server.pem"), os.path.join(d, "server.key")
 
 
 def test_tls_connection(start_router, tmpdir_path):
