@@ -486,7 +486,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
     let n = args.routers.max(1);
     let shutdown = shutdown_on_signal();
     let mut tasks = Vec::new();
-    if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
+    if let Err(e) = flotilla_core::auth::private_dir(&args.data_dir) {
         return usage(format!("--data-dir {}: {e}", args.data_dir.display()));
     }
     if args.router.mesh_secret_file.is_none() {

@@ -821,12 +821,29 @@ impl Connection {
             unsettled: None,
             incomplete_unsettled: false,
             initial_delivery_count: matches!(l.role, Role::Sender).then_some(l.delivery_count),
-            max_message_size: (self.cfg.max_message_size > 0).then_some(self.cfg.max_message_size),
+            max_message_size: match l.role {
+                Role::Receiver => (l.max_message_size > 0).then_some(l.max_message_size),
+                Role::Sender => {
+                    (self.cfg.max_message_size > 0).then_some(self.cfg.max_message_size)
+                }
+            },
             offered_capabilities: answer.offered_capabilities.clone(),
             desired_capabilities: answer.desired_capabilities.clone(),
             properties: answer.properties.clone(),
         };
         frame::encode_performative(&mut self.out, ch, &Performative::Attach(Box::new(attach)));
+    }
+
+    /// Lowers the largest message a receiving link takes (before it is
+    /// answered, so the answer announces it): a message past it detaches
+    /// the link with `amqp:link:message-size-exceeded`, also while it is
+    /// still arriving in pieces.
+    pub fn limit_message_size(&mut self, link: LinkId, max: u64) {
+        if let Some(l) = self.links.get_mut(&link) {
+            if max > 0 && (l.max_message_size == 0 || max < l.max_message_size) {
+                l.max_message_size = max;
+            }
+        }
     }
 
     /// Answers a peer's attach, taking the link.

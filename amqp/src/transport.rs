@@ -652,10 +652,7 @@ async fn scram_server<A: Authenticator>(
     // answer does not tell which usernames exist.
     let (creds, identity) = match auth.scram(&user, hostname, tls).await {
         Ok(Some((c, i))) => (c, Some(i)),
-        Ok(None) => (
-            ScramCredentials::derive_with(&random_password(), b"unknown-user-salt".to_vec(), 4096),
-            None,
-        ),
+        Ok(None) => (ScramCredentials::decoy(&user), None),
         Err(why) => return Ok((Err(format!("SCRAM for {user:?} refused: {why}")), None)),
     };
     let Ok((server, server_first)) = ScramServer::start(client_first, creds) else {
@@ -678,15 +675,6 @@ async fn scram_server<A: Authenticator>(
         }
         _ => Ok((Err(format!("SCRAM for {user:?} refused")), None)),
     }
-}
-
-fn random_password() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{n:x}-{:p}", &n)
 }
 
 /// How the connecting end authenticates.

@@ -376,7 +376,7 @@ impl BrokerConnection {
         if let Some(i) = self.stat_links.iter().position(|l| *l == link) {
             if self.conn.link(link).is_some_and(|l| l.credit > 0) {
                 self.stat_links.swap_remove(i);
-                // A tenant sees its own space; routers and components all.
+                // A tenant sees its own space; components see all.
                 let space = self.principal.as_ref().map(|p| p.space.clone());
                 let _ = self.queues.send(BrokerEvent::Stat {
                     tx: self.tx.clone(),
@@ -690,7 +690,9 @@ impl BrokerConnection {
         };
         if address == STAT_ADDRESS {
             let allowed = match (&self.peer, &self.principal) {
-                (Peer::Router, _) => true,
+                // Routers route no `$` address to a broker: a `$stat` link
+                // from one carries some client's attach, of one space.
+                (Peer::Router, _) => false,
                 _ if self.is_component() => true,
                 (_, Some(p)) => p.may(Operation::View, "#"),
                 _ => false,

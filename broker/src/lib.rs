@@ -208,6 +208,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     if cfg.require_tls && cfg.tls.is_none() {
         return Err(BrokerError::TlsMissing);
     }
+    // The journal holds every tenant's messages: its owner only.
+    flotilla_core::auth::private_dir(&cfg.data_dir)?;
     let jcfg = journal::JournalConfig::new(cfg.data_dir.join("journal"));
     let (j, records) = tokio::task::spawn_blocking(move || journal::Journal::open(jcfg))
         .await

@@ -94,7 +94,7 @@ impl Console {
             dir: cfg.data_dir.display().to_string(),
             source,
         };
-        std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
+        flotilla_core::auth::private_dir(&cfg.data_dir).map_err(dir_err)?;
         let (token, token_file) = match &cfg.admin_token {
             Some(t) => (t.clone(), None),
             None => (

@@ -99,6 +99,31 @@ impl ScramCredentials {
         }
     }
 
+    /// Keys for a username that does not exist, for a SCRAM exchange that
+    /// must fail without telling so: a salt that looks random but stays
+    /// the same for that name (two probes see the same, as for a real
+    /// user), the usual iteration count, and keys no proof matches. No
+    /// PBKDF2 runs: it costs what a real user's lookup costs.
+    pub fn decoy(username: &str) -> Self {
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(|| {
+            let mut k = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut k);
+            k
+        });
+        let mac = hmac(key, username.as_bytes());
+        let mut stored_key = [0u8; 32];
+        let mut server_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut stored_key);
+        rand::thread_rng().fill_bytes(&mut server_key);
+        ScramCredentials {
+            salt: mac[..16].to_vec(),
+            iterations: SCRAM_ITERATIONS,
+            stored_key,
+            server_key,
+        }
+    }
+
     /// Checks a plain-text password (SASL PLAIN) against the stored keys.
     pub fn verify_password(&self, password: &str) -> bool {
         let sp = salted_password(password, &self.salt, self.iterations);
@@ -405,6 +430,21 @@ impl MeshSecret {
     }
 }
 
+/// Makes `dir` (and its parents) if need be and lets only its owner in:
+/// data directories hold SCRAM keys, message bodies and secrets.
+///
+/// # Errors
+/// The directory cannot be made or its mode set.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Writes `text` to a new file at `path` that only its owner may read.
 ///
 /// # Errors
@@ -473,6 +513,20 @@ mod tests {
         let fin = format!("{without_proof},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
         let out = server.finish(fin.as_bytes()).unwrap();
         assert_eq!(out, b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+    }
+
+    #[test]
+    fn decoys_look_like_users_and_admit_no_one() {
+        let a = ScramCredentials::decoy("ghost");
+        let b = ScramCredentials::decoy("ghost");
+        assert_eq!(a.salt, b.salt, "the same name, the same salt");
+        assert_eq!(a.salt.len(), 16);
+        assert_ne!(a.salt, ScramCredentials::decoy("other").salt);
+        assert_eq!(a.iterations, SCRAM_ITERATIONS);
+        let (mut client, first) = ScramClient::new("ghost", "anything");
+        let (server, server_first) = ScramServer::start(&first, a).unwrap();
+        let fin = client.respond(&server_first).unwrap();
+        assert_eq!(server.finish(&fin), Err(ScramError::Failed));
     }
 
     #[test]

@@ -314,6 +314,12 @@ impl Address {
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.validate_envelope()?;
         validate_address(&self.spec.address)?;
+        if self.spec.address.starts_with('$') {
+            return Err(ValidationError::Invalid(format!(
+                "address {:?}: addresses starting with '$' are reserved for Flotilla ($stat, $dynamic/…)",
+                self.spec.address
+            )));
+        }
         let pattern = crate::pattern::is_pattern(&self.spec.address);
         if pattern && !matches!(self.spec.kind, AddressType::Multicast | AddressType::Topic) {
             return Err(ValidationError::Invalid(format!(

@@ -610,6 +610,13 @@ impl ConnectionTask {
             info!(conn.id = self.id.0, client.addr = %self.peer, "attach refused: the address space's link quota is used up");
             return self.conn.refuse_attach(link, e);
         }
+        if attach.role == Role::Sender {
+            // The space's message-size quota is the link's announced
+            // max-message-size: nothing larger is assembled in memory.
+            if let Some(q) = self.message_quota {
+                self.conn.limit_message_size(link, q);
+            }
+        }
         if let Some(info) = self.route_for(&p, &attach) {
             return self.route_attach(link, attach, info);
         }
@@ -685,6 +692,11 @@ impl ConnectionTask {
         attach: &flotilla_amqp::types::performatives::Attach,
     ) -> Option<crate::linkroute::RouteInfo> {
         let address = crate::linkroute::terminus_address(attach).filter(|a| !a.is_empty())?;
+        if address.starts_with('$') {
+            // Reserved for the router itself (`$stat`, `$dynamic/…`): never
+            // a broker's, whatever capability the client asks with.
+            return None;
+        }
         let op = match attach.role {
             Role::Receiver => Operation::Recv,
             Role::Sender => Operation::Send,

@@ -6,6 +6,7 @@ space is chosen by hostname for every login and a space's password never
 opens another; spaces can require TLS; a broker gone for good can be
 retired so its queues move."""
 
+import json
 import os
 import socket
 import subprocess
@@ -445,3 +446,26 @@ def refused_sender(url, address):
     except (LinkDetached, ConnectionException) as e:
         return str(e)
     return None
+
+
+def test_stat_through_a_router_shows_only_the_clients_own_space(start_router, start_broker, tmpdir_path, config_file):
+    """`$stat` is the router's own: no capability routes it to a broker,
+    whose `$stat` would list every space's queues."""
+    cfg = config_file(TENANTS)
+    r = start_router("--config", cfg)
+    start_broker(os.path.join(tmpdir_path, "data"), "--config", cfg, "--router", r.url)
+    r.wait_for_log(BROKER_UP)
+    c = connect(r.url)
+    from proton.reactor import ReceiverOption
+
+    class AsQueue(ReceiverOption):
+        def apply(self, receiver):
+            receiver.source.capabilities.put_object(symbol("queue"))
+
+    rcv = c.create_receiver("$stat", credit=1, options=AsQueue())
+    m = rcv.receive(timeout=TIMEOUT)  # (the body is a view into `m`)
+    doc = json.loads(bytes(m.body))
+    c.close()
+    assert doc.get("kind") != "broker", doc
+    assert all(a["space"] == "default" for a in doc["addresses"]), doc
+    assert "tenant-b" not in json.dumps(doc)
