@@ -17,13 +17,11 @@ use bytes::BytesMut;
 use clap::Args;
 use flotilla_amqp::client::{Client, ClientError};
 use flotilla_amqp::connection::{AttachReply, Connection, ConnectionConfig, Event};
-use flotilla_amqp::frame;
 use flotilla_amqp::message::{self, MessageParts};
 use flotilla_amqp::transport::{self, AcceptConfig};
 use flotilla_amqp::types::definitions::Role;
 use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Released, TargetArchetype};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -694,85 +692,104 @@ async fn listen(
 
 /// The listening peer: accepts every sender, grants credit, accepts and
 /// times every delivery.
+struct Peer<'a> {
+    conn: Connection,
+    a: &'a BenchArgs,
+    stats: &'a Stats,
+    h: Histogram<u64>,
+    stop: CancellationToken,
+    closing: bool,
+}
+
+impl flotilla_amqp::driver::Handler for Peer<'_> {
+    type Signal = ();
+
+    fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    fn signal(&mut self) -> impl std::future::Future<Output = Option<()>> + Send {
+        let stop = self.stop.clone();
+        async move {
+            stop.cancelled().await;
+            Some(())
+        }
+    }
+
+    fn on_signal(&mut self, _: ()) {
+        self.closing = true;
+        self.conn.close(None);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let conn = &mut self.conn;
+        match ev {
+            Event::Open(_) => conn.open(),
+            Event::Attach {
+                link,
+                attach,
+                reply: false,
+            } => {
+                let target = match attach.target.as_deref() {
+                    Some(TargetArchetype::Target(t)) => Some(t.clone()),
+                    _ => None,
+                };
+                conn.accept_attach(
+                    link,
+                    AttachReply {
+                        source: attach.source.as_deref().cloned(),
+                        target,
+                        ..Default::default()
+                    },
+                );
+                if attach.role == Role::Sender {
+                    conn.flow(link, self.a.credit, false);
+                }
+            }
+            Event::Delivery { link, delivery } => {
+                record(&mut self.h, &delivery.payload);
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                if !delivery.settled {
+                    conn.settle(delivery.id, DeliveryState::Accepted(Accepted {}));
+                }
+                if conn
+                    .link(link)
+                    .is_some_and(|l| l.credit <= self.a.credit / 2)
+                {
+                    conn.flow(link, self.a.credit, false);
+                }
+            }
+            Event::Close { .. } => self.closing = true,
+            _ => {}
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing
+    }
+}
+
 async fn serve_peer(
-    mut io: transport::BoxIo,
-    mut buf: BytesMut,
+    io: transport::BoxIo,
+    buf: BytesMut,
     a: &BenchArgs,
     stats: &Stats,
     stop: CancellationToken,
 ) -> Histogram<u64> {
-    let mut h = new_hist();
-    let mut conn = Connection::new(ConnectionConfig {
+    let conn = Connection::new(ConnectionConfig {
         container_id: "flotilla-bench-peer".into(),
         ..Default::default()
     });
-    let mut events = Vec::new();
-    loop {
-        loop {
-            match frame::decode_frame(&mut buf, conn.max_frame_size()) {
-                Ok(Some(f)) => {
-                    if conn.handle_frame(f, &mut events).is_err() {
-                        return h;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => return h,
-            }
-        }
-        for ev in events.drain(..) {
-            match ev {
-                Event::Open(_) => conn.open(),
-                Event::Attach {
-                    link,
-                    attach,
-                    reply: false,
-                } => {
-                    let target = match attach.target.as_deref() {
-                        Some(TargetArchetype::Target(t)) => Some(t.clone()),
-                        _ => None,
-                    };
-                    conn.accept_attach(
-                        link,
-                        AttachReply {
-                            source: attach.source.as_deref().cloned(),
-                            target,
-                            ..Default::default()
-                        },
-                    );
-                    if attach.role == Role::Sender {
-                        conn.flow(link, a.credit, false);
-                    }
-                }
-                Event::Delivery { link, delivery } => {
-                    record(&mut h, &delivery.payload);
-                    stats.received.fetch_add(1, Ordering::Relaxed);
-                    if !delivery.settled {
-                        conn.settle(delivery.id, DeliveryState::Accepted(Accepted {}));
-                    }
-                    if conn.link(link).is_some_and(|l| l.credit <= a.credit / 2) {
-                        conn.flow(link, a.credit, false);
-                    }
-                }
-                Event::Close { .. } => {
-                    let out = conn.take_output();
-                    let _ = io.write_all(&out).await;
-                    return h;
-                }
-                _ => {}
-            }
-        }
-        if conn.has_output() {
-            let out = conn.take_output();
-            if io.write_all(&out).await.is_err() {
-                return h;
-            }
-        }
-        tokio::select! {
-            r = io.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => return h,
-                Ok(_) => {}
-            },
-            _ = stop.cancelled() => return h,
-        }
-    }
+    let mut peer = Peer {
+        conn,
+        a,
+        stats,
+        h: new_hist(),
+        stop,
+        closing: false,
+    };
+    flotilla_amqp::driver::Driver::new(io, buf, Default::default())
+        .run(&mut peer)
+        .await;
+    peer.h
 }

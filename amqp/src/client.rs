@@ -4,19 +4,18 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::BytesMut;
 use fe2o3_amqp_types::definitions::{
     Error as AmqpErrorBody, ReceiverSettleMode, Role, SenderSettleMode,
 };
 use fe2o3_amqp_types::messaging::{Source, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::connection::{Connection, ConnectionConfig, Event, LinkId, ProtocolError};
-use crate::frame::{self, FrameError};
-use crate::transport::{self, BoxIo, ClientSasl, ConnectConfig, HandshakeError};
+use crate::driver::{Driver, DriverConfig, Handler};
+use crate::frame::FrameError;
+use crate::transport::{self, ClientSasl, ConnectConfig, HandshakeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -155,15 +154,54 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// The engine's events for the caller to take, and the protocol error
+/// that ended the connection.
+#[derive(Default)]
+struct Inbox {
+    events: VecDeque<Event>,
+    error: Option<AmqpErrorBody>,
+}
+
+/// The client's handler on the driver, for one call.
+struct Turn<'a> {
+    conn: &'a mut Connection,
+    inbox: &'a mut Inbox,
+}
+
+impl Handler for Turn<'_> {
+    type Signal = ();
+
+    fn connection(&mut self) -> &mut Connection {
+        self.conn
+    }
+
+    fn signal(&mut self) -> impl std::future::Future<Output = Option<()>> + Send {
+        // Nothing but the socket wakes a client up.
+        std::future::pending()
+    }
+
+    fn on_signal(&mut self, _: ()) {}
+
+    fn on_event(&mut self, event: Event) {
+        self.inbox.events.push_back(event);
+    }
+
+    fn on_protocol_error(&mut self, error: AmqpErrorBody) {
+        self.inbox.error = Some(error.clone());
+        self.conn.close(Some(error));
+    }
+
+    fn closing(&self) -> bool {
+        self.inbox.error.is_some()
+    }
+}
+
 /// One client connection with one session.
 pub struct Client {
-    io: BoxIo,
-    buf: BytesMut,
+    driver: Driver,
     pub conn: Connection,
-    events: VecDeque<Event>,
-    scratch: Vec<Event>,
+    inbox: Inbox,
     channel: u16,
-    next_tick: Instant,
     next_name: u32,
 }
 
@@ -220,13 +258,10 @@ impl Client {
             .begin()
             .ok_or(ClientError::Timeout("a session channel"))?;
         let mut c = Client {
-            io,
-            buf,
+            driver: Driver::new(io, buf, DriverConfig::default()),
             conn,
-            events: VecDeque::new(),
-            scratch: Vec::new(),
+            inbox: Inbox::default(),
             channel,
-            next_tick: Instant::now(),
             next_name: 0,
         };
         // Wait for the peer's Open and the answer to our Begin.
@@ -366,7 +401,7 @@ impl Client {
             }
         };
         for e in held.into_iter().rev() {
-            self.events.push_front(e);
+            self.inbox.events.push_front(e);
         }
         result
     }
@@ -376,50 +411,53 @@ impl Client {
     /// # Errors
     /// I/O errors.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
-        if self.conn.has_output() {
-            let out = self.conn.take_output();
-            self.io.write_all(&out).await?;
-        }
+        self.driver.flush(&mut self.conn).await?;
         Ok(())
     }
 
     /// Events already decoded, without waiting.
     pub fn try_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.inbox.events.pop_front()
     }
 
-    /// The next event: flushes output, then reads until something happens.
+    /// The next event: writes what is pending, then reads until something
+    /// happens.
     ///
     /// # Errors
     /// I/O or protocol errors; a Close is returned as an event.
     ///
     /// # Cancel safety
-    /// Cancel safe between frames: bytes read stay in the buffer.
+    /// Not cancel safe while a turn is writing: run it to completion (or
+    /// drop the client).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         loop {
-            if let Some(e) = self.events.pop_front() {
+            if let Some(e) = self.inbox.events.pop_front() {
                 return Ok(e);
             }
-            while let Some(f) = frame::decode_frame(&mut self.buf, self.conn.max_frame_size())? {
-                tracing::trace!(frame = ?f, "received");
-                self.conn.handle_frame(f, &mut self.scratch)?;
-                if self.scratch.len() > 256 {
-                    break;
-                }
+            if let Some(e) = self.inbox.error.take() {
+                return Err(ClientError::Protocol(ProtocolError(e)));
             }
-            if !self.scratch.is_empty() {
-                self.events.extend(self.scratch.drain(..));
+            // Frames read but not yet decoded (a turn decodes a bounded
+            // number).
+            let mut turn = Turn {
+                conn: &mut self.conn,
+                inbox: &mut self.inbox,
+            };
+            self.driver.process_input(&mut turn);
+            if !self.inbox.events.is_empty() {
                 continue;
             }
-            self.flush().await?;
-            tokio::select! {
-                n = self.io.read_buf(&mut self.buf) => {
-                    if n? == 0 {
-                        return Err(ClientError::Closed(None));
+            let mut turn = Turn {
+                conn: &mut self.conn,
+                inbox: &mut self.inbox,
+            };
+            match self.driver.turn(&mut turn).await? {
+                true => {}
+                false => {
+                    if let Some(e) = self.inbox.events.pop_front() {
+                        return Ok(e);
                     }
-                }
-                _ = tokio::time::sleep_until(self.next_tick.into()) => {
-                    self.next_tick = self.conn.tick(Instant::now())?;
+                    return Err(ClientError::Closed(None));
                 }
             }
         }

@@ -336,6 +336,11 @@ impl Connection {
         self.links.get(&id)
     }
 
+    /// How many links the connection has (all sessions).
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
     pub fn links(&self) -> impl Iterator<Item = (LinkId, &Link)> {
         self.links.iter().map(|(k, v)| (*k, v))
     }

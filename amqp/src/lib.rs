@@ -8,6 +8,8 @@
 //! - [`frame`]: protocol headers and frames, bytes in, frames out (no I/O).
 //! - [`message`]: finding `to`/`reply-to` and bodies in encoded messages.
 //! - [`connection`]: one connection's state machine: events in, frames out.
+//! - [`driver`]: the one socket driver every connection runs on, with a
+//!   handler for what differs.
 //! - [`transport`]: TLS detection, SASL (ANONYMOUS, PLAIN, SCRAM-SHA-256)
 //!   and protocol headers, for accepting and connecting.
 //! - [`tls`]: rustls configuration from PEM files.
@@ -17,6 +19,7 @@
 
 pub mod client;
 pub mod connection;
+pub mod driver;
 pub mod frame;
 pub mod message;
 pub mod policy;

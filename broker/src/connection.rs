@@ -9,13 +9,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use flotilla_amqp::connection::{
     amqp_error, AttachReply, Connection, ConnectionConfig, Event, LinkId,
 };
-use flotilla_amqp::frame;
+use flotilla_amqp::driver::{Driver, DriverConfig, Ended, Handler};
 use flotilla_amqp::message::{self, MessageParts};
 use flotilla_amqp::policy::{Policy, Principal};
 use flotilla_amqp::transport::{BoxIo, Identity};
@@ -29,7 +29,6 @@ use flotilla_amqp::types::messaging::{
 use flotilla_amqp::types::performatives::Attach;
 use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::{AddressType, Operation};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -132,8 +131,12 @@ pub(crate) struct BrokerConnection {
     /// Receivers of management replies, by their (dynamic) address.
     reply_links: HashMap<String, LinkId>,
     next_reply: u64,
-    events: Vec<Event>,
     closing: bool,
+    /// Cancelled when the broker shuts down.
+    shutdown: CancellationToken,
+    tenancy: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Messages from the queue task, taken a batch per wake-up.
+    batch: Vec<ToConn>,
 }
 
 fn now_ms() -> u64 {
@@ -202,96 +205,29 @@ impl BrokerConnection {
             pending: HashMap::new(),
             reply_links: HashMap::new(),
             next_reply: 0,
-            events: Vec::new(),
             closing: false,
+            shutdown: CancellationToken::new(),
+            tenancy: None,
+            batch: Vec::with_capacity(256),
         }
     }
 
-    pub(crate) async fn run(mut self, io: BoxIo, mut rbuf: BytesMut, shutdown: CancellationToken) {
-        let (mut rd, mut wr) = tokio::io::split(io);
-        let mut wbuf = BytesMut::new();
-        let mut batch = Vec::with_capacity(256);
-        let mut next_tick = Instant::now();
-        let mut eof = false;
-        let mut tenancy = self.tenancy_version.subscribe();
+    /// Runs the connection on the driver until it closes, then tells the
+    /// queue task this connection's consumers are gone.
+    pub(crate) async fn run(mut self, io: BoxIo, rbuf: BytesMut, shutdown: CancellationToken) {
+        self.shutdown = shutdown;
+        self.tenancy = Some(self.tenancy_version.subscribe());
         if matches!(self.peer, Peer::Router) {
             // We connected: our Open goes first.
             self.conn.open();
         }
-        self.input(&mut rbuf);
-        loop {
-            if self.conn.has_output() {
-                let out = self.conn.take_output();
-                wbuf.extend_from_slice(&out);
-            }
-            if wbuf.is_empty()
-                && (eof || self.conn.is_closed() || (self.closing && self.conn.close_sent()))
-            {
-                break;
-            }
-            tokio::select! {
-                                Ok(()) = tenancy.changed() => self.recheck(),
-                _ = shutdown.cancelled(), if !self.closing => {
-                    self.closing = true;
-                    self.conn.close(Some(amqp_error(flotilla_amqp::types::definitions::ConnectionError::ConnectionForced, "broker shutting down")));
-                }
-                r = rd.read_buf(&mut rbuf), if !eof => match r {
-                    Ok(0) | Err(_) => eof = true,
-                    Ok(_) => self.input(&mut rbuf),
-                },
-                n = self.rx.recv_many(&mut batch, 256) => {
-                    if n > 0 {
-                        for m in batch.drain(..) {
-                            self.handle_queue_event(m);
-                        }
-                    }
-                }
-                r = wr.write(&wbuf), if !wbuf.is_empty() => match r {
-                    Ok(n) => { let _ = wbuf.split_to(n); }
-                    Err(_) => break,
-                },
-                _ = tokio::time::sleep_until(next_tick.into()) => match self.conn.tick(Instant::now()) {
-                    Ok(t) => next_tick = t,
-                    Err(e) => { self.closing = true; self.conn.close(Some(e.0)); }
-                },
-            }
+        let ended = Driver::new(io, rbuf, DriverConfig::default())
+            .run(&mut self)
+            .await;
+        if let Ended::Io(e) = ended {
+            debug!(conn.id = self.id, error = %e, "connection failed");
         }
-        let _ = wr.shutdown().await;
         let _ = self.queues.send(BrokerEvent::Gone { conn: self.id });
-    }
-
-    fn input(&mut self, rbuf: &mut BytesMut) {
-        loop {
-            if self.conn.is_closed() {
-                rbuf.clear();
-                return;
-            }
-            match frame::decode_frame(rbuf, self.conn.max_frame_size()) {
-                Ok(Some(f)) => {
-                    let mut events = std::mem::take(&mut self.events);
-                    let r = self.conn.handle_frame(f, &mut events);
-                    for e in events.drain(..) {
-                        self.handle_event(e);
-                    }
-                    self.events = events;
-                    if let Err(e) = r {
-                        info!(conn.id = self.id, error = %e, "closing connection: protocol error");
-                        self.closing = true;
-                        self.conn.close(Some(e.0));
-                        rbuf.clear();
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    info!(conn.id = self.id, error = %e, "closing connection: bad frame");
-                    self.closing = true;
-                    self.conn.close(Some(e.to_amqp_error()));
-                    rbuf.clear();
-                    return;
-                }
-            }
-        }
     }
 
     fn handle_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
@@ -1129,4 +1065,69 @@ fn over_storage_quota(
             ),
         )
     })
+}
+
+/// What wakes a broker connection up besides its socket.
+pub(crate) enum Signal {
+    /// Messages from the queue task (in `batch`).
+    Queue,
+    /// The tenancy changed.
+    Tenancy,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl Handler for BrokerConnection {
+    type Signal = Signal;
+
+    fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    fn signal(&mut self) -> impl std::future::Future<Output = Option<Signal>> + Send {
+        async move {
+            let closing = self.closing;
+            tokio::select! {
+                Some(Ok(())) = async { match self.tenancy.as_mut() {
+                    Some(t) => Some(t.changed().await),
+                    None => None,
+                } } => Some(Signal::Tenancy),
+                _ = self.shutdown.cancelled(), if !closing => Some(Signal::Shutdown),
+                n = self.rx.recv_many(&mut self.batch, 256) => (n > 0).then_some(Signal::Queue),
+            }
+        }
+    }
+
+    fn on_signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::Queue => {
+                let batch = std::mem::take(&mut self.batch);
+                for m in batch {
+                    self.handle_queue_event(m);
+                }
+            }
+            Signal::Tenancy => self.recheck(),
+            Signal::Shutdown => {
+                self.closing = true;
+                self.conn.close(Some(amqp_error(
+                    flotilla_amqp::types::definitions::ConnectionError::ConnectionForced,
+                    "broker shutting down",
+                )));
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        self.handle_event(event);
+    }
+
+    fn on_protocol_error(&mut self, error: AmqpErrorBody) {
+        info!(conn.id = self.id, error = ?error.condition, description = error.description.as_deref().unwrap_or(""), "closing connection: protocol error");
+        self.closing = true;
+        self.conn.close(Some(error));
+    }
+
+    fn closing(&self) -> bool {
+        self.closing
+    }
 }

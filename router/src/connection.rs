@@ -7,14 +7,12 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use flotilla_amqp::connection::{
     amqp_error, AttachReply, Connection, ConnectionConfig, Delivery, DeliveryRef, Event, LinkId,
-    ProtocolError,
 };
-use flotilla_amqp::frame;
+use flotilla_amqp::driver::{Driver, DriverConfig, Ended, Handler};
 use flotilla_amqp::message;
 use flotilla_amqp::transport::{BoxIo, Identity};
 use flotilla_amqp::types::definitions::{
@@ -22,7 +20,6 @@ use flotilla_amqp::types::definitions::{
 };
 use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Rejected, Target, TargetArchetype};
 use flotilla_core::resources::{AddressType, Operation};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -65,37 +62,109 @@ pub enum CloseReason {
     Io,
 }
 
+/// What a connection is, once known: a client, a route container (a
+/// broker), an operator's tool (a component that only reads `$stat`), or
+/// a neighbour router. Each role's state lives in its variant.
+pub(crate) enum ConnRole {
+    /// A client port's connection whose Open has not come yet.
+    Unopened,
+    Client(ClientState),
+    /// A broker's connection: its container id.
+    RouteContainer(String),
+    /// A component that is no route container: it may read `$stat`.
+    Tool,
+    /// An inter-router connection.
+    Peer(Box<crate::mesh::peer::PeerLink>),
+}
+
+/// A client's state.
+pub(crate) struct ClientState {
+    pub(crate) principal: Principal,
+    /// The largest message the client's space allows (its quota).
+    message_quota: Option<u64>,
+    /// How many links this client has open, for its space's link quota.
+    link_count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What other tasks ask of a connection task, besides what the routing
+/// core sends ([`ConnEvent`]).
+#[derive(Debug)]
+pub enum Command {
+    /// Link routing: attach onward, answers, credit, transfers, detach.
+    Route(crate::linkroute::RouteEvent),
+    /// Close this connection (`amqp:connection:forced`).
+    Close { reason: String },
+}
+
+/// A cloneable handle to a connection task: its core inbox and its
+/// command inbox.
+#[derive(Debug, Clone)]
+pub struct TaskHandle {
+    pub core: ConnHandle,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+}
+
+impl TaskHandle {
+    pub fn id(&self) -> ConnectionId {
+        self.core.id
+    }
+
+    /// Sends a command; false if the task is gone.
+    pub(crate) fn command(&self, c: Command) -> bool {
+        self.commands.send(c).is_ok()
+    }
+
+    /// Sends a link-routing event; false if the task is gone.
+    pub(crate) fn route(&self, e: crate::linkroute::RouteEvent) -> bool {
+        self.command(Command::Route(e))
+    }
+}
+
+/// What wakes a connection task up besides its socket.
+pub(crate) enum Signal {
+    /// The router is shutting down: withdraw senders' credit.
+    Shutdown,
+    /// Waiting deliveries were released: close.
+    Closing,
+    /// Events from the routing core (in `core_batch`).
+    Core,
+    /// Commands from other tasks (in `command_batch`).
+    Commands,
+    /// A command from the mesh task (peer connections).
+    Peer(crate::mesh::PeerCommand),
+    /// The tenancy changed: check the client and its links again.
+    Tenancy,
+}
+
 pub(crate) struct ConnectionTask {
     pub(crate) id: ConnectionId,
-    pub(crate) handle: ConnHandle,
+    pub(crate) handle: TaskHandle,
     rx: mpsc::UnboundedReceiver<ConnEvent>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    core_batch: Vec<ConnEvent>,
+    command_batch: Vec<Command>,
     pub(crate) conn: Connection,
     pub(crate) shared: Arc<Shared>,
-    identity: Identity,
+    pub(crate) identity: Identity,
     peer: SocketAddr,
-    principal: Option<Principal>,
+    pub(crate) role: ConnRole,
     incoming: HashMap<LinkId, Incoming>,
     outgoing: HashMap<LinkId, Outgoing>,
     /// Our unsettled deliveries to receivers: token -> (link, origin).
     pub(crate) unsettled: HashMap<u64, Unsettled>,
     pub(crate) next_token: u64,
     dirty: HashSet<LinkId>,
-    events: Vec<Event>,
     pub(crate) closing: Option<CloseReason>,
     /// The router is shutting down: no more credit for senders.
     draining: bool,
-    /// Set on inter-router connections.
-    pub(crate) mesh_peer: Option<crate::mesh::peer::PeerLink>,
     /// Receivers of `$stat` waiting for credit to get their snapshot.
     stat_links: Vec<LinkId>,
     /// Links routed to brokers (see [`crate::linkroute`]).
     pub(crate) routes: crate::linkroute::Routes,
     /// The peer's container-id (from its Open).
     remote_container: String,
-    /// The largest message the client's space allows (its quota).
-    message_quota: Option<u64>,
-    /// How many links this client has open, for its space's link quota.
-    link_count: Arc<std::sync::atomic::AtomicUsize>,
+    tenancy: tokio::sync::watch::Receiver<u64>,
+    pub(crate) peer_commands: Option<mpsc::UnboundedReceiver<crate::mesh::PeerCommand>>,
 }
 
 /// One of our unsettled deliveries to a receiver (or a neighbour router).
@@ -146,7 +215,8 @@ impl ConnectionTask {
         identity: Identity,
         peer: SocketAddr,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (core, rx) = ConnHandle::new(id);
+        let (commands_tx, commands) = mpsc::unbounded_channel();
         let cfg = ConnectionConfig {
             container_id: shared.cfg.container_id.clone(),
             max_frame_size: shared.cfg.max_frame_size,
@@ -157,145 +227,77 @@ impl ConnectionTask {
             hostname: None,
             offered_capabilities: vec!["ANONYMOUS-RELAY"],
         };
+        let tenancy = shared.tenancy_version.subscribe();
         ConnectionTask {
             id,
-            handle: ConnHandle { id, tx },
+            handle: TaskHandle {
+                core,
+                commands: commands_tx,
+            },
             rx,
+            commands,
+            core_batch: Vec::with_capacity(512),
+            command_batch: Vec::with_capacity(64),
             conn: Connection::new(cfg),
             shared,
             identity,
             peer,
-            principal: None,
+            role: ConnRole::Unopened,
             incoming: HashMap::new(),
             outgoing: HashMap::new(),
             unsettled: HashMap::new(),
             next_token: 0,
             dirty: HashSet::new(),
-            events: Vec::new(),
             closing: None,
             draining: false,
-            mesh_peer: None,
             stat_links: Vec::new(),
             routes: Default::default(),
             remote_container: String::new(),
-            message_quota: None,
-            link_count: Arc::default(),
+            tenancy,
+            peer_commands: None,
         }
     }
 
-    /// Runs the connection until it closes.
-    pub(crate) async fn run(mut self, io: BoxIo, mut rbuf: BytesMut) -> CloseReason {
-        let (mut rd, mut wr) = tokio::io::split(io);
-        let mut wbuf = BytesMut::with_capacity(64 * 1024);
-        let mut evbuf = Vec::with_capacity(256);
-        let mut next_tick = Instant::now();
-        let shutdown = self.shared.shutdown.clone();
-        let closing = self.shared.closing.clone();
-        let mut eof = false;
-        let mut peer_commands = self.mesh_peer.as_mut().and_then(|p| p.commands.take());
-        let mut tenancy = self.shared.tenancy_version.subscribe();
+    /// The client's principal, on a client's connection.
+    pub(crate) fn principal(&self) -> Option<&Principal> {
+        match &self.role {
+            ConnRole::Client(c) => Some(&c.principal),
+            _ => None,
+        }
+    }
+
+    /// The broker's container id, on a route container's connection.
+    pub(crate) fn container(&self) -> Option<&str> {
+        match &self.role {
+            ConnRole::RouteContainer(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// True on an inter-router connection.
+    pub(crate) fn is_peer(&self) -> bool {
+        matches!(self.role, ConnRole::Peer(_))
+    }
+
+    /// Runs the connection on the driver until it closes.
+    pub(crate) async fn run(mut self, io: BoxIo, rbuf: BytesMut) -> CloseReason {
         self.peer_start();
-        self.process_input(&mut rbuf);
-        loop {
-            self.top_up_credit();
-            if self.conn.has_output() {
-                let out = self.conn.take_output();
-                if wbuf.is_empty() {
-                    wbuf = out;
-                } else {
-                    wbuf.extend_from_slice(&out);
-                }
+        let cfg = DriverConfig {
+            high_water: WRITE_HIGH_WATER,
+            ..Default::default()
+        };
+        match Driver::new(io, rbuf, cfg).run(&mut self).await {
+            Ended::Closed => {}
+            Ended::Eof => {
+                self.closing.get_or_insert(CloseReason::PeerClosed);
             }
-            if wbuf.is_empty()
-                && (self.conn.is_closed()
-                    || (self.closing.is_some() && self.conn.close_sent())
-                    || eof)
-            {
-                break;
-            }
-            let can_read = !eof && wbuf.len() < WRITE_HIGH_WATER;
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled(), if !self.draining => {
-                    self.withdraw_credit();
-                }
-                _ = closing.cancelled(), if self.closing.is_none() => {
-                    self.shut_down();
-                }
-                r = rd.read_buf(&mut rbuf), if can_read => match r {
-                    Ok(0) => { eof = true; self.closing.get_or_insert(CloseReason::PeerClosed); }
-                                        Ok(_) => {
-                        self.process_input(&mut rbuf);
-                        if self.principal.is_some() {
-                            self.link_count.store(self.conn.links().count(), Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) => {
-                        debug!(conn.id = self.id.0, error = %e, "read failed");
-                        self.closing = Some(CloseReason::Io);
-                        break;
-                    }
-                },
-                Some(cmd) = recv_command(&mut peer_commands) => self.peer_command(cmd),
-                Ok(()) = tenancy.changed() => self.recheck(),
-                n = self.rx.recv_many(&mut evbuf, 512) => {
-                    if n > 0 {
-                        for ev in evbuf.drain(..) {
-                            self.handle_conn_event(ev);
-                        }
-                    }
-                }
-                r = wr.write(&wbuf), if !wbuf.is_empty() => match r {
-                    Ok(n) => { let _ = wbuf.split_to(n); }
-                    Err(e) => {
-                        debug!(conn.id = self.id.0, error = %e, "write failed");
-                        self.closing = Some(CloseReason::Io);
-                        break;
-                    }
-                },
-                _ = tokio::time::sleep_until(next_tick.into()) => {
-                    match self.conn.tick(Instant::now()) {
-                        Ok(t) => next_tick = t,
-                        Err(e) => self.protocol_error(e.0),
-                    }
-                }
+            Ended::Io(e) => {
+                debug!(conn.id = self.id.0, error = %e, "connection failed");
+                self.closing = Some(CloseReason::Io);
             }
         }
-        let _ = wr.flush().await;
-        let _ = wr.shutdown().await;
         self.cleanup();
         self.closing.unwrap_or(CloseReason::PeerClosed)
-    }
-
-    fn process_input(&mut self, rbuf: &mut BytesMut) {
-        let max = self.conn.max_frame_size();
-        loop {
-            if self.conn.is_closed() {
-                rbuf.clear();
-                return;
-            }
-            match frame::decode_frame(rbuf, max) {
-                Ok(Some(f)) => {
-                    let mut events = std::mem::take(&mut self.events);
-                    let r = self.conn.handle_frame(f, &mut events);
-                    for e in events.drain(..) {
-                        self.handle_event(e);
-                    }
-                    self.events = events;
-                    if let Err(ProtocolError(e)) = r {
-                        self.protocol_error(e);
-                        rbuf.clear();
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    self.protocol_error(e.to_amqp_error());
-                    rbuf.clear();
-                    return;
-                }
-            }
-        }
     }
 
     fn protocol_error(&mut self, e: AmqpErrorBody) {
@@ -309,7 +311,7 @@ impl ConnectionTask {
     /// the same type. What no longer holds is closed or detached with the
     /// reason.
     fn recheck(&mut self) {
-        let Some(p) = self.principal.clone() else {
+        let Some(p) = self.principal().cloned() else {
             return;
         };
         let p = match self.shared.policy.recheck(&p, self.peer, self.identity.tls) {
@@ -357,14 +359,42 @@ impl ConnectionTask {
 
     /// Who the client is from now on, with its space's message-size quota.
     fn set_principal(&mut self, p: Principal) {
-        self.message_quota = self
+        let message_quota = self
             .shared
             .policy
             .tenancy()
             .spaces
             .get(&p.space)
             .and_then(|s| s.quotas.message_size);
-        self.principal = Some(p);
+        match &mut self.role {
+            ConnRole::Client(c) => {
+                c.principal = p;
+                c.message_quota = message_quota;
+            }
+            role => {
+                *role = ConnRole::Client(ClientState {
+                    principal: p,
+                    message_quota,
+                    link_count: Arc::default(),
+                })
+            }
+        }
+    }
+
+    /// The client's link counter (shared with the console's view).
+    fn link_counter(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        match &self.role {
+            ConnRole::Client(c) => c.link_count.clone(),
+            _ => Arc::default(),
+        }
+    }
+
+    /// The client's message-size quota.
+    fn message_quota(&self) -> Option<u64> {
+        match &self.role {
+            ConnRole::Client(c) => c.message_quota,
+            _ => None,
+        }
     }
 
     /// Why a link to `a` for `op` may no longer stay, if so.
@@ -415,7 +445,7 @@ impl ConnectionTask {
         let Some(e) = self.route_event_on_link(e) else {
             return;
         };
-        if self.mesh_peer.is_some() {
+        if self.is_peer() {
             return self.handle_peer_event(e);
         }
         match e {
@@ -507,6 +537,8 @@ impl ConnectionTask {
             if route_container {
                 let id = open.container_id.clone();
                 self.route_container_open(&id);
+            } else {
+                self.role = ConnRole::Tool;
             }
             return;
         }
@@ -536,6 +568,7 @@ impl ConnectionTask {
             }
             Ok(p) => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, user = p.user.as_deref().unwrap_or("<anonymous>"), mechanism = self.identity.mechanism, tls = self.identity.tls, "connection opened");
+                self.set_principal(p.clone());
                 self.shared
                     .clients
                     .lock()
@@ -548,10 +581,9 @@ impl ConnectionTask {
                             addr: self.peer,
                             container: open.container_id.clone(),
                             handle: self.handle.clone(),
-                            links: self.link_count.clone(),
+                            links: self.link_counter(),
                         },
                     );
-                self.set_principal(p);
                 self.conn.open();
             }
             Err(why) => {
@@ -588,14 +620,14 @@ impl ConnectionTask {
 
     fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
         if self.identity.is_component()
-            && self.routes.container.is_none()
+            && self.container().is_none()
             && attach.role == Role::Receiver
             && attach.source.as_ref().and_then(|s| s.address.as_deref())
                 == Some(crate::stat::STAT_ADDRESS)
         {
             return self.accept_stat(link, &attach);
         }
-        let Some(p) = self.principal.clone() else {
+        let Some(p) = self.principal().cloned() else {
             let why = if self.identity.is_component() {
                 "a route container's connection carries only the links routers route to it"
             } else {
@@ -613,7 +645,7 @@ impl ConnectionTask {
         if attach.role == Role::Sender {
             // The space's message-size quota is the link's announced
             // max-message-size: nothing larger is assembled in memory.
-            if let Some(q) = self.message_quota {
+            if let Some(q) = self.message_quota() {
                 self.conn.limit_message_size(link, q);
             }
         }
@@ -654,8 +686,8 @@ impl ConnectionTask {
         let t = self.shared.policy.tenancy();
         let max = t.spaces.get(space)?.quotas.links?;
         // This connection's count as of now (the new link is not answered).
-        let mine = self.conn.links().count().saturating_sub(1);
-        self.link_count
+        let mine = self.conn.link_count().saturating_sub(1);
+        self.link_counter()
             .store(mine, std::sync::atomic::Ordering::Relaxed);
         let open = self.sum_over_clients(space, |c| {
             c.links.load(std::sync::atomic::Ordering::Relaxed) as u64
@@ -671,8 +703,8 @@ impl ConnectionTask {
     /// A message larger than the space's quota allows: the error to
     /// reject it with.
     pub(crate) fn over_message_quota(&self, len: usize) -> Option<AmqpErrorBody> {
-        let max = self.message_quota?;
-        let p = self.principal.as_ref()?;
+        let max = self.message_quota()?;
+        let p = self.principal()?;
         (len as u64 > max).then(|| {
             amqp_error(
                 AmqpError::ResourceLimitExceeded,
@@ -829,8 +861,11 @@ impl ConnectionTask {
             None => IncomingTarget::Relay,
             Some(a) => match self.resolve_target(p, &a) {
                 Ok(kind) => {
-                    let st = self.shared.table.get_or_create(&p.space, &a, kind);
-                    st.add_sender(self.handle.clone(), link);
+                    let core = self.handle.core.clone();
+                    let (st, ()) = self
+                        .shared
+                        .table
+                        .with(&p.space, &a, kind, |st| st.add_sender(core, link));
                     IncomingTarget::Address(st)
                 }
                 Err(e) => {
@@ -924,7 +959,6 @@ impl ConnectionTask {
         } else {
             None
         };
-        let st = self.shared.table.get_or_create(&p.space, &address, kind);
         let outstanding = Arc::new(AtomicU32::new(0));
         self.conn.accept_attach(
             link,
@@ -935,7 +969,10 @@ impl ConnectionTask {
                 ..Default::default()
             },
         );
-        st.add_consumer(self.handle.clone(), link, outstanding.clone());
+        let (core, counter) = (self.handle.core.clone(), outstanding.clone());
+        let (st, ()) = self.shared.table.with(&p.space, &address, kind, |st| {
+            st.add_consumer(core, link, counter)
+        });
         self.local_receivers_changed();
         debug!(conn.id = self.id.0, link.name = %attach.name, address = %address, "receiver attached");
         self.outgoing.insert(
@@ -955,7 +992,7 @@ impl ConnectionTask {
                 self.stat_links.swap_remove(i);
                 // A tenant sees its own space; a component (an operator's
                 // tool with the mesh credential) every space.
-                let space = self.principal.as_ref().map(|p| p.space.clone());
+                let space = self.principal().map(|p| p.space.clone());
                 let body = crate::stat::snapshot(&self.shared, space.as_deref());
                 let msg = message::encode_message(&message::MessageParts {
                     body: &body,
@@ -965,14 +1002,26 @@ impl ConnectionTask {
             }
             return;
         }
-        let Some(out) = self.outgoing.get(&link) else {
+        let drain = self.conn.link(link).is_some_and(|l| l.drain);
+        let Some(address) = self.offer_link(link) else {
             return;
         };
-        let Some(l) = self.conn.link(link) else {
-            return;
-        };
+        if drain {
+            // Nothing more is waiting for this receiver: use up its credit.
+            self.conn.drained(link);
+            if let Some(l) = self.conn.link(link) {
+                let limit = l.delivery_count.wrapping_add(l.credit);
+                address.consumer_credit(self.id, link, limit);
+            }
+        }
+    }
+
+    /// Records a receiver's credit with its address and sends it what
+    /// waited there. Returns the address.
+    fn offer_link(&mut self, link: LinkId) -> Option<Arc<AddressState>> {
+        let out = self.outgoing.get(&link)?;
+        let l = self.conn.link(link)?;
         let limit = l.delivery_count.wrapping_add(l.credit);
-        let drain = l.drain;
         let address = out.address.clone();
         let outstanding = out.outstanding.clone();
         // Messages routed to this receiver before it ran out of credit may
@@ -988,14 +1037,7 @@ impl ConnectionTask {
         for m in msgs {
             self.deliver(link, m, &address, &outstanding);
         }
-        if drain {
-            // Nothing more is waiting for this receiver: use up its credit.
-            self.conn.drained(link);
-            if let Some(l) = self.conn.link(link) {
-                let limit = l.delivery_count.wrapping_add(l.credit);
-                address.consumer_credit(self.id, link, limit);
-            }
-        }
+        Some(address)
     }
 
     fn handle_delivery(&mut self, link: LinkId, d: Delivery) {
@@ -1006,18 +1048,18 @@ impl ConnectionTask {
         let Some(inc) = self.incoming.get(&link) else {
             return;
         };
-        let Some(p) = self.principal.as_ref() else {
+        let Some(p) = self.principal() else {
             return;
         };
         let origin = (!d.settled).then(|| Origin {
-            conn: self.handle.clone(),
+            conn: self.handle.core.clone(),
             delivery: d.id,
         });
         let routed = Routed {
             payload: d.payload,
             settled: d.settled,
             origin,
-            sender: Some((self.handle.clone(), link)),
+            sender: Some((self.handle.core.clone(), link)),
             hops: None,
         };
         let state = match &inc.target {
@@ -1125,7 +1167,7 @@ impl ConnectionTask {
                 address: state.clone(),
                 outstanding: Default::default(),
             };
-            if conn.send(ev) {
+            if conn.core.send(ev) {
                 sent += 1;
             }
         }
@@ -1149,7 +1191,11 @@ impl ConnectionTask {
         }
     }
 
-    fn no_receiver(&mut self, id: &flotilla_amqp::connection::DeliveryRef, settled: bool) {
+    pub(crate) fn no_receiver(
+        &mut self,
+        id: &flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+    ) {
         if !settled {
             self.conn.settle(*id, crate::core::released());
         }
@@ -1165,12 +1211,8 @@ impl ConnectionTask {
         address: &Arc<AddressState>,
         outstanding: &Arc<AtomicU32>,
     ) {
-        if self
-            .mesh_peer
-            .as_ref()
-            .is_some_and(|p| p.data_out == Some(link))
-        {
-            return self.deliver_to_peer(link, msg, address, outstanding);
+        if matches!(&self.role, ConnRole::Peer(p) if p.data_out == Some(link)) {
+            return self.deliver_to_peer(msg, address, outstanding);
         }
         let Some(out) = self.outgoing.get(&link) else {
             address.unsend(self.id, link, msg);
@@ -1303,13 +1345,35 @@ impl ConnectionTask {
                     self.peer_held(link, 0, returned);
                 }
             }
-            ConnEvent::Close { reason } => {
+        }
+    }
+
+    fn handle_command(&mut self, c: Command) {
+        match c {
+            Command::Route(e) => self.route_event(e),
+            Command::Close { reason } => {
                 info!(conn.id = self.id.0, client.addr = %self.peer, reason = %reason, "closing connection");
                 self.closing = Some(CloseReason::Shutdown);
                 self.conn
                     .close(Some(amqp_error(ConnectionError::ConnectionForced, reason)));
             }
-            ev => self.route_event(ev),
+        }
+    }
+
+    /// The connection's output is no longer congested: what waited in
+    /// addresses for its receivers (or for the neighbour behind it) goes
+    /// now, as far as their credit allows.
+    fn offer_waiting(&mut self) {
+        let links: Vec<LinkId> = self.outgoing.keys().copied().collect();
+        for link in links {
+            self.offer_link(link);
+        }
+        if let ConnRole::Peer(p) = &self.role {
+            if let Some(data) = p.data_out {
+                for a in self.shared.table.all() {
+                    a.offer(self.id, data);
+                }
+            }
         }
     }
 
@@ -1383,9 +1447,15 @@ impl ConnectionTask {
                 ConnEvent::Deliver {
                     link, msg, address, ..
                 } => address.unsend(self.id, link, msg),
-                ConnEvent::RouteTransfer { msg, .. } => msg.release(),
-                ConnEvent::RouteAttach(req) => {
-                    req.from.send(ConnEvent::RouteRefused {
+                ConnEvent::Outcome { .. } | ConnEvent::Credit { .. } => {}
+            }
+        }
+        self.commands.close();
+        while let Ok(c) = self.commands.try_recv() {
+            match c {
+                Command::Route(crate::linkroute::RouteEvent::Transfer { msg, .. }) => msg.release(),
+                Command::Route(crate::linkroute::RouteEvent::Attach(req)) => {
+                    req.from.route(crate::linkroute::RouteEvent::Refused {
                         link: req.from_link,
                         error: amqp_error(AmqpError::NotFound, "the route to the broker closed"),
                     });
@@ -1397,6 +1467,84 @@ impl ConnectionTask {
         if self.closing == Some(CloseReason::Io) {
             warn!(conn.id = self.id.0, client.addr = %self.peer, "connection lost");
         }
+    }
+}
+
+impl Handler for ConnectionTask {
+    type Signal = Signal;
+
+    fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    fn signal(&mut self) -> impl std::future::Future<Output = Option<Signal>> + Send {
+        async move {
+            let (draining, closing) = (self.draining, self.closing.is_some());
+            tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled(), if !draining => Some(Signal::Shutdown),
+                _ = self.shared.closing.cancelled(), if !closing => Some(Signal::Closing),
+                n = self.rx.recv_many(&mut self.core_batch, 512) => (n > 0).then_some(Signal::Core),
+                n = self.commands.recv_many(&mut self.command_batch, 64) => {
+                    (n > 0).then_some(Signal::Commands)
+                }
+                Some(c) = recv_command(&mut self.peer_commands) => Some(Signal::Peer(c)),
+                Ok(()) = self.tenancy.changed() => Some(Signal::Tenancy),
+            }
+        }
+    }
+
+    fn on_signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::Shutdown => self.withdraw_credit(),
+            Signal::Closing => self.shut_down(),
+            Signal::Core => {
+                let mut batch = std::mem::take(&mut self.core_batch);
+                for ev in batch.drain(..) {
+                    self.handle_conn_event(ev);
+                }
+                self.core_batch = batch;
+            }
+            Signal::Commands => {
+                let mut batch = std::mem::take(&mut self.command_batch);
+                for c in batch.drain(..) {
+                    self.handle_command(c);
+                }
+                self.command_batch = batch;
+            }
+            Signal::Peer(cmd) => self.peer_command(cmd),
+            Signal::Tenancy => self.recheck(),
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        self.handle_event(event);
+    }
+
+    fn on_protocol_error(&mut self, error: AmqpErrorBody) {
+        self.protocol_error(error);
+    }
+
+    fn on_turn(&mut self) {
+        self.top_up_credit();
+        if let ConnRole::Client(c) = &self.role {
+            c.link_count
+                .store(self.conn.link_count(), Ordering::Relaxed);
+        }
+    }
+
+    fn on_congestion(&mut self, congested: bool) {
+        self.handle
+            .core
+            .congested
+            .store(congested, Ordering::Relaxed);
+        if !congested {
+            self.offer_waiting();
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.is_some()
     }
 }
 

@@ -10,7 +10,7 @@
 //! sending connection as [`ConnEvent::Outcome`].
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ pub fn released() -> DeliveryState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId(pub u64);
 
-/// What other tasks tell a connection task.
+/// What the routing core tells a connection task.
 #[derive(Debug)]
 pub enum ConnEvent {
     /// Send this message on our outgoing link `link`, for `address`;
@@ -47,51 +47,41 @@ pub enum ConnEvent {
     /// Re-evaluate credit on our incoming link: receivers came or went, or
     /// `returned` of its deliveries left the router's queues.
     Credit { link: LinkId, returned: u32 },
-    /// Link routing (see [`crate::linkroute`]): attach onward and pair.
-    RouteAttach(Box<crate::linkroute::RouteReq>),
-    /// The far end answered the onward attach of our `link`.
-    RouteAnswer {
-        link: LinkId,
-        peer_link: LinkId,
-        answer: Box<flotilla_amqp::types::performatives::Attach>,
-    },
-    /// No route: refuse the attach of our `link`.
-    RouteRefused {
-        link: LinkId,
-        error: flotilla_amqp::types::definitions::Error,
-    },
-    /// The receiving end allows `limit` deliveries on the route in all.
-    RouteFlow {
-        link: LinkId,
-        limit: u32,
-        drain: bool,
-    },
-    /// The sending end finished a drain.
-    RouteDrained { link: LinkId },
-    /// A message to send on our routed `link`.
-    RouteTransfer { link: LinkId, msg: Routed },
-    /// The paired link detached.
-    RouteDetach {
-        link: LinkId,
-        closed: bool,
-        error: Option<flotilla_amqp::types::definitions::Error>,
-    },
-    /// Close this connection (`amqp:connection:forced`).
-    Close { reason: String },
 }
 
-/// A cloneable sender to a connection task.
+/// A cloneable sender to a connection task's core inbox.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
     pub id: ConnectionId,
     pub tx: mpsc::UnboundedSender<ConnEvent>,
+    /// Set while the connection's socket has more unwritten than its
+    /// high-water mark: no new deliveries are routed to it.
+    pub congested: Arc<AtomicBool>,
 }
 
 impl ConnHandle {
+    /// A handle and the inbox it sends to.
+    pub fn new(id: ConnectionId) -> (ConnHandle, mpsc::UnboundedReceiver<ConnEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            ConnHandle {
+                id,
+                tx,
+                congested: Arc::default(),
+            },
+            rx,
+        )
+    }
+
     /// Sends an event; a connection that is gone is ignored (its links'
     /// deliveries are released by whoever holds them).
     pub fn send(&self, ev: ConnEvent) -> bool {
         self.tx.send(ev).is_ok()
+    }
+
+    /// True while the connection's output is over its high-water mark.
+    pub fn is_congested(&self) -> bool {
+        self.congested.load(Ordering::Relaxed)
     }
 }
 
@@ -223,6 +213,11 @@ pub struct Credited {
 }
 
 impl AddressState {
+    /// A state kept by no table (a message passing through).
+    pub fn unlisted(space: &str, address: &str, kind: AddressType) -> Self {
+        Self::new(space, address, kind)
+    }
+
     fn new(space: &str, address: &str, kind: AddressType) -> Self {
         AddressState {
             space: space.to_string(),
@@ -354,7 +349,10 @@ impl AddressState {
             for k in 0..n {
                 let i = (start + k) % n;
                 let c = &g.consumers[i];
-                if c.credit() == 0 || !eligible(c) {
+                // A connection whose output is over its high-water mark
+                // takes nothing more: the message goes elsewhere or waits,
+                // holding its sender's credit.
+                if c.credit() == 0 || !eligible(c) || c.conn.is_congested() {
                     continue;
                 }
                 // Fewest unsettled deliveries plus path cost: an idle local
@@ -391,15 +389,21 @@ impl AddressState {
                 }
                 Err(mpsc::error::SendError(ev)) => {
                     // That connection is gone (its task closed its channel):
-                    // forget its receiver and try the others.
+                    // forget its receiver like any leaving one (the last
+                    // one leaving tells the senders), and try the others.
                     if unsettled {
                         c.outstanding.fetch_sub(1, Ordering::Relaxed);
                     }
-                    g.consumers.remove(i);
                     let ConnEvent::Deliver { msg: m, .. } = ev else {
                         return Forwarded::NoReceiver;
                     };
                     msg = m;
+                    let had_any = !g.consumers.is_empty() || g.remote_multicast;
+                    g.consumers.remove(i);
+                    if g.consumers.is_empty() && !g.remote_multicast {
+                        self.after_consumers_changed(g, had_any);
+                        return Forwarded::NoReceiver;
+                    }
                 }
             }
         }
@@ -422,7 +426,7 @@ impl AddressState {
         };
         let mut sent = 0;
         for c in g.consumers.iter_mut() {
-            if c.credit() > 0 && c.backlog.is_empty() {
+            if c.credit() > 0 && c.backlog.is_empty() && !c.conn.is_congested() {
                 c.routed = c.routed.wrapping_add(1);
                 c.conn.send(ConnEvent::Deliver {
                     link: c.link,
@@ -451,16 +455,29 @@ impl AddressState {
         link: LinkId,
         limit: u32,
     ) -> Credited {
+        self.credit_consumer(|c| c.conn.id == conn && c.link == link, |_| limit)
+    }
+
+    /// Sets the limit of the consumer `which` picks to what `limit` says,
+    /// and hands it what waited, all under the address lock.
+    fn credit_consumer(
+        self: &Arc<Self>,
+        which: impl Fn(&Consumer) -> bool,
+        limit: impl FnOnce(&Consumer) -> u32,
+    ) -> Credited {
         let mut g = self.lock();
         let g = &mut *g;
-        let Some(c) = g
-            .consumers
-            .iter_mut()
-            .find(|c| c.conn.id == conn && c.link == link)
-        else {
+        let Some(c) = g.consumers.iter_mut().find(|c| which(c)) else {
             return Credited::default();
         };
-        c.limit = limit;
+        c.limit = limit(c);
+        if c.conn.is_congested() {
+            // Taken when the connection has written its backlog.
+            return Credited {
+                msgs: Vec::new(),
+                outstanding: Some(c.outstanding.clone()),
+            };
+        }
         let mut msgs = Vec::new();
         while c.credit() > 0 {
             let next = match (&self.kind, &c.remote) {
@@ -511,6 +528,26 @@ impl AddressState {
             msgs,
             outstanding: Some(c.outstanding.clone()),
         }
+    }
+
+    /// The consumer (`conn`, `link`) can take messages again (its
+    /// connection's output drained): hand it what waited, within its credit.
+    pub fn offer(self: &Arc<Self>, conn: ConnectionId, link: LinkId) -> Credited {
+        self.credit_consumer(|c| c.conn.id == conn && c.link == link, |c| c.limit)
+    }
+
+    /// Messages of a neighbour's remote consumer went out on the wire:
+    /// its window widens by `n`. The consumer is named by its own counter
+    /// (`outstanding`), so a consumer made again after a route change
+    /// starts with a fresh window, never one widened by the old one's
+    /// messages. Returns what waited for the window.
+    pub fn widen(self: &Arc<Self>, outstanding: &Arc<AtomicU32>, n: u32) {
+        // What waited goes through the neighbour's channel under the lock
+        // (see `credit_consumer`): nothing comes back here.
+        let _ = self.credit_consumer(
+            |c| Arc::ptr_eq(&c.outstanding, outstanding),
+            |c| c.limit.wrapping_add(n),
+        );
     }
 
     /// A message routed to `link` could not be sent (the link went away or
@@ -630,6 +667,13 @@ pub fn return_credit(msgs: &[Routed]) {
 }
 
 /// Every address the router knows, by (space, address).
+///
+/// Lock order: the table's lock, then one address's lock; never the
+/// reverse, and never two addresses' locks at once. Adding a sender or a
+/// receiver to an address ([`AddressTable::with`]) and forgetting an unused
+/// address ([`AddressTable::gc`]) both run under the table's lock, so an
+/// address is never forgotten between being found and being used (which
+/// would leave a receiver on a state no sender can reach: a black hole).
 #[derive(Debug, Default)]
 pub struct AddressTable {
     /// space → address → state (looked up by `&str`, no allocation).
@@ -637,36 +681,53 @@ pub struct AddressTable {
 }
 
 impl AddressTable {
-    /// The address's state, made on first use with `kind`.
-    pub fn get_or_create(
+    fn map(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Arc<AddressState>>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the address's state (made with `kind` if there is none)
+    /// while the table's lock is held: what `f` adds (a sender, a
+    /// receiver, a neighbour's receivers) is there before any `gc` can
+    /// look. `f` may lock the address, and must not touch the table.
+    pub fn with<R>(
         &self,
         space: &str,
         address: &str,
         kind: AddressType,
-    ) -> Arc<AddressState> {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = m.get(space).and_then(|s| s.get(address)) {
-            return a.clone();
-        }
-        let a = Arc::new(AddressState::new(space, address, kind));
-        m.entry(space.to_string())
-            .or_default()
-            .insert(address.to_string(), a.clone());
-        a
+        f: impl FnOnce(&Arc<AddressState>) -> R,
+    ) -> (Arc<AddressState>, R) {
+        let mut m = self.map();
+        let a = match m.get(space).and_then(|s| s.get(address)) {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(AddressState::new(space, address, kind));
+                m.entry(space.to_string())
+                    .or_default()
+                    .insert(address.to_string(), a.clone());
+                a
+            }
+        };
+        let r = f(&a);
+        (a, r)
     }
 
+    /// The address's state, if it has one (routing a message never makes
+    /// one: with no state there is no receiver).
     pub fn get(&self, space: &str, address: &str) -> Option<Arc<AddressState>> {
-        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(space).and_then(|s| s.get(address)).cloned()
+        self.map().get(space).and_then(|s| s.get(address)).cloned()
     }
 
-    /// Forgets an address nobody uses any more.
+    /// Forgets an address nobody uses any more. Called when a sender or
+    /// receiver leaves, never per message.
     pub fn gc(&self, a: &AddressState) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.map();
         let Some(space) = m.get_mut(&a.space) else {
             return;
         };
-        if space.get(&a.address).is_some_and(|s| s.is_unused()) {
+        if space
+            .get(&a.address)
+            .is_some_and(|s| std::ptr::eq(s.as_ref(), a) && s.is_unused())
+        {
             space.remove(&a.address);
             if space.is_empty() {
                 m.remove(&a.space);
@@ -675,12 +736,19 @@ impl AddressTable {
     }
 
     pub fn all(&self) -> Vec<Arc<AddressState>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.map()
             .values()
             .flat_map(|s| s.values().cloned())
             .collect()
+    }
+
+    /// How many addresses the table holds (tests and `flotilla stat`).
+    pub fn len(&self) -> usize {
+        self.map().values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -689,14 +757,7 @@ mod tests {
     use super::*;
 
     fn handle(id: u64) -> (ConnHandle, mpsc::UnboundedReceiver<ConnEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            ConnHandle {
-                id: ConnectionId(id),
-                tx,
-            },
-            rx,
-        )
+        ConnHandle::new(ConnectionId(id))
     }
 
     fn msg(settled: bool, origin: Option<Origin>) -> Routed {

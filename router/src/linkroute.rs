@@ -25,8 +25,8 @@ use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::AddressType;
 use tracing::{debug, info};
 
-use crate::connection::{ConnectionTask, Lost, Unsettled};
-use crate::core::{ConnEvent, ConnHandle, Origin, Routed};
+use crate::connection::{ConnectionTask, Lost, TaskHandle, Unsettled};
+use crate::core::{Origin, Routed};
 
 /// Offered on Open by a broker that wants routers to route links to it.
 pub const ROUTE_CONTAINER_CAPABILITY: &str = "flotilla.route-container";
@@ -249,13 +249,44 @@ pub struct RouteReq {
     /// link takes: we face the next hop as the client faces us).
     pub attach: Attach,
     pub info: RouteInfo,
-    pub from: ConnHandle,
+    pub from: TaskHandle,
     pub from_link: LinkId,
+}
+
+/// What connection tasks on a route tell each other.
+#[derive(Debug)]
+pub enum RouteEvent {
+    /// Attach onward and pair.
+    Attach(Box<RouteReq>),
+    /// The far end answered the onward attach of our `link`.
+    Answer {
+        link: LinkId,
+        peer_link: LinkId,
+        answer: Box<Attach>,
+    },
+    /// No route: refuse the attach of our `link`.
+    Refused { link: LinkId, error: AmqpErrorBody },
+    /// The receiving end allows `limit` deliveries on the route in all.
+    Flow {
+        link: LinkId,
+        limit: u32,
+        drain: bool,
+    },
+    /// The sending end finished a drain.
+    Drained { link: LinkId },
+    /// A message to send on our routed `link`.
+    Transfer { link: LinkId, msg: Routed },
+    /// The paired link detached.
+    Detach {
+        link: LinkId,
+        closed: bool,
+        error: Option<AmqpErrorBody>,
+    },
 }
 
 /// One of our links paired with a link on another connection task.
 pub(crate) struct RouteLink {
-    peer: ConnHandle,
+    peer: TaskHandle,
     /// The paired link; unknown on the client's side until the far end
     /// answers.
     peer_link: Option<LinkId>,
@@ -279,7 +310,7 @@ pub(crate) struct RouteLink {
 }
 
 impl RouteLink {
-    fn new(peer: ConnHandle, peer_link: Option<LinkId>, answered: bool, base: u32) -> Self {
+    fn new(peer: TaskHandle, peer_link: Option<LinkId>, answered: bool, base: u32) -> Self {
         RouteLink {
             peer,
             peer_link,
@@ -298,8 +329,6 @@ impl RouteLink {
 #[derive(Default)]
 pub(crate) struct Routes {
     pub(crate) links: std::collections::HashMap<LinkId, RouteLink>,
-    /// Set when this connection is a broker's: its container-id.
-    pub(crate) container: Option<String>,
     /// The session we attach routed links on, once it is begun (and
     /// answered, on a broker's connection).
     pub(crate) session: Option<u16>,
@@ -319,7 +348,7 @@ impl ConnectionTask {
 
     /// The connection of the next hop towards the broker for `info`
     /// (placing the address first if no hop before us did).
-    fn route_next_hop(&self, info: &mut RouteInfo) -> Option<ConnHandle> {
+    fn route_next_hop(&self, info: &mut RouteInfo) -> Option<TaskHandle> {
         let brokers = self
             .shared
             .brokers
@@ -404,7 +433,7 @@ impl ConnectionTask {
         let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
         debug!(conn.id = self.id.0, address = %info.address, broker = info.broker.as_deref().unwrap_or("?"), "routing link");
         let mut r = RouteLink::new(hop.clone(), None, false, base);
-        if self.mesh_peer.is_none() {
+        if !self.is_peer() {
             let op = match attach.role {
                 Role::Receiver => flotilla_core::resources::Operation::Recv,
                 Role::Sender => flotilla_core::resources::Operation::Send,
@@ -418,7 +447,7 @@ impl ConnectionTask {
             from: self.handle.clone(),
             from_link: link,
         };
-        if !hop.send(ConnEvent::RouteAttach(Box::new(req))) {
+        if !hop.route(RouteEvent::Attach(Box::new(req))) {
             self.routes.links.remove(&link);
             self.conn.refuse_attach(
                 link,
@@ -430,19 +459,19 @@ impl ConnectionTask {
     /// Another task asks us (a broker's connection, or one to a neighbour
     /// router) to attach onward.
     pub(crate) fn route_on_request(&mut self, mut req: RouteReq) {
-        let usable = self.routes.container.is_some() || self.mesh_peer.is_some();
+        let usable = self.container().is_some() || self.is_peer();
         let Some(ch) = self.routes.session.filter(|_| usable) else {
             if usable && self.closing.is_none() {
                 self.routes.pending.push(req);
             } else {
-                req.from.send(ConnEvent::RouteRefused {
+                req.from.route(RouteEvent::Refused {
                     link: req.from_link,
                     error: amqp_error(AmqpError::NotFound, "the route to the broker closed"),
                 });
             }
             return;
         };
-        if self.mesh_peer.is_some() {
+        if self.is_peer() {
             req.info.hops += 1;
         }
         self.routes.next_name += 1;
@@ -465,12 +494,12 @@ impl ConnectionTask {
         let Some(peer_link) = r.peer_link else {
             return;
         };
-        let ev = ConnEvent::RouteAnswer {
+        let ev = RouteEvent::Answer {
             link: peer_link,
             peer_link: link,
             answer: Box::new(answer.clone()),
         };
-        if !r.peer.send(ev) {
+        if !r.peer.route(ev) {
             self.routes.links.remove(&link);
             self.conn.detach(link, None);
         }
@@ -485,7 +514,7 @@ impl ConnectionTask {
         if r.gone {
             let peer = r.peer.clone();
             self.routes.links.remove(&link);
-            peer.send(ConnEvent::RouteDetach {
+            peer.route(RouteEvent::Detach {
                 link: peer_link,
                 closed: true,
                 error: None,
@@ -501,7 +530,7 @@ impl ConnectionTask {
             match self.conn.link(link).map(|l| l.role.clone()) {
                 // The client's credit, given before the answer: on to the broker.
                 Some(Role::Sender) => {
-                    peer.send(ConnEvent::RouteFlow {
+                    peer.route(RouteEvent::Flow {
                         link: peer_link,
                         limit,
                         drain,
@@ -528,7 +557,7 @@ impl ConnectionTask {
                 let limit = dc.wrapping_sub(r.base).wrapping_add(credit);
                 match r.peer_link {
                     Some(pl) if r.answered => {
-                        r.peer.send(ConnEvent::RouteFlow {
+                        r.peer.route(RouteEvent::Flow {
                             link: pl,
                             limit,
                             drain,
@@ -542,7 +571,7 @@ impl ConnectionTask {
                 if r.draining && credit == 0 {
                     r.draining = false;
                     if let Some(pl) = r.peer_link {
-                        r.peer.send(ConnEvent::RouteDrained { link: pl });
+                        r.peer.route(RouteEvent::Drained { link: pl });
                     }
                 }
             }
@@ -578,7 +607,7 @@ impl ConnectionTask {
             return self.reject(&d.id, d.settled, e);
         }
         let origin = (!d.settled).then(|| Origin {
-            conn: self.handle.clone(),
+            conn: self.handle.core.clone(),
             delivery: d.id,
         });
         let msg = Routed {
@@ -597,7 +626,7 @@ impl ConnectionTask {
                 let peer = peer.clone();
                 let pl = *pl;
                 let back = msg.clone();
-                if peer.send(ConnEvent::RouteTransfer { link: pl, msg }) {
+                if peer.route(RouteEvent::Transfer { link: pl, msg }) {
                     None
                 } else {
                     Some(back)
@@ -656,7 +685,7 @@ impl ConnectionTask {
         };
         match r.peer_link {
             Some(pl) => {
-                r.peer.send(ConnEvent::RouteDetach {
+                r.peer.route(RouteEvent::Detach {
                     link: pl,
                     closed,
                     error,
@@ -698,25 +727,23 @@ impl ConnectionTask {
     }
 
     /// Events for link routing from other connection tasks.
-    pub(crate) fn route_event(&mut self, ev: ConnEvent) {
+    pub(crate) fn route_event(&mut self, ev: RouteEvent) {
         match ev {
-            ConnEvent::RouteAttach(req) => self.route_on_request(*req),
-            ConnEvent::RouteAnswer {
+            RouteEvent::Attach(req) => self.route_on_request(*req),
+            RouteEvent::Answer {
                 link,
                 peer_link,
                 answer,
             } => self.route_answered(link, peer_link, *answer),
-            ConnEvent::RouteRefused { link, error }
-                if self.routes.links.remove(&link).is_some() =>
-            {
+            RouteEvent::Refused { link, error } if self.routes.links.remove(&link).is_some() => {
                 self.conn.refuse_attach(link, error);
             }
-            ConnEvent::RouteFlow { link, limit, drain } => {
+            RouteEvent::Flow { link, limit, drain } => {
                 self.route_send_limit(link, limit, drain);
             }
-            ConnEvent::RouteDrained { link } if self.is_routed(link) => self.conn.drained(link),
-            ConnEvent::RouteTransfer { link, msg } => self.route_send(link, msg),
-            ConnEvent::RouteDetach {
+            RouteEvent::Drained { link } if self.is_routed(link) => self.conn.drained(link),
+            RouteEvent::Transfer { link, msg } => self.route_send(link, msg),
+            RouteEvent::Detach {
                 link,
                 closed,
                 error,
@@ -759,7 +786,7 @@ impl ConnectionTask {
             };
             match r.peer_link {
                 Some(pl) => {
-                    r.peer.send(ConnEvent::RouteDetach {
+                    r.peer.route(RouteEvent::Detach {
                         link: pl,
                         closed: false,
                         error: None,
@@ -801,7 +828,7 @@ impl ConnectionTask {
             broker = container,
             "broker connected (route container)"
         );
-        self.routes.container = Some(container.to_string());
+        self.role = crate::connection::ConnRole::RouteContainer(container.to_string());
         self.shared
             .brokers
             .lock()
@@ -815,16 +842,16 @@ impl ConnectionTask {
 
     /// The connection ends: every paired link hears of it.
     pub(crate) fn route_cleanup(&mut self) {
-        let what = if self.routes.container.is_some() {
+        let what = if self.container().is_some() {
             "the broker's connection to the router closed"
-        } else if self.mesh_peer.is_some() {
+        } else if self.is_peer() {
             "the connection between routers on the route closed"
         } else {
             "the client's connection closed"
         };
         for (_, r) in self.routes.links.drain() {
             if let Some(pl) = r.peer_link {
-                r.peer.send(ConnEvent::RouteDetach {
+                r.peer.route(RouteEvent::Detach {
                     link: pl,
                     closed: false,
                     error: Some(amqp_error(AmqpError::IllegalState, what)),
@@ -832,18 +859,18 @@ impl ConnectionTask {
             }
         }
         for req in std::mem::take(&mut self.routes.pending) {
-            req.from.send(ConnEvent::RouteRefused {
+            req.from.route(RouteEvent::Refused {
                 link: req.from_link,
                 error: amqp_error(AmqpError::NotFound, what),
             });
         }
-        if let Some(c) = self.routes.container.take() {
+        if let Some(c) = self.container().map(str::to_string) {
             let mut b = self
                 .shared
                 .brokers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if b.get(&c).is_some_and(|h| h.id == self.id) {
+            if b.get(&c).is_some_and(|h| h.id() == self.id) {
                 b.remove(&c);
             }
             drop(b);

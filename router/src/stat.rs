@@ -164,7 +164,7 @@ pub(crate) struct ClientInfo {
     pub user: Option<String>,
     pub addr: std::net::SocketAddr,
     pub container: String,
-    pub handle: crate::core::ConnHandle,
+    pub handle: crate::connection::TaskHandle,
     /// Links the client has open (refreshed by its connection task).
     pub links: Arc<AtomicUsize>,
 }
@@ -246,7 +246,7 @@ pub(crate) fn command(shared: &Shared, c: &serde_json::Value) {
             .get(&id)
             .map(|c| c.handle.clone());
         if let Some(h) = h {
-            h.send(crate::core::ConnEvent::Close {
+            h.command(crate::connection::Command::Close {
                 reason: "closed by an administrator".into(),
             });
         }

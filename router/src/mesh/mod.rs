@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::core::{AddressTable, ConnHandle};
+use crate::connection::TaskHandle;
+use crate::core::AddressTable;
 use crate::linkroute::BROKERS_SPACE;
 use routes::{LinkState, Routes};
 
@@ -82,7 +83,7 @@ pub enum MeshEvent {
     /// data link messages for that router go on.
     PeerUp {
         id: String,
-        conn: ConnHandle,
+        conn: TaskHandle,
         control: mpsc::UnboundedSender<PeerCommand>,
         data: LinkId,
     },
@@ -103,7 +104,7 @@ pub enum MeshEvent {
 pub struct Snapshot {
     pub id: String,
     /// Two-way neighbours and their data links.
-    pub neighbors: BTreeMap<String, (ConnHandle, LinkId)>,
+    pub neighbors: BTreeMap<String, (TaskHandle, LinkId)>,
     /// Router → (next hop, cost).
     pub routes: BTreeMap<String, (String, u64)>,
     /// Multicast addresses → routers (other than this one) with receivers.
@@ -117,7 +118,7 @@ pub struct Snapshot {
 }
 
 /// The brokers connected to a router, by id.
-pub type Brokers = Arc<std::sync::Mutex<BTreeMap<String, ConnHandle>>>;
+pub type Brokers = Arc<std::sync::Mutex<BTreeMap<String, TaskHandle>>>;
 
 impl Snapshot {
     /// Where this router sends a multicast message for (`space`,
@@ -127,7 +128,7 @@ impl Snapshot {
         space: &str,
         address: &str,
         ingress: &str,
-    ) -> Vec<(String, ConnHandle, LinkId)> {
+    ) -> Vec<(String, TaskHandle, LinkId)> {
         let key = (space.to_string(), address.to_string());
         let mut hops: BTreeSet<String> = BTreeSet::new();
         if let Some(targets) = self.multicast.get(&key) {
@@ -182,7 +183,7 @@ impl MeshHandle {
 }
 
 struct Neighbor {
-    conn: ConnHandle,
+    conn: TaskHandle,
     control: mpsc::UnboundedSender<PeerCommand>,
     data: LinkId,
     last_hello: Instant,
@@ -407,7 +408,11 @@ impl MeshTask {
                 false
             }
             MeshEvent::PeerDown { id, conn } => {
-                if !self.neighbors.get(&id).is_some_and(|n| n.conn.id.0 == conn) {
+                if !self
+                    .neighbors
+                    .get(&id)
+                    .is_some_and(|n| n.conn.id().0 == conn)
+                {
                     return false;
                 }
                 info!(router = %id, "neighbour connection lost");
@@ -423,7 +428,7 @@ impl MeshTask {
                 if !self
                     .neighbors
                     .get(&from)
-                    .is_some_and(|n| n.conn.id.0 == conn)
+                    .is_some_and(|n| n.conn.id().0 == conn)
                 {
                     return false;
                 }
@@ -657,7 +662,7 @@ impl MeshTask {
     /// Installs remote consumers (anycast) and remote presence (multicast)
     /// on every address with receivers on other routers.
     fn sync_addresses(&mut self) {
-        let neighbors: BTreeMap<String, (ConnHandle, LinkId)> = self
+        let neighbors: BTreeMap<String, (TaskHandle, LinkId)> = self
             .neighbors
             .iter()
             .filter(|(_, n)| n.two_way)
@@ -737,17 +742,20 @@ impl MeshTask {
             } else {
                 AddressType::Anycast
             };
-            let st = self.table.get_or_create(&key.space, &key.address, kind);
-            if key.multicast {
-                st.set_remote_multicast(wanted.contains_key(&key));
-            } else {
-                for n in old.keys().chain(new.keys()).collect::<BTreeSet<_>>() {
-                    let via = new
-                        .get(n)
-                        .and_then(|cost| neighbors.get(n).cloned().map(|v| (v, *cost)));
-                    st.set_remote(n, via, REMOTE_WINDOW);
+            // Under the table's lock: the state cannot be forgotten
+            // between being found and getting its remote receivers.
+            let (st, ()) = self.table.with(&key.space, &key.address, kind, |st| {
+                if key.multicast {
+                    st.set_remote_multicast(wanted.contains_key(&key));
+                } else {
+                    for n in old.keys().chain(new.keys()).collect::<BTreeSet<_>>() {
+                        let via = new.get(n).and_then(|cost| {
+                            neighbors.get(n).map(|(h, l)| ((h.core.clone(), *l), *cost))
+                        });
+                        st.set_remote(n, via, REMOTE_WINDOW);
+                    }
                 }
-            }
+            });
             if wanted.contains_key(&key) {
                 self.applied.insert(key, new);
             } else {

@@ -14,7 +14,7 @@
 //! sends it back towards a router in the trace. Outcomes of unsettled
 //! deliveries travel back hop by hop on the same links.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
@@ -27,8 +27,8 @@ use flotilla_core::resources::AddressType;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::{Control, MeshEvent, MeshHandle, PeerCommand, REMOTE_WINDOW};
-use crate::connection::ConnectionTask;
+use super::{Control, MeshEvent, MeshHandle, PeerCommand};
+use crate::connection::{ConnRole, ConnectionTask};
 use crate::core::{AddressState, Hops, Origin, Routed};
 
 /// Offered in the Open of every inter-router connection, both ways.
@@ -42,6 +42,8 @@ const CONTROL_CREDIT: u32 = 1000;
 /// Multicast copies held for a neighbour without credit before new ones
 /// are dropped (multicast is at-most-once).
 const MULTICAST_PENDING: usize = 10_000;
+/// Control messages kept before the mesh hears of the connection.
+const EARLY_MAX: usize = 10_000;
 
 /// A meshed message's routing header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,9 +140,6 @@ pub(crate) struct PeerLink {
     control_queue: VecDeque<Bytes>,
     /// Messages for the neighbour waiting for data-link credit.
     pending: VecDeque<(Routed, Arc<AddressState>, Arc<AtomicU32>)>,
-    /// Messages sent per address (by its state's address in memory), to
-    /// advance its window with the neighbour.
-    sent: HashMap<usize, u32>,
     /// Scratch space for routing headers.
     header_buf: BytesMut,
     /// Control messages that came before we told the mesh about this
@@ -167,7 +166,6 @@ impl PeerLink {
             commands: Some(commands),
             control_queue: VecDeque::new(),
             pending: VecDeque::new(),
-            sent: HashMap::new(),
             header_buf: BytesMut::new(),
             early: Vec::new(),
             held: 0,
@@ -175,16 +173,19 @@ impl PeerLink {
     }
 }
 
-impl ConnectionTask {
-    fn peer(&mut self) -> &mut PeerLink {
-        // Only called on connections made in peer mode.
-        self.mesh_peer.as_mut().expect("peer-mode connection")
+/// The peer state of an inter-router connection's role.
+fn peer_of(role: &mut ConnRole) -> Option<&mut PeerLink> {
+    match role {
+        ConnRole::Peer(p) => Some(p),
+        _ => None,
     }
+}
 
+impl ConnectionTask {
     /// Starts an outbound inter-router connection: Open, Begin, and our two
     /// sending links.
     pub(crate) fn peer_start(&mut self) {
-        if !self.mesh_peer.as_ref().is_some_and(|p| p.outbound) {
+        if !peer_of(&mut self.role).is_some_and(|p| p.outbound) {
             return;
         }
         self.conn.open();
@@ -221,15 +222,18 @@ impl ConnectionTask {
         };
         let control = attach(&mut self.conn, "control", CONTROL_ADDRESS, true);
         let data = attach(&mut self.conn, "data", DATA_ADDRESS, false);
-        let p = self.peer();
-        p.control_out = Some(control);
-        p.data_out = Some(data);
+        if let Some(p) = peer_of(&mut self.role) {
+            p.control_out = Some(control);
+            p.data_out = Some(data);
+        }
     }
 
     /// Makes this connection an inter-router one.
     pub(crate) fn make_peer(&mut self, mesh: MeshHandle, outbound: bool) {
         self.conn.config_mut().offered_capabilities = vec![INTER_ROUTER_CAPABILITY];
-        self.mesh_peer = Some(PeerLink::new(mesh, outbound));
+        let mut p = PeerLink::new(mesh, outbound);
+        self.peer_commands = p.commands.take();
+        self.role = ConnRole::Peer(Box::new(p));
     }
 
     pub(crate) fn peer_on_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
@@ -252,15 +256,18 @@ impl ConnectionTask {
             router = container_id,
             "inter-router connection open"
         );
-        let outbound = self.peer().outbound;
-        self.peer().remote_id = Some(container_id.to_string());
-        if !outbound {
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
+        p.remote_id = Some(container_id.to_string());
+        if !p.outbound {
             self.conn.open();
         }
     }
 
     pub(crate) fn peer_on_begin(&mut self, channel: u16, answer: bool) {
-        if !answer && !self.peer().outbound && self.peer().control_out.is_none() {
+        let first = peer_of(&mut self.role).is_some_and(|p| !p.outbound && p.control_out.is_none());
+        if !answer && first {
             self.peer_attach_senders(channel);
             self.route_session_ready(channel);
         }
@@ -278,8 +285,10 @@ impl ConnectionTask {
                 return self.route_attach(link, attach, info);
             }
         }
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
         if reply {
-            let p = self.peer();
             if Some(link) == p.control_out {
                 p.out_attached.0 = true;
             } else if Some(link) == p.data_out {
@@ -298,6 +307,11 @@ impl ConnectionTask {
                     address: Some(a.to_string()),
                     ..Default::default()
                 };
+                if a == CONTROL_ADDRESS {
+                    p.control_in = Some(link);
+                } else {
+                    p.data_in = Some(link);
+                }
                 self.conn.accept_attach(
                     link,
                     AttachReply {
@@ -306,13 +320,12 @@ impl ConnectionTask {
                         ..Default::default()
                     },
                 );
-                if a == CONTROL_ADDRESS {
-                    self.peer().control_in = Some(link);
-                    self.conn.flow(link, CONTROL_CREDIT, false);
+                let credit = if a == CONTROL_ADDRESS {
+                    CONTROL_CREDIT
                 } else {
-                    self.peer().data_in = Some(link);
-                    self.conn.flow(link, DATA_CREDIT, false);
-                }
+                    DATA_CREDIT
+                };
+                self.conn.flow(link, credit, false);
             }
             _ => self.conn.refuse_attach(
                 link,
@@ -327,7 +340,9 @@ impl ConnectionTask {
     /// Tells the mesh once both our links are attached.
     fn peer_announce(&mut self) {
         let handle = self.handle.clone();
-        let p = self.peer();
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
         if p.announced || p.out_attached != (true, true) {
             return;
         }
@@ -335,7 +350,7 @@ impl ConnectionTask {
             return;
         };
         p.announced = true;
-        let conn = handle.id.0;
+        let conn = handle.id().0;
         let ev = MeshEvent::PeerUp {
             id: id.clone(),
             conn: handle,
@@ -353,7 +368,9 @@ impl ConnectionTask {
     }
 
     pub(crate) fn peer_on_flow(&mut self, link: LinkId) {
-        let p = self.peer();
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
         if Some(link) == p.control_out {
             self.flush_control();
         } else if Some(link) == p.data_out {
@@ -372,7 +389,9 @@ impl ConnectionTask {
                     body: &body,
                     ..Default::default()
                 });
-                self.peer().control_queue.push_back(msg);
+                if let Some(p) = peer_of(&mut self.role) {
+                    p.control_queue.push_back(msg);
+                }
                 self.flush_control();
             }
             PeerCommand::Close => {
@@ -390,11 +409,14 @@ impl ConnectionTask {
     }
 
     fn flush_control(&mut self) {
-        let Some(link) = self.peer().control_out else {
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
+        let Some(link) = p.control_out else {
             return;
         };
         while self.conn.link(link).is_some_and(|l| l.credit > 0) {
-            let Some(m) = self.peer().control_queue.pop_front() else {
+            let Some(m) = p.control_queue.pop_front() else {
                 break;
             };
             self.conn.send(link, &m, true, 0);
@@ -404,32 +426,34 @@ impl ConnectionTask {
     /// A message for the neighbour: header, then the message as it came.
     pub(crate) fn deliver_to_peer(
         &mut self,
-        link: LinkId,
         msg: Routed,
         address: &Arc<AddressState>,
         outstanding: &Arc<AtomicU32>,
     ) {
-        let multicast = address.kind == AddressType::Multicast;
-        if multicast && self.peer().pending.len() >= MULTICAST_PENDING {
+        let Some(p) = peer_of(&mut self.role) else {
+            return msg.release();
+        };
+        if address.kind == AddressType::Multicast && p.pending.len() >= MULTICAST_PENDING {
             address
                 .dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        let _ = link;
-        self.peer()
-            .pending
+        p.pending
             .push_back((msg, address.clone(), outstanding.clone()));
         self.flush_pending();
     }
 
     fn flush_pending(&mut self) {
         let me = self.shared.cfg.container_id.clone();
-        let Some(link) = self.peer().data_out else {
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
+        let Some(link) = p.data_out else {
             return;
         };
         while self.conn.link(link).is_some_and(|l| l.credit > 0) {
-            let Some((msg, address, outstanding)) = self.peer().pending.pop_front() else {
+            let Some((msg, address, outstanding)) = p.pending.pop_front() else {
                 break;
             };
             let (ingress, mut trace) = match &msg.hops {
@@ -444,9 +468,10 @@ impl ConnectionTask {
                 ingress,
                 trace,
             };
+            header.encode_into(&mut p.header_buf);
+            let hdr = p.header_buf.split();
             let token = self.next_token;
             self.next_token += 1;
-            let hdr = self.mesh_header(&header);
             if !self
                 .conn
                 .send_parts(link, &[&hdr, &msg.payload], msg.settled, token)
@@ -459,53 +484,35 @@ impl ConnectionTask {
                     token,
                     crate::connection::Unsettled {
                         origin: msg.origin,
-                        outstanding,
+                        outstanding: outstanding.clone(),
                         lost: crate::connection::Lost::Released,
                     },
                 );
             }
             if address.kind != AddressType::Multicast {
-                // The neighbour took one: widen this address's window.
-                let key = Arc::as_ptr(&address) as usize;
-                let sent = {
-                    let n = self.peer().sent.entry(key).or_default();
-                    *n = n.wrapping_add(1);
-                    *n
-                };
-                let credited =
-                    address.consumer_credit(self.id, link, sent.wrapping_add(REMOTE_WINDOW));
-                crate::core::return_credit(&credited.msgs);
-                let outstanding = credited.outstanding.unwrap_or_default();
-                for m in credited.msgs {
-                    self.peer()
-                        .pending
-                        .push_back((m, address.clone(), outstanding.clone()));
-                }
+                // The neighbour took one: widen this consumer's window (what
+                // waited for it comes back through our channel, in order).
+                address.widen(&outstanding, 1);
             }
         }
-    }
-
-    /// Encodes a routing header in the reused scratch buffer.
-    fn mesh_header(&mut self, h: &Header) -> BytesMut {
-        let p = self.peer();
-        h.encode_into(&mut p.header_buf);
-        p.header_buf.split()
     }
 
     /// A delivery from the neighbour: control messages go to the mesh,
     /// data is routed.
     pub(crate) fn peer_on_delivery(&mut self, link: LinkId, d: Delivery) {
-        let from = self.peer().remote_id.clone().unwrap_or_default();
-        if Some(link) == self.peer().control_in {
+        let Some(p) = peer_of(&mut self.role) else {
+            return;
+        };
+        let from = p.remote_id.clone().unwrap_or_default();
+        if Some(link) == p.control_in {
             match message::body_bytes(&d.payload)
                 .and_then(|b| serde_json::from_slice::<Control>(&b).ok())
             {
                 Some(msg) => {
                     let conn = self.id.0;
-                    let p = self.peer();
                     if p.announced {
                         p.mesh.send(MeshEvent::Control { from, conn, msg });
-                    } else {
+                    } else if p.early.len() < EARLY_MAX {
                         p.early.push(msg);
                     }
                 }
@@ -520,7 +527,7 @@ impl ConnectionTask {
             }
             return;
         }
-        if Some(link) != self.peer().data_in {
+        if Some(link) != p.data_in {
             return;
         }
         let Some((h, len)) = Header::decode(&d.payload) else {
@@ -535,9 +542,20 @@ impl ConnectionTask {
         } else {
             AddressType::Anycast
         };
-        let state = self.shared.table.get_or_create(&h.space, &h.address, kind);
+        // Routing never makes an address's state: with none, no receiver
+        // is here (the neighbour's view was stale), and the message goes
+        // back or is dropped like any without a receiver.
+        let state = match self.shared.table.get(&h.space, &h.address) {
+            Some(s) if s.kind == kind => s,
+            // Multicast may pass through on its tree without a receiver
+            // here: a state of its own, not in the table.
+            _ if kind == AddressType::Multicast => {
+                Arc::new(AddressState::unlisted(&h.space, &h.address, kind))
+            }
+            _ => return self.no_receiver(&d.id, d.settled),
+        };
         let origin = (!d.settled).then(|| Origin {
-            conn: self.handle.clone(),
+            conn: self.handle.core.clone(),
             delivery: d.id,
         });
         let routed = Routed {
@@ -546,14 +564,13 @@ impl ConnectionTask {
             origin,
             // Messages that wait here for a receiver's credit hold the data
             // link's credit until they leave (see `peer_top_up`).
-            sender: Some((self.handle.clone(), link)),
+            sender: Some((self.handle.core.clone(), link)),
             hops: Some(Arc::new(Hops {
                 ingress: h.ingress,
                 trace: h.trace,
             })),
         };
         self.route(&state, routed, d.id, link);
-        self.shared.table.gc(&state);
     }
 
     /// Credit for the neighbour's data link: [`DATA_CREDIT`] less the
@@ -561,7 +578,7 @@ impl ConnectionTask {
     /// a stalled receiver anywhere stops its senders instead of filling
     /// this router's memory.
     pub(crate) fn peer_top_up(&mut self) {
-        let Some(p) = self.mesh_peer.as_ref() else {
+        let Some(p) = peer_of(&mut self.role) else {
             return;
         };
         let (Some(link), held) = (p.data_in, p.held) else {
@@ -578,7 +595,7 @@ impl ConnectionTask {
 
     /// Messages from the neighbour started or stopped waiting here.
     pub(crate) fn peer_held(&mut self, link: LinkId, queued: u32, returned: u32) -> bool {
-        let Some(p) = self.mesh_peer.as_mut() else {
+        let Some(p) = peer_of(&mut self.role) else {
             return false;
         };
         if p.data_in != Some(link) {
@@ -590,7 +607,7 @@ impl ConnectionTask {
 
     /// The connection is gone: tell the mesh, give back what waited.
     pub(crate) fn peer_cleanup(&mut self) {
-        let Some(p) = self.mesh_peer.as_mut() else {
+        let Some(p) = peer_of(&mut self.role) else {
             return;
         };
         if let Some(id) = p.remote_id.clone() {
