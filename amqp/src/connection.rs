@@ -30,8 +30,11 @@ use serde_bytes::ByteBuf;
 use crate::frame::{self, Frame, Performative, TransferHeader};
 
 /// Our session incoming window, in transfer frames. Flow control is done by
-/// link credit; the window is kept large and refreshed when half used.
-const INCOMING_WINDOW: u32 = 1 << 20;
+/// link credit; the window is refreshed when half used, and a transfer
+/// beyond it ends the session (`amqp:session:window-violation`).
+const INCOMING_WINDOW: u32 = 1 << 16;
+/// The shortest idle-time-out of a peer's we honour (we heartbeat at half).
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const OUTGOING_WINDOW: u32 = u32::MAX >> 1;
 
 /// A link, unique for the life of the connection (never reused).
@@ -192,6 +195,9 @@ struct Session {
     blocked: std::collections::VecDeque<(LinkId, Bytes)>,
     /// Dispositions for incoming deliveries, written at the next flush.
     pending_dispositions: Vec<(u32, DeliveryState)>,
+    /// Our incoming window is half used: a Flow refreshes it when output
+    /// is next taken.
+    refresh_due: bool,
     end_sent: bool,
 }
 
@@ -223,6 +229,10 @@ pub struct Link {
     pub drain: bool,
     /// The peer's `available` on receiving links.
     pub available: u32,
+    /// Receiving links: the furthest delivery-count we ever allowed (our
+    /// count plus credit, serial arithmetic). A peer may still be sending
+    /// under a limit we have since lowered, but never past this one.
+    max_limit: u32,
     pub max_message_size: u64,
     assembly: Option<Assembly>,
     detach_sent: bool,
@@ -305,9 +315,11 @@ impl Connection {
         self.cfg.max_frame_size
     }
 
-    /// Frames waiting to be written (dispositions are coalesced first).
+    /// Frames waiting to be written (dispositions are coalesced first, and
+    /// half-used session windows refreshed).
     pub fn take_output(&mut self) -> BytesMut {
         self.flush_dispositions();
+        self.refresh_windows();
         if !self.out.is_empty() {
             self.last_sent = Instant::now();
         }
@@ -321,7 +333,24 @@ impl Connection {
                 .sessions
                 .iter()
                 .flatten()
-                .any(|s| !s.pending_dispositions.is_empty())
+                .any(|s| !s.pending_dispositions.is_empty() || (s.refresh_due && !s.end_sent))
+    }
+
+    /// Writes a Flow for every session whose incoming window is half used.
+    fn refresh_windows(&mut self) {
+        let due: Vec<u16> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(ch, s)| {
+                s.as_ref()
+                    .filter(|s| s.refresh_due && !s.end_sent)
+                    .map(|_| ch as u16)
+            })
+            .collect();
+        for ch in due {
+            self.write_flow(ch, None);
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -450,6 +479,11 @@ impl Connection {
                         format!("frame on channel {channel}, which has no session"),
                     )
                 })?;
+                if self.session(local).end_sent && !matches!(p, Performative::End(_)) {
+                    // We ended this session: until the peer's End, what it
+                    // still sends on the channel is moot.
+                    return Ok(());
+                }
                 match p {
                     Performative::Attach(a) => self.on_attach(local, a, events),
                     Performative::Flow(f) => self.on_flow(local, f, events),
@@ -471,10 +505,12 @@ impl Connection {
         self.open_received = true;
         self.remote_max_frame_size = open.max_frame_size.0.max(frame::MIN_MAX_FRAME_SIZE);
         self.remote_channel_max = open.channel_max.0;
+        // A peer may not make us send a frame every millisecond: its
+        // idle-time-out counts as at least MIN_IDLE_TIMEOUT.
         self.remote_idle_timeout = open
             .idle_time_out
             .filter(|t| *t > 0)
-            .map(|t| Duration::from_millis(u64::from(t)));
+            .map(|t| Duration::from_millis(u64::from(t)).max(MIN_IDLE_TIMEOUT));
         events.push(Event::Open(open));
         Ok(())
     }
@@ -519,6 +555,7 @@ impl Connection {
             unsettled: HashMap::new(),
             blocked: Default::default(),
             pending_dispositions: Vec::new(),
+            refresh_due: false,
             end_sent: false,
         });
         Some(ch as u16)
@@ -659,6 +696,7 @@ impl Connection {
                 delivery_count: 0,
                 drain: false,
                 available: 0,
+                max_limit: 0,
                 max_message_size: self.cfg.max_message_size,
                 assembly: None,
                 detach_sent: false,
@@ -719,6 +757,7 @@ impl Connection {
             Role::Receiver => {
                 // The peer sends: its initial delivery-count is authoritative.
                 l.delivery_count = attach.initial_delivery_count.unwrap_or(0);
+                l.max_limit = l.delivery_count.wrapping_add(l.credit);
                 if !reply {
                     l.snd_settle_mode = attach.snd_settle_mode.clone();
                     l.rcv_settle_mode = attach.rcv_settle_mode.clone();
@@ -1090,6 +1129,11 @@ impl Connection {
                         let limit = l.delivery_count.wrapping_add(l.credit);
                         l.delivery_count = dc;
                         l.credit = credit_between(dc, limit);
+                        // A count past every limit we gave is the peer's
+                        // business; it buys no credit.
+                        if credit_between(l.max_limit, dc) > 0 {
+                            l.max_limit = dc;
+                        }
                     }
                     l.available = f.available.unwrap_or(0);
                 }
@@ -1117,6 +1161,7 @@ impl Connection {
         };
         let s = self.session(ch);
         s.incoming_window = INCOMING_WINDOW;
+        s.refresh_due = false;
         let flow = Flow {
             next_incoming_id: s.remote_channel.map(|_| s.next_incoming_id),
             incoming_window: s.incoming_window,
@@ -1143,6 +1188,10 @@ impl Connection {
         }
         l.credit = credit;
         l.drain = drain;
+        let limit = l.delivery_count.wrapping_add(credit);
+        if credit_between(l.max_limit, limit) > 0 {
+            l.max_limit = limit;
+        }
         let ch = l.channel;
         self.write_flow(ch, Some(link));
     }
@@ -1173,18 +1222,33 @@ impl Connection {
         events: &mut Vec<Event>,
     ) -> Result<(), ProtocolError> {
         let s = self.session(ch);
+        if s.end_sent {
+            // We ended the session (an error): only the peer's End counts.
+            return Ok(());
+        }
+        if s.incoming_window == 0 {
+            // AMQP 1.0 §2.5.6: a transfer beyond the window we gave.
+            self.end_with_error(
+                ch,
+                amqp_error(
+                    SessionError::WindowViolation,
+                    "transfer beyond the session's incoming window",
+                ),
+                events,
+            );
+            return Ok(());
+        }
         s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
-        s.incoming_window = s.incoming_window.saturating_sub(1);
-        let refresh = s.incoming_window < INCOMING_WINDOW / 2;
+        s.incoming_window -= 1;
+        // Refreshed once the frames read so far are handled (when output
+        // is next taken), not per frame.
+        s.refresh_due |= s.incoming_window < INCOMING_WINDOW / 2;
         let Some(&link) = s.remote_handles.get(&t.handle.0) else {
             return Err(violation(
                 SessionError::UnattachedHandle,
                 format!("transfer on unattached handle {}", t.handle.0),
             ));
         };
-        if refresh {
-            self.write_flow(ch, None);
-        }
         let l = self
             .links
             .get_mut(&link)
@@ -1205,6 +1269,22 @@ impl Connection {
             return Ok(());
         }
         match l.assembly.as_mut() {
+            None if credit_between(l.delivery_count, l.max_limit) == 0 => {
+                // A new delivery beyond any credit we ever gave (AMQP 1.0
+                // §2.6.7): the peer ignores flow control.
+                let e = amqp_error(
+                    LinkError::TransferLimitExceeded,
+                    "transfer beyond the link credit given",
+                );
+                self.detach(link, Some(e));
+                events.push(Event::Detach {
+                    link,
+                    closed: true,
+                    error: None,
+                    unsettled: Vec::new(),
+                });
+                return Ok(());
+            }
             None => {
                 let id = t.delivery_id.ok_or_else(|| {
                     violation(
@@ -1474,6 +1554,39 @@ impl Connection {
             s.remote_incoming_window -= 1;
             self.out.extend_from_slice(&b);
         }
+    }
+
+    /// Ends a session the peer broke (a window violation): its links are
+    /// gone (the owner hears of each), End with `error` goes out, and the
+    /// session is forgotten when the peer's End comes.
+    fn end_with_error(&mut self, ch: u16, error: AmqpErrorBody, events: &mut Vec<Event>) {
+        let ids: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.channel == ch)
+            .map(|(id, _)| *id)
+            .collect();
+        for link in ids {
+            let was_ours = self.links.get(&link).is_some_and(|l| l.detach_sent);
+            let unsettled = self.forget_link(link);
+            if !was_ours {
+                events.push(Event::Detach {
+                    link,
+                    closed: false,
+                    error: None,
+                    unsettled,
+                });
+            }
+        }
+        let s = self.session(ch);
+        s.end_sent = true;
+        s.blocked.clear();
+        s.remote_handles.clear();
+        frame::encode_performative(
+            &mut self.out,
+            ch,
+            &Performative::End(End { error: Some(error) }),
+        );
     }
 
     /// Ends a session (client side).

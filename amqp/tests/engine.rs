@@ -14,7 +14,8 @@ use flotilla_amqp::connection::{
 };
 use flotilla_amqp::frame::{self, decode_frame, Frame, Performative, TransferHeader};
 use flotilla_amqp::types::definitions::{
-    AmqpError, ErrorCondition, Handle, ReceiverSettleMode, Role, SenderSettleMode, SessionError,
+    AmqpError, ErrorCondition, Handle, LinkError, ReceiverSettleMode, Role, SenderSettleMode,
+    SessionError,
 };
 use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Rejected, Released};
 use flotilla_amqp::types::performatives::{
@@ -43,6 +44,8 @@ struct Side {
     events: Vec<Event>,
     /// Answer the peer's attaches with `accept_attach`, as a router does.
     auto_accept: bool,
+    /// Give each link the peer sends on this much credit as it attaches.
+    auto_credit: u32,
 }
 
 impl Side {
@@ -55,6 +58,7 @@ impl Side {
             transfer_frames: 0,
             events: Vec::new(),
             auto_accept: true,
+            auto_credit: 0,
         }
     }
 
@@ -88,12 +92,22 @@ impl Side {
     fn react(&mut self, start: usize) {
         let mut open = false;
         let mut accept = Vec::new();
+        let mut credit = Vec::new();
         for e in &self.events[start..] {
             match e {
                 Event::Open(_) => open = true,
                 Event::Attach {
-                    link, reply: false, ..
-                } if self.auto_accept => accept.push(*link),
+                    link,
+                    attach,
+                    reply: false,
+                } => {
+                    if self.auto_accept {
+                        accept.push(*link);
+                    }
+                    if self.auto_credit > 0 && attach.role == Role::Sender {
+                        credit.push(*link);
+                    }
+                }
                 _ => {}
             }
         }
@@ -102,6 +116,9 @@ impl Side {
         }
         for link in accept {
             self.conn.accept_attach(link, AttachReply::default());
+        }
+        for link in credit {
+            self.conn.flow(link, self.auto_credit, false);
         }
     }
 
@@ -1078,6 +1095,9 @@ fn replay(whole: &[u8], cut: usize) -> Vec<String> {
         max_frame_size: 512,
         ..server_config()
     });
+    // Credit for each sender as it attaches, as the recorded server gave
+    // (transfers past credit would end the link).
+    side.auto_credit = 1000;
     for part in [&whole[..cut], &whole[cut..]] {
         side.wire.extend_from_slice(part);
         side.receive(usize::MAX).expect("replay is valid");
@@ -2082,4 +2102,134 @@ fn an_aborted_delivery_is_discarded_and_the_next_arrives() {
     assert_eq!(got.len(), 1, "only the whole delivery arrives: {got:?}");
     assert_eq!(&got[0].payload[..], b"whole");
     assert_eq!(got[0].id.delivery_id, 1);
+}
+
+// ---------------------------------------------------------------------------
+// 9. Flow control enforced: credit, the session window, heartbeats
+// ---------------------------------------------------------------------------
+
+/// The client's sender on `ch` is the server's handle 0: hand-made
+/// transfers on it go past whatever credit the server gave.
+fn raw_transfers(p: &mut Pair, ch: u16, first_id: u32, n: u32) -> Vec<Event> {
+    let mut ev = Vec::new();
+    for i in 0..n {
+        p.server
+            .conn
+            .handle_frame(transfer_frame(ch, 0, Some(first_id + i), false), &mut ev)
+            .expect("not a connection error");
+    }
+    ev
+}
+
+#[test]
+fn a_transfer_past_the_credit_detaches_the_link() {
+    let (mut p, ch, _) = connected(client_config(), server_config());
+    let (_, s_in) = attach(&mut p, ch, "greedy", Role::Sender);
+    p.server.conn.flow(s_in, 2, false);
+    p.pump();
+    let ev = raw_transfers(&mut p, ch, 0, 3);
+    assert_eq!(deliveries(&ev).len(), 2, "the credit given is taken");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Detach { link, .. } if *link == s_in)),
+        "{ev:?}"
+    );
+    p.pump();
+    let detached = p.client.take_events().into_iter().find_map(|e| match e {
+        Event::Detach { error, .. } => Some(error),
+        _ => None,
+    });
+    assert_eq!(
+        detached.flatten().map(|e| e.condition),
+        Some(LinkError::TransferLimitExceeded.into())
+    );
+}
+
+#[test]
+fn transfers_in_flight_when_credit_is_withdrawn_are_taken() {
+    // The peer may have sent under the credit it had before our Flow with
+    // less arrived: only what is past every credit we gave is a violation.
+    let (mut p, ch, _) = connected(client_config(), server_config());
+    let (_, s_in) = attach(&mut p, ch, "late", Role::Sender);
+    p.server.conn.flow(s_in, 5, false);
+    p.pump();
+    p.server.conn.flow(s_in, 0, false);
+    let ev = raw_transfers(&mut p, ch, 0, 5);
+    assert_eq!(deliveries(&ev).len(), 5, "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, Event::Detach { .. })));
+    let ev = raw_transfers(&mut p, ch, 5, 1);
+    assert!(ev.iter().any(|e| matches!(e, Event::Detach { .. })));
+}
+
+#[test]
+fn a_transfer_past_the_session_window_ends_the_session() {
+    // A hand-made peer that never reads our Flows, so it never sees the
+    // window refreshed: past the window we gave, the session ends (a
+    // session error, not the connection's).
+    let mut side = Side::new(server_config());
+    let mut ev = Vec::new();
+    side.conn.handle_frame(open_frame(65536), &mut ev).unwrap();
+    side.conn
+        .handle_frame(begin_frame(0, None, 10), &mut ev)
+        .unwrap();
+    side.conn
+        .handle_frame(attach_frame(0, "flood", 0, Role::Sender), &mut ev)
+        .unwrap();
+    let link = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::Attach { link, .. } => Some(*link),
+            _ => None,
+        })
+        .expect("attached");
+    // Credit enough that the window is what stops it (every Flow we write
+    // also refreshes the window, so none is written while it runs).
+    side.conn.flow(link, 200_000, false);
+    ev.clear();
+    let mut n = 0;
+    while !ev.iter().any(|e| matches!(e, Event::Detach { .. })) && n < 200_000 {
+        side.conn
+            .handle_frame(transfer_frame(0, 0, Some(n), false), &mut ev)
+            .expect("a session error, not a connection error");
+        n += 1;
+    }
+    assert_eq!(n, (1 << 16) + 1, "the window was enforced");
+    let out = side.conn.take_output();
+    let end = decode_all(&out, u32::MAX)
+        .into_iter()
+        .find_map(|f| match f {
+            Frame::Amqp {
+                performative: Performative::End(e),
+                ..
+            } => Some(e),
+            _ => None,
+        });
+    assert_eq!(
+        end.and_then(|e| e.error).map(|e| e.condition),
+        Some(SessionError::WindowViolation.into())
+    );
+}
+
+#[test]
+fn a_peer_asking_for_millisecond_heartbeats_gets_them_every_half_second() {
+    let mut side = Side::new(server_config());
+    let mut ev = Vec::new();
+    let mut open = open_frame(65536);
+    if let Frame::Amqp {
+        performative: Performative::Open(o),
+        ..
+    } = &mut open
+    {
+        o.idle_time_out = Some(1);
+    }
+    side.conn.handle_frame(open, &mut ev).unwrap();
+    side.conn.open();
+    side.conn.take_output();
+    let now = std::time::Instant::now();
+    let next = side.conn.tick(now).unwrap();
+    assert!(
+        next >= now + std::time::Duration::from_millis(499),
+        "next heartbeat in {:?}",
+        next - now
+    );
 }
