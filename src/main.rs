@@ -126,6 +126,36 @@ fn mesh_secret(
         .transpose()
 }
 
+/// Limits on who connects, shared by the router's and the broker's
+/// listeners.
+#[derive(Args, Clone)]
+struct LimitArgs {
+    /// Established connections at most.
+    #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Handshakes (TLS, SASL) in progress at once.
+    #[arg(long, env = "FLOTILLA_MAX_HANDSHAKES", default_value_t = 500)]
+    max_handshakes: usize,
+    /// Seconds a handshake may take.
+    #[arg(long, env = "FLOTILLA_HANDSHAKE_TIMEOUT", default_value_t = 5)]
+    handshake_timeout: u64,
+    /// New connections per second from one source address (bursts of
+    /// twice as many; 0 = no limit).
+    #[arg(long, env = "FLOTILLA_MAX_CONNECTION_RATE", default_value_t = 500)]
+    max_connection_rate: u32,
+}
+
+impl LimitArgs {
+    fn admission(&self) -> flotilla_amqp::admission::AdmissionConfig {
+        flotilla_amqp::admission::AdmissionConfig {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes.max(1),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
+            rate_per_source: self.max_connection_rate,
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 struct RouterArgs {
     /// AMQP listener, HOST:PORT (port 0 = any free port).
@@ -181,14 +211,20 @@ struct RouterArgs {
     /// join link state.
     #[arg(long, env = "FLOTILLA_MODE", value_enum, default_value = "interior")]
     mode: Mode,
-    #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS", default_value_t = 10_000)]
-    max_connections: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[arg(
         long,
         env = "FLOTILLA_MAX_LINKS_PER_CONNECTION",
         default_value_t = 1000
     )]
     max_links_per_connection: usize,
+    /// Largest frame accepted, in bytes (announced in Open; at least 512).
+    #[arg(long, env = "FLOTILLA_MAX_FRAME_SIZE", default_value_t = 65536)]
+    max_frame_size: u32,
+    /// Highest session channel a peer may use.
+    #[arg(long, env = "FLOTILLA_CHANNEL_MAX", default_value_t = 255)]
+    channel_max: u16,
     /// Largest message in bytes (0 = unlimited).
     #[arg(long, env = "FLOTILLA_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024 * 1024)]
     max_message_size: u64,
@@ -219,8 +255,13 @@ impl RouterArgs {
             peers: self.peers,
             tls_ca: self.tls_ca,
             edge: self.mode == Mode::Edge,
-            max_connections: self.max_connections,
+            max_connections: self.limits.max_connections,
+            max_handshakes: self.limits.max_handshakes.max(1),
+            handshake_timeout: Duration::from_secs(self.limits.handshake_timeout.max(1)),
+            max_connection_rate: self.limits.max_connection_rate,
             max_links_per_connection: self.max_links_per_connection,
+            max_frame_size: self.max_frame_size.max(512),
+            channel_max: self.channel_max,
             max_message_size: self.max_message_size,
             link_capacity: self.link_capacity,
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
@@ -323,6 +364,8 @@ struct BrokerArgs {
     /// Refuse clients of the broker's own listener that do not use TLS.
     #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
     require_tls: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl BrokerArgs {
@@ -347,6 +390,7 @@ impl BrokerArgs {
             tls_ca: self.tls_ca,
             mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
             require_tls: self.require_tls,
+            admission: self.limits.admission(),
             console: self.console.link()?,
         })
     }
@@ -584,7 +628,8 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             tls_key: args.router.tls_key.clone(),
             tls_ca: args.router.tls_ca.clone(),
             mesh_secret_file: args.router.mesh_secret_file.clone(),
-            require_tls: false,
+            require_tls: args.router.require_tls,
+            limits: args.router.limits.clone(),
         };
         let cfg = match b.into_config() {
             Ok(c) => c,

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use fe2o3_amqp::Sendable;
 use flotilla_amqp::client::{Client, ClientError, ClientOptions};
 use flotilla_amqp::connection::Event;
-use flotilla_amqp::frame::{self, Frame, Performative, TransferHeader, HEADER_AMQP};
+use flotilla_amqp::frame::{self, Performative, TransferHeader, HEADER_AMQP};
 use flotilla_amqp::message::{self, MessageParts};
 use flotilla_amqp::transport::HandshakeError;
 use flotilla_amqp::types::definitions::{
@@ -24,11 +24,8 @@ use flotilla_amqp::types::definitions::{
 };
 // fe2o3-amqp and our engine share these types (fe2o3-amqp-types).
 use flotilla_amqp::types::messaging::{
-    Accepted, DeliveryState, Message, Outcome, Properties, Source, Target, TargetArchetype,
+    Accepted, DeliveryState, Message, Outcome, Properties, Source, Target,
 };
-use flotilla_amqp::types::performatives::{Attach, Begin, ChannelMax, MaxFrameSize, Open};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -173,168 +170,6 @@ fn refusal(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCondition {
     match r {
         Err(ClientError::Refused(Some(e))) => e.condition,
         other => panic!("expected the link to be refused with an error, got {other:?}"),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Hand-built frames, for bad input
-// ---------------------------------------------------------------------------
-
-/// A TCP connection speaking raw AMQP frames.
-struct RawConn {
-    tcp: TcpStream,
-    buf: BytesMut,
-    /// The router's Open, once exchanged.
-    peer_open: Option<Box<Open>>,
-}
-
-fn encode(channel: u16, p: Performative) -> BytesMut {
-    let mut out = BytesMut::new();
-    frame::encode_performative(&mut out, channel, &p);
-    out
-}
-
-fn open_performative(hostname: Option<&str>) -> Performative {
-    Performative::Open(Box::new(Open {
-        container_id: "raw-client".into(),
-        hostname: hostname.map(str::to_string),
-        max_frame_size: MaxFrameSize(65536),
-        channel_max: ChannelMax(255),
-        idle_time_out: None,
-        outgoing_locales: None,
-        incoming_locales: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    }))
-}
-
-fn begin_performative() -> Performative {
-    Performative::Begin(Begin {
-        remote_channel: None,
-        next_outgoing_id: 0,
-        incoming_window: 1000,
-        outgoing_window: 1000,
-        handle_max: Handle(u32::MAX),
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    })
-}
-
-fn sender_attach(name: &str, handle: u32, address: &str) -> Performative {
-    Performative::Attach(Box::new(Attach {
-        name: name.into(),
-        handle: Handle(handle),
-        role: Role::Sender,
-        snd_settle_mode: SenderSettleMode::Unsettled,
-        rcv_settle_mode: ReceiverSettleMode::First,
-        source: Some(Box::default()),
-        target: Some(Box::new(TargetArchetype::Target(Target {
-            address: Some(address.into()),
-            ..Default::default()
-        }))),
-        unsettled: None,
-        incomplete_unsettled: false,
-        initial_delivery_count: Some(0),
-        max_message_size: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    }))
-}
-
-impl RawConn {
-    async fn connect(port: u16) -> Self {
-        let tcp = within("raw connect", TcpStream::connect(("127.0.0.1", port)))
-            .await
-            .expect("raw connect");
-        RawConn {
-            tcp,
-            buf: BytesMut::new(),
-            peer_open: None,
-        }
-    }
-
-    /// Connects and exchanges protocol headers and Opens (no SASL).
-    async fn open(port: u16, hostname: Option<&str>) -> Self {
-        let mut c = Self::connect(port).await;
-        c.write(&HEADER_AMQP).await;
-        c.write(&encode(0, open_performative(hostname))).await;
-        assert_eq!(c.read_header().await, Some(HEADER_AMQP));
-        match c.next_frame().await {
-            Some(Frame::Amqp {
-                performative: Performative::Open(o),
-                ..
-            }) => c.peer_open = Some(o),
-            other => panic!("expected the router's Open, got {other:?}"),
-        }
-        c
-    }
-
-    async fn write(&mut self, bytes: &[u8]) {
-        within("raw write", self.tcp.write_all(bytes))
-            .await
-            .expect("raw write");
-    }
-
-    /// Reads into the buffer; false at end of stream (or reset).
-    async fn fill(&mut self) -> bool {
-        matches!(
-            within("bytes from the router", self.tcp.read_buf(&mut self.buf)).await,
-            Ok(n) if n > 0
-        )
-    }
-
-    /// The 8-byte protocol header the router sends, or `None` if it closes first.
-    async fn read_header(&mut self) -> Option<[u8; 8]> {
-        while self.buf.len() < 8 {
-            if !self.fill().await {
-                return None;
-            }
-        }
-        let h = self.buf.split_to(8);
-        Some(h[..].try_into().expect("8 bytes"))
-    }
-
-    /// The next frame, or `None` when the router closes the socket.
-    async fn next_frame(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = frame::decode_frame(&mut self.buf, 1 << 20).expect("router's frame") {
-                return Some(f);
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    /// The next frame that is not a heartbeat; panics at end of stream.
-    async fn next_performative(&mut self) -> Performative {
-        loop {
-            match self.next_frame().await {
-                Some(Frame::Amqp { performative, .. }) => return performative,
-                Some(_) => continue,
-                None => panic!("router closed the socket"),
-            }
-        }
-    }
-
-    /// Reads until the router's Close, checks that nothing follows it but
-    /// the end of the stream, and returns the Close's error.
-    async fn expect_close(&mut self) -> Option<AmqpErrorBody> {
-        let error = loop {
-            match self.next_performative().await {
-                Performative::Close(c) => break c.error,
-                _ => continue,
-            }
-        };
-        let after = self.next_frame().await;
-        assert!(
-            after.is_none(),
-            "the router sent a frame after its Close: {after:?}"
-        );
-        error
     }
 }
 
@@ -1278,8 +1113,15 @@ async fn connections_beyond_max_connections_are_refused_until_one_closes() {
     let router = RouterProc::start(&["--max-connections", "2"]).await;
     let first = router.client().await;
     let _second = router.client().await;
+    // A third is refused with a reason: an Open, then a Close with
+    // `amqp:resource-limit-exceeded` (not a bare TCP close).
     let third = within("the third connection", Client::connect(&router.opts())).await;
-    assert!(third.is_err(), "a third connection must fail");
+    match third {
+        Err(ClientError::Closed(Some(e))) => {
+            assert_eq!(e.condition, AmqpError::ResourceLimitExceeded.into())
+        }
+        other => panic!("a third connection: {:?}", other.err()),
+    }
 
     first.close().await;
     within("a connection after one closed", async {

@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //!
+//! - [`admission`]: connection rates, handshakes and connections bounded
+//!   per listener.
 //! - [`frame`]: protocol headers and frames, bytes in, frames out (no I/O).
 //! - [`message`]: finding `to`/`reply-to` and bodies in encoded messages.
 //! - [`connection`]: one connection's state machine: events in, frames out.
@@ -17,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod client;
 pub mod connection;
 pub mod driver;

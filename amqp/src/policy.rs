@@ -83,6 +83,15 @@ fn split_user(user: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Password checks (PBKDF2) allowed to run at once.
+fn password_checks() -> &'static tokio::sync::Semaphore {
+    static CHECKS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    CHECKS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
 /// Keys no password matches, checked for logins of unknown users.
 fn unknown_user_keys() -> &'static ScramCredentials {
     static KEYS: std::sync::OnceLock<ScramCredentials> = std::sync::OnceLock::new();
@@ -333,8 +342,13 @@ impl Authenticator for Policy {
         // not tell which usernames exist.
         let known = user.is_some();
         let creds = user.unwrap_or_else(|| unknown_user_keys().clone());
-        // PBKDF2 costs milliseconds: keep it off the async workers.
+        // PBKDF2 costs milliseconds: keep it off the async workers, and run
+        // no more at once than there are cores, so a flood of logins queues
+        // instead of taking the CPU from everyone's messages.
         let password = password.to_string();
+        let Ok(_turn) = password_checks().acquire().await else {
+            return Verdict::Refuse("shutting down".into());
+        };
         let ok = tokio::task::spawn_blocking(move || creds.verify_password(&password))
             .await
             .unwrap_or(false);

@@ -502,16 +502,30 @@ async fn plain_at_open<A: Authenticator>(
                 Verdict::Refuse(why) => why,
                 _ => "the authenticator could not decide at Open".to_string(),
             };
-            refuse_open(io, "Authentication failed").await?;
+            refuse_open(
+                io,
+                fe2o3_amqp_types::definitions::AmqpError::UnauthorizedAccess,
+                "Authentication failed",
+            )
+            .await?;
             Err(HandshakeError::AuthFailed(why))
         }
     }
 }
 
-/// Refuses a connection after its SASL layer: our Open, then a Close with
-/// `amqp:unauthorized-access` (AMQP 1.0 §2.4.1).
-async fn refuse_open(io: &mut BoxIo, description: &str) -> Result<(), HandshakeError> {
-    use fe2o3_amqp_types::definitions::{AmqpError, Error as AmqpErrorBody};
+/// Refuses a connection after its handshake: our Open, then a Close with
+/// `condition` (AMQP 1.0 §2.4.1: a peer refusing a connection still opens
+/// first). Used for logins refused at Open and for connections past a
+/// limit (`amqp:resource-limit-exceeded`).
+///
+/// # Errors
+/// The socket failed.
+pub async fn refuse_open(
+    io: &mut BoxIo,
+    condition: impl Into<fe2o3_amqp_types::definitions::ErrorCondition>,
+    description: &str,
+) -> Result<(), HandshakeError> {
+    use fe2o3_amqp_types::definitions::Error as AmqpErrorBody;
     use fe2o3_amqp_types::performatives::{Close, Open};
     let mut out = BytesMut::new();
     let open = Open {
@@ -529,7 +543,7 @@ async fn refuse_open(io: &mut BoxIo, description: &str) -> Result<(), HandshakeE
     frame::encode_performative(&mut out, 0, &frame::Performative::Open(Box::new(open)));
     let close = Close {
         error: Some(AmqpErrorBody::new(
-            AmqpError::UnauthorizedAccess,
+            condition.into(),
             Some(description.to_string()),
             None,
         )),

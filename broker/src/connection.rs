@@ -31,7 +31,7 @@ use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::{AddressType, Operation};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::journal::JournalHandle;
 use crate::queues::{BrokerEvent, PublishReply, QueueHandle, Settlement, SubSpec, ToConn};
@@ -253,7 +253,7 @@ impl BrokerConnection {
                 self.conn.open();
             }
             Err(why) => {
-                info!(conn.id = self.id, reason = %why, "connection refused");
+                warn!(conn.id = self.id, reason = %why, "connection refused");
                 self.closing = true;
                 self.conn
                     .close(Some(amqp_error(AmqpError::UnauthorizedAccess, why)));
@@ -502,7 +502,7 @@ impl BrokerConnection {
     }
 
     fn refuse(&mut self, link: LinkId, e: AmqpErrorBody) {
-        info!(
+        warn!(
             conn.id = self.id,
             reason = e.description.as_deref().unwrap_or(""),
             "attach refused"

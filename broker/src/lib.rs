@@ -71,6 +71,8 @@ pub struct BrokerConfig {
     pub mesh_secret: Option<flotilla_core::auth::MeshSecret>,
     /// Clients of the broker's own listener must use TLS.
     pub require_tls: bool,
+    /// Limits on the broker's own listener.
+    pub admission: flotilla_amqp::admission::AdmissionConfig,
     /// Follow the control plane for address spaces, addresses and users.
     pub console: Option<flotilla_core::watch::ConsoleLink>,
 }
@@ -339,6 +341,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         ));
     }
     let next = AtomicU64::new(1);
+    let admission = std::sync::Arc::new(flotilla_amqp::admission::Admission::new(
+        cfg.admission,
+        std::sync::Arc::default(),
+    ));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -353,23 +359,53 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         };
         let _ = tcp.set_nodelay(true);
         let id = next.fetch_add(1, Ordering::Relaxed);
-        let (services, stop, cid, policy, accept_cfg) = (
+        let permit = match admission.begin(peer) {
+            Ok(p) => p,
+            Err(r) => {
+                admission.warn("connection refused", r.reason(), peer);
+                continue;
+            }
+        };
+        let (services, stop, cid, policy, accept_cfg, admission) = (
             services.clone(),
             shutdown.clone(),
             cfg.container_id.clone(),
             policy.clone(),
             accept_cfg.clone(),
+            admission.clone(),
         );
         let span = tracing::info_span!("conn", conn.id = id, client.addr = %peer);
         tracker.spawn(
             async move {
                 let hs = tokio::time::timeout(
-                    Duration::from_secs(10),
+                    admission.config().handshake_timeout,
                     transport::accept(tcp, peer, &accept_cfg, &policy),
                 )
                 .await;
-                let Ok(Ok(est)) = hs else {
-                    return info!("handshake failed");
+                drop(permit);
+                let mut est = match hs {
+                    Ok(Ok(est)) => est,
+                    Ok(Err(e)) => return admission.warn("handshake failed", &e.to_string(), peer),
+                    Err(_) => {
+                        return admission.warn(
+                            "handshake timed out",
+                            "no handshake within the handshake timeout",
+                            peer,
+                        )
+                    }
+                };
+                let _slot = match admission.establish() {
+                    Ok(s) => s,
+                    Err(r) => {
+                        admission.warn("connection refused", r.reason(), peer);
+                        let _ = transport::refuse_open(
+                            &mut est.io,
+                            flotilla_amqp::types::definitions::AmqpError::ResourceLimitExceeded,
+                            "the broker has as many connections as it allows",
+                        )
+                        .await;
+                        return;
+                    }
                 };
                 let who = connection::Peer::Client {
                     identity: est.identity,

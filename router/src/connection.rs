@@ -545,7 +545,7 @@ impl ConnectionTask {
         if route_container {
             // Tenants' credentials, however broad their rules, never make a
             // route container: links of every space could be routed to it.
-            info!(conn.id = self.id.0, client.addr = %self.peer, user = self.identity.user.as_deref().unwrap_or("<anonymous>"), "route container refused: not a component");
+            warn!(conn.id = self.id.0, client.addr = %self.peer, user = self.identity.user.as_deref().unwrap_or("<anonymous>"), "route container refused: not a component");
             return self.refuse_open(
                 AmqpError::UnauthorizedAccess,
                 "a route container must authenticate as a component: SCRAM-SHA-256 as ID@$mesh with the mesh secret, or a certificate from the mesh CA".to_string(),
@@ -557,7 +557,7 @@ impl ConnectionTask {
             .on_open(&self.identity, hostname, self.peer)
         {
             Ok(p) if self.over_connection_quota(&p.space) => {
-                info!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, "connection refused: the address space's connection quota is used up");
+                warn!(conn.id = self.id.0, client.addr = %self.peer, vhost = %p.space, "connection refused: the address space's connection quota is used up");
                 self.refuse_open(
                     AmqpError::ResourceLimitExceeded,
                     format!(
@@ -587,7 +587,7 @@ impl ConnectionTask {
                 self.conn.open();
             }
             Err(why) => {
-                info!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "connection refused");
+                warn!(conn.id = self.id.0, client.addr = %self.peer, reason = %why, "connection refused");
                 self.refuse_open(AmqpError::UnauthorizedAccess, why);
             }
         }
@@ -633,13 +633,13 @@ impl ConnectionTask {
             } else {
                 "connection not open"
             };
-            info!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
+            warn!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
             self.conn
                 .refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
             return;
         };
         if let Some(e) = self.over_link_quota(&p.space) {
-            info!(conn.id = self.id.0, client.addr = %self.peer, "attach refused: the address space's link quota is used up");
+            warn!(conn.id = self.id.0, client.addr = %self.peer, "attach refused: the address space's link quota is used up");
             return self.conn.refuse_attach(link, e);
         }
         if attach.role == Role::Sender {
@@ -869,7 +869,7 @@ impl ConnectionTask {
                     IncomingTarget::Address(st)
                 }
                 Err(e) => {
-                    info!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
+                    warn!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
                     self.conn.refuse_attach(link, e);
                     return;
                 }
@@ -945,7 +945,7 @@ impl ConnectionTask {
             match resolved {
                 Ok(k) => (a, k, false),
                 Err(e) => {
-                    info!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
+                    warn!(conn.id = self.id.0, link.name = %attach.name, address = %a, reason = e.description.as_deref().unwrap_or(""), "attach refused");
                     self.conn.refuse_attach(link, e);
                     return;
                 }
@@ -1345,6 +1345,13 @@ impl ConnectionTask {
                     self.peer_held(link, 0, returned);
                 }
             }
+            ConnEvent::Held { link, n } => {
+                if let Some(inc) = self.incoming.get_mut(&link) {
+                    inc.held += n;
+                } else {
+                    self.peer_held(link, n, 0);
+                }
+            }
         }
     }
 
@@ -1447,7 +1454,7 @@ impl ConnectionTask {
                 ConnEvent::Deliver {
                     link, msg, address, ..
                 } => address.unsend(self.id, link, msg),
-                ConnEvent::Outcome { .. } | ConnEvent::Credit { .. } => {}
+                ConnEvent::Outcome { .. } | ConnEvent::Credit { .. } | ConnEvent::Held { .. } => {}
             }
         }
         self.commands.close();

@@ -47,6 +47,10 @@ pub enum ConnEvent {
     /// Re-evaluate credit on our incoming link: receivers came or went, or
     /// `returned` of its deliveries left the router's queues.
     Credit { link: LinkId, returned: u32 },
+    /// `n` of our incoming link's deliveries wait in the router again (one
+    /// routed to a receiver that went away was queued): they hold its
+    /// credit until they leave.
+    Held { link: LinkId, n: u32 },
 }
 
 /// A cloneable sender to a connection task's core inbox.
@@ -558,9 +562,15 @@ impl AddressState {
             return;
         }
         // Re-route without the link (it is gone or has no credit).
+        let sender = msg.sender.clone();
         match self.forward_anycast(msg.clone()) {
             Forwarded::NoReceiver => msg.release(),
-            Forwarded::Sent(_) | Forwarded::Queued => {}
+            Forwarded::Queued => {
+                if let Some((conn, link)) = sender {
+                    conn.send(ConnEvent::Held { link, n: 1 });
+                }
+            }
+            Forwarded::Sent(_) => {}
         }
     }
 
@@ -926,5 +936,368 @@ mod tests {
             "local {local_n}, remote {remote_n}"
         );
         assert_eq!(local_n + remote_n, 4);
+    }
+
+    #[test]
+    fn a_neighbours_window_made_again_starts_fresh() {
+        // Messages of the old remote consumer that reach the wire after a
+        // route change must not widen the new consumer's window.
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (n1, mut r1) = handle(1);
+        a.set_remote("r1", Some(((n1.clone(), LinkId(5)), 1)), 3);
+        for _ in 0..3 {
+            assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
+        }
+        let old: Vec<Arc<AtomicU32>> = std::iter::from_fn(|| match r1.try_recv() {
+            Ok(ConnEvent::Deliver { outstanding, .. }) => Some(outstanding),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(old.len(), 3);
+        // The route goes and comes back: a new consumer, a window of 3.
+        a.set_remote("r1", None, 3);
+        a.set_remote("r1", Some(((n1, LinkId(5)), 1)), 3);
+        for o in &old {
+            a.widen(o, 1);
+        }
+        let sent = (0..10)
+            .filter(|_| a.forward(msg(true, None)) == Forwarded::Sent(1))
+            .count();
+        assert_eq!(sent, 3, "exactly the new window");
+    }
+
+    /// One simulated receiver's connection.
+    struct SimConsumer {
+        conn: ConnHandle,
+        rx: mpsc::UnboundedReceiver<ConnEvent>,
+        outstanding: Arc<AtomicU32>,
+        /// Deliveries received and not yet settled.
+        held: Vec<Routed>,
+        received: u32,
+    }
+
+    #[derive(Debug, Clone)]
+    enum SimOp {
+        AddLocal(usize),
+        RemoveLocal(usize),
+        Credit(usize, u32),
+        Settle(usize),
+        Kill(usize),
+        Congest(usize, bool),
+        NeighbourUp(usize),
+        NeighbourDown(usize),
+        Wire(usize, usize),
+        Forward(usize, bool),
+    }
+
+    fn sim_op() -> impl proptest::strategy::Strategy<Value = SimOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..3usize).prop_map(SimOp::AddLocal),
+            (0..3usize).prop_map(SimOp::RemoveLocal),
+            (0..3usize, 0..6u32).prop_map(|(i, n)| SimOp::Credit(i, n)),
+            (0..3usize).prop_map(SimOp::Settle),
+            (0..3usize).prop_map(SimOp::Kill),
+            (0..3usize, any::<bool>()).prop_map(|(i, c)| SimOp::Congest(i, c)),
+            (0..2usize).prop_map(SimOp::NeighbourUp),
+            (0..2usize).prop_map(SimOp::NeighbourDown),
+            (0..2usize, 0..6usize).prop_map(|(k, n)| SimOp::Wire(k, n)),
+            (0..3usize, any::<bool>()).prop_map(|(s, settled)| SimOp::Forward(s, settled)),
+            (0..3usize, any::<bool>()).prop_map(|(s, settled)| SimOp::Forward(s, settled)),
+        ]
+    }
+
+    /// An address, its local receivers, two neighbours behind which
+    /// receivers live, and three senders, all as a connection task would
+    /// drive them; counts every outcome and every credit returned.
+    struct Sim {
+        a: Arc<AddressState>,
+        locals: Vec<Option<SimConsumer>>,
+        remotes: Vec<Option<SimConsumer>>,
+        senders: Vec<(ConnHandle, mpsc::UnboundedReceiver<ConnEvent>)>,
+        next_conn: u64,
+        next_delivery: u32,
+        queued: u64,
+        returned: u64,
+        /// Unsettled deliveries sent, and the outcomes their senders got.
+        unsettled_sent: std::collections::BTreeSet<u32>,
+        outcomes: std::collections::BTreeMap<u32, u32>,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            let senders = (0..3).map(|i| handle(100 + i)).collect();
+            Sim {
+                a: Arc::new(AddressState::new("default", "q", AddressType::Anycast)),
+                locals: (0..3).map(|_| None).collect(),
+                remotes: (0..2).map(|_| None).collect(),
+                senders,
+                next_conn: 1,
+                next_delivery: 0,
+                queued: 0,
+                returned: 0,
+                unsettled_sent: Default::default(),
+                outcomes: Default::default(),
+            }
+        }
+
+        /// Takes what the core sent a local receiver's connection.
+        fn pump_local(&mut self, i: usize) {
+            let a = self.a.clone();
+            let Some(c) = self.locals[i].as_mut() else {
+                return;
+            };
+            while let Ok(ev) = c.rx.try_recv() {
+                if let ConnEvent::Deliver { msg, .. } = ev {
+                    c.received += 1;
+                    if !msg.settled {
+                        c.held.push(msg);
+                    }
+                }
+            }
+            let _ = a;
+        }
+
+        fn remove_local(&mut self, i: usize) {
+            self.pump_local(i);
+            let Some(mut c) = self.locals[i].take() else {
+                return;
+            };
+            self.a.remove_consumer(c.conn.id, LinkId(0));
+            for m in c.held.drain(..) {
+                c.outstanding.fetch_sub(1, Ordering::Relaxed);
+                m.release();
+            }
+            // What was on its way to the connection goes back (cleanup).
+            c.rx.close();
+            while let Ok(ConnEvent::Deliver { msg, .. }) = c.rx.try_recv() {
+                self.a.unsend(c.conn.id, LinkId(0), msg);
+            }
+            assert_eq!(c.outstanding.load(Ordering::Relaxed), 0);
+        }
+
+        fn neighbour_down(&mut self, k: usize) {
+            let Some(mut c) = self.remotes[k].take() else {
+                return;
+            };
+            self.a.set_remote(&format!("r{k}"), None, 4);
+            c.rx.close();
+            while let Ok(ConnEvent::Deliver { msg, .. }) = c.rx.try_recv() {
+                self.a.unsend(c.conn.id, LinkId(9), msg);
+            }
+        }
+
+        fn apply(&mut self, op: &SimOp) {
+            match *op {
+                SimOp::AddLocal(i) if self.locals[i].is_none() => {
+                    let (conn, rx) = handle(self.next_conn);
+                    self.next_conn += 1;
+                    let outstanding = Arc::new(AtomicU32::new(0));
+                    self.a
+                        .add_consumer(conn.clone(), LinkId(0), outstanding.clone());
+                    self.locals[i] = Some(SimConsumer {
+                        conn,
+                        rx,
+                        outstanding,
+                        held: Vec::new(),
+                        received: 0,
+                    });
+                }
+                SimOp::AddLocal(_) => {}
+                SimOp::RemoveLocal(i) => self.remove_local(i),
+                SimOp::Credit(i, n) => {
+                    self.pump_local(i);
+                    let a = self.a.clone();
+                    let Some(c) = self.locals[i].as_mut() else {
+                        return;
+                    };
+                    let limit = c.received.wrapping_add(n);
+                    let got = a.consumer_credit(c.conn.id, LinkId(0), limit).msgs;
+                    return_credit(&got);
+                    for m in got {
+                        c.received += 1;
+                        if !m.settled {
+                            c.held.push(m);
+                        }
+                    }
+                }
+                SimOp::Settle(i) => {
+                    self.pump_local(i);
+                    let Some(c) = self.locals[i].as_mut() else {
+                        return;
+                    };
+                    if let Some(m) = c.held.pop() {
+                        c.outstanding.fetch_sub(1, Ordering::Relaxed);
+                        if let Some(o) = m.origin {
+                            o.conn.send(ConnEvent::Outcome {
+                                delivery: o.delivery,
+                                state: DeliveryState::Accepted(
+                                    flotilla_amqp::types::messaging::Accepted {},
+                                ),
+                            });
+                        }
+                    }
+                }
+                SimOp::Kill(i) => {
+                    // The connection task is gone: its channel closes; the
+                    // core notices when it next routes to it, and the
+                    // task's cleanup gives back what it held.
+                    self.remove_local(i);
+                }
+                SimOp::Congest(i, on) => {
+                    let Some(c) = self.locals[i].as_ref() else {
+                        return;
+                    };
+                    c.conn.congested.store(on, Ordering::Relaxed);
+                    if !on {
+                        let (id, a) = (c.conn.id, self.a.clone());
+                        let got = a.offer(id, LinkId(0)).msgs;
+                        return_credit(&got);
+                        let c = self.locals[i].as_mut().expect("checked");
+                        for m in got {
+                            c.received += 1;
+                            if !m.settled {
+                                c.held.push(m);
+                            }
+                        }
+                    }
+                }
+                SimOp::NeighbourUp(k) if self.remotes[k].is_none() => {
+                    let (conn, rx) = handle(self.next_conn);
+                    self.next_conn += 1;
+                    self.a
+                        .set_remote(&format!("r{k}"), Some(((conn.clone(), LinkId(9)), 1)), 4);
+                    self.remotes[k] = Some(SimConsumer {
+                        conn,
+                        rx,
+                        outstanding: Arc::default(),
+                        held: Vec::new(),
+                        received: 0,
+                    });
+                }
+                SimOp::NeighbourUp(_) => {}
+                SimOp::NeighbourDown(k) => self.neighbour_down(k),
+                SimOp::Wire(k, n) => {
+                    // The neighbour's connection writes up to `n` to the
+                    // wire; the far side accepts each at once.
+                    let a = self.a.clone();
+                    let Some(c) = self.remotes[k].as_mut() else {
+                        return;
+                    };
+                    for _ in 0..n {
+                        let Ok(ConnEvent::Deliver {
+                            msg, outstanding, ..
+                        }) = c.rx.try_recv()
+                        else {
+                            break;
+                        };
+                        a.widen(&outstanding, 1);
+                        if !msg.settled {
+                            outstanding.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        if let Some(o) = msg.origin {
+                            o.conn.send(ConnEvent::Outcome {
+                                delivery: o.delivery,
+                                state: DeliveryState::Accepted(
+                                    flotilla_amqp::types::messaging::Accepted {},
+                                ),
+                            });
+                        }
+                    }
+                }
+                SimOp::Forward(s, settled) => {
+                    let id = self.next_delivery;
+                    self.next_delivery += 1;
+                    let (conn, _) = &self.senders[s];
+                    let origin = (!settled).then(|| Origin {
+                        conn: conn.clone(),
+                        delivery: DeliveryRef {
+                            channel: 0,
+                            delivery_id: id,
+                        },
+                    });
+                    if !settled {
+                        self.unsettled_sent.insert(id);
+                    }
+                    let m = Routed {
+                        payload: Bytes::from_static(b"m"),
+                        settled,
+                        origin,
+                        sender: Some((conn.clone(), LinkId(s as u32))),
+                        hops: None,
+                    };
+                    match self.a.forward(m.clone()) {
+                        Forwarded::Queued => self.queued += 1,
+                        Forwarded::NoReceiver => m.release(),
+                        Forwarded::Sent(_) => {}
+                    }
+                }
+            }
+        }
+
+        fn count_sender_events(&mut self) {
+            for (_, rx) in &mut self.senders {
+                while let Ok(ev) = rx.try_recv() {
+                    match ev {
+                        ConnEvent::Credit { returned, .. } => self.returned += u64::from(returned),
+                        ConnEvent::Held { n, .. } => self.queued += u64::from(n),
+                        ConnEvent::Outcome { delivery, .. } => {
+                            *self.outcomes.entry(delivery.delivery_id).or_default() += 1
+                        }
+                        ConnEvent::Deliver { .. } => {}
+                    }
+                }
+            }
+        }
+
+        /// Everyone leaves; every counter must come back to zero.
+        fn finish(mut self) {
+            for _ in 0..4 {
+                for i in 0..3 {
+                    self.remove_local(i);
+                }
+                for k in 0..2 {
+                    self.neighbour_down(k);
+                }
+            }
+            self.count_sender_events();
+            let g = self.a.lock();
+            assert!(g.consumers.is_empty());
+            assert!(g.undelivered.is_empty(), "nothing waits with no receiver");
+            drop(g);
+            assert_eq!(
+                self.returned, self.queued,
+                "every message that waited gave its sender's credit back"
+            );
+            for id in &self.unsettled_sent {
+                assert_eq!(
+                    self.outcomes.get(id).copied(),
+                    Some(1),
+                    "delivery {id} settled exactly once"
+                );
+            }
+            for (id, n) in &self.outcomes {
+                assert!(
+                    self.unsettled_sent.contains(id) && *n == 1,
+                    "outcome for {id}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn attach_detach_and_kill_leave_every_counter_at_zero(
+            ops in proptest::collection::vec(sim_op(), 1..80)
+        ) {
+            let mut sim = Sim::new();
+            for op in &ops {
+                sim.apply(op);
+                sim.count_sender_events();
+            }
+            sim.finish();
+        }
     }
 }

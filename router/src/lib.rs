@@ -22,7 +22,7 @@ pub mod stat;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,13 @@ pub struct RouterConfig {
     pub tls_key: Option<PathBuf>,
     pub container_id: String,
     pub max_connections: usize,
+    /// Handshakes in progress at once on the client ports (the
+    /// inter-router port has its own, smaller, allowance).
+    pub max_handshakes: usize,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+    /// New connections per second from one source address (0 = no limit).
+    pub max_connection_rate: u32,
     pub max_links_per_connection: usize,
     /// Largest message accepted (bytes; 0 = unlimited).
     pub max_message_size: u64,
@@ -90,6 +97,9 @@ impl Default for RouterConfig {
             tls_key: None,
             container_id: "flotilla-router".into(),
             max_connections: 10_000,
+            max_handshakes: 500,
+            handshake_timeout: Duration::from_secs(5),
+            max_connection_rate: 500,
             max_links_per_connection: 1000,
             max_message_size: 16 * 1024 * 1024,
             max_frame_size: 65536,
@@ -147,7 +157,11 @@ pub(crate) struct Shared {
     /// Cancelled once waiting deliveries were released: close connections.
     pub(crate) closing: CancellationToken,
     pub(crate) tracker: TaskTracker,
-    pub(crate) connections: AtomicUsize,
+    /// Established connections, clients' and routers' together.
+    pub(crate) connections: Arc<flotilla_amqp::admission::ConnectionCount>,
+    /// Who gets in on the client ports, and on the inter-router port.
+    pub(crate) admission: flotilla_amqp::admission::Admission,
+    pub(crate) peer_admission: flotilla_amqp::admission::Admission,
     pub(crate) next_conn: AtomicU64,
     pub(crate) dynamic_seq: AtomicU64,
     /// Brokers connected to this router (route containers) by id.
@@ -307,6 +321,24 @@ impl Router {
             secret: cfg.mesh_secret.clone(),
             ca: cfg.tls_ca.is_some(),
         };
+        let connections: Arc<flotilla_amqp::admission::ConnectionCount> = Arc::default();
+        let limits = flotilla_amqp::admission::AdmissionConfig {
+            max_connections: cfg.max_connections,
+            max_handshakes: cfg.max_handshakes,
+            handshake_timeout: cfg.handshake_timeout,
+            rate_per_source: cfg.max_connection_rate,
+        };
+        let admission = flotilla_amqp::admission::Admission::new(limits, connections.clone());
+        // Routers reconnect rarely: a small allowance of their own, so a
+        // flood on the client ports never keeps a neighbour out.
+        let peer_admission = flotilla_amqp::admission::Admission::new(
+            flotilla_amqp::admission::AdmissionConfig {
+                max_handshakes: 64,
+                rate_per_source: 0,
+                ..limits
+            },
+            connections.clone(),
+        );
         let shared = Arc::new(Shared {
             cfg,
             table,
@@ -317,7 +349,9 @@ impl Router {
             shutdown,
             closing: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            connections: AtomicUsize::new(0),
+            connections,
+            admission,
+            peer_admission,
             next_conn: AtomicU64::new(1),
             dynamic_seq: AtomicU64::new(0),
             brokers,

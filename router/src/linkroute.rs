@@ -23,7 +23,7 @@ use flotilla_amqp::types::messaging::TargetArchetype;
 use flotilla_amqp::types::performatives::Attach;
 use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::AddressType;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::connection::{ConnectionTask, Lost, TaskHandle, Unsettled};
 use crate::core::{Origin, Routed};
@@ -427,7 +427,7 @@ impl ConnectionTask {
                         .unwrap_or_default()
                 ),
             );
-            info!(conn.id = self.id.0, address = %info.address, "attach refused: no broker");
+            warn!(conn.id = self.id.0, address = %info.address, "attach refused: no broker");
             return self.conn.refuse_attach(link, e);
         };
         let base = self.conn.link(link).map_or(0, |l| l.delivery_count);

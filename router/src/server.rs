@@ -20,7 +20,7 @@ use crate::connection::ConnectionTask;
 use crate::core::ConnectionId;
 use crate::Shared;
 
-/// How long a client may take from TCP connect to the AMQP header.
+/// How long an outbound inter-router handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often peer DNS names are resolved again.
 const RESOLVE_EVERY: Duration = Duration::from_secs(5);
@@ -68,34 +68,54 @@ async fn serve(
     cfg: AcceptConfig,
     inter_router: bool,
 ) {
-    // Every connection counts, routers' too: no port lets a peer past
-    // the limit.
-    let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
-    let _guard = ConnGuard(shared.clone());
-    if open > shared.cfg.max_connections {
-        info!(
-            limit = shared.cfg.max_connections,
-            inter_router, "connection refused: too many connections"
-        );
-        return;
-    }
+    let admission = if inter_router {
+        &shared.peer_admission
+    } else {
+        &shared.admission
+    };
+    // The source's rate and a handshake slot, before any TLS or SASL work.
+    let permit = match admission.begin(peer) {
+        Ok(p) => p,
+        Err(r) => return admission.warn("connection refused", r.reason(), peer),
+    };
+    let timeout = admission.config().handshake_timeout;
     let hs = if inter_router {
         tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
+            timeout,
             transport::accept(tcp, peer, &cfg, &shared.mesh_auth),
         )
         .await
     } else {
-        tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            transport::accept(tcp, peer, &cfg, &shared.policy),
-        )
-        .await
+        tokio::time::timeout(timeout, transport::accept(tcp, peer, &cfg, &shared.policy)).await
     };
-    let est = match hs {
+    drop(permit);
+    let mut est = match hs {
         Ok(Ok(est)) => est,
-        Ok(Err(e)) => return info!(error = %e, inter_router, "handshake failed"),
-        Err(_) => return info!(inter_router, "handshake timed out"),
+        Ok(Err(e)) => {
+            return admission.warn("handshake failed", &e.to_string(), peer);
+        }
+        Err(_) => {
+            return admission.warn(
+                "handshake timed out",
+                "no handshake within the handshake timeout",
+                peer,
+            )
+        }
+    };
+    // Every established connection counts, routers' too: no port lets a
+    // peer past the limit, and one past it hears why.
+    let _slot = match admission.establish() {
+        Ok(s) => s,
+        Err(r) => {
+            admission.warn("connection refused", r.reason(), peer);
+            let _ = transport::refuse_open(
+                &mut est.io,
+                flotilla_amqp::types::definitions::AmqpError::ResourceLimitExceeded,
+                "the router has as many connections as it allows",
+            )
+            .await;
+            return;
+        }
     };
     debug!(
         user = est.identity.user.as_deref().unwrap_or("<anonymous>"),
@@ -112,14 +132,6 @@ async fn serve(
     }
     let reason = task.run(est.io, est.read_buf).await;
     debug!(reason = ?reason, "connection closed");
-}
-
-struct ConnGuard(Arc<Shared>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// Keeps connections to every address `peer` (HOST:PORT) resolves to,

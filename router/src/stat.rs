@@ -143,7 +143,7 @@ pub(crate) fn snapshot(shared: &Shared, space: Option<&str>) -> Vec<u8> {
             .values()
             .filter(|c| c.space == s)
             .count(),
-        None => shared.connections.load(Ordering::Relaxed),
+        None => shared.connections.get(),
     };
     let stat = RouterStat {
         id: shared.cfg.container_id.clone(),

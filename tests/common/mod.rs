@@ -1411,3 +1411,177 @@ fn spawn_flotilla<'a>(args: impl IntoIterator<Item = &'a std::ffi::OsStr>) -> Ch
         .spawn()
         .expect("spawn flotilla")
 }
+
+// ---------------------------------------------------------------------------
+// Hand-built frames, for bad input
+// ---------------------------------------------------------------------------
+
+use bytes::BytesMut as RawBytes;
+use flotilla_amqp::frame::{Frame as RawFrame, Performative, HEADER_AMQP};
+use flotilla_amqp::types::definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode};
+use flotilla_amqp::types::messaging::TargetArchetype;
+use flotilla_amqp::types::performatives::{Attach, Begin, ChannelMax, MaxFrameSize, Open};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A TCP connection speaking raw AMQP frames.
+pub struct RawConn {
+    pub tcp: tokio::net::TcpStream,
+    pub buf: RawBytes,
+    /// The router's Open, once exchanged.
+    pub peer_open: Option<Box<Open>>,
+}
+
+pub fn encode(channel: u16, p: Performative) -> RawBytes {
+    let mut out = RawBytes::new();
+    flotilla_amqp::frame::encode_performative(&mut out, channel, &p);
+    out
+}
+
+pub fn open_performative(hostname: Option<&str>) -> Performative {
+    Performative::Open(Box::new(Open {
+        container_id: "raw-client".into(),
+        hostname: hostname.map(str::to_string),
+        max_frame_size: MaxFrameSize(65536),
+        channel_max: ChannelMax(255),
+        idle_time_out: None,
+        outgoing_locales: None,
+        incoming_locales: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    }))
+}
+
+pub fn begin_performative() -> Performative {
+    Performative::Begin(Begin {
+        remote_channel: None,
+        next_outgoing_id: 0,
+        incoming_window: 1000,
+        outgoing_window: 1000,
+        handle_max: Handle(u32::MAX),
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    })
+}
+
+pub fn sender_attach(name: &str, handle: u32, address: &str) -> Performative {
+    Performative::Attach(Box::new(Attach {
+        name: name.into(),
+        handle: Handle(handle),
+        role: Role::Sender,
+        snd_settle_mode: SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::default()),
+        target: Some(Box::new(TargetArchetype::Target(Target {
+            address: Some(address.into()),
+            ..Default::default()
+        }))),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    }))
+}
+
+impl RawConn {
+    pub async fn connect(port: u16) -> Self {
+        let tcp = within(
+            "raw connect",
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        .expect("raw connect");
+        RawConn {
+            tcp,
+            buf: RawBytes::new(),
+            peer_open: None,
+        }
+    }
+
+    /// Connects and exchanges protocol headers and Opens (no SASL).
+    pub async fn open(port: u16, hostname: Option<&str>) -> Self {
+        let mut c = Self::connect(port).await;
+        c.write(&HEADER_AMQP).await;
+        c.write(&encode(0, open_performative(hostname))).await;
+        assert_eq!(c.read_header().await, Some(HEADER_AMQP));
+        match c.next_frame().await {
+            Some(RawFrame::Amqp {
+                performative: Performative::Open(o),
+                ..
+            }) => c.peer_open = Some(o),
+            other => panic!("expected the router's Open, got {other:?}"),
+        }
+        c
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) {
+        within("raw write", self.tcp.write_all(bytes))
+            .await
+            .expect("raw write");
+    }
+
+    /// Reads into the buffer; false at end of stream (or reset).
+    pub async fn fill(&mut self) -> bool {
+        matches!(
+            within("bytes from the router", self.tcp.read_buf(&mut self.buf)).await,
+            Ok(n) if n > 0
+        )
+    }
+
+    /// The 8-byte protocol header the router sends, or `None` if it closes first.
+    pub async fn read_header(&mut self) -> Option<[u8; 8]> {
+        while self.buf.len() < 8 {
+            if !self.fill().await {
+                return None;
+            }
+        }
+        let h = self.buf.split_to(8);
+        Some(h[..].try_into().expect("8 bytes"))
+    }
+
+    /// The next frame, or `None` when the router closes the socket.
+    pub async fn next_frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some(f) =
+                flotilla_amqp::frame::decode_frame(&mut self.buf, 1 << 20).expect("router's frame")
+            {
+                return Some(f);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next frame that is not a heartbeat; panics at end of stream.
+    pub async fn next_performative(&mut self) -> Performative {
+        loop {
+            match self.next_frame().await {
+                Some(RawFrame::Amqp { performative, .. }) => return performative,
+                Some(_) => continue,
+                None => panic!("router closed the socket"),
+            }
+        }
+    }
+
+    /// Reads until the router's Close, checks that nothing follows it but
+    /// the end of the stream, and returns the Close's error.
+    pub async fn expect_close(&mut self) -> Option<AmqpErrorBody> {
+        let error = loop {
+            match self.next_performative().await {
+                Performative::Close(c) => break c.error,
+                _ => continue,
+            }
+        };
+        let after = self.next_frame().await;
+        assert!(
+            after.is_none(),
+            "the router sent a frame after its Close: {after:?}"
+        );
+        error
+    }
+}
