@@ -183,6 +183,19 @@ impl Stats {
 
 /// Records one delivery's latency from the send time in its body.
 fn record(h: &mut Histogram<u64>, payload: &[u8]) {
+    use flotilla_broker::selector::{Fields as _, MessageFields, Value};
+    // A C Proton `cload` sender stamps the application property `t`
+    // (microseconds of the realtime clock): the listening peer times its
+    // messages too, for a peer-to-peer figure with that client.
+    if payload.len() < 256 {
+        if let Value::Long(t) = MessageFields::from_message(payload).field("t") {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64);
+            let _ = h.record((now.saturating_sub(t).max(0) as u64 * 1000).max(1));
+            return;
+        }
+    }
     if let Some(b) = message::body_bytes(payload) {
         if b.len() >= 8 {
             let sent = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
@@ -200,8 +213,8 @@ pub async fn run(mut a: BenchArgs) -> ExitCode {
         eprintln!("flotilla bench: --duration must be a number of seconds, 0 or more");
         return ExitCode::from(64);
     }
-    if a.receivers_only() && (a.receivers == 0 || a.listen.is_some()) {
-        eprintln!("flotilla bench: --senders 0 needs --receivers of at least 1 and no --listen");
+    if a.receivers_only() && a.receivers == 0 && a.listen.is_none() {
+        eprintln!("flotilla bench: --senders 0 needs --receivers of at least 1, or --listen (another client sends)");
         return ExitCode::from(64);
     }
     base();
@@ -349,9 +362,11 @@ fn report(a: &BenchArgs, stats: &Stats, send_time: Duration, elapsed: Duration) 
     let not_accepted = stats.not_accepted.load(Ordering::Relaxed);
     // Receiving only, there is no latency to report (the messages carry
     // the time they were sent, before this run) and nothing was sent: the
-    // quantiles are null in JSON and n/a in text.
+    // quantiles are null in JSON and n/a in text — except listening for
+    // another client's sender, whose messages carry their send time.
+    let timed = !a.receivers_only() || a.listen.is_some();
     let take = |m: &Mutex<Option<Histogram<u64>>>| {
-        (!a.receivers_only()).then(|| {
+        timed.then(|| {
             m.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone()

@@ -228,8 +228,10 @@ struct RouterArgs {
     /// Largest message in bytes (0 = unlimited).
     #[arg(long, env = "FLOTILLA_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024 * 1024)]
     max_message_size: u64,
-    /// Credit a sender gets while a receiver exists.
-    #[arg(long, env = "FLOTILLA_LINK_CAPACITY", default_value_t = 1000)]
+    /// Credit a sender gets while a receiver exists; twice this many
+    /// unsettled deliveries may be in flight to one receiver, and per
+    /// address towards each neighbour router.
+    #[arg(long, env = "FLOTILLA_LINK_CAPACITY", default_value_t = 250)]
     link_capacity: u32,
     /// Close connections silent for this many seconds (0 = never).
     #[arg(long, env = "FLOTILLA_IDLE_TIMEOUT", default_value_t = 16)]

@@ -173,6 +173,11 @@ pub(crate) struct Unsettled {
     pub(crate) outstanding: Arc<AtomicU32>,
     /// What its sender hears if the delivery is lost unsettled.
     pub(crate) lost: Lost,
+    /// The consumer it went to (our outgoing link to a local receiver, or
+    /// our data link to a neighbour) and its address: its settlement may
+    /// let more of what waits there through (unsettled deliveries in
+    /// flight to a consumer are capped).
+    pub(crate) receiver: Option<(LinkId, Arc<AddressState>)>,
 }
 
 /// The outcome a sender gets for a delivery lost on its way.
@@ -970,8 +975,16 @@ impl ConnectionTask {
             },
         );
         let (core, counter) = (self.handle.core.clone(), outstanding.clone());
+        // Unsettled deliveries in flight to one receiver are capped at the
+        // link capacity (pre-settled ones are bounded by credit and the
+        // connection's output).
+        let cap = if presettle {
+            0
+        } else {
+            self.shared.receiver_cap
+        };
         let (st, ()) = self.shared.table.with(&p.space, &address, kind, |st| {
-            st.add_consumer(core, link, counter)
+            st.add_consumer(core, link, counter, cap)
         });
         self.local_receivers_changed();
         debug!(conn.id = self.id.0, link.name = %attach.name, address = %address, "receiver attached");
@@ -1249,6 +1262,7 @@ impl ConnectionTask {
                         origin: msg.origin,
                         outstanding: outstanding.clone(),
                         lost: Lost::Released,
+                        receiver: Some((link, address.clone())),
                     },
                 );
             } else if let Some(o) = msg.origin {
@@ -1287,12 +1301,24 @@ impl ConnectionTask {
         let Some(Unsettled {
             origin,
             outstanding,
+            receiver,
             ..
         }) = self.unsettled.remove(&token)
         else {
             return;
         };
-        outstanding.fetch_sub(1, Ordering::Relaxed);
+        let before = outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let Some((link, address)) = receiver {
+            if before >= self.shared.receiver_cap.min(self.shared.remote_window) {
+                // The consumer was at its cap: hand it what waited.
+                if self.outgoing.contains_key(&link) {
+                    self.offer_link(link);
+                } else {
+                    // A neighbour's: what waited goes through our channel.
+                    let _ = address.offer(self.id, link);
+                }
+            }
+        }
         if let Some(o) = origin {
             let state = match state {
                 Some(s) if terminal => s,

@@ -157,16 +157,25 @@ pub struct Consumer {
     pub remote: Option<String>,
     /// Path cost to the nearest receivers behind this consumer (0: local).
     pub cost: u32,
+    /// Local receivers: at most this many unsettled deliveries at once
+    /// (the router's link capacity), whatever credit the receiver gives,
+    /// so that what waits for a slow receiver waits here, holding its
+    /// senders' credit, not in its connection. 0: no cap.
+    pub cap: u32,
 }
 
 impl Consumer {
+    /// How many more deliveries may be routed to this consumer now.
     pub fn credit(&self) -> u32 {
         let c = self.limit.wrapping_sub(self.routed);
-        if c > (1 << 31) {
-            0
-        } else {
-            c
+        let c = if c > (1 << 31) { 0 } else { c };
+        if self.cap == 0 {
+            return c;
         }
+        c.min(
+            self.cap
+                .saturating_sub(self.outstanding.load(Ordering::Relaxed)),
+        )
     }
 }
 
@@ -286,6 +295,10 @@ impl AddressState {
                         backlog: VecDeque::new(),
                         remote: Some(neighbor.to_string()),
                         cost,
+                        // Unsettled deliveries count until their outcomes
+                        // come back: what waits behind the neighbour for a
+                        // slow receiver is bounded by the window too.
+                        cap: window,
                     });
                 }
             }
@@ -592,9 +605,15 @@ impl AddressState {
         self.delivered.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Adds a receiver. Returns true if it is the first (senders should be
-    /// told to re-check credit).
-    pub fn add_consumer(&self, conn: ConnHandle, link: LinkId, outstanding: Arc<AtomicU32>) {
+    /// Adds a receiver, with at most `cap` unsettled deliveries at once
+    /// (0: no cap).
+    pub fn add_consumer(
+        &self,
+        conn: ConnHandle,
+        link: LinkId,
+        outstanding: Arc<AtomicU32>,
+        cap: u32,
+    ) {
         let mut g = self.lock();
         let had_any = !g.consumers.is_empty() || g.remote_multicast;
         g.consumers.push(Consumer {
@@ -606,6 +625,7 @@ impl AddressState {
             backlog: VecDeque::new(),
             remote: None,
             cost: 0,
+            cap,
         });
         self.after_consumers_changed(g, had_any);
     }
@@ -786,8 +806,8 @@ mod tests {
         assert_eq!(a.forward(msg(true, None)), Forwarded::NoReceiver);
         let (c1, mut r1) = handle(1);
         let (c2, mut r2) = handle(2);
-        a.add_consumer(c1, LinkId(1), Default::default());
-        a.add_consumer(c2, LinkId(2), Default::default());
+        a.add_consumer(c1, LinkId(1), Default::default(), 0);
+        a.add_consumer(c2, LinkId(2), Default::default(), 0);
         assert_eq!(a.forward(msg(true, None)), Forwarded::Queued);
         let sent = a.consumer_credit(ConnectionId(1), LinkId(1), 2).msgs;
         assert_eq!(
@@ -814,7 +834,7 @@ mod tests {
         let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
         let (c1, _r1) = handle(1);
         let (origin, mut ro) = handle(9);
-        a.add_consumer(c1, LinkId(1), Default::default());
+        a.add_consumer(c1, LinkId(1), Default::default(), 0);
         let o = Origin {
             conn: origin,
             delivery: DeliveryRef {
@@ -839,7 +859,7 @@ mod tests {
         let mut rxs = Vec::new();
         for i in 0..3 {
             let (c, r) = handle(i);
-            a.add_consumer(c, LinkId(0), Default::default());
+            a.add_consumer(c, LinkId(0), Default::default(), 0);
             a.consumer_credit(ConnectionId(i), LinkId(0), 10);
             rxs.push(r);
         }
@@ -905,8 +925,8 @@ mod tests {
         let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
         let (c1, r1) = handle(1);
         let (c2, mut r2) = handle(2);
-        a.add_consumer(c1, LinkId(1), Default::default());
-        a.add_consumer(c2, LinkId(2), Default::default());
+        a.add_consumer(c1, LinkId(1), Default::default(), 0);
+        a.add_consumer(c2, LinkId(2), Default::default(), 0);
         a.consumer_credit(ConnectionId(1), LinkId(1), 10);
         a.consumer_credit(ConnectionId(2), LinkId(2), 10);
         drop(r1);
@@ -921,7 +941,7 @@ mod tests {
         let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
         let (local, mut rl) = handle(1);
         let (remote, mut rr) = handle(2);
-        a.add_consumer(local, LinkId(1), Default::default());
+        a.add_consumer(local, LinkId(1), Default::default(), 0);
         a.consumer_credit(ConnectionId(1), LinkId(1), 100);
         a.set_remote("r1", Some(((remote, LinkId(9)), 2)), 100);
         // Unsettled: each one counts against its receiver until settled.
@@ -1094,7 +1114,7 @@ mod tests {
                     self.next_conn += 1;
                     let outstanding = Arc::new(AtomicU32::new(0));
                     self.a
-                        .add_consumer(conn.clone(), LinkId(0), outstanding.clone());
+                        .add_consumer(conn.clone(), LinkId(0), outstanding.clone(), 2);
                     self.locals[i] = Some(SimConsumer {
                         conn,
                         rx,

@@ -105,7 +105,7 @@ impl Default for RouterConfig {
             max_frame_size: 65536,
             channel_max: 255,
             idle_timeout: Some(Duration::from_secs(16)),
-            link_capacity: 1000,
+            link_capacity: 250,
             tenancy: Tenancy::zero_config(),
             inter_router: None,
             peers: Vec::new(),
@@ -145,6 +145,10 @@ pub enum RouterError {
 /// State every connection task shares.
 pub(crate) struct Shared {
     pub(crate) cfg: RouterConfig,
+    /// Unsettled deliveries in flight to one local receiver at most.
+    pub(crate) receiver_cap: u32,
+    /// Messages one address may have in flight towards one neighbour.
+    pub(crate) remote_window: u32,
     pub(crate) table: Arc<AddressTable>,
     pub(crate) mesh: Option<crate::mesh::MeshHandle>,
     /// TLS for connecting to peers (mutual TLS), when configured.
@@ -310,8 +314,19 @@ impl Router {
         }
         let table = Arc::new(AddressTable::default());
         let brokers: crate::mesh::Brokers = Arc::default();
+        // Measured (bench/RESULTS.md): twice the senders' credit in flight
+        // to a receiver, and per address towards a neighbour, keeps a
+        // chain's throughput with its latency at saturation low.
+        let receiver_cap = cfg.link_capacity.saturating_mul(2);
+        let remote_window = cfg.link_capacity.saturating_mul(2);
         let mesh_task = meshed.then(|| {
-            crate::mesh::MeshTask::new(&cfg.container_id, table.clone(), brokers.clone(), cfg.edge)
+            let (task, handle) = crate::mesh::MeshTask::new(
+                &cfg.container_id,
+                table.clone(),
+                brokers.clone(),
+                cfg.edge,
+            );
+            (task.with_window(remote_window), handle)
         });
         let policy = Policy::new(cfg.tenancy.clone())
             .with_mesh_secret(cfg.mesh_secret.clone())
@@ -340,6 +355,8 @@ impl Router {
             connections.clone(),
         );
         let shared = Arc::new(Shared {
+            receiver_cap,
+            remote_window,
             cfg,
             table,
             mesh: mesh_task.as_ref().map(|(_, h)| h.clone()),

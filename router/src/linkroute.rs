@@ -663,6 +663,7 @@ impl ConnectionTask {
                         origin: msg.origin,
                         outstanding: self.routes.outstanding.clone(),
                         lost,
+                        receiver: None,
                     },
                 );
             }

@@ -31,8 +31,9 @@ use routes::{LinkState, Routes};
 /// HELLO period; a neighbour is dead after [`DEAD_AFTER`] without one.
 pub const HELLO_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEAD_AFTER: Duration = Duration::from_secs(3);
-/// Messages one address may have in flight towards one neighbour.
-pub const REMOTE_WINDOW: u32 = 1000;
+/// Messages one address may have in flight towards one neighbour, unless
+/// the router is told otherwise (twice its `--link-capacity`).
+pub const REMOTE_WINDOW: u32 = 500;
 
 /// An address with receivers on some router.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -200,6 +201,8 @@ pub struct MeshTask {
     id: String,
     /// This router is an edge router: one uplink, no link state.
     edge: bool,
+    /// Messages one address may have in flight towards one neighbour.
+    window: u32,
     /// Edge routers attached here → the addresses they have receivers for.
     edge_mars: HashMap<String, BTreeSet<AddressKey>>,
     version: u64,
@@ -226,6 +229,13 @@ fn clock_version() -> u64 {
 }
 
 impl MeshTask {
+    /// Messages one address may have in flight towards one neighbour.
+    #[must_use]
+    pub fn with_window(mut self, window: u32) -> Self {
+        self.window = window.max(1);
+        self
+    }
+
     /// A mesh task for router `id` over the router's address table.
     pub fn new(
         id: &str,
@@ -260,6 +270,7 @@ impl MeshTask {
         let task = MeshTask {
             id: id.to_string(),
             edge,
+            window: REMOTE_WINDOW,
             edge_mars: HashMap::new(),
             version,
             rx,
@@ -752,7 +763,7 @@ impl MeshTask {
                         let via = new.get(n).and_then(|cost| {
                             neighbors.get(n).map(|(h, l)| ((h.core.clone(), *l), *cost))
                         });
-                        st.set_remote(n, via, REMOTE_WINDOW);
+                        st.set_remote(n, via, self.window);
                     }
                 }
             });

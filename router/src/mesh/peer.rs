@@ -486,6 +486,7 @@ impl ConnectionTask {
                         origin: msg.origin,
                         outstanding: outstanding.clone(),
                         lost: crate::connection::Lost::Released,
+                        receiver: Some((link, address.clone())),
                     },
                 );
             }
