@@ -85,11 +85,14 @@ impl ConnectionCount {
 
 /// A listener's admission state.
 pub struct Admission {
+    /// The listener's name in logs (`amqp`, `inter-router`, …).
+    listener: &'static str,
     cfg: AdmissionConfig,
     handshakes: Arc<Semaphore>,
     connections: Arc<ConnectionCount>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
-    log: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    /// Per kind and reason: the second it counts in, logged and suppressed.
+    log: Mutex<HashMap<(&'static str, String), (Instant, u32, u64)>>,
     refused: AtomicU64,
 }
 
@@ -112,8 +115,13 @@ impl Drop for Slot {
 impl Admission {
     /// A listener's admission, counting its connections in `connections`
     /// (shared with other listeners of the same server).
-    pub fn new(cfg: AdmissionConfig, connections: Arc<ConnectionCount>) -> Self {
+    pub fn new(
+        listener: &'static str,
+        cfg: AdmissionConfig,
+        connections: Arc<ConnectionCount>,
+    ) -> Self {
         Admission {
+            listener,
             cfg,
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes.max(1))),
             connections,
@@ -186,23 +194,35 @@ impl Admission {
         }
     }
 
-    /// Logs a refusal at `warn`: the first of a kind in a second, then
-    /// how many more there were.
+    /// Logs a refusal at `warn` with its reason: each one, up to
+    /// [`LOG_BURST`] of one kind and reason in a second; past that they
+    /// are counted, and the count is logged with the next one logged.
     pub fn warn(&self, what: &'static str, reason: &str, peer: SocketAddr) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let e = log.entry(what).or_insert((now - Duration::from_secs(2), 0));
-        if now.duration_since(e.0) >= Duration::from_secs(1) {
-            let more = std::mem::take(&mut e.1);
-            e.0 = now;
-            drop(log);
-            tracing::warn!(client.addr = %peer, reason, more_in_the_last_second = more, "{what}");
-        } else {
-            e.1 += 1;
+        if log.len() > 1000 {
+            log.retain(|_, e| now.duration_since(e.0) < Duration::from_secs(1));
         }
+        let e = log.entry((what, reason.to_string())).or_insert((now, 0, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            e.0 = now;
+            e.1 = 0;
+        }
+        if e.1 >= LOG_BURST {
+            e.2 += 1;
+            return;
+        }
+        e.1 += 1;
+        let suppressed = std::mem::take(&mut e.2);
+        drop(log);
+        tracing::warn!(listener = self.listener, client.addr = %peer, reason, suppressed, "{what}");
     }
 }
+
+/// Refusals of one kind and reason logged in a second before the rest are
+/// only counted.
+pub const LOG_BURST: u32 = 10;
 
 #[cfg(test)]
 mod tests {
@@ -215,6 +235,7 @@ mod tests {
     #[test]
     fn a_source_past_its_rate_is_refused_others_are_not() {
         let a = Admission::new(
+            "test",
             AdmissionConfig {
                 rate_per_source: 10,
                 ..Default::default()
@@ -237,6 +258,7 @@ mod tests {
     #[test]
     fn handshakes_and_connections_are_bounded_and_given_back() {
         let a = Admission::new(
+            "test",
             AdmissionConfig {
                 max_handshakes: 2,
                 max_connections: 1,

@@ -342,6 +342,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     }
     let next = AtomicU64::new(1);
     let admission = std::sync::Arc::new(flotilla_amqp::admission::Admission::new(
+        "amqp",
         cfg.admission,
         std::sync::Arc::default(),
     ));

@@ -343,10 +343,12 @@ impl Router {
             handshake_timeout: cfg.handshake_timeout,
             rate_per_source: cfg.max_connection_rate,
         };
-        let admission = flotilla_amqp::admission::Admission::new(limits, connections.clone());
+        let admission =
+            flotilla_amqp::admission::Admission::new("amqp", limits, connections.clone());
         // Routers reconnect rarely: a small allowance of their own, so a
         // flood on the client ports never keeps a neighbour out.
         let peer_admission = flotilla_amqp::admission::Admission::new(
+            "inter-router",
             flotilla_amqp::admission::AdmissionConfig {
                 max_handshakes: 64,
                 rate_per_source: 0,
