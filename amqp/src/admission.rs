@@ -220,6 +220,54 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// Runs a connection's handshake within the handshake timeout (its
+    /// `permit` is given back when it ends), then takes a connection slot.
+    /// Refusals are logged; one past the connection limit hears why (Open,
+    /// then Close with `amqp:resource-limit-exceeded`). `server` names us
+    /// in that Close.
+    pub async fn handshake(
+        &self,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        hs: impl std::future::Future<
+            Output = Result<crate::transport::Established, crate::transport::HandshakeError>,
+        >,
+        server: &str,
+    ) -> Option<(crate::transport::Established, Slot)> {
+        let hs = tokio::time::timeout(self.cfg.handshake_timeout, hs).await;
+        drop(permit);
+        let mut est = match hs {
+            Ok(Ok(est)) => est,
+            Ok(Err(e)) => {
+                self.warn("handshake failed", &e.to_string(), peer);
+                return None;
+            }
+            Err(_) => {
+                self.warn(
+                    "handshake timed out",
+                    "no handshake within the handshake timeout",
+                    peer,
+                );
+                return None;
+            }
+        };
+        match self.establish() {
+            Ok(slot) => Some((est, slot)),
+            Err(r) => {
+                self.warn("connection refused", r.reason(), peer);
+                let _ = crate::transport::refuse_open(
+                    &mut est.io,
+                    fe2o3_amqp_types::definitions::AmqpError::ResourceLimitExceeded,
+                    &format!("the {server} has as many connections as it allows"),
+                )
+                .await;
+                None
+            }
+        }
+    }
+}
+
 /// Refusals of one kind and reason logged in a second before the rest are
 /// only counted.
 pub const LOG_BURST: u32 = 10;

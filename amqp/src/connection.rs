@@ -1058,24 +1058,7 @@ impl Connection {
         remote_channel: u16,
         events: &mut Vec<Event>,
     ) -> Result<(), ProtocolError> {
-        let ids: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.channel == ch)
-            .map(|(id, _)| *id)
-            .collect();
-        for link in ids {
-            let was_ours = self.links.get(&link).is_some_and(|l| l.detach_sent);
-            let unsettled = self.forget_link(link);
-            if !was_ours {
-                events.push(Event::Detach {
-                    link,
-                    closed: false,
-                    error: None,
-                    unsettled,
-                });
-            }
-        }
+        self.forget_session_links(ch, events);
         if !self.session(ch).end_sent {
             frame::encode_performative(&mut self.out, ch, &Performative::End(End { error: None }));
         }
@@ -1556,10 +1539,9 @@ impl Connection {
         }
     }
 
-    /// Ends a session the peer broke (a window violation): its links are
-    /// gone (the owner hears of each), End with `error` goes out, and the
-    /// session is forgotten when the peer's End comes.
-    fn end_with_error(&mut self, ch: u16, error: AmqpErrorBody, events: &mut Vec<Event>) {
+    /// Forgets every link of the session on `ch`; the owner hears of each
+    /// it had not detached itself, with its unsettled deliveries.
+    fn forget_session_links(&mut self, ch: u16, events: &mut Vec<Event>) {
         let ids: Vec<LinkId> = self
             .links
             .iter()
@@ -1578,6 +1560,13 @@ impl Connection {
                 });
             }
         }
+    }
+
+    /// Ends a session the peer broke (a window violation): its links are
+    /// gone (the owner hears of each), End with `error` goes out, and the
+    /// session is forgotten when the peer's End comes.
+    fn end_with_error(&mut self, ch: u16, error: AmqpErrorBody, events: &mut Vec<Event>) {
+        self.forget_session_links(ch, events);
         let s = self.session(ch);
         s.end_sent = true;
         s.blocked.clear();

@@ -378,35 +378,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         let span = tracing::info_span!("conn", conn.id = id, client.addr = %peer);
         tracker.spawn(
             async move {
-                let hs = tokio::time::timeout(
-                    admission.config().handshake_timeout,
-                    transport::accept(tcp, peer, &accept_cfg, &policy),
-                )
-                .await;
-                drop(permit);
-                let mut est = match hs {
-                    Ok(Ok(est)) => est,
-                    Ok(Err(e)) => return admission.warn("handshake failed", &e.to_string(), peer),
-                    Err(_) => {
-                        return admission.warn(
-                            "handshake timed out",
-                            "no handshake within the handshake timeout",
-                            peer,
-                        )
-                    }
-                };
-                let _slot = match admission.establish() {
-                    Ok(s) => s,
-                    Err(r) => {
-                        admission.warn("connection refused", r.reason(), peer);
-                        let _ = transport::refuse_open(
-                            &mut est.io,
-                            flotilla_amqp::types::definitions::AmqpError::ResourceLimitExceeded,
-                            "the broker has as many connections as it allows",
-                        )
-                        .await;
-                        return;
-                    }
+                let hs = transport::accept(tcp, peer, &accept_cfg, &policy);
+                let Some((est, _slot)) = admission.handshake(peer, permit, hs, "broker").await
+                else {
+                    return;
                 };
                 let who = connection::Peer::Client {
                     identity: est.identity,

@@ -78,44 +78,17 @@ async fn serve(
         Ok(p) => p,
         Err(r) => return admission.warn("connection refused", r.reason(), peer),
     };
-    let timeout = admission.config().handshake_timeout;
-    let hs = if inter_router {
-        tokio::time::timeout(
-            timeout,
-            transport::accept(tcp, peer, &cfg, &shared.mesh_auth),
-        )
-        .await
-    } else {
-        tokio::time::timeout(timeout, transport::accept(tcp, peer, &cfg, &shared.policy)).await
-    };
-    drop(permit);
-    let mut est = match hs {
-        Ok(Ok(est)) => est,
-        Ok(Err(e)) => {
-            return admission.warn("handshake failed", &e.to_string(), peer);
-        }
-        Err(_) => {
-            return admission.warn(
-                "handshake timed out",
-                "no handshake within the handshake timeout",
-                peer,
-            )
-        }
-    };
     // Every established connection counts, routers' too: no port lets a
     // peer past the limit, and one past it hears why.
-    let _slot = match admission.establish() {
-        Ok(s) => s,
-        Err(r) => {
-            admission.warn("connection refused", r.reason(), peer);
-            let _ = transport::refuse_open(
-                &mut est.io,
-                flotilla_amqp::types::definitions::AmqpError::ResourceLimitExceeded,
-                "the router has as many connections as it allows",
-            )
-            .await;
-            return;
-        }
+    let done = if inter_router {
+        let hs = transport::accept(tcp, peer, &cfg, &shared.mesh_auth);
+        admission.handshake(peer, permit, hs, "router").await
+    } else {
+        let hs = transport::accept(tcp, peer, &cfg, &shared.policy);
+        admission.handshake(peer, permit, hs, "router").await
+    };
+    let Some((est, _slot)) = done else {
+        return;
     };
     debug!(
         user = est.identity.user.as_deref().unwrap_or("<anonymous>"),
