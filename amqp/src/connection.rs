@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fe2o3_amqp_types::definitions::{
-    AmqpError, ConnectionError, Error as AmqpErrorBody, ErrorCondition, Handle, LinkError,
+    AmqpError, ConnectionError, Error as AmqpErrorBody, ErrorCondition, Fields, Handle, LinkError,
     ReceiverSettleMode, Role, SenderSettleMode, SessionError,
 };
 use fe2o3_amqp_types::messaging::{DeliveryState, Source, Target, TargetArchetype};
@@ -247,6 +247,8 @@ pub struct AttachReply {
     pub snd_settle_mode: Option<SenderSettleMode>,
     pub rcv_settle_mode: Option<ReceiverSettleMode>,
     pub offered_capabilities: Vec<&'static str>,
+    /// The answer's link properties.
+    pub properties: Option<Fields>,
 }
 
 /// One connection's protocol state.
@@ -878,6 +880,12 @@ impl Connection {
         frame::encode_performative(&mut self.out, ch, &Performative::Attach(Box::new(attach)));
     }
 
+    /// Changes how many links this connection may have (a router raises
+    /// it for the MQTT gateway, which multiplexes many clients' links).
+    pub fn set_max_links(&mut self, max: usize) {
+        self.cfg.max_links = max;
+    }
+
     /// Lowers the largest message a receiving link takes (before it is
     /// answered, so the answer announces it): a message past it detaches
     /// the link with `amqp:link:message-size-exceeded`, also while it is
@@ -918,7 +926,7 @@ impl Connection {
             max_message_size: None,
             offered_capabilities: (!caps.is_empty()).then(|| caps.into()),
             desired_capabilities: None,
-            properties: None,
+            properties: reply.properties,
         };
         self.accept_attach_as(link, &answer);
     }

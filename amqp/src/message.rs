@@ -219,6 +219,35 @@ pub fn body_bytes(message: &[u8]) -> Option<Vec<u8>> {
     out
 }
 
+/// True when a message has no body, or its body holds nothing: empty
+/// data sections, or an amqp-value that is null or an empty string or
+/// binary (what clears an MQTT retained message).
+pub fn body_is_empty(message: &[u8]) -> bool {
+    for s in sections(message) {
+        let Ok(s) = s else {
+            return false;
+        };
+        match s.code {
+            section::DATA => {
+                if !matches!(s.value, [0xa0, 0] | [0xb0, 0, 0, 0, 0]) {
+                    return false;
+                }
+            }
+            section::AMQP_VALUE => {
+                if !matches!(
+                    s.value,
+                    [0x40] | [0xa0 | 0xa1 | 0xa3, 0] | [0xb0 | 0xb1 | 0xb3, 0, 0, 0, 0]
+                ) {
+                    return false;
+                }
+            }
+            section::AMQP_SEQUENCE => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
 fn put_str(out: &mut BytesMut, s: &[u8], small: u8, large: u8) {
     if s.len() < 256 {
         out.put_u8(small);

@@ -47,11 +47,57 @@ pub const MANAGEMENT_ADDRESS: &str = "$management";
 /// Offered by a broker on its connection to a router.
 const ROUTE_CONTAINER_CAPABILITY: &str = "flotilla.route-container";
 const SELECTOR_FILTER: &str = "apache.org:selector-filter:string";
+/// The retained messages of a space (MQTT's), reached only through a
+/// router, which routes it only for the MQTT gateway: a producer sets the
+/// retained message of each message's `to` (an empty body clears it); a
+/// consumer of `RETAINED/FILTER` gets those whose topic FILTER matches,
+/// and then a closing detach.
+pub const RETAINED_ADDRESS: &str = "$mqtt/retained";
+/// An MQTT session's subscription (see `session_subscription`).
+pub const SESSION_ADDRESS: &str = "$mqtt/session";
+/// Changes to MQTT sessions: each message's body is JSON `{"session":
+/// CLIENT, "filters": [..], "meta": "..", "expiry": SECONDS|null}` (all
+/// but `session` optional).
+pub const SESSION_STATE_ADDRESS: &str = "$mqtt/session-state";
+/// The source filter that lists an MQTT session's topic filters.
+const TOPIC_FILTERS: &str = "flotilla:topic-filters";
+
+/// A list of strings from an AMQP value (list or array).
+fn string_list(v: &Value) -> Result<Vec<String>, AmqpErrorBody> {
+    let items: &[Value] = match v {
+        Value::List(l) => l,
+        Value::Array(a) => &a.0,
+        Value::Described(d) => return string_list(&d.value),
+        _ => &[],
+    };
+    items
+        .iter()
+        .map(|i| match i {
+            Value::String(s) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(amqp_error(
+                AmqpError::InvalidField,
+                "topic filters are a list of non-empty strings",
+            )),
+        })
+        .collect()
+}
 const SELECTOR_FILTER_CODE: u64 = 0x0000_468C_0000_0004;
 
 enum Destination {
     Queue(String),
-    Topic { space: String, topic: String },
+    /// A topic; `pattern`: the link names a pattern (a topic tree) and
+    /// each message's `to` says which topic under it.
+    Topic {
+        space: String,
+        topic: String,
+        pattern: bool,
+    },
+    Retained {
+        space: String,
+    },
+    SessionState {
+        space: String,
+    },
     Management,
 }
 
@@ -70,7 +116,9 @@ impl Destination {
     /// The address space a message for here is stored in.
     fn space(&self) -> Option<&str> {
         match self {
-            Destination::Topic { space, .. } => Some(space),
+            Destination::Topic { space, .. }
+            | Destination::Retained { space }
+            | Destination::SessionState { space } => Some(space),
             Destination::Queue(q) => q.split_once('/').map(|(s, _)| s),
             Destination::Management => None,
         }
@@ -130,6 +178,9 @@ pub(crate) struct BrokerConnection {
     pending: HashMap<LinkId, AttachReply>,
     /// Receivers of management replies, by their (dynamic) address.
     reply_links: HashMap<String, LinkId>,
+    /// Readers of retained messages: what is left to send them (`None`
+    /// until the queue task answers).
+    snapshots: HashMap<LinkId, Option<std::collections::VecDeque<Bytes>>>,
     next_reply: u64,
     closing: bool,
     /// Cancelled when the broker shuts down.
@@ -204,6 +255,7 @@ impl BrokerConnection {
             stat_links: Vec::new(),
             pending: HashMap::new(),
             reply_links: HashMap::new(),
+            snapshots: HashMap::new(),
             next_reply: 0,
             closing: false,
             shutdown: CancellationToken::new(),
@@ -295,6 +347,7 @@ impl BrokerConnection {
                 self.pending.remove(&link);
                 self.stat_links.retain(|l| *l != link);
                 self.reply_links.retain(|_, l| *l != link);
+                self.snapshots.remove(&link);
                 if self.consumers.remove(&link).is_some() {
                     let _ = self.queues.send(BrokerEvent::Detach {
                         conn: self.id,
@@ -309,6 +362,9 @@ impl BrokerConnection {
     }
 
     fn on_flow(&mut self, link: LinkId) {
+        if self.snapshots.contains_key(&link) {
+            return self.send_snapshot(link);
+        }
         if let Some(i) = self.stat_links.iter().position(|l| *l == link) {
             if self.conn.link(link).is_some_and(|l| l.credit > 0) {
                 self.stat_links.swap_remove(i);
@@ -501,6 +557,45 @@ impl BrokerConnection {
         }
     }
 
+    /// The space of a link a router routed here (the retained store is
+    /// reached only that way: the router lets only the MQTT gateway, a
+    /// component, name the space).
+    fn routed_space(&self, attach: &Attach) -> Result<String, AmqpErrorBody> {
+        if !matches!(self.peer, Peer::Router) {
+            return Err(amqp_error(
+                AmqpError::NotFound,
+                "retained messages are reached through a router, by the MQTT gateway",
+            ));
+        }
+        match attach
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(&Symbol::from("flotilla:space")))
+        {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(amqp_error(
+                AmqpError::InvalidField,
+                "a routed link must say its address space",
+            )),
+        }
+    }
+
+    /// Sends a retained-message reader what its credit allows; once all is
+    /// sent, detaches it (closed): the end of the snapshot.
+    fn send_snapshot(&mut self, link: LinkId) {
+        let Some(Some(q)) = self.snapshots.get_mut(&link) else {
+            return;
+        };
+        while let Some(m) = q.front() {
+            if !self.conn.send(link, m, true, 0) {
+                return;
+            }
+            q.pop_front();
+        }
+        self.snapshots.remove(&link);
+        self.conn.detach(link, None);
+    }
+
     fn refuse(&mut self, link: LinkId, e: AmqpErrorBody) {
         warn!(
             conn.id = self.id,
@@ -560,6 +655,16 @@ impl BrokerConnection {
         };
         let to = if address == MANAGEMENT_ADDRESS {
             Destination::Management
+        } else if address == RETAINED_ADDRESS {
+            match self.routed_space(attach) {
+                Ok(space) => Destination::Retained { space },
+                Err(e) => return self.refuse(link, e),
+            }
+        } else if address == SESSION_STATE_ADDRESS {
+            match self.routed_space(attach) {
+                Ok(space) => Destination::SessionState { space },
+                Err(e) => return self.refuse(link, e),
+            }
         } else {
             let r = match self.resolve(attach, &address) {
                 Ok(r) => r,
@@ -568,6 +673,7 @@ impl BrokerConnection {
             match r.kind {
                 AddressType::Topic => Destination::Topic {
                     space: r.space,
+                    pattern: flotilla_core::pattern::is_pattern(&r.address),
                     topic: r.address,
                 },
                 AddressType::Subscription => {
@@ -624,6 +730,45 @@ impl BrokerConnection {
                 amqp_error(AmqpError::InvalidField, "a consumer needs a source address"),
             );
         };
+        if let Some(filter) = address
+            .strip_prefix(RETAINED_ADDRESS)
+            .and_then(|f| f.strip_prefix('/'))
+        {
+            let space = match self.routed_space(attach) {
+                Ok(space) => space,
+                Err(e) => return self.refuse(link, e),
+            };
+            let _ = self.queues.send(BrokerEvent::ReadRetained {
+                space,
+                filter: filter.to_string(),
+                tx: self.tx.clone(),
+                link,
+            });
+            self.snapshots.insert(link, None);
+            return self.accept_presettled(link, source, target);
+        }
+        if address == SESSION_ADDRESS {
+            let spec = match self.session_subscription(attach, &source) {
+                Ok(s) => s,
+                Err(e) => return self.refuse(link, e),
+            };
+            self.pending.insert(
+                link,
+                AttachReply {
+                    source: Some(source),
+                    target,
+                    ..Default::default()
+                },
+            );
+            let _ = self.queues.send(BrokerEvent::Subscribe {
+                spec,
+                conn: self.id,
+                link,
+                tx: self.tx.clone(),
+            });
+            self.consumers.insert(link, address);
+            return;
+        }
         if address == STAT_ADDRESS {
             let allowed = match (&self.peer, &self.principal) {
                 // Routers route no `$` address to a broker: a `$stat` link
@@ -736,16 +881,23 @@ impl BrokerConnection {
                     pattern: topic,
                     selector: None,
                     shared: true,
-                    since: None,
+                    ..Default::default()
                 },
                 selector: None,
                 durable: true,
+                session: None,
             });
         }
         let caps = source.capabilities.as_ref();
         let shared = has_capability(caps, "shared");
         let durable = source.durable != TerminusDurability::None
             || source.expiry_policy == TerminusExpiryPolicy::Never;
+        // A durable terminus that expires after a timeout (an MQTT
+        // session's expiry interval) ends that long after its last consumer.
+        let expiry = (durable
+            && source.expiry_policy != TerminusExpiryPolicy::Never
+            && source.timeout > 0)
+            .then_some(source.timeout);
         // JMS names the consumers of a shared subscription `name|N`.
         let base = r.link_name.split('|').next().unwrap_or_default();
         let name = if shared {
@@ -769,10 +921,70 @@ impl BrokerConnection {
                 pattern: r.address.clone(),
                 selector: selector_text,
                 shared,
-                since: None,
+                expiry,
+                ..Default::default()
             },
             selector,
             durable,
+            session: None,
+        })
+    }
+
+    /// The subscription of an MQTT session (source `$mqtt/session`, routed
+    /// from the gateway): one per client id (the routed container), taking
+    /// what any of its topic filters matches; the filters come in the
+    /// source's `flotilla:topic-filters` filter (absent: those it had), and
+    /// link property `flotilla:fresh` starts it afresh.
+    fn session_subscription(
+        &self,
+        attach: &Attach,
+        source: &Source,
+    ) -> Result<SubSpec, AmqpErrorBody> {
+        let space = self.routed_space(attach)?;
+        let container = match attach
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(&Symbol::from("flotilla:container-id")))
+        {
+            Some(Value::String(c)) if !c.is_empty() => c.clone(),
+            _ => {
+                return Err(amqp_error(
+                    AmqpError::InvalidField,
+                    "an MQTT session names its client (flotilla:container-id)",
+                ))
+            }
+        };
+        let fresh = matches!(
+            attach
+                .properties
+                .as_ref()
+                .and_then(|p| p.get(&Symbol::from("flotilla:fresh"))),
+            Some(Value::Bool(true))
+        );
+        let filters = source
+            .filter
+            .as_ref()
+            .and_then(|f| f.iter().find(|(k, _)| k.as_str() == TOPIC_FILTERS))
+            .map(|(_, v)| string_list(v))
+            .transpose()?;
+        let durable = source.durable != TerminusDurability::None
+            || source.expiry_policy == TerminusExpiryPolicy::Never;
+        let expiry = (durable
+            && source.expiry_policy != TerminusExpiryPolicy::Never
+            && source.timeout > 0)
+            .then_some(source.timeout);
+        Ok(SubSpec {
+            record: SubRecord {
+                key: store::sub_key(&space, &format!("session/{container}")),
+                space,
+                pattern: SESSION_ADDRESS.to_string(),
+                expiry,
+                session: true,
+                ..Default::default()
+            },
+            selector: None,
+            durable,
+            session: Some(crate::queues::SessionAttach { filters, fresh }),
         })
     }
 
@@ -797,11 +1009,63 @@ impl BrokerConnection {
         }
         let queue = match &p.to {
             Destination::Management => return self.management(dref, settled, &payload),
-            Destination::Topic { space, topic } => {
+            Destination::SessionState { space } => {
+                let space = space.clone();
+                return self.session_state(link, dref, settled, &space, &payload);
+            }
+            Destination::Retained { space } => {
+                let space = space.clone();
+                let topic = match message::to_address(&payload) {
+                    Ok(Some(t)) if !t.is_empty() && !flotilla_core::pattern::is_pattern(t) => {
+                        t.to_string()
+                    }
+                    _ => return self.reject_publish(dref, settled, "a retained message needs a topic (`to`) without wildcards"),
+                };
+                p.storing += 1;
+                let message = if message::body_is_empty(&payload) {
+                    Bytes::new()
+                } else {
+                    payload
+                };
+                let _ = self.queues.send(BrokerEvent::Retain {
+                    space,
+                    topic,
+                    message,
+                    reply: PublishReply {
+                        tx: self.tx.clone(),
+                        link,
+                        delivery: dref,
+                        settled,
+                    },
+                });
+                return;
+            }
+            Destination::Topic {
+                space,
+                topic,
+                pattern,
+            } => {
+                let topic = if *pattern {
+                    // A link to a topic tree: the message says which topic.
+                    match message::to_address(&payload) {
+                        Ok(Some(t))
+                            if !flotilla_core::pattern::is_pattern(t)
+                                && flotilla_core::pattern::matches(topic, t) =>
+                        {
+                            t.to_string()
+                        }
+                        _ => {
+                            let why = format!("a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards");
+                            return self.reject_publish(dref, settled, &why);
+                        }
+                    }
+                } else {
+                    topic.clone()
+                };
                 p.storing += 1;
                 let ev = BrokerEvent::Publish {
                     space: space.clone(),
-                    topic: topic.clone(),
+                    topic,
                     expires: message::expiry(&payload, now_ms()),
                     payload,
                     reply: Some(PublishReply {
@@ -854,6 +1118,68 @@ impl BrokerConnection {
                     )),
                 }),
             );
+        }
+    }
+
+    /// A change to an MQTT session (see [`SESSION_STATE_ADDRESS`]).
+    fn session_state(
+        &mut self,
+        link: LinkId,
+        dref: flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+        space: &str,
+        payload: &Bytes,
+    ) {
+        #[derive(serde::Deserialize)]
+        struct Change {
+            session: String,
+            #[serde(default)]
+            filters: Option<Vec<String>>,
+            #[serde(default)]
+            meta: Option<String>,
+            #[serde(default, deserialize_with = "present")]
+            expiry: Option<Option<u32>>,
+        }
+        fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+            use serde::Deserialize;
+            Ok(Some(Option::<u32>::deserialize(d)?))
+        }
+        let body = message::body_bytes(payload).unwrap_or_default();
+        let change: Change = match serde_json::from_slice(&body) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.reject_publish(dref, settled, &format!("bad session change: {e}"))
+            }
+        };
+        if let Some(p) = self.producers.get_mut(&link) {
+            p.storing += 1;
+        }
+        let _ = self.queues.send(BrokerEvent::SessionUpdate {
+            key: store::sub_key(space, &format!("session/{}", change.session)),
+            filters: change.filters,
+            meta: change.meta,
+            expiry: change.expiry,
+            reply: PublishReply {
+                tx: self.tx.clone(),
+                link,
+                delivery: dref,
+                settled,
+            },
+        });
+    }
+
+    /// Rejects a message that cannot go where its link leads.
+    fn reject_publish(
+        &mut self,
+        dref: flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+        why: &str,
+    ) {
+        debug!(conn.id = self.id, reason = why, "message rejected");
+        if !settled {
+            let e = amqp_error(AmqpError::InvalidField, why);
+            self.conn
+                .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
         }
     }
 
@@ -983,8 +1309,39 @@ impl BrokerConnection {
                 self.stored_one(link);
             }
             ToConn::Drained { link } => self.conn.drained(link),
-            ToConn::Subscribed { link } => {
-                if let Some(reply) = self.pending.remove(&link) {
+            ToConn::Stolen { link } => {
+                if self.consumers.remove(&link).is_some() {
+                    let e = amqp_error(
+                        flotilla_amqp::types::definitions::LinkError::Stolen,
+                        "the durable subscription was attached elsewhere",
+                    );
+                    if self.pending.remove(&link).is_some() {
+                        self.conn.refuse_attach(link, e);
+                    } else {
+                        self.conn.detach_with(link, false, Some(e));
+                    }
+                }
+            }
+            ToConn::Snapshot { link, messages } => {
+                if let Some(slot) = self.snapshots.get_mut(&link) {
+                    *slot = Some(messages.into());
+                    self.send_snapshot(link);
+                }
+            }
+            ToConn::Subscribed {
+                link,
+                resumed,
+                meta,
+            } => {
+                if let Some(mut reply) = self.pending.remove(&link) {
+                    // Whether the subscription was there before: an MQTT
+                    // session resumed (with the state it kept), or a new one.
+                    let mut props = flotilla_amqp::types::definitions::Fields::default();
+                    props.insert(Symbol::from("flotilla:resumed"), Value::Bool(resumed));
+                    if let Some(m) = meta {
+                        props.insert(Symbol::from("flotilla:session-meta"), Value::String(m));
+                    }
+                    reply.properties = Some(props);
                     self.conn.accept_attach(link, reply);
                     // Credit the client gave before the answer.
                     self.on_flow(link);
@@ -996,6 +1353,9 @@ impl BrokerConnection {
                 if let (Peer::Client { .. }, Some(p)) = (&self.peer, &self.principal) {
                     if let Some(qs) = body["queues"].as_array_mut() {
                         qs.retain(|q| q["space"] == p.space.as_str());
+                    }
+                    if let Some(r) = body["retained"].as_object_mut() {
+                        r.retain(|space, _| *space == p.space);
                     }
                 }
                 body["id"] = self.conn.config().container_id.clone().into();

@@ -423,6 +423,12 @@ impl Journal {
     pub fn segments(&self) -> usize {
         self.segments.len()
     }
+
+    /// The first seq of the second segment: records below it hold the
+    /// oldest segment (0 while there is only the active one).
+    pub fn oldest_segment_end(&self) -> u64 {
+        self.segments.get(1).map_or(0, |s| s.first_seq)
+    }
 }
 
 /// What to do once a record is durable (or failed): called on the
@@ -441,6 +447,10 @@ enum Request {
 pub struct JournalStats {
     pub records: AtomicU64,
     pub syncs: AtomicU64,
+    /// [`Journal::oldest_segment_end`] as of the last commit: records
+    /// below it are worth writing again when they alone keep the oldest
+    /// segment.
+    pub oldest_segment_end: AtomicU64,
 }
 
 /// A cloneable handle to a journal behind a committer thread: appends from
@@ -459,6 +469,9 @@ impl JournalHandle {
     pub fn start(mut journal: Journal) -> io::Result<JournalHandle> {
         let (tx, rx) = mpsc::channel::<Request>();
         let stats = Arc::new(JournalStats::default());
+        stats
+            .oldest_segment_end
+            .store(journal.oldest_segment_end(), Ordering::Relaxed);
         let st = stats.clone();
         std::thread::Builder::new()
             .name("journal".into())
@@ -506,6 +519,8 @@ impl JournalHandle {
                             warn!(error = %e, "cannot retire journal segments");
                         }
                     }
+                    st.oldest_segment_end
+                        .store(journal.oldest_segment_end(), Ordering::Relaxed);
                 }
             })?;
         Ok(JournalHandle { tx, stats })

@@ -110,10 +110,11 @@ fn ensure_subscription_addresses(t: &Tenancy, queues: &queues::QueueHandle) {
                         pattern: topic.clone(),
                         selector: None,
                         shared: true,
-                        since: None,
+                        ..Default::default()
                     },
                     selector: None,
                     durable: true,
+                    session: None,
                 },
             });
         }

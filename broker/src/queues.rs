@@ -8,12 +8,18 @@
 //! A topic is not a queue: a message published to a topic goes to every
 //! subscription whose pattern matches the topic address and whose
 //! selector matches the message, each a queue of its own. Durable
-//! subscriptions (and shared ones) outlive their consumers; the others
-//! go with their last consumer.
+//! subscriptions (and shared ones) outlive their consumers, for as long as
+//! their terminus timeout says when they have one; the others go with
+//! their last consumer. Attaching to a durable subscription that has a
+//! consumer steals it (`amqp:link:stolen`): an MQTT session taken over.
+//!
+//! Retained messages (one per topic and space, MQTT's) are kept here too:
+//! set by the gateway, journaled before they are accepted, and read back
+//! as a snapshot of the topics a filter matches.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flotilla_amqp::connection::{DeliveryRef, LinkId};
@@ -59,8 +65,18 @@ pub enum ToConn {
     /// Nothing more to give a consumer that asked to drain.
     Drained { link: LinkId },
     /// The subscription of consumer `link` exists (a durable one on disk):
-    /// answer its attach.
-    Subscribed { link: LinkId },
+    /// answer its attach. `resumed`: it existed before this attach;
+    /// `meta`: an MQTT session's state, as the gateway last stored it.
+    Subscribed {
+        link: LinkId,
+        resumed: bool,
+        meta: Option<String>,
+    },
+    /// Another attach took the durable subscription consumer `link` had:
+    /// detach it with `amqp:link:stolen`.
+    Stolen { link: LinkId },
+    /// The retained messages a reader on `link` asked for.
+    Snapshot { link: LinkId, messages: Vec<Bytes> },
     /// A purge finished: answer on `link` (`None`: no such queue).
     Purged {
         link: LinkId,
@@ -94,6 +110,17 @@ pub struct SubSpec {
     pub record: SubRecord,
     pub selector: Option<Arc<Selector>>,
     pub durable: bool,
+    /// An MQTT session's subscription (`record.session`).
+    pub session: Option<SessionAttach>,
+}
+
+/// How an MQTT session attaches to its subscription.
+#[derive(Debug, Clone, Default)]
+pub struct SessionAttach {
+    /// The topic filters it takes from now on (`None`: those it had).
+    pub filters: Option<Vec<String>>,
+    /// A clean start: whatever the session held is dropped first.
+    pub fresh: bool,
 }
 
 /// What connection tasks tell the queue task.
@@ -184,6 +211,38 @@ pub enum BrokerEvent {
     /// Removes every message waiting in `queue` (a console command).
     PurgeNow {
         queue: String,
+    },
+    /// Sets the retained message of `topic` in `space` (an empty message
+    /// clears it); `reply` hears once it is on disk.
+    Retain {
+        space: String,
+        topic: String,
+        message: Bytes,
+        reply: PublishReply,
+    },
+    /// The journal holds retained message `version` as record `seq`.
+    RetainRecorded {
+        space: String,
+        topic: String,
+        version: u64,
+        seq: u64,
+    },
+    /// Changes an MQTT session's subscription `key`: its topic filters,
+    /// its state, its expiry; `reply` hears once it is on disk.
+    SessionUpdate {
+        key: String,
+        filters: Option<Vec<String>>,
+        meta: Option<String>,
+        expiry: Option<Option<u32>>,
+        reply: PublishReply,
+    },
+    /// The retained messages of `space` whose topic `filter` matches, to
+    /// the reader on `link`.
+    ReadRetained {
+        space: String,
+        filter: String,
+        tx: mpsc::UnboundedSender<ToConn>,
+        link: LinkId,
     },
 }
 
@@ -283,6 +342,59 @@ struct Subscription {
     durable: bool,
     /// Seq of its journal record (durable; 0 until written).
     record_seq: u64,
+    /// Since when nobody consumes it (durable ones with an expiry end
+    /// that long after).
+    idle_since: Option<Instant>,
+}
+
+/// The subscriptions of one address space, indexed for publishing: by
+/// exact topic, and the patterns (checked one by one).
+#[derive(Default)]
+struct SpaceSubs {
+    exact: HashMap<String, Vec<String>>,
+    patterns: Vec<(String, String)>,
+}
+
+impl SpaceSubs {
+    fn add(&mut self, pattern_or_topic: &str, key: &str) {
+        if pattern::is_pattern(pattern_or_topic) {
+            self.patterns
+                .push((pattern_or_topic.to_string(), key.to_string()));
+        } else {
+            self.exact
+                .entry(pattern_or_topic.to_string())
+                .or_default()
+                .push(key.to_string());
+        }
+    }
+
+    fn remove(&mut self, pattern_or_topic: &str, key: &str) {
+        if let Some(v) = self.exact.get_mut(pattern_or_topic) {
+            v.retain(|k| k != key);
+            if v.is_empty() {
+                self.exact.remove(pattern_or_topic);
+            }
+        }
+        self.patterns.retain(|(_, k)| k != key);
+    }
+
+    /// The keys of the subscriptions whose topic or pattern takes `topic`.
+    fn matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.exact.get(topic).into_iter().flatten().chain(
+            self.patterns
+                .iter()
+                .filter(move |(p, _)| pattern::matches_topic(p, topic))
+                .map(|(_, k)| k),
+        )
+    }
+}
+
+/// A retained message: its journal record (0 until written) and the
+/// version that wrote it (a rewrite of an older version must not win).
+struct Retained {
+    seq: u64,
+    version: u64,
+    message: Bytes,
 }
 
 struct Inflight {
@@ -415,6 +527,13 @@ pub struct QueueTask {
     waiting: Vec<(String, Consumer)>,
     /// Bytes held per address space, counted every second.
     usage: Usage,
+    /// Subscriptions by space, for publishing.
+    index: HashMap<String, SpaceSubs>,
+    /// Which queue each consumer takes from.
+    consumer_at: HashMap<(u64, LinkId), String>,
+    /// Retained messages by space and topic.
+    retained: HashMap<String, BTreeMap<String, Retained>>,
+    retain_version: u64,
 }
 
 /// Bytes of messages each address space holds (queued or out with
@@ -444,6 +563,8 @@ impl QueueTask {
             queues.insert(name, q);
         }
         let mut subs = HashMap::new();
+        let mut index: HashMap<String, SpaceSubs> = HashMap::new();
+        let now = Instant::now();
         for (seq, record) in recovered.subscriptions {
             seen = seen.max(seq);
             let selector = record
@@ -453,6 +574,10 @@ impl QueueTask {
             queues
                 .entry(record.key.clone())
                 .or_insert_with(|| Queue::new(true));
+            let ix = index.entry(record.space.clone()).or_default();
+            for f in record.filters() {
+                ix.add(f, &record.key);
+            }
             subs.insert(
                 record.key.clone(),
                 Subscription {
@@ -460,6 +585,20 @@ impl QueueTask {
                     selector,
                     durable: true,
                     record_seq: seq,
+                    // Nobody consumes after a restart: expiry counts from now.
+                    idle_since: Some(now),
+                },
+            );
+        }
+        let mut retained: HashMap<String, BTreeMap<String, Retained>> = HashMap::new();
+        for (seq, space, topic, message) in recovered.retained {
+            seen = seen.max(seq);
+            retained.entry(space).or_default().insert(
+                topic,
+                Retained {
+                    seq,
+                    version: 0,
+                    message,
                 },
             );
         }
@@ -479,6 +618,10 @@ impl QueueTask {
                 memory,
                 waiting: Vec::new(),
                 usage,
+                index,
+                consumer_at: HashMap::new(),
+                retained,
+                retain_version: 0,
             },
             tx,
         )
@@ -557,6 +700,7 @@ impl QueueTask {
                     .entry(queue.clone())
                     .or_insert_with(|| Queue::new(true));
                 q.consumers.push(Consumer::new(conn, link, tx, browse));
+                self.consumer_at.insert((conn, link), queue.clone());
                 vec![queue]
             }
             BrokerEvent::Subscribe {
@@ -565,7 +709,21 @@ impl QueueTask {
                 link,
                 tx,
             } => {
-                let key = self.ensure(spec);
+                let steal = (spec.durable && !spec.record.shared) || spec.session.is_some();
+                let mut touched = Vec::new();
+                let key = spec.record.key.clone();
+                if steal {
+                    touched = self.steal(&key, conn, link);
+                }
+                let session = spec.session.clone();
+                if session.as_ref().is_some_and(|s| s.fresh) && self.subs.contains_key(&key) {
+                    debug!(subscription = %key, "session starts afresh");
+                    self.delete_subscription(&key);
+                }
+                let (key, made) = self.ensure(spec);
+                if let Some(filters) = session.and_then(|s| s.filters) {
+                    self.set_filters(&key, filters);
+                }
                 let c = Consumer::new(conn, link, tx, false);
                 if self
                     .subs
@@ -574,13 +732,21 @@ impl QueueTask {
                 {
                     // Answered once its record is on disk (`SubRecorded`).
                     self.waiting.push((key, c));
-                    return Vec::new();
+                    return touched;
                 }
-                let _ = c.tx.send(ToConn::Subscribed { link });
-                if let Some(q) = self.queues.get_mut(&key) {
-                    q.consumers.push(c);
-                }
-                vec![key]
+                let meta = if made {
+                    None
+                } else {
+                    self.subs.get(&key).and_then(|s| s.record.meta.clone())
+                };
+                let _ = c.tx.send(ToConn::Subscribed {
+                    link,
+                    resumed: !made,
+                    meta,
+                });
+                self.add_consumer(&key, c);
+                touched.push(key);
+                touched
             }
             BrokerEvent::Ensure { spec } => {
                 self.ensure(spec);
@@ -596,10 +762,12 @@ impl QueueTask {
                     .partition(|(k, _)| *k == key);
                 self.waiting = still;
                 for (_, c) in ready {
-                    let _ = c.tx.send(ToConn::Subscribed { link: c.link });
-                    if let Some(q) = self.queues.get_mut(&key) {
-                        q.consumers.push(c);
-                    }
+                    let _ = c.tx.send(ToConn::Subscribed {
+                        link: c.link,
+                        resumed: false,
+                        meta: None,
+                    });
+                    self.add_consumer(&key, c);
                 }
                 vec![key]
             }
@@ -609,11 +777,10 @@ impl QueueTask {
                 limit,
                 drain,
             } => {
-                let Some((name, q)) = self
-                    .queues
-                    .iter_mut()
-                    .find(|(_, q)| q.consumers.iter().any(|c| c.conn == conn && c.link == link))
-                else {
+                let Some(name) = self.consumer_at.get(&(conn, link)) else {
+                    return Vec::new();
+                };
+                let Some(q) = self.queues.get_mut(name) else {
                     return Vec::new();
                 };
                 if let Some(c) = q
@@ -676,10 +843,61 @@ impl QueueTask {
                 self.purge(&queue);
                 Vec::new()
             }
+            BrokerEvent::Retain {
+                space,
+                topic,
+                message,
+                reply,
+            } => {
+                self.retain(space, topic, message, reply);
+                Vec::new()
+            }
+            BrokerEvent::RetainRecorded {
+                space,
+                topic,
+                version,
+                seq,
+            } => {
+                self.seen = self.seen.max(seq);
+                if let Some(r) = self
+                    .retained
+                    .get_mut(&space)
+                    .and_then(|m| m.get_mut(&topic))
+                    .filter(|r| r.version == version)
+                {
+                    r.seq = seq;
+                }
+                Vec::new()
+            }
+            BrokerEvent::SessionUpdate {
+                key,
+                filters,
+                meta,
+                expiry,
+                reply,
+            } => {
+                self.update_session(&key, filters, meta, expiry, reply);
+                Vec::new()
+            }
+            BrokerEvent::ReadRetained {
+                space,
+                filter,
+                tx,
+                link,
+            } => {
+                let messages = self.read_retained(&space, &filter);
+                let _ = tx.send(ToConn::Snapshot { link, messages });
+                Vec::new()
+            }
             BrokerEvent::Stat { tx, link, space } => {
                 let mut body = self.stat();
-                if let (Some(space), Some(q)) = (space, body["queues"].as_array_mut()) {
-                    q.retain(|v| v["space"] == space.as_str());
+                if let Some(space) = space {
+                    if let Some(q) = body["queues"].as_array_mut() {
+                        q.retain(|v| v["space"] == space.as_str());
+                    }
+                    if let Some(r) = body["retained"].as_object_mut() {
+                        r.retain(|s, _| *s == space);
+                    }
                 }
                 let _ = tx.send(ToConn::Stat { link, body });
                 Vec::new()
@@ -689,15 +907,46 @@ impl QueueTask {
 
     /// Makes the subscription `spec` names if it does not exist (or
     /// changed its topic or selector while nobody consumed it); returns
-    /// its queue's key.
-    fn ensure(&mut self, spec: SubSpec) -> String {
+    /// its queue's key, and whether it was made now.
+    fn ensure(&mut self, spec: SubSpec) -> (String, bool) {
         let key = spec.record.key.clone();
-        if let Some(s) = self.subs.get(&key) {
+        if let Some(s) = self.subs.get_mut(&key) {
             let same = s.record.pattern == spec.record.pattern
                 && s.record.selector == spec.record.selector;
             let idle = self.queues.get(&key).is_none_or(|q| q.consumers.is_empty());
             if same || !idle {
-                return key;
+                let durable_changed = spec.record.session && s.durable != spec.durable;
+                if durable_changed {
+                    // An MQTT session resumed with another expiry: kept
+                    // on disk from now on, or no longer.
+                    s.durable = spec.durable;
+                    if let Some(q) = self.queues.get_mut(&key) {
+                        q.durable = spec.durable;
+                    }
+                    if !spec.durable {
+                        let _ = self
+                            .journal
+                            .append_then(store::unsubscribe(&key), Box::new(|_| {}));
+                        s.record_seq = 0;
+                    }
+                }
+                if s.durable
+                    && (durable_changed || (same && s.record.expiry != spec.record.expiry))
+                {
+                    // A session resumed with another expiry interval.
+                    s.record.expiry = spec.record.expiry;
+                    let tx = self.tx.clone();
+                    let k = key.clone();
+                    let _ = self.journal.append_then(
+                        store::subscribe(&s.record),
+                        Box::new(move |r: Result<u64, JournalError>| {
+                            if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
+                                let _ = tx.send(BrokerEvent::SubRecorded { key: k, seq });
+                            }
+                        }),
+                    );
+                }
+                return (key, false);
             }
             // A durable subscriber came back with another topic or
             // selector: a new subscription replaces the old (JMS).
@@ -718,6 +967,10 @@ impl QueueTask {
             );
         }
         self.queues.insert(key.clone(), Queue::new(spec.durable));
+        let ix = self.index.entry(spec.record.space.clone()).or_default();
+        for f in spec.record.filters() {
+            ix.add(f, &key);
+        }
         self.subs.insert(
             key.clone(),
             Subscription {
@@ -725,9 +978,209 @@ impl QueueTask {
                 selector: spec.selector,
                 durable: spec.durable,
                 record_seq: 0,
+                idle_since: Some(Instant::now()),
             },
         );
-        key
+        (key, true)
+    }
+
+    /// A consumer takes from queue `key`.
+    fn add_consumer(&mut self, key: &str, c: Consumer) {
+        if let Some(s) = self.subs.get_mut(key) {
+            s.idle_since = None;
+        }
+        if let Some(q) = self.queues.get_mut(key) {
+            self.consumer_at.insert((c.conn, c.link), key.to_string());
+            q.consumers.push(c);
+        }
+    }
+
+    /// A consumer attaches to subscription `key` that is one consumer's
+    /// (durable, or an MQTT session's): whoever consumed it before loses
+    /// it, and their deliveries go back to it (it stays, whatever its
+    /// durability: the new consumer takes it). Returns the queues that
+    /// may now have work.
+    fn steal(&mut self, key: &str, conn: u64, link: LinkId) -> Vec<String> {
+        let Some(q) = self.queues.get_mut(key) else {
+            return Vec::new();
+        };
+        let mut old = Vec::new();
+        q.consumers.retain(|c| {
+            let keep = c.conn == conn && c.link == link;
+            if !keep {
+                old.push((c.conn, c.link, c.tx.clone()));
+            }
+            keep
+        });
+        if old.is_empty() {
+            return Vec::new();
+        }
+        info!(subscription = %key, "subscription taken over by a new attach");
+        let mut gone = std::collections::HashSet::new();
+        for (c, l, tx) in old {
+            self.consumer_at.remove(&(c, l));
+            let _ = tx.send(ToConn::Stolen { link: l });
+            gone.insert((c, l));
+        }
+        let back: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| gone.contains(&(f.conn, f.link)))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in back {
+            if let Some(f) = self.inflight.remove(&token) {
+                let mut msg = f.msg;
+                msg.delivery_count += 1;
+                self.put_back(f.queue, msg);
+            }
+        }
+        vec![key.to_string()]
+    }
+
+    /// An MQTT session's subscription takes what `filters` match from now on.
+    fn set_filters(&mut self, key: &str, filters: Vec<String>) {
+        let Some(s) = self.subs.get_mut(key) else {
+            return;
+        };
+        if s.record.patterns == filters {
+            return;
+        }
+        let ix = self.index.entry(s.record.space.clone()).or_default();
+        for f in s.record.filters() {
+            ix.remove(f, key);
+        }
+        s.record.patterns = filters;
+        for f in s.record.filters() {
+            ix.add(f, key);
+        }
+    }
+
+    /// The gateway changes an MQTT session: its filters, state or expiry;
+    /// on disk (a durable session) before the gateway hears it is done.
+    fn update_session(
+        &mut self,
+        key: &str,
+        filters: Option<Vec<String>>,
+        meta: Option<String>,
+        expiry: Option<Option<u32>>,
+        reply: PublishReply,
+    ) {
+        if !self.subs.get(key).is_some_and(|s| s.record.session) {
+            let _ = reply.tx.send(ToConn::Failed {
+                link: reply.link,
+                delivery: reply.delivery,
+                settled: reply.settled,
+                why: "no such session".into(),
+            });
+            return;
+        }
+        if let Some(f) = filters {
+            self.set_filters(key, f);
+        }
+        let Some(s) = self.subs.get_mut(key) else {
+            return;
+        };
+        if let Some(m) = meta {
+            s.record.meta = Some(m);
+        }
+        if let Some(e) = expiry {
+            s.record.expiry = e;
+        }
+        let stored = ToConn::Stored {
+            link: reply.link,
+            delivery: reply.delivery,
+            settled: reply.settled,
+        };
+        if !s.durable {
+            let _ = reply.tx.send(stored);
+            return;
+        }
+        let (tx, k) = (self.tx.clone(), key.to_string());
+        let done = Box::new(move |r: Result<u64, JournalError>| match r {
+            Ok(seq) => {
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx.send(BrokerEvent::SubRecorded { key: k, seq });
+                }
+                let _ = reply.tx.send(stored);
+            }
+            Err(e) => {
+                let _ = reply.tx.send(ToConn::Failed {
+                    link: reply.link,
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                    why: e.to_string(),
+                });
+            }
+        });
+        let _ = self.journal.append_then(store::subscribe(&s.record), done);
+    }
+
+    /// Sets or clears a retained message: in memory at once (so a rewrite
+    /// for compaction always writes the newest), accepted once on disk.
+    fn retain(&mut self, space: String, topic: String, message: Bytes, reply: PublishReply) {
+        self.retain_version += 1;
+        let version = self.retain_version;
+        let record = store::retain(&space, &topic, &message);
+        let map = self.retained.entry(space.clone()).or_default();
+        if message.is_empty() {
+            map.remove(&topic);
+        } else {
+            map.insert(
+                topic.clone(),
+                Retained {
+                    seq: 0,
+                    version,
+                    message,
+                },
+            );
+        }
+        let tx = self.tx.clone();
+        let done = Box::new(move |r: Result<u64, JournalError>| match r {
+            Ok(seq) => {
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx.send(BrokerEvent::RetainRecorded {
+                        space,
+                        topic,
+                        version,
+                        seq,
+                    });
+                }
+                let _ = reply.tx.send(ToConn::Stored {
+                    link: reply.link,
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                });
+            }
+            Err(e) => {
+                let _ = reply.tx.send(ToConn::Failed {
+                    link: reply.link,
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                    why: e.to_string(),
+                });
+            }
+        });
+        let _ = self.journal.append_then(record, done);
+    }
+
+    /// The retained messages of `space` whose topic `filter` matches, in
+    /// topic order.
+    fn read_retained(&self, space: &str, filter: &str) -> Vec<Bytes> {
+        let Some(map) = self.retained.get(space) else {
+            return Vec::new();
+        };
+        if !pattern::is_pattern(filter) {
+            return map
+                .get(filter)
+                .map(|r| r.message.clone())
+                .into_iter()
+                .collect();
+        }
+        map.iter()
+            .filter(|(t, _)| pattern::matches_topic(filter, t))
+            .map(|(_, r)| r.message.clone())
+            .collect()
     }
 
     /// Deletes a subscription and what it held.
@@ -735,9 +1188,17 @@ impl QueueTask {
         let Some(s) = self.subs.remove(key) else {
             return;
         };
+        if let Some(ix) = self.index.get_mut(&s.record.space) {
+            for f in s.record.filters() {
+                ix.remove(f, key);
+            }
+        }
         if let Some(q) = self.queues.remove(key) {
             for m in &q.messages {
                 self.memory.release(m);
+            }
+            for c in &q.consumers {
+                self.consumer_at.remove(&(c.conn, c.link));
             }
         }
         if s.durable {
@@ -762,10 +1223,18 @@ impl QueueTask {
         let mut fields: Option<MessageFields> = None;
         let mut durable: Vec<String> = Vec::new();
         let mut memory: Vec<String> = Vec::new();
-        for (key, s) in &self.subs {
-            if s.record.space != space || !pattern::matches(&s.record.pattern, topic) {
+        let none = SpaceSubs::default();
+        let index = self.index.get(space).unwrap_or(&none);
+        let mut seen_keys: Vec<&String> = Vec::new();
+        for key in index.matching(topic) {
+            // A session's filters may overlap: it takes the message once.
+            if seen_keys.contains(&key) {
                 continue;
             }
+            seen_keys.push(key);
+            let Some(s) = self.subs.get(key) else {
+                continue;
+            };
             if let Some(sel) = &s.selector {
                 let f = fields.get_or_insert_with(|| MessageFields::from_message(&payload));
                 if !sel.matches(f) {
@@ -863,19 +1332,28 @@ impl QueueTask {
     ) -> Vec<String> {
         self.waiting.retain(|(_, c)| !which(c));
         let mut emptied = Vec::new();
+        let consumer_at = &mut self.consumer_at;
         for (name, q) in &mut self.queues {
             let before = q.consumers.len();
-            q.consumers.retain(|c| !which(c));
+            q.consumers.retain(|c| {
+                let gone = which(c);
+                if gone {
+                    consumer_at.remove(&(c.conn, c.link));
+                }
+                !gone
+            });
             if q.consumers.len() < before && q.consumers.is_empty() {
                 emptied.push(name.clone());
             }
         }
         for name in emptied {
-            let Some(s) = self.subs.get(&name) else {
+            let Some(s) = self.subs.get_mut(&name) else {
                 continue;
             };
             if !s.durable || closed {
                 self.delete_subscription(&name);
+            } else {
+                s.idle_since = Some(Instant::now());
             }
         }
         let back: Vec<u64> = self
@@ -979,6 +1457,7 @@ impl QueueTask {
             memory,
             inflight,
             next_token,
+            consumer_at,
             ..
         } = self;
         let Some(q) = queues.get_mut(name) else {
@@ -1060,7 +1539,8 @@ impl QueueTask {
                 }
                 Err(_) => {
                     debug!(queue = name, "consumer's connection is gone");
-                    q.consumers.remove(i);
+                    let c = q.consumers.remove(i);
+                    consumer_at.remove(&(c.conn, c.link));
                     q.messages.push_front(memory.admit(msg));
                 }
             }
@@ -1090,7 +1570,31 @@ impl QueueTask {
                 .entry(Self::space_of(&f.queue).to_string())
                 .or_default() += u64::from(f.msg.size);
         }
+        for (space, m) in &self.retained {
+            let n: u64 = m.values().map(|r| r.message.len() as u64).sum();
+            *usage.entry(space.clone()).or_default() += n;
+        }
         *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
+        // Durable subscriptions nobody consumed for their expiry interval
+        // (an MQTT session that did not come back) end.
+        let expired: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| {
+                s.durable
+                    && s.record.expiry.is_some_and(|e| {
+                        s.idle_since
+                            .is_some_and(|t| t.elapsed() >= Duration::from_secs(u64::from(e)))
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            if self.queues.get(&key).is_none_or(|q| q.consumers.is_empty()) {
+                info!(subscription = %key, "durable subscription expired");
+                self.delete_subscription(&key);
+            }
+        }
         let now = now_ms();
         let due: Vec<String> = self
             .queues
@@ -1182,8 +1686,14 @@ impl QueueTask {
             (a["space"].as_str(), a["address"].as_str())
                 .cmp(&(b["space"].as_str(), b["address"].as_str()))
         });
+        let retained: serde_json::Map<String, serde_json::Value> = self
+            .retained
+            .iter()
+            .map(|(space, m)| (space.clone(), json!(m.len())))
+            .collect();
         json!({
             "kind": "broker",
+            "retained": retained,
             "memory": {
                 "limit": self.memory.limit,
                 "held": self.memory.held,
@@ -1218,16 +1728,55 @@ impl QueueTask {
             .unwrap_or(u64::MAX)
             .min(self.seen + 1);
         let mut oldest = oldest_msg;
+        // Only records that alone keep the oldest segment are written
+        // again (not every record behind the oldest message each time).
+        let pinned = oldest_msg.min(
+            self.journal
+                .stats
+                .oldest_segment_end
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let stale: Vec<SubRecord> = self
             .subs
             .values()
-            .filter(|s| s.durable && s.record_seq < oldest_msg)
+            .filter(|s| s.durable && s.record_seq != 0 && s.record_seq < pinned)
             .map(|s| s.record.clone())
             .collect();
         for s in &self.subs {
             if s.1.durable {
                 oldest = oldest.min(s.1.record_seq);
             }
+        }
+        // Retained messages far behind are written again, like
+        // subscription records.
+        let mut stale_retained = Vec::new();
+        for (space, m) in &self.retained {
+            for (topic, r) in m {
+                if r.seq == 0 {
+                    continue;
+                }
+                if r.seq < pinned {
+                    stale_retained.push((space.clone(), topic.clone(), r.version, r.message.clone()));
+                }
+                oldest = oldest.min(r.seq);
+            }
+        }
+        for (space, topic, version, message) in stale_retained {
+            let tx = self.tx.clone();
+            let record = store::retain(&space, &topic, &message);
+            let _ = self.journal.append_then(
+                record,
+                Box::new(move |r: Result<u64, JournalError>| {
+                    if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
+                        let _ = tx.send(BrokerEvent::RetainRecorded {
+                            space,
+                            topic,
+                            version,
+                            seq,
+                        });
+                    }
+                }),
+            );
         }
         for record in stale {
             let tx = self.tx.clone();

@@ -5,7 +5,8 @@
 //!   durable subscriptions of a topic that took it), with its expiry time;
 //! - `Ack`: a message consumed from every queue it went to, or `AckOne`:
 //!   from one of them;
-//! - `Subscribe` / `Unsubscribe`: a durable subscription made or deleted.
+//! - `Subscribe` / `Unsubscribe`: a durable subscription made or deleted;
+//! - `Retain`: the retained message of a topic set (or, empty, cleared).
 //!
 //! Queue keys are `SPACE/ADDRESS` for queues and `SPACE/$sub/NAME` for
 //! subscriptions (space names are DNS labels, so the first `/` splits).
@@ -22,6 +23,7 @@ const ACK: u8 = 2;
 const ACK_ONE: u8 = 4;
 const SUBSCRIBE: u8 = 5;
 const UNSUBSCRIBE: u8 = 6;
+const RETAIN: u8 = 7;
 
 /// A message held by a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +65,7 @@ pub fn payload_of(record: &Bytes) -> Option<Bytes> {
 }
 
 /// A durable subscription as the journal keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubRecord {
     /// Its queue's key.
     pub key: String,
@@ -80,6 +82,30 @@ pub struct SubRecord {
     /// the record is written again (compaction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
+    /// Seconds it outlives its last consumer (the terminus timeout, an
+    /// MQTT session's expiry interval); `None`: for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<u32>,
+    /// An MQTT session's subscription: it takes what any of `patterns`
+    /// matches (its topic filters, changed in place), and keeps the
+    /// gateway's state of the session in `meta`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<String>,
+}
+
+impl SubRecord {
+    /// The topics or patterns it takes messages from.
+    pub fn filters(&self) -> &[String] {
+        if self.session {
+            &self.patterns
+        } else {
+            std::slice::from_ref(&self.pattern)
+        }
+    }
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -146,13 +172,38 @@ pub fn unsubscribe(key: &str) -> Bytes {
     b.freeze()
 }
 
+/// Encodes a `Retain` record: `message` is now the retained message of
+/// `topic` in `space` (an empty `message` clears it).
+pub fn retain(space: &str, topic: &str, message: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + space.len() + topic.len() + message.len());
+    b.put_u8(RETAIN);
+    put_str(&mut b, space);
+    put_str(&mut b, topic);
+    b.put_slice(message);
+    b.freeze()
+}
+
+/// A `Retain` record's space, topic and message.
+fn parse_retain(record: &Bytes) -> Option<(String, String, Bytes)> {
+    let mut b = record.get(1..)?;
+    let space = get_str(&mut b)?;
+    let topic = get_str(&mut b)?;
+    let at = record.len() - b.len();
+    Some((space, topic, record.slice(at..)))
+}
+
+/// A retained message as recovered: its record's seq, space, topic and
+/// the message.
+pub type RetainedRecord = (u64, String, String, Bytes);
+
 /// What the journal leaves: each queue's messages not consumed, in the
-/// order they were stored, and the durable subscriptions with the seq of
-/// the record that made each.
+/// order they were stored, the durable subscriptions with the seq of
+/// the record that made each, and the retained message of each topic.
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub queues: BTreeMap<String, VecDeque<Stored>>,
     pub subscriptions: Vec<(u64, SubRecord)>,
+    pub retained: Vec<RetainedRecord>,
 }
 
 /// A `Publish` record's fields: expiry, queues, payload offset.
@@ -175,9 +226,19 @@ pub fn recover(records: Vec<Record>) -> Recovered {
     let mut acked: HashSet<u64> = HashSet::new();
     let mut acked_one: HashSet<(u64, String)> = HashSet::new();
     let mut subs: HashMap<String, (u64, SubRecord)> = HashMap::new();
+    let mut retained: BTreeMap<(String, String), (u64, Bytes)> = BTreeMap::new();
     for r in &records {
         let p = &r.payload;
         match p.first() {
+            Some(&RETAIN) => {
+                if let Some((space, topic, msg)) = parse_retain(p) {
+                    if msg.is_empty() {
+                        retained.remove(&(space, topic));
+                    } else {
+                        retained.insert((space, topic), (r.seq, msg));
+                    }
+                }
+            }
             Some(&ACK) if p.len() == 9 => {
                 acked.insert(u64::from_be_bytes(p[1..9].try_into().unwrap_or_default()));
             }
@@ -237,6 +298,10 @@ pub fn recover(records: Vec<Record>) -> Recovered {
     let mut subs: Vec<(u64, SubRecord)> = subs.into_values().collect();
     subs.sort_by_key(|(seq, _)| *seq);
     out.subscriptions = subs;
+    out.retained = retained
+        .into_iter()
+        .map(|((space, topic), (seq, msg))| (seq, space, topic, msg))
+        .collect();
     out
 }
 
@@ -287,6 +352,8 @@ mod tests {
             selector: Some("x = 1".into()),
             shared: false,
             since: None,
+            expiry: None,
+            ..Default::default()
         };
         let mut b = a.clone();
         b.key = sub_key("s", "b");
@@ -318,6 +385,8 @@ mod tests {
             selector: None,
             shared: false,
             since: None,
+            expiry: Some(30),
+            ..Default::default()
         };
         let rewritten = SubRecord {
             since: Some(5),
@@ -336,6 +405,30 @@ mod tests {
         let got: Vec<_> = q.queues[&a.key].iter().map(|m| m.payload.clone()).collect();
         assert_eq!(got, vec![Bytes::from_static(b"new")]);
         assert_eq!(q.subscriptions[0].1.since, Some(5));
+        assert_eq!(q.subscriptions[0].1.expiry, Some(30));
+    }
+
+    #[test]
+    fn the_last_retained_message_of_a_topic_stays_and_an_empty_one_clears_it() {
+        let q = recover(vec![
+            rec(1, retain("s", "a/b", b"one")),
+            rec(2, retain("s", "a/b", b"two")),
+            rec(3, retain("s", "a/c", b"gone")),
+            rec(4, retain("t", "a/b", b"other space")),
+            rec(5, retain("s", "a/c", b"")),
+        ]);
+        let got: Vec<_> = q
+            .retained
+            .iter()
+            .map(|(seq, s, t, m)| (*seq, s.as_str(), t.as_str(), m.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, "s", "a/b", Bytes::from_static(b"two")),
+                (4, "t", "a/b", Bytes::from_static(b"other space")),
+            ]
+        );
     }
 
     #[test]
@@ -345,8 +438,9 @@ mod tests {
             rec(2, Bytes::from_static(&[ACK_ONE, 1])),
             rec(3, Bytes::from_static(&[SUBSCRIBE, b'{'])),
             rec(4, Bytes::from_static(&[UNSUBSCRIBE, 0, 9])),
+            rec(5, Bytes::from_static(&[RETAIN, 0, 9, b'x'])),
         ]);
-        assert!(q.queues.is_empty() && q.subscriptions.is_empty());
+        assert!(q.queues.is_empty() && q.subscriptions.is_empty() && q.retained.is_empty());
         assert!(is_subscription("s/$sub/x") && !is_subscription("s/q"));
     }
 }

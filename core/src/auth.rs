@@ -464,7 +464,9 @@ pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> 
 /// True when one of `rules` allows `op` on `address`.
 pub fn authorized(rules: &[AuthorizationRule], op: Operation, address: &str) -> bool {
     rules.iter().any(|r| {
-        r.operations.contains(&op) && r.addresses.iter().any(|p| pattern::matches(p, address))
+        // A pattern address (a topic subscription) needs a rule that covers
+        // everything it matches.
+        r.operations.contains(&op) && r.addresses.iter().any(|p| pattern::covers(p, address))
     })
 }
 

@@ -31,6 +31,14 @@ use crate::Shared;
 const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// Prefix of router-assigned dynamic addresses.
 pub const DYNAMIC_PREFIX: &str = "$dynamic/";
+/// Offered on Open by the MQTT gateway: its links name their space.
+pub const GATEWAY_CAPABILITY: &str = "flotilla.gateway";
+/// The MQTT gateway's own addresses (its clients' retained messages and
+/// session records), held by the broker of a space's `#`.
+pub const MQTT_PREFIX: &str = "$mqtt/";
+/// Links the gateway may have on one connection (it multiplexes many
+/// MQTT clients' subscriptions).
+const GATEWAY_MAX_LINKS: usize = 1 << 20;
 
 enum IncomingTarget {
     Address(Arc<AddressState>),
@@ -40,6 +48,9 @@ enum IncomingTarget {
 
 struct Incoming {
     target: IncomingTarget,
+    /// On the MQTT gateway's connection: whose link it is (the space the
+    /// gateway named for it).
+    principal: Option<Arc<Principal>>,
     /// This link's messages waiting in router queues (they hold its credit).
     held: u32,
 }
@@ -73,6 +84,9 @@ pub(crate) enum ConnRole {
     RouteContainer(String),
     /// A component that is no route container: it may read `$stat`.
     Tool,
+    /// The MQTT gateway (a component offering [`GATEWAY_CAPABILITY`]):
+    /// each of its links names the space it acts in.
+    Gateway,
     /// An inter-router connection.
     Peer(Box<crate::mesh::peer::PeerLink>),
 }
@@ -537,11 +551,17 @@ impl ConnectionTask {
             // credential. It serves routed links; it is no tenant. Without
             // the route-container capability it is an operator's tool,
             // which may only read `$stat`.
-            info!(conn.id = self.id.0, client.addr = %self.peer, mechanism = self.identity.mechanism, route_container, "component connected");
+            let gateway = open.offered_capabilities.as_ref().is_some_and(|c| {
+                c.0.iter().any(|s| s.as_str() == GATEWAY_CAPABILITY)
+            });
+            info!(conn.id = self.id.0, client.addr = %self.peer, mechanism = self.identity.mechanism, route_container, gateway, "component connected");
             self.conn.open();
             if route_container {
                 let id = open.container_id.clone();
                 self.route_container_open(&id);
+            } else if gateway {
+                self.conn.set_max_links(GATEWAY_MAX_LINKS);
+                self.role = ConnRole::Gateway;
             } else {
                 self.role = ConnRole::Tool;
             }
@@ -632,6 +652,9 @@ impl ConnectionTask {
         {
             return self.accept_stat(link, &attach);
         }
+        if matches!(self.role, ConnRole::Gateway) {
+            return self.gateway_attach(link, attach);
+        }
         let Some(p) = self.principal().cloned() else {
             let why = if self.identity.is_component() {
                 "a route container's connection carries only the links routers route to it"
@@ -654,11 +677,52 @@ impl ConnectionTask {
                 self.conn.limit_message_size(link, q);
             }
         }
-        if let Some(info) = self.route_for(&p, &attach) {
+        if let Some(info) = self.route_for(&p, &attach, &self.remote_container) {
             return self.route_attach(link, attach, info);
         }
         match attach.role {
-            Role::Sender => self.attach_incoming(link, &p, attach),
+            Role::Sender => self.attach_incoming(link, &p, attach, None),
+            Role::Receiver => self.attach_outgoing(link, &p, attach),
+        }
+    }
+
+    /// A link of the MQTT gateway: it acts for one of its clients, in the
+    /// space its `flotilla:space` property names (trusted: the gateway
+    /// proved the mesh credential and authorized its client itself), for
+    /// the durable subscriptions of `flotilla:container-id`.
+    fn gateway_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
+        let prop = |k: &str| match attach
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(&flotilla_amqp::types::primitives::Symbol::from(k)))
+        {
+            Some(flotilla_amqp::types::primitives::Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let space = prop(crate::linkroute::PROP_SPACE)
+            .filter(|s| self.shared.policy.tenancy().spaces.contains_key(s));
+        let Some(space) = space else {
+            let e = amqp_error(
+                AmqpError::NotFound,
+                "the gateway's link must name an address space that exists (flotilla:space)",
+            );
+            return self.conn.refuse_attach(link, e);
+        };
+        let container = prop(crate::linkroute::PROP_CONTAINER)
+            .unwrap_or_else(|| self.remote_container.clone());
+        let p = Principal {
+            space,
+            user: None,
+            rules: flotilla_core::config::allow_all(),
+        };
+        if let Some(info) = self.route_for(&p, &attach, &container) {
+            return self.route_attach(link, attach, info);
+        }
+        match attach.role {
+            Role::Sender => {
+                let p = Arc::new(p);
+                self.attach_incoming(link, &p.clone(), attach, Some(p))
+            }
             Role::Receiver => self.attach_outgoing(link, &p, attach),
         }
     }
@@ -727,8 +791,26 @@ impl ConnectionTask {
         &self,
         p: &Principal,
         attach: &flotilla_amqp::types::performatives::Attach,
+        container: &str,
     ) -> Option<crate::linkroute::RouteInfo> {
         let address = crate::linkroute::terminus_address(attach).filter(|a| !a.is_empty())?;
+        if address.starts_with(MQTT_PREFIX) && matches!(self.role, ConnRole::Gateway) {
+            // The gateway's retained messages and session records: with
+            // the space's topics that nobody declared (its `#`).
+            let t = self.shared.policy.tenancy();
+            let space = t.spaces.get(&p.space)?;
+            return Some(crate::linkroute::RouteInfo {
+                space: p.space.clone(),
+                kind: AddressType::Topic,
+                placed_by: "#".to_string(),
+                address: address.clone(),
+                container: container.to_string(),
+                link_name: attach.name.clone(),
+                broker: space.placements.get("#").cloned(),
+                hops: 0,
+                topic: None,
+            });
+        }
         if address.starts_with('$') {
             // Reserved for the router itself (`$stat`, `$dynamic/…`): never
             // a broker's, whatever capability the client asks with.
@@ -763,7 +845,10 @@ impl ConnectionTask {
                 if has("queue") {
                     (AddressType::Queue, address.as_str())
                 } else if has("topic") {
-                    (AddressType::Topic, address.as_str())
+                    // Every undeclared topic of a space lives on one broker
+                    // (the one of its `#`), so a wildcard subscription there
+                    // sees them all.
+                    (AddressType::Topic, "#")
                 } else {
                     return None;
                 }
@@ -784,7 +869,7 @@ impl ConnectionTask {
             kind,
             placed_by: declared.to_string(),
             address: address.clone(),
-            container: self.remote_container.clone(),
+            container: container.to_string(),
             link_name: attach.name.clone(),
             broker: space.placements.get(declared).cloned(),
             hops: 0,
@@ -847,6 +932,7 @@ impl ConnectionTask {
         link: LinkId,
         p: &Principal,
         attach: flotilla_amqp::types::performatives::Attach,
+        principal: Option<Arc<Principal>>,
     ) {
         let target = match attach.target.as_deref() {
             Some(TargetArchetype::Target(t)) => t.clone(),
@@ -893,6 +979,7 @@ impl ConnectionTask {
             link,
             Incoming {
                 target: target_state,
+                principal,
                 held: 0,
             },
         );
@@ -1061,7 +1148,8 @@ impl ConnectionTask {
         let Some(inc) = self.incoming.get(&link) else {
             return;
         };
-        let Some(p) = self.principal() else {
+        let link_principal = inc.principal.clone();
+        let Some(p) = link_principal.as_deref().or(self.principal()) else {
             return;
         };
         let origin = (!d.settled).then(|| Origin {
