@@ -52,7 +52,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything on this machine: router(s) and a broker.
+    /// Run everything on this machine: router(s), a broker, the MQTT
+    /// gateway and the console.
     Up(UpArgs),
     /// Run an AMQP 1.0 router.
     Router(RouterArgs),
@@ -60,6 +61,8 @@ enum Command {
     Broker(BrokerArgs),
     /// Run the control plane: the REST API and the watch routers follow.
     Console(ConsoleServeArgs),
+    /// Run the MQTT gateway: MQTT 3.1.1 and 5.0 clients on the mesh.
+    MqttGateway(GatewayArgs),
     /// Send messages to an address.
     Send(tools::SendArgs),
     /// Receive messages from an address and print them.
@@ -409,6 +412,116 @@ async fn run_broker(a: BrokerArgs) -> ExitCode {
     }
 }
 
+/// The MQTT gateway's listeners and limits.
+#[derive(Args, Clone)]
+struct MqttArgs {
+    /// MQTT listener, HOST:PORT.
+    #[arg(long, env = "FLOTILLA_MQTT", default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// MQTTS (TLS) listener, HOST:PORT (needs --tls-cert/--tls-key).
+    #[arg(long, env = "FLOTILLA_MQTTS")]
+    mqtts: Option<SocketAddr>,
+    /// MQTT over WebSocket (subprotocol `mqtt`), HOST:PORT.
+    #[arg(long, env = "FLOTILLA_MQTT_WS")]
+    mqtt_ws: Option<SocketAddr>,
+    /// Largest MQTT packet taken, in bytes (announced to 5.0 clients).
+    #[arg(long, env = "FLOTILLA_MQTT_MAX_PACKET_SIZE", default_value_t = 1 << 20)]
+    max_packet_size: usize,
+    /// QoS 1 and 2 publications a client may have unacknowledged.
+    #[arg(long, env = "FLOTILLA_MQTT_RECEIVE_MAXIMUM", default_value_t = 1024)]
+    receive_maximum: u16,
+    /// Longest keep-alive (seconds) a 5.0 client gets; longer ones, and
+    /// none, are lowered to it (Server Keep Alive).
+    #[arg(long, env = "FLOTILLA_MQTT_MAX_KEEP_ALIVE", default_value_t = 65535)]
+    max_keep_alive: u16,
+    /// Bytes waiting for a slow client past which its QoS 0 messages are
+    /// dropped (and counted).
+    #[arg(long, env = "FLOTILLA_MQTT_QOS0_BUFFER", default_value_t = 256 * 1024)]
+    qos0_buffer: usize,
+    /// AMQP connections to the router the gateway's clients share.
+    #[arg(long, env = "FLOTILLA_MQTT_UPSTREAMS", default_value_t = 2)]
+    upstreams: usize,
+}
+
+#[derive(Args, Clone)]
+struct GatewayArgs {
+    /// The router the gateway speaks AMQP to, HOST:PORT.
+    #[arg(long, env = "FLOTILLA_ROUTER", default_value = "127.0.0.1:5672")]
+    router: String,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+    /// Address spaces, addresses and users (YAML, as for routers).
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Gateway id (its container id towards the router).
+    #[arg(long = "gateway-id", alias = "container-id", env = "FLOTILLA_GATEWAY_ID", default_value = "flotilla-mqtt-gateway")]
+    container_id: String,
+    /// TLS certificate (PEM) for --mqtts; with --tls-ca it also proves the
+    /// gateway to its router.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The mesh CA (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// File holding the mesh secret: the gateway proves to its router that
+    /// it is a component with it.
+    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
+    /// Refuse clients that do not connect over TLS.
+    #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
+    require_tls: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+impl GatewayArgs {
+    fn into_config(self) -> Result<flotilla_mqtt_gateway::GatewayConfig, String> {
+        let tenancy = match &self.config {
+            Some(p) => Tenancy::load(p).map_err(|e| format!("--config: {e}"))?,
+            None => Tenancy::zero_config(),
+        };
+        let m = &self.mqtt;
+        Ok(flotilla_mqtt_gateway::GatewayConfig {
+            mqtt: Some(m.mqtt),
+            mqtts: m.mqtts,
+            mqtt_ws: m.mqtt_ws,
+            router: self.router,
+            container_id: self.container_id,
+            tenancy,
+            console: self.console.link()?,
+            tls: self.tls_cert.zip(self.tls_key),
+            tls_ca: self.tls_ca,
+            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            require_tls: self.require_tls,
+            admission: self.limits.admission(),
+            limits: flotilla_mqtt_gateway::Limits {
+                max_packet: m.max_packet_size.max(64),
+                receive_max: m.receive_maximum.max(1),
+                max_keep_alive: m.max_keep_alive.max(1),
+                qos0_buffer: m.qos0_buffer,
+                ..Default::default()
+            },
+            upstreams: m.upstreams.max(1),
+        })
+    }
+}
+
+async fn run_gateway(a: GatewayArgs) -> ExitCode {
+    let cfg = match a.into_config() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    match flotilla_mqtt_gateway::run(cfg, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage(e),
+    }
+}
+
 #[derive(Args, Clone)]
 struct ConsoleServeArgs {
     /// HTTP listener (REST API, web console, watch, metrics), HOST:PORT.
@@ -504,6 +617,11 @@ struct UpArgs {
     /// Run no console (routers and broker take --config only).
     #[arg(long, env = "FLOTILLA_NO_CONSOLE")]
     no_console: bool,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+    /// Run no MQTT gateway.
+    #[arg(long, env = "FLOTILLA_NO_MQTT")]
+    no_mqtt: bool,
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {
@@ -644,12 +762,46 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             }
         }));
     }
+    let mut mqtt_note = String::new();
+    if !args.no_mqtt {
+        // The gateway speaks AMQP to the last router, proving it is a
+        // component with the mesh secret, as it would in a cluster.
+        let g = GatewayArgs {
+            router: routers[routers.len() - 1].local_addrs[0].1.to_string(),
+            mqtt: args.mqtt.clone(),
+            config: args.router.config.clone(),
+            console: args.router.console.clone(),
+            container_id: "mqtt-gateway-0".into(),
+            tls_cert: args.router.tls_cert.clone(),
+            tls_key: args.router.tls_key.clone(),
+            tls_ca: args.router.tls_ca.clone(),
+            mesh_secret_file: args.router.mesh_secret_file.clone(),
+            require_tls: args.router.require_tls,
+            limits: args.router.limits.clone(),
+        };
+        let cfg = match g.into_config() {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        };
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = flotilla_mqtt_gateway::run(cfg, stop).await {
+                tracing::error!(error = %e, "MQTT gateway stopped");
+            }
+        }));
+        let (h, p) = (args.mqtt.mqtt.ip(), args.mqtt.mqtt.port());
+        mqtt_note = format!(
+            "\nMQTT on {}: mosquitto_sub -h {h} -p {p} -t 'sensors/#' -q 1 -v\n  mosquitto_pub -h {h} -p {p} -t sensors/t1 -m 21.5 -q 1",
+            args.mqtt.mqtt
+        );
+    }
     eprintln!(
-        "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue, or any address a client attaches to with the capability \"queue\".{}\nPress Ctrl-C to stop.",
+        "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue, or any address a client attaches to with the capability \"queue\".{}{}\nPress Ctrl-C to stop.",
         if n > 1 { format!(" with {n} routers ({})", urls.join(", ")) } else { String::new() },
         if args.no_broker { String::new() } else { format!(", broker on {} (journal in {})", args.broker_amqp, broker_dir.display()) },
         urls[0],
         urls[urls.len() - 1],
+        mqtt_note,
         console_note,
     );
     tasks.extend(routers.into_iter().map(|r| tokio::spawn(r.serve())));
@@ -679,6 +831,7 @@ fn main() -> ExitCode {
             Command::Router(a) => run_router(a).await,
             Command::Broker(a) => run_broker(a).await,
             Command::Console(a) => run_console(a).await,
+            Command::MqttGateway(a) => run_gateway(a).await,
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
             Command::Bench(a) => bench::run(a).await,

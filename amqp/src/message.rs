@@ -92,6 +92,26 @@ pub fn sections(mut b: &[u8]) -> impl Iterator<Item = Result<Section<'_>, Messag
     })
 }
 
+/// Splits message bytes into sections, each as its descriptor code and
+/// its whole span (descriptor included: what a section decoder takes).
+pub fn section_spans(b: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8]), MessageError>> {
+    let mut rest = b;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let r = next_section(rest).map(|(s, len)| {
+            let whole = &rest[..len];
+            rest = &rest[len..];
+            (s.code, whole)
+        });
+        if r.is_err() {
+            rest = &[];
+        }
+        Some(r)
+    })
+}
+
 fn next_section(b: &[u8]) -> Result<(Section<'_>, usize), MessageError> {
     if b[0] != 0x00 {
         return Err(MessageError("section is not a described type"));
@@ -308,6 +328,52 @@ pub fn redelivered(message: &Bytes, delivery_count: u32) -> Bytes {
     out.freeze()
 }
 
+/// The message with `properties.to` set to `to` (a properties section is
+/// added if it had none): how a message sent on a link to a topic learns
+/// its topic for the subscribers that need it (MQTT sessions). A message
+/// whose sections do not decode is returned as it is.
+pub fn with_to(message: &Bytes, to: &str) -> Bytes {
+    use fe2o3_amqp_types::messaging::Properties;
+    let mut out = BytesMut::with_capacity(message.len() + to.len() + 16);
+    let mut placed = false;
+    for s in section_spans(message) {
+        let Ok((code, span)) = s else {
+            return message.clone();
+        };
+        if !placed && code >= section::PROPERTIES {
+            let mut props = if code == section::PROPERTIES {
+                match crate::frame::decode_checked::<Properties>(span) {
+                    Ok(p) => p,
+                    Err(_) => return message.clone(),
+                }
+            } else {
+                Properties::default()
+            };
+            props.to = Some(to.to_string());
+            let Ok(enc) = serde_amqp::to_vec(&props) else {
+                return message.clone();
+            };
+            out.put_slice(&enc);
+            placed = true;
+            if code == section::PROPERTIES {
+                continue;
+            }
+        }
+        out.put_slice(span);
+    }
+    if !placed {
+        let props = Properties {
+            to: Some(to.to_string()),
+            ..Default::default()
+        };
+        let Ok(enc) = serde_amqp::to_vec(&props) else {
+            return message.clone();
+        };
+        out.put_slice(&enc);
+    }
+    out.freeze()
+}
+
 /// When a message expires, in ms since the Unix epoch (0: never): its
 /// `properties.absolute-expiry-time`, or `header.ttl` after `now_ms`,
 /// whichever comes first (AMQP 1.0 §3.2.1, §3.2.4).
@@ -416,6 +482,32 @@ mod tests {
         assert_eq!(to_address(&m).unwrap(), None);
         assert_eq!(expiry(&m, 1000), 0);
         assert_eq!(body_bytes(&m).unwrap(), vec![7u8; 300]);
+    }
+
+    #[test]
+    fn a_message_learns_its_topic() {
+        // Without properties: a section is added before the body.
+        let m = encode_message(&MessageParts {
+            durable: true,
+            body: b"x",
+            ..Default::default()
+        });
+        let t = with_to(&m, "a/b");
+        assert_eq!(to_address(&t).unwrap(), Some("a/b"));
+        assert_eq!(body_bytes(&t).unwrap(), b"x");
+        // With properties: `to` is set and the rest kept.
+        let m = encode_message(&MessageParts {
+            reply_to: Some("r"),
+            to: Some("old"),
+            body: b"y",
+            ..Default::default()
+        });
+        let t = with_to(&m, "c");
+        assert_eq!(to_address(&t).unwrap(), Some("c"));
+        assert_eq!(reply_to(&t).unwrap(), Some("r"));
+        assert_eq!(body_bytes(&t).unwrap(), b"y");
+        let junk = Bytes::from_static(&[0x00, 0x53, 0x73, 0x99]);
+        assert_eq!(with_to(&junk, "x"), junk);
     }
 
     proptest::proptest! {

@@ -934,7 +934,7 @@ impl BrokerConnection {
     /// from the gateway): one per client id (the routed container), taking
     /// what any of its topic filters matches; the filters come in the
     /// source's `flotilla:topic-filters` filter (absent: those it had), and
-    /// link property `flotilla:fresh` starts it afresh.
+    /// link property `mqtt:fresh` starts it afresh.
     fn session_subscription(
         &self,
         attach: &Attach,
@@ -958,7 +958,7 @@ impl BrokerConnection {
             attach
                 .properties
                 .as_ref()
-                .and_then(|p| p.get(&Symbol::from("flotilla:fresh"))),
+                .and_then(|p| p.get(&Symbol::from("mqtt:fresh"))),
             Some(Value::Bool(true))
         );
         let filters = source
@@ -1062,6 +1062,12 @@ impl BrokerConnection {
                 } else {
                     topic.clone()
                 };
+                // Subscribers of many topics (MQTT sessions) learn each
+                // message's topic from its `to`.
+                let payload = match message::to_address(&payload) {
+                    Ok(Some(t)) if t == topic => payload,
+                    _ => message::with_to(&payload, &topic),
+                };
                 p.storing += 1;
                 let ev = BrokerEvent::Publish {
                     space: space.clone(),
@@ -1139,6 +1145,10 @@ impl BrokerConnection {
             meta: Option<String>,
             #[serde(default, deserialize_with = "present")]
             expiry: Option<Option<u32>>,
+            /// The session ends (a clean start): dropped, with whatever
+            /// it held, and whoever consumed it detached.
+            #[serde(default)]
+            delete: bool,
         }
         fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
             use serde::Deserialize;
@@ -1154,8 +1164,21 @@ impl BrokerConnection {
         if let Some(p) = self.producers.get_mut(&link) {
             p.storing += 1;
         }
+        let key = store::sub_key(space, &format!("session/{}", change.session));
+        if change.delete {
+            let _ = self.queues.send(BrokerEvent::SessionDelete {
+                key,
+                reply: PublishReply {
+                    tx: self.tx.clone(),
+                    link,
+                    delivery: dref,
+                    settled,
+                },
+            });
+            return;
+        }
         let _ = self.queues.send(BrokerEvent::SessionUpdate {
-            key: store::sub_key(space, &format!("session/{}", change.session)),
+            key,
             filters: change.filters,
             meta: change.meta,
             expiry: change.expiry,

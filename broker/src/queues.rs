@@ -236,6 +236,9 @@ pub enum BrokerEvent {
         expiry: Option<Option<u32>>,
         reply: PublishReply,
     },
+    /// Ends MQTT session `key` (if there is one): its consumers are
+    /// detached (`amqp:link:stolen`) and it is deleted.
+    SessionDelete { key: String, reply: PublishReply },
     /// The retained messages of `space` whose topic `filter` matches, to
     /// the reader on `link`.
     ReadRetained {
@@ -878,6 +881,19 @@ impl QueueTask {
             } => {
                 self.update_session(&key, filters, meta, expiry, reply);
                 Vec::new()
+            }
+            BrokerEvent::SessionDelete { key, reply } => {
+                let touched = self.steal(&key, u64::MAX, LinkId(u32::MAX));
+                if self.subs.get(&key).is_some_and(|s| s.record.session) {
+                    debug!(subscription = %key, "session ended by a clean start");
+                    self.delete_subscription(&key);
+                }
+                let _ = reply.tx.send(ToConn::Stored {
+                    link: reply.link,
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                });
+                touched.into_iter().filter(|k| *k != key).collect()
             }
             BrokerEvent::ReadRetained {
                 space,

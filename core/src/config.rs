@@ -126,6 +126,18 @@ impl Space {
         }
     }
 
+    /// True when a declared topic (or topic pattern) has addresses that
+    /// `filter` matches: an MQTT subscription to `#` takes them.
+    pub fn topics_overlapping(&self, filter: &str) -> bool {
+        self.exact
+            .iter()
+            .any(|(a, t)| *t == AddressType::Topic && crate::pattern::matches(filter, a))
+            || self
+                .patterns
+                .iter()
+                .any(|(p, t)| *t == AddressType::Topic && crate::pattern::overlaps(filter, p))
+    }
+
     /// Number of declared addresses and patterns.
     pub fn declared(&self) -> usize {
         self.exact.len() + self.patterns.len()

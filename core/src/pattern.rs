@@ -43,6 +43,24 @@ fn cover_rest(p: Option<&str>, f: Option<&str>) -> bool {
     one && cover_rest(p_rest, f_rest)
 }
 
+/// True when some address matches both `a` and `b` (a subscription to
+/// `#` or `+/temp` takes messages of a topic declared as `sensors/#`).
+pub fn overlaps(a: &str, b: &str) -> bool {
+    overlap_rest(Some(a), Some(b))
+}
+
+fn overlap_rest(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a.map(split), b.map(split)) {
+        (None, None) => true,
+        (Some(("#", _)), _) | (_, Some(("#", _))) => true,
+        (None, _) | (_, None) => false,
+        (Some((x, a_rest)), Some((y, b_rest))) => {
+            let one = x == y || matches!(x, "+" | "*") || matches!(y, "+" | "*");
+            one && overlap_rest(a_rest, b_rest)
+        }
+    }
+}
+
 /// True when `topic` matches MQTT topic filter `filter` under the core
 /// pattern syntax, with MQTT's rule for `$` topics (§4.7.2): a filter that
 /// starts with a wildcard does not match a topic that starts with `$`.
@@ -170,5 +188,26 @@ mod tests {
                 prop_assert!(matches(&p, &a));
             }
         }
+
+        /// An address both match is an overlap.
+        #[test]
+        fn overlapping_is_sound(
+            p in "[a-b+#]([/][a-b+#]){0,3}",
+            f in "[a-b+#]([/][a-b+#]){0,3}",
+            a in "[a-b]([/][a-b]){0,4}",
+        ) {
+            if matches(&p, &a) && matches(&f, &a) {
+                prop_assert!(overlaps(&p, &f));
+            }
+        }
+    }
+
+    #[test]
+    fn overlaps_of_filters_and_declared_topics() {
+        assert!(overlaps("#", "sensors/#"));
+        assert!(overlaps("+/temp", "sensors/#"));
+        assert!(overlaps("sensors", "sensors/#"));
+        assert!(!overlaps("other/#", "sensors/#"));
+        assert!(!overlaps("+/+/+", "a/b"));
     }
 }

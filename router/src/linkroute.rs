@@ -524,7 +524,20 @@ impl ConnectionTask {
         r.answered = true;
         let early = r.early_flow.take();
         let peer = r.peer.clone();
-        answer.properties = None;
+        // The broker's link properties stay behind, but for the MQTT
+        // gateway: whether its session was resumed, with its state.
+        answer.properties = match (&self.role, answer.properties.take()) {
+            (crate::connection::ConnRole::Gateway, Some(p)) => {
+                let mut kept = Fields::default();
+                for (k, v) in p.iter() {
+                    if matches!(k.as_str(), "flotilla:resumed" | "flotilla:session-meta") {
+                        kept.insert(k.clone(), v.clone());
+                    }
+                }
+                Some(kept)
+            }
+            _ => None,
+        };
         self.conn.accept_attach_as(link, &answer);
         if let Some((limit, drain)) = early {
             match self.conn.link(link).map(|l| l.role.clone()) {

@@ -67,14 +67,15 @@ def with_mesh_secret(args):
 class Router:
     """A running `flotilla router` process."""
 
-    def __init__(self, *args, component="router", amqp="127.0.0.1:0"):
+    def __init__(self, *args, component="router", amqp="127.0.0.1:0", listen="--amqp", want=None):
         args = with_mesh_secret(args)
-        cmd = [flotilla_bin(), component, "--amqp", amqp, *args]
+        cmd = [flotilla_bin(), component, listen, amqp, *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.ports = {}
         self.log = []
         deadline = time.monotonic() + 20
-        want = 1 + ("--amqps" in args) + ("--inter-router" in args)
+        if want is None:
+            want = 1 + ("--amqps" in args) + ("--inter-router" in args)
         while len(self.ports) < want:
             if time.monotonic() > deadline:
                 self.stop()
@@ -138,6 +139,25 @@ class Broker(Router):
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout
         return {q["address"]: q for q in json.loads(out)["queues"]}
+
+
+class Gateway(Router):
+    """A running `flotilla mqtt-gateway` on its router: `port` is its MQTT
+    listener's (and `ports` has `mqtts` and `mqtt-ws` when asked for)."""
+
+    def __init__(self, *args, mqtt="127.0.0.1:0"):
+        self.args = args
+        want = 1 + ("--mqtts" in args) + ("--mqtt-ws" in args)
+        super().__init__(*args, component="mqtt-gateway", amqp=mqtt, listen="--mqtt", want=want)
+
+    @property
+    def port(self):
+        return self.ports["mqtt"]
+
+    def restart(self):
+        """Kills the gateway (SIGKILL) and starts it again on the same port."""
+        self.stop()
+        self.__init__(*self.args, mqtt="127.0.0.1:%d" % self.port)
 
 
 def make_certs(d):

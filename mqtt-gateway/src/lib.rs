@@ -1,0 +1,218 @@
+//! flotilla-mqtt-gateway: MQTT 3.1.1 and 5.0 clients on the AMQP router
+//! mesh (DESIGN.md "MQTT gateway and last-will service").
+//!
+//! MQTT clients connect here (plain, TLS, WebSocket); the gateway logs
+//! them in against their space's users, and speaks AMQP for them to its
+//! router over a few connections it shares between them, proving the
+//! mesh credential so the router trusts the space each link names.
+//! Topics are the space's addresses; what a session keeps (subscriptions,
+//! queued messages, QoS 2 state) and retained messages are in brokers, so
+//! a gateway can die and its clients resume on another.
+//!
+//! # Layout
+//!
+//! - [`codec`]: MQTT packets on the wire.
+//! - [`convert`]: MQTT messages as AMQP messages and back.
+//! - [`session`]: one connection's protocol state, without I/O.
+//! - [`upstream`]: the AMQP connections to the router.
+//! - [`server`]: listeners and one task per connection.
+//! - [`registry`]: who is connected; counters; `stat`.
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod convert;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_amqp::admission::{Admission, AdmissionConfig};
+use flotilla_amqp::policy::Policy;
+use flotilla_amqp::transport::ClientSasl;
+use flotilla_core::auth::MeshSecret;
+use flotilla_core::config::Tenancy;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub use session::Limits;
+
+/// Everything a gateway needs to start.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// MQTT over TCP (`--mqtt`).
+    pub mqtt: Option<SocketAddr>,
+    /// MQTT over TLS (`--mqtts`; needs `tls`).
+    pub mqtts: Option<SocketAddr>,
+    /// MQTT over WebSocket, subprotocol `mqtt` (`--mqtt-ws`).
+    pub mqtt_ws: Option<SocketAddr>,
+    /// The router (`HOST:PORT`) the gateway speaks AMQP to.
+    pub router: String,
+    pub container_id: String,
+    /// Address spaces, users and addresses (as for routers).
+    pub tenancy: Tenancy,
+    /// Follow the control plane.
+    pub console: Option<flotilla_core::watch::ConsoleLink>,
+    /// Certificate and key (PEM) for `--mqtts`; with `tls_ca`, also what
+    /// proves the gateway to its router.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The mesh CA (the router's certificate is checked against it).
+    pub tls_ca: Option<PathBuf>,
+    /// The mesh secret: the gateway's credential towards its router, and
+    /// what operators' tools log in with for `stat`.
+    pub mesh_secret: Option<MeshSecret>,
+    /// Clients must come over TLS.
+    pub require_tls: bool,
+    pub admission: AdmissionConfig,
+    pub limits: Limits,
+    /// AMQP connections to the router the clients are spread over.
+    pub upstreams: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] flotilla_amqp::tls::TlsError),
+    #[error("--mqtts and --require-tls need --tls-cert and --tls-key")]
+    TlsMissing,
+    #[error("the gateway proves itself to its router with a component credential: --mesh-secret-file FILE (the routers' mesh secret), or --tls-ca with --tls-cert/--tls-key (a certificate from the mesh CA)")]
+    NoComponentCredential,
+}
+
+async fn bind(addr: SocketAddr, proto: &str) -> Result<TcpListener, GatewayError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })?;
+    let bound = l
+        .local_addr()
+        .map_err(|source| GatewayError::Bind { addr, source })?;
+    info!(proto, addr = %bound, "listening");
+    Ok(l)
+}
+
+/// Binds the listeners, connects to the router, and serves until `shutdown`.
+///
+/// # Errors
+/// A port cannot be bound, TLS files do not load, or there is no
+/// credential to prove the gateway to its router.
+pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let proves_component = cfg.mesh_secret.is_some() || (cfg.tls_ca.is_some() && cfg.tls.is_some());
+    if !proves_component {
+        return Err(GatewayError::NoComponentCredential);
+    }
+    if (cfg.mqtts.is_some() || cfg.require_tls) && cfg.tls.is_none() {
+        return Err(GatewayError::TlsMissing);
+    }
+    let router_tls = match (&cfg.tls_ca, &cfg.tls) {
+        (Some(ca), Some((c, k))) => Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?),
+        (Some(ca), None) => Some(flotilla_amqp::tls::client_config(ca)?),
+        _ => None,
+    };
+    let sasl = match &cfg.mesh_secret {
+        Some(m) => ClientSasl::Scram {
+            user: MeshSecret::username(&cfg.container_id),
+            password: m.secret().to_string(),
+        },
+        None => ClientSasl::Anonymous,
+    };
+    let policy = Policy::new(cfg.tenancy.clone())
+        .with_mesh_secret(cfg.mesh_secret.clone())
+        .with_require_tls(cfg.require_tls);
+    let tracker = TaskTracker::new();
+    let pool = upstream::Pool::start(
+        cfg.upstreams,
+        upstream::RouterLink {
+            addr: cfg.router.clone(),
+            tls: router_tls,
+            sasl,
+            container_id: cfg.container_id.clone(),
+        },
+        shutdown.clone(),
+    );
+    let tenancy_version = tokio::sync::watch::Sender::new(0u64);
+    let shared = Arc::new(server::Shared {
+        policy: policy.clone(),
+        mesh: cfg.mesh_secret.clone(),
+        pool,
+        registry: registry::Registry::default(),
+        limits: cfg.limits.clone(),
+        handshake_timeout: cfg.admission.handshake_timeout,
+        next_key: AtomicU64::new(1),
+        shutdown: shutdown.clone(),
+        tenancy_version: tenancy_version.clone(),
+    });
+    if let Some(link) = cfg.console.clone() {
+        let (p, v) = (policy.clone(), tenancy_version.clone());
+        let apply = move |t: Tenancy| {
+            p.replace(t);
+            v.send_modify(|n| *n += 1);
+        };
+        tracker.spawn(flotilla_core::watch::follow(
+            link.clone(),
+            apply,
+            shutdown.clone(),
+        ));
+        let (sh, id) = (shared.clone(), cfg.container_id.clone());
+        let state = move || {
+            let (sh, id) = (sh.clone(), id.clone());
+            async move {
+                let mut v = sh.registry.snapshot(None);
+                v["component"] = "gateway".into();
+                v["id"] = id.into();
+                v
+            }
+        };
+        tracker.spawn(flotilla_core::watch::report_every_second(
+            link,
+            state,
+            |_| {},
+            shutdown.clone(),
+        ));
+    }
+    let acceptor = match &cfg.tls {
+        Some((c, k)) => Some(tokio_rustls::TlsAcceptor::from(
+            flotilla_amqp::tls::server_config(c, k, flotilla_amqp::tls::ClientCerts::None)?,
+        )),
+        None => None,
+    };
+    let counted = Arc::default();
+    let mut listeners = Vec::new();
+    if let Some(a) = cfg.mqtt {
+        listeners.push((bind(a, "mqtt").await?, server::Kind::Plain, "mqtt"));
+    }
+    if let (Some(a), Some(acc)) = (cfg.mqtts, &acceptor) {
+        listeners.push((bind(a, "mqtts").await?, server::Kind::Tls(acc.clone()), "mqtts"));
+    }
+    if let Some(a) = cfg.mqtt_ws {
+        listeners.push((bind(a, "mqtt-ws").await?, server::Kind::WebSocket, "mqtt-ws"));
+    }
+    for (l, kind, name) in listeners {
+        let admission = Arc::new(Admission::new(name, cfg.admission, Arc::clone(&counted)));
+        tracker.spawn(server::serve(
+            l,
+            kind,
+            shared.clone(),
+            admission,
+            tracker.clone(),
+        ));
+    }
+    shutdown.cancelled().await;
+    info!("stopped accepting; closing connections");
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,955 @@
+//! The MQTT listeners (plain, TLS, WebSocket) and one task per MQTT
+//! connection: CONNECT (login, takeover, the session set up in its broker,
+//! CONNACK), then packets and upstream events through [`Session`] until
+//! the connection ends, then what the session leaves behind.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use flotilla_amqp::admission::Admission;
+use flotilla_amqp::policy::{Policy, Principal};
+use flotilla_amqp::transport::{Authenticator, Hostnames, TlsState, Verdict};
+use flotilla_core::auth::MeshSecret;
+use flotilla_core::resources::{AuthorizationRule, Operation};
+use futures_util::{Sink, Stream};
+use mqtt5_protocol::packet::connect::ConnectPacket;
+use mqtt5_protocol::packet::Packet;
+use mqtt5_protocol::protocol::v5::properties::Properties;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::codec::{self, DecodeError, V311, V5};
+use crate::registry::{Entry, Registry, SessionStats};
+use crate::session::{container_of, Limits, Meta, Session, Setup};
+use crate::upstream::{Cmd, Dest, Ev, Gate, Outcome, Pool, GATE_HIGH};
+
+/// The principal's space of an operator's tool that logged in with the
+/// mesh secret: it may only read `$SYS/flotilla/stat`, of every space.
+pub const MESH_SPACE: &str = "$mesh";
+/// The topic whose subscribers get a snapshot of the gateway's sessions.
+pub const STAT_TOPIC: &str = "$SYS/flotilla/stat";
+
+/// What every connection task shares.
+pub struct Shared {
+    pub policy: Policy,
+    pub mesh: Option<MeshSecret>,
+    pub pool: Pool,
+    pub registry: Registry,
+    pub limits: Limits,
+    pub handshake_timeout: Duration,
+    pub next_key: AtomicU64,
+    pub shutdown: CancellationToken,
+    /// Bumped when the tenancy changes.
+    pub tenancy_version: tokio::sync::watch::Sender<u64>,
+}
+
+/// How a listener's connections arrive.
+#[derive(Clone)]
+pub enum Kind {
+    Plain,
+    Tls(tokio_rustls::TlsAcceptor),
+    WebSocket,
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Plain => "mqtt",
+            Kind::Tls(_) => "mqtts",
+            Kind::WebSocket => "mqtt-ws",
+        }
+    }
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    kind: Kind,
+    shared: Arc<Shared>,
+    admission: Arc<Admission>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let permit = match admission.begin(peer) {
+            Ok(p) => p,
+            Err(r) => {
+                shared
+                    .registry
+                    .totals
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                admission.warn("connection refused", r.reason(), peer);
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, kind, admission) = (shared.clone(), kind.clone(), admission.clone());
+        let span = tracing::info_span!("mqtt", client.addr = %peer);
+        tracker.spawn(
+            async move {
+                let listener = kind.name();
+                let timeout = shared.handshake_timeout;
+                match kind {
+                    Kind::Plain => {
+                        connection(tcp, peer, false, listener, shared, admission, permit).await
+                    }
+                    Kind::Tls(acceptor) => {
+                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                connection(tls, peer, true, listener, shared, admission, permit)
+                                    .await
+                            }
+                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => debug!("TLS handshake timed out"),
+                        }
+                    }
+                    Kind::WebSocket => {
+                        match tokio::time::timeout(timeout, websocket(tcp)).await {
+                            Ok(Ok(ws)) => {
+                                connection(ws, peer, false, listener, shared, admission, permit)
+                                    .await
+                            }
+                            Ok(Err(e)) => debug!(error = %e, "WebSocket handshake failed"),
+                            Err(_) => debug!("WebSocket handshake timed out"),
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Why a CONNECT is refused: the 5.0 reason code and the 3.1.1 return code.
+struct Refusal {
+    v5: u8,
+    v3: u8,
+    why: String,
+}
+
+fn refusal(v5: u8, v3: u8, why: impl Into<String>) -> Refusal {
+    Refusal {
+        v5,
+        v3,
+        why: why.into(),
+    }
+}
+
+/// Checks a client's credentials: its principal, or why not.
+async fn login(
+    shared: &Shared,
+    c: &ConnectPacket,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Principal, Refusal> {
+    let password = match &c.password {
+        Some(p) => Some(
+            std::str::from_utf8(p)
+                .map_err(|_| refusal(0x86, 4, "the password is not UTF-8"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let tls_state = TlsState {
+        tls,
+        client_cert: false,
+    };
+    match c.username.as_deref() {
+        Some(user) if MeshSecret::login_id(user).is_some() => {
+            // An operator's tool with the mesh secret: it reads stat only.
+            let ok = match (&shared.mesh, &password) {
+                (Some(m), Some(p)) => {
+                    let (keys, p) = (m.keys().clone(), p.clone());
+                    tokio::task::spawn_blocking(move || keys.verify_password(&p))
+                        .await
+                        .unwrap_or(false)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(refusal(0x86, 4, "wrong mesh credential"));
+            }
+            Ok(Principal {
+                space: MESH_SPACE.into(),
+                user: MeshSecret::login_id(user).map(str::to_string),
+                rules: vec![AuthorizationRule {
+                    addresses: vec!["#".into()],
+                    operations: vec![Operation::View],
+                }],
+            })
+        }
+        Some(user) => {
+            let Some(pass) = password else {
+                return Err(refusal(0x86, 4, "a username needs a password"));
+            };
+            let names = Hostnames {
+                sasl: None,
+                open: Some(None),
+            };
+            match shared.policy.plain(user, &pass, names, tls_state).await {
+                Verdict::Accept(mut id) => {
+                    id.tls = tls;
+                    shared
+                        .policy
+                        .on_open(&id, None, peer)
+                        .map_err(|why| refusal(0x87, 5, why))
+                }
+                Verdict::Refuse(why) => Err(refusal(0x86, 4, why)),
+                Verdict::AwaitOpen => Err(refusal(0x86, 4, "no address space")),
+            }
+        }
+        None => {
+            if password.is_some() {
+                return Err(refusal(0x86, 4, "a password without a username"));
+            }
+            let Some(mut id) = shared.policy.without_credentials(None, peer, tls_state) else {
+                return Err(refusal(0x87, 5, "this address space does not allow anonymous clients"));
+            };
+            id.tls = tls;
+            shared
+                .policy
+                .on_open(&id, None, peer)
+                .map_err(|why| refusal(0x87, 5, why))
+        }
+    }
+}
+
+/// Reads the CONNECT (the first packet).
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    max: usize,
+) -> Result<Box<ConnectPacket>, Option<DecodeError>> {
+    loop {
+        match codec::read_packet(rbuf, None, max) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            Ok(Some(_)) => return Err(Some(DecodeError::Protocol("not CONNECT".into()))),
+            Ok(None) => {}
+            Err(e) => return Err(Some(e)),
+        }
+        rbuf.reserve(512);
+        match rd.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn connack(version: u8, present: bool, code: u8, props: Option<&Properties>) -> BytesMut {
+    let mut out = BytesMut::new();
+    codec::write_connack(&mut out, version, present, code, props);
+    out
+}
+
+/// A connection's life.
+async fn connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    listener: &'static str,
+    shared: Arc<Shared>,
+    admission: Arc<Admission>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::new();
+    let max = shared.limits.max_packet;
+    let connect = tokio::time::timeout(
+        shared.handshake_timeout,
+        read_connect(&mut rd, &mut rbuf, max),
+    )
+    .await;
+    let c = match connect {
+        Err(_) => {
+            admission.warn("connection closed", "no CONNECT in time", peer);
+            return;
+        }
+        Ok(Err(None)) => return,
+        Ok(Err(Some(e))) => {
+            shared
+                .registry
+                .totals
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            info!(error = %e, "closing connection: bad CONNECT");
+            if let DecodeError::UnsupportedLevel(l) = e {
+                let (v, code) = if l >= V5 { (V5, 0x84) } else { (V311, 1) };
+                let _ = wr.write_all(&connack(v, false, code, None)).await;
+            }
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    let Ok(slot) = admission.establish() else {
+        admission.warn("connection refused", "connection limit", peer);
+        let (v, code) = if c.protocol_version == V5 { (V5, 0x89) } else { (V311, 3) };
+        let _ = wr.write_all(&connack(v, false, code, None)).await;
+        return;
+    };
+    drop(permit);
+    let version = c.protocol_version;
+    match start(&shared, &c, peer, tls, listener).await {
+        Ok(mut started) => {
+            let _slot = slot;
+            if !started.early.is_empty() {
+                started.session.wbuf.unsplit(std::mem::take(&mut started.early));
+            }
+            run(started, rd, wr, rbuf, &shared).await;
+        }
+        Err(r) => {
+            shared
+                .registry
+                .totals
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(client.id = %c.client_id, user = c.username.as_deref().unwrap_or("<anonymous>"), reason = %r.why, "connection refused");
+            let code = if version == V5 { r.v5 } else { r.v3 };
+            let mut props = Properties::default();
+            if version == V5 {
+                props.set_reason_string(r.why);
+            }
+            let _ = wr
+                .write_all(&connack(version, false, code, Some(&props)))
+                .await;
+            let _ = wr.shutdown().await;
+        }
+    }
+}
+
+/// A connection accepted: its session, and what it needs to run.
+struct Started {
+    session: Session,
+    rx: mpsc::UnboundedReceiver<Ev>,
+    upstream: mpsc::UnboundedSender<Cmd>,
+    gate: Arc<Gate>,
+    kick: Arc<Notify>,
+    done: Arc<Notify>,
+    keep_alive: Option<Duration>,
+    will: Option<Will>,
+    early: BytesMut,
+    peer: SocketAddr,
+    tls: bool,
+}
+
+/// A client's will, published if its connection is lost.
+struct Will {
+    topic: String,
+    message: Bytes,
+    qos: u8,
+    retain: bool,
+    delay: u32,
+}
+
+/// Waits for the upstream event answering our setup.
+async fn answer(rx: &mut mpsc::UnboundedReceiver<Ev>) -> Option<Ev> {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// CONNECT: checks, login, takeover, the session in its broker.
+async fn start(
+    shared: &Arc<Shared>,
+    c: &ConnectPacket,
+    peer: SocketAddr,
+    tls: bool,
+    listener: &'static str,
+) -> Result<Started, Refusal> {
+    let v5 = c.protocol_version == V5;
+    let p = &c.properties;
+    if v5 && p.get_authentication_method().is_some() {
+        return Err(refusal(0x8c, 4, "enhanced authentication is not supported"));
+    }
+    if v5 && p.get_receive_maximum() == Some(0) {
+        return Err(refusal(0x82, 2, "Receive Maximum 0"));
+    }
+    if v5 && p.get_maximum_packet_size() == Some(0) {
+        return Err(refusal(0x82, 2, "Maximum Packet Size 0"));
+    }
+    let principal = login(shared, c, peer, tls).await?;
+    let expiry = if v5 {
+        p.get_session_expiry_interval().unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let mut client_id = c.client_id.clone();
+    let mut assigned = None;
+    if client_id.is_empty() {
+        if !v5 && !c.clean_start {
+            return Err(refusal(0x85, 2, "an empty client id needs a clean session"));
+        }
+        client_id = format!("flotilla-{:016x}", rand::random::<u64>());
+        assigned = Some(client_id.clone());
+    }
+    if let Some(w) = &c.will {
+        if !codec::valid_topic_name(&w.topic) || w.topic.starts_with('$') {
+            return Err(refusal(0x90, 2, format!("invalid will topic {:?}", w.topic)));
+        }
+        if !principal.may(Operation::Send, &w.topic) {
+            return Err(refusal(0x87, 5, format!("not allowed to publish the will to {:?}", w.topic)));
+        }
+    }
+    let space: Arc<str> = principal.space.clone().into();
+    let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
+    let stats = Arc::new(SessionStats::default());
+    let (kick, done) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let persistent = expiry > 0;
+    // One connection per client id: an earlier one lets go first.
+    let old = shared.registry.claim(Entry {
+        key,
+        client_id: client_id.clone(),
+        space: space.clone(),
+        user: principal.user.clone(),
+        addr: peer,
+        listener,
+        version: c.protocol_version,
+        persistent,
+        since_ms: crate::convert::now_ms(),
+        stats: stats.clone(),
+        kick: kick.clone(),
+        done: done.clone(),
+    });
+    let forget = |why: Refusal| {
+        shared.registry.release(&space, &client_id, key, &stats);
+        done.notify_one();
+        why
+    };
+    if let Some(old) = old {
+        info!(client.id = %client_id, "session taken over by a new connection");
+        old.kick.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(5), old.done.notified()).await;
+    }
+    // The connection to the router this client id goes through.
+    let handle = shared.pool.pick(&format!("{space}/{client_id}")).clone();
+    let mut ready = handle.ready.clone();
+    if !*ready.borrow() {
+        let wait = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r)).await;
+        if !matches!(wait, Ok(Ok(_))) {
+            return Err(forget(refusal(0x88, 3, "the gateway has no router")));
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(Gate::default());
+    let _ = handle.tx.send(Cmd::Register {
+        client: key,
+        tx,
+        gate: gate.clone(),
+    });
+    let container = container_of(&client_id);
+    let mut meta = None;
+    let mut present = false;
+    let mut session_tag = None;
+    if space.as_ref() != MESH_SPACE {
+        if persistent {
+            // The session's subscription: resumed, or made (afresh when
+            // the client asks for a clean start).
+            let tag = 1;
+            let attach = Session::session_attach(&space, &container, true, expiry, c.clean_start, None);
+            let _ = handle.tx.send(Cmd::Attach {
+                client: key,
+                tag,
+                attach: Box::new(attach),
+                credit: shared.limits.link_window,
+            });
+            match answer(&mut rx).await {
+                Some(Ev::Attached { resumed, meta: m, .. }) => {
+                    let m: Option<Meta> = m.and_then(|m| serde_json::from_str(&m).ok());
+                    if let Some(m) = &m {
+                        if resumed && m.user != principal.user {
+                            let _ = handle.tx.send(Cmd::Gone { client: key });
+                            return Err(forget(refusal(0x87, 5, "the session belongs to another user")));
+                        }
+                    }
+                    present = resumed && !c.clean_start;
+                    meta = if present { m } else { None };
+                    session_tag = Some(tag);
+                }
+                other => {
+                    let why = match other {
+                        Some(Ev::Detached { error: Some(e), .. }) => flotilla_amqp::client::describe(&e),
+                        _ => "no answer".into(),
+                    };
+                    let _ = handle.tx.send(Cmd::Gone { client: key });
+                    return Err(forget(refusal(0x88, 3, format!("the session cannot be kept: {why}"))));
+                }
+            }
+        } else {
+            // A clean session: whatever an earlier one left is dropped
+            // before anything else of this client reaches the broker.
+            let body = serde_json::json!({"session": container, "delete": true}).to_string();
+            let message = flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
+                body: body.as_bytes(),
+                ..Default::default()
+            });
+            gate.add();
+            let _ = handle.tx.send(Cmd::Publish {
+                client: key,
+                space: space.clone(),
+                dest: Dest::SessionState,
+                message,
+                settled: false,
+                token: 0,
+            });
+            match answer(&mut rx).await {
+                Some(Ev::Outcome {
+                    outcome: Outcome::Accepted,
+                    ..
+                }) => {}
+                other => {
+                    let why = match other {
+                        Some(Ev::Outcome { outcome, .. }) => format!("{outcome:?}"),
+                        _ => "no answer".into(),
+                    };
+                    let _ = handle.tx.send(Cmd::Gone { client: key });
+                    return Err(forget(refusal(0x88, 3, format!("the broker did not answer: {why}"))));
+                }
+            }
+        }
+    }
+    let limits = shared.limits.clone();
+    let mut keep_alive = c.keep_alive;
+    let mut props = Properties::default();
+    if v5 {
+        if keep_alive == 0 || keep_alive > limits.max_keep_alive {
+            if limits.max_keep_alive < u16::MAX {
+                keep_alive = limits.max_keep_alive;
+                props.set_server_keep_alive(keep_alive);
+            }
+        }
+        props.set_receive_maximum(limits.receive_max);
+        props.set_maximum_packet_size(limits.max_packet as u32);
+        props.set_topic_alias_maximum(limits.topic_alias_max);
+        props.set_retain_available(true);
+        props.set_wildcard_subscription_available(true);
+        props.set_subscription_identifier_available(true);
+        props.set_shared_subscription_available(true);
+        if let Some(id) = &assigned {
+            props.set_assigned_client_identifier(id.clone());
+        }
+        if persistent && expiry != p.get_session_expiry_interval().unwrap_or(0) {
+            props.set_session_expiry_interval(expiry);
+        }
+    }
+    let mut early = BytesMut::new();
+    codec::write_connack(&mut early, c.protocol_version, present, 0, Some(&props));
+    let session = Session::new(
+        Setup {
+            key,
+            version: c.protocol_version,
+            client_id: client_id.clone(),
+            space: space.clone(),
+            principal,
+            persistent,
+            expiry,
+            client_receive_max: p.get_receive_maximum().unwrap_or(u16::MAX),
+            client_max_packet: p.get_maximum_packet_size().unwrap_or(u32::MAX),
+            client_alias_max: p.get_topic_alias_maximum().unwrap_or(0),
+            session_tag,
+        },
+        limits,
+        shared.policy.clone(),
+        stats,
+        meta,
+    );
+    info!(client.id = %client_id, vhost = %space, user = session.principal.user.as_deref().unwrap_or("<anonymous>"), protocol = if v5 { "mqtt5" } else { "mqtt3.1.1" }, persistent, present, "MQTT client connected");
+    let will = c.will.as_ref().map(|w| {
+        let wp = &w.properties;
+        let mut mp = Properties::default();
+        if let Some(ct) = &wp.content_type {
+            mp.set_content_type(ct.clone());
+        }
+        if let Some(rt) = &wp.response_topic {
+            mp.set_response_topic(rt.clone());
+        }
+        if let Some(cd) = &wp.correlation_data {
+            mp.set_correlation_data(Bytes::from(cd.clone()));
+        }
+        if let Some(e) = wp.message_expiry_interval {
+            mp.set_message_expiry_interval(e);
+        }
+        if wp.payload_format_indicator == Some(true) {
+            mp.set_payload_format_indicator(true);
+        }
+        for (k, v) in &wp.user_properties {
+            mp.add_user_property(k.clone(), v.clone());
+        }
+        Will {
+            topic: w.topic.clone(),
+            message: crate::convert::to_amqp(&crate::convert::Inbound {
+                topic: &w.topic,
+                qos: w.qos as u8,
+                retain: w.retain,
+                client: &container,
+                properties: v5.then_some(&mp),
+                payload: &w.payload,
+            }),
+            qos: w.qos as u8,
+            retain: w.retain,
+            delay: wp.will_delay_interval.unwrap_or(0).min(expiry),
+        }
+    });
+    Ok(Started {
+        session,
+        rx,
+        upstream: handle.tx.clone(),
+        gate,
+        kick,
+        done,
+        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        will,
+        early,
+        peer,
+        tls,
+    })
+}
+
+/// Sends the session's commands upstream (counting publications at the gate).
+fn push_commands(s: &mut Session, upstream: &mpsc::UnboundedSender<Cmd>, gate: &Gate) {
+    for c in s.cmds.drain(..) {
+        if matches!(c, Cmd::Publish { .. }) {
+            gate.add();
+        }
+        let _ = upstream.send(c);
+    }
+}
+
+/// The connection after CONNACK.
+async fn run<R, W>(mut st: Started, mut rd: R, mut wr: W, mut rbuf: BytesMut, shared: &Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = shared.limits.max_packet;
+    let mut events = Vec::with_capacity(64);
+    let mut last_heard = Instant::now();
+    let mut read_size = 64usize;
+    let mut eof = false;
+    let timer = tokio::time::sleep(st.keep_alive.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(timer);
+    let mut tenancy = shared.tenancy_version.subscribe();
+    let s = &mut st.session;
+    // Packets that came with the CONNECT.
+    loop {
+        match codec::read_packet(&mut rbuf, Some(s.version), max) {
+            Ok(Some(p)) => s.on_packet(p),
+            Ok(None) => break,
+            Err(e) => {
+                s.fail(e.reason(), e.to_string());
+                break;
+            }
+        }
+    }
+    loop {
+        s.flush_credit();
+        push_commands(s, &st.upstream, &st.gate);
+        while s.stat_requests > 0 {
+            s.stat_requests -= 1;
+            let scope = (s.space.as_ref() != MESH_SPACE).then(|| s.space.to_string());
+            let body = shared.registry.snapshot(scope.as_deref()).to_string();
+            let none = Properties::default();
+            codec::write_publish(
+                &mut s.wbuf,
+                &codec::Publish {
+                    topic: STAT_TOPIC,
+                    qos: 0,
+                    packet_id: 0,
+                    retain: true,
+                    dup: false,
+                    properties: (s.version == V5).then_some(&none),
+                    payload: body.as_bytes(),
+                },
+            );
+        }
+        if s.close.is_some() || eof {
+            break;
+        }
+        let gated = st.gate.queued.load(Ordering::Acquire) >= GATE_HIGH;
+        let can_read = !gated && rbuf.len() < max + 8;
+        if can_read && rbuf.capacity() - rbuf.len() < read_size / 2 {
+            rbuf.reserve(read_size);
+        }
+        tokio::select! {
+            biased;
+            r = wr.write(&s.wbuf), if !s.wbuf.is_empty() => match r {
+                Ok(0) | Err(_) => { eof = true; }
+                Ok(n) => {
+                    s.wbuf.advance(n);
+                    if s.wbuf.is_empty() && s.wbuf.capacity() > 64 * 1024 {
+                        s.wbuf = BytesMut::new();
+                    }
+                }
+            },
+            n = st.rx.recv_many(&mut events, 64) => {
+                if n == 0 {
+                    s.fail(0x88, "the gateway lost its router");
+                }
+                for e in events.drain(..) {
+                    s.on_event(e);
+                }
+            }
+            r = rd.read_buf(&mut rbuf), if can_read => match r {
+                Ok(0) | Err(_) => { eof = true; }
+                Ok(n) => {
+                    last_heard = Instant::now();
+                    if n >= read_size / 2 {
+                        read_size = (read_size * 2).min(64 * 1024);
+                    }
+                    loop {
+                        match codec::read_packet(&mut rbuf, Some(s.version), max) {
+                            Ok(Some(p)) => {
+                                tracing::trace!(client.id = %s.client_id, packet = ?p, "packet");
+                                s.on_packet(p);
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                shared.registry.totals.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                                info!(client.id = %s.client_id, error = %e, "closing connection: bad packet");
+                                s.fail(e.reason(), e.to_string());
+                                break;
+                            }
+                        }
+                        if s.close.is_some() {
+                            break;
+                        }
+                    }
+                    if rbuf.is_empty() && rbuf.capacity() > 4096 {
+                        rbuf = BytesMut::new();
+                        read_size = 64;
+                    }
+                }
+            },
+            _ = st.gate.room.notified(), if gated => {}
+            _ = st.kick.notified() => s.taken_over(),
+            Ok(()) = tenancy.changed() => s.recheck(st.peer, st.tls),
+            _ = shared.shutdown.cancelled() => s.fail(0x8b, "the gateway is shutting down"),
+            _ = &mut timer => {
+                if let Some(k) = st.keep_alive {
+                    if last_heard.elapsed() >= k {
+                        info!(client.id = %s.client_id, "closing connection: keep-alive timed out");
+                        s.fail(0x8d, "keep-alive timed out");
+                    } else {
+                        timer.as_mut().reset((last_heard + k).into());
+                    }
+                } else {
+                    timer.as_mut().reset((Instant::now() + Duration::from_secs(3600)).into());
+                }
+            }
+        }
+    }
+    // The end: tell the client why (5.0), let go of the session.
+    let close = s.close.clone();
+    if let Some(c) = &close {
+        if c.tell && !eof {
+            codec::write_disconnect(&mut s.wbuf, c.reason, Some(&c.why));
+        }
+    }
+    if !s.wbuf.is_empty() && !eof {
+        let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(&s.wbuf)).await;
+    }
+    let _ = wr.shutdown().await;
+    let graceful = close.as_ref().is_some_and(|c| c.graceful);
+    if !graceful && !s.down {
+        if let Some(w) = st.will.take() {
+            publish_will(shared, s, &st.upstream, w);
+        }
+    }
+    s.end();
+    push_commands(s, &st.upstream, &st.gate);
+    shared.registry.release(&s.space, &s.client_id, s.key, &s.stats);
+    st.done.notify_one();
+    debug!(client.id = %s.client_id, reason = close.as_ref().map_or("connection lost", |c| c.why.as_str()), "MQTT client disconnected");
+}
+
+/// Publishes a will: now, or after its delay unless the client is back.
+fn publish_will(shared: &Arc<Shared>, s: &Session, upstream: &mpsc::UnboundedSender<Cmd>, w: Will) {
+    let Some(space) = shared.policy.tenancy().spaces.get(&*s.space).cloned() else {
+        return;
+    };
+    let dest = match space.declared_as(&w.topic) {
+        Some((flotilla_core::resources::AddressType::Topic, d)) => Dest::Address {
+            address: d.to_string(),
+            topic: true,
+        },
+        Some((flotilla_core::resources::AddressType::Queue, _)) => Dest::Address {
+            address: w.topic.clone(),
+            topic: false,
+        },
+        Some((_, _)) => Dest::Relay,
+        None => Dest::Address {
+            address: "#".into(),
+            topic: true,
+        },
+    };
+    info!(client.id = %s.client_id, topic = %w.topic, delay = w.delay, "publishing the will of a lost connection");
+    let send = {
+        let (space, upstream) = (s.space.clone(), upstream.clone());
+        move || {
+            if w.retain {
+                let _ = upstream.send(Cmd::Publish {
+                    client: 0,
+                    space: space.clone(),
+                    dest: Dest::Retained,
+                    message: w.message.clone(),
+                    settled: true,
+                    token: 0,
+                });
+            }
+            let _ = upstream.send(Cmd::Publish {
+                client: 0,
+                space,
+                dest,
+                message: w.message,
+                settled: w.qos == 0,
+                token: 0,
+            });
+        }
+    };
+    if w.delay == 0 {
+        send();
+        return;
+    }
+    let (shared, space, id) = (shared.clone(), s.space.clone(), s.client_id.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(u64::from(w.delay))) => {
+                if !shared.registry.connected(&space, &id) {
+                    send();
+                }
+            }
+        }
+    });
+}
+
+// ---- MQTT over WebSocket ----
+
+/// Accepts a WebSocket upgrade with the `mqtt` subprotocol.
+async fn websocket(
+    tcp: tokio::net::TcpStream,
+) -> Result<WsIo<tokio::net::TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let offered = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .find(|p| p.eq_ignore_ascii_case("mqtt") || p.eq_ignore_ascii_case("mqttv3.1"))
+            .map(str::to_string);
+        if let Some(p) = offered {
+            if let Ok(v) = p.parse() {
+                resp.headers_mut().insert("Sec-WebSocket-Protocol", v);
+            }
+        }
+        Ok(resp)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async(tcp, callback).await?;
+    Ok(WsIo {
+        ws,
+        rest: Bytes::new(),
+    })
+}
+
+/// A WebSocket as a byte stream (MQTT packets may span binary messages).
+pub struct WsIo<S> {
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    rest: Bytes,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            if !self.rest.is_empty() {
+                let n = self.rest.len().min(buf.remaining());
+                buf.put_slice(&self.rest[..n]);
+                self.rest.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(std::io::Error::other(e.to_string())))
+                }
+                Poll::Ready(Some(Ok(Message::Binary(b)))) => self.rest = b,
+                Poll::Ready(Some(Ok(Message::Close(_)))) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Ok(Message::Text(_)))) => {
+                    return Poll::Ready(Err(std::io::Error::other(
+                        "MQTT over WebSocket takes binary messages",
+                    )))
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        use tokio_tungstenite::tungstenite::Message;
+        let ws = Pin::new(&mut self.ws);
+        match ws.poll_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e.to_string()))),
+            Poll::Ready(Ok(())) => {}
+        }
+        let msg = Message::Binary(Bytes::copy_from_slice(buf));
+        match Pin::new(&mut self.ws).start_send(msg) {
+            Ok(()) => {
+                // Out now: MQTT packets are not held back for more.
+                let _ = Pin::new(&mut self.ws).poll_flush(cx);
+                Poll::Ready(Ok(buf.len()))
+            }
+            Err(e) => Poll::Ready(Err(std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.ws)
+            .poll_flush(cx)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.ws)
+            .poll_close(cx)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}

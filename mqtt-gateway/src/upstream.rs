@@ -1,0 +1,818 @@
+//! The gateway's AMQP connections to its router: a few, each carrying the
+//! links of many MQTT clients (never one connection per client). Each is
+//! one task on the shared socket driver ([`Driver`]) with [`Upstream`] as
+//! its handler; MQTT connections talk to it with [`Cmd`]s and hear back
+//! through their own channel of [`Ev`]s.
+//!
+//! The gateway proves it is a component (the mesh secret, or a mesh-CA
+//! certificate) and offers `flotilla.gateway` on Open: the router then
+//! trusts the `flotilla:space` (and `flotilla:container-id`) each of our
+//! links names. Publications go out on senders shared by every client of
+//! a space (one per target: the space's anonymous relay, a queue, a topic
+//! tree, the retained store, session state), each client's in order;
+//! subscriptions are receivers of the client's own.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use flotilla_amqp::connection::{Connection, ConnectionConfig, DeliveryRef, Event, LinkId};
+use flotilla_amqp::driver::{Driver, DriverConfig, Ended, Handler};
+use flotilla_amqp::transport::{self, ClientSasl, ConnectConfig};
+use flotilla_amqp::types::definitions::{
+    Error as AmqpErrorBody, Fields, ReceiverSettleMode, Role, SenderSettleMode,
+};
+use flotilla_amqp::types::messaging::{DeliveryState, Source, Target, TargetArchetype};
+use flotilla_amqp::types::performatives::Attach;
+use flotilla_amqp::types::primitives::{Symbol, Value};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Offered on Open: our links name their space.
+pub const GATEWAY_CAPABILITY: &str = "flotilla.gateway";
+/// An MQTT connection, for the upstream connection it uses.
+pub type ClientKey = u64;
+
+/// Where a publication goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// The space's anonymous relay (anycast and multicast addresses): each
+    /// message's `to` routes it.
+    Relay,
+    /// A broker-held address: a queue, or (`topic`) a topic or a topic
+    /// tree, where each message's `to` names the topic.
+    Address { address: String, topic: bool },
+    /// The space's retained messages.
+    Retained,
+    /// Changes to the space's MQTT sessions.
+    SessionState,
+}
+
+/// The address of the retained messages, and of a reader of those a
+/// filter matches (`RETAINED/FILTER`).
+pub const RETAINED: &str = "$mqtt/retained";
+/// An MQTT session's subscription.
+pub const SESSION: &str = "$mqtt/session";
+/// Changes to MQTT sessions.
+pub const SESSION_STATE: &str = "$mqtt/session-state";
+
+/// What an MQTT connection asks of its upstream connection.
+#[derive(Debug)]
+pub enum Cmd {
+    /// A new MQTT connection: its events go to `tx`; `gate` counts its
+    /// publications not yet handed to the engine.
+    Register {
+        client: ClientKey,
+        tx: mpsc::UnboundedSender<Ev>,
+        gate: Arc<Gate>,
+    },
+    /// Attaches a receiver (`tag` names it to the client) with `credit`.
+    Attach {
+        client: ClientKey,
+        tag: u32,
+        attach: Box<Attach>,
+        credit: u32,
+    },
+    Detach {
+        client: ClientKey,
+        tag: u32,
+        closed: bool,
+    },
+    /// More credit on a receiver.
+    Credit {
+        client: ClientKey,
+        tag: u32,
+        add: u32,
+    },
+    Settle {
+        client: ClientKey,
+        delivery: DeliveryRef,
+        state: DeliveryState,
+    },
+    /// A publication; unsettled ones hear their outcome as `token`.
+    Publish {
+        client: ClientKey,
+        space: Arc<str>,
+        dest: Dest,
+        message: Bytes,
+        settled: bool,
+        token: u32,
+    },
+    /// The MQTT connection ended: its remaining links detach (not closed).
+    Gone { client: ClientKey },
+}
+
+/// What an MQTT connection hears from its upstream connection.
+#[derive(Debug)]
+pub enum Ev {
+    /// A receiver was attached; `resumed` and `meta` for a session's.
+    Attached {
+        tag: u32,
+        resumed: bool,
+        meta: Option<String>,
+    },
+    /// A receiver was refused or detached (e.g. `amqp:link:stolen`).
+    Detached {
+        tag: u32,
+        error: Option<AmqpErrorBody>,
+    },
+    Message {
+        tag: u32,
+        delivery: DeliveryRef,
+        settled: bool,
+        payload: Bytes,
+    },
+    Outcome {
+        token: u32,
+        outcome: Outcome,
+    },
+    /// The connection to the router was lost: everything of this client
+    /// there is gone.
+    Down,
+}
+
+/// What became of a publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// Nobody took it (an anycast or multicast address with no receiver).
+    Released,
+    /// Refused: the AMQP condition and description.
+    Rejected(String, String),
+}
+
+/// Publications of one client not yet handed to the engine: the client
+/// stops reading from its socket while too many wait.
+#[derive(Debug, Default)]
+pub struct Gate {
+    pub queued: AtomicU32,
+    pub room: Notify,
+}
+
+impl Gate {
+    /// Counts a publication handed to the upstream connection.
+    pub fn add(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn done(&self, n: u32) {
+        let before = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n)))
+            .unwrap_or(0);
+        if before.saturating_sub(n) < GATE_LOW {
+            self.room.notify_one();
+        }
+    }
+}
+
+/// Publications of gone clients a sender keeps waiting for credit.
+const ORPHANS_MAX: usize = 4096;
+
+/// A client waits for room when this many of its publications are queued.
+pub const GATE_HIGH: u32 = 256;
+const GATE_LOW: u32 = GATE_HIGH / 2;
+
+/// The gateway's way to its router.
+#[derive(Clone)]
+pub struct RouterLink {
+    pub addr: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub sasl: ClientSasl,
+    pub container_id: String,
+}
+
+/// One upstream connection's handle.
+#[derive(Clone)]
+pub struct Handle {
+    pub tx: mpsc::UnboundedSender<Cmd>,
+    /// True while connected to the router.
+    pub ready: watch::Receiver<bool>,
+}
+
+/// The upstream connections; an MQTT client uses the one its client id
+/// hashes to (so a session taken over stays on one connection, in order).
+#[derive(Clone)]
+pub struct Pool {
+    pub handles: Vec<Handle>,
+}
+
+impl Pool {
+    /// Starts `n` connections to the router, each kept up (re-connected
+    /// with backoff) until `shutdown`.
+    pub fn start(n: usize, link: RouterLink, shutdown: CancellationToken) -> Pool {
+        let handles = (0..n.max(1))
+            .map(|i| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let (ready_tx, ready) = watch::channel(false);
+                tokio::spawn(keep(i, link.clone(), rx, ready_tx, shutdown.clone()));
+                Handle { tx, ready }
+            })
+            .collect();
+        Pool { handles }
+    }
+
+    pub fn pick(&self, key: &str) -> &Handle {
+        // FNV-1a: stable across runs and replicas.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        &self.handles[(h % self.handles.len() as u64) as usize]
+    }
+
+    /// True when every connection is up.
+    pub fn ready(&self) -> bool {
+        self.handles.iter().all(|h| *h.ready.borrow())
+    }
+}
+
+async fn keep(
+    i: usize,
+    link: RouterLink,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
+        match connect(&link).await {
+            Ok((io, buf)) => {
+                info!(router = %link.addr, upstream = i, "connected to router");
+                let _ = ready.send(true);
+                let mut up = Upstream::new(&link.container_id, i, &mut rx, shutdown.clone());
+                let ended = Driver::new(io, buf, DriverConfig::default()).run(&mut up).await;
+                let _ = ready.send(false);
+                up.lost();
+                match ended {
+                    Ended::Io(e) => warn!(router = %link.addr, upstream = i, error = %e, "connection to router failed"),
+                    _ => info!(router = %link.addr, upstream = i, "connection to router closed"),
+                }
+            }
+            Err(e) => {
+                debug!(router = %link.addr, error = %e, "cannot reach router; retrying");
+                // Clients that came meanwhile hear they cannot go on.
+                while let Ok(c) = rx.try_recv() {
+                    if let Cmd::Register { tx, .. } = c {
+                        let _ = tx.send(Ev::Down);
+                    }
+                }
+            }
+        }
+        backoff = if started.elapsed() > Duration::from_secs(5) {
+            Duration::from_millis(100)
+        } else {
+            (backoff * 2).min(Duration::from_secs(2))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+async fn connect(
+    link: &RouterLink,
+) -> Result<(flotilla_amqp::transport::BoxIo, BytesMut), String> {
+    let tcp = tokio::net::TcpStream::connect(&link.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let host = link
+        .addr
+        .rsplit_once(':')
+        .map_or(link.addr.as_str(), |(h, _)| h);
+    let tls = match &link.tls {
+        Some(c) => Some((
+            c.clone(),
+            rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let cc = ConnectConfig {
+        tls,
+        sasl: link.sasl.clone(),
+        hostname: None,
+        tls_header: false,
+    };
+    match tokio::time::timeout(Duration::from_secs(10), transport::connect(tcp, &cc)).await {
+        Ok(Ok(x)) => Ok(x),
+        Ok(Err(e)) => {
+            warn!(router = %link.addr, error = %e, "the router refused the gateway");
+            Err(e.to_string())
+        }
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+struct ClientEntry {
+    tx: mpsc::UnboundedSender<Ev>,
+    gate: Arc<Gate>,
+    links: HashMap<u32, LinkId>,
+}
+
+struct Waiting {
+    client: ClientKey,
+    token: u32,
+    message: Bytes,
+    settled: bool,
+}
+
+struct Sender {
+    link: LinkId,
+    queue: VecDeque<Waiting>,
+}
+
+/// One upstream connection's state.
+struct Upstream<'a> {
+    conn: Connection,
+    channel: Option<u16>,
+    rx: &'a mut mpsc::UnboundedReceiver<Cmd>,
+    batch: Vec<Cmd>,
+    clients: HashMap<ClientKey, ClientEntry>,
+    /// Receivers: which client's, and its tag.
+    owners: HashMap<LinkId, (ClientKey, u32)>,
+    senders: HashMap<(Arc<str>, Dest), Sender>,
+    sender_of: HashMap<LinkId, (Arc<str>, Dest)>,
+    /// Our unsettled publications: engine token -> (client, its token).
+    tokens: HashMap<u64, (ClientKey, u32)>,
+    next_token: u64,
+    next_link: u64,
+    /// Senders with credit and something waiting.
+    ready: Vec<LinkId>,
+    shutdown: CancellationToken,
+    closing: bool,
+    index: usize,
+}
+
+impl<'a> Upstream<'a> {
+    fn new(
+        container: &str,
+        index: usize,
+        rx: &'a mut mpsc::UnboundedReceiver<Cmd>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let cfg = ConnectionConfig {
+            container_id: format!("{container}.{index}"),
+            max_links: 1 << 20,
+            offered_capabilities: vec![GATEWAY_CAPABILITY],
+            ..Default::default()
+        };
+        let mut conn = Connection::new(cfg);
+        conn.open();
+        let channel = conn.begin();
+        Upstream {
+            conn,
+            channel,
+            rx,
+            batch: Vec::with_capacity(256),
+            clients: HashMap::new(),
+            owners: HashMap::new(),
+            senders: HashMap::new(),
+            sender_of: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 1,
+            next_link: 0,
+            ready: Vec::new(),
+            shutdown,
+            closing: false,
+            index,
+        }
+    }
+
+    /// The connection is gone: every client hears it.
+    fn lost(&mut self) {
+        for (_, c) in self.clients.drain() {
+            let _ = c.tx.send(Ev::Down);
+        }
+    }
+
+    fn command(&mut self, c: Cmd) {
+        match c {
+            Cmd::Register { client, tx, gate } => {
+                self.clients.insert(
+                    client,
+                    ClientEntry {
+                        tx,
+                        gate,
+                        links: HashMap::new(),
+                    },
+                );
+            }
+            Cmd::Attach {
+                client,
+                tag,
+                attach,
+                credit,
+            } => {
+                let (Some(ch), Some(c)) = (self.channel, self.clients.get_mut(&client)) else {
+                    debug!(upstream = self.index, client, tag, channel = ?self.channel, "attach for an unknown client dropped");
+                    return;
+                };
+                debug!(upstream = self.index, client, tag, address = ?attach.source.as_ref().and_then(|s| s.address.as_deref()), "attaching");
+                let link = self.conn.attach_as(ch, *attach);
+                c.links.insert(tag, link);
+                self.owners.insert(link, (client, tag));
+                if credit > 0 {
+                    self.conn.flow(link, credit, false);
+                }
+            }
+            Cmd::Detach {
+                client,
+                tag,
+                closed,
+            } => {
+                if let Some(link) = self
+                    .clients
+                    .get_mut(&client)
+                    .and_then(|c| c.links.remove(&tag))
+                {
+                    self.owners.remove(&link);
+                    self.conn.detach_with(link, closed, None);
+                }
+            }
+            Cmd::Credit { client, tag, add } => {
+                if let Some(&link) = self.clients.get(&client).and_then(|c| c.links.get(&tag)) {
+                    let now = self.conn.link(link).map_or(0, |l| l.credit);
+                    self.conn.flow(link, now.saturating_add(add), false);
+                }
+            }
+            Cmd::Settle {
+                client,
+                delivery,
+                state,
+            } => {
+                // A client of an earlier connection settles nothing here.
+                if self.clients.contains_key(&client) {
+                    self.conn.settle(delivery, state);
+                }
+            }
+            Cmd::Publish {
+                client,
+                space,
+                dest,
+                message,
+                settled,
+                token,
+            } => self.publish(client, space, dest, message, settled, token),
+            Cmd::Gone { client } => {
+                if let Some(c) = self.clients.remove(&client) {
+                    for (_, link) in c.links {
+                        self.owners.remove(&link);
+                        self.conn.detach_with(link, false, None);
+                    }
+                    // Its publications still waiting for credit were taken
+                    // from it (a QoS 0 PUBLISH right before DISCONNECT is
+                    // the common case): they still go, unless a sender's
+                    // queue is already long, when they are dropped so that
+                    // clients coming and going cannot fill the gateway.
+                    for s in self.senders.values_mut() {
+                        if s.queue.len() > ORPHANS_MAX {
+                            s.queue.retain(|w| w.client != client);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(
+        &mut self,
+        client: ClientKey,
+        space: Arc<str>,
+        dest: Dest,
+        message: Bytes,
+        settled: bool,
+        token: u32,
+    ) {
+        let Some(ch) = self.channel else {
+            return;
+        };
+        // Client 0 is the gateway itself (wills of lost connections).
+        if client != 0 && !self.clients.contains_key(&client) {
+            return;
+        }
+        let key = (space, dest);
+        let link = match self.senders.get(&key) {
+            Some(s) => s.link,
+            None => {
+                let link = self.conn.attach_as(ch, sender_attach(&key.0, &key.1, self.next_link));
+                self.next_link += 1;
+                self.sender_of.insert(link, key.clone());
+                self.senders.insert(
+                    key.clone(),
+                    Sender {
+                        link,
+                        queue: VecDeque::new(),
+                    },
+                );
+                link
+            }
+        };
+        if let Some(s) = self.senders.get_mut(&key) {
+            s.queue.push_back(Waiting {
+                client,
+                token,
+                message,
+                settled,
+            });
+        }
+        self.ready.push(link);
+    }
+
+    /// Sends what waits on `link` as far as its credit goes.
+    fn pump(&mut self, link: LinkId) {
+        let Some(key) = self.sender_of.get(&link) else {
+            return;
+        };
+        let Some(s) = self.senders.get_mut(key) else {
+            return;
+        };
+        let mut done: HashMap<ClientKey, u32> = HashMap::new();
+        while let Some(w) = s.queue.front() {
+            let t = self.next_token;
+            if !self.conn.send(link, &w.message, w.settled, t) {
+                break;
+            }
+            let w = s.queue.pop_front().expect("front exists");
+            self.next_token += 1;
+            if !w.settled {
+                self.tokens.insert(t, (w.client, w.token));
+            }
+            *done.entry(w.client).or_default() += 1;
+        }
+        for (client, n) in done {
+            if let Some(c) = self.clients.get(&client) {
+                c.gate.done(n);
+            }
+        }
+    }
+
+    fn outcome(&mut self, token: u64, state: Option<DeliveryState>) {
+        let Some((client, t)) = self.tokens.remove(&token) else {
+            return;
+        };
+        let outcome = match state {
+            Some(DeliveryState::Accepted(_)) => Outcome::Accepted,
+            Some(DeliveryState::Released(_)) => Outcome::Released,
+            Some(DeliveryState::Modified(_)) => Outcome::Released,
+            Some(DeliveryState::Rejected(r)) => {
+                let (c, d) = r.error.map_or((String::new(), String::new()), |e| {
+                    (
+                        flotilla_amqp::client::describe(&e),
+                        e.description.unwrap_or_default(),
+                    )
+                });
+                Outcome::Rejected(c, d)
+            }
+            _ => Outcome::Accepted,
+        };
+        if let Some(c) = self.clients.get(&client) {
+            let _ = c.tx.send(Ev::Outcome { token: t, outcome });
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Attach {
+                link,
+                attach,
+                reply: true,
+            } => {
+                if let Some(&(client, tag)) = self.owners.get(&link) {
+                    if attach.source.is_none() {
+                        // Refused: its detach follows with the reason.
+                        return;
+                    }
+                    let props = attach.properties.as_ref();
+                    let resumed = matches!(
+                        props.and_then(|p| p.get(&Symbol::from("flotilla:resumed"))),
+                        Some(Value::Bool(true))
+                    );
+                    let meta = match props.and_then(|p| p.get(&Symbol::from("flotilla:session-meta"))) {
+                        Some(Value::String(s)) => Some(s.clone()),
+                        _ => None,
+                    };
+                    if let Some(c) = self.clients.get(&client) {
+                        let _ = c.tx.send(Ev::Attached { tag, resumed, meta });
+                    }
+                }
+            }
+            Event::Attach { link, .. } => {
+                // We attach; nobody attaches to us.
+                self.conn.refuse_attach(
+                    link,
+                    flotilla_amqp::connection::amqp_error(
+                        flotilla_amqp::types::definitions::AmqpError::NotAllowed,
+                        "the MQTT gateway takes no links",
+                    ),
+                );
+            }
+            Event::Flow { link } => {
+                if self.sender_of.contains_key(&link) {
+                    self.ready.push(link);
+                }
+            }
+            Event::Delivery { link, delivery } => {
+                let Some(&(client, tag)) = self.owners.get(&link) else {
+                    if !delivery.settled {
+                        self.conn.settle(delivery.id, flotilla_router_released());
+                    }
+                    return;
+                };
+                if let Some(c) = self.clients.get(&client) {
+                    let _ = c.tx.send(Ev::Message {
+                        tag,
+                        delivery: delivery.id,
+                        settled: delivery.settled,
+                        payload: delivery.payload,
+                    });
+                }
+            }
+            Event::Outcome {
+                token,
+                state,
+                settled,
+                ..
+            } => {
+                if settled || state.is_some() {
+                    self.outcome(token, state);
+                }
+            }
+            Event::Detach {
+                link,
+                error,
+                unsettled,
+                ..
+            } => {
+                if let Some((client, tag)) = self.owners.remove(&link) {
+                    if let Some(c) = self.clients.get_mut(&client) {
+                        c.links.remove(&tag);
+                        let _ = c.tx.send(Ev::Detached { tag, error });
+                    }
+                    return;
+                }
+                if let Some(key) = self.sender_of.remove(&link) {
+                    // A sender refused or lost: what waits on it, and what
+                    // it sent without an outcome, fails; the next
+                    // publication attaches again.
+                    let why = error
+                        .as_ref()
+                        .map(flotilla_amqp::client::describe)
+                        .unwrap_or_else(|| "the link to the broker closed".into());
+                    warn!(upstream = self.index, space = %key.0, dest = ?key.1, reason = %why, "publishing link detached");
+                    if let Some(s) = self.senders.remove(&key) {
+                        for w in s.queue {
+                            if let Some(c) = self.clients.get(&w.client) {
+                                c.gate.done(1);
+                                if !w.settled {
+                                    let _ = c.tx.send(Ev::Outcome {
+                                        token: w.token,
+                                        outcome: Outcome::Rejected(why.clone(), why.clone()),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    for t in unsettled {
+                        if let Some((client, token)) = self.tokens.remove(&t) {
+                            if let Some(c) = self.clients.get(&client) {
+                                let _ = c.tx.send(Ev::Outcome {
+                                    token,
+                                    outcome: Outcome::Rejected(why.clone(), why.clone()),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            Event::Open(_) | Event::Begin { .. } => {}
+            Event::End { .. } => {
+                self.closing = true;
+                self.conn.close(None);
+            }
+            Event::Close { error } => {
+                if let Some(e) = error {
+                    warn!(upstream = self.index, error = %flotilla_amqp::client::describe(&e), "the router closed the connection");
+                }
+                self.closing = true;
+            }
+        }
+    }
+}
+
+fn flotilla_router_released() -> DeliveryState {
+    DeliveryState::Released(flotilla_amqp::types::messaging::Released {})
+}
+
+/// Link properties naming the space (and the MQTT client) a link acts for.
+pub fn link_properties(space: &str, container: Option<&str>, fresh: bool) -> Fields {
+    let mut f = Fields::default();
+    f.insert(
+        Symbol::from("flotilla:space"),
+        Value::String(space.to_string()),
+    );
+    if let Some(c) = container {
+        f.insert(
+            Symbol::from("flotilla:container-id"),
+            Value::String(c.to_string()),
+        );
+    }
+    if fresh {
+        f.insert(Symbol::from("mqtt:fresh"), Value::Bool(true));
+    }
+    f
+}
+
+/// The attach of a shared publishing link.
+fn sender_attach(space: &str, dest: &Dest, n: u64) -> Attach {
+    let (address, caps): (Option<String>, Option<Vec<&str>>) = match dest {
+        Dest::Relay => (None, None),
+        Dest::Address { address, topic } => (Some(address.clone()), topic.then(|| vec!["topic"])),
+        Dest::Retained => (Some(RETAINED.into()), None),
+        Dest::SessionState => (Some(SESSION_STATE.into()), None),
+    };
+    let target = Target {
+        address,
+        capabilities: caps.map(|c| c.into_iter().map(Symbol::from).collect::<Vec<_>>().into()),
+        ..Default::default()
+    };
+    Attach {
+        name: format!("mqtt-publish.{n}"),
+        handle: flotilla_amqp::types::definitions::Handle(0),
+        role: Role::Sender,
+        snd_settle_mode: SenderSettleMode::Mixed,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(Source::default())),
+        target: Some(Box::new(TargetArchetype::Target(target))),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: None,
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: Some(link_properties(space, None, false)),
+    }
+}
+
+/// What wakes an upstream connection besides its socket.
+enum Signal {
+    Commands,
+    Shutdown,
+}
+
+impl Handler for Upstream<'_> {
+    type Signal = Signal;
+
+    fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    fn signal(&mut self) -> impl std::future::Future<Output = Option<Signal>> + Send {
+        async move {
+            let closing = self.closing;
+            tokio::select! {
+                _ = self.shutdown.cancelled(), if !closing => Some(Signal::Shutdown),
+                n = self.rx.recv_many(&mut self.batch, 256) => (n > 0).then_some(Signal::Commands),
+            }
+        }
+    }
+
+    fn on_signal(&mut self, s: Signal) {
+        match s {
+            Signal::Commands => {
+                let mut batch = std::mem::take(&mut self.batch);
+                for c in batch.drain(..) {
+                    self.command(c);
+                }
+                self.batch = batch;
+            }
+            Signal::Shutdown => {
+                self.closing = true;
+                self.conn.close(None);
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        self.event(e);
+    }
+
+    fn on_turn(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.sort_unstable();
+        ready.dedup();
+        for link in ready {
+            self.pump(link);
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing
+    }
+}

@@ -1,0 +1,613 @@
+"""The MQTT gateway with clients no one here wrote: paho-mqtt 2.x (3.1.1 and
+5.0), mosquitto_pub/mosquitto_sub, and python-qpid-proton on the AMQP side.
+
+Each test runs a router, a broker behind it and a gateway in front of it,
+as separate processes on 127.0.0.1 port 0. "Not delivered" is shown by
+order, never by waiting: a marker published after what must not arrive
+has to come first."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from proton import Message, symbol
+from proton.reactor import AtMostOnce
+
+from conftest import TIMEOUT, Broker, Gateway, Router, connect
+from mqtt_client import Client, Raw, Refused, connect_packet, packet, publish_packet, utf8, varint
+
+BROKER_UP = r"broker connected \(route container\)"
+GATEWAY_UP = r"component connected .*gateway=true"
+
+IOT = """
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: iot}
+spec: {authentication: {anonymous: false}}
+---
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: other}
+spec: {authentication: {anonymous: false}}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: sensors}
+spec: {addressSpace: iot, address: "sensors/#", type: topic}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: sensors}
+spec: {addressSpace: other, address: "sensors/#", type: topic}
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: dev}
+spec:
+  addressSpace: iot
+  username: dev
+  password: dev-pw
+  authorization: [{addresses: ["#"], operations: [send, recv]}]
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: reader}
+spec:
+  addressSpace: iot
+  username: reader
+  password: reader-pw
+  authorization: [{addresses: ["sensors/#"], operations: [recv]}]
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: dev}
+spec:
+  addressSpace: other
+  username: dev
+  password: other-pw
+  authorization: [{addresses: ["#"], operations: [send, recv]}]
+"""
+
+
+class Stack:
+    """A router, a broker and an MQTT gateway (each its own process)."""
+
+    def __init__(self, data_dir, config=None, gateway_args=()):
+        cfg = []
+        if config is not None:
+            path = os.path.join(data_dir, "config.yaml")
+            with open(path, "w") as f:
+                f.write(config)
+            cfg = ["--config", path]
+        self.data_dir = data_dir
+        self.procs = []
+        self.router = self._keep(Router(*cfg))
+        self.broker = self._keep(Broker(os.path.join(data_dir, "broker"), *cfg, "--router", self.router.url))
+        self.router.wait_for_log(BROKER_UP)
+        self.gateway = self._keep(Gateway(*cfg, "--router", self.router.url, *gateway_args))
+        self.router.wait_for_log(GATEWAY_UP, count=2)
+
+    def _keep(self, p):
+        self.procs.append(p)
+        return p
+
+    @property
+    def port(self):
+        return self.gateway.port
+
+    def restart_gateway(self):
+        n = sum(1 for l in list(self.router.log) if "gateway=true" in l)
+        self.gateway.restart()
+        self.router.wait_for_log(GATEWAY_UP, count=n + 2)
+
+    def restart_broker(self):
+        n = sum(1 for l in list(self.router.log) if "broker connected (route container)" in l)
+        self.broker.restart()
+        self.router.wait_for_log(BROKER_UP, count=n + 1)
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+@pytest.fixture
+def stack(tmpdir_path):
+    made = []
+
+    def start(config=None, gateway_args=()):
+        s = Stack(tmpdir_path, config, gateway_args)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture
+def clients():
+    """`clients(port, **kw)`: paho clients, all closed afterwards."""
+    made = []
+
+    def new(port, **kw):
+        c = Client(port, **kw)
+        made.append(c)
+        return c
+
+    yield new
+    for c in made:
+        c.close()
+
+
+def mosquitto(tool, port, *args, timeout=TIMEOUT):
+    return subprocess.run([tool, "-h", "127.0.0.1", "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- zero-config with mosquitto's own clients ----
+
+def test_mosquitto_pub_and_sub_just_work_at_each_qos(stack):
+    s = stack()
+    # stdbuf: mosquitto_sub's output line by line through the pipe.
+    sub = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(s.port), "-t", "sensors/#",
+                            "-q", "2", "-v", "-C", "4", "-W", str(TIMEOUT), "-i", "watcher", "-d"],
+                           stdout=subprocess.PIPE, text=True)
+    # -d prints "received SUBACK" once subscribed: publish only then.
+    for line in sub.stdout:
+        if "received SUBACK" in line:
+            break
+    for q in (0, 1, 2):
+        r = mosquitto("mosquitto_pub", s.port, "-t", "sensors/t%d" % q, "-m", "v%d" % q, "-q", str(q))
+        assert r.returncode == 0, r.stderr
+    r = mosquitto("mosquitto_pub", s.port, "-t", "sensors/end", "-m", "end", "-q", "1", "-V", "mqttv5")
+    assert r.returncode == 0, r.stderr
+    out, _ = sub.communicate(timeout=TIMEOUT)
+    got = [l for l in out.splitlines() if l.startswith("sensors/")]
+    assert got == ["sensors/t0 v0", "sensors/t1 v1", "sensors/t2 v2", "sensors/end end"]
+    assert sub.returncode == 0
+
+
+def test_mosquitto_retained_set_replaced_cleared_and_kept_across_restarts(stack):
+    s = stack()
+    pub = lambda *a: mosquitto("mosquitto_pub", s.port, *a)  # noqa: E731
+    assert pub("-t", "state/lamp", "-m", "on", "-r", "-q", "1").returncode == 0
+    assert pub("-t", "state/lamp", "-m", "off", "-r", "-q", "1").returncode == 0
+    assert pub("-t", "state/door", "-m", "open", "-r", "-q", "1").returncode == 0
+    assert pub("-t", "state/fan", "-m", "fast", "-r", "-q", "1").returncode == 0
+    # An empty retained message removes the topic's.
+    assert pub("-t", "state/fan", "-n", "-r", "-q", "1").returncode == 0
+
+    def retained():
+        r = mosquitto("mosquitto_sub", s.port, "-t", "state/#", "-v", "--retained-only", "-C", "2",
+                      "-W", str(TIMEOUT), "-q", "1")
+        return sorted(r.stdout.splitlines())
+
+    assert retained() == ["state/door open", "state/lamp off"]
+    # Both the broker and the gateway killed (-9) and started again.
+    s.restart_broker()
+    s.restart_gateway()
+    assert retained() == ["state/door open", "state/lamp off"]
+
+
+# ---- paho, both protocol versions ----
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_qos_0_1_2_both_ways_is_the_minimum_and_in_order(stack, clients, v5):
+    s = stack()
+    subs = {q: clients(s.port, v5=v5) for q in (0, 1, 2)}
+    for q, c in subs.items():
+        assert c.subscribe("qos/+/x", qos=q) == [q]
+    pub = clients(s.port, v5=v5)
+    for q in (0, 1, 2):
+        for i in range(20):
+            assert pub.publish("qos/%d/x" % q, b"%d-%d" % (q, i), qos=q, wait=(i == 19)) is not None
+    pub.publish("qos/end/x", b"end", qos=2)
+    for sq, c in subs.items():
+        got = []
+        while True:
+            m = c.receive()
+            if m.payload == b"end":
+                break
+            got.append(m)
+        # QoS 0 may be dropped only by a slow client's buffer, which these
+        # are not: everything arrives, once, in order per publisher.
+        assert [m.payload for m in got] == [b"%d-%d" % (q, i) for q in (0, 1, 2) for i in range(20)]
+        for m in got:
+            pq = int(m.topic.split("/")[1])
+            assert m.qos == min(pq, sq), (m.topic, m.qos, sq)
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_wildcards_and_shared_subscriptions(stack, clients, v5):
+    s = stack()
+    plus = clients(s.port, v5=v5)
+    hash_ = clients(s.port, v5=v5)
+    members = [clients(s.port, v5=v5) for _ in range(2)]
+    assert plus.subscribe("home/+/temp", 1) == [1]
+    assert hash_.subscribe("home/#", 1) == [1]
+    for m in members:
+        assert m.subscribe("$share/g1/home/#", 1) == [1]
+    pub = clients(s.port, v5=v5)
+    topics = ["home/kitchen/temp", "home/kitchen/humidity", "home/attic/temp", "home", "garden/temp"]
+    n = 10
+    for i in range(n):
+        for t in topics:
+            pub.publish(t, b"%s %d" % (t.encode(), i), qos=1, wait=False)
+    pub.publish("home/end/temp", b"end", qos=1)
+    hit = lambda m: m.payload == b"end"  # noqa: E731
+
+    def until_end(c):
+        out = []
+        while True:
+            m = c.receive()
+            if hit(m):
+                return out
+            out.append(m.topic)
+        return out
+
+    assert until_end(plus) == [t for i in range(n) for t in ("home/kitchen/temp", "home/attic/temp")]
+    assert until_end(hash_) == [t for i in range(n) for t in topics if t.startswith("home")]
+    # Each message of the group's filter went to exactly one member.
+    got = []
+    ends = 0
+    while ends < 1:
+        for m in members:
+            while not m.messages.empty():
+                msg = m.receive()
+                if hit(msg):
+                    ends += 1
+                else:
+                    got.append(msg.payload)
+        time.sleep(0.01)
+    expect = sorted(b"%s %d" % (t.encode(), i) for i in range(n) for t in topics if t.startswith("home"))
+    # The marker went to one member; the other may still be taking its last ones.
+    deadline = time.monotonic() + TIMEOUT
+    while len(got) < len(expect) and time.monotonic() < deadline:
+        for m in members:
+            while not m.messages.empty():
+                got.append(m.receive().payload)
+        time.sleep(0.01)
+    assert sorted(got) == expect
+
+
+def test_v5_subscription_options_and_properties(stack, clients):
+    s = stack()
+    c = clients(s.port, v5=True)
+    # No-local: a client's own publications are not sent back to it.
+    assert c.subscribe("echo/#", 1, noLocal=True) == [1]
+    other = clients(s.port, v5=True)
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = 42
+    assert other.subscribe_with("echo/#", 1, props) == [1]
+    c.publish("echo/a", b"mine", qos=1)
+    other.publish("echo/a", b"theirs", qos=1)
+    m = c.receive()
+    assert m.payload == b"theirs"
+    got = other.receive_n(2)
+    assert [x.payload for x in got] == [b"mine", b"theirs"]
+    assert got[0].properties.SubscriptionIdentifier == [42]
+    # Properties travel publisher to subscriber.
+    p = Properties(PacketTypes.PUBLISH)
+    p.ContentType = "application/json"
+    p.ResponseTopic = "echo/replies"
+    p.CorrelationData = b"corr-1"
+    p.UserProperty = [("k1", "v1"), ("k2", "v2")]
+    p.MessageExpiryInterval = 120
+    p.PayloadFormatIndicator = 1
+    c.publish("echo/b", b'{"x":1}', qos=1, props=p)
+    m = other.receive()
+    assert m.payload == b'{"x":1}'
+    mp = m.properties
+    assert mp.ContentType == "application/json"
+    assert mp.ResponseTopic == "echo/replies"
+    assert mp.CorrelationData == b"corr-1"
+    assert sorted(mp.UserProperty) == [("k1", "v1"), ("k2", "v2")]
+    assert 0 < mp.MessageExpiryInterval <= 120
+    assert mp.PayloadFormatIndicator == 1
+    # Topic aliases from the client: set with the topic, then used alone.
+    assert c.connack_props.TopicAliasMaximum > 0
+    a = Properties(PacketTypes.PUBLISH)
+    a.TopicAlias = 3
+    c.publish("echo/aliased", b"one", qos=1, props=a)
+    c.publish("", b"two", qos=1, props=a)
+    got = other.receive_n(2)
+    assert [(x.topic, x.payload) for x in got] == [("echo/aliased", b"one"), ("echo/aliased", b"two")]
+
+
+def test_retain_flag_and_retain_handling(stack, clients):
+    s = stack()
+    pub = clients(s.port, v5=True)
+    pub.publish("r/a", b"kept", qos=1, retain=True)
+    c = clients(s.port, v5=True)
+    assert c.subscribe("r/#", 1) == [1]
+    m = c.receive()
+    assert (m.topic, m.payload, m.retain) == ("r/a", b"kept", True)
+    # A live publication of a retained message reaches existing
+    # subscribers without the flag unless they asked retain-as-published.
+    rap = clients(s.port, v5=True)
+    assert rap.subscribe("r/#", 1, retainAsPublished=True) == [1]
+    assert rap.receive().retain is True
+    pub.publish("r/a", b"new", qos=1, retain=True)
+    assert c.receive().retain is False
+    m = rap.receive()
+    assert (m.payload, m.retain) == (b"new", True)
+    # Retain handling 2: no retained messages on subscribe.
+    none = clients(s.port, v5=True)
+    assert none.subscribe("r/#", 1, retainHandling=2) == [1]
+    pub.publish("r/mark", b"mark", qos=1)
+    assert none.receive().payload == b"mark"
+
+
+# ---- persistent sessions ----
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_persistent_session_across_disconnect_and_gateway_kill(stack, clients, v5):
+    s = stack()
+    kw = {"v5": v5, "client_id": "meter-1", "clean": False}
+    if v5:
+        kw["expiry"] = 3600
+    c = clients(s.port, **kw)
+    assert c.session_present is False
+    assert c.subscribe("meters/#", 1) == [1]
+    c.disconnect()
+    pub = clients(s.port, v5=v5)
+    for i in range(10):
+        pub.publish("meters/m1", b"a%d" % i, qos=1)
+    c = clients(s.port, **kw)
+    assert c.session_present is True
+    assert [m.payload for m in c.receive_n(10)] == [b"a%d" % i for i in range(10)]
+    c.disconnect()
+    for i in range(10):
+        pub.publish("meters/m1", b"b%d" % i, qos=1)
+    pub.close()
+    # Everything PUBACKed is kept by the broker, not by the gateway.
+    s.restart_gateway()
+    c = clients(s.port, **kw)
+    assert c.session_present is True
+    assert [m.payload for m in c.receive_n(10)] == [b"b%d" % i for i in range(10)]
+    # A clean session leaves nothing behind.
+    c.disconnect()
+    if v5:
+        clean = clients(s.port, v5=True, client_id="meter-1", clean=True, expiry=0)
+    else:
+        clean = clients(s.port, client_id="meter-1", clean=True)
+    assert clean.session_present is False
+    clean.disconnect()
+    pub = clients(s.port, v5=v5)
+    pub.publish("meters/m1", b"lost", qos=1)
+    c = clients(s.port, **kw)
+    assert c.session_present is False
+    assert c.subscribe("meters/#", 1) == [1]
+    pub.publish("meters/m1", b"after", qos=1)
+    assert c.receive().payload == b"after"
+
+
+def test_qos2_inbound_is_exactly_once_across_a_reconnect(stack, clients):
+    """A PUBLISH repeated with DUP after a reconnect (the client never saw
+    PUBREC) is delivered once; PUBREL after a reconnect completes."""
+    s = stack()
+    sub = clients(s.port, v5=True)
+    assert sub.subscribe("q2/#", 2) == [2]
+    raw = Raw(s.port)
+    props = b"\x11" + (3600).to_bytes(4, "big")  # session expiry
+    raw.send(connect_packet(5, "q2-pub", props=props))
+    assert raw.read_packet()[0] == 0x20
+    raw.send(publish_packet("q2/a", b"once", qos=2, version=5, pid=7))
+    rec = raw.read_packet()
+    assert rec[0] == 0x50
+    raw.close()
+    raw = Raw(s.port)
+    raw.send(connect_packet(5, "q2-pub", props=props, flags=0))
+    ack = raw.read_packet()
+    assert ack[0] == 0x20 and ack[1][0] & 1 == 1  # session present
+    # The same publication again with DUP: PUBREC, and not a second copy.
+    raw.send(publish_packet("q2/a", b"once", version=5, pid=7, flags=0x0C))
+    assert raw.read_packet()[0] == 0x50
+    raw.send(packet(0x62, (7).to_bytes(2, "big")))
+    assert raw.read_packet()[0] == 0x70
+    raw.send(publish_packet("q2/a", b"marker", qos=1, version=5, pid=8))
+    assert raw.read_packet()[0] == 0x40
+    got = [sub.receive().payload, sub.receive().payload]
+    assert got == [b"once", b"marker"]
+    raw.close()
+
+
+def test_session_expiry_removes_the_session(stack, clients):
+    s = stack()
+    c = clients(s.port, v5=True, client_id="short", clean=False, expiry=1)
+    assert c.subscribe("x/#", 1) == [1]
+    c.disconnect()
+    deadline = time.monotonic() + TIMEOUT
+    # The broker's subscription of the session goes once it expired.
+    while any("short" in a for a in s.broker.queues()):
+        assert time.monotonic() < deadline, s.broker.queues()
+        time.sleep(0.2)
+    c = clients(s.port, v5=True, client_id="short", clean=False, expiry=60)
+    assert c.session_present is False
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_a_second_connect_with_the_client_id_takes_the_session_over(stack, clients, v5):
+    s = stack()
+    kw = {"v5": v5, "client_id": "twin", "clean": False}
+    if v5:
+        kw["expiry"] = 600
+    first = clients(s.port, **kw)
+    assert first.subscribe("twin/#", 1) == [1]
+    second = clients(s.port, **kw)
+    assert second.session_present is True
+    assert first.disconnected.wait(TIMEOUT)
+    if v5:
+        assert first.disconnect_reason == 0x8E
+    clients(s.port, v5=v5).publish("twin/a", b"to the second", qos=1)
+    assert second.receive().payload == b"to the second"
+
+
+def test_will_is_published_when_the_connection_is_lost(stack, clients):
+    s = stack()
+    watcher = clients(s.port, v5=True)
+    assert watcher.subscribe("wills/#", 1) == [1]
+    dying = clients(s.port, v5=True, will=("wills/dev1", b"gone", 1, False))
+    polite = clients(s.port, v5=True, will=("wills/dev2", b"gone too", 1, False))
+    polite.disconnect()
+    dying.drop()
+    m = watcher.receive()
+    assert (m.topic, m.payload) == ("wills/dev1", b"gone")
+    clients(s.port, v5=True).publish("wills/mark", b"mark", qos=1)
+    assert watcher.receive().payload == b"mark"
+
+
+# ---- MQTT and AMQP on one address space ----
+
+def test_mqtt_and_amqp_share_topics_with_properties(stack, clients):
+    s = stack(IOT)
+    url = s.router.url
+    sub = clients(s.port, v5=True, user="dev@iot", password="dev-pw")
+    assert sub.subscribe("sensors/#", 1) == [1]
+    amqp = connect(url, user="dev", password="dev-pw", virtual_host="iot", allowed_mechs="PLAIN")
+    rcv = amqp.create_receiver("sensors/#", credit=10)
+    # AMQP to MQTT: a data section with properties.
+    snd = amqp.create_sender("sensors/amqp")
+    snd.send(Message(body=b"\x01\x02", inferred=True, content_type="application/octet-stream",
+                     reply_to="sensors/replies", correlation_id="corr-a", ttl=60,
+                     properties={"site": "north"}))
+    m = sub.receive()
+    assert (m.topic, m.payload, m.qos) == ("sensors/amqp", b"\x01\x02", 1)
+    assert m.properties.ContentType == "application/octet-stream"
+    assert m.properties.ResponseTopic == "sensors/replies"
+    assert m.properties.CorrelationData == b"corr-a"
+    assert ("site", "north") in m.properties.UserProperty
+    assert 0 < m.properties.MessageExpiryInterval <= 60
+    assert rcv.receive(timeout=TIMEOUT).body == b"\x01\x02"
+    rcv.accept()
+    # An amqp-value string arrives as its UTF-8 text.
+    snd.send(Message(body="plain text"))
+    assert sub.receive().payload == b"plain text"
+    assert rcv.receive(timeout=TIMEOUT).body == "plain text"
+    rcv.accept()
+    # MQTT to AMQP.
+    p = Properties(PacketTypes.PUBLISH)
+    p.ContentType = "text/plain"
+    p.ResponseTopic = "sensors/back"
+    p.CorrelationData = b"corr-m"
+    p.UserProperty = [("unit", "C")]
+    p.MessageExpiryInterval = 30
+    pub = clients(s.port, v5=True, user="dev@iot", password="dev-pw")
+    pub.publish("sensors/mqtt", b"21.5", qos=1, props=p)
+    am = rcv.receive(timeout=TIMEOUT)
+    rcv.accept()
+    assert am.body == b"21.5"
+    assert am.address == "sensors/mqtt"
+    assert am.content_type == "text/plain"
+    assert am.reply_to == "sensors/back"
+    assert bytes(am.correlation_id) == b"corr-m"
+    assert am.properties == {"unit": "C"}
+    assert 0 < am.ttl <= 30
+    assert sub.receive().payload == b"21.5"
+    amqp.close()
+
+
+# ---- tenants and authorization ----
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_tenants_never_see_each_other_and_refusals_use_mqtt_codes(stack, clients, v5):
+    s = stack(IOT)
+    # Logins: a wrong password, another space's password, no such space.
+    for user, pw in [("dev@iot", "other-pw"), ("dev@other", "dev-pw"), ("dev@nowhere", "x")]:
+        with pytest.raises(Refused) as e:
+            clients(s.port, v5=v5, user=user, password=pw)
+        assert e.value.code in (0x86, 0x87), (user, e.value.code)
+    a = clients(s.port, v5=v5, user="dev@iot", password="dev-pw")
+    b = clients(s.port, v5=v5, user="dev@other", password="other-pw")
+    # Anonymous clients land in `default` (zero-config on loopback).
+    anon = clients(s.port, v5=v5)
+    assert a.subscribe("#", 1) == [1]
+    assert b.subscribe("#", 1) == [1]
+    assert anon.subscribe("#", 1) == [1]
+    a.publish("sensors/t", b"in iot", qos=1)
+    b.publish("sensors/t", b"in other", qos=1)
+    assert a.receive().payload == b"in iot"
+    assert b.receive().payload == b"in other"
+    a.publish("sensors/t", b"iot again", qos=1)
+    assert a.receive().payload == b"iot again"
+    b.publish("sensors/t", b"other again", qos=1)
+    assert b.receive().payload == b"other again"
+    # Recv-only on sensors/#: other filters fail, publishing is refused.
+    r = clients(s.port, v5=v5, user="reader@iot", password="reader-pw")
+    assert r.subscribe("sensors/#", 1) == [1]
+    assert r.subscribe("secrets/#", 1) == [0x87 if v5 else 0x80]
+    if v5:
+        assert r.publish("sensors/t", b"nope", qos=1) == 0x87
+        assert not r.disconnected.is_set()
+    else:
+        r.publish("sensors/t", b"nope", qos=1, wait=False)
+        assert r.disconnected.wait(TIMEOUT)
+    a.publish("sensors/t", b"mark", qos=1)
+    assert a.receive().payload == b"mark"
+    anon.publish("sensors/t", b"anon mark", qos=1)
+    assert anon.receive().payload == b"anon mark"
+    assert b.nothing_more()
+
+
+# ---- bad input ----
+
+V5_BAD = [
+    # (name, packets after CONNECT (None: instead of it), v5 reason code)
+    ("malformed", [packet(0x30, b"\x00\x10ab")], 0x81),
+    ("second CONNECT", ["connect"], 0x82),
+    ("wildcard in PUBLISH topic", [publish_packet("a/+", version=5)], 0x90),
+    ("invalid UTF-8", [packet(0x30, utf8(b"a\xff\xfe") + b"\x00x")], 0x81),
+    ("over the maximum size", [b"\x30" + varint(2 * 1024 * 1024) + b"\x00"], 0x95),
+    ("QoS 3", [publish_packet("a", version=5, flags=0x06)], 0x81),
+    ("topic alias 0", [publish_packet("a", version=5, props=b"\x23\x00\x00")], 0x94),
+    ("unknown topic alias", [publish_packet("", version=5, props=b"\x23\x00\x05")], 0x82),
+]
+
+
+@pytest.mark.parametrize("name,after,code", V5_BAD, ids=[b[0] for b in V5_BAD])
+def test_bad_input_gets_the_protocols_answer_and_hurts_no_one(stack, clients, name, after, code):
+    s = stack()
+    bystander = clients(s.port, v5=True)
+    assert bystander.subscribe("ok/#", 1) == [1]
+    raw = Raw(s.port)
+    raw.send(connect_packet(5, "bad-" + name.replace(" ", "-")))
+    assert raw.read_packet()[0] == 0x20
+    for p in after:
+        raw.send(connect_packet(5, "again") if p == "connect" else p)
+    got = raw.until_closed()
+    assert got, "closed without DISCONNECT"
+    first, body = got[-1]
+    assert first == 0xE0, got
+    assert body[0] == code, (name, hex(body[0]))
+    raw.close()
+    clients(s.port, v5=True).publish("ok/x", b"still fine", qos=1)
+    assert bystander.receive().payload == b"still fine"
+
+
+def test_bad_connects(stack, clients):
+    s = stack()
+    # PUBLISH before CONNECT, and a protocol name we do not speak: closed.
+    for first in (publish_packet("a"), connect_packet(4, name=b"MQTX")):
+        raw = Raw(s.port)
+        raw.send(first)
+        assert raw.until_closed() == []
+        raw.close()
+    # A level we do not speak: CONNACK 0x01 (3.1.1) / 0x84 (5.0), then closed.
+    for level, answer in ((3, 0x01), (6, 0x84)):
+        raw = Raw(s.port)
+        raw.send(connect_packet(level))
+        got = raw.until_closed()
+        assert got and got[0][0] == 0x20 and got[0][1][1] == answer, got
+        raw.close()
+    # 3.1.1: a wildcard in a PUBLISH topic closes the connection.
+    raw = Raw(s.port)
+    raw.send(connect_packet(4))
+    assert raw.read_packet()[0] == 0x20
+    raw.send(publish_packet("a/#"))
+    assert raw.until_closed() == []
+    c = clients(s.port)
+    assert c.subscribe("fine", 0) == [0]
