@@ -1038,10 +1038,10 @@ async fn watch(
 #[utoipa::path(post, path = "/api/v1/reports", request_body = Object, responses((status = 200, description = "commands for the reporting router or broker", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn report(State(state): State<AppState>, Body(body): Body) -> ApiResult<Json<Value>> {
     let id = match (body["component"].as_str(), body["id"].as_str()) {
-        (Some(c @ ("router" | "broker")), Some(id)) => format!("{c}/{id}"),
+        (Some(c @ ("router" | "broker" | "gateway")), Some(id)) => format!("{c}/{id}"),
         _ => {
             return Err(ApiError::bad(
-                "a report names its component (router or broker) and id",
+                "a report names its component (router, broker or gateway) and id",
             ))
         }
     };
@@ -1070,6 +1070,21 @@ async fn connections(
             if c["space"] == space.as_str() {
                 let mut c = c.clone();
                 c["router"] = router.into();
+                c["protocol"] = "amqp".into();
+                items.push(c);
+            }
+        }
+    }
+    // MQTT clients, on the gateways (`router` names the gateway, so one
+    // close call serves both).
+    for (id, r) in live.fresh("gateway") {
+        let gateway = id.trim_start_matches("gateway/");
+        for c in r["sessions"].as_array().into_iter().flatten() {
+            if c["space"] == space.as_str() {
+                let mut c = c.clone();
+                c["router"] = gateway.into();
+                c["gateway"] = gateway.into();
+                c["container"] = c["clientId"].clone();
                 items.push(c);
             }
         }
@@ -1085,21 +1100,25 @@ async fn close_connection(
     Path((space, router, id)): Path<(String, String, u64)>,
 ) -> ApiResult<Response> {
     let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
-    let key = format!("router/{router}");
-    let known = live.fresh("router").any(|(k, r)| {
-        *k == key
-            && r["connections"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["id"] == id && c["space"] == space.as_str())
-            })
-    });
-    if !known {
+    let holds = |component: &str, list: &str| {
+        let key = format!("{component}/{router}");
+        let known = live.fresh(component).any(|(k, r)| {
+            *k == key
+                && r[list].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["id"] == id && c["space"] == space.as_str())
+                })
+        });
+        known.then_some(key)
+    };
+    let found = holds("router", "connections").or_else(|| holds("gateway", "sessions"));
+    let Some(key) = found else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!("no connection {id} on router {router:?} in address space {space:?}"),
         ));
-    }
+    };
     live.commands
         .entry(key)
         .or_default()
@@ -1289,6 +1308,42 @@ async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
         "# TYPE flotilla_address_senders gauge\n# TYPE flotilla_address_receivers gauge"
     );
     out.push_str(&addresses);
+    let _ = writeln!(out, "# HELP flotilla_mqtt_connections MQTT clients connected per gateway and address space.\n# TYPE flotilla_mqtt_connections gauge\n# HELP flotilla_mqtt_subscriptions MQTT subscriptions per gateway and address space.\n# TYPE flotilla_mqtt_subscriptions gauge\n# HELP flotilla_mqtt_inflight QoS 1 and 2 messages sent to MQTT clients and not yet acknowledged.\n# TYPE flotilla_mqtt_inflight gauge");
+    let mut totals = String::new();
+    for (id, r) in live.fresh("gateway") {
+        let gateway = id.trim_start_matches("gateway/").to_string();
+        let mut per: std::collections::BTreeMap<String, (u64, u64, u64)> =
+            std::collections::BTreeMap::new();
+        for c in r["sessions"].as_array().into_iter().flatten() {
+            let e = per.entry(esc(&c["space"])).or_default();
+            e.0 += 1;
+            e.1 += c["subscriptions"].as_array().map_or(0, |a| a.len() as u64);
+            e.2 += n(&c["inflight"]);
+        }
+        for (space, (conns, subs, inflight)) in per {
+            let labels = format!("gateway=\"{gateway}\",space=\"{space}\"");
+            let _ = writeln!(out, "flotilla_mqtt_connections{{{labels}}} {conns}");
+            let _ = writeln!(out, "flotilla_mqtt_subscriptions{{{labels}}} {subs}");
+            let _ = writeln!(out, "flotilla_mqtt_inflight{{{labels}}} {inflight}");
+        }
+        let t = &r["totals"];
+        for (name, key) in [
+            ("received", "received"),
+            ("sent", "sent"),
+            ("dropped", "dropped"),
+            ("connections", "connections"),
+            ("refused_connections", "refusedConnections"),
+            ("protocol_errors", "protocolErrors"),
+        ] {
+            let _ = writeln!(
+                totals,
+                "flotilla_mqtt_{name}_total{{gateway=\"{gateway}\"}} {}",
+                n(&t[key])
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP flotilla_mqtt_received_total PUBLISH packets MQTT clients sent a gateway.\n# TYPE flotilla_mqtt_received_total counter\n# HELP flotilla_mqtt_sent_total PUBLISH packets a gateway sent MQTT clients.\n# TYPE flotilla_mqtt_sent_total counter\n# HELP flotilla_mqtt_dropped_total QoS 0 messages dropped for slow MQTT clients.\n# TYPE flotilla_mqtt_dropped_total counter\n# TYPE flotilla_mqtt_connections_total counter\n# TYPE flotilla_mqtt_refused_connections_total counter\n# TYPE flotilla_mqtt_protocol_errors_total counter");
+    out.push_str(&totals);
     let _ = writeln!(out, "# HELP flotilla_queue_depth Messages a broker holds per queue or subscription.\n# TYPE flotilla_queue_depth gauge\n# TYPE flotilla_queue_acknowledged_total counter\n# TYPE flotilla_queue_expired_total counter\n# TYPE flotilla_queue_dead_lettered_total counter");
     for (id, r) in live.fresh("broker") {
         let broker = id.trim_start_matches("broker/");

@@ -175,10 +175,18 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
                 v
             }
         };
+        let sh = shared.clone();
+        let command = move |c: serde_json::Value| {
+            if let Some(key) = c["closeConnection"].as_u64() {
+                if !sh.registry.close(key) {
+                    tracing::debug!(key, "the console closes a connection that is gone");
+                }
+            }
+        };
         tracker.spawn(flotilla_core::watch::report_every_second(
             link,
             state,
-            |_| {},
+            command,
             shutdown.clone(),
         ));
     }

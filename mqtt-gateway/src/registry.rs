@@ -27,6 +27,8 @@ pub struct SessionStats {
     pub subscriptions: AtomicU64,
     /// The session's subscriptions (for `stat`).
     pub filters: Mutex<Vec<(String, u8)>>,
+    /// An administrator closes the connection (the console's close).
+    pub closed_by_admin: std::sync::atomic::AtomicBool,
 }
 
 /// One connected client.
@@ -93,6 +95,18 @@ impl Registry {
         }
     }
 
+    /// Closes connection `key` (an administrator's action); false when
+    /// there is no such connection.
+    pub fn close(&self, key: u64) -> bool {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = s.values().find(|e| e.key == key) else {
+            return false;
+        };
+        e.stats.closed_by_admin.store(true, Ordering::Release);
+        e.kick.notify_one();
+        true
+    }
+
     /// True while a connection holds `space`/`client_id`.
     pub fn connected(&self, space: &Arc<str>, client_id: &str) -> bool {
         self.sessions
@@ -122,6 +136,7 @@ impl Registry {
                     .map(|(f, q)| json!({"filter": f, "qos": q}))
                     .collect();
                 json!({
+                    "id": e.key,
                     "clientId": e.client_id,
                     "space": &*e.space,
                     "user": e.user,

@@ -745,7 +745,14 @@ where
                 }
             },
             _ = st.gate.room.notified(), if gated => {}
-            _ = st.kick.notified() => s.taken_over(),
+            _ = st.kick.notified() => {
+                if s.stats.closed_by_admin.load(Ordering::Acquire) {
+                    info!(client.id = %s.client_id, "closing connection: an administrator closed it");
+                    s.fail(0x98, "closed by an administrator");
+                } else {
+                    s.taken_over();
+                }
+            }
             Ok(()) = tenancy.changed() => s.recheck(st.peer, st.tls),
             _ = shared.shutdown.cancelled() => s.fail(0x8b, "the gateway is shutting down"),
             _ = &mut timer => {

@@ -611,3 +611,55 @@ def test_bad_connects(stack, clients):
     assert raw.until_closed() == []
     c = clients(s.port)
     assert c.subscribe("fine", 0) == [0]
+
+
+# ---- seen from the console ----
+
+def test_the_console_lists_mqtt_clients_serves_metrics_and_closes_them(console, tmpdir_path, clients):
+    import urllib.request
+
+    from test_console import create_space, create_user, until
+
+    follow = console.follow_args()
+    procs = []
+    try:
+        router = Router(*follow)
+        procs.append(router)
+        procs.append(Broker(os.path.join(tmpdir_path, "broker"), *follow, "--router", router.url))
+        router.wait_for_log(BROKER_UP)
+        gw = Gateway(*follow, "--router", router.url)
+        procs.append(gw)
+        router.wait_for_log(GATEWAY_UP, count=2)
+        create_space(console, "plant")
+        console.expect("POST", "/api/v1/addressspaces/plant/addresses",
+                       {"metadata": {"name": "lines"}, "spec": {"address": "lines/#", "type": "topic"}}, 201)
+        create_user(console, "plant", "op", "op-pw", ["#"])
+
+        def login():
+            try:
+                return Client(gw.port, v5=True, client_id="press-7", user="op@plant", password="op-pw")
+            except Refused:
+                return None
+
+        c = until("the gateway to know the user", login)
+        assert c.subscribe("lines/#", 1) == [1]
+
+        def listed():
+            items = console.expect("GET", "/api/v1/addressspaces/plant/connections")["items"]
+            mine = [i for i in items if i.get("clientId") == "press-7"]
+            return mine[0] if mine else None
+
+        conn = until("the console to list the MQTT client", listed)
+        assert conn["protocol"] == "mqtt5" and conn["user"] == "op"
+        assert conn["subscriptions"] == [{"filter": "lines/#", "qos": 1}]
+        req = urllib.request.Request(console.url + "/metrics", headers={"Authorization": "Bearer " + console.token})
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            text = r.read().decode()
+        assert 'flotilla_mqtt_connections{gateway="%s",space="plant"} 1' % conn["gateway"] in text, text
+        console.expect("POST", "/api/v1/addressspaces/plant/connections/%s/%d/close" % (conn["gateway"], conn["id"]),
+                       status=202)
+        assert c.disconnected.wait(TIMEOUT)
+        assert c.disconnect_reason == 0x98
+    finally:
+        for p in procs:
+            p.stop()

@@ -206,13 +206,14 @@ async function loadConnections() {
   for (const c of list.items) {
     const tr = document.createElement("tr");
     cell(tr, c.router);
+    cell(tr, c.protocol || "amqp");
     cell(tr, c.id);
     cell(tr, c.user || "(anonymous)");
     cell(tr, c.addr);
     cell(tr, c.container);
     button(tr, "Close", () => guarded(async () => {
       await api("POST", "/addressspaces/" + enc(space) + "/connections/" + enc(c.router) + "/" + c.id + "/close");
-      status("The router closes it within a second or so.");
+      status((c.gateway ? "The gateway" : "The router") + " closes it within a second or so.");
     }), true);
     tb.appendChild(tr);
   }
