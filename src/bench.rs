@@ -72,6 +72,22 @@ pub struct BenchArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Measure an MQTT server instead (mqtt://[user[:password]@]host[:port]):
+    /// --senders publishers and --receivers subscribers on topic --address,
+    /// with rumqttc.
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// MQTT QoS of publications and subscriptions (with --mqtt).
+    #[arg(long, default_value_t = 0)]
+    pub qos: u8,
+    /// With --mqtt: the subscribers' persistent sessions are offline while
+    /// the publishers send; then they reconnect and drain what was kept.
+    #[arg(long)]
+    pub offline: bool,
+    /// With --mqtt: only open this many idle connections and hold them for
+    /// --duration seconds (to measure what an idle connection costs).
+    #[arg(long)]
+    pub idle: Option<usize>,
 }
 
 /// With --count and no --duration, receivers-only mode gives up after this

@@ -18,6 +18,7 @@ macro_rules! out {
 }
 
 mod bench;
+mod mqtt;
 mod tools;
 
 use std::net::SocketAddr;
@@ -834,8 +835,14 @@ fn main() -> ExitCode {
             Command::MqttGateway(a) => run_gateway(a).await,
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
-            Command::Bench(a) => bench::run(a).await,
-            Command::Stat(a) => tools::stat(a).await,
+            Command::Bench(a) => match a.mqtt.clone() {
+                Some(url) => mqtt::bench(a, &url).await,
+                None => bench::run(a).await,
+            },
+            Command::Stat(a) => match a.mqtt.clone() {
+                Some(url) => mqtt::stat(&url, a.mesh_secret_file.as_deref(), a.json).await,
+                None => tools::stat(a).await,
+            },
         }
     })
 }

@@ -234,6 +234,10 @@ pub struct StatArgs {
     /// see every address space; else a client sees its own space only.
     #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
     pub mesh_secret_file: Option<PathBuf>,
+    /// Ask an MQTT gateway instead (mqtt://[user[:password]@]host[:port]):
+    /// its sessions, subscriptions, in-flight and dropped counts.
+    #[arg(long)]
+    pub mqtt: Option<String>,
 }
 
 /// `flotilla stat`: asks a router or a broker for its `$stat` document.

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+pub use server::STAT_TOPIC;
 pub use session::Limits;
 
 /// Everything a gateway needs to start.

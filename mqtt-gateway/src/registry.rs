@@ -69,13 +69,16 @@ pub struct Registry {
 impl Registry {
     /// Registers a connection for `space`/`client_id`; returns the one it
     /// takes the session from, if any.
-    pub fn claim(&self, e: Entry) -> Option<Entry> {
+    /// A connection of another user holding the client id is not taken
+    /// over: `Err` then.
+    pub fn claim(&self, e: Entry) -> Result<Option<Entry>, ()> {
         self.totals.connections.fetch_add(1, Ordering::Relaxed);
         let k = (e.space.clone(), e.client_id.clone());
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(k, e)
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if s.get(&k).is_some_and(|old| old.user != e.user) {
+            return Err(());
+        }
+        Ok(s.insert(k, e))
     }
 
     /// The connection `key` ended: forgotten (unless another took over),

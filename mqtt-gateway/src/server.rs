@@ -314,9 +314,10 @@ async fn connection<S>(
     match start(&shared, &c, peer, tls, listener).await {
         Ok(mut started) => {
             let _slot = slot;
-            if !started.early.is_empty() {
-                started.session.wbuf.unsplit(std::mem::take(&mut started.early));
-            }
+            // CONNACK first, then what the resumed session wrote (PUBRELs).
+            let mut first = std::mem::take(&mut started.early);
+            first.unsplit(std::mem::take(&mut started.session.wbuf));
+            started.session.wbuf = first;
             run(started, rd, wr, rbuf, &shared).await;
         }
         Err(r) => {
@@ -419,7 +420,8 @@ async fn start(
     let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
     let stats = Arc::new(SessionStats::default());
     let (kick, done) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let persistent = expiry > 0;
+    // An operator's stat login keeps no session.
+    let persistent = expiry > 0 && principal.space != MESH_SPACE;
     // One connection per client id: an earlier one lets go first.
     let old = shared.registry.claim(Entry {
         key,
@@ -434,7 +436,8 @@ async fn start(
         stats: stats.clone(),
         kick: kick.clone(),
         done: done.clone(),
-    });
+    })
+    .map_err(|()| refusal(0x87, 5, "the client id is in use by another user"))?;
     let forget = |why: Refusal| {
         shared.registry.release(&space, &client_id, key, &stats);
         done.notify_one();

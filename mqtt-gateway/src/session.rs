@@ -254,10 +254,10 @@ pub struct Session {
     pub stat_requests: u32,
 }
 
-/// Escapes what would make a client id ambiguous in a subscription name.
 /// The properties of a 5.0 packet that has none.
 static NO_PROPERTIES: std::sync::LazyLock<Properties> = std::sync::LazyLock::new(Properties::default);
 
+/// Escapes what would make a client id ambiguous in a subscription name.
 pub fn container_of(client_id: &str) -> String {
     let mut s = String::with_capacity(client_id.len() + 5);
     s.push_str("mqtt:");
@@ -1010,7 +1010,7 @@ impl Session {
                 Ok(Some((_, f))) => (*f).to_string(),
                 _ => filter.clone(),
             };
-            if plain == crate::server::STAT_TOPIC && shared.is_err() {
+            if plain == crate::server::STAT_TOPIC && matches!(shared, Ok(None)) {
                 // A snapshot of the gateway's sessions (of this space; of
                 // all, for an operator's tool), sent once.
                 if self.principal.may(Operation::View, "#") {
@@ -1326,6 +1326,8 @@ impl Session {
     fn write_out(&mut self, m: &PendingOut, pid: u16) -> bool {
         let mut props = m.props.clone();
         let mut topic: &str = &m.topic;
+        // A new alias is kept only once the packet that sets it is sent.
+        let mut new_alias = None;
         if self.version == V5 && self.client_alias_max > 0 {
             match self.aliases_out.get(&m.topic) {
                 Some(&a) => {
@@ -1334,7 +1336,7 @@ impl Session {
                 }
                 None if self.aliases_out.len() < usize::from(self.client_alias_max) => {
                     let a = self.aliases_out.len() as u16 + 1;
-                    self.aliases_out.insert(m.topic.clone(), a);
+                    new_alias = Some(a);
                     props.get_or_insert_with(Properties::default).set_topic_alias(a);
                 }
                 None => {}
@@ -1355,6 +1357,9 @@ impl Session {
             return false;
         }
         codec::write_publish(&mut self.wbuf, &p);
+        if let Some(a) = new_alias {
+            self.aliases_out.insert(m.topic.clone(), a);
+        }
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         true
     }

@@ -195,8 +195,14 @@ impl RouterProc {
             .nth(1)
             .cloned()
             .unwrap_or_default();
+        // The gateway's main listener is MQTT's (its port goes in `amqp`).
+        let (flag, proto) = if component == "mqtt-gateway" {
+            ("--mqtt", "mqtt")
+        } else {
+            ("--amqp", "amqp")
+        };
         let mut child = spawn_flotilla(
-            [component, "--amqp", "127.0.0.1:0"]
+            [component, flag, "127.0.0.1:0"]
                 .iter()
                 .map(std::ffi::OsStr::new)
                 .chain(args.iter().map(std::ffi::OsStr::new)),
@@ -232,7 +238,7 @@ impl RouterProc {
                 let Some(line) = rx.recv().await else {
                     panic!("router exited before listening:\n{}", router.log_text());
                 };
-                if let Some(p) = listening_port(&line, "amqp") {
+                if let Some(p) = listening_port(&line, proto) {
                     router.amqp = p;
                 }
                 if let Some(p) = listening_port(&line, "amqps") {
