@@ -30,7 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::codec::{self, DecodeError, V311, V5};
 use crate::registry::{Entry, Registry, SessionStats};
 use crate::session::{container_of, Limits, Meta, Session, Setup};
-use crate::upstream::{Cmd, Dest, Ev, Gate, Outcome, Pool, GATE_HIGH};
+use crate::upstream::{Cmd, Dest, Ev, EvReceiver, Gate, Outcome, Pool, GATE_HIGH};
 
 /// The principal's space of an operator's tool that logged in with the
 /// mesh secret: it may only read `$SYS/flotilla/stat`, of every space.
@@ -105,18 +105,20 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (shared, kind, admission) = (shared.clone(), kind.clone(), admission.clone());
         let span = tracing::info_span!("mqtt", client.addr = %peer);
+        // Each kind of stream's connection is boxed, so a plain one does not
+        // take the room a TLS one needs.
         tracker.spawn(
             async move {
                 let listener = kind.name();
                 let timeout = shared.handshake_timeout;
                 match kind {
                     Kind::Plain => {
-                        connection(tcp, peer, false, listener, shared, admission, permit).await
+                        Box::pin(connection(tcp, peer, false, listener, shared, admission, permit)).await
                     }
                     Kind::Tls(acceptor) => {
-                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        match tokio::time::timeout(timeout, Box::pin(acceptor.accept(tcp))).await {
                             Ok(Ok(tls)) => {
-                                connection(tls, peer, true, listener, shared, admission, permit)
+                                Box::pin(connection(tls, peer, true, listener, shared, admission, permit))
                                     .await
                             }
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
@@ -124,9 +126,9 @@ pub async fn serve(
                         }
                     }
                     Kind::WebSocket => {
-                        match tokio::time::timeout(timeout, websocket(tcp)).await {
+                        match tokio::time::timeout(timeout, Box::pin(websocket(tcp))).await {
                             Ok(Ok(ws)) => {
-                                connection(ws, peer, false, listener, shared, admission, permit)
+                                Box::pin(connection(ws, peer, false, listener, shared, admission, permit))
                                     .await
                             }
                             Ok(Err(e)) => debug!(error = %e, "WebSocket handshake failed"),
@@ -311,9 +313,15 @@ async fn connection<S>(
     };
     drop(permit);
     let version = c.protocol_version;
-    match start(&shared, &c, peer, tls, listener).await {
+    // Boxed: what logging in needs is not kept for the connection's life.
+    match Box::pin(start(&shared, &c, peer, tls, listener)).await {
         Ok(mut started) => {
             let _slot = slot;
+            // What the CONNECT held is in the session now.
+            drop(c);
+            if rbuf.is_empty() {
+                rbuf = BytesMut::new();
+            }
             // CONNACK first, then what the resumed session wrote (PUBRELs).
             let mut first = std::mem::take(&mut started.early);
             first.unsplit(std::mem::take(&mut started.session.wbuf));
@@ -343,7 +351,7 @@ async fn connection<S>(
 /// A connection accepted: its session, and what it needs to run.
 struct Started {
     session: Session,
-    rx: mpsc::UnboundedReceiver<Ev>,
+    rx: EvReceiver,
     upstream: mpsc::UnboundedSender<Cmd>,
     gate: Arc<Gate>,
     kick: Arc<Notify>,
@@ -365,7 +373,7 @@ struct Will {
 }
 
 /// Waits for the upstream event answering our setup.
-async fn answer(rx: &mut mpsc::UnboundedReceiver<Ev>) -> Option<Ev> {
+async fn answer(rx: &mut EvReceiver) -> Option<Ev> {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .ok()
@@ -379,7 +387,7 @@ async fn start(
     peer: SocketAddr,
     tls: bool,
     listener: &'static str,
-) -> Result<Started, Refusal> {
+) -> Result<Box<Started>, Refusal> {
     let v5 = c.protocol_version == V5;
     let p = &c.properties;
     if v5 && p.get_authentication_method().is_some() {
@@ -457,7 +465,7 @@ async fn start(
             return Err(forget(refusal(0x88, 3, "the gateway has no router")));
         }
     }
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = crate::upstream::inbox();
     let gate = Arc::new(Gate::default());
     let _ = handle.tx.send(Cmd::Register {
         client: key,
@@ -617,7 +625,7 @@ async fn start(
             delay: wp.will_delay_interval.unwrap_or(0).min(expiry),
         }
     });
-    Ok(Started {
+    Ok(Box::new(Started {
         session,
         rx,
         upstream: handle.tx.clone(),
@@ -629,7 +637,7 @@ async fn start(
         early,
         peer,
         tls,
-    })
+    }))
 }
 
 /// Sends the session's commands upstream (counting publications at the gate).
@@ -643,13 +651,14 @@ fn push_commands(s: &mut Session, upstream: &mpsc::UnboundedSender<Cmd>, gate: &
 }
 
 /// The connection after CONNACK.
-async fn run<R, W>(mut st: Started, mut rd: R, mut wr: W, mut rbuf: BytesMut, shared: &Arc<Shared>)
+async fn run<R, W>(mut st: Box<Started>, mut rd: R, mut wr: W, mut rbuf: BytesMut, shared: &Arc<Shared>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let max = shared.limits.max_packet;
-    let mut events = Vec::with_capacity(64);
+    // Grown by the first burst of events; an idle connection holds none.
+    let mut events = Vec::new();
     let mut last_heard = Instant::now();
     let mut read_size = 64usize;
     let mut eof = false;

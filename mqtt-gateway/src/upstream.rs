@@ -66,7 +66,7 @@ pub enum Cmd {
     /// publications not yet handed to the engine.
     Register {
         client: ClientKey,
-        tx: mpsc::UnboundedSender<Ev>,
+        tx: EvSender,
         gate: Arc<Gate>,
     },
     /// Attaches a receiver (`tag` names it to the client) with `credit`.
@@ -103,6 +103,84 @@ pub enum Cmd {
     },
     /// The MQTT connection ended: its remaining links detach (not closed).
     Gone { client: ClientKey },
+}
+
+/// A connection's mailbox for the events its upstream connection sends:
+/// an unbounded queue that costs nothing while empty (a tokio channel
+/// allocates a block of slots up front, which 10,000 idle connections
+/// feel). Closed when the upstream side drops its handle.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    queue: std::sync::Mutex<VecDeque<Ev>>,
+    ready: Notify,
+}
+
+/// The upstream side's handle on an [`Inbox`]; dropping it closes it.
+#[derive(Debug)]
+pub struct EvSender(Arc<Inbox>);
+
+/// The connection's side of its [`Inbox`].
+#[derive(Debug)]
+pub struct EvReceiver(Arc<Inbox>);
+
+/// A new mailbox.
+pub fn inbox() -> (EvSender, EvReceiver) {
+    let i = Arc::new(Inbox::default());
+    (EvSender(i.clone()), EvReceiver(i))
+}
+
+impl EvSender {
+    pub fn send(&self, e: Ev) {
+        self.0
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(e);
+        self.0.ready.notify_one();
+    }
+}
+
+impl Drop for EvSender {
+    fn drop(&mut self) {
+        self.0.ready.notify_one();
+    }
+}
+
+impl EvReceiver {
+    fn closed(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+    }
+
+    /// Moves up to `limit` events into `out`; 0 once the sender is gone
+    /// and nothing is left.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: events stay queued until taken.
+    pub async fn recv_many(&mut self, out: &mut Vec<Ev>, limit: usize) -> usize {
+        loop {
+            {
+                let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if !q.is_empty() {
+                    let n = q.len().min(limit);
+                    out.extend(q.drain(..n));
+                    if q.is_empty() && q.capacity() > 64 {
+                        *q = VecDeque::new();
+                    }
+                    return n;
+                }
+            }
+            if self.closed() {
+                return 0;
+            }
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// The next event; `None` once the sender is gone.
+    pub async fn recv(&mut self) -> Option<Ev> {
+        let mut one = Vec::with_capacity(1);
+        (self.recv_many(&mut one, 1).await > 0).then(|| one.pop()).flatten()
+    }
 }
 
 /// What an MQTT connection hears from its upstream connection.
@@ -258,7 +336,7 @@ async fn keep(
                 // Clients that came meanwhile hear they cannot go on.
                 while let Ok(c) = rx.try_recv() {
                     if let Cmd::Register { tx, .. } = c {
-                        let _ = tx.send(Ev::Down);
+                        tx.send(Ev::Down);
                     }
                 }
             }
@@ -311,7 +389,7 @@ async fn connect(
 }
 
 struct ClientEntry {
-    tx: mpsc::UnboundedSender<Ev>,
+    tx: EvSender,
     gate: Arc<Gate>,
     links: HashMap<u32, LinkId>,
 }
@@ -388,7 +466,7 @@ impl<'a> Upstream<'a> {
     /// The connection is gone: every client hears it.
     fn lost(&mut self) {
         for (_, c) in self.clients.drain() {
-            let _ = c.tx.send(Ev::Down);
+            c.tx.send(Ev::Down);
         }
     }
 
@@ -573,7 +651,7 @@ impl<'a> Upstream<'a> {
             _ => Outcome::Accepted,
         };
         if let Some(c) = self.clients.get(&client) {
-            let _ = c.tx.send(Ev::Outcome { token: t, outcome });
+            c.tx.send(Ev::Outcome { token: t, outcome });
         }
     }
 
@@ -599,7 +677,7 @@ impl<'a> Upstream<'a> {
                         _ => None,
                     };
                     if let Some(c) = self.clients.get(&client) {
-                        let _ = c.tx.send(Ev::Attached { tag, resumed, meta });
+                        c.tx.send(Ev::Attached { tag, resumed, meta });
                     }
                 }
             }
@@ -626,7 +704,7 @@ impl<'a> Upstream<'a> {
                     return;
                 };
                 if let Some(c) = self.clients.get(&client) {
-                    let _ = c.tx.send(Ev::Message {
+                    c.tx.send(Ev::Message {
                         tag,
                         delivery: delivery.id,
                         settled: delivery.settled,
@@ -653,7 +731,7 @@ impl<'a> Upstream<'a> {
                 if let Some((client, tag)) = self.owners.remove(&link) {
                     if let Some(c) = self.clients.get_mut(&client) {
                         c.links.remove(&tag);
-                        let _ = c.tx.send(Ev::Detached { tag, error });
+                        c.tx.send(Ev::Detached { tag, error });
                     }
                     return;
                 }
@@ -671,7 +749,7 @@ impl<'a> Upstream<'a> {
                             if let Some(c) = self.clients.get(&w.client) {
                                 c.gate.done(1);
                                 if !w.settled {
-                                    let _ = c.tx.send(Ev::Outcome {
+                                    c.tx.send(Ev::Outcome {
                                         token: w.token,
                                         outcome: Outcome::Rejected(why.clone(), why.clone()),
                                     });
@@ -682,7 +760,7 @@ impl<'a> Upstream<'a> {
                     for t in unsettled {
                         if let Some((client, token)) = self.tokens.remove(&t) {
                             if let Some(c) = self.clients.get(&client) {
-                                let _ = c.tx.send(Ev::Outcome {
+                                c.tx.send(Ev::Outcome {
                                     token,
                                     outcome: Outcome::Rejected(why.clone(), why.clone()),
                                 });
