@@ -116,7 +116,7 @@ pub async fn serve(
                         Box::pin(connection(tcp, peer, false, listener, shared, admission, permit)).await
                     }
                     Kind::Tls(acceptor) => {
-                        match tokio::time::timeout(timeout, Box::pin(acceptor.accept(tcp))).await {
+                        match Box::pin(tokio::time::timeout(timeout, acceptor.accept(tcp))).await {
                             Ok(Ok(tls)) => {
                                 Box::pin(connection(tls, peer, true, listener, shared, admission, permit))
                                     .await
@@ -126,7 +126,7 @@ pub async fn serve(
                         }
                     }
                     Kind::WebSocket => {
-                        match tokio::time::timeout(timeout, Box::pin(websocket(tcp))).await {
+                        match Box::pin(tokio::time::timeout(timeout, websocket(tcp))).await {
                             Ok(Ok(ws)) => {
                                 Box::pin(connection(ws, peer, false, listener, shared, admission, permit))
                                     .await
