@@ -70,7 +70,7 @@ impl Default for Limits {
             topic_alias_max: 64,
             max_keep_alive: u16::MAX,
             qos0_buffer: 256 * 1024,
-            link_window: 500,
+            link_window: 2000,
         }
     }
 }
