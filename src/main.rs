@@ -24,6 +24,7 @@ mod tools;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -650,6 +651,7 @@ async fn run_router(args: RouterArgs) -> ExitCode {
 async fn run_up(mut args: UpArgs) -> ExitCode {
     let n = args.routers.max(1);
     let shutdown = shutdown_on_signal();
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     if let Err(e) = flotilla_core::auth::private_dir(&args.data_dir) {
         return usage(format!("--data-dir {}: {e}", args.data_dir.display()));
@@ -756,10 +758,13 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             Ok(c) => c,
             Err(e) => return usage(e),
         };
-        let stop = shutdown.clone();
+        let (stop, failed) = (shutdown.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = flotilla_broker::run(cfg, stop).await {
-                tracing::error!(error = %e, "broker stopped");
+            if let Err(e) = flotilla_broker::run(cfg, stop.clone()).await {
+                // One part down is the whole system down: say so and stop.
+                tracing::error!(error = %e, "broker stopped; stopping everything");
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                stop.cancel();
             }
         }));
     }
@@ -784,10 +789,12 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             Ok(c) => c,
             Err(e) => return usage(e),
         };
-        let stop = shutdown.clone();
+        let (stop, failed) = (shutdown.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = flotilla_mqtt_gateway::run(cfg, stop).await {
-                tracing::error!(error = %e, "MQTT gateway stopped");
+            if let Err(e) = flotilla_mqtt_gateway::run(cfg, stop.clone()).await {
+                tracing::error!(error = %e, "MQTT gateway stopped; stopping everything");
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                stop.cancel();
             }
         }));
         let (h, p) = (args.mqtt.mqtt.ip(), args.mqtt.mqtt.port());
@@ -808,6 +815,9 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
     tasks.extend(routers.into_iter().map(|r| tokio::spawn(r.serve())));
     for t in tasks {
         let _ = t.await;
+    }
+    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

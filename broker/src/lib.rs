@@ -396,7 +396,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         );
     }
     info!("stopped accepting; closing connections");
+    // The queue task ends once every handle on it is gone.
     drop(queues);
+    drop(services);
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     // Acknowledgements still queued reach the disk before we exit.

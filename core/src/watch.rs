@@ -321,7 +321,12 @@ pub async fn report_every_second<F, Fut>(
             _ = tick.tick() => {}
         }
         let body = serde_json::to_vec(&state().await).unwrap_or_default();
-        match tokio::time::timeout(Duration::from_secs(5), report(&link, body)).await {
+        // Shutdown does not wait for a console that went first.
+        let sent = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(5), report(&link, body)) => r,
+        };
+        match sent {
             Ok(Ok(commands)) => commands.into_iter().for_each(&mut command),
             Ok(Err(e)) => debug!(error = %e, "cannot report to the console"),
             Err(_) => debug!("reporting to the console timed out"),

@@ -807,23 +807,13 @@ where
 
 /// Publishes a will: now, or after its delay unless the client is back.
 fn publish_will(shared: &Arc<Shared>, s: &Session, upstream: &mpsc::UnboundedSender<Cmd>, w: Will) {
-    let Some(space) = shared.policy.tenancy().spaces.get(&*s.space).cloned() else {
-        return;
-    };
-    let dest = match space.declared_as(&w.topic) {
-        Some((flotilla_core::resources::AddressType::Topic, d)) => Dest::Address {
-            address: d.to_string(),
-            topic: true,
-        },
-        Some((flotilla_core::resources::AddressType::Queue, _)) => Dest::Address {
-            address: w.topic.clone(),
-            topic: false,
-        },
-        Some((_, _)) => Dest::Relay,
-        None => Dest::Address {
-            address: "#".into(),
-            topic: true,
-        },
+    // Where a PUBLISH to the will's topic would go, checked as one would be.
+    let dest = match s.destination(&w.topic) {
+        Ok(d) => d,
+        Err((_, why)) => {
+            info!(client.id = %s.client_id, topic = %w.topic, reason = %why, "will not published");
+            return;
+        }
     };
     info!(client.id = %s.client_id, topic = %w.topic, delay = w.delay, "publishing the will of a lost connection");
     let send = {

@@ -159,7 +159,7 @@ struct InPub {
 }
 
 enum Deferred {
-    Pubrec(u16),
+    Pubrec(u16, u8),
     Pubcomp(u16),
     Settle(DeliveryRef),
     Suback(u64),
@@ -672,8 +672,8 @@ impl Session {
         });
     }
 
-    /// Where a publication to `topic` goes in our space.
-    fn destination(&self, topic: &str) -> Result<Dest, (u8, String)> {
+    /// Where a publication to `topic` goes in our space, or why it may not.
+    pub fn destination(&self, topic: &str) -> Result<Dest, (u8, String)> {
         let t = self.policy.tenancy();
         let Some(space) = t.spaces.get(&*self.space) else {
             return Err((0x80, "the address space is gone".into()));
@@ -769,7 +769,7 @@ impl Session {
         } else {
             self.qos2_in.insert(p.pid);
             if self.persistent {
-                self.save(vec![Deferred::Pubrec(p.pid)]);
+                self.save(vec![Deferred::Pubrec(p.pid, reason)]);
             } else {
                 codec::write_ack(&mut self.wbuf, self.version, 5, p.pid, reason, None);
             }
@@ -778,7 +778,7 @@ impl Session {
 
     fn run(&mut self, d: Deferred) {
         match d {
-            Deferred::Pubrec(pid) => codec::write_ack(&mut self.wbuf, self.version, 5, pid, 0, None),
+            Deferred::Pubrec(pid, reason) => codec::write_ack(&mut self.wbuf, self.version, 5, pid, reason, None),
             Deferred::Pubcomp(pid) => codec::write_ack(&mut self.wbuf, self.version, 7, pid, 0, None),
             Deferred::Settle(d) => self.cmds.push(Cmd::Settle {
                 client: self.key,
