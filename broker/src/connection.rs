@@ -1149,6 +1149,9 @@ impl BrokerConnection {
             /// it held, and whoever consumed it detached.
             #[serde(default)]
             delete: bool,
+            /// Who asks to delete it (none: anonymous).
+            #[serde(default)]
+            user: Option<String>,
         }
         fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
             use serde::Deserialize;
@@ -1168,6 +1171,7 @@ impl BrokerConnection {
         if change.delete {
             let _ = self.queues.send(BrokerEvent::SessionDelete {
                 key,
+                user: change.user,
                 reply: PublishReply {
                     tx: self.tx.clone(),
                     link,
@@ -1322,14 +1326,17 @@ impl BrokerConnection {
                 settled,
                 why,
             } => {
-                if !settled {
-                    let e = amqp_error(AmqpError::InternalError, format!("not stored: {why}"));
-                    self.conn.settle(
-                        delivery,
-                        DeliveryState::Rejected(Rejected { error: Some(e) }),
-                    );
-                }
-                self.stored_one(link);
+                let e = amqp_error(AmqpError::InternalError, format!("not stored: {why}"));
+                self.refused(link, delivery, settled, e);
+            }
+            ToConn::Refused {
+                link,
+                delivery,
+                settled,
+                why,
+            } => {
+                let e = amqp_error(AmqpError::UnauthorizedAccess, why);
+                self.refused(link, delivery, settled, e);
             }
             ToConn::Drained { link } => self.conn.drained(link),
             ToConn::Stolen { link } => {
@@ -1412,6 +1419,21 @@ impl BrokerConnection {
                 self.conn.send(link, &msg, true, 0);
             }
         }
+    }
+
+    /// A publication that was not taken: rejected with `error`.
+    fn refused(
+        &mut self,
+        link: LinkId,
+        delivery: flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+        error: AmqpErrorBody,
+    ) {
+        if !settled {
+            self.conn
+                .settle(delivery, DeliveryState::Rejected(Rejected { error: Some(error) }));
+        }
+        self.stored_one(link);
     }
 
     /// One of `link`'s messages left the journal's queue: give its credit back.

@@ -57,6 +57,13 @@ pub enum ToConn {
         settled: bool,
         why: String,
     },
+    /// Not allowed (rejected with `amqp:unauthorized-access`).
+    Refused {
+        link: LinkId,
+        delivery: DeliveryRef,
+        settled: bool,
+        why: String,
+    },
     /// The state of every queue, for a `$stat` receiver on `link`.
     Stat {
         link: LinkId,
@@ -238,7 +245,12 @@ pub enum BrokerEvent {
     },
     /// Ends MQTT session `key` (if there is one): its consumers are
     /// detached (`amqp:link:stolen`) and it is deleted.
-    SessionDelete { key: String, reply: PublishReply },
+    /// `user` (the one connecting) must be the session's own user.
+    SessionDelete {
+        key: String,
+        user: Option<String>,
+        reply: PublishReply,
+    },
     /// The retained messages of `space` whose topic `filter` matches, to
     /// the reader on `link`.
     ReadRetained {
@@ -882,7 +894,23 @@ impl QueueTask {
                 self.update_session(&key, filters, meta, expiry, reply);
                 Vec::new()
             }
-            BrokerEvent::SessionDelete { key, reply } => {
+            BrokerEvent::SessionDelete { key, user, reply } => {
+                // Another user's client id does not clear this session.
+                let owner = self
+                    .subs
+                    .get(&key)
+                    .and_then(|s| s.record.meta.as_deref())
+                    .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+                    .map(|m| m["user"].as_str().map(str::to_string));
+                if owner.is_some_and(|o| o != user) {
+                    let _ = reply.tx.send(ToConn::Refused {
+                        link: reply.link,
+                        delivery: reply.delivery,
+                        settled: reply.settled,
+                        why: "the session belongs to another user".into(),
+                    });
+                    return Vec::new();
+                }
                 let touched = self.steal(&key, u64::MAX, LinkId(u32::MAX));
                 if self.subs.get(&key).is_some_and(|s| s.record.session) {
                     debug!(subscription = %key, "session ended by a clean start");

@@ -513,7 +513,7 @@ async fn start(
         } else {
             // A clean session: whatever an earlier one left is dropped
             // before anything else of this client reaches the broker.
-            let body = serde_json::json!({"session": container, "delete": true}).to_string();
+            let body = serde_json::json!({"session": container, "delete": true, "user": principal.user}).to_string();
             let message = flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
                 body: body.as_bytes(),
                 ..Default::default()
@@ -532,6 +532,13 @@ async fn start(
                     outcome: Outcome::Accepted,
                     ..
                 }) => {}
+                Some(Ev::Outcome {
+                    outcome: Outcome::Rejected(c, d),
+                    ..
+                }) if c.contains("unauthorized-access") => {
+                    let _ = handle.tx.send(Cmd::Gone { client: key });
+                    return Err(forget(refusal(0x87, 5, d)));
+                }
                 other => {
                     let why = match other {
                         Some(Ev::Outcome { outcome, .. }) => format!("{outcome:?}"),

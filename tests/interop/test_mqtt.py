@@ -663,3 +663,22 @@ def test_the_console_lists_mqtt_clients_serves_metrics_and_closes_them(console, 
     finally:
         for p in procs:
             p.stop()
+
+
+def test_another_user_cannot_take_or_clear_a_session(stack, clients):
+    s = stack(IOT)
+    kw = {"v5": True, "client_id": "meter-9", "clean": False, "expiry": 600}
+    own = clients(s.port, user="dev@iot", password="dev-pw", **kw)
+    assert own.subscribe("sensors/#", 1) == [1]
+    # While connected: not taken over by another user.
+    with pytest.raises(Refused) as e:
+        clients(s.port, v5=True, client_id="meter-9", user="reader@iot", password="reader-pw")
+    assert e.value.code == 0x87
+    assert not own.disconnected.is_set()
+    own.disconnect()
+    # While away: not cleared by another user's clean start.
+    with pytest.raises(Refused) as e:
+        clients(s.port, v5=True, client_id="meter-9", clean=True, user="reader@iot", password="reader-pw")
+    assert e.value.code == 0x87
+    back = clients(s.port, user="dev@iot", password="dev-pw", **kw)
+    assert back.session_present is True
