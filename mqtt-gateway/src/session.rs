@@ -1146,9 +1146,21 @@ impl Session {
         if u.filters.is_empty() {
             return self.fail(0x82, "UNSUBSCRIBE with no topic filter");
         }
-        let mut codes = Vec::with_capacity(u.filters.len());
+        let (codes, session_changed) = self.drop_subscriptions(&u.filters);
+        let done = Deferred::Unsuback(u.packet_id, codes);
+        if session_changed && self.session_tag.is_some() {
+            self.sync_session(vec![done]);
+        } else {
+            self.run(done);
+        }
+    }
+
+    /// Forgets subscriptions to `filters` (detaching links of their own):
+    /// the UNSUBACK codes, and whether the broker's session must change.
+    fn drop_subscriptions(&mut self, filters: &[String]) -> (Vec<u8>, bool) {
+        let mut codes = Vec::with_capacity(filters.len());
         let mut session_changed = false;
-        for f in &u.filters {
+        for f in filters {
             let Some(_) = self.subs.remove(f) else {
                 codes.push(0x11);
                 continue;
@@ -1174,12 +1186,7 @@ impl Session {
             }
         }
         self.note_subs();
-        let done = Deferred::Unsuback(u.packet_id, codes);
-        if session_changed && self.session_tag.is_some() {
-            self.sync_session(vec![done]);
-        } else {
-            self.run(done);
-        }
+        (codes, session_changed)
     }
 
     // ---- messages to the client ----
@@ -1552,7 +1559,28 @@ impl Session {
         }
         match self.policy.recheck(&self.principal, peer, tls) {
             Ok(p) => self.principal = p,
-            Err(why) => self.fail(0x87, why),
+            Err(why) => return self.fail(0x87, why),
+        }
+        // Subscriptions the user may no longer have end here (and in the
+        // broker's session, so they do not come back on a reconnect).
+        let lost: Vec<String> = self
+            .subs
+            .keys()
+            .filter(|f| {
+                let plain = match codec::shared_subscription(f) {
+                    Ok(Some((_, p))) => p,
+                    _ => f.as_str(),
+                };
+                plain != crate::server::STAT_TOPIC && !self.principal.may(Operation::Recv, plain)
+            })
+            .cloned()
+            .collect();
+        if !lost.is_empty() {
+            info!(client = %self.client_id, space = %self.space, filters = ?lost, "subscriptions ended: no longer authorized");
+            let (_, session_changed) = self.drop_subscriptions(&lost);
+            if session_changed && self.session_tag.is_some() {
+                self.sync_session(Vec::new());
+            }
         }
     }
 

@@ -615,6 +615,13 @@ def test_bad_connects(stack, clients):
 
 # ---- seen from the console ----
 
+def _login(port, user, password):
+    try:
+        return Client(port, v5=True, user=user, password=password)
+    except Refused:
+        return None
+
+
 def test_the_console_lists_mqtt_clients_serves_metrics_and_closes_them(console, tmpdir_path, clients):
     import urllib.request
 
@@ -656,6 +663,27 @@ def test_the_console_lists_mqtt_clients_serves_metrics_and_closes_them(console, 
         with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
             text = r.read().decode()
         assert 'flotilla_mqtt_connections{gateway="%s",space="plant"} 1' % conn["gateway"] in text, text
+        # Narrowing the user's rights ends the subscriptions it lost.
+        console.expect("POST", "/api/v1/addressspaces/plant/addresses",
+                       {"metadata": {"name": "alerts"}, "spec": {"address": "alerts/#", "type": "topic"}}, 201)
+        create_user(console, "plant", "feeder", "feeder-pw", ["#"])
+        until("the gateway to know alerts/#", lambda: c.subscribe("alerts/#", 1) == [1] or None)
+        console.expect("PUT", "/api/v1/addressspaces/plant/users/op", {
+            "metadata": {"name": "op"},
+            "spec": {"username": "op", "password": "op-pw",
+                     "authorization": [{"addresses": ["alerts/#"], "operations": ["send", "recv"]}]},
+        })
+
+        def narrowed():
+            item = listed()
+            return item if item and [x["filter"] for x in item["subscriptions"]] == ["alerts/#"] else None
+
+        conn = until("the gateway to end the subscription", narrowed)
+        feeder = until("the gateway to know feeder", lambda: _login(gw.port, "feeder@plant", "feeder-pw"))
+        feeder.publish("lines/1", b"not for op", qos=1)
+        feeder.publish("alerts/1", b"for op", qos=1)
+        assert c.receive().payload == b"for op"
+        feeder.close()
         console.expect("POST", "/api/v1/addressspaces/plant/connections/%s/%d/close" % (conn["gateway"], conn["id"]),
                        status=202)
         assert c.disconnected.wait(TIMEOUT)
