@@ -12,6 +12,7 @@
 //! | response topic | `properties.reply-to` |
 //! | correlation data | `properties.correlation-id` (binary) |
 //! | user properties | application properties (string values; the last of a repeated key) |
+//! | CloudEvents attributes (binary mode: user properties with `specversion`) | `cloudEvents:` application properties |
 //! | payload format indicator 1 | annotation `x-opt-mqtt-pfi` (an amqp-value string body, back) |
 //! | the publishing session | annotation `x-opt-mqtt-client` (for no-local) |
 
@@ -28,6 +29,10 @@ pub const ANN_QOS: &str = "x-opt-mqtt-qos";
 pub const ANN_RETAIN: &str = "x-opt-retain";
 pub const ANN_PFI: &str = "x-opt-mqtt-pfi";
 pub const ANN_CLIENT: &str = "x-opt-mqtt-client";
+/// CloudEvents attributes in AMQP application properties (the AMQP
+/// binding; `cloudEvents_` is its JMS-compatible form).
+const CE_PREFIX: &str = "cloudEvents:";
+const CE_PREFIX_JMS: &str = "cloudEvents_";
 
 /// An application message from an MQTT client, as the gateway sends it on.
 pub struct Inbound<'a> {
@@ -96,10 +101,17 @@ pub fn to_amqp(m: &Inbound<'_>) -> Bytes {
     };
     put_section(&mut out, &p);
     if let Some(all) = props.and_then(|p| p.get_all(PropertyId::UserProperty)) {
+        // A CloudEvent in binary mode (MQTT binding: its attributes are
+        // user properties, `specversion` among them) keeps them as the AMQP
+        // binding's `cloudEvents:` application properties.
+        let event = all
+            .iter()
+            .any(|v| matches!(v, PropertyValue::Utf8StringPair(k, _) if k == "specversion"));
         let mut ap = ApplicationProperties::default();
         for v in all {
             if let PropertyValue::Utf8StringPair(k, v) = v {
-                ap.insert(k.clone(), SimpleValue::String(v.clone()));
+                let key = if event { format!("{CE_PREFIX}{k}") } else { k.clone() };
+                ap.insert(key, SimpleValue::String(v.clone()));
             }
         }
         put_section(&mut out, &ap);
@@ -141,6 +153,28 @@ pub struct Outbound {
 }
 
 /// A simple AMQP value as text.
+/// `ms` since the Unix epoch as RFC 3339 (UTC, milliseconds).
+fn rfc3339(ms: i64) -> String {
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
 fn simple_text(v: &SimpleValue) -> String {
     match v {
         SimpleValue::String(s) => s.clone(),
@@ -217,7 +251,23 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
             }
             section::APPLICATION_PROPERTIES => {
                 let ap: ApplicationProperties = serde_amqp::from_slice(span).ok()?;
-                o.user_properties = ap.0.iter().map(|(k, v)| (k.clone(), simple_text(v))).collect();
+                // The AMQP binding's `cloudEvents:` (or JMS-style
+                // `cloudEvents_`) attributes are the MQTT binding's bare names.
+                o.user_properties = ap
+                    .0
+                    .iter()
+                    .map(|(k, v)| {
+                        let name = k
+                            .strip_prefix(CE_PREFIX)
+                            .or_else(|| k.strip_prefix(CE_PREFIX_JMS));
+                        let text = match (name, v) {
+                            // An AMQP timestamp is an RFC 3339 string in MQTT.
+                            (Some(_), SimpleValue::Timestamp(t)) => rfc3339(t.milliseconds()),
+                            _ => simple_text(v),
+                        };
+                        (name.unwrap_or(k).to_string(), text)
+                    })
+                    .collect();
             }
             section::DATA => {
                 let v = &span[3..];
@@ -406,6 +456,35 @@ mod tests {
         assert_eq!(&o.payload[..], b"{}");
         let p = o.v5_properties(1_000).expect("has properties");
         assert_eq!(p.get_message_expiry_interval(), Some(60));
+    }
+
+    #[test]
+    fn cloudevents_attributes_cross_both_bindings() {
+        let mut props = MqttProps::default();
+        for (k, v) in [("specversion", "1.0"), ("type", "com.example.t"), ("source", "/s"), ("id", "1")] {
+            props.add_user_property(k.into(), v.into());
+        }
+        let m = to_amqp(&Inbound {
+            topic: "t",
+            qos: 1,
+            retain: false,
+            client: "c",
+            properties: Some(&props),
+            payload: b"{}",
+        });
+        let ap = section_spans(&m)
+            .filter_map(Result::ok)
+            .find(|(c, _)| *c == section::APPLICATION_PROPERTIES)
+            .map(|(_, span)| serde_amqp::from_slice::<ApplicationProperties>(span).unwrap())
+            .unwrap();
+        assert_eq!(ap.0.get("cloudEvents:type"), Some(&SimpleValue::String("com.example.t".into())));
+        assert_eq!(ap.0.get("cloudEvents:specversion"), Some(&SimpleValue::String("1.0".into())));
+        // And back: the bare names again.
+        let o = from_amqp(&m, 0).unwrap();
+        assert!(o.user_properties.contains(&("type".to_string(), "com.example.t".to_string())));
+        assert!(o.user_properties.contains(&("specversion".to_string(), "1.0".to_string())));
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
     }
 
     #[test]

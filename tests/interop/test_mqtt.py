@@ -752,3 +752,42 @@ def test_a_session_moves_between_gateway_replicas(stack, clients, v5):
         if m.payload == b"after":
             break
         assert m.payload in [b"%d" % i for i in range(5)] and m.dup, (m.payload, m.dup)
+
+
+def test_cloudevents_keep_their_attributes_between_mqtt_and_amqp(stack, clients):
+    """Binary mode: the MQTT binding's user properties are the AMQP
+    binding's `cloudEvents:` application properties, both ways."""
+    s = stack(IOT)
+    sub = clients(s.port, v5=True, user="dev@iot", password="dev-pw")
+    assert sub.subscribe("sensors/#", 1) == [1]
+    amqp = connect(s.router.url, user="dev", password="dev-pw", virtual_host="iot", allowed_mechs="PLAIN")
+    rcv = amqp.create_receiver("sensors/#", credit=10)
+    p = Properties(PacketTypes.PUBLISH)
+    p.ContentType = "application/json"
+    p.UserProperty = [("specversion", "1.0"), ("type", "com.example.reading"), ("source", "/plant/7"),
+                      ("id", "evt-1"), ("time", "2026-12-06T09:00:00Z"), ("site", "north")]
+    clients(s.port, v5=True, user="dev@iot", password="dev-pw").publish("sensors/ce", b'{"t":21.5}', qos=1, props=p)
+    am = rcv.receive(timeout=TIMEOUT)
+    rcv.accept()
+    assert am.content_type == "application/json"
+    assert am.body == b'{"t":21.5}'
+    assert am.properties == {"cloudEvents:specversion": "1.0", "cloudEvents:type": "com.example.reading",
+                             "cloudEvents:source": "/plant/7", "cloudEvents:id": "evt-1",
+                             "cloudEvents:time": "2026-12-06T09:00:00Z", "cloudEvents:site": "north"}
+    assert sub.receive().payload == b'{"t":21.5}'
+    # AMQP (binary mode, timestamps as AMQP timestamps) to MQTT 5.
+    from proton import timestamp
+    snd = amqp.create_sender("sensors/ce2")
+    snd.send(Message(body=b"{}", inferred=True, content_type="application/json", properties={
+        "cloudEvents:specversion": "1.0", "cloudEvents:type": "com.example.cmd",
+        "cloudEvents:source": "/ops", "cloudEvents:id": "evt-2",
+        "cloudEvents:time": timestamp(1700000000123)}))
+    m = sub.receive()
+    assert m.topic == "sensors/ce2"
+    assert m.properties.ContentType == "application/json"
+    assert sorted(m.properties.UserProperty) == sorted([
+        ("specversion", "1.0"), ("type", "com.example.cmd"), ("source", "/ops"), ("id", "evt-2"),
+        ("time", "2023-11-14T22:13:20.123Z")])
+    rcv.receive(timeout=TIMEOUT)
+    rcv.accept()
+    amqp.close()
