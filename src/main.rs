@@ -624,6 +624,11 @@ struct UpArgs {
     /// Run no MQTT gateway.
     #[arg(long, env = "FLOTILLA_NO_MQTT")]
     no_mqtt: bool,
+    /// How many MQTT gateway replicas to run: replica i listens on the
+    /// --mqtt port + i (and --mqtts / --mqtt-ws + i) and speaks to router
+    /// i modulo --routers; a session moves between them.
+    #[arg(long, env = "FLOTILLA_GATEWAYS", default_value_t = 1)]
+    gateways: u16,
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {
@@ -770,37 +775,47 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
     }
     let mut mqtt_note = String::new();
     if !args.no_mqtt {
-        // The gateway speaks AMQP to the last router, proving it is a
-        // component with the mesh secret, as it would in a cluster.
-        let g = GatewayArgs {
-            router: routers[routers.len() - 1].local_addrs[0].1.to_string(),
-            mqtt: args.mqtt.clone(),
-            config: args.router.config.clone(),
-            console: args.router.console.clone(),
-            container_id: "mqtt-gateway-0".into(),
-            tls_cert: args.router.tls_cert.clone(),
-            tls_key: args.router.tls_key.clone(),
-            tls_ca: args.router.tls_ca.clone(),
-            mesh_secret_file: args.router.mesh_secret_file.clone(),
-            require_tls: args.router.require_tls,
-            limits: args.router.limits.clone(),
-        };
-        let cfg = match g.into_config() {
-            Ok(c) => c,
-            Err(e) => return usage(e),
-        };
-        let (stop, failed) = (shutdown.clone(), failed.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = flotilla_mqtt_gateway::run(cfg, stop.clone()).await {
-                tracing::error!(error = %e, "MQTT gateway stopped; stopping everything");
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                stop.cancel();
-            }
-        }));
+        let replicas = args.gateways.max(1);
+        for g in 0..replicas {
+            // Each replica speaks AMQP to a router (the last one, then
+            // around the mesh), proving it is a component with the mesh
+            // secret, as it would in a cluster.
+            let router = &routers[(routers.len() - 1 + usize::from(g)) % routers.len()];
+            let mut mqtt = args.mqtt.clone();
+            mqtt.mqtt = offset(args.mqtt.mqtt, g);
+            mqtt.mqtts = args.mqtt.mqtts.map(|a| offset(a, g));
+            mqtt.mqtt_ws = args.mqtt.mqtt_ws.map(|a| offset(a, g));
+            let gw = GatewayArgs {
+                router: router.local_addrs[0].1.to_string(),
+                mqtt,
+                config: args.router.config.clone(),
+                console: args.router.console.clone(),
+                container_id: format!("mqtt-gateway-{g}"),
+                tls_cert: args.router.tls_cert.clone(),
+                tls_key: args.router.tls_key.clone(),
+                tls_ca: args.router.tls_ca.clone(),
+                mesh_secret_file: args.router.mesh_secret_file.clone(),
+                require_tls: args.router.require_tls,
+                limits: args.router.limits.clone(),
+            };
+            let cfg = match gw.into_config() {
+                Ok(c) => c,
+                Err(e) => return usage(e),
+            };
+            let (stop, failed) = (shutdown.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = flotilla_mqtt_gateway::run(cfg, stop.clone()).await {
+                    tracing::error!(error = %e, "MQTT gateway stopped; stopping everything");
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    stop.cancel();
+                }
+            }));
+        }
         let (h, p) = (args.mqtt.mqtt.ip(), args.mqtt.mqtt.port());
         mqtt_note = format!(
-            "\nMQTT on {}: mosquitto_sub -h {h} -p {p} -t 'sensors/#' -q 1 -v\n  mosquitto_pub -h {h} -p {p} -t sensors/t1 -m 21.5 -q 1",
-            args.mqtt.mqtt
+            "\nMQTT on {}{}: mosquitto_sub -h {h} -p {p} -t 'sensors/#' -q 1 -v\n  mosquitto_pub -h {h} -p {p} -t sensors/t1 -m 21.5 -q 1",
+            args.mqtt.mqtt,
+            if replicas > 1 { format!(" (and the next {} ports: {replicas} gateways)", replicas - 1) } else { String::new() },
         );
     }
     eprintln!(
