@@ -48,8 +48,8 @@ pub struct Limits {
     /// Largest packet we take (announced as Maximum Packet Size).
     pub max_packet: usize,
     /// QoS 1 and 2 publications a client may have unacknowledged
-    /// (announced as Receive Maximum; 3.1.1 clients are held to it by
-    /// not reading).
+    /// (announced to 5.0 clients as Receive Maximum; a client of either
+    /// version that sends more is disconnected, 0x93 in 5.0).
     pub receive_max: u16,
     /// Topic aliases a client may use towards us.
     pub topic_alias_max: u16,
