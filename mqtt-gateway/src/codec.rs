@@ -154,6 +154,9 @@ fn decode(first: u8, mut body: Bytes, version: Option<u8>) -> Result<Packet, Dec
             )));
         }
     }
+    if ptype == PacketType::Subscribe {
+        subscription_options(&body, version)?;
+    }
     let p = Packet::decode_from_body_with_version(ptype, &fh, &mut body, version)
         .map_err(crate_error)?;
     if body.has_remaining() && !matches!(p, Packet::Publish(_)) {
@@ -164,6 +167,51 @@ fn decode(first: u8, mut body: Bytes, version: Option<u8>) -> Result<Packet, Dec
         )));
     }
     Ok(p)
+}
+
+/// Checks a SUBSCRIBE's options bytes as the codec crate does not: QoS 3
+/// and reserved bits are malformed (3.1.1 MQTT-3.8.3-4, 5.0 §3.8.3.1),
+/// and so is retain handling 3 in 5.0.
+fn subscription_options(body: &[u8], version: u8) -> Result<(), DecodeError> {
+    let malformed = |why: &str| DecodeError::Malformed(format!("SUBSCRIBE: {why}"));
+    let mut at = 2usize;
+    if version == V5 {
+        // The properties' length (a variable byte integer) and the properties.
+        let (mut n, mut shift) = (0usize, 0);
+        loop {
+            let b = *body.get(at).ok_or_else(|| malformed("truncated properties"))?;
+            at += 1;
+            n |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if shift > 21 {
+                return Err(malformed("bad properties length"));
+            }
+        }
+        at += n;
+    }
+    while at < body.len() {
+        let len = body
+            .get(at..at + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .ok_or_else(|| malformed("truncated topic filter"))?;
+        at += 2 + len;
+        let o = *body.get(at).ok_or_else(|| malformed("no subscription options"))?;
+        at += 1;
+        if o & 0x03 == 3 {
+            return Err(malformed("QoS 3"));
+        }
+        let reserved = if version == V5 { 0xc0 } else { 0xfc };
+        if o & reserved != 0 {
+            return Err(malformed("reserved option bits set"));
+        }
+        if version == V5 && (o >> 4) & 0x03 == 3 {
+            return Err(malformed("retain handling 3"));
+        }
+    }
+    Ok(())
 }
 
 /// Appends a packet through the codec crate (clients' packets, in tests
@@ -389,6 +437,28 @@ mod tests {
     use super::*;
     use mqtt5_protocol::packet::connect::ConnectPacket;
     use mqtt5_protocol::types::ConnectOptions;
+
+    #[test]
+    fn subscribe_options_with_qos_3_or_reserved_bits_are_malformed() {
+        let sub = |version: u8, options: u8| {
+            let mut body = vec![0, 1];
+            if version == V5 {
+                body.push(0);
+            }
+            body.extend_from_slice(&[0, 1, b'a', options]);
+            let mut b = BytesMut::new();
+            b.put_u8(0x82);
+            b.put_u8(body.len() as u8);
+            b.put_slice(&body);
+            read_packet(&mut b, Some(version), 1024)
+        };
+        assert!(matches!(sub(V311, 0x01), Ok(Some(Packet::Subscribe(_)))));
+        assert!(matches!(sub(V311, 0x03), Err(DecodeError::Malformed(_))));
+        assert!(matches!(sub(V311, 0x05), Err(DecodeError::Malformed(_))));
+        assert!(matches!(sub(V5, 0x2d), Ok(Some(Packet::Subscribe(_)))));
+        assert!(matches!(sub(V5, 0x31), Err(DecodeError::Malformed(_))));
+        assert!(matches!(sub(V5, 0x41), Err(DecodeError::Malformed(_))));
+    }
 
     fn bytes(b: &[u8]) -> BytesMut {
         BytesMut::from(b)

@@ -570,6 +570,10 @@ impl Session {
     }
 
     fn on_publish(&mut self, mut p: PublishPacket) {
+        if self.version == V5 && p.properties.get(PropertyId::SubscriptionIdentifier).is_some() {
+            // Only a server puts one on a PUBLISH (MQTT-3.3.4-6).
+            return self.fail(0x82, "a PUBLISH from a client with a subscription identifier");
+        }
         if self.version == V5 && !self.resolve_alias(&mut p) {
             return;
         }

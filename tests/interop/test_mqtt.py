@@ -573,6 +573,9 @@ V5_BAD = [
     ("QoS 3", [publish_packet("a", version=5, flags=0x06)], 0x81),
     ("topic alias 0", [publish_packet("a", version=5, props=b"\x23\x00\x00")], 0x94),
     ("unknown topic alias", [publish_packet("", version=5, props=b"\x23\x00\x05")], 0x82),
+    ("subscription identifier on a PUBLISH", [publish_packet("a", version=5, props=b"\x0b\x05")], 0x82),
+    ("SUBSCRIBE with QoS 3", [packet(0x82, b"\x00\x01\x00" + utf8("a") + b"\x03")], 0x81),
+    ("SUBSCRIBE with reserved option bits", [packet(0x82, b"\x00\x01\x00" + utf8("a") + b"\x41")], 0x81),
 ]
 
 
