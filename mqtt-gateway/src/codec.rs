@@ -159,6 +159,23 @@ fn decode(first: u8, mut body: Bytes, version: Option<u8>) -> Result<Packet, Dec
     }
     let p = Packet::decode_from_body_with_version(ptype, &fh, &mut body, version)
         .map_err(crate_error)?;
+    // Packet identifiers are never 0 (MQTT-2.3.1-1 in 3.1.1, §2.2.1 in 5.0).
+    let zero_id = match &p {
+        Packet::Publish(x) => x.qos as u8 > 0 && x.packet_id == Some(0),
+        Packet::Subscribe(x) => x.packet_id == 0,
+        Packet::Unsubscribe(x) => x.packet_id == 0,
+        Packet::PubAck(x) => x.packet_id == 0,
+        Packet::PubRec(x) => x.packet_id == 0,
+        Packet::PubRel(x) => x.packet_id == 0,
+        Packet::PubComp(x) => x.packet_id == 0,
+        _ => false,
+    };
+    if zero_id {
+        return Err(DecodeError::Malformed(format!(
+            "{} with packet identifier 0",
+            p.packet_type_name()
+        )));
+    }
     if body.has_remaining() && !matches!(p, Packet::Publish(_)) {
         return Err(DecodeError::Malformed(format!(
             "{} has {} bytes past its end",

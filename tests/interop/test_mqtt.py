@@ -574,6 +574,7 @@ V5_BAD = [
     ("topic alias 0", [publish_packet("a", version=5, props=b"\x23\x00\x00")], 0x94),
     ("unknown topic alias", [publish_packet("", version=5, props=b"\x23\x00\x05")], 0x82),
     ("subscription identifier on a PUBLISH", [publish_packet("a", version=5, props=b"\x0b\x05")], 0x82),
+    ("packet identifier 0", [packet(0x32, utf8("a") + b"\x00\x00\x00x")], 0x81),
     ("SUBSCRIBE with QoS 3", [packet(0x82, b"\x00\x01\x00" + utf8("a") + b"\x03")], 0x81),
     ("SUBSCRIBE with reserved option bits", [packet(0x82, b"\x00\x01\x00" + utf8("a") + b"\x41")], 0x81),
 ]
