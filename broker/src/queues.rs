@@ -404,6 +404,15 @@ impl SpaceSubs {
     }
 }
 
+/// True for a message an MQTT client published at QoS 0: the gateway
+/// marks it with the annotation `x-opt-mqtt-qos` = ubyte 0, near the
+/// start of the message (after at most a header).
+fn mqtt_qos0(message: &[u8]) -> bool {
+    const MARK: &[u8] = b"\xa3\x0ex-opt-mqtt-qos\x50\x00";
+    let head = &message[..message.len().min(160)];
+    head.windows(MARK.len()).any(|w| w == MARK)
+}
+
 /// A retained message: its journal record (0 until written) and the
 /// version that wrote it (a rewrite of an older version must not win).
 struct Retained {
@@ -1496,6 +1505,10 @@ impl QueueTask {
         let now = now_ms();
         let mut expired = Vec::new();
         let mut unreadable = Vec::new();
+        // An MQTT session takes QoS 0 messages settled: at most once is
+        // what QoS 0 promises, and it saves a disposition per message.
+        let session = self.subs.get(name).is_some_and(|s| s.record.session);
+        let mut settled_now = Vec::new();
         let QueueTask {
             queues,
             memory,
@@ -1560,6 +1573,24 @@ impl QueueTask {
                 continue;
             }
             let c = &mut q.consumers[i];
+            if session && mqtt_qos0(&msg.payload) {
+                let seq = msg.seq;
+                if c.tx
+                    .send(ToConn::Deliver {
+                        link: c.link,
+                        token: 0,
+                        msg,
+                        settled: true,
+                    })
+                    .is_ok()
+                {
+                    c.routed = c.routed.wrapping_add(1);
+                    q.stats.delivered += 1;
+                    q.stats.acked += 1;
+                    settled_now.push(seq);
+                }
+                continue;
+            }
             let token = *next_token;
             match c.tx.send(ToConn::Deliver {
                 link: c.link,
@@ -1593,6 +1624,9 @@ impl QueueTask {
             c.drain = false;
             c.routed = c.limit;
             let _ = c.tx.send(ToConn::Drained { link: c.link });
+        }
+        for seq in settled_now {
+            self.ack(name, seq);
         }
         // A message whose body cannot be read back is lost to the disk;
         // keeping it would block the queue forever.

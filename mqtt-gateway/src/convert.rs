@@ -75,9 +75,8 @@ pub fn to_amqp(m: &Inbound<'_>) -> Bytes {
     let mut ann = MessageAnnotations::default();
     let sym = |s: &str| OwnedKey::Symbol(Symbol::from(s));
     ann.insert(sym(ANN_CLIENT), Value::String(m.client.to_string()));
-    if m.qos > 0 {
-        ann.insert(sym(ANN_QOS), Value::Ubyte(m.qos));
-    }
+    // Also at QoS 0: a broker hands those to MQTT sessions settled.
+    ann.insert(sym(ANN_QOS), Value::Ubyte(m.qos));
     if m.retain {
         ann.insert(sym(ANN_RETAIN), Value::Bool(true));
     }
