@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::bench::BenchArgs;
@@ -69,6 +69,17 @@ impl MqttUrl {
         }
         o
     }
+}
+
+/// A client and its event loop, with Nagle's algorithm off (rumqttc
+/// leaves it on, which holds small QoS 0 publications for tens of
+/// milliseconds whatever the server).
+fn new_client(o: MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
+    let (c, mut ev) = AsyncClient::new(o, cap);
+    let mut n = NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    ev.set_network_options(n);
+    (c, ev)
 }
 
 /// `flotilla stat --mqtt URL`: the gateway's sessions (of the login's
@@ -244,7 +255,7 @@ async fn subscriber(
     let mut o = url.options(&id);
     o.set_clean_session(clean);
     o.set_inflight(1000);
-    let (client, ev) = AsyncClient::new(o, 1000);
+    let (client, ev) = new_client(o, 1000);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let mut ready_tx = Some(ready_tx);
     let stop = CancellationToken::new();
@@ -321,7 +332,7 @@ async fn publisher(
 ) -> Result<(), String> {
     let mut o = url.options(&format!("flotilla-bench-pub-{index}-{:04x}", rand::random::<u16>()));
     o.set_inflight(1000);
-    let (client, ev) = AsyncClient::new(o, 1000);
+    let (client, ev) = new_client(o, 1000);
     let done = CancellationToken::new();
     let c = counts.clone();
     let driver = tokio::spawn(drive(ev, done.clone(), move |e| match e {
@@ -574,7 +585,7 @@ async fn idle(u: &MqttUrl, n: usize, duration: Option<f64>) -> ExitCode {
     for i in 0..n {
         let mut o = u.options(&format!("flotilla-idle-{i}"));
         o.set_keep_alive(Duration::from_secs(600));
-        let (client, ev) = AsyncClient::new(o, 1);
+        let (client, ev) = new_client(o, 1);
         let c = connected.clone();
         tasks.push((
             client,
