@@ -458,7 +458,12 @@ struct GatewayArgs {
     #[command(flatten)]
     console: ConsoleArgs,
     /// Gateway id (its container id towards the router).
-    #[arg(long = "gateway-id", alias = "container-id", env = "FLOTILLA_GATEWAY_ID", default_value = "flotilla-mqtt-gateway")]
+    #[arg(
+        long = "gateway-id",
+        alias = "container-id",
+        env = "FLOTILLA_GATEWAY_ID",
+        default_value = "flotilla-mqtt-gateway"
+    )]
     container_id: String,
     /// TLS certificate (PEM) for --mqtts; with --tls-ca it also proves the
     /// gateway to its router.

@@ -29,7 +29,9 @@ impl MqttUrl {
         let rest = url
             .strip_prefix("mqtt://")
             .or_else(|| (!url.contains("://")).then_some(url))
-            .ok_or_else(|| format!("{url:?}: an MQTT URL is mqtt://[user[:password]@]host[:port]"))?;
+            .ok_or_else(|| {
+                format!("{url:?}: an MQTT URL is mqtt://[user[:password]@]host[:port]")
+            })?;
         let (cred, hostport) = match rest.rsplit_once('@') {
             Some((c, h)) => (Some(c), h),
             None => (None, rest),
@@ -138,7 +140,10 @@ pub async fn stat(url: &str, mesh_secret: Option<&std::path::Path>, json: bool) 
             return ExitCode::from(69);
         }
         Err(_) => {
-            eprintln!("flotilla stat: {}:{}: no answer within 10 s", u.host, u.port);
+            eprintln!(
+                "flotilla stat: {}:{}: no answer within 10 s",
+                u.host, u.port
+            );
             return ExitCode::from(69);
         }
     };
@@ -175,7 +180,11 @@ pub async fn stat(url: &str, mesh_secret: Option<&std::path::Path>, json: bool) 
             s["space"].as_str().unwrap_or(""),
             s["clientId"].as_str().unwrap_or(""),
             s["protocol"].as_str().unwrap_or(""),
-            if s["persistent"] == true { "kept" } else { "clean" },
+            if s["persistent"] == true {
+                "kept"
+            } else {
+                "clean"
+            },
             n(&s["received"]),
             n(&s["sent"]),
             n(&s["inflight"]),
@@ -273,7 +282,11 @@ async fn subscriber(
                     .return_codes
                     .iter()
                     .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                let _ = tx.send(if ok { Ok(()) } else { Err("subscription refused".into()) });
+                let _ = tx.send(if ok {
+                    Ok(())
+                } else {
+                    Err("subscription refused".into())
+                });
             }
         }
         Event::Incoming(Packet::Publish(p)) => {
@@ -297,9 +310,12 @@ async fn subscriber(
                 }
             }
             counts.received.fetch_add(1, Ordering::Relaxed);
-            let _ = counts
-                .first_rx
-                .compare_exchange(u64::MAX, now, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = counts.first_rx.compare_exchange(
+                u64::MAX,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             counts.last_rx.fetch_max(now, Ordering::Relaxed);
             if let Ok(mut h) = hist.lock() {
                 let _ = h.record(now.saturating_sub(sent) / 1000);
@@ -330,7 +346,10 @@ async fn publisher(
     counts: Arc<Counts>,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    let mut o = url.options(&format!("flotilla-bench-pub-{index}-{:04x}", rand::random::<u16>()));
+    let mut o = url.options(&format!(
+        "flotilla-bench-pub-{index}-{:04x}",
+        rand::random::<u16>()
+    ));
     o.set_inflight(1000);
     let (client, ev) = new_client(o, 1000);
     let done = CancellationToken::new();
@@ -373,7 +392,11 @@ async fn publisher(
     let target = seq;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && !driver.is_finished() {
-        let mine = if a.qos == 0 { counts.sent.load(Ordering::Relaxed) } else { counts.acked.load(Ordering::Relaxed) };
+        let mine = if a.qos == 0 {
+            counts.sent.load(Ordering::Relaxed)
+        } else {
+            counts.acked.load(Ordering::Relaxed)
+        };
         if mine >= target * a.senders as u64 || stop.is_cancelled() {
             break;
         }
@@ -461,7 +484,11 @@ pub async fn bench(a: BenchArgs, url: &str) -> ExitCode {
         a.address,
         a.qos,
         a.size,
-        if a.offline { ", subscribers offline until all is sent" } else { "" }
+        if a.offline {
+            ", subscribers offline until all is sent"
+        } else {
+            ""
+        }
     );
     let t0 = Instant::now();
     let mut pubs = Vec::new();
@@ -603,7 +630,10 @@ async fn idle(u: &MqttUrl, n: usize, duration: Option<f64>) -> ExitCode {
     while (connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("{} idle connections open", connected.load(Ordering::Relaxed));
+    println!(
+        "{} idle connections open",
+        connected.load(Ordering::Relaxed)
+    );
     tokio::time::sleep(Duration::from_secs_f64(duration.unwrap_or(10.0))).await;
     stop.cancel();
     for (_, t) in tasks {

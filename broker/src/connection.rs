@@ -894,10 +894,9 @@ impl BrokerConnection {
             || source.expiry_policy == TerminusExpiryPolicy::Never;
         // A durable terminus that expires after a timeout (an MQTT
         // session's expiry interval) ends that long after its last consumer.
-        let expiry = (durable
-            && source.expiry_policy != TerminusExpiryPolicy::Never
-            && source.timeout > 0)
-            .then_some(source.timeout);
+        let expiry =
+            (durable && source.expiry_policy != TerminusExpiryPolicy::Never && source.timeout > 0)
+                .then_some(source.timeout);
         // JMS names the consumers of a shared subscription `name|N`.
         let base = r.link_name.split('|').next().unwrap_or_default();
         let name = if shared {
@@ -969,10 +968,9 @@ impl BrokerConnection {
             .transpose()?;
         let durable = source.durable != TerminusDurability::None
             || source.expiry_policy == TerminusExpiryPolicy::Never;
-        let expiry = (durable
-            && source.expiry_policy != TerminusExpiryPolicy::Never
-            && source.timeout > 0)
-            .then_some(source.timeout);
+        let expiry =
+            (durable && source.expiry_policy != TerminusExpiryPolicy::Never && source.timeout > 0)
+                .then_some(source.timeout);
         Ok(SubSpec {
             record: SubRecord {
                 key: store::sub_key(&space, &format!("session/{container}")),
@@ -1019,7 +1017,13 @@ impl BrokerConnection {
                     Ok(Some(t)) if !t.is_empty() && !flotilla_core::pattern::is_pattern(t) => {
                         t.to_string()
                     }
-                    _ => return self.reject_publish(dref, settled, "a retained message needs a topic (`to`) without wildcards"),
+                    _ => {
+                        return self.reject_publish(
+                            dref,
+                            settled,
+                            "a retained message needs a topic (`to`) without wildcards",
+                        )
+                    }
                 };
                 p.storing += 1;
                 let message = if message::body_is_empty(&payload) {
@@ -1153,7 +1157,9 @@ impl BrokerConnection {
             #[serde(default)]
             user: Option<String>,
         }
-        fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+        fn present<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Option<u32>>, D::Error> {
             use serde::Deserialize;
             Ok(Some(Option::<u32>::deserialize(d)?))
         }
@@ -1430,8 +1436,10 @@ impl BrokerConnection {
         error: AmqpErrorBody,
     ) {
         if !settled {
-            self.conn
-                .settle(delivery, DeliveryState::Rejected(Rejected { error: Some(error) }));
+            self.conn.settle(
+                delivery,
+                DeliveryState::Rejected(Rejected { error: Some(error) }),
+            );
         }
         self.stored_one(link);
     }

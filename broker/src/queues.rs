@@ -983,8 +983,7 @@ impl QueueTask {
                         s.record_seq = 0;
                     }
                 }
-                if s.durable
-                    && (durable_changed || (same && s.record.expiry != spec.record.expiry))
+                if s.durable && (durable_changed || (same && s.record.expiry != spec.record.expiry))
                 {
                     // A session resumed with another expiry interval.
                     s.record.expiry = spec.record.expiry;
@@ -1834,7 +1833,12 @@ impl QueueTask {
                     continue;
                 }
                 if r.seq < pinned {
-                    stale_retained.push((space.clone(), topic.clone(), r.version, r.message.clone()));
+                    stale_retained.push((
+                        space.clone(),
+                        topic.clone(),
+                        r.version,
+                        r.message.clone(),
+                    ));
                 }
                 oldest = oldest.min(r.seq);
             }

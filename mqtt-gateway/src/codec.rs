@@ -196,7 +196,9 @@ fn subscription_options(body: &[u8], version: u8) -> Result<(), DecodeError> {
         // The properties' length (a variable byte integer) and the properties.
         let (mut n, mut shift) = (0usize, 0);
         loop {
-            let b = *body.get(at).ok_or_else(|| malformed("truncated properties"))?;
+            let b = *body
+                .get(at)
+                .ok_or_else(|| malformed("truncated properties"))?;
             at += 1;
             n |= usize::from(b & 0x7f) << shift;
             shift += 7;
@@ -215,7 +217,9 @@ fn subscription_options(body: &[u8], version: u8) -> Result<(), DecodeError> {
             .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
             .ok_or_else(|| malformed("truncated topic filter"))?;
         at += 2 + len;
-        let o = *body.get(at).ok_or_else(|| malformed("no subscription options"))?;
+        let o = *body
+            .get(at)
+            .ok_or_else(|| malformed("no subscription options"))?;
         at += 1;
         if o & 0x03 == 3 {
             return Err(malformed("QoS 3"));
@@ -291,7 +295,14 @@ pub fn write_connack(
 
 /// Appends a PUBACK (`kind` 4), PUBREC (5), PUBREL (6) or PUBCOMP (7);
 /// in 5.0 with `reason` (and a reason string), in 3.1.1 without.
-pub fn write_ack(out: &mut BytesMut, version: u8, kind: u8, packet_id: u16, reason: u8, why: Option<&str>) {
+pub fn write_ack(
+    out: &mut BytesMut,
+    version: u8,
+    kind: u8,
+    packet_id: u16,
+    reason: u8,
+    why: Option<&str>,
+) {
     let first = (kind << 4) | if kind == 6 { 0x02 } else { 0 };
     let mut body = packet_id.to_be_bytes().to_vec();
     if version == V5 && (reason != 0 || why.is_some()) {
@@ -386,9 +397,7 @@ impl Publish<'_> {
 pub fn write_publish(out: &mut BytesMut, p: &Publish<'_>) {
     let remaining = p.remaining();
     out.reserve(5 + remaining);
-    out.put_u8(
-        0x30 | (u8::from(p.dup) << 3) | ((p.qos & 3) << 1) | u8::from(p.retain),
-    );
+    out.put_u8(0x30 | (u8::from(p.dup) << 3) | ((p.qos & 3) << 1) | u8::from(p.retain));
     let mut n = remaining;
     loop {
         let mut b = (n % 128) as u8;
@@ -507,35 +516,70 @@ mod tests {
     fn bad_input_gets_the_right_answer() {
         // PUBLISH before CONNECT.
         let mut b = bytes(&[0x30, 0x03, 0x00, 0x01, b'a']);
-        assert!(matches!(read_packet(&mut b, None, 1024), Err(DecodeError::Protocol(_))));
+        assert!(matches!(
+            read_packet(&mut b, None, 1024),
+            Err(DecodeError::Protocol(_))
+        ));
         // QoS 3.
         let mut b = bytes(&[0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01]);
-        assert!(matches!(read_packet(&mut b, Some(V311), 1024), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            read_packet(&mut b, Some(V311), 1024),
+            Err(DecodeError::Malformed(_))
+        ));
         // Over the maximum size: refused from the header alone.
         let mut b = bytes(&[0x30, 0xff, 0x7f]);
-        assert_eq!(read_packet(&mut b, Some(V5), 1024).err(), Some(DecodeError::TooLarge(16386)));
+        assert_eq!(
+            read_packet(&mut b, Some(V5), 1024).err(),
+            Some(DecodeError::TooLarge(16386))
+        );
         // A five-byte remaining length.
         let mut b = bytes(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]);
-        assert!(matches!(read_packet(&mut b, Some(V5), usize::MAX), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            read_packet(&mut b, Some(V5), usize::MAX),
+            Err(DecodeError::Malformed(_))
+        ));
         // Invalid UTF-8 in a topic.
         let mut b = bytes(&[0x30, 0x04, 0x00, 0x02, 0xc3, 0x28]);
-        assert!(matches!(read_packet(&mut b, Some(V311), 1024), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            read_packet(&mut b, Some(V311), 1024),
+            Err(DecodeError::Malformed(_))
+        ));
         // Protocol level 3 (MQTT 3.1) and 6.
-        let mut b = bytes(&[0x10, 0x0c, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0, 0, 0]);
-        assert_eq!(read_packet(&mut b, None, 1024).err(), Some(DecodeError::UnsupportedLevel(3)));
+        let mut b = bytes(&[
+            0x10, 0x0c, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0, 0, 0,
+        ]);
+        assert_eq!(
+            read_packet(&mut b, None, 1024).err(),
+            Some(DecodeError::UnsupportedLevel(3))
+        );
         let mut b = bytes(&[0x10, 0x0a, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 60]);
-        assert_eq!(read_packet(&mut b, None, 1024).err(), Some(DecodeError::UnsupportedLevel(6)));
+        assert_eq!(
+            read_packet(&mut b, None, 1024).err(),
+            Some(DecodeError::UnsupportedLevel(6))
+        );
         let mut b = bytes(&[0x10, 0x0a, 0, 4, b'H', b'T', b'T', b'P', 4, 2, 0, 60]);
-        assert_eq!(read_packet(&mut b, None, 1024).err(), Some(DecodeError::NotMqtt));
+        assert_eq!(
+            read_packet(&mut b, None, 1024).err(),
+            Some(DecodeError::NotMqtt)
+        );
         // A second CONNECT.
         let mut b = bytes(&[0x10, 0x0a, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60]);
-        assert!(matches!(read_packet(&mut b, Some(V311), 1024), Err(DecodeError::Protocol(_))));
+        assert!(matches!(
+            read_packet(&mut b, Some(V311), 1024),
+            Err(DecodeError::Protocol(_))
+        ));
         // A 3.1.1 PUBACK with a reason code.
         let mut b = bytes(&[0x40, 0x03, 0, 1, 0x10]);
-        assert!(matches!(read_packet(&mut b, Some(V311), 1024), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            read_packet(&mut b, Some(V311), 1024),
+            Err(DecodeError::Malformed(_))
+        ));
         // Mosquitto's zero-length v5 DISCONNECT is fine.
         let mut b = bytes(&[0xe0, 0x00]);
-        assert!(matches!(read_packet(&mut b, Some(V5), 1024), Ok(Some(Packet::Disconnect(_)))));
+        assert!(matches!(
+            read_packet(&mut b, Some(V5), 1024),
+            Ok(Some(Packet::Disconnect(_)))
+        ));
     }
 
     #[test]
@@ -562,7 +606,10 @@ mod tests {
                     assert!(got.retain);
                     assert_eq!(got.payload.len(), 300);
                     if v == V5 {
-                        assert_eq!(got.properties.get_content_type().as_deref(), Some("text/plain"));
+                        assert_eq!(
+                            got.properties.get_content_type().as_deref(),
+                            Some("text/plain")
+                        );
                     }
                 }
                 other => panic!("{other:?}"),

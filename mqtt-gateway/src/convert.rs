@@ -17,13 +17,15 @@
 //! | the publishing session | annotation `x-opt-mqtt-client` (for no-local) |
 
 use bytes::{BufMut, Bytes, BytesMut};
+use fe2o3_amqp_types::messaging::annotations::OwnedKey;
 use flotilla_amqp::message::{section, section_spans};
 use flotilla_amqp::types::messaging::{
     ApplicationProperties, Header, MessageAnnotations, MessageId, Properties,
 };
 use flotilla_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Value};
-use fe2o3_amqp_types::messaging::annotations::OwnedKey;
-use mqtt5_protocol::protocol::v5::properties::{Properties as MqttProps, PropertyId, PropertyValue};
+use mqtt5_protocol::protocol::v5::properties::{
+    Properties as MqttProps, PropertyId, PropertyValue,
+};
 
 pub const ANN_QOS: &str = "x-opt-mqtt-qos";
 pub const ANN_RETAIN: &str = "x-opt-retain";
@@ -80,7 +82,10 @@ pub fn to_amqp(m: &Inbound<'_>) -> Bytes {
     if m.retain {
         ann.insert(sym(ANN_RETAIN), Value::Bool(true));
     }
-    if matches!(get(PropertyId::PayloadFormatIndicator), Some(PropertyValue::Byte(1))) {
+    if matches!(
+        get(PropertyId::PayloadFormatIndicator),
+        Some(PropertyValue::Byte(1))
+    ) {
         ann.insert(sym(ANN_PFI), Value::Ubyte(1));
     }
     put_section(&mut out, &ann);
@@ -109,7 +114,11 @@ pub fn to_amqp(m: &Inbound<'_>) -> Bytes {
         let mut ap = ApplicationProperties::default();
         for v in all {
             if let PropertyValue::Utf8StringPair(k, v) = v {
-                let key = if event { format!("{CE_PREFIX}{k}") } else { k.clone() };
+                let key = if event {
+                    format!("{CE_PREFIX}{k}")
+                } else {
+                    k.clone()
+                };
                 ap.insert(key, SimpleValue::String(v.clone()));
             }
         }
@@ -252,27 +261,29 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
                 let ap: ApplicationProperties = serde_amqp::from_slice(span).ok()?;
                 // The AMQP binding's `cloudEvents:` (or JMS-style
                 // `cloudEvents_`) attributes are the MQTT binding's bare names.
-                o.user_properties = ap
-                    .0
-                    .iter()
-                    .map(|(k, v)| {
-                        let name = k
-                            .strip_prefix(CE_PREFIX)
-                            .or_else(|| k.strip_prefix(CE_PREFIX_JMS));
-                        let text = match (name, v) {
-                            // An AMQP timestamp is an RFC 3339 string in MQTT.
-                            (Some(_), SimpleValue::Timestamp(t)) => rfc3339(t.milliseconds()),
-                            _ => simple_text(v),
-                        };
-                        (name.unwrap_or(k).to_string(), text)
-                    })
-                    .collect();
+                o.user_properties =
+                    ap.0.iter()
+                        .map(|(k, v)| {
+                            let name = k
+                                .strip_prefix(CE_PREFIX)
+                                .or_else(|| k.strip_prefix(CE_PREFIX_JMS));
+                            let text = match (name, v) {
+                                // An AMQP timestamp is an RFC 3339 string in MQTT.
+                                (Some(_), SimpleValue::Timestamp(t)) => rfc3339(t.milliseconds()),
+                                _ => simple_text(v),
+                            };
+                            (name.unwrap_or(k).to_string(), text)
+                        })
+                        .collect();
             }
             section::DATA => {
                 let v = &span[3..];
                 let (at, len) = match v.first()? {
                     0xa0 => (2, usize::from(*v.get(1)?)),
-                    0xb0 => (5, u32::from_be_bytes(v.get(1..5)?.try_into().ok()?) as usize),
+                    0xb0 => (
+                        5,
+                        u32::from_be_bytes(v.get(1..5)?.try_into().ok()?) as usize,
+                    ),
                     _ => return None,
                 };
                 let body = v.get(at..at + len)?;
@@ -460,7 +471,12 @@ mod tests {
     #[test]
     fn cloudevents_attributes_cross_both_bindings() {
         let mut props = MqttProps::default();
-        for (k, v) in [("specversion", "1.0"), ("type", "com.example.t"), ("source", "/s"), ("id", "1")] {
+        for (k, v) in [
+            ("specversion", "1.0"),
+            ("type", "com.example.t"),
+            ("source", "/s"),
+            ("id", "1"),
+        ] {
             props.add_user_property(k.into(), v.into());
         }
         let m = to_amqp(&Inbound {
@@ -476,12 +492,22 @@ mod tests {
             .find(|(c, _)| *c == section::APPLICATION_PROPERTIES)
             .map(|(_, span)| serde_amqp::from_slice::<ApplicationProperties>(span).unwrap())
             .unwrap();
-        assert_eq!(ap.0.get("cloudEvents:type"), Some(&SimpleValue::String("com.example.t".into())));
-        assert_eq!(ap.0.get("cloudEvents:specversion"), Some(&SimpleValue::String("1.0".into())));
+        assert_eq!(
+            ap.0.get("cloudEvents:type"),
+            Some(&SimpleValue::String("com.example.t".into()))
+        );
+        assert_eq!(
+            ap.0.get("cloudEvents:specversion"),
+            Some(&SimpleValue::String("1.0".into()))
+        );
         // And back: the bare names again.
         let o = from_amqp(&m, 0).unwrap();
-        assert!(o.user_properties.contains(&("type".to_string(), "com.example.t".to_string())));
-        assert!(o.user_properties.contains(&("specversion".to_string(), "1.0".to_string())));
+        assert!(o
+            .user_properties
+            .contains(&("type".to_string(), "com.example.t".to_string())));
+        assert!(o
+            .user_properties
+            .contains(&("specversion".to_string(), "1.0".to_string())));
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
     }
@@ -501,7 +527,10 @@ mod tests {
             ..Default::default()
         });
         let o = from_amqp(&data, 0).unwrap();
-        assert_eq!((&o.payload[..], o.utf8, o.topic), (&[1u8, 2, 3][..], false, None));
+        assert_eq!(
+            (&o.payload[..], o.utf8, o.topic),
+            (&[1u8, 2, 3][..], false, None)
+        );
         // Two data sections are joined.
         let mut two = BytesMut::from(&data[..]);
         two.put_slice(&[0x00, 0x53, 0x75, 0xa0, 0x01, 4]);

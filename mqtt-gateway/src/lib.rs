@@ -203,10 +203,18 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         listeners.push((bind(a, "mqtt").await?, server::Kind::Plain, "mqtt"));
     }
     if let (Some(a), Some(acc)) = (cfg.mqtts, &acceptor) {
-        listeners.push((bind(a, "mqtts").await?, server::Kind::Tls(acc.clone()), "mqtts"));
+        listeners.push((
+            bind(a, "mqtts").await?,
+            server::Kind::Tls(acc.clone()),
+            "mqtts",
+        ));
     }
     if let Some(a) = cfg.mqtt_ws {
-        listeners.push((bind(a, "mqtt-ws").await?, server::Kind::WebSocket, "mqtt-ws"));
+        listeners.push((
+            bind(a, "mqtt-ws").await?,
+            server::Kind::WebSocket,
+            "mqtt-ws",
+        ));
     }
     for (l, kind, name) in listeners {
         let admission = Arc::new(Admission::new(name, cfg.admission, Arc::clone(&counted)));

@@ -120,7 +120,10 @@ impl Registry {
 
     /// Connected clients.
     pub fn count(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// The sessions (of `space`, or all), with subscriptions and counters.
@@ -162,7 +165,9 @@ impl Registry {
                 .cmp(&(b["space"].as_str(), b["clientId"].as_str()))
         });
         let live = |f: fn(&SessionStats) -> &AtomicU64| -> u64 {
-            s.values().map(|e| f(&e.stats).load(Ordering::Relaxed)).sum()
+            s.values()
+                .map(|e| f(&e.stats).load(Ordering::Relaxed))
+                .sum()
         };
         let t = &self.totals;
         json!({

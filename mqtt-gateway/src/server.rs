@@ -113,13 +113,18 @@ pub async fn serve(
                 let timeout = shared.handshake_timeout;
                 match kind {
                     Kind::Plain => {
-                        Box::pin(connection(tcp, peer, false, listener, shared, admission, permit)).await
+                        Box::pin(connection(
+                            tcp, peer, false, listener, shared, admission, permit,
+                        ))
+                        .await
                     }
                     Kind::Tls(acceptor) => {
                         match Box::pin(tokio::time::timeout(timeout, acceptor.accept(tcp))).await {
                             Ok(Ok(tls)) => {
-                                Box::pin(connection(tls, peer, true, listener, shared, admission, permit))
-                                    .await
+                                Box::pin(connection(
+                                    tls, peer, true, listener, shared, admission, permit,
+                                ))
+                                .await
                             }
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                             Err(_) => debug!("TLS handshake timed out"),
@@ -128,8 +133,10 @@ pub async fn serve(
                     Kind::WebSocket => {
                         match Box::pin(tokio::time::timeout(timeout, websocket(tcp))).await {
                             Ok(Ok(ws)) => {
-                                Box::pin(connection(ws, peer, false, listener, shared, admission, permit))
-                                    .await
+                                Box::pin(connection(
+                                    ws, peer, false, listener, shared, admission, permit,
+                                ))
+                                .await
                             }
                             Ok(Err(e)) => debug!(error = %e, "WebSocket handshake failed"),
                             Err(_) => debug!("WebSocket handshake timed out"),
@@ -225,7 +232,11 @@ async fn login(
                 return Err(refusal(0x86, 4, "a password without a username"));
             }
             let Some(mut id) = shared.policy.without_credentials(None, peer, tls_state) else {
-                return Err(refusal(0x87, 5, "this address space does not allow anonymous clients"));
+                return Err(refusal(
+                    0x87,
+                    5,
+                    "this address space does not allow anonymous clients",
+                ));
             };
             id.tls = tls;
             shared
@@ -307,7 +318,11 @@ async fn connection<S>(
     };
     let Ok(slot) = admission.establish() else {
         admission.warn("connection refused", "connection limit", peer);
-        let (v, code) = if c.protocol_version == V5 { (V5, 0x89) } else { (V311, 3) };
+        let (v, code) = if c.protocol_version == V5 {
+            (V5, 0x89)
+        } else {
+            (V311, 3)
+        };
         let _ = wr.write_all(&connack(v, false, code, None)).await;
         return;
     };
@@ -418,10 +433,18 @@ async fn start(
     }
     if let Some(w) = &c.will {
         if !codec::valid_topic_name(&w.topic) || w.topic.starts_with('$') {
-            return Err(refusal(0x90, 2, format!("invalid will topic {:?}", w.topic)));
+            return Err(refusal(
+                0x90,
+                2,
+                format!("invalid will topic {:?}", w.topic),
+            ));
         }
         if !principal.may(Operation::Send, &w.topic) {
-            return Err(refusal(0x87, 5, format!("not allowed to publish the will to {:?}", w.topic)));
+            return Err(refusal(
+                0x87,
+                5,
+                format!("not allowed to publish the will to {:?}", w.topic),
+            ));
         }
     }
     let space: Arc<str> = principal.space.clone().into();
@@ -431,21 +454,23 @@ async fn start(
     // An operator's stat login keeps no session.
     let persistent = expiry > 0 && principal.space != MESH_SPACE;
     // One connection per client id: an earlier one lets go first.
-    let old = shared.registry.claim(Entry {
-        key,
-        client_id: client_id.clone(),
-        space: space.clone(),
-        user: principal.user.clone(),
-        addr: peer,
-        listener,
-        version: c.protocol_version,
-        persistent,
-        since_ms: crate::convert::now_ms(),
-        stats: stats.clone(),
-        kick: kick.clone(),
-        done: done.clone(),
-    })
-    .map_err(|()| refusal(0x87, 5, "the client id is in use by another user"))?;
+    let old = shared
+        .registry
+        .claim(Entry {
+            key,
+            client_id: client_id.clone(),
+            space: space.clone(),
+            user: principal.user.clone(),
+            addr: peer,
+            listener,
+            version: c.protocol_version,
+            persistent,
+            since_ms: crate::convert::now_ms(),
+            stats: stats.clone(),
+            kick: kick.clone(),
+            done: done.clone(),
+        })
+        .map_err(|()| refusal(0x87, 5, "the client id is in use by another user"))?;
     let forget = |why: Refusal| {
         shared.registry.release(&space, &client_id, key, &stats);
         done.notify_one();
@@ -481,7 +506,8 @@ async fn start(
             // The session's subscription: resumed, or made (afresh when
             // the client asks for a clean start).
             let tag = 1;
-            let attach = Session::session_attach(&space, &container, true, expiry, c.clean_start, None);
+            let attach =
+                Session::session_attach(&space, &container, true, expiry, c.clean_start, None);
             let _ = handle.tx.send(Cmd::Attach {
                 client: key,
                 tag,
@@ -489,12 +515,18 @@ async fn start(
                 credit: shared.limits.link_window,
             });
             match answer(&mut rx).await {
-                Some(Ev::Attached { resumed, meta: m, .. }) => {
+                Some(Ev::Attached {
+                    resumed, meta: m, ..
+                }) => {
                     let m: Option<Meta> = m.and_then(|m| serde_json::from_str(&m).ok());
                     if let Some(m) = &m {
                         if resumed && m.user != principal.user {
                             let _ = handle.tx.send(Cmd::Gone { client: key });
-                            return Err(forget(refusal(0x87, 5, "the session belongs to another user")));
+                            return Err(forget(refusal(
+                                0x87,
+                                5,
+                                "the session belongs to another user",
+                            )));
                         }
                     }
                     present = resumed && !c.clean_start;
@@ -503,21 +535,30 @@ async fn start(
                 }
                 other => {
                     let why = match other {
-                        Some(Ev::Detached { error: Some(e), .. }) => flotilla_amqp::client::describe(&e),
+                        Some(Ev::Detached { error: Some(e), .. }) => {
+                            flotilla_amqp::client::describe(&e)
+                        }
                         _ => "no answer".into(),
                     };
                     let _ = handle.tx.send(Cmd::Gone { client: key });
-                    return Err(forget(refusal(0x88, 3, format!("the session cannot be kept: {why}"))));
+                    return Err(forget(refusal(
+                        0x88,
+                        3,
+                        format!("the session cannot be kept: {why}"),
+                    )));
                 }
             }
         } else {
             // A clean session: whatever an earlier one left is dropped
             // before anything else of this client reaches the broker.
-            let body = serde_json::json!({"session": container, "delete": true, "user": principal.user}).to_string();
-            let message = flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
-                body: body.as_bytes(),
-                ..Default::default()
-            });
+            let body =
+                serde_json::json!({"session": container, "delete": true, "user": principal.user})
+                    .to_string();
+            let message =
+                flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
+                    body: body.as_bytes(),
+                    ..Default::default()
+                });
             gate.add();
             let _ = handle.tx.send(Cmd::Publish {
                 client: key,
@@ -545,7 +586,11 @@ async fn start(
                         _ => "no answer".into(),
                     };
                     let _ = handle.tx.send(Cmd::Gone { client: key });
-                    return Err(forget(refusal(0x88, 3, format!("the broker did not answer: {why}"))));
+                    return Err(forget(refusal(
+                        0x88,
+                        3,
+                        format!("the broker did not answer: {why}"),
+                    )));
                 }
             }
         }
@@ -658,8 +703,13 @@ fn push_commands(s: &mut Session, upstream: &mpsc::UnboundedSender<Cmd>, gate: &
 }
 
 /// The connection after CONNACK.
-async fn run<R, W>(mut st: Box<Started>, mut rd: R, mut wr: W, mut rbuf: BytesMut, shared: &Arc<Shared>)
-where
+async fn run<R, W>(
+    mut st: Box<Started>,
+    mut rd: R,
+    mut wr: W,
+    mut rbuf: BytesMut,
+    shared: &Arc<Shared>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -807,7 +857,9 @@ where
     }
     s.end();
     push_commands(s, &st.upstream, &st.gate);
-    shared.registry.release(&s.space, &s.client_id, s.key, &s.stats);
+    shared
+        .registry
+        .release(&s.space, &s.client_id, s.key, &s.stats);
     st.done.notify_one();
     debug!(client.id = %s.client_id, reason = close.as_ref().map_or("connection lost", |c| c.why.as_str()), "MQTT client disconnected");
 }

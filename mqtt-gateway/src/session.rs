@@ -255,7 +255,8 @@ pub struct Session {
 }
 
 /// The properties of a 5.0 packet that has none.
-static NO_PROPERTIES: std::sync::LazyLock<Properties> = std::sync::LazyLock::new(Properties::default);
+static NO_PROPERTIES: std::sync::LazyLock<Properties> =
+    std::sync::LazyLock::new(Properties::default);
 
 /// Escapes what would make a client id ambiguous in a subscription name.
 pub fn container_of(client_id: &str) -> String {
@@ -401,11 +402,7 @@ impl Session {
         self.stats
             .subscriptions
             .store(self.subs.len() as u64, Ordering::Relaxed);
-        *self
-            .stats
-            .filters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) =
+        *self.stats.filters.lock().unwrap_or_else(|p| p.into_inner()) =
             self.subs.iter().map(|(f, o)| (f.clone(), o.q)).collect();
     }
 
@@ -538,7 +535,13 @@ impl Session {
             return true;
         };
         if a == 0 || a > self.limits.topic_alias_max {
-            self.fail(0x94, format!("topic alias {a} outside 1..={}", self.limits.topic_alias_max));
+            self.fail(
+                0x94,
+                format!(
+                    "topic alias {a} outside 1..={}",
+                    self.limits.topic_alias_max
+                ),
+            );
             return false;
         }
         if p.topic_name.is_empty() {
@@ -570,9 +573,16 @@ impl Session {
     }
 
     fn on_publish(&mut self, mut p: PublishPacket) {
-        if self.version == V5 && p.properties.get(PropertyId::SubscriptionIdentifier).is_some() {
+        if self.version == V5
+            && p.properties
+                .get(PropertyId::SubscriptionIdentifier)
+                .is_some()
+        {
             // Only a server puts one on a PUBLISH (MQTT-3.3.4-6).
-            return self.fail(0x82, "a PUBLISH from a client with a subscription identifier");
+            return self.fail(
+                0x82,
+                "a PUBLISH from a client with a subscription identifier",
+            );
         }
         if self.version == V5 && !self.resolve_alias(&mut p) {
             return;
@@ -594,7 +604,10 @@ impl Session {
             }
             let open = self.forwarding.len() + self.qos2_in.len();
             if open >= usize::from(self.limits.receive_max) {
-                return self.fail(0x93, "more QoS 1 and 2 publications in flight than Receive Maximum");
+                return self.fail(
+                    0x93,
+                    "more QoS 1 and 2 publications in flight than Receive Maximum",
+                );
             }
         }
         let topic = p.topic_name.clone();
@@ -603,7 +616,12 @@ impl Session {
             return self.refuse_publish(pid, qos, 0x87, format!("topic {topic:?} is reserved"));
         }
         if !self.principal.may(Operation::Send, &topic) {
-            return self.refuse_publish(pid, qos, 0x87, format!("not allowed to publish to {topic:?}"));
+            return self.refuse_publish(
+                pid,
+                qos,
+                0x87,
+                format!("not allowed to publish to {topic:?}"),
+            );
         }
         let dest = match self.destination(&topic) {
             Ok(d) => d,
@@ -617,14 +635,24 @@ impl Session {
             .and_then(|s| s.quotas.message_size)
         {
             if p.payload.len() as u64 > max {
-                let why = format!("message of {} bytes exceeds the address space's limit of {max}", p.payload.len());
+                let why = format!(
+                    "message of {} bytes exceeds the address space's limit of {max}",
+                    p.payload.len()
+                );
                 return self.refuse_publish(pid, qos, 0x97, why);
             }
         }
         if self.version == V5 {
-            if let Some(PropertyValue::Byte(1)) = p.properties.get(PropertyId::PayloadFormatIndicator) {
+            if let Some(PropertyValue::Byte(1)) =
+                p.properties.get(PropertyId::PayloadFormatIndicator)
+            {
                 if std::str::from_utf8(&p.payload).is_err() {
-                    return self.refuse_publish(pid, qos, 0x99, "payload is not UTF-8 as its format indicator says".into());
+                    return self.refuse_publish(
+                        pid,
+                        qos,
+                        0x99,
+                        "payload is not UTF-8 as its format indicator says".into(),
+                    );
                 }
             }
         }
@@ -748,7 +776,10 @@ impl Session {
             }
             Op::Save(then) => {
                 if let Outcome::Rejected(c, d) = &outcome {
-                    return self.fail(0x80, format!("the session's state could not be stored: {c} {d}"));
+                    return self.fail(
+                        0x80,
+                        format!("the session's state could not be stored: {c} {d}"),
+                    );
                 }
                 for d in then {
                     self.run(d);
@@ -782,8 +813,12 @@ impl Session {
 
     fn run(&mut self, d: Deferred) {
         match d {
-            Deferred::Pubrec(pid, reason) => codec::write_ack(&mut self.wbuf, self.version, 5, pid, reason, None),
-            Deferred::Pubcomp(pid) => codec::write_ack(&mut self.wbuf, self.version, 7, pid, 0, None),
+            Deferred::Pubrec(pid, reason) => {
+                codec::write_ack(&mut self.wbuf, self.version, 5, pid, reason, None)
+            }
+            Deferred::Pubcomp(pid) => {
+                codec::write_ack(&mut self.wbuf, self.version, 7, pid, 0, None)
+            }
             Deferred::Settle(d) => self.cmds.push(Cmd::Settle {
                 client: self.key,
                 delivery: d,
@@ -852,10 +887,11 @@ impl Session {
         if let Some(e) = expiry {
             body["expiry"] = e.into();
         }
-        let message = flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
-            body: body.to_string().as_bytes(),
-            ..Default::default()
-        });
+        let message =
+            flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
+                body: body.to_string().as_bytes(),
+                ..Default::default()
+            });
         let token = self.token();
         self.ops.insert(token, Op::Save(then));
         self.cmds.push(Cmd::Publish {
@@ -876,7 +912,10 @@ impl Session {
             return Ok(Placement::Link {
                 address: f.to_string(),
                 caps: vec!["topic", "shared", "global"],
-                name: format!("$share/{group}/{}", f.replace('%', "%25").replace('|', "%7C")),
+                name: format!(
+                    "$share/{group}/{}",
+                    f.replace('%', "%25").replace('|', "%7C")
+                ),
             });
         }
         let t = self.policy.tenancy();
@@ -885,11 +924,13 @@ impl Session {
         };
         match space.declared_as(filter) {
             Some((AddressType::Topic, _)) => Ok(Placement::Session),
-            Some((AddressType::Subscription, _)) if !pattern::is_pattern(filter) => Ok(Placement::Link {
-                address: filter.to_string(),
-                caps: vec![],
-                name: format!("sub:{filter}"),
-            }),
+            Some((AddressType::Subscription, _)) if !pattern::is_pattern(filter) => {
+                Ok(Placement::Link {
+                    address: filter.to_string(),
+                    caps: vec![],
+                    name: format!("sub:{filter}"),
+                })
+            }
             Some((AddressType::Anycast | AddressType::Multicast | AddressType::Queue, _))
                 if !pattern::is_pattern(filter) =>
             {
@@ -899,10 +940,7 @@ impl Session {
                     name: format!("sub:{filter}"),
                 })
             }
-            Some(_) => Err((
-                0x8f,
-                format!("{filter:?} takes wildcards only on topics"),
-            )),
+            Some(_) => Err((0x8f, format!("{filter:?} takes wildcards only on topics"))),
             None if space.undeclared == Undeclared::Anycast => Ok(Placement::Session),
             // A filter wider than the space's topics (`#` where `sensors/#`
             // is declared) takes what they carry.
@@ -920,8 +958,12 @@ impl Session {
         let tag = self.tag();
         let source = Source {
             address: Some(address.to_string()),
-            capabilities: (!caps.is_empty())
-                .then(|| caps.iter().map(|c| Symbol::from(*c)).collect::<Vec<_>>().into()),
+            capabilities: (!caps.is_empty()).then(|| {
+                caps.iter()
+                    .map(|c| Symbol::from(*c))
+                    .collect::<Vec<_>>()
+                    .into()
+            }),
             durable: if self.persistent {
                 TerminusDurability::UnsettledState
             } else {
@@ -1045,8 +1087,8 @@ impl Session {
             };
             let existed = self.subs.insert(filter.clone(), opts).is_some();
             pending.codes.push(opts.q);
-            let retained = shared.ok().flatten().is_none()
-                && (opts.rh == 0 || (opts.rh == 1 && !existed));
+            let retained =
+                shared.ok().flatten().is_none() && (opts.rh == 0 || (opts.rh == 1 && !existed));
             if retained {
                 pending.retained.push((plain.clone(), opts));
             }
@@ -1239,7 +1281,12 @@ impl Session {
                 let Some(opts) = self.subs.get(filter) else {
                     return self.done_with(tag, d);
                 };
-                (topic, opts.q, opts.rap && o.retain, opts.id.into_iter().collect())
+                (
+                    topic,
+                    opts.q,
+                    opts.rap && o.retain,
+                    opts.id.into_iter().collect(),
+                )
             }
             LinkKind::Retained { opts } => {
                 let Some(topic) = o.topic.clone() else {
@@ -1330,7 +1377,9 @@ impl Session {
                 stage: m.qos,
             },
         );
-        self.stats.inflight_out.store(self.out.len() as u64, Ordering::Relaxed);
+        self.stats
+            .inflight_out
+            .store(self.out.len() as u64, Ordering::Relaxed);
     }
 
     /// Writes a PUBLISH; false if it is larger than the client takes.
@@ -1342,13 +1391,17 @@ impl Session {
         if self.version == V5 && self.client_alias_max > 0 {
             match self.aliases_out.get(&m.topic) {
                 Some(&a) => {
-                    props.get_or_insert_with(Properties::default).set_topic_alias(a);
+                    props
+                        .get_or_insert_with(Properties::default)
+                        .set_topic_alias(a);
                     topic = "";
                 }
                 None if self.aliases_out.len() < usize::from(self.client_alias_max) => {
                     let a = self.aliases_out.len() as u16 + 1;
                     new_alias = Some(a);
-                    props.get_or_insert_with(Properties::default).set_topic_alias(a);
+                    props
+                        .get_or_insert_with(Properties::default)
+                        .set_topic_alias(a);
                 }
                 None => {}
             }
@@ -1396,7 +1449,9 @@ impl Session {
             }
             None => debug!(client = %self.client_id, pid, "PUBACK for an unknown packet"),
         }
-        self.stats.inflight_out.store(self.out.len() as u64, Ordering::Relaxed);
+        self.stats
+            .inflight_out
+            .store(self.out.len() as u64, Ordering::Relaxed);
     }
 
     fn on_pubrec(&mut self, pid: u16, reason: u8) {
@@ -1444,7 +1499,9 @@ impl Session {
             Some(_) => self.fail(0x82, format!("PUBCOMP for packet {pid} before PUBREC")),
             None => debug!(client = %self.client_id, pid, "PUBCOMP for an unknown packet"),
         }
-        self.stats.inflight_out.store(self.out.len() as u64, Ordering::Relaxed);
+        self.stats
+            .inflight_out
+            .store(self.out.len() as u64, Ordering::Relaxed);
     }
 
     // ---- events from the upstream connection ----
@@ -1504,7 +1561,11 @@ impl Session {
                     if let Deferred::Suback(id) = d {
                         if let Some(s) = self.subacks.get_mut(&id) {
                             if let Some(&i) = s.links.get(&tag) {
-                                s.codes[i] = if why.contains("unauthorized") { 0x87 } else { 0x80 };
+                                s.codes[i] = if why.contains("unauthorized") {
+                                    0x87
+                                } else {
+                                    0x80
+                                };
                             }
                         }
                         self.run(Deferred::Suback(id));
@@ -1542,7 +1603,10 @@ impl Session {
         let tags: Vec<u32> = self.links.keys().copied().collect();
         for tag in tags {
             let closed = !self.persistent
-                && matches!(self.links.get(&tag).map(|l| &l.kind), Some(LinkKind::Sub { .. }));
+                && matches!(
+                    self.links.get(&tag).map(|l| &l.kind),
+                    Some(LinkKind::Sub { .. })
+                );
             if closed {
                 self.cmds.push(Cmd::Detach {
                     client: self.key,
@@ -1595,7 +1659,11 @@ impl Session {
 }
 
 /// A receiver's attach.
-pub fn receiver_attach(name: &str, source: Source, props: flotilla_amqp::types::definitions::Fields) -> Attach {
+pub fn receiver_attach(
+    name: &str,
+    source: Source,
+    props: flotilla_amqp::types::definitions::Fields,
+) -> Attach {
     Attach {
         name: name.to_string(),
         handle: flotilla_amqp::types::definitions::Handle(0),

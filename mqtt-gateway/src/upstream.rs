@@ -179,7 +179,9 @@ impl EvReceiver {
     /// The next event; `None` once the sender is gone.
     pub async fn recv(&mut self) -> Option<Ev> {
         let mut one = Vec::with_capacity(1);
-        (self.recv_many(&mut one, 1).await > 0).then(|| one.pop()).flatten()
+        (self.recv_many(&mut one, 1).await > 0)
+            .then(|| one.pop())
+            .flatten()
     }
 }
 
@@ -239,7 +241,9 @@ impl Gate {
     fn done(&self, n: u32) {
         let before = self
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            })
             .unwrap_or(0);
         if before.saturating_sub(n) < GATE_LOW {
             self.room.notify_one();
@@ -323,11 +327,15 @@ async fn keep(
                 info!(router = %link.addr, upstream = i, "connected to router");
                 let _ = ready.send(true);
                 let mut up = Upstream::new(&link.container_id, i, &mut rx, shutdown.clone());
-                let ended = Driver::new(io, buf, DriverConfig::default()).run(&mut up).await;
+                let ended = Driver::new(io, buf, DriverConfig::default())
+                    .run(&mut up)
+                    .await;
                 let _ = ready.send(false);
                 up.lost();
                 match ended {
-                    Ended::Io(e) => warn!(router = %link.addr, upstream = i, error = %e, "connection to router failed"),
+                    Ended::Io(e) => {
+                        warn!(router = %link.addr, upstream = i, error = %e, "connection to router failed")
+                    }
                     _ => info!(router = %link.addr, upstream = i, "connection to router closed"),
                 }
             }
@@ -353,9 +361,7 @@ async fn keep(
     }
 }
 
-async fn connect(
-    link: &RouterLink,
-) -> Result<(flotilla_amqp::transport::BoxIo, BytesMut), String> {
+async fn connect(link: &RouterLink) -> Result<(flotilla_amqp::transport::BoxIo, BytesMut), String> {
     let tcp = tokio::net::TcpStream::connect(&link.addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -579,7 +585,9 @@ impl<'a> Upstream<'a> {
         let link = match self.senders.get(&key) {
             Some(s) => s.link,
             None => {
-                let link = self.conn.attach_as(ch, sender_attach(&key.0, &key.1, self.next_link));
+                let link = self
+                    .conn
+                    .attach_as(ch, sender_attach(&key.0, &key.1, self.next_link));
                 self.next_link += 1;
                 self.sender_of.insert(link, key.clone());
                 self.senders.insert(
@@ -672,10 +680,11 @@ impl<'a> Upstream<'a> {
                         props.and_then(|p| p.get(&Symbol::from("flotilla:resumed"))),
                         Some(Value::Bool(true))
                     );
-                    let meta = match props.and_then(|p| p.get(&Symbol::from("flotilla:session-meta"))) {
-                        Some(Value::String(s)) => Some(s.clone()),
-                        _ => None,
-                    };
+                    let meta =
+                        match props.and_then(|p| p.get(&Symbol::from("flotilla:session-meta"))) {
+                            Some(Value::String(s)) => Some(s.clone()),
+                            _ => None,
+                        };
                     if let Some(c) = self.clients.get(&client) {
                         c.tx.send(Ev::Attached { tag, resumed, meta });
                     }

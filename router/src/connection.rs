@@ -551,9 +551,10 @@ impl ConnectionTask {
             // credential. It serves routed links; it is no tenant. Without
             // the route-container capability it is an operator's tool,
             // which may only read `$stat`.
-            let gateway = open.offered_capabilities.as_ref().is_some_and(|c| {
-                c.0.iter().any(|s| s.as_str() == GATEWAY_CAPABILITY)
-            });
+            let gateway = open
+                .offered_capabilities
+                .as_ref()
+                .is_some_and(|c| c.0.iter().any(|s| s.as_str() == GATEWAY_CAPABILITY));
             info!(conn.id = self.id.0, client.addr = %self.peer, mechanism = self.identity.mechanism, route_container, gateway, "component connected");
             self.conn.open();
             if route_container {
@@ -690,7 +691,11 @@ impl ConnectionTask {
     /// space its `flotilla:space` property names (trusted: the gateway
     /// proved the mesh credential and authorized its client itself), for
     /// the durable subscriptions of `flotilla:container-id`.
-    fn gateway_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
+    fn gateway_attach(
+        &mut self,
+        link: LinkId,
+        attach: flotilla_amqp::types::performatives::Attach,
+    ) {
         let prop = |k: &str| match attach
             .properties
             .as_ref()
@@ -708,8 +713,8 @@ impl ConnectionTask {
             );
             return self.conn.refuse_attach(link, e);
         };
-        let container = prop(crate::linkroute::PROP_CONTAINER)
-            .unwrap_or_else(|| self.remote_container.clone());
+        let container =
+            prop(crate::linkroute::PROP_CONTAINER).unwrap_or_else(|| self.remote_container.clone());
         let p = Principal {
             space,
             user: None,
