@@ -443,6 +443,10 @@ struct MqttArgs {
     /// AMQP connections to the router the gateway's clients share.
     #[arg(long, env = "FLOTILLA_MQTT_UPSTREAMS", default_value_t = 2)]
     upstreams: usize,
+    /// Subscriptions one MQTT session may hold; more are refused (SUBACK
+    /// 0x97, 0x80 in 3.1.1).
+    #[arg(long, env = "FLOTILLA_MQTT_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    max_subscriptions: usize,
 }
 
 #[derive(Args, Clone)]
@@ -511,6 +515,7 @@ impl GatewayArgs {
                 receive_max: m.receive_maximum.max(1),
                 max_keep_alive: m.max_keep_alive.max(1),
                 qos0_buffer: m.qos0_buffer,
+                max_subscriptions: m.max_subscriptions,
                 ..Default::default()
             },
             upstreams: m.upstreams.max(1),

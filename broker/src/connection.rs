@@ -564,7 +564,7 @@ impl BrokerConnection {
         if !matches!(self.peer, Peer::Router) {
             return Err(amqp_error(
                 AmqpError::NotFound,
-                "retained messages are reached through a router, by the MQTT gateway",
+                "the MQTT gateway's records are reached through a router, by the gateway",
             ));
         }
         match attach

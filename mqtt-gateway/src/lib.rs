@@ -154,6 +154,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         next_key: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         tenancy_version: tenancy_version.clone(),
+        delayed_wills: Default::default(),
     });
     if let Some(link) = cfg.console.clone() {
         let (p, v) = (policy.clone(), tenancy_version.clone());

@@ -50,7 +50,13 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bumped when the tenancy changes.
     pub tenancy_version: tokio::sync::watch::Sender<u64>,
+    /// Wills waiting out their delay.
+    pub delayed_wills: std::sync::atomic::AtomicUsize,
 }
+
+/// Wills that may wait out their delay at once: past this many (clients
+/// that come and go with long delays), a will goes out at once instead.
+const MAX_DELAYED_WILLS: usize = 10_000;
 
 /// How a listener's connections arrive.
 #[derive(Clone)]
@@ -902,6 +908,12 @@ fn publish_will(shared: &Arc<Shared>, s: &Session, upstream: &mpsc::UnboundedSen
         send();
         return;
     }
+    if shared.delayed_wills.fetch_add(1, Ordering::AcqRel) >= MAX_DELAYED_WILLS {
+        shared.delayed_wills.fetch_sub(1, Ordering::AcqRel);
+        warn!(client.id = %s.client_id, "too many wills wait out their delay: this one goes now");
+        send();
+        return;
+    }
     let (shared, space, id) = (shared.clone(), s.space.clone(), s.client_id.clone());
     tokio::spawn(async move {
         tokio::select! {
@@ -912,6 +924,7 @@ fn publish_will(shared: &Arc<Shared>, s: &Session, upstream: &mpsc::UnboundedSen
                 }
             }
         }
+        shared.delayed_wills.fetch_sub(1, Ordering::AcqRel);
     });
 }
 

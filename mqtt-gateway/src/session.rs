@@ -60,6 +60,9 @@ pub struct Limits {
     pub qos0_buffer: usize,
     /// Messages each receiving link may have in flight towards us.
     pub link_window: u32,
+    /// Subscriptions one session may hold (each is a filter the broker
+    /// matches every publication of the space against).
+    pub max_subscriptions: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             max_keep_alive: u16::MAX,
             qos0_buffer: 256 * 1024,
             link_window: 2000,
+            max_subscriptions: 1000,
         }
     }
 }
@@ -1085,6 +1089,12 @@ impl Session {
                     continue;
                 }
             };
+            if !self.subs.contains_key(&filter) && self.subs.len() >= self.limits.max_subscriptions
+            {
+                debug!(client = %self.client_id, space = %self.space, filter = %filter, "subscription refused: the session has as many as allowed");
+                pending.codes.push(0x97);
+                continue;
+            }
             let existed = self.subs.insert(filter.clone(), opts).is_some();
             pending.codes.push(opts.q);
             let retained =

@@ -542,19 +542,18 @@ impl ConnectionTask {
     fn handle_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
         let hostname = open.hostname.as_deref();
         self.remote_container = open.container_id.clone();
-        let route_container = open.offered_capabilities.as_ref().is_some_and(|c| {
-            c.0.iter()
-                .any(|s| s.as_str() == crate::linkroute::ROUTE_CONTAINER_CAPABILITY)
-        });
+        let offers = |cap: &str| {
+            open.offered_capabilities
+                .as_ref()
+                .is_some_and(|c| c.0.iter().any(|s| s.as_str() == cap))
+        };
+        let route_container = offers(crate::linkroute::ROUTE_CONTAINER_CAPABILITY);
+        let gateway = offers(GATEWAY_CAPABILITY);
         if self.identity.is_component() {
             // A broker (or another component): it proved the mesh
             // credential. It serves routed links; it is no tenant. Without
             // the route-container capability it is an operator's tool,
             // which may only read `$stat`.
-            let gateway = open
-                .offered_capabilities
-                .as_ref()
-                .is_some_and(|c| c.0.iter().any(|s| s.as_str() == GATEWAY_CAPABILITY));
             info!(conn.id = self.id.0, client.addr = %self.peer, mechanism = self.identity.mechanism, route_container, gateway, "component connected");
             self.conn.open();
             if route_container {
@@ -575,6 +574,14 @@ impl ConnectionTask {
             return self.refuse_open(
                 AmqpError::UnauthorizedAccess,
                 "a route container must authenticate as a component: SCRAM-SHA-256 as ID@$mesh with the mesh secret, or a certificate from the mesh CA".to_string(),
+            );
+        }
+        if gateway {
+            // Nor a gateway: its links name the space they act in.
+            warn!(conn.id = self.id.0, client.addr = %self.peer, user = self.identity.user.as_deref().unwrap_or("<anonymous>"), "gateway refused: not a component");
+            return self.refuse_open(
+                AmqpError::UnauthorizedAccess,
+                "a gateway must authenticate as a component: SCRAM-SHA-256 as ID@$mesh with the mesh secret, or a certificate from the mesh CA".to_string(),
             );
         }
         match self
@@ -667,6 +674,14 @@ impl ConnectionTask {
                 .refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
             return;
         };
+        if crate::linkroute::terminus_address(&attach).is_some_and(|a| a.starts_with(MQTT_PREFIX)) {
+            // The MQTT gateway's records in the broker: no client's.
+            let why = "addresses under $mqtt/ belong to the MQTT gateway";
+            warn!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
+            return self
+                .conn
+                .refuse_attach(link, amqp_error(AmqpError::UnauthorizedAccess, why));
+        }
         if let Some(e) = self.over_link_quota(&p.space) {
             warn!(conn.id = self.id.0, client.addr = %self.peer, "attach refused: the address space's link quota is used up");
             return self.conn.refuse_attach(link, e);

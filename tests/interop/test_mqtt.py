@@ -14,8 +14,9 @@ import time
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from proton import Message, symbol
-from proton.reactor import AtMostOnce
+from proton import ConnectionException, Message, symbol
+from proton.reactor import AtMostOnce, ReceiverOption
+from proton.utils import LinkDetached, SendException
 
 from conftest import TIMEOUT, Broker, Gateway, Router, connect
 from mqtt_client import Client, Raw, Refused, connect_packet, packet, publish_packet, utf8, varint
@@ -795,3 +796,76 @@ def test_cloudevents_keep_their_attributes_between_mqtt_and_amqp(stack, clients)
     rcv.receive(timeout=TIMEOUT)
     rcv.accept()
     amqp.close()
+
+
+class _Props(ReceiverOption):
+    """Link properties on an attach (what a gateway would name)."""
+
+    def __init__(self, props):
+        self.props = props
+
+    def apply(self, link):
+        link.properties = self.props
+
+
+def test_tenants_cannot_pose_as_a_gateway_or_reach_its_addresses(stack, clients):
+    """As a stranger and as another tenant would try it with stock proton:
+    the gateway capability, the `$mqtt/` addresses the gateway keeps in the
+    broker, and link properties naming another space or client."""
+    s = stack(IOT)
+    url = s.router.url
+    other = clients(s.port, v5=True, client_id="victim", clean=False, expiry=600,
+                    user="dev@other", password="other-pw")
+    assert other.subscribe("sensors/#", 1) == [1]
+    as_iot = dict(user="dev", password="dev-pw", virtual_host="iot", allowed_mechs="PLAIN")
+    # The capability makes no gateway of a tenant (or of an anonymous client).
+    for kw in (as_iot, {}):
+        try:
+            c = connect(url, offered_capabilities=[symbol("flotilla.gateway")], **kw)
+            r = c.create_receiver("$mqtt/session", credit=1, options=_Props(
+                {symbol("flotilla:space"): "other", symbol("flotilla:container-id"): "mqtt:victim"}))
+            c.close()
+            pytest.fail("a tenant attached to another space's MQTT session: %r" % r)
+        except (ConnectionException, LinkDetached):
+            pass
+    # The gateway's addresses, plainly, through the router (as a tenant
+    # and anonymously) and at the broker's own listener.
+    for where, kw in ((url, as_iot), (url, {}), (s.broker.url, as_iot)):
+        c = connect(where, **kw)
+        for address in ("$mqtt/session", "$mqtt/retained/#", "$mqtt/retained/sensors/x"):
+            with pytest.raises(LinkDetached):
+                c.create_receiver(address, credit=1, options=_Props(
+                    {symbol("flotilla:space"): "other", symbol("flotilla:container-id"): "mqtt:victim"}))
+        for address in ("$mqtt/session-state", "$mqtt/retained"):
+            with pytest.raises((LinkDetached, SendException)):
+                c.create_sender(address).send(Message(body='{"session": "mqtt:victim", "delete": true}'))
+        c.close()
+    c = connect(url, **as_iot)
+    # Naming another space on a link changes nothing: iot's receiver gets
+    # iot's messages only.
+    rcv = c.create_receiver("sensors/#", credit=10, options=_Props({symbol("flotilla:space"): "other"}))
+    clients(s.port, v5=True, user="dev@other", password="other-pw").publish("sensors/x", b"other's", qos=1)
+    clients(s.port, v5=True, user="dev@iot", password="dev-pw").publish("sensors/x", b"iot's", qos=1)
+    assert rcv.receive(timeout=TIMEOUT).body == b"iot's"
+    c.close()
+    # The victim's session is intact.
+    assert other.receive().payload == b"other's"
+    other.disconnect()
+    back = clients(s.port, v5=True, client_id="victim", clean=False, expiry=600,
+                   user="dev@other", password="other-pw")
+    assert back.session_present is True
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_a_session_holds_at_most_max_subscriptions(stack, clients, v5):
+    s = stack(gateway_args=("--max-subscriptions", "3"))
+    c = clients(s.port, v5=v5)
+    for f in ("m/1", "m/2", "m/3"):
+        assert c.subscribe(f, 1) == [1]
+    assert c.subscribe("m/4", 1) == [0x97 if v5 else 0x80]
+    # Changing one it has is no new one; after an unsubscribe there is room.
+    assert c.subscribe("m/3", 0) == [0]
+    c.unsubscribe("m/1")
+    assert c.subscribe("m/4", 1) == [1]
+    clients(s.port, v5=v5).publish("m/4", b"in", qos=1)
+    assert c.receive().payload == b"in"
