@@ -245,10 +245,7 @@ struct RouterArgs {
 
 impl RouterArgs {
     fn into_config(self) -> Result<RouterConfig, String> {
-        let tenancy = match &self.config {
-            Some(p) => Tenancy::load(p).map_err(|e| format!("--config: {e}"))?,
-            None => Tenancy::zero_config(),
-        };
+        let tenancy = load_tenancy(self.config.as_deref())?;
         if self.link_capacity == 0 {
             return Err("--link-capacity must be at least 1".into());
         }
@@ -377,10 +374,7 @@ struct BrokerArgs {
 
 impl BrokerArgs {
     fn into_config(self) -> Result<flotilla_broker::BrokerConfig, String> {
-        let tenancy = match &self.config {
-            Some(p) => Tenancy::load(p).map_err(|e| format!("--config: {e}"))?,
-            None => Tenancy::zero_config(),
-        };
+        let tenancy = load_tenancy(self.config.as_deref())?;
         Ok(flotilla_broker::BrokerConfig {
             amqp: self.amqp,
             data_dir: self.data_dir,
@@ -492,10 +486,7 @@ struct GatewayArgs {
 
 impl GatewayArgs {
     fn into_config(self) -> Result<flotilla_mqtt_gateway::GatewayConfig, String> {
-        let tenancy = match &self.config {
-            Some(p) => Tenancy::load(p).map_err(|e| format!("--config: {e}"))?,
-            None => Tenancy::zero_config(),
-        };
+        let tenancy = load_tenancy(self.config.as_deref())?;
         let m = &self.mqtt;
         Ok(flotilla_mqtt_gateway::GatewayConfig {
             mqtt: Some(m.mqtt),
@@ -639,6 +630,14 @@ struct UpArgs {
     /// i modulo --routers; a session moves between them.
     #[arg(long, env = "FLOTILLA_GATEWAYS", default_value_t = 1)]
     gateways: u16,
+}
+
+/// The tenancy of `--config`, or zero-config without one.
+fn load_tenancy(config: Option<&std::path::Path>) -> Result<Tenancy, String> {
+    match config {
+        Some(p) => Tenancy::load(p).map_err(|e| format!("--config: {e}")),
+        None => Ok(Tenancy::zero_config()),
+    }
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {

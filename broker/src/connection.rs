@@ -1035,12 +1035,7 @@ impl BrokerConnection {
                     space,
                     topic,
                     message,
-                    reply: PublishReply {
-                        tx: self.tx.clone(),
-                        link,
-                        delivery: dref,
-                        settled,
-                    },
+                    reply: self.reply(link, dref, settled),
                 });
                 return;
             }
@@ -1078,12 +1073,7 @@ impl BrokerConnection {
                     topic,
                     expires: message::expiry(&payload, now_ms()),
                     payload,
-                    reply: Some(PublishReply {
-                        tx: self.tx.clone(),
-                        link,
-                        delivery: dref,
-                        settled,
-                    }),
+                    reply: Some(self.reply(link, dref, settled)),
                 };
                 let _ = self.queues.send(ev);
                 return;
@@ -1178,12 +1168,7 @@ impl BrokerConnection {
             let _ = self.queues.send(BrokerEvent::SessionDelete {
                 key,
                 user: change.user,
-                reply: PublishReply {
-                    tx: self.tx.clone(),
-                    link,
-                    delivery: dref,
-                    settled,
-                },
+                reply: self.reply(link, dref, settled),
             });
             return;
         }
@@ -1192,12 +1177,7 @@ impl BrokerConnection {
             filters: change.filters,
             meta: change.meta,
             expiry: change.expiry,
-            reply: PublishReply {
-                tx: self.tx.clone(),
-                link,
-                delivery: dref,
-                settled,
-            },
+            reply: self.reply(link, dref, settled),
         });
     }
 
@@ -1424,6 +1404,21 @@ impl BrokerConnection {
                 });
                 self.conn.send(link, &msg, true, 0);
             }
+        }
+    }
+
+    /// Where the queue task answers a publication on `link`.
+    fn reply(
+        &self,
+        link: LinkId,
+        delivery: flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+    ) -> PublishReply {
+        PublishReply {
+            tx: self.tx.clone(),
+            link,
+            delivery,
+            settled,
         }
     }
 

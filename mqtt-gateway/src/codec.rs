@@ -252,7 +252,12 @@ pub fn write_pingresp(out: &mut BytesMut) {
 /// Appends a packet of type byte `first` whose body is `body`.
 fn write_raw(out: &mut BytesMut, first: u8, body: &[u8]) {
     out.put_u8(first);
-    let mut n = body.len();
+    put_varint(out, body.len());
+    out.put_slice(body);
+}
+
+/// Appends `n` as a variable byte integer (a remaining length).
+fn put_varint(out: &mut BytesMut, mut n: usize) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;
@@ -264,7 +269,6 @@ fn write_raw(out: &mut BytesMut, first: u8, body: &[u8]) {
             break;
         }
     }
-    out.put_slice(body);
 }
 
 fn put_properties(body: &mut Vec<u8>, props: Option<&Properties>) {
@@ -398,18 +402,7 @@ pub fn write_publish(out: &mut BytesMut, p: &Publish<'_>) {
     let remaining = p.remaining();
     out.reserve(5 + remaining);
     out.put_u8(0x30 | (u8::from(p.dup) << 3) | ((p.qos & 3) << 1) | u8::from(p.retain));
-    let mut n = remaining;
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.put_u8(b);
-        if n == 0 {
-            break;
-        }
-    }
+    put_varint(out, remaining);
     out.put_u16(p.topic.len() as u16);
     out.put_slice(p.topic.as_bytes());
     if p.qos > 0 {

@@ -990,23 +990,26 @@ impl Session {
             source,
             link_properties(&self.space, Some(&self.container), false),
         );
-        self.links.insert(
+        self.open_link(
             tag,
-            LinkState {
-                kind: LinkKind::Sub {
-                    filter: filter.to_string(),
-                    address: address.to_string(),
-                },
-                owed: 0,
+            LinkKind::Sub {
+                filter: filter.to_string(),
+                address: address.to_string(),
             },
+            attach,
         );
+        tag
+    }
+
+    /// Asks for receiving link `tag` (a window of credit with it).
+    fn open_link(&mut self, tag: u32, kind: LinkKind, attach: Attach) {
+        self.links.insert(tag, LinkState { kind, owed: 0 });
         self.cmds.push(Cmd::Attach {
             client: self.key,
             tag,
             attach: Box::new(attach),
             credit: self.limits.link_window,
         });
-        tag
     }
 
     fn on_subscribe(&mut self, s: SubscribePacket) {
@@ -1149,21 +1152,9 @@ impl Session {
                     false,
                     Some(filters),
                 );
-                self.links.insert(
-                    tag,
-                    LinkState {
-                        kind: LinkKind::Session,
-                        owed: 0,
-                    },
-                );
                 self.session_tag = Some(tag);
                 self.attach_waiters.entry(tag).or_default().extend(then);
-                self.cmds.push(Cmd::Attach {
-                    client: self.key,
-                    tag,
-                    attach: Box::new(attach),
-                    credit: self.limits.link_window,
-                });
+                self.open_link(tag, LinkKind::Session, attach);
             }
         }
     }
@@ -1182,19 +1173,7 @@ impl Session {
                 source,
                 link_properties(&self.space, None, false),
             );
-            self.links.insert(
-                tag,
-                LinkState {
-                    kind: LinkKind::Retained { opts },
-                    owed: 0,
-                },
-            );
-            self.cmds.push(Cmd::Attach {
-                client: self.key,
-                tag,
-                attach: Box::new(attach),
-                credit: self.limits.link_window,
-            });
+            self.open_link(tag, LinkKind::Retained { opts }, attach);
         }
     }
 
