@@ -1061,12 +1061,6 @@ impl BrokerConnection {
                 } else {
                     topic.clone()
                 };
-                // Subscribers of many topics (MQTT sessions) learn each
-                // message's topic from its `to`.
-                let payload = match message::to_address(&payload) {
-                    Ok(Some(t)) if t == topic => payload,
-                    _ => message::with_to(&payload, &topic),
-                };
                 p.storing += 1;
                 let ev = BrokerEvent::Publish {
                     space: space.clone(),

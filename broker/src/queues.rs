@@ -1278,6 +1278,7 @@ impl QueueTask {
         let none = SpaceSubs::default();
         let index = self.index.get(space).unwrap_or(&none);
         let mut seen_keys: Vec<&String> = Vec::new();
+        let mut session = false;
         for key in index.matching(topic) {
             // A session's filters may overlap: it takes the message once.
             if seen_keys.contains(&key) {
@@ -1293,12 +1294,23 @@ impl QueueTask {
                     continue;
                 }
             }
+            session |= s.record.session;
             if s.durable {
                 durable.push(key.clone());
             } else {
                 memory.push(key.clone());
             }
         }
+        // A subscriber of many topics (an MQTT session) learns each
+        // message's topic from its `to`: set once, and only for them.
+        let payload = if !session {
+            payload
+        } else {
+            match flotilla_amqp::message::to_address(&payload) {
+                Ok(Some(t)) if t == topic => payload,
+                _ => flotilla_amqp::message::with_to(&payload, topic),
+            }
+        };
         for key in &memory {
             self.next_memory_seq += 1;
             if let Some(q) = self.queues.get_mut(key) {
