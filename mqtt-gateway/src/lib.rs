@@ -143,9 +143,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         },
         shutdown.clone(),
     );
-    let tenancy_version = tokio::sync::watch::Sender::new(0u64);
     let shared = Arc::new(server::Shared {
-        policy: policy.clone(),
+        policy: Arc::new(policy.clone()),
         mesh: cfg.mesh_secret.clone(),
         pool,
         registry: registry::Registry::default(),
@@ -153,14 +152,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         handshake_timeout: cfg.admission.handshake_timeout,
         next_key: AtomicU64::new(1),
         shutdown: shutdown.clone(),
-        tenancy_version: tenancy_version.clone(),
         delayed_wills: Default::default(),
     });
     if let Some(link) = cfg.console.clone() {
-        let (p, v) = (policy.clone(), tenancy_version.clone());
+        let (p, sh) = (policy.clone(), shared.clone());
+        // Every connection checks its user and subscriptions again.
         let apply = move |t: Tenancy| {
             p.replace(t);
-            v.send_modify(|n| *n += 1);
+            sh.registry.raise_all(upstream::SIGNAL_RECHECK);
         };
         tracker.spawn(flotilla_core::watch::follow(
             link.clone(),
@@ -227,8 +226,22 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             tracker.clone(),
         ));
     }
+    // One sweep for every connection's keep-alive (no timer each).
+    tracker.spawn({
+        let (sh, stop) = (shared.clone(), shutdown.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => sh.registry.check_keep_alive(),
+                }
+            }
+        }
+    });
     shutdown.cancelled().await;
     info!("stopped accepting; closing connections");
+    shared.registry.raise_all(upstream::SIGNAL_SHUTDOWN);
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     info!("stopped");

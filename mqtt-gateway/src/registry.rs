@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use tokio::sync::Notify;
+
+use crate::upstream::{Mailbox, SIGNAL_KEEP_ALIVE, SIGNAL_KICK};
 
 /// Counters of one connection, shared with the registry.
 #[derive(Debug, Default)]
@@ -43,10 +44,9 @@ pub struct Entry {
     pub persistent: bool,
     pub since_ms: u64,
     pub stats: Arc<SessionStats>,
-    /// Told when a new connection takes the session over.
-    pub kick: Arc<Notify>,
-    /// Told once the connection has let go of the session.
-    pub done: Arc<Notify>,
+    /// Where a new connection taking the session over, an administrator's
+    /// close or a change of tenancy reaches the connection.
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// Counters of connections that ended, so totals keep counting.
@@ -106,8 +106,26 @@ impl Registry {
             return false;
         };
         e.stats.closed_by_admin.store(true, Ordering::Release);
-        e.kick.notify_one();
+        e.mailbox.raise(SIGNAL_KICK);
         true
+    }
+
+    /// Tells each connection silent for longer than its keep-alive.
+    pub fn check_keep_alive(&self) {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for e in s.values() {
+            if e.mailbox.silent_too_long() {
+                e.mailbox.raise(SIGNAL_KEEP_ALIVE);
+            }
+        }
+    }
+
+    /// Raises `signal` on every connection.
+    pub fn raise_all(&self, signal: u8) {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for e in s.values() {
+            e.mailbox.raise(signal);
+        }
     }
 
     /// True while a connection holds `space`/`client_id`.

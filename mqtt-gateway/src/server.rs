@@ -8,10 +8,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use flotilla_amqp::admission::Admission;
+use flotilla_amqp::admission::{Admission, Slot};
 use flotilla_amqp::policy::{Policy, Principal};
 use flotilla_amqp::transport::{Authenticator, Hostnames, TlsState, Verdict};
 use flotilla_core::auth::MeshSecret;
@@ -22,15 +22,18 @@ use mqtt5_protocol::packet::Packet;
 use mqtt5_protocol::protocol::v5::properties::Properties;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use crate::codec::{self, DecodeError, V311, V5};
 use crate::registry::{Entry, Registry, SessionStats};
 use crate::session::{container_of, Limits, Meta, Session, Setup};
-use crate::upstream::{Cmd, Dest, Ev, EvReceiver, Gate, Outcome, Pool, GATE_HIGH};
+use crate::upstream::{
+    Cmd, Dest, Ev, Mailbox, Outcome, Pool, SIGNAL_CLOSED, SIGNAL_KEEP_ALIVE, SIGNAL_KICK,
+    SIGNAL_RECHECK, SIGNAL_SHUTDOWN,
+};
 
 /// The principal's space of an operator's tool that logged in with the
 /// mesh secret: it may only read `$SYS/flotilla/stat`, of every space.
@@ -40,7 +43,7 @@ pub const STAT_TOPIC: &str = "$SYS/flotilla/stat";
 
 /// What every connection task shares.
 pub struct Shared {
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     pub mesh: Option<MeshSecret>,
     pub pool: Pool,
     pub registry: Registry,
@@ -48,8 +51,6 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     pub next_key: AtomicU64,
     pub shutdown: CancellationToken,
-    /// Bumped when the tenancy changes.
-    pub tenancy_version: tokio::sync::watch::Sender<u64>,
     /// Wills waiting out their delay.
     pub delayed_wills: std::sync::atomic::AtomicUsize,
 }
@@ -109,49 +110,50 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (shared, kind, admission) = (shared.clone(), kind.clone(), admission.clone());
-        let span = tracing::info_span!("mqtt", client.addr = %peer);
-        // Each kind of stream's connection is boxed, so a plain one does not
-        // take the room a TLS one needs.
-        tracker.spawn(
-            async move {
-                let listener = kind.name();
-                let timeout = shared.handshake_timeout;
-                match kind {
-                    Kind::Plain => {
-                        Box::pin(connection(
-                            tcp, peer, false, listener, shared, admission, permit,
-                        ))
-                        .await
-                    }
-                    Kind::Tls(acceptor) => {
-                        match Box::pin(tokio::time::timeout(timeout, acceptor.accept(tcp))).await {
-                            Ok(Ok(tls)) => {
-                                Box::pin(connection(
-                                    tls, peer, true, listener, shared, admission, permit,
-                                ))
-                                .await
-                            }
-                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => debug!("TLS handshake timed out"),
-                        }
-                    }
-                    Kind::WebSocket => {
-                        match Box::pin(tokio::time::timeout(timeout, websocket(tcp))).await {
-                            Ok(Ok(ws)) => {
-                                Box::pin(connection(
-                                    ws, peer, false, listener, shared, admission, permit,
-                                ))
-                                .await
-                            }
-                            Ok(Err(e)) => debug!(error = %e, "WebSocket handshake failed"),
-                            Err(_) => debug!("WebSocket handshake timed out"),
-                        }
-                    }
-                }
+        let (shared, admission) = (shared.clone(), admission.clone());
+        let listener = kind.name();
+        // A task type per kind of stream, each as large as its own kind
+        // needs: a plain connection does not carry the room of a TLS one.
+        match &kind {
+            Kind::Plain => {
+                tracker.spawn(connection(Accepted::new(
+                    tcp, peer, false, listener, shared, admission, permit,
+                )));
             }
-            .instrument(span),
-        );
+            Kind::Tls(acceptor) => {
+                let acceptor = acceptor.clone();
+                tracker.spawn(async move {
+                    let timeout = shared.handshake_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let a =
+                                Accepted::new(tls, peer, true, listener, shared, admission, permit);
+                            connection(a).await
+                        }
+                        Ok(Err(e)) => {
+                            debug!(client.addr = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => debug!(client.addr = %peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+            Kind::WebSocket => {
+                tracker.spawn(async move {
+                    let timeout = shared.handshake_timeout;
+                    match tokio::time::timeout(timeout, websocket(tcp)).await {
+                        Ok(Ok(ws)) => {
+                            let a =
+                                Accepted::new(ws, peer, false, listener, shared, admission, permit);
+                            connection(a).await
+                        }
+                        Ok(Err(e)) => {
+                            debug!(client.addr = %peer, error = %e, "WebSocket handshake failed")
+                        }
+                        Err(_) => debug!(client.addr = %peer, "WebSocket handshake timed out"),
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -281,44 +283,94 @@ fn connack(version: u8, present: bool, code: u8, props: Option<&Properties>) -> 
 }
 
 /// A connection's life.
-async fn connection<S>(
+/// A connection a listener accepted, and what it runs with. Boxed and
+/// passed whole, so the connection's future keeps no copies of it.
+struct Accepted<S> {
     stream: S,
+    /// Bytes read and not yet decoded.
+    rbuf: BytesMut,
     peer: SocketAddr,
     tls: bool,
     listener: &'static str,
     shared: Arc<Shared>,
     admission: Arc<Admission>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) where
+    /// A handshake slot, given back once the CONNECT is in.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<S> Accepted<S> {
+    fn new(
+        stream: S,
+        peer: SocketAddr,
+        tls: bool,
+        listener: &'static str,
+        shared: Arc<Shared>,
+        admission: Arc<Admission>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Box<Self> {
+        Box::new(Accepted {
+            stream,
+            rbuf: BytesMut::new(),
+            peer,
+            tls,
+            listener,
+            shared,
+            admission,
+            permit: Some(permit),
+        })
+    }
+}
+
+/// A connection's life.
+async fn connection<S>(mut a: Box<Accepted<S>>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::new();
+    // Boxed: what the handshake needs is not kept for the connection's life.
+    if let Some((started, _slot)) = Box::pin(handshake(&mut a)).await {
+        run(started, a).await;
+    }
+}
+
+/// CONNECT, login and the session set up: the connection's session, or
+/// `None` once the client was refused.
+async fn handshake<S>(a: &mut Accepted<S>) -> Option<(Box<Started>, Slot)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Accepted {
+        stream,
+        rbuf,
+        peer,
+        tls,
+        listener,
+        shared,
+        admission,
+        permit,
+    } = a;
+    let (peer, tls, listener) = (*peer, *tls, *listener);
     let max = shared.limits.max_packet;
-    let connect = tokio::time::timeout(
-        shared.handshake_timeout,
-        read_connect(&mut rd, &mut rbuf, max),
-    )
-    .await;
+    let connect =
+        tokio::time::timeout(shared.handshake_timeout, read_connect(stream, rbuf, max)).await;
     let c = match connect {
         Err(_) => {
             admission.warn("connection closed", "no CONNECT in time", peer);
-            return;
+            return None;
         }
-        Ok(Err(None)) => return,
+        Ok(Err(None)) => return None,
         Ok(Err(Some(e))) => {
             shared
                 .registry
                 .totals
                 .protocol_errors
                 .fetch_add(1, Ordering::Relaxed);
-            info!(error = %e, "closing connection: bad CONNECT");
+            info!(client.addr = %peer, error = %e, "closing connection: bad CONNECT");
             if let DecodeError::UnsupportedLevel(l) = e {
                 let (v, code) = if l >= V5 { (V5, 0x84) } else { (V311, 1) };
-                let _ = wr.write_all(&connack(v, false, code, None)).await;
+                let _ = stream.write_all(&connack(v, false, code, None)).await;
             }
-            let _ = wr.shutdown().await;
-            return;
+            let _ = stream.shutdown().await;
+            return None;
         }
         Ok(Ok(c)) => c,
     };
@@ -329,25 +381,21 @@ async fn connection<S>(
         } else {
             (V311, 3)
         };
-        let _ = wr.write_all(&connack(v, false, code, None)).await;
-        return;
+        let _ = stream.write_all(&connack(v, false, code, None)).await;
+        return None;
     };
-    drop(permit);
+    drop(permit.take());
     let version = c.protocol_version;
-    // Boxed: what logging in needs is not kept for the connection's life.
-    match Box::pin(start(&shared, &c, peer, tls, listener)).await {
+    match start(shared, &c, peer, tls, listener).await {
         Ok(mut started) => {
-            let _slot = slot;
-            // What the CONNECT held is in the session now.
-            drop(c);
-            if rbuf.is_empty() {
-                rbuf = BytesMut::new();
-            }
             // CONNACK first, then what the resumed session wrote (PUBRELs).
             let mut first = std::mem::take(&mut started.early);
             first.unsplit(std::mem::take(&mut started.session.wbuf));
             started.session.wbuf = first;
-            run(started, rd, wr, rbuf, &shared).await;
+            if rbuf.is_empty() {
+                *rbuf = BytesMut::new();
+            }
+            Some((started, slot))
         }
         Err(r) => {
             shared
@@ -355,16 +403,17 @@ async fn connection<S>(
                 .totals
                 .refused_connections
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(client.id = %c.client_id, user = c.username.as_deref().unwrap_or("<anonymous>"), reason = %r.why, "connection refused");
+            warn!(client.addr = %peer, client.id = %c.client_id, user = c.username.as_deref().unwrap_or("<anonymous>"), reason = %r.why, "connection refused");
             let code = if version == V5 { r.v5 } else { r.v3 };
             let mut props = Properties::default();
             if version == V5 {
                 props.set_reason_string(r.why);
             }
-            let _ = wr
+            let _ = stream
                 .write_all(&connack(version, false, code, Some(&props)))
                 .await;
-            let _ = wr.shutdown().await;
+            let _ = stream.shutdown().await;
+            None
         }
     }
 }
@@ -372,13 +421,11 @@ async fn connection<S>(
 /// A connection accepted: its session, and what it needs to run.
 struct Started {
     session: Session,
-    rx: EvReceiver,
+    /// Its events, signals and gate.
+    mailbox: Arc<Mailbox>,
     upstream: mpsc::UnboundedSender<Cmd>,
-    gate: Arc<Gate>,
-    kick: Arc<Notify>,
-    done: Arc<Notify>,
     keep_alive: Option<Duration>,
-    will: Option<Will>,
+    will: Option<Box<Will>>,
     early: BytesMut,
     peer: SocketAddr,
     tls: bool,
@@ -394,8 +441,8 @@ struct Will {
 }
 
 /// Waits for the upstream event answering our setup.
-async fn answer(rx: &mut EvReceiver) -> Option<Ev> {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+async fn answer(mailbox: &Mailbox) -> Option<Ev> {
+    tokio::time::timeout(Duration::from_secs(10), mailbox.next())
         .await
         .ok()
         .flatten()
@@ -456,7 +503,7 @@ async fn start(
     let space: Arc<str> = principal.space.clone().into();
     let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
     let stats = Arc::new(SessionStats::default());
-    let (kick, done) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (mailbox, tx) = Mailbox::new_pair();
     // An operator's stat login keeps no session.
     let persistent = expiry > 0 && principal.space != MESH_SPACE;
     // One connection per client id: an earlier one lets go first.
@@ -473,19 +520,18 @@ async fn start(
             persistent,
             since_ms: crate::convert::now_ms(),
             stats: stats.clone(),
-            kick: kick.clone(),
-            done: done.clone(),
+            mailbox: mailbox.clone(),
         })
         .map_err(|()| refusal(0x87, 5, "the client id is in use by another user"))?;
     let forget = |why: Refusal| {
         shared.registry.release(&space, &client_id, key, &stats);
-        done.notify_one();
+        mailbox.done.notify_one();
         why
     };
     if let Some(old) = old {
         info!(client.id = %client_id, "session taken over by a new connection");
-        old.kick.notify_one();
-        let _ = tokio::time::timeout(Duration::from_secs(5), old.done.notified()).await;
+        old.mailbox.raise(SIGNAL_KICK);
+        let _ = tokio::time::timeout(Duration::from_secs(5), old.mailbox.done.notified()).await;
     }
     // The connection to the router this client id goes through.
     let handle = shared.pool.pick(&format!("{space}/{client_id}")).clone();
@@ -496,13 +542,7 @@ async fn start(
             return Err(forget(refusal(0x88, 3, "the gateway has no router")));
         }
     }
-    let (tx, mut rx) = crate::upstream::inbox();
-    let gate = Arc::new(Gate::default());
-    let _ = handle.tx.send(Cmd::Register {
-        client: key,
-        tx,
-        gate: gate.clone(),
-    });
+    let _ = handle.tx.send(Cmd::Register { client: key, tx });
     let container = container_of(&client_id);
     let mut meta = None;
     let mut present = false;
@@ -520,7 +560,7 @@ async fn start(
                 attach: Box::new(attach),
                 credit: shared.limits.link_window,
             });
-            match answer(&mut rx).await {
+            match answer(&mailbox).await {
                 Some(Ev::Attached {
                     resumed, meta: m, ..
                 }) => {
@@ -565,7 +605,7 @@ async fn start(
                     body: body.as_bytes(),
                     ..Default::default()
                 });
-            gate.add();
+            mailbox.add();
             let _ = handle.tx.send(Cmd::Publish {
                 client: key,
                 space: space.clone(),
@@ -574,7 +614,7 @@ async fn start(
                 settled: false,
                 token: 0,
             });
-            match answer(&mut rx).await {
+            match answer(&mailbox).await {
                 Some(Ev::Outcome {
                     outcome: Outcome::Accepted,
                     ..
@@ -668,7 +708,7 @@ async fn start(
         for (k, v) in &wp.user_properties {
             mp.add_user_property(k.clone(), v.clone());
         }
-        Will {
+        Box::new(Will {
             topic: w.topic.clone(),
             message: crate::convert::to_amqp(&crate::convert::Inbound {
                 topic: &w.topic,
@@ -681,15 +721,12 @@ async fn start(
             qos: w.qos as u8,
             retain: w.retain,
             delay: wp.will_delay_interval.unwrap_or(0).min(expiry),
-        }
+        })
     });
     Ok(Box::new(Started {
         session,
-        rx,
+        mailbox,
         upstream: handle.tx.clone(),
-        gate,
-        kick,
-        done,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         will,
         early,
@@ -699,7 +736,7 @@ async fn start(
 }
 
 /// Sends the session's commands upstream (counting publications at the gate).
-fn push_commands(s: &mut Session, upstream: &mpsc::UnboundedSender<Cmd>, gate: &Gate) {
+fn push_commands(s: &mut Session, upstream: &mpsc::UnboundedSender<Cmd>, gate: &Mailbox) {
     for c in s.cmds.drain(..) {
         if matches!(c, Cmd::Publish { .. }) {
             gate.add();
@@ -708,30 +745,45 @@ fn push_commands(s: &mut Session, upstream: &mpsc::UnboundedSender<Cmd>, gate: &
     }
 }
 
-/// The connection after CONNACK.
-async fn run<R, W>(
-    mut st: Box<Started>,
-    mut rd: R,
-    mut wr: W,
-    mut rbuf: BytesMut,
-    shared: &Arc<Shared>,
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+/// Reads of a connection without a read buffer go through the stack, at
+/// most this many bytes at a time.
+const STACK_READ: usize = 512;
+
+/// What woke a connection.
+enum Wake {
+    Wrote(std::io::Result<usize>),
+    /// Events are in the connection's batch; these signals were raised.
+    Mail(u8),
+    Read(std::io::Result<usize>),
+}
+
+/// The connection after CONNACK: one loop that waits on the socket, the
+/// mailbox and the keep-alive timer at once, through one small future (an
+/// idle connection holds no future per source).
+async fn run<S>(mut st: Box<Started>, mut a: Box<Accepted<S>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Accepted {
+        stream: io,
+        rbuf,
+        shared,
+        ..
+    } = &mut *a;
     let max = shared.limits.max_packet;
-    // Grown by the first burst of events; an idle connection holds none.
-    let mut events = Vec::new();
-    let mut last_heard = Instant::now();
+    let mut events = std::collections::VecDeque::new();
     let mut read_size = 64usize;
     let mut eof = false;
-    let timer = tokio::time::sleep(st.keep_alive.unwrap_or(Duration::from_secs(3600)));
-    tokio::pin!(timer);
-    let mut tenancy = shared.tenancy_version.subscribe();
+    let mailbox = st.mailbox.clone();
+    // The registry's sweep raises SIGNAL_KEEP_ALIVE (`check_keep_alive`).
+    mailbox.set_keep_alive(st.keep_alive);
+    if shared.shutdown.is_cancelled() {
+        mailbox.raise(SIGNAL_SHUTDOWN);
+    }
     let s = &mut st.session;
     // Packets that came with the CONNECT.
     loop {
-        match codec::read_packet(&mut rbuf, Some(s.version), max) {
+        match codec::read_packet(rbuf, Some(s.version), max) {
             Ok(Some(p)) => s.on_packet(p),
             Ok(None) => break,
             Err(e) => {
@@ -742,7 +794,7 @@ async fn run<R, W>(
     }
     loop {
         s.flush_credit();
-        push_commands(s, &st.upstream, &st.gate);
+        push_commands(s, &st.upstream, &mailbox);
         while s.stat_requests > 0 {
             s.stat_requests -= 1;
             let scope = (s.space.as_ref() != MESH_SPACE).then(|| s.space.to_string());
@@ -764,82 +816,113 @@ async fn run<R, W>(
         if s.close.is_some() || eof {
             break;
         }
-        let gated = st.gate.queued.load(Ordering::Acquire) >= GATE_HIGH;
-        let can_read = !gated && rbuf.len() < max + 8;
-        if can_read && rbuf.capacity() - rbuf.len() < read_size / 2 {
-            rbuf.reserve(read_size);
-        }
-        tokio::select! {
-            biased;
-            r = wr.write(&s.wbuf), if !s.wbuf.is_empty() => match r {
-                Ok(0) | Err(_) => { eof = true; }
-                Ok(n) => {
-                    s.wbuf.advance(n);
-                    if s.wbuf.is_empty() && s.wbuf.capacity() > 64 * 1024 {
-                        s.wbuf = BytesMut::new();
+        // In order: room to write, events and signals, bytes to read (not
+        // while too many publications wait upstream: the mailbox wakes us
+        // when they drain).
+        let wbuf = &s.wbuf;
+        let woke = std::future::poll_fn(|cx| {
+            if !wbuf.is_empty() {
+                if let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, wbuf) {
+                    return Poll::Ready(Wake::Wrote(r));
+                }
+            }
+            if let Poll::Ready(signals) = mailbox.poll_take(cx, &mut events, true) {
+                return Poll::Ready(Wake::Mail(signals));
+            }
+            if !mailbox.gated() && rbuf.len() < max + 8 {
+                if rbuf.capacity() == 0 && read_size <= STACK_READ {
+                    // A quiet connection holds no read buffer while it waits.
+                    let mut stack = [0u8; STACK_READ];
+                    let mut buf = ReadBuf::new(&mut stack);
+                    if let Poll::Ready(r) = Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                        rbuf.extend_from_slice(buf.filled());
+                        return Poll::Ready(Wake::Read(r.map(|()| buf.filled().len())));
+                    }
+                } else {
+                    if rbuf.capacity() - rbuf.len() < read_size / 2 {
+                        rbuf.reserve(read_size);
+                    }
+                    if let Poll::Ready(r) =
+                        tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut *rbuf)
+                    {
+                        return Poll::Ready(Wake::Read(r));
                     }
                 }
-            },
-            n = st.rx.recv_many(&mut events, 64) => {
-                if n == 0 {
-                    s.fail(0x88, "the gateway lost its router");
+            }
+            Poll::Pending
+        })
+        .await;
+        match woke {
+            Wake::Wrote(Ok(0) | Err(_)) | Wake::Read(Ok(0) | Err(_)) => eof = true,
+            Wake::Wrote(Ok(n)) => {
+                s.wbuf.advance(n);
+                if s.wbuf.is_empty() && s.wbuf.capacity() > 64 * 1024 {
+                    s.wbuf = BytesMut::new();
                 }
+            }
+            Wake::Mail(signals) => {
+                let n = events.len();
                 for e in events.drain(..) {
                     s.on_event(e);
                 }
-            }
-            r = rd.read_buf(&mut rbuf), if can_read => match r {
-                Ok(0) | Err(_) => { eof = true; }
-                Ok(n) => {
-                    last_heard = Instant::now();
-                    if n >= read_size / 2 {
-                        read_size = (read_size * 2).min(64 * 1024);
+                // A trickle's room is given back; a stream's goes round.
+                if n <= 4 {
+                    events = std::collections::VecDeque::new();
+                }
+                if signals & SIGNAL_CLOSED != 0 {
+                    s.fail(0x88, "the gateway lost its router");
+                }
+                if signals & SIGNAL_KICK != 0 {
+                    if s.stats.closed_by_admin.load(Ordering::Acquire) {
+                        info!(client.id = %s.client_id, "closing connection: an administrator closed it");
+                        s.fail(0x98, "closed by an administrator");
+                    } else {
+                        s.taken_over();
                     }
-                    loop {
-                        match codec::read_packet(&mut rbuf, Some(s.version), max) {
-                            Ok(Some(p)) => {
-                                tracing::trace!(client.id = %s.client_id, packet = ?p, "packet");
-                                s.on_packet(p);
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                shared.registry.totals.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                                info!(client.id = %s.client_id, error = %e, "closing connection: bad packet");
-                                s.fail(e.reason(), e.to_string());
-                                break;
-                            }
+                }
+                if signals & SIGNAL_RECHECK != 0 {
+                    s.recheck(st.peer, st.tls);
+                }
+                if signals & SIGNAL_SHUTDOWN != 0 {
+                    s.fail(0x8b, "the gateway is shutting down");
+                }
+                if signals & SIGNAL_KEEP_ALIVE != 0 && mailbox.silent_too_long() {
+                    info!(client.addr = %st.peer, client.id = %s.client_id, "closing connection: keep-alive timed out");
+                    s.fail(0x8d, "keep-alive timed out");
+                }
+            }
+            Wake::Read(Ok(n)) => {
+                mailbox.heard();
+                if n >= read_size / 2 {
+                    read_size = (read_size * 2).min(64 * 1024);
+                }
+                loop {
+                    match codec::read_packet(rbuf, Some(s.version), max) {
+                        Ok(Some(p)) => {
+                            tracing::trace!(client.id = %s.client_id, packet = ?p, "packet");
+                            s.on_packet(p);
                         }
-                        if s.close.is_some() {
+                        Ok(None) => break,
+                        Err(e) => {
+                            shared
+                                .registry
+                                .totals
+                                .protocol_errors
+                                .fetch_add(1, Ordering::Relaxed);
+                            info!(client.addr = %st.peer, client.id = %s.client_id, error = %e, "closing connection: bad packet");
+                            s.fail(e.reason(), e.to_string());
                             break;
                         }
                     }
-                    if rbuf.is_empty() && rbuf.capacity() > 4096 {
-                        rbuf = BytesMut::new();
-                        read_size = 64;
+                    if s.close.is_some() {
+                        break;
                     }
                 }
-            },
-            _ = st.gate.room.notified(), if gated => {}
-            _ = st.kick.notified() => {
-                if s.stats.closed_by_admin.load(Ordering::Acquire) {
-                    info!(client.id = %s.client_id, "closing connection: an administrator closed it");
-                    s.fail(0x98, "closed by an administrator");
-                } else {
-                    s.taken_over();
-                }
-            }
-            Ok(()) = tenancy.changed() => s.recheck(st.peer, st.tls),
-            _ = shared.shutdown.cancelled() => s.fail(0x8b, "the gateway is shutting down"),
-            _ = &mut timer => {
-                if let Some(k) = st.keep_alive {
-                    if last_heard.elapsed() >= k {
-                        info!(client.id = %s.client_id, "closing connection: keep-alive timed out");
-                        s.fail(0x8d, "keep-alive timed out");
-                    } else {
-                        timer.as_mut().reset((last_heard + k).into());
-                    }
-                } else {
-                    timer.as_mut().reset((Instant::now() + Duration::from_secs(3600)).into());
+                if rbuf.is_empty() && rbuf.capacity() > 4096 {
+                    *rbuf = BytesMut::new();
+                    read_size = 64;
+                } else if rbuf.is_empty() && read_size <= STACK_READ {
+                    *rbuf = BytesMut::new();
                 }
             }
         }
@@ -851,22 +934,26 @@ async fn run<R, W>(
             codec::write_disconnect(&mut s.wbuf, c.reason, Some(&c.why));
         }
     }
-    if !s.wbuf.is_empty() && !eof {
-        let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(&s.wbuf)).await;
-    }
-    let _ = wr.shutdown().await;
+    // Boxed: the running connection's future keeps no room for this.
+    Box::pin(async {
+        if !s.wbuf.is_empty() && !eof {
+            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(&s.wbuf)).await;
+        }
+        let _ = io.shutdown().await;
+    })
+    .await;
     let graceful = close.as_ref().is_some_and(|c| c.graceful);
     if !graceful && !s.down {
         if let Some(w) = st.will.take() {
-            publish_will(shared, s, &st.upstream, w);
+            publish_will(shared, s, &st.upstream, *w);
         }
     }
     s.end();
-    push_commands(s, &st.upstream, &st.gate);
+    push_commands(s, &st.upstream, &mailbox);
     shared
         .registry
         .release(&s.space, &s.client_id, s.key, &s.stats);
-    st.done.notify_one();
+    mailbox.done.notify_one();
     debug!(client.id = %s.client_id, reason = close.as_ref().map_or("connection lost", |c| c.why.as_str()), "MQTT client disconnected");
 }
 

@@ -13,8 +13,9 @@
 //! subscriptions are receivers of the client's own.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -62,13 +63,9 @@ pub const SESSION_STATE: &str = "$mqtt/session-state";
 /// What an MQTT connection asks of its upstream connection.
 #[derive(Debug)]
 pub enum Cmd {
-    /// A new MQTT connection: its events go to `tx`; `gate` counts its
-    /// publications not yet handed to the engine.
-    Register {
-        client: ClientKey,
-        tx: EvSender,
-        gate: Arc<Gate>,
-    },
+    /// A new MQTT connection: its events go to `tx`, which also counts
+    /// its publications not yet handed to the engine.
+    Register { client: ClientKey, tx: EvSender },
     /// Attaches a receiver (`tag` names it to the client) with `credit`.
     Attach {
         client: ClientKey,
@@ -105,83 +102,188 @@ pub enum Cmd {
     Gone { client: ClientKey },
 }
 
-/// A connection's mailbox for the events its upstream connection sends:
-/// an unbounded queue that costs nothing while empty (a tokio channel
-/// allocates a block of slots up front, which 10,000 idle connections
-/// feel). Closed when the upstream side drops its handle.
+/// What one MQTT connection shares with its upstream connection and the
+/// registry, in one allocation (an idle connection should cost little):
+/// the events the upstream connection sends it, the signals others raise
+/// (a takeover, new tenancy, shutdown), and the count of its publications
+/// not yet handed to the engine (its gate: it stops reading from its
+/// socket while [`GATE_HIGH`] wait). One waker wakes the connection for
+/// all of them.
 #[derive(Debug, Default)]
-pub struct Inbox {
-    queue: std::sync::Mutex<VecDeque<Ev>>,
-    ready: Notify,
+pub struct Mailbox {
+    state: std::sync::Mutex<MailState>,
+    queued: AtomicU32,
+    /// When the client was last heard from ([`mono_ms`]).
+    heard_ms: AtomicU64,
+    /// 1.5 × its Keep Alive in milliseconds; 0: none.
+    keep_alive_ms: AtomicU64,
+    /// Told once the connection has let go of its session (a connection
+    /// taking it over waits for this).
+    pub done: Notify,
 }
 
-/// The upstream side's handle on an [`Inbox`]; dropping it closes it.
-#[derive(Debug)]
-pub struct EvSender(Arc<Inbox>);
+#[derive(Debug, Default)]
+struct MailState {
+    /// Allocated only while events wait.
+    events: VecDeque<Ev>,
+    waker: Option<Waker>,
+    signals: u8,
+}
 
-/// The connection's side of its [`Inbox`].
-#[derive(Debug)]
-pub struct EvReceiver(Arc<Inbox>);
+/// A new connection takes this session over, or an administrator closes it.
+pub const SIGNAL_KICK: u8 = 1;
+/// The tenancy changed: the connection checks its user and subscriptions.
+pub const SIGNAL_RECHECK: u8 = 2;
+/// The gateway is shutting down.
+pub const SIGNAL_SHUTDOWN: u8 = 4;
+/// The upstream side let go ([`EvSender`] dropped): no more events come.
+pub const SIGNAL_CLOSED: u8 = 8;
+/// Nothing was heard from the client for longer than its keep-alive.
+pub const SIGNAL_KEEP_ALIVE: u8 = 16;
 
-/// A new mailbox.
-pub fn inbox() -> (EvSender, EvReceiver) {
-    let i = Arc::new(Inbox::default());
-    (EvSender(i.clone()), EvReceiver(i))
+/// Milliseconds on a monotonic clock that starts with the gateway.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    START.elapsed().as_millis() as u64
+}
+
+/// The upstream side's handle on a [`Mailbox`]; dropping it closes it.
+#[derive(Debug)]
+pub struct EvSender(Arc<Mailbox>);
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MailState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new mailbox and the upstream side's handle on it.
+    pub fn new_pair() -> (Arc<Mailbox>, EvSender) {
+        let m = Arc::new(Mailbox::default());
+        (m.clone(), EvSender(m))
+    }
+
+    /// Raises `signals` (the `SIGNAL_*` bits) and wakes the connection.
+    pub fn raise(&self, signals: u8) {
+        let w = {
+            let mut st = self.lock();
+            st.signals |= signals;
+            st.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// The client was heard from: its keep-alive starts again.
+    pub fn heard(&self) {
+        self.heard_ms.store(mono_ms(), Ordering::Relaxed);
+    }
+
+    /// Sets how long the client may stay silent (`None`: for ever).
+    pub fn set_keep_alive(&self, limit: Option<Duration>) {
+        self.heard();
+        let ms = limit.map_or(0, |d| d.as_millis().max(1) as u64);
+        self.keep_alive_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// True once the client has been silent for longer than it may be.
+    pub fn silent_too_long(&self) -> bool {
+        let limit = self.keep_alive_ms.load(Ordering::Relaxed);
+        limit > 0 && mono_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= limit
+    }
+
+    /// Counts a publication handed to the upstream connection.
+    pub fn add(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// True while too many publications wait upstream to read more.
+    pub fn gated(&self) -> bool {
+        self.queued.load(Ordering::Acquire) >= GATE_HIGH
+    }
+
+    /// Takes the waiting events into `out` (which must be empty) and, with
+    /// `signals`, the raised signals; else registers `cx` to be woken.
+    /// Ready with the signals taken, plus `SIGNAL_CLOSED` once the upstream
+    /// side is gone and no event is left.
+    pub fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Ev>,
+        signals: bool,
+    ) -> Poll<u8> {
+        let mut st = self.lock();
+        // Closed stays raised: it is for good.
+        let closed = st.signals & SIGNAL_CLOSED;
+        let raised = if signals {
+            std::mem::replace(&mut st.signals, closed) & !SIGNAL_CLOSED
+        } else {
+            0
+        };
+        if !st.events.is_empty() {
+            std::mem::swap(&mut st.events, out);
+            return Poll::Ready(raised);
+        }
+        if raised | closed != 0 {
+            return Poll::Ready(raised | closed);
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The next event (signals other than closed stay raised); `None`
+    /// once the upstream side is gone.
+    pub async fn next(&self) -> Option<Ev> {
+        let mut out = VecDeque::new();
+        let closed = std::future::poll_fn(|cx| self.poll_take(cx, &mut out, false)).await;
+        let e = out.pop_front();
+        if !out.is_empty() {
+            // Put back what came with it, ahead of anything newer.
+            let mut st = self.lock();
+            out.append(&mut st.events);
+            st.events = out;
+        }
+        if closed & SIGNAL_CLOSED != 0 && e.is_none() {
+            return None;
+        }
+        e
+    }
 }
 
 impl EvSender {
     pub fn send(&self, e: Ev) {
-        self.0
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(e);
-        self.0.ready.notify_one();
+        let w = {
+            let mut st = self.0.lock();
+            st.events.push_back(e);
+            st.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// `n` of the client's publications reached the engine (or were
+    /// dropped): the client may read again once few wait.
+    fn gate_done(&self, n: u32) {
+        let before = self
+            .0
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        if before >= GATE_LOW && before.saturating_sub(n) < GATE_LOW {
+            self.0.raise(0);
+        }
     }
 }
 
 impl Drop for EvSender {
     fn drop(&mut self) {
-        self.0.ready.notify_one();
-    }
-}
-
-impl EvReceiver {
-    fn closed(&self) -> bool {
-        Arc::strong_count(&self.0) == 1
-    }
-
-    /// Moves up to `limit` events into `out`; 0 once the sender is gone
-    /// and nothing is left.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: events stay queued until taken.
-    pub async fn recv_many(&mut self, out: &mut Vec<Ev>, limit: usize) -> usize {
-        loop {
-            {
-                let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if !q.is_empty() {
-                    let n = q.len().min(limit);
-                    out.extend(q.drain(..n));
-                    if q.is_empty() && q.capacity() > 64 {
-                        *q = VecDeque::new();
-                    }
-                    return n;
-                }
-            }
-            if self.closed() {
-                return 0;
-            }
-            self.0.ready.notified().await;
-        }
-    }
-
-    /// The next event; `None` once the sender is gone.
-    pub async fn recv(&mut self) -> Option<Ev> {
-        let mut one = Vec::with_capacity(1);
-        (self.recv_many(&mut one, 1).await > 0)
-            .then(|| one.pop())
-            .flatten()
+        self.0.raise(SIGNAL_CLOSED);
     }
 }
 
@@ -222,33 +324,6 @@ pub enum Outcome {
     Released,
     /// Refused: the AMQP condition and description.
     Rejected(String, String),
-}
-
-/// Publications of one client not yet handed to the engine: the client
-/// stops reading from its socket while too many wait.
-#[derive(Debug, Default)]
-pub struct Gate {
-    pub queued: AtomicU32,
-    pub room: Notify,
-}
-
-impl Gate {
-    /// Counts a publication handed to the upstream connection.
-    pub fn add(&self) {
-        self.queued.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn done(&self, n: u32) {
-        let before = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                Some(q.saturating_sub(n))
-            })
-            .unwrap_or(0);
-        if before.saturating_sub(n) < GATE_LOW {
-            self.room.notify_one();
-        }
-    }
 }
 
 /// Publications of gone clients a sender keeps waiting for credit.
@@ -396,7 +471,6 @@ async fn connect(link: &RouterLink) -> Result<(flotilla_amqp::transport::BoxIo, 
 
 struct ClientEntry {
     tx: EvSender,
-    gate: Arc<Gate>,
     links: HashMap<u32, LinkId>,
 }
 
@@ -478,12 +552,11 @@ impl<'a> Upstream<'a> {
 
     fn command(&mut self, c: Cmd) {
         match c {
-            Cmd::Register { client, tx, gate } => {
+            Cmd::Register { client, tx } => {
                 self.clients.insert(
                     client,
                     ClientEntry {
                         tx,
-                        gate,
                         links: HashMap::new(),
                     },
                 );
@@ -634,7 +707,7 @@ impl<'a> Upstream<'a> {
         }
         for (client, n) in done {
             if let Some(c) = self.clients.get(&client) {
-                c.gate.done(n);
+                c.tx.gate_done(n);
             }
         }
     }
@@ -756,7 +829,7 @@ impl<'a> Upstream<'a> {
                     if let Some(s) = self.senders.remove(&key) {
                         for w in s.queue {
                             if let Some(c) = self.clients.get(&w.client) {
-                                c.gate.done(1);
+                                c.tx.gate_done(1);
                                 if !w.settled {
                                     c.tx.send(Ev::Outcome {
                                         token: w.token,

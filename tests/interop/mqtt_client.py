@@ -185,8 +185,8 @@ def packet(first, body):
     return bytes([first]) + varint(len(body)) + body
 
 
-def connect_packet(version=4, client_id="raw", name=b"MQTT", props=b"", flags=0x02):
-    vh = utf8(name) + bytes([version, flags]) + struct.pack(">H", 30)
+def connect_packet(version=4, client_id="raw", name=b"MQTT", props=b"", flags=0x02, keep_alive=30):
+    vh = utf8(name) + bytes([version, flags]) + struct.pack(">H", keep_alive)
     if version == 5:
         vh += varint(len(props)) + props
     return packet(0x10, vh + utf8(client_id))

@@ -8,6 +8,7 @@ has to come first."""
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 
@@ -423,6 +424,40 @@ def test_qos2_inbound_is_exactly_once_across_a_reconnect(stack, clients):
     got = [sub.receive().payload, sub.receive().payload]
     assert got == [b"once", b"marker"]
     raw.close()
+
+
+@pytest.mark.parametrize("v5", [False, True])
+def test_a_silent_client_is_dropped_after_its_keep_alive_and_a_pinging_one_stays(stack, v5):
+    """Nothing heard for 1.5 x Keep Alive closes the connection (5.0 with
+    DISCONNECT 0x8D first); a client that sends PINGREQs stays connected."""
+    s = stack()
+    version = 5 if v5 else 4
+    quiet, pinging = Raw(s.port), Raw(s.port)
+    quiet.send(connect_packet(version, "ka-quiet", keep_alive=1))
+    pinging.send(connect_packet(version, "ka-ping", keep_alive=1))
+    assert quiet.read_packet()[0] == 0x20 and pinging.read_packet()[0] == 0x20
+    started = time.monotonic()
+    quiet.s.settimeout(0.3)
+    while True:
+        pinging.send(packet(0xC0, b""))
+        assert pinging.read_packet()[0] == 0xD0
+        try:
+            last = quiet.read_packet()
+            break
+        except socket.timeout:
+            assert time.monotonic() - started < TIMEOUT, "the silent client was never dropped"
+    # Never before 1.5 x Keep Alive (MQTT-3.1.2-24).
+    assert time.monotonic() - started >= 1.4
+    if v5:
+        assert last[0] == 0xE0 and last[1][0] == 0x8D
+        assert quiet.read_packet() is None
+    else:
+        assert last is None
+    for _ in range(3):
+        pinging.send(packet(0xC0, b""))
+        assert pinging.read_packet()[0] == 0xD0
+    quiet.close()
+    pinging.close()
 
 
 def test_session_expiry_removes_the_session(stack, clients):
