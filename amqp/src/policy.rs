@@ -37,7 +37,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::transport::{Authenticator, Hostnames, Identity, PeerKind, TlsState, Verdict};
 use flotilla_core::auth::{authorized, MeshSecret, ScramCredentials};
-use flotilla_core::config::{allow_all, Anonymous, Space, Tenancy, DEFAULT_SPACE};
+use flotilla_core::config::{allow_all_shared, Anonymous, Space, Tenancy, DEFAULT_SPACE};
 use flotilla_core::resources::{AuthorizationRule, Operation};
 
 /// The tenancy a router or broker serves (replaceable while running) and
@@ -58,7 +58,8 @@ pub struct Policy {
 pub struct Principal {
     pub space: String,
     pub user: Option<String>,
-    pub rules: Vec<AuthorizationRule>,
+    /// Shared with the tenancy (cloning a principal copies no rules).
+    pub rules: std::sync::Arc<[AuthorizationRule]>,
 }
 
 impl Principal {
@@ -182,7 +183,7 @@ impl Policy {
                 .ok_or_else(|| format!("user {u:?} was deleted"))?
                 .rules
                 .clone(),
-            None if anonymous_allowed(s.anonymous, peer) => allow_all(),
+            None if anonymous_allowed(s.anonymous, peer) => allow_all_shared(),
             None => {
                 return Err(format!(
                     "address space {:?} no longer allows anonymous connections",
@@ -258,7 +259,7 @@ impl Policy {
                 Ok(Principal {
                     space,
                     user: None,
-                    rules: allow_all(),
+                    rules: allow_all_shared(),
                 })
             }
         }

@@ -48,7 +48,8 @@ pub enum Anonymous {
 #[derive(Debug, Clone)]
 pub struct User {
     pub credentials: ScramCredentials,
-    pub rules: Vec<AuthorizationRule>,
+    /// Shared by every connection of the user.
+    pub rules: std::sync::Arc<[AuthorizationRule]>,
 }
 
 /// One address space (tenant) as the servers need it.
@@ -305,7 +306,7 @@ impl Tenancy {
                 u.spec.username.clone(),
                 User {
                     credentials,
-                    rules: u.spec.authorization.clone(),
+                    rules: u.spec.authorization.clone().into(),
                 },
             );
         }
@@ -353,6 +354,13 @@ fn no_space(doc: usize, kind: &str, name: &str, space: &str) -> ConfigError {
 
 /// Everything allowed: what an anonymous client of a space that admits
 /// anonymous clients may do.
+/// [`allow_all`], one copy shared by every connection that needs it.
+pub fn allow_all_shared() -> std::sync::Arc<[AuthorizationRule]> {
+    static ALL: std::sync::LazyLock<std::sync::Arc<[AuthorizationRule]>> =
+        std::sync::LazyLock::new(|| allow_all().into());
+    ALL.clone()
+}
+
 pub fn allow_all() -> Vec<AuthorizationRule> {
     vec![AuthorizationRule {
         addresses: vec!["#".into()],

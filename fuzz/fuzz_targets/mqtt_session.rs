@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let principal = Principal {
         space: "default".into(),
         user: None,
-        rules: flotilla_core::config::allow_all(),
+        rules: flotilla_core::config::allow_all_shared(),
     };
     let mut s = Session::new(
         Setup {

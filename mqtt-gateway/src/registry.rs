@@ -35,8 +35,6 @@ pub struct SessionStats {
 /// One connected client.
 pub struct Entry {
     pub key: u64,
-    pub client_id: String,
-    pub space: Arc<str>,
     pub user: Option<String>,
     pub addr: SocketAddr,
     pub listener: &'static str,
@@ -71,9 +69,9 @@ impl Registry {
     /// takes the session from, if any.
     /// A connection of another user holding the client id is not taken
     /// over: `Err` then.
-    pub fn claim(&self, e: Entry) -> Result<Option<Entry>, ()> {
+    pub fn claim(&self, space: Arc<str>, client_id: String, e: Entry) -> Result<Option<Entry>, ()> {
         self.totals.connections.fetch_add(1, Ordering::Relaxed);
-        let k = (e.space.clone(), e.client_id.clone());
+        let k = (space, client_id);
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if s.get(&k).is_some_and(|old| old.user != e.user) {
             return Err(());
@@ -148,9 +146,9 @@ impl Registry {
     pub fn snapshot(&self, space: Option<&str>) -> serde_json::Value {
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let mut list: Vec<serde_json::Value> = s
-            .values()
-            .filter(|e| space.is_none_or(|sp| *e.space == *sp))
-            .map(|e| {
+            .iter()
+            .filter(|((sp, _), _)| space.is_none_or(|want| **sp == *want))
+            .map(|((sp, client_id), e)| {
                 let st = &e.stats;
                 let filters: Vec<serde_json::Value> = st
                     .filters
@@ -161,8 +159,8 @@ impl Registry {
                     .collect();
                 json!({
                     "id": e.key,
-                    "clientId": e.client_id,
-                    "space": &*e.space,
+                    "clientId": client_id,
+                    "space": &**sp,
                     "user": e.user,
                     "addr": e.addr.to_string(),
                     "listener": e.listener,

@@ -3,6 +3,7 @@
 //! CONNACK), then packets and upstream events through [`Session`] until
 //! the connection ends, then what the session leaves behind.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +48,7 @@ pub struct Shared {
     pub mesh: Option<MeshSecret>,
     pub pool: Pool,
     pub registry: Registry,
-    pub limits: Limits,
+    pub limits: Arc<Limits>,
     pub handshake_timeout: Duration,
     pub next_key: AtomicU64,
     pub shutdown: CancellationToken,
@@ -212,7 +213,8 @@ async fn login(
                 rules: vec![AuthorizationRule {
                     addresses: vec!["#".into()],
                     operations: vec![Operation::View],
-                }],
+                }]
+                .into(),
             })
         }
         Some(user) => {
@@ -387,11 +389,7 @@ where
     drop(permit.take());
     let version = c.protocol_version;
     match start(shared, &c, peer, tls, listener).await {
-        Ok(mut started) => {
-            // CONNACK first, then what the resumed session wrote (PUBRELs).
-            let mut first = std::mem::take(&mut started.early);
-            first.unsplit(std::mem::take(&mut started.session.wbuf));
-            started.session.wbuf = first;
+        Ok(started) => {
             if rbuf.is_empty() {
                 *rbuf = BytesMut::new();
             }
@@ -424,11 +422,11 @@ struct Started {
     /// Its events, signals and gate.
     mailbox: Arc<Mailbox>,
     upstream: mpsc::UnboundedSender<Cmd>,
-    keep_alive: Option<Duration>,
     will: Option<Box<Will>>,
-    early: BytesMut,
-    peer: SocketAddr,
-    tls: bool,
+    /// How much the next read asks for (see Memory in ARCHITECTURE.md).
+    read_size: u32,
+    /// The client's socket is closed or failed.
+    eof: bool,
 }
 
 /// A client's will, published if its connection is lost.
@@ -509,19 +507,21 @@ async fn start(
     // One connection per client id: an earlier one lets go first.
     let old = shared
         .registry
-        .claim(Entry {
-            key,
-            client_id: client_id.clone(),
-            space: space.clone(),
-            user: principal.user.clone(),
-            addr: peer,
-            listener,
-            version: c.protocol_version,
-            persistent,
-            since_ms: crate::convert::now_ms(),
-            stats: stats.clone(),
-            mailbox: mailbox.clone(),
-        })
+        .claim(
+            space.clone(),
+            client_id.clone(),
+            Entry {
+                key,
+                user: principal.user.clone(),
+                addr: peer,
+                listener,
+                version: c.protocol_version,
+                persistent,
+                since_ms: crate::convert::now_ms(),
+                stats: stats.clone(),
+                mailbox: mailbox.clone(),
+            },
+        )
         .map_err(|()| refusal(0x87, 5, "the client id is in use by another user"))?;
     let forget = |why: Refusal| {
         shared.registry.release(&space, &client_id, key, &stats);
@@ -667,7 +667,7 @@ async fn start(
     }
     let mut early = BytesMut::new();
     codec::write_connack(&mut early, c.protocol_version, present, 0, Some(&props));
-    let session = Session::new(
+    let mut session = Session::new(
         Setup {
             key,
             version: c.protocol_version,
@@ -686,6 +686,9 @@ async fn start(
         stats,
         meta,
     );
+    // CONNACK first, then what the resumed session wrote (PUBRELs).
+    early.unsplit(std::mem::take(&mut session.wbuf));
+    session.wbuf = early;
     info!(client.id = %client_id, vhost = %space, user = session.principal.user.as_deref().unwrap_or("<anonymous>"), protocol = if v5 { "mqtt5" } else { "mqtt3.1.1" }, persistent, present, "MQTT client connected");
     let will = c.will.as_ref().map(|w| {
         let wp = &w.properties;
@@ -723,15 +726,17 @@ async fn start(
             delay: wp.will_delay_interval.unwrap_or(0).min(expiry),
         })
     });
+    // The registry's sweep raises SIGNAL_KEEP_ALIVE (`check_keep_alive`).
+    mailbox.set_keep_alive(
+        (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+    );
     Ok(Box::new(Started {
         session,
         mailbox,
         upstream: handle.tx.clone(),
-        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         will,
-        early,
-        peer,
-        tls,
+        read_size: 64,
+        eof: false,
     }))
 }
 
@@ -752,196 +757,207 @@ const STACK_READ: usize = 512;
 /// What woke a connection.
 enum Wake {
     Wrote(std::io::Result<usize>),
-    /// Events are in the connection's batch; these signals were raised.
-    Mail(u8),
+    /// Events, and the signals raised.
+    Mail(u8, VecDeque<Ev>),
     Read(std::io::Result<usize>),
 }
 
-/// The connection after CONNACK: one loop that waits on the socket, the
-/// mailbox and the keep-alive timer at once, through one small future (an
-/// idle connection holds no future per source).
+/// The connection after CONNACK: one loop that waits on the socket and the
+/// mailbox at once through one small future (`poll_wake`); the work between
+/// waits is done by `before_wait` and `on_wake`, so that the future an idle
+/// connection holds is a few pointers.
 async fn run<S>(mut st: Box<Started>, mut a: Box<Accepted<S>>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Accepted {
-        stream: io,
-        rbuf,
-        shared,
-        ..
-    } = &mut *a;
-    let max = shared.limits.max_packet;
-    let mut events = std::collections::VecDeque::new();
-    let mut read_size = 64usize;
-    let mut eof = false;
-    let mailbox = st.mailbox.clone();
-    // The registry's sweep raises SIGNAL_KEEP_ALIVE (`check_keep_alive`).
-    mailbox.set_keep_alive(st.keep_alive);
-    if shared.shutdown.is_cancelled() {
-        mailbox.raise(SIGNAL_SHUTDOWN);
+    st.mailbox.heard();
+    if a.shared.shutdown.is_cancelled() {
+        st.mailbox.raise(SIGNAL_SHUTDOWN);
     }
-    let s = &mut st.session;
     // Packets that came with the CONNECT.
+    read_packets(&mut st, &mut a);
+    while before_wait(&mut st, &a.shared) {
+        let woke = {
+            let (stp, ap) = (&mut *st, &mut *a);
+            std::future::poll_fn(move |cx| poll_wake(stp, ap, cx)).await
+        };
+        on_wake(&mut st, &mut a, woke);
+    }
+    Box::pin(finish(st, a)).await;
+}
+
+/// What the connection does before it waits: credit and commands upstream,
+/// stat snapshots; false once it must end.
+fn before_wait(st: &mut Started, shared: &Shared) -> bool {
+    let s = &mut st.session;
+    s.flush_credit();
+    push_commands(s, &st.upstream, &st.mailbox);
+    s.tidy();
+    while s.stat_requests > 0 {
+        s.stat_requests -= 1;
+        let scope = (s.space.as_ref() != MESH_SPACE).then(|| s.space.to_string());
+        let body = shared.registry.snapshot(scope.as_deref()).to_string();
+        let none = Properties::default();
+        codec::write_publish(
+            &mut s.wbuf,
+            &codec::Publish {
+                topic: STAT_TOPIC,
+                qos: 0,
+                packet_id: 0,
+                retain: true,
+                dup: false,
+                properties: (s.version == V5).then_some(&none),
+                payload: body.as_bytes(),
+            },
+        );
+    }
+    s.close.is_none() && !st.eof
+}
+
+/// Waits for, in order: room to write, events and signals, bytes to read
+/// (not while too many publications wait upstream: the mailbox wakes us
+/// when they drain).
+fn poll_wake<S>(st: &mut Started, a: &mut Accepted<S>, cx: &mut Context<'_>) -> Poll<Wake>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let wbuf = &st.session.wbuf;
+    if !wbuf.is_empty() {
+        if let Poll::Ready(r) = Pin::new(&mut a.stream).poll_write(cx, wbuf) {
+            return Poll::Ready(Wake::Wrote(r));
+        }
+    }
+    let mut events = VecDeque::new();
+    if let Poll::Ready(signals) = st.mailbox.poll_take(cx, &mut events, true) {
+        return Poll::Ready(Wake::Mail(signals, events));
+    }
+    let rbuf = &mut a.rbuf;
+    if !st.mailbox.gated() && rbuf.len() < a.shared.limits.max_packet + 8 {
+        if rbuf.capacity() == 0 && st.read_size as usize <= STACK_READ {
+            // A quiet connection holds no read buffer while it waits.
+            let mut stack = [0u8; STACK_READ];
+            let mut buf = ReadBuf::new(&mut stack);
+            if let Poll::Ready(r) = Pin::new(&mut a.stream).poll_read(cx, &mut buf) {
+                rbuf.extend_from_slice(buf.filled());
+                return Poll::Ready(Wake::Read(r.map(|()| buf.filled().len())));
+            }
+        } else {
+            if rbuf.capacity() - rbuf.len() < st.read_size as usize / 2 {
+                rbuf.reserve(st.read_size as usize);
+            }
+            if let Poll::Ready(r) = tokio_util::io::poll_read_buf(Pin::new(&mut a.stream), cx, rbuf)
+            {
+                return Poll::Ready(Wake::Read(r));
+            }
+        }
+    }
+    Poll::Pending
+}
+
+/// Decodes and handles the whole packets read.
+fn read_packets<S>(st: &mut Started, a: &mut Accepted<S>) {
+    let s = &mut st.session;
     loop {
-        match codec::read_packet(rbuf, Some(s.version), max) {
-            Ok(Some(p)) => s.on_packet(p),
+        match codec::read_packet(&mut a.rbuf, Some(s.version), a.shared.limits.max_packet) {
+            Ok(Some(p)) => {
+                tracing::trace!(client.id = %s.client_id, packet = ?p, "packet");
+                s.on_packet(p);
+            }
             Ok(None) => break,
             Err(e) => {
+                a.shared
+                    .registry
+                    .totals
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(client.addr = %a.peer, client.id = %s.client_id, error = %e, "closing connection: bad packet");
                 s.fail(e.reason(), e.to_string());
                 break;
             }
         }
-    }
-    loop {
-        s.flush_credit();
-        push_commands(s, &st.upstream, &mailbox);
-        while s.stat_requests > 0 {
-            s.stat_requests -= 1;
-            let scope = (s.space.as_ref() != MESH_SPACE).then(|| s.space.to_string());
-            let body = shared.registry.snapshot(scope.as_deref()).to_string();
-            let none = Properties::default();
-            codec::write_publish(
-                &mut s.wbuf,
-                &codec::Publish {
-                    topic: STAT_TOPIC,
-                    qos: 0,
-                    packet_id: 0,
-                    retain: true,
-                    dup: false,
-                    properties: (s.version == V5).then_some(&none),
-                    payload: body.as_bytes(),
-                },
-            );
-        }
-        if s.close.is_some() || eof {
+        if s.close.is_some() {
             break;
         }
-        // In order: room to write, events and signals, bytes to read (not
-        // while too many publications wait upstream: the mailbox wakes us
-        // when they drain).
-        let wbuf = &s.wbuf;
-        let woke = std::future::poll_fn(|cx| {
-            if !wbuf.is_empty() {
-                if let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, wbuf) {
-                    return Poll::Ready(Wake::Wrote(r));
-                }
+    }
+}
+
+/// Handles what woke the connection.
+fn on_wake<S>(st: &mut Started, a: &mut Accepted<S>, woke: Wake) {
+    match woke {
+        Wake::Wrote(Ok(0) | Err(_)) | Wake::Read(Ok(0) | Err(_)) => st.eof = true,
+        Wake::Wrote(Ok(n)) => {
+            let s = &mut st.session;
+            s.wbuf.advance(n);
+            // A small buffer is cheap to make again, a large one costly to
+            // keep: either goes once written; a stream's mid-size one stays.
+            let cap = s.wbuf.capacity();
+            if s.wbuf.is_empty() && (cap > 64 * 1024 || cap <= 1024) {
+                s.wbuf = BytesMut::new();
             }
-            if let Poll::Ready(signals) = mailbox.poll_take(cx, &mut events, true) {
-                return Poll::Ready(Wake::Mail(signals));
+        }
+        Wake::Mail(signals, events) => {
+            let s = &mut st.session;
+            for e in events {
+                s.on_event(e);
             }
-            if !mailbox.gated() && rbuf.len() < max + 8 {
-                if rbuf.capacity() == 0 && read_size <= STACK_READ {
-                    // A quiet connection holds no read buffer while it waits.
-                    let mut stack = [0u8; STACK_READ];
-                    let mut buf = ReadBuf::new(&mut stack);
-                    if let Poll::Ready(r) = Pin::new(&mut *io).poll_read(cx, &mut buf) {
-                        rbuf.extend_from_slice(buf.filled());
-                        return Poll::Ready(Wake::Read(r.map(|()| buf.filled().len())));
-                    }
+            if signals & SIGNAL_CLOSED != 0 {
+                s.fail(0x88, "the gateway lost its router");
+            }
+            if signals & SIGNAL_KICK != 0 {
+                if s.stats.closed_by_admin.load(Ordering::Acquire) {
+                    info!(client.id = %s.client_id, "closing connection: an administrator closed it");
+                    s.fail(0x98, "closed by an administrator");
                 } else {
-                    if rbuf.capacity() - rbuf.len() < read_size / 2 {
-                        rbuf.reserve(read_size);
-                    }
-                    if let Poll::Ready(r) =
-                        tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut *rbuf)
-                    {
-                        return Poll::Ready(Wake::Read(r));
-                    }
+                    s.taken_over();
                 }
             }
-            Poll::Pending
-        })
-        .await;
-        match woke {
-            Wake::Wrote(Ok(0) | Err(_)) | Wake::Read(Ok(0) | Err(_)) => eof = true,
-            Wake::Wrote(Ok(n)) => {
-                s.wbuf.advance(n);
-                if s.wbuf.is_empty() && s.wbuf.capacity() > 64 * 1024 {
-                    s.wbuf = BytesMut::new();
-                }
+            if signals & SIGNAL_RECHECK != 0 {
+                s.recheck(a.peer, a.tls);
             }
-            Wake::Mail(signals) => {
-                let n = events.len();
-                for e in events.drain(..) {
-                    s.on_event(e);
-                }
-                // A trickle's room is given back; a stream's goes round.
-                if n <= 4 {
-                    events = std::collections::VecDeque::new();
-                }
-                if signals & SIGNAL_CLOSED != 0 {
-                    s.fail(0x88, "the gateway lost its router");
-                }
-                if signals & SIGNAL_KICK != 0 {
-                    if s.stats.closed_by_admin.load(Ordering::Acquire) {
-                        info!(client.id = %s.client_id, "closing connection: an administrator closed it");
-                        s.fail(0x98, "closed by an administrator");
-                    } else {
-                        s.taken_over();
-                    }
-                }
-                if signals & SIGNAL_RECHECK != 0 {
-                    s.recheck(st.peer, st.tls);
-                }
-                if signals & SIGNAL_SHUTDOWN != 0 {
-                    s.fail(0x8b, "the gateway is shutting down");
-                }
-                if signals & SIGNAL_KEEP_ALIVE != 0 && mailbox.silent_too_long() {
-                    info!(client.addr = %st.peer, client.id = %s.client_id, "closing connection: keep-alive timed out");
-                    s.fail(0x8d, "keep-alive timed out");
-                }
+            if signals & SIGNAL_SHUTDOWN != 0 {
+                s.fail(0x8b, "the gateway is shutting down");
             }
-            Wake::Read(Ok(n)) => {
-                mailbox.heard();
-                if n >= read_size / 2 {
-                    read_size = (read_size * 2).min(64 * 1024);
-                }
-                loop {
-                    match codec::read_packet(rbuf, Some(s.version), max) {
-                        Ok(Some(p)) => {
-                            tracing::trace!(client.id = %s.client_id, packet = ?p, "packet");
-                            s.on_packet(p);
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            shared
-                                .registry
-                                .totals
-                                .protocol_errors
-                                .fetch_add(1, Ordering::Relaxed);
-                            info!(client.addr = %st.peer, client.id = %s.client_id, error = %e, "closing connection: bad packet");
-                            s.fail(e.reason(), e.to_string());
-                            break;
-                        }
-                    }
-                    if s.close.is_some() {
-                        break;
-                    }
-                }
-                if rbuf.is_empty() && rbuf.capacity() > 4096 {
-                    *rbuf = BytesMut::new();
-                    read_size = 64;
-                } else if rbuf.is_empty() && read_size <= STACK_READ {
-                    *rbuf = BytesMut::new();
-                }
+            if signals & SIGNAL_KEEP_ALIVE != 0 && st.mailbox.silent_too_long() {
+                info!(client.addr = %a.peer, client.id = %s.client_id, "closing connection: keep-alive timed out");
+                s.fail(0x8d, "keep-alive timed out");
+            }
+        }
+        Wake::Read(Ok(n)) => {
+            st.mailbox.heard();
+            if n >= st.read_size as usize / 2 {
+                st.read_size = (st.read_size * 2).min(64 * 1024);
+            }
+            read_packets(st, a);
+            let rbuf = &mut a.rbuf;
+            if rbuf.is_empty() && rbuf.capacity() > 4096 {
+                *rbuf = BytesMut::new();
+                st.read_size = 64;
+            } else if rbuf.is_empty() && st.read_size as usize <= STACK_READ {
+                *rbuf = BytesMut::new();
             }
         }
     }
-    // The end: tell the client why (5.0), let go of the session.
+}
+
+/// The end: tell the client why (5.0), publish the will of a lost
+/// connection, let go of the session.
+async fn finish<S>(mut st: Box<Started>, mut a: Box<Accepted<S>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let eof = st.eof;
+    let s = &mut st.session;
     let close = s.close.clone();
     if let Some(c) = &close {
         if c.tell && !eof {
             codec::write_disconnect(&mut s.wbuf, c.reason, Some(&c.why));
         }
     }
-    // Boxed: the running connection's future keeps no room for this.
-    Box::pin(async {
-        if !s.wbuf.is_empty() && !eof {
-            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(&s.wbuf)).await;
-        }
-        let _ = io.shutdown().await;
-    })
-    .await;
+    if !s.wbuf.is_empty() && !eof {
+        let _ = tokio::time::timeout(Duration::from_secs(2), a.stream.write_all(&s.wbuf)).await;
+    }
+    let _ = a.stream.shutdown().await;
+    let shared = &a.shared;
     let graceful = close.as_ref().is_some_and(|c| c.graceful);
     if !graceful && !s.down {
         if let Some(w) = st.will.take() {
@@ -949,11 +965,11 @@ where
         }
     }
     s.end();
-    push_commands(s, &st.upstream, &mailbox);
+    push_commands(s, &st.upstream, &st.mailbox);
     shared
         .registry
         .release(&s.space, &s.client_id, s.key, &s.stats);
-    mailbox.done.notify_one();
+    st.mailbox.done.notify_one();
     debug!(client.id = %s.client_id, reason = close.as_ref().map_or("connection lost", |c| c.why.as_str()), "MQTT client disconnected");
 }
 

@@ -185,6 +185,77 @@ struct PendingSuback {
     retained: Vec<(String, SubOpts)>,
 }
 
+/// A session's state while something is in flight, or a topic alias is
+/// set. Allocated on first write and given back by [`Session::tidy`] once
+/// all of it is empty: an idle session holds one null pointer for it.
+struct Flows {
+    in_pubs: BTreeMap<u32, InPub>,
+    ops: BTreeMap<u32, Op>,
+    /// Packet ids of QoS 1/2 publications being forwarded.
+    forwarding: BTreeSet<u16>,
+    qos2_in: BTreeSet<u16>,
+    aliases_in: BTreeMap<u16, String>,
+
+    out: BTreeMap<u16, OutMsg>,
+    pending: VecDeque<PendingOut>,
+    qos2_rel: BTreeSet<u16>,
+    aliases_out: BTreeMap<String, u16>,
+
+    subacks: BTreeMap<u64, PendingSuback>,
+    /// Acknowledgements waiting for a link's attach.
+    attach_waiters: BTreeMap<u32, Vec<Deferred>>,
+}
+
+impl Flows {
+    const EMPTY: Flows = Flows {
+        in_pubs: BTreeMap::new(),
+        ops: BTreeMap::new(),
+        forwarding: BTreeSet::new(),
+        qos2_in: BTreeSet::new(),
+        aliases_in: BTreeMap::new(),
+        out: BTreeMap::new(),
+        pending: VecDeque::new(),
+        qos2_rel: BTreeSet::new(),
+        aliases_out: BTreeMap::new(),
+        subacks: BTreeMap::new(),
+        attach_waiters: BTreeMap::new(),
+    };
+
+    fn is_empty(&self) -> bool {
+        self.in_pubs.is_empty()
+            && self.ops.is_empty()
+            && self.forwarding.is_empty()
+            && self.qos2_in.is_empty()
+            && self.aliases_in.is_empty()
+            && self.out.is_empty()
+            && self.pending.is_empty()
+            && self.qos2_rel.is_empty()
+            && self.aliases_out.is_empty()
+            && self.subacks.is_empty()
+            && self.attach_waiters.is_empty()
+    }
+}
+
+/// Read through: the empty [`Flows`] while none is allocated; written
+/// through: allocated on first use.
+#[derive(Default)]
+struct LazyFlows(Option<Box<Flows>>);
+
+static NO_FLOWS: Flows = Flows::EMPTY;
+
+impl std::ops::Deref for LazyFlows {
+    type Target = Flows;
+    fn deref(&self) -> &Flows {
+        self.0.as_deref().unwrap_or(&NO_FLOWS)
+    }
+}
+
+impl std::ops::DerefMut for LazyFlows {
+    fn deref_mut(&mut self) -> &mut Flows {
+        self.0.get_or_insert_with(|| Box::new(Flows::EMPTY))
+    }
+}
+
 /// How the session was set up at CONNECT.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -218,7 +289,7 @@ pub struct Session {
     client_receive_max: u16,
     client_max_packet: u32,
     client_alias_max: u16,
-    limits: Limits,
+    limits: Arc<Limits>,
     policy: Arc<flotilla_amqp::policy::Policy>,
     pub stats: Arc<SessionStats>,
 
@@ -227,31 +298,18 @@ pub struct Session {
     session_tag: Option<u32>,
     next_tag: u32,
 
-    in_pubs: BTreeMap<u32, InPub>,
-    ops: BTreeMap<u32, Op>,
+    /// What is in flight (allocated only then: see [`Flows`]).
+    flows: LazyFlows,
     next_token: u32,
-    /// Packet ids of QoS 1/2 publications being forwarded.
-    forwarding: BTreeSet<u16>,
-    qos2_in: BTreeSet<u16>,
-    aliases_in: BTreeMap<u16, String>,
-
-    out: BTreeMap<u16, OutMsg>,
-    pending: VecDeque<PendingOut>,
     next_pid: u16,
-    qos2_rel: BTreeSet<u16>,
-    aliases_out: BTreeMap<String, u16>,
-
-    subacks: BTreeMap<u64, PendingSuback>,
     next_suback: u64,
-    /// Acknowledgements waiting for a link's attach.
-    attach_waiters: BTreeMap<u32, Vec<Deferred>>,
 
     /// Packets for the client.
     pub wbuf: BytesMut,
     /// Commands for the upstream connection.
     pub cmds: Vec<Cmd>,
     /// Set when the connection must end.
-    pub close: Option<Close>,
+    pub close: Option<Box<Close>>,
     /// The upstream connection is gone.
     pub down: bool,
     /// Snapshots of the gateway's sessions asked for (`$SYS/flotilla/stat`).
@@ -305,7 +363,7 @@ enum Placement {
 impl Session {
     pub fn new(
         s: Setup,
-        limits: Limits,
+        limits: Arc<Limits>,
         policy: Arc<flotilla_amqp::policy::Policy>,
         stats: Arc<SessionStats>,
         meta: Option<Meta>,
@@ -329,20 +387,10 @@ impl Session {
             links: BTreeMap::new(),
             session_tag: None,
             next_tag: 1,
-            in_pubs: BTreeMap::new(),
-            ops: BTreeMap::new(),
+            flows: LazyFlows::default(),
             next_token: 1,
-            forwarding: BTreeSet::new(),
-            qos2_in: BTreeSet::new(),
-            aliases_in: BTreeMap::new(),
-            out: BTreeMap::new(),
-            pending: VecDeque::new(),
             next_pid: 1,
-            qos2_rel: BTreeSet::new(),
-            aliases_out: BTreeMap::new(),
-            subacks: BTreeMap::new(),
             next_suback: 1,
-            attach_waiters: BTreeMap::new(),
             wbuf: BytesMut::new(),
             cmds: Vec::new(),
             close: None,
@@ -362,8 +410,8 @@ impl Session {
         }
         if let Some(m) = meta {
             me.subs = m.subs;
-            me.qos2_in = m.q2in.into_iter().collect();
-            me.qos2_rel = m.q2rel.into_iter().collect();
+            me.flows.qos2_in = m.q2in.into_iter().collect();
+            me.flows.qos2_rel = m.q2rel.into_iter().collect();
             // Subscriptions with links of their own attach again; the
             // session's topic filters are still in its broker subscription.
             let own: Vec<(String, SubOpts)> = me
@@ -384,10 +432,10 @@ impl Session {
             }
             // QoS 2 deliveries released by the broker but awaiting
             // PUBCOMP: PUBREL again (MQTT-4.4.0-1).
-            let rel: Vec<u16> = me.qos2_rel.iter().copied().collect();
+            let rel: Vec<u16> = me.flows.qos2_rel.iter().copied().collect();
             for pid in rel {
                 codec::write_ack(&mut me.wbuf, me.version, 6, pid, 0, None);
-                me.out.insert(
+                me.flows.out.insert(
                     pid,
                     OutMsg {
                         tag: 0,
@@ -470,12 +518,12 @@ impl Session {
         if self.close.is_none() {
             let why = why.into();
             debug!(client = %self.client_id, reason, why = %why, "closing MQTT connection");
-            self.close = Some(Close {
+            self.close = Some(Box::new(Close {
                 reason,
                 why,
                 tell: self.version == V5,
                 graceful: false,
-            });
+            }));
         }
     }
 
@@ -521,13 +569,13 @@ impl Session {
                 }
             }
         }
-        self.close = Some(Close {
+        self.close = Some(Box::new(Close {
             reason,
             why: "client disconnected".into(),
             tell: false,
             // 0x04: disconnect with will message.
             graceful: reason != 0x04,
-        });
+        }));
     }
 
     fn resolve_alias(&mut self, p: &mut PublishPacket) -> bool {
@@ -549,7 +597,7 @@ impl Session {
             return false;
         }
         if p.topic_name.is_empty() {
-            match self.aliases_in.get(&a) {
+            match self.flows.aliases_in.get(&a) {
                 Some(t) => p.topic_name = t.clone(),
                 None => {
                     self.fail(0x82, format!("topic alias {a} was never set"));
@@ -557,7 +605,7 @@ impl Session {
                 }
             }
         } else {
-            self.aliases_in.insert(a, p.topic_name.clone());
+            self.flows.aliases_in.insert(a, p.topic_name.clone());
         }
         true
     }
@@ -597,16 +645,16 @@ impl Session {
         let qos = p.qos as u8;
         let pid = p.packet_id;
         if let Some(id) = pid {
-            if qos == 2 && self.qos2_in.contains(&id) {
+            if qos == 2 && self.flows.qos2_in.contains(&id) {
                 // Received before (PUBREC sent): not again (MQTT-4.3.3).
                 codec::write_ack(&mut self.wbuf, self.version, 5, id, 0, None);
                 return;
             }
-            if self.forwarding.contains(&id) {
+            if self.flows.forwarding.contains(&id) {
                 // A resend of what is on its way: its answer follows.
                 return;
             }
-            let open = self.forwarding.len() + self.qos2_in.len();
+            let open = self.flows.forwarding.len() + self.flows.qos2_in.len();
             if open >= usize::from(self.limits.receive_max) {
                 return self.fail(
                     0x93,
@@ -675,8 +723,8 @@ impl Session {
         } else {
             let t = self.token();
             let id = pid.unwrap_or(0);
-            self.forwarding.insert(id);
-            self.in_pubs.insert(
+            self.flows.forwarding.insert(id);
+            self.flows.in_pubs.insert(
                 t,
                 InPub {
                     pid: id,
@@ -685,7 +733,7 @@ impl Session {
                     worst: Outcome::Accepted,
                 },
             );
-            self.ops.insert(t, Op::Pub(t));
+            self.flows.ops.insert(t, Op::Pub(t));
             t
         };
         if p.retain {
@@ -740,7 +788,7 @@ impl Session {
     }
 
     fn on_pubrel(&mut self, pid: u16) {
-        if self.qos2_in.remove(&pid) {
+        if self.flows.qos2_in.remove(&pid) {
             if self.persistent {
                 // The packet id may be used again after PUBCOMP: the
                 // session forgets it first.
@@ -756,12 +804,12 @@ impl Session {
     // ---- outcomes of what we sent upstream ----
 
     fn on_outcome(&mut self, token: u32, outcome: Outcome) {
-        let Some(op) = self.ops.remove(&token) else {
+        let Some(op) = self.flows.ops.remove(&token) else {
             return;
         };
         match op {
             Op::Pub(t) => {
-                let Some(p) = self.in_pubs.get_mut(&t) else {
+                let Some(p) = self.flows.in_pubs.get_mut(&t) else {
                     return;
                 };
                 if !matches!(outcome, Outcome::Accepted) {
@@ -772,10 +820,10 @@ impl Session {
                 }
                 p.parts -= 1;
                 if p.parts > 0 {
-                    self.ops.insert(token, Op::Pub(t));
+                    self.flows.ops.insert(token, Op::Pub(t));
                     return;
                 }
-                let p = self.in_pubs.remove(&t).expect("present");
+                let p = self.flows.in_pubs.remove(&t).expect("present");
                 self.publication_done(p);
             }
             Op::Save(then) => {
@@ -793,7 +841,7 @@ impl Session {
     }
 
     fn publication_done(&mut self, p: InPub) {
-        self.forwarding.remove(&p.pid);
+        self.flows.forwarding.remove(&p.pid);
         let (reason, why) = match &p.worst {
             Outcome::Accepted => (0, None),
             Outcome::Released => (0x10, None),
@@ -806,7 +854,7 @@ impl Session {
         if p.qos == 1 {
             codec::write_ack(&mut self.wbuf, self.version, 4, p.pid, reason, None);
         } else {
-            self.qos2_in.insert(p.pid);
+            self.flows.qos2_in.insert(p.pid);
             if self.persistent {
                 self.save(vec![Deferred::Pubrec(p.pid, reason)]);
             } else {
@@ -829,10 +877,10 @@ impl Session {
                 state: DeliveryState::Accepted(Accepted {}),
             }),
             Deferred::Suback(id) => {
-                if let Some(s) = self.subacks.get_mut(&id) {
+                if let Some(s) = self.flows.subacks.get_mut(&id) {
                     s.waits = s.waits.saturating_sub(1);
                     if s.waits == 0 {
-                        let s = self.subacks.remove(&id).expect("present");
+                        let s = self.flows.subacks.remove(&id).expect("present");
                         self.send_suback(s);
                     }
                 }
@@ -849,8 +897,8 @@ impl Session {
         let m = Meta {
             user: self.principal.user.clone(),
             subs: self.subs.clone(),
-            q2in: self.qos2_in.iter().copied().collect(),
-            q2rel: self.qos2_rel.iter().copied().collect(),
+            q2in: self.flows.qos2_in.iter().copied().collect(),
+            q2rel: self.flows.qos2_rel.iter().copied().collect(),
         };
         serde_json::to_string(&m).unwrap_or_default()
     }
@@ -897,7 +945,7 @@ impl Session {
                 ..Default::default()
             });
         let token = self.token();
-        self.ops.insert(token, Op::Save(then));
+        self.flows.ops.insert(token, Op::Save(then));
         self.cmds.push(Cmd::Publish {
             client: self.key,
             space: self.space.clone(),
@@ -1116,7 +1164,8 @@ impl Session {
                         let tag = self.attach_sub(&filter, &address, &caps, &name);
                         pending.links.insert(tag, pending.codes.len() - 1);
                         pending.waits += 1;
-                        self.attach_waiters
+                        self.flows
+                            .attach_waiters
                             .entry(tag)
                             .or_default()
                             .push(Deferred::Suback(sid));
@@ -1132,7 +1181,7 @@ impl Session {
         if pending.waits == 0 {
             self.send_suback(pending);
         } else {
-            self.subacks.insert(sid, pending);
+            self.flows.subacks.insert(sid, pending);
         }
     }
 
@@ -1153,7 +1202,11 @@ impl Session {
                     Some(filters),
                 );
                 self.session_tag = Some(tag);
-                self.attach_waiters.entry(tag).or_default().extend(then);
+                self.flows
+                    .attach_waiters
+                    .entry(tag)
+                    .or_default()
+                    .extend(then);
                 self.open_link(tag, LinkKind::Session, attach);
             }
         }
@@ -1316,10 +1369,12 @@ impl Session {
             self.write_out(&m, 0);
             return self.done_with(tag, d);
         }
-        if self.out.len() < usize::from(self.client_receive_max) && self.pending.is_empty() {
+        if self.flows.out.len() < usize::from(self.client_receive_max)
+            && self.flows.pending.is_empty()
+        {
             self.send_out(m);
         } else {
-            self.pending.push_back(m);
+            self.flows.pending.push_back(m);
         }
     }
 
@@ -1342,7 +1397,7 @@ impl Session {
         for _ in 0..u16::MAX {
             let id = self.next_pid;
             self.next_pid = self.next_pid.wrapping_add(1).max(1);
-            if !self.out.contains_key(&id) {
+            if !self.flows.out.contains_key(&id) {
                 return Some(id);
             }
         }
@@ -1351,14 +1406,14 @@ impl Session {
 
     fn send_out(&mut self, m: PendingOut) {
         let Some(pid) = self.next_packet_id() else {
-            self.pending.push_front(m);
+            self.flows.pending.push_front(m);
             return;
         };
         if !self.write_out(&m, pid) {
             // Too large for the client: as if delivered (MQTT-3.1.2-25).
             return self.done_with(m.tag, m.delivery);
         }
-        self.out.insert(
+        self.flows.out.insert(
             pid,
             OutMsg {
                 tag: m.tag,
@@ -1368,7 +1423,7 @@ impl Session {
         );
         self.stats
             .inflight_out
-            .store(self.out.len() as u64, Ordering::Relaxed);
+            .store(self.flows.out.len() as u64, Ordering::Relaxed);
     }
 
     /// Writes a PUBLISH; false if it is larger than the client takes.
@@ -1378,15 +1433,15 @@ impl Session {
         // A new alias is kept only once the packet that sets it is sent.
         let mut new_alias = None;
         if self.version == V5 && self.client_alias_max > 0 {
-            match self.aliases_out.get(&m.topic) {
+            match self.flows.aliases_out.get(&m.topic) {
                 Some(&a) => {
                     props
                         .get_or_insert_with(Properties::default)
                         .set_topic_alias(a);
                     topic = "";
                 }
-                None if self.aliases_out.len() < usize::from(self.client_alias_max) => {
-                    let a = self.aliases_out.len() as u16 + 1;
+                None if self.flows.aliases_out.len() < usize::from(self.client_alias_max) => {
+                    let a = self.flows.aliases_out.len() as u16 + 1;
                     new_alias = Some(a);
                     props
                         .get_or_insert_with(Properties::default)
@@ -1411,15 +1466,15 @@ impl Session {
         }
         codec::write_publish(&mut self.wbuf, &p);
         if let Some(a) = new_alias {
-            self.aliases_out.insert(m.topic.clone(), a);
+            self.flows.aliases_out.insert(m.topic.clone(), a);
         }
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         true
     }
 
     fn pump_pending(&mut self) {
-        while self.out.len() < usize::from(self.client_receive_max) {
-            let Some(m) = self.pending.pop_front() else {
+        while self.flows.out.len() < usize::from(self.client_receive_max) {
+            let Some(m) = self.flows.pending.pop_front() else {
                 break;
             };
             self.send_out(m);
@@ -1427,24 +1482,24 @@ impl Session {
     }
 
     fn on_puback(&mut self, pid: u16) {
-        match self.out.remove(&pid) {
+        match self.flows.out.remove(&pid) {
             Some(m) if m.stage == 1 => {
                 self.done_with(m.tag, m.delivery);
                 self.pump_pending();
             }
             Some(m) => {
-                self.out.insert(pid, m);
+                self.flows.out.insert(pid, m);
                 self.fail(0x82, format!("PUBACK for packet {pid}, which is not QoS 1"));
             }
             None => debug!(client = %self.client_id, pid, "PUBACK for an unknown packet"),
         }
         self.stats
             .inflight_out
-            .store(self.out.len() as u64, Ordering::Relaxed);
+            .store(self.flows.out.len() as u64, Ordering::Relaxed);
     }
 
     fn on_pubrec(&mut self, pid: u16, reason: u8) {
-        let Some(m) = self.out.get_mut(&pid) else {
+        let Some(m) = self.flows.out.get_mut(&pid) else {
             codec::write_ack(&mut self.wbuf, self.version, 6, pid, 0x92, None);
             return;
         };
@@ -1458,14 +1513,14 @@ impl Session {
         }
         if reason >= 0x80 {
             // The client refused it: done.
-            let m = self.out.remove(&pid).expect("present");
+            let m = self.flows.out.remove(&pid).expect("present");
             self.done_with(m.tag, m.delivery);
             self.pump_pending();
             return;
         }
         m.stage = 3;
         let (tag, delivery) = (m.tag, m.delivery.take());
-        self.qos2_rel.insert(pid);
+        self.flows.qos2_rel.insert(pid);
         codec::write_ack(&mut self.wbuf, self.version, 6, pid, 0, None);
         // The broker forgets the message once the session remembers that
         // the client has it (so it is never sent twice).
@@ -1477,10 +1532,10 @@ impl Session {
     }
 
     fn on_pubcomp(&mut self, pid: u16) {
-        match self.out.get(&pid) {
+        match self.flows.out.get(&pid) {
             Some(m) if m.stage == 3 => {
-                self.out.remove(&pid);
-                if self.qos2_rel.remove(&pid) && self.persistent {
+                self.flows.out.remove(&pid);
+                if self.flows.qos2_rel.remove(&pid) && self.persistent {
                     self.save(Vec::new());
                 }
                 self.pump_pending();
@@ -1490,7 +1545,7 @@ impl Session {
         }
         self.stats
             .inflight_out
-            .store(self.out.len() as u64, Ordering::Relaxed);
+            .store(self.flows.out.len() as u64, Ordering::Relaxed);
     }
 
     // ---- events from the upstream connection ----
@@ -1510,7 +1565,7 @@ impl Session {
             }
             Ev::Outcome { token, outcome } => self.on_outcome(token, outcome),
             Ev::Attached { tag, .. } => {
-                for d in self.attach_waiters.remove(&tag).unwrap_or_default() {
+                for d in self.flows.attach_waiters.remove(&tag).unwrap_or_default() {
                     self.run(d);
                 }
             }
@@ -1526,7 +1581,7 @@ impl Session {
         let Some(link) = self.links.remove(&tag) else {
             return;
         };
-        let waiters = self.attach_waiters.remove(&tag).unwrap_or_default();
+        let waiters = self.flows.attach_waiters.remove(&tag).unwrap_or_default();
         let why = error
             .as_ref()
             .map(flotilla_amqp::client::describe)
@@ -1548,7 +1603,7 @@ impl Session {
                 self.subs.remove(&filter);
                 for d in waiters {
                     if let Deferred::Suback(id) = d {
-                        if let Some(s) = self.subacks.get_mut(&id) {
+                        if let Some(s) = self.flows.subacks.get_mut(&id) {
                             if let Some(&i) = s.links.get(&tag) {
                                 s.codes[i] = if why.contains("unauthorized") {
                                     0x87
@@ -1610,6 +1665,14 @@ impl Session {
 
     /// The tenancy changed: the client must still be allowed in (its
     /// rules as they are now).
+    /// Gives back what the session holds for in-flight state once none
+    /// is left (called after each batch of work).
+    pub fn tidy(&mut self) {
+        if self.flows.0.as_ref().is_some_and(|f| f.is_empty()) {
+            self.flows.0 = None;
+        }
+    }
+
     pub fn recheck(&mut self, peer: std::net::SocketAddr, tls: bool) {
         if self.space.as_ref() == crate::server::MESH_SPACE {
             return;

@@ -471,7 +471,7 @@ async fn connect(link: &RouterLink) -> Result<(flotilla_amqp::transport::BoxIo, 
 
 struct ClientEntry {
     tx: EvSender,
-    links: HashMap<u32, LinkId>,
+    links: std::collections::BTreeMap<u32, LinkId>,
 }
 
 struct Waiting {
@@ -557,7 +557,7 @@ impl<'a> Upstream<'a> {
                     client,
                     ClientEntry {
                         tx,
-                        links: HashMap::new(),
+                        links: std::collections::BTreeMap::new(),
                     },
                 );
             }

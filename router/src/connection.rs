@@ -733,7 +733,7 @@ impl ConnectionTask {
         let p = Principal {
             space,
             user: None,
-            rules: flotilla_core::config::allow_all(),
+            rules: flotilla_core::config::allow_all_shared(),
         };
         if let Some(info) = self.route_for(&p, &attach, &container) {
             return self.route_attach(link, attach, info);
