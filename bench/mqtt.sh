@@ -133,22 +133,29 @@ print(v if v != {} else "-")' "$1" "$2"; }
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-for t in $targets; do
-  echo "== $t" >&2
-  case $t in
+start_target() {
+  case $1 in
     flotilla) start_flotilla ;;
     mosquitto) start_mosquitto ;;
     rabbit) start_rabbit ;;
-    *) echo "mqtt.sh: unknown target $t" >&2; exit 64 ;;
+    *) echo "mqtt.sh: unknown target $1" >&2; exit 64 ;;
   esac
+}
+
+for t in $targets; do
+  echo "== $t" >&2
+  start_target "$t"
   run "$t-q0-4to1" --senders 4 --receivers 1 --qos 0 --size 100 --duration "$secs" --address bench/q0
   run "$t-q1-4to1" --senders 4 --receivers 1 --qos 1 --size 100 --duration "$secs" --address bench/q1
   run "$t-q1-1k" --senders 1 --receivers 1 --qos 1 --size 1024 --duration "$secs" --address bench/k1
   run "$t-fanout" --senders 1 --receivers 10 --qos 0 --size 100 --duration "$secs" --address bench/fan
   run "$t-lat" --senders 1 --receivers 1 --qos 1 --size 1024 --rate 10000 --duration "$secs" --address bench/lat
   run "$t-offline" --senders 1 --receivers 1 --qos 1 --size 100 --count "$offline_n" --offline --address bench/off
-  # Idle connections: the server's RSS before and with them (one process:
-  # the subscribers' gateway for Flotilla).
+  # Idle connections: the RSS of a fresh server (one process: the
+  # subscribers' gateway for Flotilla) before and with them. Fresh, because
+  # memory a busy process freed is reused without moving its RSS.
+  stop_target
+  start_target "$t"
   before=$(rss_kib "$server_pid")
   "$bin" bench --mqtt "$sub_url" --idle "$idle_n" --duration 8 > "$tmp/$t-idle.out" 2>&1 &
   idle_pid=$!

@@ -117,44 +117,38 @@ pub async fn serve(
         // needs: a plain connection does not carry the room of a TLS one.
         match &kind {
             Kind::Plain => {
-                tracker.spawn(connection(Accepted::new(
-                    tcp, peer, false, listener, shared, admission, permit,
-                )));
+                let conn = Conn::new(peer, false, listener, shared, admission, permit);
+                tracker.spawn(connection(Box::new(Accepted { stream: tcp, conn })));
             }
             Kind::Tls(acceptor) => {
+                let conn = Conn::new(peer, true, listener, shared, admission, permit);
                 let acceptor = acceptor.clone();
-                tracker.spawn(async move {
-                    let timeout = shared.handshake_timeout;
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let a =
-                                Accepted::new(tls, peer, true, listener, shared, admission, permit);
-                            connection(a).await
-                        }
-                        Ok(Err(e)) => {
-                            debug!(client.addr = %peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => debug!(client.addr = %peer, "TLS handshake timed out"),
-                    }
-                });
+                tracker.spawn(upgraded(tcp, conn, "TLS", move |tcp| acceptor.accept(tcp)));
             }
             Kind::WebSocket => {
-                tracker.spawn(async move {
-                    let timeout = shared.handshake_timeout;
-                    match tokio::time::timeout(timeout, websocket(tcp)).await {
-                        Ok(Ok(ws)) => {
-                            let a =
-                                Accepted::new(ws, peer, false, listener, shared, admission, permit);
-                            connection(a).await
-                        }
-                        Ok(Err(e)) => {
-                            debug!(client.addr = %peer, error = %e, "WebSocket handshake failed")
-                        }
-                        Err(_) => debug!(client.addr = %peer, "WebSocket handshake timed out"),
-                    }
-                });
+                let conn = Conn::new(peer, false, listener, shared, admission, permit);
+                tracker.spawn(upgraded(tcp, conn, "WebSocket", websocket));
             }
         }
+    }
+}
+
+/// A connection whose stream a handshake (TLS, WebSocket) must make first,
+/// within the handshake timeout.
+async fn upgraded<S, F, E>(
+    tcp: tokio::net::TcpStream,
+    conn: Conn,
+    what: &'static str,
+    handshake: impl FnOnce(tokio::net::TcpStream) -> F,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: std::future::Future<Output = Result<S, E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(conn.shared.handshake_timeout, handshake(tcp)).await {
+        Ok(Ok(stream)) => connection(Box::new(Accepted { stream, conn })).await,
+        Ok(Err(e)) => debug!(client.addr = %conn.peer, error = %e, "{what} handshake failed"),
+        Err(_) => debug!(client.addr = %conn.peer, "{what} handshake timed out"),
     }
 }
 
@@ -284,11 +278,15 @@ fn connack(version: u8, present: bool, code: u8, props: Option<&Properties>) -> 
     out
 }
 
-/// A connection's life.
 /// A connection a listener accepted, and what it runs with. Boxed and
 /// passed whole, so the connection's future keeps no copies of it.
 struct Accepted<S> {
     stream: S,
+    conn: Conn,
+}
+
+/// What a connection runs with besides its stream.
+struct Conn {
     /// Bytes read and not yet decoded.
     rbuf: BytesMut,
     peer: SocketAddr,
@@ -300,18 +298,16 @@ struct Accepted<S> {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl<S> Accepted<S> {
+impl Conn {
     fn new(
-        stream: S,
         peer: SocketAddr,
         tls: bool,
         listener: &'static str,
         shared: Arc<Shared>,
         admission: Arc<Admission>,
         permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Box<Self> {
-        Box::new(Accepted {
-            stream,
+    ) -> Self {
+        Conn {
             rbuf: BytesMut::new(),
             peer,
             tls,
@@ -319,7 +315,7 @@ impl<S> Accepted<S> {
             shared,
             admission,
             permit: Some(permit),
-        })
+        }
     }
 }
 
@@ -342,13 +338,16 @@ where
 {
     let Accepted {
         stream,
-        rbuf,
-        peer,
-        tls,
-        listener,
-        shared,
-        admission,
-        permit,
+        conn:
+            Conn {
+                rbuf,
+                peer,
+                tls,
+                listener,
+                shared,
+                admission,
+                permit,
+            },
     } = a;
     let (peer, tls, listener) = (*peer, *tls, *listener);
     let max = shared.limits.max_packet;
@@ -771,12 +770,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     st.mailbox.heard();
-    if a.shared.shutdown.is_cancelled() {
+    if a.conn.shared.shutdown.is_cancelled() {
         st.mailbox.raise(SIGNAL_SHUTDOWN);
     }
     // Packets that came with the CONNECT.
     read_packets(&mut st, &mut a);
-    while before_wait(&mut st, &a.shared) {
+    while before_wait(&mut st, &a.conn.shared) {
         let woke = {
             let (stp, ap) = (&mut *st, &mut *a);
             std::future::poll_fn(move |cx| poll_wake(stp, ap, cx)).await
@@ -831,8 +830,8 @@ where
     if let Poll::Ready(signals) = st.mailbox.poll_take(cx, &mut events, true) {
         return Poll::Ready(Wake::Mail(signals, events));
     }
-    let rbuf = &mut a.rbuf;
-    if !st.mailbox.gated() && rbuf.len() < a.shared.limits.max_packet + 8 {
+    let rbuf = &mut a.conn.rbuf;
+    if !st.mailbox.gated() && rbuf.len() < a.conn.shared.limits.max_packet + 8 {
         if rbuf.capacity() == 0 && st.read_size as usize <= STACK_READ {
             // A quiet connection holds no read buffer while it waits.
             let mut stack = [0u8; STACK_READ];
@@ -858,19 +857,24 @@ where
 fn read_packets<S>(st: &mut Started, a: &mut Accepted<S>) {
     let s = &mut st.session;
     loop {
-        match codec::read_packet(&mut a.rbuf, Some(s.version), a.shared.limits.max_packet) {
+        match codec::read_packet(
+            &mut a.conn.rbuf,
+            Some(s.version),
+            a.conn.shared.limits.max_packet,
+        ) {
             Ok(Some(p)) => {
                 tracing::trace!(client.id = %s.client_id, packet = ?p, "packet");
                 s.on_packet(p);
             }
             Ok(None) => break,
             Err(e) => {
-                a.shared
+                a.conn
+                    .shared
                     .registry
                     .totals
                     .protocol_errors
                     .fetch_add(1, Ordering::Relaxed);
-                info!(client.addr = %a.peer, client.id = %s.client_id, error = %e, "closing connection: bad packet");
+                info!(client.addr = %a.conn.peer, client.id = %s.client_id, error = %e, "closing connection: bad packet");
                 s.fail(e.reason(), e.to_string());
                 break;
             }
@@ -912,13 +916,13 @@ fn on_wake<S>(st: &mut Started, a: &mut Accepted<S>, woke: Wake) {
                 }
             }
             if signals & SIGNAL_RECHECK != 0 {
-                s.recheck(a.peer, a.tls);
+                s.recheck(a.conn.peer, a.conn.tls);
             }
             if signals & SIGNAL_SHUTDOWN != 0 {
                 s.fail(0x8b, "the gateway is shutting down");
             }
             if signals & SIGNAL_KEEP_ALIVE != 0 && st.mailbox.silent_too_long() {
-                info!(client.addr = %a.peer, client.id = %s.client_id, "closing connection: keep-alive timed out");
+                info!(client.addr = %a.conn.peer, client.id = %s.client_id, "closing connection: keep-alive timed out");
                 s.fail(0x8d, "keep-alive timed out");
             }
         }
@@ -928,7 +932,7 @@ fn on_wake<S>(st: &mut Started, a: &mut Accepted<S>, woke: Wake) {
                 st.read_size = (st.read_size * 2).min(64 * 1024);
             }
             read_packets(st, a);
-            let rbuf = &mut a.rbuf;
+            let rbuf = &mut a.conn.rbuf;
             if rbuf.is_empty() && rbuf.capacity() > 4096 {
                 *rbuf = BytesMut::new();
                 st.read_size = 64;
@@ -957,7 +961,7 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(2), a.stream.write_all(&s.wbuf)).await;
     }
     let _ = a.stream.shutdown().await;
-    let shared = &a.shared;
+    let shared = &a.conn.shared;
     let graceful = close.as_ref().is_some_and(|c| c.graceful);
     if !graceful && !s.down {
         if let Some(w) = st.will.take() {

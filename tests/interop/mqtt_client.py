@@ -28,11 +28,15 @@ class Client:
     arrive in `messages`; `disconnected` is set when the server closes."""
 
     def __init__(self, port, client_id="", v5=False, clean=True, user=None, password=None,
-                 expiry=None, will=None, keepalive=30, connect_props=None):
+                 expiry=None, will=None, keepalive=30, connect_props=None,
+                 transport="tcp", tls_ca=None, host="127.0.0.1"):
         self.v5 = v5
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-                             clean_session=None if v5 else clean, reconnect_on_failure=False)
+                             clean_session=None if v5 else clean, reconnect_on_failure=False,
+                             transport=transport)
+        if tls_ca is not None:
+            self.c.tls_set(ca_certs=tls_ca)
         self.messages = queue.Queue()
         self.connected = threading.Event()
         self.disconnected = threading.Event()
@@ -60,7 +64,7 @@ class Client:
             if expiry is not None:
                 props.SessionExpiryInterval = expiry
             kw = {"clean_start": clean, "properties": props}
-        self.c.connect("127.0.0.1", port, keepalive=keepalive, **kw)
+        self.c.connect(host, port, keepalive=keepalive, **kw)
         self.c.loop_start()
         if not self.connected.wait(TIMEOUT):
             self.close()

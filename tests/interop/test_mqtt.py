@@ -19,7 +19,7 @@ from proton import ConnectionException, Message, symbol
 from proton.reactor import AtMostOnce, ReceiverOption
 from proton.utils import LinkDetached, SendException
 
-from conftest import TIMEOUT, Broker, Gateway, Router, connect
+from conftest import TIMEOUT, Broker, Gateway, Router, connect, make_certs
 from mqtt_client import Client, Raw, Refused, connect_packet, packet, publish_packet, utf8, varint
 
 BROKER_UP = r"broker connected \(route container\)"
@@ -458,6 +458,42 @@ def test_a_silent_client_is_dropped_after_its_keep_alive_and_a_pinging_one_stays
         assert pinging.read_packet()[0] == 0xD0
     quiet.close()
     pinging.close()
+
+
+def test_mqtts_and_websocket_listeners_carry_the_same_topics(stack, clients, tmpdir_path):
+    """Clients over TLS (paho, mosquitto_pub) and over WebSocket with the
+    `mqtt` subprotocol (paho) share topics with plain TCP clients."""
+    ca, cert, key = make_certs(tmpdir_path)
+    s = stack(gateway_args=("--mqtts", "127.0.0.1:0", "--mqtt-ws", "127.0.0.1:0",
+                            "--tls-cert", cert, "--tls-key", key))
+    ports = s.gateway.ports
+    over_tls = {"tls_ca": ca, "host": "localhost"}
+    tls_sub = clients(ports["mqtts"], **over_tls)
+    ws_sub = clients(ports["mqtt-ws"], transport="websockets", v5=True)
+    assert tls_sub.subscribe("edge/#", 1) == [1]
+    assert ws_sub.subscribe("edge/#", 1) == [1]
+    sent = []
+    for name, port, kw in (("tcp", s.port, {}), ("tls", ports["mqtts"], over_tls),
+                           ("ws", ports["mqtt-ws"], {"transport": "websockets"})):
+        body = ("from " + name).encode()
+        assert clients(port, **kw).publish("edge/" + name, body, qos=1) == 0
+        sent.append(body)
+    r = subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", str(ports["mqtts"]), "--cafile", ca,
+                        "-q", "1", "-t", "edge/mosquitto", "-m", "from mosquitto"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    sent.append(b"from mosquitto")
+    for sub in (tls_sub, ws_sub):
+        assert [m.payload for m in sub.receive_n(len(sent))] == sent
+    # A plain client on the TLS port gets a TLS alert or nothing, never a CONNACK.
+    raw = Raw(ports["mqtts"])
+    raw.send(connect_packet(4, "not-tls"))
+    try:
+        answer = raw.read_packet()
+    except (ConnectionError, OSError):
+        answer = None
+    assert answer is None or answer[0] != 0x20
+    raw.close()
 
 
 def test_session_expiry_removes_the_session(stack, clients):
