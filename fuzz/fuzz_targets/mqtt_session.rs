@@ -41,8 +41,8 @@ fuzz_target!(|data: &[u8]| {
             client_alias_max: 4,
             session_tag: persistent.then_some(1),
         },
-        Limits::default(),
-        policy,
+        Arc::new(Limits::default()),
+        Arc::new(policy),
         Arc::default(),
         None,
     );
@@ -99,6 +99,8 @@ fuzz_target!(|data: &[u8]| {
                 s.cmds.clear();
             }
         }
+        // As the connection does between batches of work.
+        s.tidy();
         if s.close.is_some() {
             break;
         }
