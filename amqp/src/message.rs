@@ -268,7 +268,9 @@ pub fn body_is_empty(message: &[u8]) -> bool {
     true
 }
 
-fn put_str(out: &mut BytesMut, s: &[u8], small: u8, large: u8) {
+/// Writes a variable-width value (string, symbol, binary) with its
+/// one-byte-length code `small` or four-byte-length code `large`.
+pub fn put_str(out: &mut BytesMut, s: &[u8], small: u8, large: u8) {
     if s.len() < 256 {
         out.put_u8(small);
         out.put_u8(s.len() as u8);

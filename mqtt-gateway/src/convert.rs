@@ -18,11 +18,11 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
-use flotilla_amqp::message::{section, section_spans};
+use flotilla_amqp::message::{put_str, section, section_spans};
 use flotilla_amqp::types::messaging::{
     ApplicationProperties, Header, MessageAnnotations, MessageId, Properties,
 };
-use flotilla_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Value};
+use flotilla_amqp::types::primitives::{SimpleValue, Symbol, Timestamp, Value};
 use mqtt5_protocol::protocol::v5::properties::{
     Properties as MqttProps, PropertyId, PropertyValue,
 };
@@ -55,6 +55,14 @@ fn put_section<T: serde::Serialize>(out: &mut BytesMut, v: &T) {
     }
 }
 
+/// Writes a described list section (list32) of `count` encoded `fields`.
+fn put_list(out: &mut BytesMut, descriptor: u64, count: u32, fields: &[u8]) {
+    out.put_slice(&[0x00, 0x53, descriptor as u8, 0xd0]);
+    out.put_u32(fields.len() as u32 + 4);
+    out.put_u32(count);
+    out.put_slice(fields);
+}
+
 /// Encodes an MQTT publication as an AMQP message.
 pub fn to_amqp(m: &Inbound<'_>) -> Bytes {
     let props = m.properties;
@@ -64,46 +72,77 @@ pub fn to_amqp(m: &Inbound<'_>) -> Bytes {
         Some(PropertyValue::FourByteInteger(s)) => Some(*s),
         _ => None,
     };
+    // Header, message annotations and properties are written by hand: this
+    // is every publication's path (a serializer allocated ~20 times here).
     if m.qos > 0 || expiry.is_some() {
-        put_section(
-            &mut out,
-            &Header {
-                durable: m.qos > 0,
-                ttl: expiry.map(|s| s.saturating_mul(1000)),
-                ..Default::default()
-            },
-        );
+        // header: [durable, priority, ttl]
+        let mut fields = BytesMut::with_capacity(8);
+        fields.put_u8(if m.qos > 0 { 0x41 } else { 0x42 });
+        if let Some(s) = expiry {
+            fields.put_u8(0x40);
+            fields.put_u8(0x70);
+            fields.put_u32(s.saturating_mul(1000));
+        }
+        let count = if expiry.is_some() { 3 } else { 1 };
+        put_list(&mut out, section::HEADER, count, &fields);
     }
-    let mut ann = MessageAnnotations::default();
-    let sym = |s: &str| OwnedKey::Symbol(Symbol::from(s));
-    ann.insert(sym(ANN_CLIENT), Value::String(m.client.to_string()));
     // Also at QoS 0: a broker hands those to MQTT sessions settled.
-    ann.insert(sym(ANN_QOS), Value::Ubyte(m.qos));
+    let mut ann = BytesMut::with_capacity(64 + m.client.len());
+    let mut entries = 2;
+    put_str(&mut ann, ANN_CLIENT.as_bytes(), 0xa3, 0xb3);
+    put_str(&mut ann, m.client.as_bytes(), 0xa1, 0xb1);
+    put_str(&mut ann, ANN_QOS.as_bytes(), 0xa3, 0xb3);
+    ann.put_slice(&[0x50, m.qos]);
     if m.retain {
-        ann.insert(sym(ANN_RETAIN), Value::Bool(true));
+        put_str(&mut ann, ANN_RETAIN.as_bytes(), 0xa3, 0xb3);
+        ann.put_u8(0x41);
+        entries += 1;
     }
     if matches!(
         get(PropertyId::PayloadFormatIndicator),
         Some(PropertyValue::Byte(1))
     ) {
-        ann.insert(sym(ANN_PFI), Value::Ubyte(1));
+        put_str(&mut ann, ANN_PFI.as_bytes(), 0xa3, 0xb3);
+        ann.put_slice(&[0x50, 1]);
+        entries += 1;
     }
-    put_section(&mut out, &ann);
+    out.put_slice(&[0x00, 0x53, section::MESSAGE_ANNOTATIONS as u8, 0xd1]);
+    out.put_u32(ann.len() as u32 + 4);
+    out.put_u32(entries * 2);
+    out.put_slice(&ann);
+    // properties: [message-id, user-id, to, subject, reply-to,
+    // correlation-id, content-type]
     let text = |id| match get(id) {
-        Some(PropertyValue::Utf8String(s)) => Some(s.clone()),
+        Some(PropertyValue::Utf8String(s)) => Some(s.as_str()),
         _ => None,
     };
-    let p = Properties {
-        to: Some(m.topic.to_string()),
-        reply_to: text(PropertyId::ResponseTopic),
-        correlation_id: match get(PropertyId::CorrelationData) {
-            Some(PropertyValue::BinaryData(b)) => Some(MessageId::Binary(Binary::from(b.to_vec()))),
-            _ => None,
-        },
-        content_type: text(PropertyId::ContentType).map(Symbol::from),
-        ..Default::default()
+    let mut fields = BytesMut::with_capacity(m.topic.len() + 16);
+    fields.put_slice(&[0x40, 0x40]);
+    put_str(&mut fields, m.topic.as_bytes(), 0xa1, 0xb1);
+    fields.put_u8(0x40);
+    let mut count = 3;
+    let reply_to = text(PropertyId::ResponseTopic);
+    let correlation = match get(PropertyId::CorrelationData) {
+        Some(PropertyValue::BinaryData(b)) => Some(b),
+        _ => None,
     };
-    put_section(&mut out, &p);
+    let content_type = text(PropertyId::ContentType);
+    if reply_to.is_some() || correlation.is_some() || content_type.is_some() {
+        match reply_to {
+            Some(r) => put_str(&mut fields, r.as_bytes(), 0xa1, 0xb1),
+            None => fields.put_u8(0x40),
+        }
+        match correlation {
+            Some(c) => put_str(&mut fields, c, 0xa0, 0xb0),
+            None => fields.put_u8(0x40),
+        }
+        match content_type {
+            Some(t) => put_str(&mut fields, t.as_bytes(), 0xa3, 0xb3),
+            None => fields.put_u8(0x40),
+        }
+        count = 7;
+    }
+    put_list(&mut out, section::PROPERTIES, count, &fields);
     if let Some(all) = props.and_then(|p| p.get_all(PropertyId::UserProperty)) {
         // A CloudEvent in binary mode (MQTT binding: its attributes are
         // user properties, `specversion` among them) keeps them as the AMQP
@@ -212,6 +251,155 @@ fn message_id_bytes(id: &MessageId) -> Vec<u8> {
     }
 }
 
+/// Reading the common encodings of header, message annotations and
+/// properties without decoding them into owned values. Each function
+/// returns `None`, having changed nothing, for an encoding it does not
+/// take; the caller then decodes the section with fe2o3.
+mod fast {
+    use super::{Outbound, ANN_CLIENT, ANN_PFI, ANN_QOS, ANN_RETAIN};
+    use flotilla_amqp::message::value_len;
+
+    /// The items of the described list or map a section span holds:
+    /// (count, their bytes).
+    fn compound(span: &[u8]) -> Option<(u32, &[u8])> {
+        let v = span.get(3..)?;
+        match *v.first()? {
+            0x45 => Some((0, &[])),
+            0xc0 | 0xc1 => {
+                let size = usize::from(*v.get(1)?);
+                Some((u32::from(*v.get(2)?), v.get(3..2 + size)?))
+            }
+            0xd0 | 0xd1 => {
+                let size = u32::from_be_bytes(v.get(1..5)?.try_into().ok()?) as usize;
+                let count = u32::from_be_bytes(v.get(5..9)?.try_into().ok()?);
+                Some((count, v.get(9..5 + size)?))
+            }
+            _ => None,
+        }
+    }
+
+    /// Splits the next value off `items`.
+    fn next<'a>(items: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let n = value_len(items).ok()?;
+        let (v, rest) = items.split_at_checked(n)?;
+        *items = rest;
+        Some(v)
+    }
+
+    /// The bytes of a string (0xa1/0xb1), symbol (0xa3/0xb3) or binary
+    /// (0xa0/0xb0) value whose one-byte-length code is `small`.
+    fn bytes(v: &[u8], small: u8) -> Option<&[u8]> {
+        match *v.first()? {
+            c if c == small => v.get(2..),
+            c if c == small + 0x10 => v.get(5..),
+            _ => None,
+        }
+    }
+
+    fn text(v: &[u8], small: u8) -> Option<Option<String>> {
+        if v == [0x40] {
+            return Some(None);
+        }
+        Some(Some(
+            std::str::from_utf8(bytes(v, small)?).ok()?.to_string(),
+        ))
+    }
+
+    fn uint(v: &[u8]) -> Option<Option<u32>> {
+        match *v.first()? {
+            0x40 => Some(None),
+            0x43 => Some(Some(0)),
+            0x52 => Some(Some(u32::from(*v.get(1)?))),
+            0x70 => Some(Some(u32::from_be_bytes(v.get(1..5)?.try_into().ok()?))),
+            _ => None,
+        }
+    }
+
+    /// [durable, priority, ttl, first-acquirer, delivery-count]
+    pub fn header(span: &[u8], ttl: &mut Option<u32>, o: &mut Outbound) -> Option<()> {
+        let (count, mut items) = compound(span)?;
+        let (mut t, mut redelivered) = (None, false);
+        for i in 0..count {
+            let v = next(&mut items)?;
+            match i {
+                2 => t = uint(v)?,
+                4 => redelivered = uint(v)?.unwrap_or(0) > 0,
+                _ => {}
+            }
+        }
+        (*ttl, o.redelivered) = (t, redelivered);
+        Some(())
+    }
+
+    pub fn annotations(span: &[u8], o: &mut Outbound) -> Option<()> {
+        let (count, mut items) = compound(span)?;
+        let (mut client, mut qos, mut retain, mut utf8) = (None, None, false, false);
+        for _ in 0..count / 2 {
+            let (k, v) = (next(&mut items)?, next(&mut items)?);
+            let Some(key) = bytes(k, 0xa3) else { continue };
+            match key {
+                k if k == ANN_CLIENT.as_bytes() => {
+                    client = std::str::from_utf8(bytes(v, 0xa1)?)
+                        .ok()
+                        .map(str::to_string)
+                }
+                k if k == ANN_QOS.as_bytes() => {
+                    qos = match v {
+                        [0x50, q] => Some(*q),
+                        _ => None,
+                    }
+                }
+                k if k == ANN_RETAIN.as_bytes() => retain = v == [0x41] || v == [0x56, 1],
+                k if k == ANN_PFI.as_bytes() => utf8 = v == [0x50, 1],
+                _ => {}
+            }
+        }
+        if client.is_some() {
+            o.qos = qos.map_or(0, |q| q.min(2));
+            o.client = client;
+        }
+        (o.retain, o.utf8) = (retain, utf8);
+        Some(())
+    }
+
+    /// [message-id, user-id, to, subject, reply-to, correlation-id,
+    /// content-type, content-encoding, absolute-expiry-time, ...]
+    pub fn properties(span: &[u8], o: &mut Outbound) -> Option<()> {
+        let (count, mut items) = compound(span)?;
+        let (mut to, mut reply_to, mut correlation, mut content_type, mut expires) =
+            (None, None, None, None, None);
+        for i in 0..count {
+            let v = next(&mut items)?;
+            match i {
+                2 => to = text(v, 0xa1)?,
+                4 => reply_to = text(v, 0xa1)?,
+                // Binary or string ids; other kinds of id are read by fe2o3.
+                5 if v != [0x40] => {
+                    correlation = Some(bytes(v, 0xa0).or_else(|| bytes(v, 0xa1))?.to_vec())
+                }
+                6 => content_type = text(v, 0xa3)?,
+                8 => match *v.first()? {
+                    0x40 => {}
+                    0x83 => {
+                        let ms = i64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
+                        expires = Some(u64::try_from(ms).unwrap_or(0));
+                    }
+                    _ => return None,
+                },
+                _ => {}
+            }
+        }
+        o.topic = to;
+        o.response_topic = reply_to;
+        o.correlation = correlation;
+        o.content_type = content_type;
+        if let Some(e) = expires {
+            o.expires_ms = e;
+        }
+        Some(())
+    }
+}
+
 fn annotation<'a>(a: &'a MessageAnnotations, key: &str) -> Option<&'a Value> {
     a.get(&OwnedKey::Symbol(Symbol::from(key)))
 }
@@ -230,6 +418,12 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
     for s in section_spans(message) {
         let (code, span) = s.ok()?;
         match code {
+            // Header, annotations and properties as an MQTT gateway's or a
+            // typical client's encoder writes them are read in place (every
+            // message's path); anything else goes through fe2o3's decoder.
+            section::HEADER if fast::header(span, &mut ttl, &mut o).is_some() => {}
+            section::MESSAGE_ANNOTATIONS if fast::annotations(span, &mut o).is_some() => {}
+            section::PROPERTIES if fast::properties(span, &mut o).is_some() => {}
             section::HEADER => {
                 let h: Header = serde_amqp::from_slice(span).ok()?;
                 ttl = h.ttl;
@@ -466,6 +660,117 @@ mod tests {
         assert_eq!(&o.payload[..], b"{}");
         let p = o.v5_properties(1_000).expect("has properties");
         assert_eq!(p.get_message_expiry_interval(), Some(60));
+    }
+
+    #[test]
+    fn the_hand_written_sections_decode_with_fe2o3() {
+        let long = "t/".repeat(200);
+        let mut props = MqttProps::default();
+        props.set_content_type("text/plain".into());
+        props.set_response_topic("r".into());
+        props.set_correlation_data(Bytes::from_static(b"\x00\x01"));
+        props.set_message_expiry_interval(5);
+        for (topic, qos, retain, with) in [
+            ("a", 0, false, None),
+            (long.as_str(), 1, true, Some(&props)),
+        ] {
+            let m = to_amqp(&Inbound {
+                topic,
+                qos,
+                retain,
+                client: "mqtt:c",
+                properties: with,
+                payload: b"x",
+            });
+            let section = |code| {
+                section_spans(&m)
+                    .filter_map(Result::ok)
+                    .find(|(c, _)| *c == code)
+                    .map(|(_, span)| span.to_vec())
+            };
+            let p: Properties =
+                serde_amqp::from_slice(&section(section::PROPERTIES).unwrap()).unwrap();
+            assert_eq!(p.to.as_deref(), Some(topic));
+            let a: MessageAnnotations =
+                serde_amqp::from_slice(&section(section::MESSAGE_ANNOTATIONS).unwrap()).unwrap();
+            let get = |k: &str| a.0.get(&OwnedKey::Symbol(Symbol::from(k))).cloned();
+            assert_eq!(get(ANN_QOS), Some(Value::Ubyte(qos)));
+            assert_eq!(get(ANN_CLIENT), Some(Value::String("mqtt:c".into())));
+            assert_eq!(get(ANN_RETAIN), retain.then_some(Value::Bool(true)));
+            match with {
+                None => {
+                    assert!(section(section::HEADER).is_none());
+                    assert_eq!(
+                        (p.reply_to, p.correlation_id, p.content_type),
+                        (None, None, None)
+                    );
+                }
+                Some(_) => {
+                    let h: Header =
+                        serde_amqp::from_slice(&section(section::HEADER).unwrap()).unwrap();
+                    assert!(h.durable);
+                    assert_eq!(h.ttl, Some(5000));
+                    assert_eq!(p.reply_to.as_deref(), Some("r"));
+                    assert_eq!(
+                        p.correlation_id,
+                        Some(MessageId::Binary(
+                            flotilla_amqp::types::primitives::Binary::from(vec![0, 1])
+                        ))
+                    );
+                    assert_eq!(p.content_type, Some(Symbol::from("text/plain")));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sections_another_encoder_wrote_read_the_same() {
+        // fe2o3's encoder, and ids of kinds the in-place reader leaves to it.
+        let mut ann = MessageAnnotations::default();
+        ann.insert(
+            OwnedKey::Symbol(Symbol::from(ANN_CLIENT)),
+            Value::String("mqtt:x".into()),
+        );
+        ann.insert(OwnedKey::Symbol(Symbol::from(ANN_QOS)), Value::Ubyte(2));
+        ann.insert(
+            OwnedKey::Symbol(Symbol::from(ANN_RETAIN)),
+            Value::Bool(true),
+        );
+        ann.insert(OwnedKey::Ulong(7), Value::Ulong(7));
+        for correlation in [MessageId::Ulong(42), MessageId::String("c-1".into())] {
+            let mut m = BytesMut::new();
+            put_section(
+                &mut m,
+                &Header {
+                    durable: true,
+                    ttl: Some(1500),
+                    delivery_count: 2,
+                    ..Default::default()
+                },
+            );
+            put_section(&mut m, &ann);
+            put_section(
+                &mut m,
+                &Properties {
+                    to: Some("x/y".into()),
+                    reply_to: Some("back".into()),
+                    correlation_id: Some(correlation.clone()),
+                    content_type: Some(Symbol::from("text/plain")),
+                    absolute_expiry_time: Some(Timestamp::from_milliseconds(9_000)),
+                    ..Default::default()
+                },
+            );
+            m.put_slice(&[0x00, 0x53, 0x75, 0xa0, 0x01, b'z']);
+            let o = from_amqp(&m.freeze(), 1_000).unwrap();
+            assert_eq!((o.qos, o.retain, o.redelivered), (2, true, true));
+            assert_eq!(o.client.as_deref(), Some("mqtt:x"));
+            assert_eq!(o.topic.as_deref(), Some("x/y"));
+            assert_eq!(o.response_topic.as_deref(), Some("back"));
+            assert_eq!(o.correlation, Some(message_id_bytes(&correlation)));
+            assert_eq!(o.content_type.as_deref(), Some("text/plain"));
+            assert_eq!(o.expires_ms, 9_000);
+            assert_eq!(&o.payload[..], b"z");
+        }
     }
 
     #[test]
