@@ -380,22 +380,36 @@ pub fn with_to(message: &Bytes, to: &str) -> Bytes {
 /// `properties.absolute-expiry-time`, or `header.ttl` after `now_ms`,
 /// whichever comes first (AMQP 1.0 §3.2.1, §3.2.4).
 pub fn expiry(message: &[u8], now_ms: u64) -> u64 {
-    use fe2o3_amqp_types::messaging::{Header, Properties};
+    // Read in place: this is every stored message's path.
     let (h, p) = header_and_properties(message);
-    let mut at = u64::MAX;
-    if let Some((o, l)) = h {
-        if let Ok(Header { ttl: Some(ttl), .. }) = crate::frame::decode_checked(&message[o..o + l])
-        {
-            at = at.min(now_ms.saturating_add(u64::from(ttl)));
+    let field = |span: Span, index: usize| -> Option<&[u8]> {
+        let (o, l) = span?;
+        let (sec, _) = next_section(&message[o..o + l]).ok()?;
+        let (count, mut items) = list_items(sec.value).ok()?;
+        for i in 0..count.min(index + 1) {
+            let len = value_len(items).ok()?;
+            if i == index {
+                return items.get(..len);
+            }
+            items = items.get(len..)?;
         }
+        None
+    };
+    let mut at = u64::MAX;
+    // header.ttl: uint milliseconds.
+    let ttl = match field(h, 2) {
+        Some([0x43]) => Some(0),
+        Some([0x52, n]) => Some(u64::from(*n)),
+        Some([0x70, b @ ..]) => be_u32(b).ok().map(|n| n as u64),
+        _ => None,
+    };
+    if let Some(ttl) = ttl {
+        at = at.min(now_ms.saturating_add(ttl));
     }
-    if let Some((o, l)) = p {
-        if let Ok(Properties {
-            absolute_expiry_time: Some(t),
-            ..
-        }) = crate::frame::decode_checked(&message[o..o + l])
-        {
-            let ms = t.milliseconds();
+    // properties.absolute-expiry-time: a timestamp.
+    if let Some([0x83, b @ ..]) = field(p, 8) {
+        if let Ok(ms) = <[u8; 8]>::try_from(b) {
+            let ms = i64::from_be_bytes(ms);
             if ms > 0 {
                 at = at.min(ms as u64);
             }
@@ -557,6 +571,15 @@ mod tests {
         })
         .expect("encodes");
         assert_eq!(expiry(&m, 1000), 1500);
+        // Each encoding of a uint: smalluint, uint0.
+        for (ttl, at) in [(7, 1007), (0, 1000)] {
+            let h = serde_amqp::to_vec(&Header {
+                ttl: Some(ttl),
+                ..Default::default()
+            })
+            .expect("encodes");
+            assert_eq!(expiry(&h, 1000), at);
+        }
         m.extend(
             serde_amqp::to_vec(&Properties {
                 absolute_expiry_time: Some(Timestamp::from_milliseconds(1200)),
