@@ -688,7 +688,7 @@ async fn start(
     // CONNACK first, then what the resumed session wrote (PUBRELs).
     early.unsplit(std::mem::take(&mut session.wbuf));
     session.wbuf = early;
-    info!(client.id = %client_id, vhost = %space, user = session.principal.user.as_deref().unwrap_or("<anonymous>"), protocol = if v5 { "mqtt5" } else { "mqtt3.1.1" }, persistent, present, "MQTT client connected");
+    info!(client.addr = %peer, client.id = %client_id, vhost = %space, user = session.principal.user.as_deref().unwrap_or("<anonymous>"), protocol = if v5 { "mqtt5" } else { "mqtt3.1.1" }, persistent, present, "MQTT client connected");
     let will = c.will.as_ref().map(|w| {
         let wp = &w.properties;
         let mut mp = Properties::default();
