@@ -1277,14 +1277,12 @@ impl QueueTask {
         let mut memory: Vec<String> = Vec::new();
         let none = SpaceSubs::default();
         let index = self.index.get(space).unwrap_or(&none);
-        let mut seen_keys: Vec<&String> = Vec::new();
         let mut session = false;
         for key in index.matching(topic) {
             // A session's filters may overlap: it takes the message once.
-            if seen_keys.contains(&key) {
+            if memory.contains(key) || durable.contains(key) {
                 continue;
             }
-            seen_keys.push(key);
             let Some(s) = self.subs.get(key) else {
                 continue;
             };
