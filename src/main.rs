@@ -772,15 +772,8 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             Ok(c) => c,
             Err(e) => return usage(e),
         };
-        let (stop, failed) = (shutdown.clone(), failed.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = flotilla_broker::run(cfg, stop.clone()).await {
-                // One part down is the whole system down: say so and stop.
-                tracing::error!(error = %e, "broker stopped; stopping everything");
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                stop.cancel();
-            }
-        }));
+        let run = flotilla_broker::run(cfg, shutdown.clone());
+        tasks.push(spawn_part("broker", run, &shutdown, &failed));
     }
     let mut mqtt_note = String::new();
     if !args.no_mqtt {
@@ -811,14 +804,8 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return usage(e),
             };
-            let (stop, failed) = (shutdown.clone(), failed.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = flotilla_mqtt_gateway::run(cfg, stop.clone()).await {
-                    tracing::error!(error = %e, "MQTT gateway stopped; stopping everything");
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    stop.cancel();
-                }
-            }));
+            let run = flotilla_mqtt_gateway::run(cfg, shutdown.clone());
+            tasks.push(spawn_part("MQTT gateway", run, &shutdown, &failed));
         }
         let (h, p) = (args.mqtt.mqtt.ip(), args.mqtt.mqtt.port());
         mqtt_note = format!(
@@ -877,6 +864,24 @@ fn main() -> ExitCode {
                 Some(url) => mqtt::stat(&url, a.mesh_secret_file.as_deref(), a.json).await,
                 None => tools::stat(a).await,
             },
+        }
+    })
+}
+
+/// Runs one part of `flotilla up`. One part down is the whole system down:
+/// it says so, marks the run failed and stops the rest.
+fn spawn_part<E: std::fmt::Display>(
+    what: &'static str,
+    run: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    stop: &tokio_util::sync::CancellationToken,
+    failed: &Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let (stop, failed) = (stop.clone(), failed.clone());
+    tokio::spawn(async move {
+        if let Err(e) = run.await {
+            tracing::error!(error = %e, "{what} stopped; stopping everything");
+            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.cancel();
         }
     })
 }

@@ -112,29 +112,6 @@ pub struct Store {
     changes: broadcast::Sender<Arc<Change>>,
 }
 
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 impl Store {
     /// Opens (or creates) the store at `path`.
     ///
@@ -268,7 +245,7 @@ impl Store {
                 .as_ref()
                 .and_then(|o| o["metadata"]["creationTimestamp"].as_str())
                 .map(str::to_string)
-                .unwrap_or_else(now_rfc3339);
+                .unwrap_or_else(flotilla_core::time::now_rfc3339);
             object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
             object["metadata"]["creationTimestamp"] = Value::String(created);
             objects.insert(key, serde_json::to_vec(&object)?.as_slice())?;

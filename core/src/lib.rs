@@ -21,4 +21,5 @@ pub mod pattern;
 pub mod placement;
 pub mod resources;
 pub mod telemetry;
+pub mod time;
 pub mod watch;

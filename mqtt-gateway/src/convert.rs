@@ -199,29 +199,6 @@ pub struct Outbound {
     pub payload: Bytes,
 }
 
-/// A simple AMQP value as text.
-/// `ms` since the Unix epoch as RFC 3339 (UTC, milliseconds).
-fn rfc3339(ms: i64) -> String {
-    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000
-    )
-}
-
 fn simple_text(v: &SimpleValue) -> String {
     match v {
         SimpleValue::String(s) => s.clone(),
@@ -463,7 +440,9 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
                                 .or_else(|| k.strip_prefix(CE_PREFIX_JMS));
                             let text = match (name, v) {
                                 // An AMQP timestamp is an RFC 3339 string in MQTT.
-                                (Some(_), SimpleValue::Timestamp(t)) => rfc3339(t.milliseconds()),
+                                (Some(_), SimpleValue::Timestamp(t)) => {
+                                    flotilla_core::time::rfc3339(t.milliseconds(), true)
+                                }
                                 _ => simple_text(v),
                             };
                             (name.unwrap_or(k).to_string(), text)
@@ -813,8 +792,6 @@ mod tests {
         assert!(o
             .user_properties
             .contains(&("specversion".to_string(), "1.0".to_string())));
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
     }
 
     #[test]

@@ -153,6 +153,29 @@ def clients():
         c.close()
 
 
+def persistent(client_id, v5, expiry):
+    """The client options of a persistent session: a 3.1.1 clean-session
+    flag of false, or a 5.0 session expiry."""
+    kw = {"v5": v5, "client_id": client_id, "clean": False}
+    if v5:
+        kw["expiry"] = expiry
+    return kw
+
+
+def away_with_messages(clients, port, kw, topic_filter, topic, bodies):
+    """A new persistent session subscribes to `topic_filter` at QoS 1 and
+    disconnects; then `bodies` are published to `topic` at QoS 1 by
+    another client, which is returned."""
+    c = clients(port, **kw)
+    assert c.session_present is False
+    assert c.subscribe(topic_filter, 1) == [1]
+    c.disconnect()
+    pub = clients(port, v5=kw["v5"])
+    for b in bodies:
+        pub.publish(topic, b, qos=1)
+    return pub
+
+
 def mosquitto(tool, port, *args, timeout=TIMEOUT):
     return subprocess.run([tool, "-h", "127.0.0.1", "-p", str(port), *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -357,16 +380,8 @@ def test_retain_flag_and_retain_handling(stack, clients):
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
 def test_persistent_session_across_disconnect_and_gateway_kill(stack, clients, v5):
     s = stack()
-    kw = {"v5": v5, "client_id": "meter-1", "clean": False}
-    if v5:
-        kw["expiry"] = 3600
-    c = clients(s.port, **kw)
-    assert c.session_present is False
-    assert c.subscribe("meters/#", 1) == [1]
-    c.disconnect()
-    pub = clients(s.port, v5=v5)
-    for i in range(10):
-        pub.publish("meters/m1", b"a%d" % i, qos=1)
+    kw = persistent("meter-1", v5, 3600)
+    pub = away_with_messages(clients, s.port, kw, "meters/#", "meters/m1", [b"a%d" % i for i in range(10)])
     c = clients(s.port, **kw)
     assert c.session_present is True
     assert [m.payload for m in c.receive_n(10)] == [b"a%d" % i for i in range(10)]
@@ -513,9 +528,7 @@ def test_session_expiry_removes_the_session(stack, clients):
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
 def test_a_second_connect_with_the_client_id_takes_the_session_over(stack, clients, v5):
     s = stack()
-    kw = {"v5": v5, "client_id": "twin", "clean": False}
-    if v5:
-        kw["expiry"] = 600
+    kw = persistent("twin", v5, 600)
     first = clients(s.port, **kw)
     assert first.subscribe("twin/#", 1) == [1]
     second = clients(s.port, **kw)
@@ -802,15 +815,8 @@ def test_a_session_moves_between_gateway_replicas(stack, clients, v5):
     another replica, and a second connection there takes the session over."""
     s = stack()
     other = s.another_gateway()
-    kw = {"v5": v5, "client_id": "roamer", "clean": False}
-    if v5:
-        kw["expiry"] = 600
-    first = clients(s.port, **kw)
-    assert first.subscribe("roam/#", 1) == [1]
-    first.disconnect()
-    pub = clients(s.port, v5=v5)
-    for i in range(5):
-        pub.publish("roam/x", b"%d" % i, qos=1)
+    kw = persistent("roamer", v5, 600)
+    pub = away_with_messages(clients, s.port, kw, "roam/#", "roam/x", [b"%d" % i for i in range(5)])
     there = clients(other.port, **kw)
     assert there.session_present is True
     assert [m.payload for m in there.receive_n(5)] == [b"%d" % i for i in range(5)]
