@@ -165,6 +165,17 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// True when this consumer may ever take `m`: it is local, or its
+    /// neighbour is not a router `m` already passed.
+    fn may_take(&self, m: &Routed) -> bool {
+        self.remote.as_ref().is_none_or(|n| !m.visited(n))
+    }
+
+    /// True when a message may be routed to this consumer now.
+    fn can_take(&self) -> bool {
+        self.credit() > 0 && !self.conn.is_congested()
+    }
+
     /// How many more deliveries may be routed to this consumer now.
     pub fn credit(&self) -> u32 {
         let c = self.limit.wrapping_sub(self.routed);
@@ -189,6 +200,62 @@ pub struct AddressInner {
     rr: usize,
     /// Multicast receivers exist on other routers.
     pub remote_multicast: bool,
+}
+
+impl AddressInner {
+    /// The consumer that takes `m` now: one with credit that may take it,
+    /// whose connection is not congested, with the fewest unsettled
+    /// deliveries plus path cost (an idle local receiver first, remote ones
+    /// as local ones get busy); round robin among equals.
+    fn pick(&self, m: &Routed) -> Option<usize> {
+        let n = self.consumers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rr % n;
+        let mut best: Option<(usize, u32)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let c = &self.consumers[i];
+            // A connection over its high-water mark takes nothing more:
+            // the message goes elsewhere or waits, holding its sender's
+            // credit.
+            if !c.can_take() || !c.may_take(m) {
+                continue;
+            }
+            let score = c.outstanding.load(Ordering::Relaxed).saturating_add(c.cost);
+            if best.is_none_or(|(_, bs)| score < bs) {
+                best = Some((i, score));
+                if score == 0 {
+                    break;
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+}
+
+/// What [`AddressState::pump`] did under the lock, finished after it is
+/// dropped: waiting messages that left hand their senders' credit back;
+/// those no consumer may take are released.
+#[derive(Debug, Default)]
+#[must_use]
+struct Pumped {
+    freed: Vec<(ConnHandle, LinkId)>,
+    lost: Vec<Routed>,
+}
+
+impl Pumped {
+    fn finish(self) {
+        return_credit_to(
+            self.freed
+                .iter()
+                .chain(self.lost.iter().filter_map(|m| m.sender.as_ref())),
+        );
+        for m in self.lost {
+            m.release();
+        }
+    }
 }
 
 /// Messages held per multicast receiver without credit before the oldest
@@ -264,13 +331,13 @@ impl AddressState {
     /// neighbour's data link, with a window of `window` messages) or no
     /// longer do (`None`).
     pub fn set_remote(
-        &self,
+        self: &Arc<Self>,
         neighbor: &str,
         via: Option<((ConnHandle, LinkId), u32)>,
         window: u32,
     ) {
         let mut g = self.lock();
-        let had_any = !g.consumers.is_empty();
+        let had_any = !g.consumers.is_empty() || g.remote_multicast;
         let existing = g
             .consumers
             .iter()
@@ -303,7 +370,9 @@ impl AddressState {
                 }
             }
         }
-        self.after_consumers_changed(g, had_any);
+        let p = self.after_consumers_changed(&mut g, had_any);
+        drop(g);
+        p.finish();
     }
 
     /// Multicast: whether receivers exist on other routers (fan-out there
@@ -318,21 +387,62 @@ impl AddressState {
         }
     }
 
-    /// Tells senders about a change between some receivers and none; with
-    /// none left, waiting messages go back to their senders.
-    fn after_consumers_changed(&self, g: MutexGuard<'_, AddressInner>, had_any: bool) {
+    /// After any change to the consumers, under the lock: senders hear of a
+    /// change between some receivers and none, and what waits goes where it
+    /// can now. A consumer that came with credit takes what it may; a
+    /// waiting message that no consumer left may take (none at all, or only
+    /// ones back towards a router it passed) goes back to its sender once
+    /// the lock is dropped ([`Pumped::finish`]). Nothing waits that nobody
+    /// can take: that would be a black hole, and everything its sender
+    /// sent later would queue behind it.
+    fn after_consumers_changed(self: &Arc<Self>, g: &mut AddressInner, had_any: bool) -> Pumped {
         let has_any = !g.consumers.is_empty() || g.remote_multicast;
-        if had_any == has_any {
-            return;
+        if had_any != has_any {
+            notify_senders(g);
         }
-        notify_senders(&g);
-        if !has_any {
-            let mut g = g;
-            let waiting: Vec<Routed> = g.undelivered.drain(..).collect();
-            drop(g);
-            return_credit(&waiting);
-            for m in waiting {
-                m.release();
+        let mut p = Pumped::default();
+        if self.kind != AddressType::Multicast {
+            self.pump(g, true, &mut p);
+        }
+        p
+    }
+
+    /// Hands waiting anycast messages, oldest first, to consumers with
+    /// credit that may take them. With `purge`, also takes out those no
+    /// consumer may take (into `p.lost`). A message that can go nowhere now
+    /// stays, and so do the ones behind it from the same sender: they share
+    /// its path, so no consumer with credit may take them either, and order
+    /// holds.
+    fn pump(self: &Arc<Self>, g: &mut AddressInner, mut purge: bool, p: &mut Pumped) {
+        let mut i = 0;
+        while i < g.undelivered.len() {
+            let has_credit = g.consumers.iter().any(Consumer::can_take);
+            if !has_credit && !purge {
+                return;
+            }
+            let m = &g.undelivered[i];
+            if purge && !g.consumers.iter().any(|c| c.may_take(m)) {
+                p.lost.extend(g.undelivered.remove(i));
+                continue;
+            }
+            let Some(ci) = g.pick(m) else {
+                i += 1;
+                continue;
+            };
+            let m = g.undelivered.remove(i).expect("index in range");
+            let sender = m.sender.clone();
+            match self.send_to(g, ci, m) {
+                Ok(()) => p.freed.extend(sender),
+                Err(m) => {
+                    // Its connection is gone: the consumer was dropped, so
+                    // look at everything again.
+                    g.undelivered.insert(i, m);
+                    if g.consumers.is_empty() && !g.remote_multicast {
+                        notify_senders(g);
+                    }
+                    purge = true;
+                    i = 0;
+                }
             }
         }
     }
@@ -349,79 +459,76 @@ impl AddressState {
     /// deliveries, round-robin among equals; else wait for credit.
     pub fn forward_anycast(self: &Arc<Self>, mut msg: Routed) -> Forwarded {
         let mut g = self.lock();
-        loop {
+        let mut p = Pumped::default();
+        if !g.undelivered.is_empty() {
+            // Keep order: what waited goes first, to whoever has credit.
+            self.pump(&mut g, false, &mut p);
+        }
+        let forwarded = loop {
             // Never back towards a router the message already passed.
-            let eligible = |c: &Consumer| c.remote.as_ref().is_none_or(|n| !msg.visited(n));
-            if !g.consumers.iter().any(eligible) {
-                return Forwarded::NoReceiver;
+            if !g.consumers.iter().any(|c| c.may_take(&msg)) {
+                break Forwarded::NoReceiver;
             }
-            if !g.undelivered.is_empty() {
-                // Keep order: earlier messages are still waiting.
+            // What still waits could go nowhere; this message goes ahead
+            // only where none of its sender's earlier ones could.
+            let Some(i) = g.pick(&msg) else {
                 g.undelivered.push_back(msg);
-                return Forwarded::Queued;
-            }
-            let n = g.consumers.len();
-            let start = g.rr % n;
-            let mut best: Option<(usize, u32)> = None;
-            for k in 0..n {
-                let i = (start + k) % n;
-                let c = &g.consumers[i];
-                // A connection whose output is over its high-water mark
-                // takes nothing more: the message goes elsewhere or waits,
-                // holding its sender's credit.
-                if c.credit() == 0 || !eligible(c) || c.conn.is_congested() {
-                    continue;
-                }
-                // Fewest unsettled deliveries plus path cost: an idle local
-                // receiver first, remote ones as local ones get busy.
-                let score = c.outstanding.load(Ordering::Relaxed).saturating_add(c.cost);
-                if best.is_none_or(|(_, bs)| score < bs) {
-                    best = Some((i, score));
-                    if score == 0 {
-                        break;
-                    }
-                }
-            }
-            let Some((i, _)) = best else {
-                g.undelivered.push_back(msg);
-                return Forwarded::Queued;
+                break Forwarded::Queued;
             };
-            g.rr = i + 1;
-            let c = &mut g.consumers[i];
-            let unsettled = !msg.settled;
-            if unsettled {
-                c.outstanding.fetch_add(1, Ordering::Relaxed);
-            }
-            let ev = ConnEvent::Deliver {
-                link: c.link,
-                msg,
-                address: self.clone(),
-                outstanding: c.outstanding.clone(),
-            };
-            match c.conn.tx.send(ev) {
-                Ok(()) => {
-                    c.routed = c.routed.wrapping_add(1);
-                    self.delivered.fetch_add(1, Ordering::Relaxed);
-                    return Forwarded::Sent(1);
-                }
-                Err(mpsc::error::SendError(ev)) => {
-                    // That connection is gone (its task closed its channel):
-                    // forget its receiver like any leaving one (the last
-                    // one leaving tells the senders), and try the others.
-                    if unsettled {
-                        c.outstanding.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    let ConnEvent::Deliver { msg: m, .. } = ev else {
-                        return Forwarded::NoReceiver;
-                    };
+            let had_any = !g.consumers.is_empty() || g.remote_multicast;
+            match self.send_to(&mut g, i, msg) {
+                Ok(()) => break Forwarded::Sent(1),
+                Err(m) => {
+                    // That connection is gone (its task closed its
+                    // channel): its consumer was dropped like a leaving
+                    // one; try the others.
                     msg = m;
-                    let had_any = !g.consumers.is_empty() || g.remote_multicast;
-                    g.consumers.remove(i);
-                    if g.consumers.is_empty() && !g.remote_multicast {
-                        self.after_consumers_changed(g, had_any);
-                        return Forwarded::NoReceiver;
-                    }
+                    let more = self.after_consumers_changed(&mut g, had_any);
+                    p.freed.extend(more.freed);
+                    p.lost.extend(more.lost);
                 }
+            }
+        };
+        drop(g);
+        p.finish();
+        forwarded
+    }
+
+    /// Sends `msg` to consumer `i` (counted as routed to it). If its
+    /// connection is gone, the consumer is dropped and `msg` comes back.
+    fn send_to(
+        self: &Arc<Self>,
+        g: &mut AddressInner,
+        i: usize,
+        msg: Routed,
+    ) -> Result<(), Routed> {
+        g.rr = i + 1;
+        let c = &mut g.consumers[i];
+        let unsettled = !msg.settled;
+        if unsettled {
+            c.outstanding.fetch_add(1, Ordering::Relaxed);
+        }
+        let ev = ConnEvent::Deliver {
+            link: c.link,
+            msg,
+            address: self.clone(),
+            outstanding: c.outstanding.clone(),
+        };
+        match c.conn.tx.send(ev) {
+            Ok(()) => {
+                c.routed = c.routed.wrapping_add(1);
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::SendError(ev)) => {
+                if unsettled {
+                    c.outstanding.fetch_sub(1, Ordering::Relaxed);
+                }
+                g.consumers.remove(i);
+                let ConnEvent::Deliver { msg, .. } = ev else {
+                    unreachable!("the event sent was a delivery")
+                };
+                Err(msg)
             }
         }
     }
@@ -608,7 +715,7 @@ impl AddressState {
     /// Adds a receiver, with at most `cap` unsettled deliveries at once
     /// (0: no cap).
     pub fn add_consumer(
-        &self,
+        self: &Arc<Self>,
         conn: ConnHandle,
         link: LinkId,
         outstanding: Arc<AtomicU32>,
@@ -627,17 +734,21 @@ impl AddressState {
             cost: 0,
             cap,
         });
-        self.after_consumers_changed(g, had_any);
+        let p = self.after_consumers_changed(&mut g, had_any);
+        drop(g);
+        p.finish();
     }
 
     /// Removes a receiver; when it was the last anywhere, waiting anycast
     /// messages are released to their senders and senders lose their credit.
-    pub fn remove_consumer(&self, conn: ConnectionId, link: LinkId) {
+    pub fn remove_consumer(self: &Arc<Self>, conn: ConnectionId, link: LinkId) {
         let mut g = self.lock();
         let had_any = !g.consumers.is_empty() || g.remote_multicast;
         g.consumers
             .retain(|c| !(c.conn.id == conn && c.link == link));
-        self.after_consumers_changed(g, had_any);
+        let p = self.after_consumers_changed(&mut g, had_any);
+        drop(g);
+        p.finish();
     }
 
     pub fn add_sender(&self, conn: ConnHandle, link: LinkId) {
@@ -685,11 +796,14 @@ fn notify_senders(g: &AddressInner) {
 /// Tells senders whose messages waited in the router that the credit those
 /// messages held is free again.
 pub fn return_credit(msgs: &[Routed]) {
+    return_credit_to(msgs.iter().filter_map(|m| m.sender.as_ref()));
+}
+
+/// [`return_credit`] for one message per entry of `senders`.
+fn return_credit_to<'a>(senders: impl Iterator<Item = &'a (ConnHandle, LinkId)>) {
     let mut per: HashMap<(ConnectionId, LinkId), (ConnHandle, u32)> = HashMap::new();
-    for m in msgs {
-        if let Some((c, l)) = &m.sender {
-            per.entry((c.id, *l)).or_insert_with(|| (c.clone(), 0)).1 += 1;
-        }
+    for (c, l) in senders {
+        per.entry((c.id, *l)).or_insert_with(|| (c.clone(), 0)).1 += 1;
     }
     for ((_, link), (conn, n)) in per {
         conn.send(ConnEvent::Credit { link, returned: n });
@@ -892,6 +1006,104 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn via(m: Routed, routers: &[&str]) -> Routed {
+        Routed {
+            hops: Some(Arc::new(Hops {
+                ingress: routers[0].into(),
+                trace: routers.iter().map(|r| r.to_string()).collect(),
+            })),
+            ..m
+        }
+    }
+
+    fn origin(conn: &ConnHandle, id: u32) -> Option<Origin> {
+        Some(Origin {
+            conn: conn.clone(),
+            delivery: DeliveryRef {
+                channel: 0,
+                delivery_id: id,
+            },
+        })
+    }
+
+    #[test]
+    fn a_message_no_receiver_left_may_take_goes_back_and_blocks_nothing() {
+        // A message from neighbour r1 waits for a local receiver without
+        // credit; the receiver leaves. The only consumer left is back
+        // through r1: the message is released, and what a local sender
+        // sends next goes to r1 instead of queueing behind it for ever.
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (local, _rl) = handle(1);
+        let (n1, mut r1) = handle(2);
+        let (peer_in, mut rp) = handle(3);
+        a.add_consumer(local, LinkId(1), Default::default(), 0);
+        a.set_remote("r1", Some(((n1, LinkId(5)), 1)), 10);
+        let stale = via(msg(false, origin(&peer_in, 7)), &["r1"]);
+        assert_eq!(a.forward(stale), Forwarded::Queued);
+        a.remove_consumer(ConnectionId(1), LinkId(1));
+        assert!(
+            matches!(
+                rp.try_recv(),
+                Ok(ConnEvent::Outcome {
+                    state: DeliveryState::Released(_),
+                    ..
+                })
+            ),
+            "released to the neighbour it came from"
+        );
+        assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
+        assert!(matches!(r1.try_recv(), Ok(ConnEvent::Deliver { .. })));
+        assert_eq!(a.snapshot().2, 0, "nothing waits");
+    }
+
+    #[test]
+    fn a_message_waiting_for_one_receiver_does_not_hold_up_others() {
+        // A message from r1 waits for the local receiver's credit; the
+        // consumer through r1 has credit but may not take it. Later
+        // messages from here go through r1 at once.
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (local, mut rl) = handle(1);
+        let (n1, mut r1) = handle(2);
+        a.add_consumer(local, LinkId(1), Default::default(), 0);
+        a.set_remote("r1", Some(((n1, LinkId(5)), 1)), 10);
+        assert_eq!(a.forward(via(msg(true, None), &["r1"])), Forwarded::Queued);
+        for _ in 0..3 {
+            assert_eq!(a.forward(msg(true, None)), Forwarded::Sent(1));
+        }
+        assert_eq!(std::iter::from_fn(|| r1.try_recv().ok()).count(), 3);
+        let sent = a.consumer_credit(ConnectionId(1), LinkId(1), 5).msgs;
+        assert_eq!(
+            sent.len(),
+            1,
+            "the waiting one, when the receiver has credit"
+        );
+        assert!(rl.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_receiver_that_comes_with_credit_takes_what_waited() {
+        // A local receiver without credit holds messages back; a neighbour
+        // then announces receivers (a window of credit at once): what
+        // waited goes there, and the senders get their credit back.
+        let a = Arc::new(AddressState::new("default", "q", AddressType::Anycast));
+        let (local, _rl) = handle(1);
+        let (n1, mut r1) = handle(2);
+        let (sender, mut rs) = handle(3);
+        a.add_consumer(local, LinkId(1), Default::default(), 0);
+        let m = Routed {
+            sender: Some((sender, LinkId(9))),
+            ..msg(true, None)
+        };
+        assert_eq!(a.forward(m), Forwarded::Queued);
+        a.set_remote("r1", Some(((n1, LinkId(5)), 1)), 10);
+        assert!(matches!(r1.try_recv(), Ok(ConnEvent::Deliver { .. })));
+        assert!(matches!(
+            rs.try_recv(),
+            Ok(ConnEvent::Credit { returned: 1, .. })
+        ));
+        assert_eq!(a.snapshot().2, 0, "nothing waits");
     }
 
     #[test]
