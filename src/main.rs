@@ -55,7 +55,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run everything on this machine: router(s), a broker, the MQTT
-    /// gateway and the console.
+    /// gateway, the last-will service and the console.
     Up(UpArgs),
     /// Run an AMQP 1.0 router.
     Router(RouterArgs),
@@ -65,6 +65,9 @@ enum Command {
     Console(ConsoleServeArgs),
     /// Run the MQTT gateway: MQTT 3.1.1 and 5.0 clients on the mesh.
     MqttGateway(GatewayArgs),
+    /// Run the last-will service: MQTT and AMQP clients' wills, kept on
+    /// disk, published when a client's connection (or its gateway) is lost.
+    Lwt(LwtArgs),
     /// Send messages to an address.
     Send(tools::SendArgs),
     /// Receive messages from an address and print them.
@@ -526,6 +529,75 @@ async fn run_gateway(a: GatewayArgs) -> ExitCode {
 }
 
 #[derive(Args, Clone)]
+struct LwtArgs {
+    /// The router the service joins (as the route container of every
+    /// `$lwt` link in the mesh), HOST:PORT.
+    #[arg(long, env = "FLOTILLA_ROUTER", default_value = "127.0.0.1:5672")]
+    router: String,
+    /// Where the wills are kept.
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "data/lwt")]
+    data_dir: PathBuf,
+    /// Address spaces, addresses and users (YAML, as for routers).
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// The service's id (its login towards the router, ID@$mesh).
+    #[arg(
+        long = "lwt-id",
+        env = "FLOTILLA_LWT_ID",
+        default_value = "flotilla-lwt"
+    )]
+    id: String,
+    /// Seconds a will whose link broke (the path through the mesh, not
+    /// its client's connection) may be claimed again by its gateway
+    /// before it is published (or, an AMQP client's, dropped).
+    #[arg(long, env = "FLOTILLA_LWT_GRACE", default_value_t = 10)]
+    grace: u64,
+    /// The service's certificate (PEM); with --tls-ca it proves the
+    /// service to its router.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The mesh CA (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// File holding the mesh secret: the service proves to its router
+    /// that it is a component with it.
+    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
+}
+
+impl LwtArgs {
+    fn into_config(self) -> Result<flotilla_lwt_service::LwtConfig, String> {
+        Ok(flotilla_lwt_service::LwtConfig {
+            router: self.router,
+            data_dir: self.data_dir,
+            id: self.id,
+            tenancy: load_tenancy(self.config.as_deref())?,
+            console: self.console.link()?,
+            tls_ca: self.tls_ca,
+            tls: self.tls_cert.zip(self.tls_key),
+            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            grace: Duration::from_secs(self.grace.max(1)),
+        })
+    }
+}
+
+async fn run_lwt(a: LwtArgs) -> ExitCode {
+    let cfg = match a.into_config() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    match flotilla_lwt_service::run(cfg, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage(e),
+    }
+}
+
+#[derive(Args, Clone)]
 struct ConsoleServeArgs {
     /// HTTP listener (REST API, web console, watch, metrics), HOST:PORT.
     #[arg(
@@ -630,6 +702,10 @@ struct UpArgs {
     /// i modulo --routers; a session moves between them.
     #[arg(long, env = "FLOTILLA_GATEWAYS", default_value_t = 1)]
     gateways: u16,
+    /// Run no last-will service (gateways then keep their clients' wills
+    /// themselves, in memory).
+    #[arg(long, env = "FLOTILLA_NO_LWT")]
+    no_lwt: bool,
 }
 
 /// The tenancy of `--config`, or zero-config without one.
@@ -775,6 +851,29 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
         let run = flotilla_broker::run(cfg, shutdown.clone());
         tasks.push(spawn_part("broker", run, &shutdown, &failed));
     }
+    let lwt_dir = args.data_dir.join("lwt");
+    if !args.no_lwt {
+        // The last-will service joins router 0 as the route container of
+        // every `$lwt` link, as it would in a cluster.
+        let l = LwtArgs {
+            router: routers[0].local_addrs[0].1.to_string(),
+            data_dir: lwt_dir.clone(),
+            config: args.router.config.clone(),
+            console: args.router.console.clone(),
+            id: "lwt-0".into(),
+            grace: 10,
+            tls_cert: args.router.tls_cert.clone(),
+            tls_key: args.router.tls_key.clone(),
+            tls_ca: args.router.tls_ca.clone(),
+            mesh_secret_file: args.router.mesh_secret_file.clone(),
+        };
+        let cfg = match l.into_config() {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        };
+        let run = flotilla_lwt_service::run(cfg, shutdown.clone());
+        tasks.push(spawn_part("last-will service", run, &shutdown, &failed));
+    }
     let mut mqtt_note = String::new();
     if !args.no_mqtt {
         let replicas = args.gateways.max(1);
@@ -815,9 +914,10 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
         );
     }
     eprintln!(
-        "flotilla is up{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue, or any address a client attaches to with the capability \"queue\".{}{}\nPress Ctrl-C to stop.",
+        "flotilla is up{}{}{}. Try, in two more terminals:\n  flotilla receive greetings --url {}\n  flotilla send greetings --body hello --url {}\nQueues (stored by the broker) are addresses of type queue, or any address a client attaches to with the capability \"queue\".{}{}\nPress Ctrl-C to stop.",
         if n > 1 { format!(" with {n} routers ({})", urls.join(", ")) } else { String::new() },
         if args.no_broker { String::new() } else { format!(", broker on {} (journal in {})", args.broker_amqp, broker_dir.display()) },
+        if args.no_lwt { String::new() } else { format!(", last-will service (wills in {})", lwt_dir.display()) },
         urls[0],
         urls[urls.len() - 1],
         mqtt_note,
@@ -854,6 +954,7 @@ fn main() -> ExitCode {
             Command::Broker(a) => run_broker(a).await,
             Command::Console(a) => run_console(a).await,
             Command::MqttGateway(a) => run_gateway(a).await,
+            Command::Lwt(a) => run_lwt(a).await,
             Command::Send(a) => tools::send(a).await,
             Command::Receive(a) => tools::receive(a).await,
             Command::Bench(a) => match a.mqtt.clone() {

@@ -22,6 +22,7 @@
 
 pub mod codec;
 pub mod convert;
+pub mod lwt;
 pub mod registry;
 pub mod server;
 pub mod session;
@@ -153,6 +154,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         next_key: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         delayed_wills: Default::default(),
+        will_prefix: format!("{}/{}", cfg.container_id, crate::convert::now_ms()),
+        will_fallback_said: Default::default(),
     });
     if let Some(link) = cfg.console.clone() {
         let (p, sh) = (policy.clone(), shared.clone());

@@ -32,7 +32,7 @@ use crate::codec::{self, DecodeError, V311, V5};
 use crate::registry::{Entry, Registry, SessionStats};
 use crate::session::{container_of, Limits, Meta, Session, Setup};
 use crate::upstream::{
-    Cmd, Dest, Ev, Mailbox, Outcome, Pool, SIGNAL_CLOSED, SIGNAL_KEEP_ALIVE, SIGNAL_KICK,
+    Cmd, Dest, Ev, Mailbox, Outcome, Pool, WillOp, SIGNAL_CLOSED, SIGNAL_KEEP_ALIVE, SIGNAL_KICK,
     SIGNAL_RECHECK, SIGNAL_SHUTDOWN,
 };
 
@@ -54,6 +54,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Wills waiting out their delay.
     pub delayed_wills: std::sync::atomic::AtomicUsize,
+    /// Names this gateway's will registrations (its id and start time).
+    pub will_prefix: String,
+    /// Said once: there is no last-will service.
+    pub will_fallback_said: std::sync::atomic::AtomicBool,
 }
 
 /// Wills that may wait out their delay at once: past this many (clients
@@ -435,6 +439,9 @@ struct Will {
     qos: u8,
     retain: bool,
     delay: u32,
+    /// Registered with the last-will service as this registration (else
+    /// the gateway publishes it itself).
+    remote: Option<String>,
 }
 
 /// Waits for the upstream event answering our setup.
@@ -640,6 +647,108 @@ async fn start(
             }
         }
     }
+    let will = c.will.as_ref().map(|w| {
+        let wp = &w.properties;
+        let mut mp = Properties::default();
+        if let Some(ct) = &wp.content_type {
+            mp.set_content_type(ct.clone());
+        }
+        if let Some(rt) = &wp.response_topic {
+            mp.set_response_topic(rt.clone());
+        }
+        if let Some(cd) = &wp.correlation_data {
+            mp.set_correlation_data(Bytes::from(cd.clone()));
+        }
+        if let Some(e) = wp.message_expiry_interval {
+            mp.set_message_expiry_interval(e);
+        }
+        if wp.payload_format_indicator == Some(true) {
+            mp.set_payload_format_indicator(true);
+        }
+        for (k, v) in &wp.user_properties {
+            mp.add_user_property(k.clone(), v.clone());
+        }
+        Box::new(Will {
+            topic: w.topic.clone(),
+            message: crate::convert::to_amqp(&crate::convert::Inbound {
+                topic: &w.topic,
+                qos: w.qos as u8,
+                retain: w.retain,
+                client: &container,
+                properties: v5.then_some(&mp),
+                payload: &w.payload,
+            }),
+            qos: w.qos as u8,
+            retain: w.retain,
+            delay: wp.will_delay_interval.unwrap_or(0).min(expiry),
+            remote: None,
+        })
+    });
+    let mut will = will;
+    if will.is_none() && space.as_ref() != MESH_SPACE {
+        // A will of the client's earlier connection that waits out its
+        // delay is not published: the client is back (MQTT-3.1.3-9).
+        let op = crate::lwt::Op::Connected {
+            client: client_id.clone(),
+        };
+        let _ = handle.tx.send(Cmd::Will {
+            client: key,
+            space: space.clone(),
+            op: WillOp::Connected,
+            message: crate::lwt::encode(&op),
+            token: 0,
+        });
+    }
+    if let Some(w) = will.as_mut().filter(|_| space.as_ref() != MESH_SPACE) {
+        // The will is kept by the last-will service, on disk, before the
+        // client hears it is connected; with no service in the mesh, the
+        // gateway keeps it (in memory).
+        let reg = format!("{}/{key}", shared.will_prefix);
+        let op = crate::lwt::Op::Register(crate::lwt::Registration {
+            client: client_id.clone(),
+            reg: reg.clone(),
+            user: principal.user.clone(),
+            topic: w.topic.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            delay: w.delay,
+            message: w.message.clone(),
+        });
+        mailbox.add();
+        let _ = handle.tx.send(Cmd::Will {
+            client: key,
+            space: space.clone(),
+            op: WillOp::Register,
+            message: crate::lwt::encode(&op),
+            token: 0,
+        });
+        match answer(&mailbox).await {
+            Some(Ev::Outcome {
+                outcome: Outcome::Accepted,
+                ..
+            }) => w.remote = Some(reg),
+            Some(Ev::Outcome {
+                outcome: Outcome::Rejected(c, why),
+                ..
+            }) if c.contains("not-found") => {
+                if !shared.will_fallback_said.swap(true, Ordering::Relaxed) {
+                    warn!(reason = %why, "no last-will service: this gateway keeps its clients' wills in memory (a gateway that dies loses them)");
+                }
+            }
+            other => {
+                let why = match other {
+                    Some(Ev::Outcome { outcome, .. }) => format!("{outcome:?}"),
+                    _ => "no answer".into(),
+                };
+                let _ = handle.tx.send(Cmd::Gone { client: key });
+                return Err(forget(refusal(
+                    0x88,
+                    3,
+                    format!("the will could not be stored: {why}"),
+                )));
+            }
+        }
+    }
     let limits = shared.limits.clone();
     let mut keep_alive = c.keep_alive;
     let mut props = Properties::default();
@@ -689,42 +798,6 @@ async fn start(
     early.unsplit(std::mem::take(&mut session.wbuf));
     session.wbuf = early;
     info!(client.addr = %peer, client.id = %client_id, vhost = %space, user = session.principal.user.as_deref().unwrap_or("<anonymous>"), protocol = if v5 { "mqtt5" } else { "mqtt3.1.1" }, persistent, present, "MQTT client connected");
-    let will = c.will.as_ref().map(|w| {
-        let wp = &w.properties;
-        let mut mp = Properties::default();
-        if let Some(ct) = &wp.content_type {
-            mp.set_content_type(ct.clone());
-        }
-        if let Some(rt) = &wp.response_topic {
-            mp.set_response_topic(rt.clone());
-        }
-        if let Some(cd) = &wp.correlation_data {
-            mp.set_correlation_data(Bytes::from(cd.clone()));
-        }
-        if let Some(e) = wp.message_expiry_interval {
-            mp.set_message_expiry_interval(e);
-        }
-        if wp.payload_format_indicator == Some(true) {
-            mp.set_payload_format_indicator(true);
-        }
-        for (k, v) in &wp.user_properties {
-            mp.add_user_property(k.clone(), v.clone());
-        }
-        Box::new(Will {
-            topic: w.topic.clone(),
-            message: crate::convert::to_amqp(&crate::convert::Inbound {
-                topic: &w.topic,
-                qos: w.qos as u8,
-                retain: w.retain,
-                client: &container,
-                properties: v5.then_some(&mp),
-                payload: &w.payload,
-            }),
-            qos: w.qos as u8,
-            retain: w.retain,
-            delay: wp.will_delay_interval.unwrap_or(0).min(expiry),
-        })
-    });
     // The registry's sweep raises SIGNAL_KEEP_ALIVE (`check_keep_alive`).
     mailbox.set_keep_alive(
         (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
@@ -963,9 +1036,33 @@ where
     let _ = a.stream.shutdown().await;
     let shared = &a.conn.shared;
     let graceful = close.as_ref().is_some_and(|c| c.graceful);
-    if !graceful && !s.down {
-        if let Some(w) = st.will.take() {
-            publish_will(shared, s, &st.upstream, *w);
+    if let Some(w) = st.will.take().filter(|_| !s.down) {
+        // With the router gone, the service heard that this gateway's
+        // connection was lost: it publishes the will itself.
+        match &w.remote {
+            Some(reg) => {
+                let (op, what) = if graceful {
+                    (WillOp::Cancel, "cancel")
+                } else {
+                    (WillOp::Fire, "fire")
+                };
+                debug!(client.id = %s.client_id, op = what, "telling the last-will service");
+                let (client, reg) = (s.client_id.to_string(), reg.clone());
+                let message = crate::lwt::encode(&if graceful {
+                    crate::lwt::Op::Cancel { client, reg }
+                } else {
+                    crate::lwt::Op::Fire { client, reg }
+                });
+                let _ = st.upstream.send(Cmd::Will {
+                    client: s.key,
+                    space: s.space.clone(),
+                    op,
+                    message,
+                    token: 0,
+                });
+            }
+            None if !graceful => publish_will(shared, s, &st.upstream, *w),
+            None => {}
         }
     }
     s.end();

@@ -27,6 +27,7 @@ use flotilla_amqp::types::messaging::{
 };
 use flotilla_amqp::types::performatives::Attach;
 use flotilla_amqp::types::primitives::{Symbol, Value};
+use flotilla_core::config::Tenancy;
 use flotilla_core::pattern;
 use flotilla_core::resources::{AddressType, Operation, Undeclared};
 use mqtt5_protocol::packet::publish::PublishPacket;
@@ -758,33 +759,7 @@ impl Session {
 
     /// Where a publication to `topic` goes in our space, or why it may not.
     pub fn destination(&self, topic: &str) -> Result<Dest, (u8, String)> {
-        let t = self.policy.tenancy();
-        let Some(space) = t.spaces.get(&*self.space) else {
-            return Err((0x80, "the address space is gone".into()));
-        };
-        match space.declared_as(topic) {
-            Some((AddressType::Topic, decl)) => Ok(Dest::Address {
-                address: decl.to_string(),
-                topic: true,
-            }),
-            Some((AddressType::Queue, _)) => Ok(Dest::Address {
-                address: topic.to_string(),
-                topic: false,
-            }),
-            Some((AddressType::Anycast | AddressType::Multicast, _)) => Ok(Dest::Relay),
-            Some((AddressType::Subscription, _)) => Err((
-                0x90,
-                format!("{topic:?} is a subscription: publish to its topic"),
-            )),
-            None if space.undeclared == Undeclared::Anycast => Ok(Dest::Address {
-                address: "#".into(),
-                topic: true,
-            }),
-            None => Err((
-                0x90,
-                format!("no address {topic:?} in address space {:?}", self.space),
-            )),
-        }
+        destination(&self.policy.tenancy(), &self.space, topic)
     }
 
     fn on_pubrel(&mut self, pid: u16) {
@@ -1731,5 +1706,37 @@ pub fn receiver_attach(
         offered_capabilities: None,
         desired_capabilities: None,
         properties: Some(props),
+    }
+}
+
+/// Where a publication to `topic` goes in `space`, or why it may not (the
+/// MQTT reason code and a description): the gateway's publications, and
+/// the wills the last-will service publishes for it.
+pub fn destination(t: &Tenancy, space_name: &str, topic: &str) -> Result<Dest, (u8, String)> {
+    let Some(space) = t.spaces.get(space_name) else {
+        return Err((0x80, "the address space is gone".into()));
+    };
+    match space.declared_as(topic) {
+        Some((AddressType::Topic, decl)) => Ok(Dest::Address {
+            address: decl.to_string(),
+            topic: true,
+        }),
+        Some((AddressType::Queue, _)) => Ok(Dest::Address {
+            address: topic.to_string(),
+            topic: false,
+        }),
+        Some((AddressType::Anycast | AddressType::Multicast, _)) => Ok(Dest::Relay),
+        Some((AddressType::Subscription, _)) => Err((
+            0x90,
+            format!("{topic:?} is a subscription: publish to its topic"),
+        )),
+        None if space.undeclared == Undeclared::Anycast => Ok(Dest::Address {
+            address: "#".into(),
+            topic: true,
+        }),
+        None => Err((
+            0x90,
+            format!("no address {topic:?} in address space {space_name:?}"),
+        )),
     }
 }

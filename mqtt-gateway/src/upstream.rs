@@ -50,6 +50,8 @@ pub enum Dest {
     Retained,
     /// Changes to the space's MQTT sessions.
     SessionState,
+    /// The last-will service (`$lwt`): the space's clients' wills.
+    Lwt,
 }
 
 /// The address of the retained messages, and of a reader of those a
@@ -100,6 +102,47 @@ pub enum Cmd {
     },
     /// The MQTT connection ended: its remaining links detach (not closed).
     Gone { client: ClientKey },
+    /// A client's will, to the last-will service ([`crate::lwt`]): a
+    /// registration (its outcome comes back as `token`), or a cancel or
+    /// fire. The connection keeps what its live clients registered, and
+    /// what the service has not acknowledged, to send again when its
+    /// `$lwt` link has to be attached again.
+    Will {
+        client: ClientKey,
+        space: Arc<str>,
+        op: WillOp,
+        message: Bytes,
+        token: u32,
+    },
+}
+
+/// What a [`Cmd::Will`] tells the last-will service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WillOp {
+    Register,
+    Cancel,
+    Fire,
+    /// The client connected without a will (best effort: not kept when
+    /// no service answers).
+    Connected,
+}
+
+/// The client key of cancels and fires not yet acknowledged (their token
+/// names them in [`LwtSpace::unacked`]).
+const LWT_OPS: ClientKey = ClientKey::MAX;
+
+/// One space's wills on this connection.
+#[derive(Default)]
+struct LwtSpace {
+    /// Live clients' registrations: sent again whenever the `$lwt` link is
+    /// attached again, followed by `synced`.
+    live: HashMap<ClientKey, Bytes>,
+    /// Cancels and fires the service has not acknowledged: sent again too.
+    unacked: std::collections::BTreeMap<u32, Bytes>,
+    /// No last-will service answered: registrations fail at once until then.
+    absent_until: Option<std::time::Instant>,
+    /// The link broke with wills to keep: attach it again then.
+    retry_at: Option<std::time::Instant>,
 }
 
 /// What one MQTT connection shares with its upstream connection and the
@@ -503,6 +546,9 @@ struct Upstream<'a> {
     next_link: u64,
     /// Senders with credit and something waiting.
     ready: Vec<LinkId>,
+    /// Wills per space ([`Cmd::Will`]).
+    lwt: HashMap<Arc<str>, LwtSpace>,
+    next_lwt_op: u32,
     shutdown: CancellationToken,
     closing: bool,
     index: usize,
@@ -537,6 +583,8 @@ impl<'a> Upstream<'a> {
             next_token: 1,
             next_link: 0,
             ready: Vec::new(),
+            lwt: HashMap::new(),
+            next_lwt_op: 0,
             shutdown,
             closing: false,
             index,
@@ -617,7 +665,15 @@ impl<'a> Upstream<'a> {
                 settled,
                 token,
             } => self.publish(client, space, dest, message, settled, token),
+            Cmd::Will {
+                client,
+                space,
+                op,
+                message,
+                token,
+            } => self.will(client, space, op, message, token),
             Cmd::Gone { client } => {
+                self.will_gone(client);
                 if let Some(c) = self.clients.remove(&client) {
                     for (_, link) in c.links {
                         self.owners.remove(&link);
@@ -651,27 +707,13 @@ impl<'a> Upstream<'a> {
             return;
         };
         // Client 0 is the gateway itself (wills of lost connections).
-        if client != 0 && !self.clients.contains_key(&client) {
+        if client != 0 && client != LWT_OPS && !self.clients.contains_key(&client) {
             return;
         }
         let key = (space, dest);
         let link = match self.senders.get(&key) {
             Some(s) => s.link,
-            None => {
-                let link = self
-                    .conn
-                    .attach_as(ch, sender_attach(&key.0, &key.1, self.next_link));
-                self.next_link += 1;
-                self.sender_of.insert(link, key.clone());
-                self.senders.insert(
-                    key.clone(),
-                    Sender {
-                        link,
-                        queue: VecDeque::new(),
-                    },
-                );
-                link
-            }
+            None => self.attach_sender(ch, &key),
         };
         if let Some(s) = self.senders.get_mut(&key) {
             s.queue.push_back(Waiting {
@@ -682,6 +724,192 @@ impl<'a> Upstream<'a> {
             });
         }
         self.ready.push(link);
+    }
+
+    /// Attaches the shared sender for `key`.
+    fn attach_sender(&mut self, ch: u16, key: &(Arc<str>, Dest)) -> LinkId {
+        let name = match key.1 {
+            // Named the same every time: the service knows the wills
+            // registered through it by its name (and our container id).
+            Dest::Lwt => "lwt".to_string(),
+            _ => format!("mqtt-publish.{}", self.next_link),
+        };
+        let link = self.conn.attach_as(ch, sender_attach(&key.0, &key.1, name));
+        self.next_link += 1;
+        self.sender_of.insert(link, key.clone());
+        self.senders.insert(
+            key.clone(),
+            Sender {
+                link,
+                queue: VecDeque::new(),
+            },
+        );
+        link
+    }
+
+    fn will(&mut self, client: ClientKey, space: Arc<str>, op: WillOp, message: Bytes, token: u32) {
+        let Some(ch) = self.channel else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let st = self.lwt.entry(space.clone()).or_default();
+        let (who, t) = match op {
+            WillOp::Register => {
+                if st.absent_until.is_some_and(|t| now < t) {
+                    if let Some(c) = self.clients.get(&client) {
+                        c.tx.gate_done(1);
+                        c.tx.send(Ev::Outcome {
+                            token,
+                            outcome: Outcome::Rejected(
+                                "amqp:not-found".into(),
+                                "no last-will service in the mesh".into(),
+                            ),
+                        });
+                    }
+                    return;
+                }
+                st.live.insert(client, message.clone());
+                (client, token)
+            }
+            WillOp::Connected => {
+                if st.absent_until.is_some_and(|t| now < t) || st.retry_at.is_some() {
+                    return;
+                }
+                (0, 0)
+            }
+            WillOp::Cancel | WillOp::Fire => {
+                st.live.remove(&client);
+                self.next_lwt_op = self.next_lwt_op.wrapping_add(1);
+                let id = self.next_lwt_op;
+                st.unacked.insert(id, message.clone());
+                (LWT_OPS, id)
+            }
+        };
+        let key = (space, Dest::Lwt);
+        if self.senders.contains_key(&key) {
+            self.publish(who, key.0, Dest::Lwt, message, false, t);
+        } else if st_retry_pending(&self.lwt, &key.0) && op != WillOp::Register {
+            // (a `connected` returned above)
+            // Sent with the rest when the link is attached again.
+        } else {
+            self.attach_lwt(ch, &key.0, Some((client, token)));
+        }
+    }
+
+    /// Attaches the space's `$lwt` link and sends what the service must
+    /// hold: every live client's registration (`own`'s with its token),
+    /// the cancels and fires not acknowledged, then `synced`.
+    fn attach_lwt(&mut self, ch: u16, space: &Arc<str>, own: Option<(ClientKey, u32)>) {
+        let key = (space.clone(), Dest::Lwt);
+        let link = self.attach_sender(ch, &key);
+        let Some(st) = self.lwt.get_mut(space) else {
+            return;
+        };
+        st.retry_at = None;
+        let mut queue = VecDeque::new();
+        for (c, m) in &st.live {
+            let (client, token) = match own {
+                Some((oc, t)) if oc == *c => (oc, t),
+                _ => (0, 0),
+            };
+            queue.push_back(Waiting {
+                client,
+                token,
+                message: m.clone(),
+                settled: false,
+            });
+        }
+        for (id, m) in &st.unacked {
+            queue.push_back(Waiting {
+                client: LWT_OPS,
+                token: *id,
+                message: m.clone(),
+                settled: false,
+            });
+        }
+        queue.push_back(Waiting {
+            client: 0,
+            token: 0,
+            message: crate::lwt::encode(&crate::lwt::Op::Synced),
+            settled: false,
+        });
+        if let Some(s) = self.senders.get_mut(&key) {
+            s.queue = queue;
+        }
+        self.ready.push(link);
+    }
+
+    /// A client left: a registration it never cancelled or fired (its
+    /// connection was refused after registering) is cancelled.
+    fn will_gone(&mut self, client: ClientKey) {
+        let spaces: Vec<Arc<str>> = self
+            .lwt
+            .iter()
+            .filter(|(_, st)| st.live.contains_key(&client))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for space in spaces {
+            let Some(m) = self
+                .lwt
+                .get_mut(&space)
+                .and_then(|st| st.live.remove(&client))
+            else {
+                continue;
+            };
+            if let Ok(crate::lwt::Op::Register(r)) = crate::lwt::decode(&m) {
+                let cancel = crate::lwt::encode(&crate::lwt::Op::Cancel {
+                    client: r.client,
+                    reg: r.reg,
+                });
+                self.will(client, space, WillOp::Cancel, cancel, 0);
+            }
+        }
+    }
+
+    /// The `$lwt` link of `space` detached: registrations wait a moment
+    /// when no service answered; with wills to keep, it is attached again.
+    fn lwt_detached(&mut self, space: &Arc<str>, not_found: bool) {
+        let now = std::time::Instant::now();
+        let Some(st) = self.lwt.get_mut(space) else {
+            return;
+        };
+        if not_found {
+            st.absent_until = Some(now + Duration::from_secs(5));
+        }
+        if !st.live.is_empty() || !st.unacked.is_empty() {
+            let wait = if not_found { 1000 } else { 500 };
+            st.retry_at = Some(now + Duration::from_millis(wait));
+        }
+    }
+
+    /// Attaches again the `$lwt` links whose time has come.
+    fn retry_lwt(&mut self) {
+        let Some(ch) = self.channel else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let due: Vec<Arc<str>> = self
+            .lwt
+            .iter()
+            .filter(|(_, st)| st.retry_at.is_some_and(|t| t <= now))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for space in due {
+            if let Some(st) = self.lwt.get_mut(&space) {
+                st.retry_at = None;
+                if st.live.is_empty() && st.unacked.is_empty() {
+                    continue;
+                }
+            }
+            if !self.senders.contains_key(&(space.clone(), Dest::Lwt)) {
+                self.attach_lwt(ch, &space, None);
+            }
+        }
+    }
+
+    /// The earliest `$lwt` link to attach again.
+    fn lwt_retry_at(&self) -> Option<std::time::Instant> {
+        self.lwt.values().filter_map(|st| st.retry_at).min()
     }
 
     /// Sends what waits on `link` as far as its credit goes.
@@ -716,6 +944,14 @@ impl<'a> Upstream<'a> {
         let Some((client, t)) = self.tokens.remove(&token) else {
             return;
         };
+        if client == LWT_OPS {
+            if matches!(state, Some(DeliveryState::Accepted(_))) {
+                for st in self.lwt.values_mut() {
+                    st.unacked.remove(&t);
+                }
+            }
+            return;
+        }
         let outcome = match state {
             Some(DeliveryState::Accepted(_)) => Outcome::Accepted,
             Some(DeliveryState::Released(_)) => Outcome::Released,
@@ -743,6 +979,15 @@ impl<'a> Upstream<'a> {
                 attach,
                 reply: true,
             } => {
+                if let Some((space, Dest::Lwt)) = self.sender_of.get(&link) {
+                    if attach.target.is_some() {
+                        // The service is there: registrations go to it again.
+                        if let Some(st) = self.lwt.get_mut(space) {
+                            st.absent_until = None;
+                        }
+                    }
+                    return;
+                }
                 if let Some(&(client, tag)) = self.owners.get(&link) {
                     if attach.source.is_none() {
                         // Refused: its detach follows with the reason.
@@ -826,6 +1071,17 @@ impl<'a> Upstream<'a> {
                         .map(flotilla_amqp::client::describe)
                         .unwrap_or_else(|| "the link to the broker closed".into());
                     warn!(upstream = self.index, space = %key.0, dest = ?key.1, reason = %why, "publishing link detached");
+                    if key.1 == Dest::Lwt {
+                        let not_found = error.as_ref().is_some_and(|e| {
+                            matches!(
+                                e.condition,
+                                flotilla_amqp::types::definitions::ErrorCondition::AmqpError(
+                                    flotilla_amqp::types::definitions::AmqpError::NotFound
+                                )
+                            )
+                        });
+                        self.lwt_detached(&key.0, not_found);
+                    }
                     if let Some(s) = self.senders.remove(&key) {
                         for w in s.queue {
                             if let Some(c) = self.clients.get(&w.client) {
@@ -889,13 +1145,19 @@ pub fn link_properties(space: &str, container: Option<&str>, fresh: bool) -> Fie
     f
 }
 
+/// True when the `$lwt` link of `space` is to be attached again later.
+fn st_retry_pending(lwt: &HashMap<Arc<str>, LwtSpace>, space: &Arc<str>) -> bool {
+    lwt.get(space).is_some_and(|st| st.retry_at.is_some())
+}
+
 /// The attach of a shared publishing link.
-fn sender_attach(space: &str, dest: &Dest, n: u64) -> Attach {
+fn sender_attach(space: &str, dest: &Dest, name: String) -> Attach {
     let (address, caps): (Option<String>, Option<Vec<&str>>) = match dest {
         Dest::Relay => (None, None),
         Dest::Address { address, topic } => (Some(address.clone()), topic.then(|| vec!["topic"])),
         Dest::Retained => (Some(RETAINED.into()), None),
         Dest::SessionState => (Some(SESSION_STATE.into()), None),
+        Dest::Lwt => (Some(crate::lwt::ADDRESS.into()), None),
     };
     let target = Target {
         address,
@@ -903,7 +1165,7 @@ fn sender_attach(space: &str, dest: &Dest, n: u64) -> Attach {
         ..Default::default()
     };
     Attach {
-        name: format!("mqtt-publish.{n}"),
+        name,
         handle: flotilla_amqp::types::definitions::Handle(0),
         role: Role::Sender,
         snd_settle_mode: SenderSettleMode::Mixed,
@@ -924,6 +1186,8 @@ fn sender_attach(space: &str, dest: &Dest, n: u64) -> Attach {
 enum Signal {
     Commands,
     Shutdown,
+    /// Time to attach `$lwt` links again.
+    Retry,
 }
 
 impl Handler for Upstream<'_> {
@@ -934,11 +1198,15 @@ impl Handler for Upstream<'_> {
     }
 
     fn signal(&mut self) -> impl std::future::Future<Output = Option<Signal>> + Send {
+        let retry = self.lwt_retry_at().map(tokio::time::Instant::from_std);
         async move {
             let closing = self.closing;
             tokio::select! {
                 _ = self.shutdown.cancelled(), if !closing => Some(Signal::Shutdown),
                 n = self.rx.recv_many(&mut self.batch, 256) => (n > 0).then_some(Signal::Commands),
+                _ = async { tokio::time::sleep_until(retry.expect("guarded")).await }, if retry.is_some() => {
+                    Some(Signal::Retry)
+                }
             }
         }
     }
@@ -956,6 +1224,7 @@ impl Handler for Upstream<'_> {
                 self.closing = true;
                 self.conn.close(None);
             }
+            Signal::Retry => self.retry_lwt(),
         }
     }
 

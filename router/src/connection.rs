@@ -308,7 +308,9 @@ impl ConnectionTask {
         match Driver::new(io, rbuf, cfg).run(&mut self).await {
             Ended::Closed => {}
             Ended::Eof => {
-                self.closing.get_or_insert(CloseReason::PeerClosed);
+                // The socket closed with no Close from the peer (that sets
+                // `PeerClosed`): the connection was lost.
+                self.closing.get_or_insert(CloseReason::Io);
             }
             Ended::Io(e) => {
                 debug!(conn.id = self.id.0, error = %e, "connection failed");
@@ -829,6 +831,26 @@ impl ConnectionTask {
                 broker: space.placements.get("#").cloned(),
                 hops: 0,
                 topic: None,
+                user: None,
+                gateway: None,
+            });
+        }
+        if address == crate::linkroute::LWT_ADDRESS && attach.role == Role::Sender {
+            // A will: to the last-will service, which authorizes each
+            // will's destination by the user named here.
+            let gateway = matches!(self.role, ConnRole::Gateway);
+            return Some(crate::linkroute::RouteInfo {
+                space: p.space.clone(),
+                kind: AddressType::Queue,
+                placed_by: address.clone(),
+                address,
+                container: container.to_string(),
+                link_name: attach.name.clone(),
+                broker: Some(crate::linkroute::LWT_CONTAINER.to_string()),
+                hops: 0,
+                topic: None,
+                user: p.user.clone(),
+                gateway: gateway.then(|| self.remote_container.clone()),
             });
         }
         if address.starts_with('$') {
@@ -894,6 +916,8 @@ impl ConnectionTask {
             broker: space.placements.get(declared).cloned(),
             hops: 0,
             topic,
+            user: None,
+            gateway: None,
         })
     }
 

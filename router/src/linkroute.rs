@@ -42,6 +42,21 @@ pub const PROP_LINK_NAME: &str = "flotilla:link-name";
 pub const PROP_BROKER: &str = "flotilla:broker";
 pub const PROP_HOPS: &str = "flotilla:hops";
 pub const PROP_TOPIC: &str = "flotilla:topic";
+/// The user a client's link acts for (set by the router that
+/// authenticated the client; the lwt-service authorizes wills by it).
+pub const PROP_USER: &str = "flotilla:user";
+/// Set when the link is an MQTT gateway's: the gateway's container id.
+pub const PROP_GATEWAY: &str = "flotilla:gateway";
+/// Wills are registered by attaching a sender to this address, in any
+/// space; the link goes to the last-will service (DESIGN.md "MQTT gateway
+/// and last-will service").
+pub const LWT_ADDRESS: &str = "$lwt";
+/// The container id of the last-will service, as a route container.
+pub const LWT_CONTAINER: &str = "$lwt";
+/// The condition of a routed link's detach when the client's connection
+/// ended without its Close (lost, timed out, closed for an error, or its
+/// router shut down): the last-will service publishes the link's will.
+pub const CONNECTION_LOST: &str = "flotilla:connection-lost";
 const MAX_HOPS: u32 = 16;
 
 /// Where a routed link goes and on whose behalf.
@@ -63,6 +78,10 @@ pub struct RouteInfo {
     pub hops: u32,
     /// `subscription` addresses: the topic subscribed to.
     pub topic: Option<String>,
+    /// The client's user (links to the last-will service).
+    pub user: Option<String>,
+    /// The gateway's container id when the link is an MQTT gateway's.
+    pub gateway: Option<String>,
 }
 
 impl RouteInfo {
@@ -88,6 +107,12 @@ impl RouteInfo {
         f.insert(Symbol::from(PROP_HOPS), Value::Uint(self.hops));
         if let Some(t) = &self.topic {
             f.insert(Symbol::from(PROP_TOPIC), s(t));
+        }
+        if let Some(u) = &self.user {
+            f.insert(Symbol::from(PROP_USER), s(u));
+        }
+        if let Some(g) = &self.gateway {
+            f.insert(Symbol::from(PROP_GATEWAY), s(g));
         }
         f
     }
@@ -115,6 +140,8 @@ impl RouteInfo {
             link_name: get(PROP_LINK_NAME).unwrap_or_else(|| a.name.clone()),
             broker: get(PROP_BROKER),
             topic: get(PROP_TOPIC),
+            user: get(PROP_USER),
+            gateway: get(PROP_GATEWAY),
             hops: match p.get(&Symbol::from(PROP_HOPS)) {
                 Some(Value::Uint(n)) => *n,
                 _ => 0,
@@ -196,9 +223,10 @@ impl KnownBrokers {
         }
     }
 
-    /// The brokers addresses are placed over.
+    /// The brokers addresses are placed over (never the last-will
+    /// service, a route container for `$lwt` only).
     pub(crate) fn ids(&self) -> impl Iterator<Item = &String> {
-        self.seen.keys()
+        self.seen.keys().filter(|b| b.as_str() != LWT_CONTAINER)
     }
 }
 
@@ -856,6 +884,7 @@ impl ConnectionTask {
 
     /// The connection ends: every paired link hears of it.
     pub(crate) fn route_cleanup(&mut self) {
+        let client = self.container().is_none() && !self.is_peer();
         let what = if self.container().is_some() {
             "the broker's connection to the router closed"
         } else if self.is_peer() {
@@ -863,12 +892,28 @@ impl ConnectionTask {
         } else {
             "the client's connection closed"
         };
+        // Towards the broker (or the last-will service), a client's links
+        // say how its connection ended: with its Close, a plain detach;
+        // otherwise `flotilla:connection-lost` (its will goes out).
+        let error = if !client {
+            Some(amqp_error(AmqpError::IllegalState, what))
+        } else if self.closing == Some(crate::connection::CloseReason::PeerClosed) {
+            None
+        } else {
+            Some(AmqpErrorBody::new(
+                flotilla_amqp::types::definitions::ErrorCondition::Custom(Symbol::from(
+                    CONNECTION_LOST,
+                )),
+                Some("the client's connection ended without its Close".to_string()),
+                None,
+            ))
+        };
         for (_, r) in self.routes.links.drain() {
             if let Some(pl) = r.peer_link {
                 r.peer.route(RouteEvent::Detach {
                     link: pl,
                     closed: false,
-                    error: Some(amqp_error(AmqpError::IllegalState, what)),
+                    error: error.clone(),
                 });
             }
         }

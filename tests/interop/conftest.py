@@ -160,6 +160,39 @@ class Gateway(Router):
         self.__init__(*self.args, mqtt="127.0.0.1:%d" % self.port)
 
 
+LWT_UP = r'broker connected \(route container\).*broker="\$lwt"'
+
+
+class Lwt:
+    """A running `flotilla lwt` (the last-will service) joined to `router`
+    as the route container of `$lwt`; it has no listener of its own."""
+
+    def __init__(self, data_dir, router, *args):
+        self.data_dir, self.router, self.args = data_dir, router, args
+        before = sum(1 for l in list(router.log) if re.search(LWT_UP, l))
+        cmd = [flotilla_bin(), "lwt", "--router", router.url, "--data-dir", data_dir,
+               *with_mesh_secret(args)]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.log = []
+        self._drain = threading.Thread(target=Router._read_rest, args=(self.proc, self.log), daemon=True)
+        self._drain.start()
+        try:
+            router.wait_for_log(LWT_UP, count=before + 1)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("the last-will service did not join:\n" + "".join(self.log))
+
+    def restart(self):
+        """Kills the service (SIGKILL) and starts it again on the same data."""
+        self.stop()
+        self.__init__(self.data_dir, self.router, *self.args)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
 def make_certs(d):
     """A CA and a server certificate for 127.0.0.1 and localhost, by openssl."""
     run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731

@@ -19,7 +19,7 @@ from proton import ConnectionException, Message, symbol
 from proton.reactor import AtMostOnce, ReceiverOption
 from proton.utils import LinkDetached, SendException
 
-from conftest import TIMEOUT, Broker, Gateway, Router, connect, make_certs
+from conftest import TIMEOUT, Broker, Gateway, Lwt, Router, connect, make_certs
 from mqtt_client import Client, Raw, Refused, connect_packet, packet, publish_packet, utf8, varint
 
 BROKER_UP = r"broker connected \(route container\)"
@@ -76,9 +76,10 @@ spec:
 
 
 class Stack:
-    """A router, a broker and an MQTT gateway (each its own process)."""
+    """A router, a broker, the last-will service and an MQTT gateway (each
+    its own process)."""
 
-    def __init__(self, data_dir, config=None, gateway_args=()):
+    def __init__(self, data_dir, config=None, gateway_args=(), lwt=True):
         cfg = []
         if config is not None:
             path = os.path.join(data_dir, "config.yaml")
@@ -90,6 +91,7 @@ class Stack:
         self.router = self._keep(Router(*cfg))
         self.broker = self._keep(Broker(os.path.join(data_dir, "broker"), *cfg, "--router", self.router.url))
         self.router.wait_for_log(BROKER_UP)
+        self.lwt = self._keep(Lwt(os.path.join(data_dir, "lwt"), self.router, *cfg)) if lwt else None
         self.gateway = self._keep(Gateway(*cfg, "--router", self.router.url, *gateway_args))
         self.router.wait_for_log(GATEWAY_UP, count=2)
         self.cfg = cfg
@@ -128,8 +130,8 @@ class Stack:
 def stack(tmpdir_path):
     made = []
 
-    def start(config=None, gateway_args=()):
-        s = Stack(tmpdir_path, config, gateway_args)
+    def start(config=None, gateway_args=(), lwt=True):
+        s = Stack(tmpdir_path, config, gateway_args, lwt)
         made.append(s)
         return s
 

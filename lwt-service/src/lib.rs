@@ -1,0 +1,218 @@
+//! flotilla-lwt-service: wills that fire whatever dies (DESIGN.md "MQTT
+//! gateway and last-will service").
+//!
+//! Clients register wills by attaching a sender to `$lwt` in their space:
+//! MQTT gateways for their clients, AMQP clients for themselves. Routers
+//! route those links to this service, a route container with the
+//! container id `$lwt`, wherever it is in the mesh. Wills are kept on
+//! disk before they are acknowledged; a will goes out, at most once, when
+//! its client's connection is lost, or its gateway's.
+//!
+//! # Layout
+//!
+//! - [`wills`]: the wills and their fate, without I/O.
+//! - [`store`]: the wills on disk.
+//! - [`service`]: the connection to the router and the publisher.
+
+#![forbid(unsafe_code)]
+
+pub mod service;
+pub mod store;
+pub mod wills;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_amqp::driver::{Driver, DriverConfig, Ended};
+use flotilla_amqp::policy::Policy;
+use flotilla_amqp::transport::{self, ClientSasl};
+use flotilla_core::auth::MeshSecret;
+use flotilla_core::config::Tenancy;
+use flotilla_mqtt_gateway::upstream::{Pool, RouterLink};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// Everything the service needs to start.
+#[derive(Debug, Clone)]
+pub struct LwtConfig {
+    /// The router (`HOST:PORT`) the service joins as a route container.
+    pub router: String,
+    /// Where the wills are kept.
+    pub data_dir: PathBuf,
+    /// Names the service to its router (its login `ID@$mesh`).
+    pub id: String,
+    /// Address spaces and users (whose rules wills are published under).
+    pub tenancy: Tenancy,
+    pub console: Option<flotilla_core::watch::ConsoleLink>,
+    /// The mesh CA, and the service's own certificate and key.
+    pub tls_ca: Option<PathBuf>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub mesh_secret: Option<MeshSecret>,
+    /// How long a will whose link broke (not its client's connection) may
+    /// be claimed again before it is published (a gateway's) or dropped.
+    pub grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LwtError {
+    #[error("the last-will service proves itself to its router with a component credential: --mesh-secret-file FILE (the routers' mesh secret), or --tls-ca with --tls-cert/--tls-key (a certificate from the mesh CA)")]
+    NoComponentCredential,
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("data directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] flotilla_amqp::tls::TlsError),
+}
+
+/// Recovers the wills, joins the router, and serves until `shutdown`.
+///
+/// # Errors
+/// No credential for the router, TLS files that do not load, or a store
+/// that cannot be opened.
+pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtError> {
+    if cfg.mesh_secret.is_none() && !(cfg.tls_ca.is_some() && cfg.tls.is_some()) {
+        return Err(LwtError::NoComponentCredential);
+    }
+    // Wills carry every tenant's messages: the owner's only.
+    flotilla_core::auth::private_dir(&cfg.data_dir)?;
+    let dir = cfg.data_dir.clone();
+    let (store, recovered) = tokio::task::spawn_blocking(move || store::Store::open(&dir))
+        .await
+        .map_err(|e| LwtError::Io(std::io::Error::other(e)))??;
+    let now = service::now_ms();
+    let grace_ms = cfg.grace.as_millis() as u64;
+    let wills = wills::Wills::recovered(recovered, grace_ms, now);
+    info!(wills = wills.len(), "wills recovered");
+    let router_tls = match (&cfg.tls_ca, &cfg.tls) {
+        (Some(ca), Some((c, k))) => Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?),
+        (Some(ca), None) => Some(flotilla_amqp::tls::client_config(ca)?),
+        _ => None,
+    };
+    let sasl = match &cfg.mesh_secret {
+        Some(m) => ClientSasl::Scram {
+            user: MeshSecret::username(&cfg.id),
+            password: m.secret().to_string(),
+        },
+        None => ClientSasl::Anonymous,
+    };
+    let policy = Policy::new(cfg.tenancy.clone()).with_mesh_secret(cfg.mesh_secret.clone());
+    let tracker = TaskTracker::new();
+    // Wills are published the way the gateway publishes: one connection
+    // that names the space per link.
+    let publisher = Pool::start(
+        1,
+        RouterLink {
+            addr: cfg.router.clone(),
+            tls: router_tls.clone(),
+            sasl: sasl.clone(),
+            container_id: format!("{}-publisher", cfg.id),
+        },
+        shutdown.clone(),
+    );
+    let report = Arc::new(Mutex::new(serde_json::Value::Null));
+    let mut svc = service::Service {
+        wills,
+        store,
+        publisher,
+        policy: policy.clone(),
+        next_instance: 0,
+        unpublished: Vec::new(),
+        report: report.clone(),
+        carried: None,
+    };
+    svc.update_report();
+    if let Some(link) = cfg.console.clone() {
+        let p = policy.clone();
+        tracker.spawn(flotilla_core::watch::follow(
+            link.clone(),
+            move |t: Tenancy| p.replace(t),
+            shutdown.clone(),
+        ));
+        let (r, id) = (report.clone(), cfg.id.clone());
+        let state = move || {
+            let (r, id) = (r.clone(), id.clone());
+            async move {
+                let mut v = r.lock().map(|v| v.clone()).unwrap_or_default();
+                v["id"] = id.into();
+                v
+            }
+        };
+        tracker.spawn(flotilla_core::watch::report_every_second(
+            link,
+            state,
+            |_| {},
+            shutdown.clone(),
+        ));
+    }
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
+        match connect(&cfg.router, router_tls.clone(), sasl.clone()).await {
+            Ok((io, buf)) => {
+                let mut conn = service::Conn::new(&mut svc, shutdown.clone());
+                let ended = Driver::new(io, buf, DriverConfig::default())
+                    .run(&mut conn)
+                    .await;
+                drop(conn);
+                match ended {
+                    Ended::Io(e) => {
+                        warn!(router = %cfg.router, error = %e, "connection to router failed")
+                    }
+                    _ => info!(router = %cfg.router, "connection to router closed"),
+                }
+            }
+            Err(e) => debug!(router = %cfg.router, error = %e, "cannot reach router; retrying"),
+        }
+        backoff = if started.elapsed() > Duration::from_secs(5) {
+            Duration::from_millis(100)
+        } else {
+            (backoff * 2).min(Duration::from_secs(2))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    svc.store.close();
+    info!("stopped");
+    Ok(())
+}
+
+async fn connect(
+    addr: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    sasl: ClientSasl,
+) -> Result<(transport::BoxIo, bytes::BytesMut), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let tls = match tls {
+        Some(c) => Some((
+            c,
+            rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let cc = transport::ConnectConfig {
+        tls,
+        sasl,
+        hostname: None,
+        tls_header: false,
+    };
+    match tokio::time::timeout(Duration::from_secs(10), transport::connect(tcp, &cc)).await {
+        Ok(Ok(x)) => Ok(x),
+        Ok(Err(e)) => {
+            warn!(router = %addr, error = %e, "the router refused the last-will service");
+            Err(e.to_string())
+        }
+        Err(_) => Err("handshake timed out".into()),
+    }
+}

@@ -1,0 +1,141 @@
+"""The last-will service with clients no one here wrote: paho-mqtt and
+python-qpid-proton register wills; the service (its own process) keeps
+them on disk and publishes each, once, when its client's connection or its
+gateway is lost.
+
+Every test counts: each will that must arrive arrives once, and one that
+must not is shown absent by a marker published afterwards arriving first."""
+
+import struct
+import subprocess
+import sys
+import textwrap
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from conftest import TIMEOUT
+from mqtt_client import Raw, packet, utf8
+from test_mqtt import GATEWAY_UP, clients, stack  # noqa: F401 (fixtures)
+
+
+def watcher(clients, port):
+    w = clients(port, v5=True)
+    assert w.subscribe("wills/#", 1) == [1]
+    return w
+
+
+def marker(clients, port, w, n=1):
+    """Publishes a marker; it must be the next message `w` receives (so
+    nothing else came before it)."""
+    clients(port, v5=True).publish("wills/mark", b"mark %d" % n, qos=1)
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/mark", b"mark %d" % n)
+
+
+def connect_with_will(client_id, topic, message, keep_alive):
+    """A 3.1.1 CONNECT with a QoS 1 will."""
+    vh = utf8(b"MQTT") + bytes([4, 0x02 | 0x04 | (1 << 3)]) + struct.pack(">H", keep_alive)
+    return packet(0x10, vh + utf8(client_id) + utf8(topic) + struct.pack(">H", len(message)) + message)
+
+
+def test_a_lost_socket_and_a_keep_alive_timeout_fire_once_a_graceful_disconnect_never(stack, clients):
+    s = stack()
+    w = watcher(clients, s.port)
+    polite = clients(s.port, client_id="polite", will=("wills/polite", b"polite", 1, False))
+    asked = clients(s.port, client_id="asked", v5=True, will=("wills/asked", b"asked", 1, False))
+    dropped = clients(s.port, client_id="dropped", v5=True, will=("wills/dropped", b"dropped", 1, False))
+    silent = Raw(s.port)
+    silent.send(connect_with_will("silent", "wills/silent", b"silent", keep_alive=1))
+    assert silent.read_packet()[0] == 0x20
+    polite.disconnect()
+    # MQTT 5: DISCONNECT with reason 0x04 asks for the will.
+    asked.c.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+    dropped.drop()
+    got = sorted((m.topic, m.payload) for m in (w.receive(), w.receive(), w.receive()))
+    assert got == [("wills/asked", b"asked"), ("wills/dropped", b"dropped"), ("wills/silent", b"silent")]
+    marker(clients, s.port, w)
+    silent.close()
+
+
+def test_a_will_waits_its_delay_and_a_client_back_in_time_has_none(stack, clients):
+    s = stack()
+    w = watcher(clients, s.port)
+    # A will waits at most until the session ends: these sessions outlive
+    # the delays.
+    back = clients(s.port, client_id="back", v5=True, expiry=60,
+                   will=("wills/back", b"back", 1, False, _will_delay(1)))
+    gone = clients(s.port, client_id="gone", v5=True, expiry=60,
+                   will=("wills/gone", b"gone", 1, False, _will_delay(2)))
+    back.drop()
+    # Back within its delay: its will is never published.
+    clients(s.port, client_id="back", v5=True, expiry=60)
+    gone.drop()
+    # `back`'s delay ends before `gone`'s: had it been published, it would
+    # have come first.
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/gone", b"gone")
+    marker(clients, s.port, w)
+
+
+def _will_delay(seconds):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    p = Properties(PacketTypes.WILLMESSAGE)
+    p.WillDelayInterval = seconds
+    return p
+
+
+def test_a_killed_gateway_fires_the_wills_of_its_clients_only(stack, clients):
+    s = stack()
+    other = s.another_gateway()
+    w = watcher(clients, other.port)
+    a = clients(s.port, client_id="a", will=("wills/a", b"a", 1, False))
+    b = clients(s.port, client_id="b", v5=True, will=("wills/b", b"b", 1, False))
+    safe = clients(other.port, client_id="safe", will=("wills/safe", b"safe", 1, False))
+    s.gateway.stop()  # kill -9
+    got = sorted((m.topic, m.payload) for m in (w.receive(), w.receive()))
+    assert got == [("wills/a", b"a"), ("wills/b", b"b")]
+    marker(clients, other.port, w)
+    safe.disconnect()
+    del a, b
+
+
+def test_wills_kept_across_a_killed_service_still_fire(stack, clients):
+    s = stack()
+    w = watcher(clients, s.port)
+    dev = clients(s.port, client_id="dev", v5=True, will=("wills/dev", b"dev", 1, False))
+    s.lwt.restart()  # kill -9, then started again on its data
+    dev.drop()
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/dev", b"dev")
+    marker(clients, s.port, w)
+
+
+AMQP_WILL = textwrap.dedent("""
+    import os, sys
+    from proton import Message
+    from proton.utils import BlockingConnection
+    url, to, body, end = sys.argv[1:5]
+    c = BlockingConnection(url, timeout=10)
+    s = c.create_sender("$lwt")
+    # Accepted once the service holds it on disk.
+    s.send(Message(address=to, body=body, annotations={"x-opt-will-delay": 0}))
+    if end == "close":
+        c.close()
+    os._exit(0)  # with "die": no Close, the connection is lost
+""")
+
+
+def amqp_will(url, to, body, end):
+    subprocess.run([sys.executable, "-c", AMQP_WILL, url, to, body, end], check=True, timeout=TIMEOUT * 2)
+
+
+def test_an_amqp_client_registers_a_will_at_lwt(stack, clients):
+    s = stack()
+    w = watcher(clients, s.port)
+    amqp_will(s.router.url, "wills/amqp-polite", "polite", "close")
+    amqp_will(s.router.url, "wills/amqp-lost", "lost", "die")
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/amqp-lost", b"lost")
+    marker(clients, s.port, w)
