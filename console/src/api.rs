@@ -233,6 +233,7 @@ impl Kind {
         watch,
         report,
         connections,
+        wills,
         close_connection,
         metrics,
         purge,
@@ -284,6 +285,7 @@ pub fn routes(state: AppState) -> Router {
         })
         .route("/reports", axum::routing::post(report))
         .route("/addressspaces/{space}/connections", get(connections))
+        .route("/addressspaces/{space}/wills", get(wills))
         .route(
             "/addressspaces/{space}/connections/{router}/{id}/close",
             axum::routing::post(close_connection),
@@ -1038,10 +1040,10 @@ async fn watch(
 #[utoipa::path(post, path = "/api/v1/reports", request_body = Object, responses((status = 200, description = "commands for the reporting router or broker", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn report(State(state): State<AppState>, Body(body): Body) -> ApiResult<Json<Value>> {
     let id = match (body["component"].as_str(), body["id"].as_str()) {
-        (Some(c @ ("router" | "broker" | "gateway")), Some(id)) => format!("{c}/{id}"),
+        (Some(c @ ("router" | "broker" | "gateway" | "lwt")), Some(id)) => format!("{c}/{id}"),
         _ => {
             return Err(ApiError::bad(
-                "a report names its component (router, broker or gateway) and id",
+                "a report names its component (router, broker, gateway or lwt) and id",
             ))
         }
     };
@@ -1053,6 +1055,26 @@ async fn report(State(state): State<AppState>, Body(body): Body) -> ApiResult<Js
         .insert(id.clone(), (std::time::Instant::now(), body));
     let commands = live.commands.remove(&id).unwrap_or_default();
     Ok(Json(json!({ "commands": commands })))
+}
+
+/// `GET …/wills`: what the last-will service did in the space: wills
+/// held, registered, cancelled, fired by cause, orphans dropped.
+#[utoipa::path(get, path = "/api/v1/addressspaces/{space}/wills", params(("space" = String, Path)), responses((status = 200, description = "the space's wills, as the last-will service reports them", body = Object), (status = 401, description = "no or wrong admin token")))]
+async fn wills(State(state): State<AppState>, Path(space): Path<String>) -> ApiResult<Json<Value>> {
+    require_space(&state, &space).await?;
+    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    let mut services = Vec::new();
+    for (id, r) in live.fresh("lwt") {
+        let mut v = r["spaces"][space.as_str()].clone();
+        if v.is_null() {
+            v = json!({"held": 0, "registered": 0, "cancelled": 0,
+                "fired": {"connectionLost": 0, "gatewayLost": 0, "asked": 0},
+                "droppedOrphans": 0});
+        }
+        v["service"] = id.trim_start_matches("lwt/").into();
+        services.push(v);
+    }
+    Ok(Json(json!({ "items": services })))
 }
 
 /// `GET …/connections`: the space's client connections on every router.
@@ -1344,6 +1366,40 @@ async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
     }
     let _ = writeln!(out, "# HELP flotilla_mqtt_received_total PUBLISH packets MQTT clients sent a gateway.\n# TYPE flotilla_mqtt_received_total counter\n# HELP flotilla_mqtt_sent_total PUBLISH packets a gateway sent MQTT clients.\n# TYPE flotilla_mqtt_sent_total counter\n# HELP flotilla_mqtt_dropped_total QoS 0 messages dropped for slow MQTT clients.\n# TYPE flotilla_mqtt_dropped_total counter\n# TYPE flotilla_mqtt_connections_total counter\n# TYPE flotilla_mqtt_refused_connections_total counter\n# TYPE flotilla_mqtt_protocol_errors_total counter");
     out.push_str(&totals);
+    let _ = writeln!(out, "# HELP flotilla_lwt_wills Wills the last-will service holds per address space.\n# TYPE flotilla_lwt_wills gauge\n# HELP flotilla_lwt_registered_total Wills registered.\n# TYPE flotilla_lwt_registered_total counter\n# HELP flotilla_lwt_cancelled_total Wills deleted by a graceful disconnect or a reconnect in time.\n# TYPE flotilla_lwt_cancelled_total counter\n# HELP flotilla_lwt_fired_total Wills published, by cause.\n# TYPE flotilla_lwt_fired_total counter\n# HELP flotilla_lwt_orphans_dropped_total AMQP wills dropped after their link broke between routers.\n# TYPE flotilla_lwt_orphans_dropped_total counter");
+    for (id, r) in live.fresh("lwt") {
+        let service = id.trim_start_matches("lwt/");
+        for (space, c) in r["spaces"].as_object().into_iter().flatten() {
+            let labels = format!("service=\"{service}\",space=\"{}\"", esc(&json!(space)));
+            let _ = writeln!(out, "flotilla_lwt_wills{{{labels}}} {}", n(&c["held"]));
+            let _ = writeln!(
+                out,
+                "flotilla_lwt_registered_total{{{labels}}} {}",
+                n(&c["registered"])
+            );
+            let _ = writeln!(
+                out,
+                "flotilla_lwt_cancelled_total{{{labels}}} {}",
+                n(&c["cancelled"])
+            );
+            for (cause, key) in [
+                ("connection_lost", "connectionLost"),
+                ("gateway_lost", "gatewayLost"),
+                ("asked", "asked"),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "flotilla_lwt_fired_total{{{labels},cause=\"{cause}\"}} {}",
+                    n(&c["fired"][key])
+                );
+            }
+            let _ = writeln!(
+                out,
+                "flotilla_lwt_orphans_dropped_total{{{labels}}} {}",
+                n(&c["droppedOrphans"])
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP flotilla_queue_depth Messages a broker holds per queue or subscription.\n# TYPE flotilla_queue_depth gauge\n# TYPE flotilla_queue_acknowledged_total counter\n# TYPE flotilla_queue_expired_total counter\n# TYPE flotilla_queue_dead_lettered_total counter");
     for (id, r) in live.fresh("broker") {
         let broker = id.trim_start_matches("broker/");

@@ -6,6 +6,7 @@ gateway is lost.
 Every test counts: each will that must arrive arrives once, and one that
 must not is shown absent by a marker published afterwards arriving first."""
 
+import os
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import textwrap
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from conftest import TIMEOUT
+from conftest import TIMEOUT, Broker, Gateway, Lwt, Router
 from mqtt_client import Raw, packet, utf8
 from test_mqtt import GATEWAY_UP, clients, stack  # noqa: F401 (fixtures)
 
@@ -139,3 +140,76 @@ def test_an_amqp_client_registers_a_will_at_lwt(stack, clients):
     m = w.receive()
     assert (m.topic, m.payload) == ("wills/amqp-lost", b"lost")
     marker(clients, s.port, w)
+
+
+def test_a_router_dying_between_gateway_and_service_fires_no_false_will(tmpdir_path, clients):
+    """A chain A - B - C: the broker and a gateway on A, the service on C.
+    B dies and comes back: the gateway's clients that stayed connected
+    have no will published; one that died meanwhile has its will, once."""
+    procs = []
+    keep = lambda p: procs.append(p) or p  # noqa: E731
+    try:
+        a = keep(Router("--inter-router", "127.0.0.1:0", "--router-id", "A"))
+        c = keep(Router("--inter-router", "127.0.0.1:0", "--router-id", "C"))
+        b_args = ("--router-id", "B",
+                  "--peer", "127.0.0.1:%d" % a.ports["inter-router"],
+                  "--peer", "127.0.0.1:%d" % c.ports["inter-router"])
+        b = keep(Router(*b_args))
+        a.wait_for_log(r'mesh routes routes=\[.*"C via B')
+        keep(Broker(os.path.join(tmpdir_path, "broker"), "--router", a.url))
+        a.wait_for_log(r"broker connected \(route container\)")
+        keep(Lwt(os.path.join(tmpdir_path, "lwt"), c))
+        gw = keep(Gateway("--router", a.url))
+        a.wait_for_log(GATEWAY_UP, count=2)
+        w = watcher(clients, gw.port)
+        alive = clients(gw.port, client_id="alive", will=("wills/alive", b"alive", 1, False))
+        dies = clients(gw.port, client_id="dies", v5=True, will=("wills/dies", b"dies", 1, False))
+        b.stop()  # kill -9: the path from the gateway to the service is gone
+        a.wait_for_log(r'mesh routes routes=\[(?!.*C via)')
+        dies.drop()
+        b = keep(Router(*b_args))
+        a.wait_for_log(r'mesh routes routes=\[.*"C via B', count=2)
+        m = w.receive(timeout=TIMEOUT * 2)
+        assert (m.topic, m.payload) == ("wills/dies", b"dies")
+        marker(clients, gw.port, w)
+        assert alive.c.is_connected()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def test_the_console_counts_wills_per_space_and_serves_them_as_metrics(console, tmpdir_path, clients):
+    import urllib.request
+
+    from test_console import until
+
+    follow = console.follow_args()
+    procs = []
+    try:
+        router = Router(*follow)
+        procs.append(router)
+        procs.append(Broker(os.path.join(tmpdir_path, "broker"), *follow, "--router", router.url))
+        router.wait_for_log(r"broker connected \(route container\)")
+        procs.append(Lwt(os.path.join(tmpdir_path, "lwt"), router, *follow))
+        gw = Gateway(*follow, "--router", router.url)
+        procs.append(gw)
+        router.wait_for_log(GATEWAY_UP, count=2)
+        w = watcher(clients, gw.port)
+        clients(gw.port, client_id="polite", will=("wills/polite", b"p", 1, False)).disconnect()
+        clients(gw.port, client_id="lost", will=("wills/lost", b"l", 1, False)).drop()
+        assert w.receive().topic == "wills/lost"
+
+        def counted():
+            items = console.expect("GET", "/api/v1/addressspaces/default/wills")["items"]
+            got = items[0] if items else None
+            return got if got and got["fired"]["connectionLost"] == 1 and got["cancelled"] == 1 else None
+
+        got = until("the service to report its counts", counted)
+        assert got["registered"] == 2 and got["held"] == 0
+        req = urllib.request.Request(console.url + "/metrics", headers={"Authorization": "Bearer " + console.token})
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            text = r.read().decode()
+        assert 'flotilla_lwt_fired_total{service="%s",space="default",cause="connection_lost"} 1' % got["service"] in text
+    finally:
+        for p in reversed(procs):
+            p.stop()

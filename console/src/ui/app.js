@@ -217,6 +217,12 @@ async function loadConnections() {
     }), true);
     tb.appendChild(tr);
   }
+  const w = await api("GET", "/addressspaces/" + enc(space) + "/wills");
+  $("wills").textContent = w.items.length === 0
+    ? "No last-will service reports: wills are kept by the gateways."
+    : w.items.map((s) => "Wills: " + s.held + " held, " + s.registered + " registered, " + s.cancelled +
+        " cancelled; published " + s.fired.connectionLost + " on a lost connection, " + s.fired.gatewayLost +
+        " on a lost gateway, " + s.fired.asked + " on request").join(" ");
 }
 
 function showTab(id) {
