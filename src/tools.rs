@@ -238,6 +238,11 @@ pub struct StatArgs {
     /// its sessions, subscriptions, in-flight and dropped counts.
     #[arg(long)]
     pub mqtt: Option<String>,
+    /// Ask the last-will service instead, through the router at --url
+    /// (needs --mesh-secret-file): wills held, registered, cancelled and
+    /// fired per space, and live wills per gateway connection.
+    #[arg(long, requires = "mesh_secret_file")]
+    pub lwt: bool,
 }
 
 /// `flotilla stat`: asks a router or a broker for its `$stat` document.
@@ -275,7 +280,8 @@ async fn stat_one(a: &StatArgs, url: &str) -> ExitCode {
             opts.scram = true;
         }
         let mut c = Client::connect(&opts).await?;
-        c.open_receiver(Some("$stat"), 1).await?;
+        c.open_receiver(Some(if a.lwt { "$lwt" } else { "$stat" }), 1)
+            .await?;
         let body = loop {
             match tokio::time::timeout(Duration::from_secs(10), c.next_event())
                 .await
@@ -307,10 +313,48 @@ async fn stat_one(a: &StatArgs, url: &str) -> ExitCode {
     };
     if v["kind"] == "broker" {
         print_broker_stat(&v);
+    } else if v["component"] == "lwt" {
+        print_lwt_stat(&v);
     } else {
         print_stat(&v);
     }
     ExitCode::SUCCESS
+}
+
+fn print_lwt_stat(v: &serde_json::Value) {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    out!("last-will service  {} wills held", n(&v["wills"]));
+    out!(
+        "{:<20} {:>8} {:>10} {:>9} {:>11} {:>9} {:>12} {:>8}",
+        "SPACE",
+        "HELD",
+        "REGISTERED",
+        "CANCELLED",
+        "FIRED-LOST",
+        "FIRED-GW",
+        "FIRED-ASKED",
+        "DROPPED"
+    );
+    for (space, c) in v["spaces"].as_object().into_iter().flatten() {
+        out!(
+            "{:<20} {:>8} {:>10} {:>9} {:>11} {:>9} {:>12} {:>8}",
+            space,
+            n(&c["held"]),
+            n(&c["registered"]),
+            n(&c["cancelled"]),
+            n(&c["fired"]["connectionLost"]),
+            n(&c["fired"]["gatewayLost"]),
+            n(&c["fired"]["asked"]),
+            n(&c["droppedOrphans"])
+        );
+    }
+    let gateways = v["gateways"].as_object();
+    if gateways.is_some_and(|g| !g.is_empty()) {
+        out!("live wills by gateway connection:");
+        for (g, k) in gateways.into_iter().flatten() {
+            out!("  {g}  {}", n(k));
+        }
+    }
 }
 
 fn print_broker_stat(v: &serde_json::Value) {

@@ -42,6 +42,9 @@ pub const CONNECTION_LOST: &str = "flotilla:connection-lost";
 /// The message annotation an AMQP client's will may carry: seconds to
 /// wait after the loss before publishing it.
 pub const DELAY_ANNOTATION: &str = "x-opt-will-delay";
+/// The space of an operator's tool's links (routers set it; no tenant's
+/// space has this name).
+pub const OPERATORS_SPACE: &str = "$mesh";
 /// Deliveries each link may have unacknowledged.
 const WINDOW: u32 = 1000;
 
@@ -91,6 +94,8 @@ pub struct Conn<'a> {
     svc: &'a mut Service,
     conn: Connection,
     links: HashMap<LinkId, LinkInfo>,
+    /// Operators' tools waiting for credit to be sent the counts.
+    stat_links: Vec<LinkId>,
     changes: Vec<Change>,
     settles: Vec<(LinkId, DeliveryRef)>,
     publish: Vec<(Key, Will)>,
@@ -120,6 +125,7 @@ impl<'a> Conn<'a> {
             svc,
             conn,
             links: HashMap::new(),
+            stat_links: Vec::new(),
             must_write: !publish.is_empty(),
             changes,
             settles: Vec::new(),
@@ -148,6 +154,23 @@ impl<'a> Conn<'a> {
             warn!(link.name = %attach.name, reason = why, "attach refused");
             c.refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
         };
+        let source = attach.source.as_ref().and_then(|s| s.address.clone());
+        if attach.role == Role::Receiver
+            && source.as_deref() == Some(lwt::ADDRESS)
+            && prop("flotilla:space").as_deref() == Some(OPERATORS_SPACE)
+        {
+            // `flotilla stat --lwt`: one message with the counts.
+            self.conn.accept_attach(
+                link,
+                AttachReply {
+                    source: attach.source.as_deref().cloned(),
+                    target,
+                    ..Default::default()
+                },
+            );
+            self.stat_links.push(link);
+            return self.send_stats();
+        }
         if attach.role != Role::Sender || address.as_deref() != Some(lwt::ADDRESS) {
             return refuse(&mut self.conn, "only senders to $lwt are served here");
         }
@@ -222,11 +245,11 @@ impl<'a> Conn<'a> {
                     .svc
                     .wills
                     .cancel(&(info.owner.space.clone(), client), &reg)),
-                Ok(Op::Fire { client, reg }) => {
+                Ok(Op::Fire { client, reg, asked }) => {
                     Ok(self
                         .svc
                         .wills
-                        .fire(&(info.owner.space.clone(), client), &reg, now, false))
+                        .fire(&(info.owner.space.clone(), client), &reg, now, asked))
                 }
                 Ok(Op::Connected { client }) => Ok(self
                     .svc
@@ -289,6 +312,34 @@ impl<'a> Conn<'a> {
             info!(vhost = %info.owner.space, gateway = %info.owner.container, wills = changes.len(), "a gateway's connection was lost: its clients' wills are due");
         }
         self.changes.extend(changes);
+    }
+
+    /// Sends each waiting operator's tool the counts, once it has credit,
+    /// and closes its link.
+    fn send_stats(&mut self) {
+        if self.stat_links.is_empty() {
+            return;
+        }
+        self.svc.update_report();
+        let doc = self
+            .svc
+            .report
+            .lock()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        let msg = flotilla_amqp::message::encode_message(&flotilla_amqp::message::MessageParts {
+            body: doc.as_bytes(),
+            ..Default::default()
+        });
+        let mut waiting = Vec::new();
+        for link in std::mem::take(&mut self.stat_links) {
+            if self.conn.send(link, &msg, true, 0) {
+                self.conn.detach(link, None);
+            } else if self.conn.link(link).is_some() {
+                waiting.push(link);
+            }
+        }
+        self.stat_links = waiting;
     }
 
     /// Due wills come out of the table, to be published once that is on disk.
@@ -392,7 +443,7 @@ fn amqp_will(policy: &Policy, info: &LinkInfo, d: &Delivery) -> Result<Will, (Am
         let Ok((0x72, span)) = span else {
             continue;
         };
-        let a: MessageAnnotations = serde_amqp::from_slice(span).map_err(|e| {
+        let a: MessageAnnotations = flotilla_amqp::frame::decode_checked(span).map_err(|e| {
             (
                 AmqpError::DecodeError,
                 format!("malformed annotations: {e}"),
@@ -602,7 +653,11 @@ impl Handler for Conn<'_> {
                 reply: false,
             } => self.attach(link, &attach),
             Event::Delivery { link, delivery } => self.delivery(link, delivery),
-            Event::Detach { link, error, .. } => self.detached(link, error),
+            Event::Flow { .. } => self.send_stats(),
+            Event::Detach { link, error, .. } => {
+                self.stat_links.retain(|l| *l != link);
+                self.detached(link, error)
+            }
             Event::Close { error } => {
                 if let Some(e) = error {
                     warn!(error = %flotilla_amqp::client::describe(&e), "the router closed the connection");

@@ -402,12 +402,12 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
             section::MESSAGE_ANNOTATIONS if fast::annotations(span, &mut o).is_some() => {}
             section::PROPERTIES if fast::properties(span, &mut o).is_some() => {}
             section::HEADER => {
-                let h: Header = serde_amqp::from_slice(span).ok()?;
+                let h: Header = flotilla_amqp::frame::decode_checked(span).ok()?;
                 ttl = h.ttl;
                 o.redelivered = h.delivery_count > 0;
             }
             section::MESSAGE_ANNOTATIONS => {
-                let a: MessageAnnotations = serde_amqp::from_slice(span).ok()?;
+                let a: MessageAnnotations = flotilla_amqp::frame::decode_checked(span).ok()?;
                 if let Some(Value::String(c)) = annotation(&a, ANN_CLIENT) {
                     o.client = Some(c.clone());
                     o.qos = match annotation(&a, ANN_QOS) {
@@ -419,7 +419,7 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
                 o.utf8 = matches!(annotation(&a, ANN_PFI), Some(Value::Ubyte(1)));
             }
             section::PROPERTIES => {
-                let p: Properties = serde_amqp::from_slice(span).ok()?;
+                let p: Properties = flotilla_amqp::frame::decode_checked(span).ok()?;
                 o.topic = p.to;
                 o.response_topic = p.reply_to;
                 o.correlation = p.correlation_id.as_ref().map(message_id_bytes);
@@ -429,7 +429,7 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
                 }
             }
             section::APPLICATION_PROPERTIES => {
-                let ap: ApplicationProperties = serde_amqp::from_slice(span).ok()?;
+                let ap: ApplicationProperties = flotilla_amqp::frame::decode_checked(span).ok()?;
                 // The AMQP binding's `cloudEvents:` (or JMS-style
                 // `cloudEvents_`) attributes are the MQTT binding's bare names.
                 o.user_properties =
@@ -478,7 +478,7 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
                 }
             }
             section::AMQP_VALUE => {
-                let v: Value = serde_amqp::from_slice(&span[3..]).ok()?;
+                let v: Value = flotilla_amqp::frame::decode_checked(&span[3..]).ok()?;
                 o.payload = match v {
                     Value::String(s) => {
                         o.utf8 = true;
@@ -497,7 +497,7 @@ pub fn from_amqp(message: &Bytes, now_ms: u64) -> Option<Outbound> {
                 };
             }
             section::AMQP_SEQUENCE => {
-                let v: Value = serde_amqp::from_slice(&span[3..]).ok()?;
+                let v: Value = flotilla_amqp::frame::decode_checked(&span[3..]).ok()?;
                 o.utf8 = true;
                 o.payload = Bytes::from(value_text(&v).into_bytes());
             }

@@ -49,9 +49,19 @@ pub struct Registration {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Register(Registration),
-    Cancel { client: String, reg: String },
-    Fire { client: String, reg: String },
-    Connected { client: String },
+    Cancel {
+        client: String,
+        reg: String,
+    },
+    /// `asked`: the client asked for it (MQTT 5 DISCONNECT 0x04).
+    Fire {
+        client: String,
+        reg: String,
+        asked: bool,
+    },
+    Connected {
+        client: String,
+    },
     Synced,
 }
 
@@ -77,15 +87,18 @@ pub fn encode(op: &Op) -> Bytes {
             ap.insert("delay".into(), SimpleValue::Uint(r.delay));
             body = &r.message;
         }
-        Op::Cancel { client, reg } | Op::Fire { client, reg } => {
-            let name = if matches!(op, Op::Cancel { .. }) {
-                "cancel"
-            } else {
-                "fire"
-            };
-            ap.insert("op".into(), s(name));
+        Op::Cancel { client, reg } => {
+            ap.insert("op".into(), s("cancel"));
             ap.insert("client".into(), s(client));
             ap.insert("reg".into(), s(reg));
+        }
+        Op::Fire { client, reg, asked } => {
+            ap.insert("op".into(), s("fire"));
+            ap.insert("client".into(), s(client));
+            ap.insert("reg".into(), s(reg));
+            if *asked {
+                ap.insert("asked".into(), SimpleValue::Bool(true));
+            }
         }
         Op::Connected { client } => {
             ap.insert("op".into(), s("connected"));
@@ -118,7 +131,7 @@ pub fn decode(message: &Bytes) -> Result<Op, String> {
         match code {
             0x74 => {
                 ap = Some(
-                    serde_amqp::from_slice(span)
+                    flotilla_amqp::frame::decode_checked(span)
                         .map_err(|e| format!("malformed application properties: {e}"))?,
                 );
             }
@@ -176,6 +189,7 @@ pub fn decode(message: &Bytes) -> Result<Op, String> {
         Some("fire") => Ok(Op::Fire {
             client: need("client")?,
             reg: need("reg")?,
+            asked: matches!(ap.0.get("asked"), Some(SimpleValue::Bool(true))),
         }),
         Some("connected") => Ok(Op::Connected {
             client: need("client")?,
@@ -221,6 +235,12 @@ mod tests {
             Op::Fire {
                 client: "c1".into(),
                 reg: "r".into(),
+                asked: false,
+            },
+            Op::Fire {
+                client: "c1".into(),
+                reg: "r".into(),
+                asked: true,
             },
             Op::Connected {
                 client: "c1".into(),

@@ -1048,10 +1048,11 @@ where
                 };
                 debug!(client.id = %s.client_id, op = what, "telling the last-will service");
                 let (client, reg) = (s.client_id.to_string(), reg.clone());
+                let asked = close.as_ref().is_some_and(|c| c.reason == 0x04);
                 let message = crate::lwt::encode(&if graceful {
                     crate::lwt::Op::Cancel { client, reg }
                 } else {
-                    crate::lwt::Op::Fire { client, reg }
+                    crate::lwt::Op::Fire { client, reg, asked }
                 });
                 let _ = st.upstream.send(Cmd::Will {
                     client: s.key,

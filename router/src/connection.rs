@@ -662,6 +662,28 @@ impl ConnectionTask {
         {
             return self.accept_stat(link, &attach);
         }
+        if matches!(self.role, ConnRole::Tool)
+            && attach.role == Role::Receiver
+            && attach.source.as_ref().and_then(|s| s.address.as_deref())
+                == Some(crate::linkroute::LWT_ADDRESS)
+        {
+            // An operator's tool reads the last-will service's counts
+            // (every space's): a link routed to the service.
+            let info = crate::linkroute::RouteInfo {
+                space: crate::linkroute::OPERATORS_SPACE.to_string(),
+                kind: AddressType::Queue,
+                placed_by: crate::linkroute::LWT_ADDRESS.to_string(),
+                address: crate::linkroute::LWT_ADDRESS.to_string(),
+                container: self.remote_container.clone(),
+                link_name: attach.name.clone(),
+                broker: Some(crate::linkroute::LWT_CONTAINER.to_string()),
+                hops: 0,
+                topic: None,
+                user: None,
+                gateway: None,
+            };
+            return self.route_attach(link, attach, info);
+        }
         if matches!(self.role, ConnRole::Gateway) {
             return self.gateway_attach(link, attach);
         }

@@ -53,6 +53,9 @@ pub const PROP_GATEWAY: &str = "flotilla:gateway";
 pub const LWT_ADDRESS: &str = "$lwt";
 /// The container id of the last-will service, as a route container.
 pub const LWT_CONTAINER: &str = "$lwt";
+/// The space an operator's tool's routed links name (no tenant's space
+/// can be called this: space names are DNS labels).
+pub const OPERATORS_SPACE: &str = "$mesh";
 /// The condition of a routed link's detach when the client's connection
 /// ended without its Close (lost, timed out, closed for an error, or its
 /// router shut down): the last-will service publishes the link's will.

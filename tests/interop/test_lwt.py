@@ -6,6 +6,7 @@ gateway is lost.
 Every test counts: each will that must arrive arrives once, and one that
 must not is shown absent by a marker published afterwards arriving first."""
 
+import json
 import os
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import textwrap
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from conftest import TIMEOUT, Broker, Gateway, Lwt, Router
+from conftest import MESH_SECRET_FILE, TIMEOUT, Broker, Gateway, Lwt, Router, flotilla_bin
 from mqtt_client import Raw, packet, utf8
 from test_mqtt import GATEWAY_UP, clients, stack  # noqa: F401 (fixtures)
 
@@ -57,6 +58,13 @@ def test_a_lost_socket_and_a_keep_alive_timeout_fire_once_a_graceful_disconnect_
     assert got == [("wills/asked", b"asked"), ("wills/dropped", b"dropped"), ("wills/silent", b"silent")]
     marker(clients, s.port, w)
     silent.close()
+    # An operator sees the counts through any router.
+    out = subprocess.run([flotilla_bin(), "stat", "--url", "amqp://" + s.router.url, "--mesh-secret-file",
+                          MESH_SECRET_FILE, "--lwt", "--json"], capture_output=True, text=True, timeout=TIMEOUT,
+                         check=True).stdout
+    counts = json.loads(out)["spaces"]["default"]
+    assert (counts["registered"], counts["cancelled"], counts["held"]) == (4, 1, 0), counts
+    assert counts["fired"] == {"connectionLost": 2, "gatewayLost": 0, "asked": 1}, counts
 
 
 def test_a_will_waits_its_delay_and_a_client_back_in_time_has_none(stack, clients):
