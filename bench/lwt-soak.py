@@ -76,6 +76,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=10000)
     ap.add_argument("--bin", default=None)
+    ap.add_argument("--hold", type=int, default=0, help="seconds to keep the processes at the end")
     args = ap.parse_args()
     if args.bin:
         os.environ["FLOTILLA_BIN"] = os.path.abspath(args.bin)
@@ -91,9 +92,9 @@ def main():
         procs.append(Broker(os.path.join(d, "broker"), "--router", router.url))
         router.wait_for_log(r"broker connected \(route container\)")
         procs.append(Lwt(os.path.join(d, "lwt"), router))
-        g1 = Gateway("--router", router.url, "--gateway-id", "gw-1")
+        g1 = Gateway("--router", router.url, "--gateway-id", "gw-1", "--max-connection-rate", "0")
         procs.append(g1)
-        g2 = Gateway("--router", router.url, "--gateway-id", "gw-2")
+        g2 = Gateway("--router", router.url, "--gateway-id", "gw-2", "--max-connection-rate", "0")
         procs.append(g2)
         router.wait_for_log(GATEWAY_UP, count=4)
 
@@ -106,6 +107,12 @@ def main():
         w.connect("127.0.0.1", g2.port, keepalive=600)
         w.loop_start()
         assert subscribed.wait(20), "watcher not subscribed"
+
+        # Made before the load's sockets: paho's loop uses select(), which
+        # takes no descriptor past 1024.
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-marker")
+        pub.connect("127.0.0.1", g2.port, keepalive=600)
+        pub.loop_start()
 
         n1 = args.clients // 2
         ids1 = ["c1-%05d" % i for i in range(n1)]
@@ -121,6 +128,7 @@ def main():
         killed = time.monotonic()
         os.kill(g1.proc.pid, signal.SIGKILL)
         seen, dup, false, first, last = set(), 0, 0, None, None
+        marker_missing = False
         deadline = killed + 120
         while seen != expected and time.monotonic() < deadline:
             try:
@@ -135,15 +143,14 @@ def main():
             else:
                 false += 1
         # Anything of the live gateway's clients would come before this.
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-marker")
-        pub.connect("127.0.0.1", g2.port)
-        pub.loop_start()
         pub.publish("wills/mark", b"mark", qos=1).wait_for_publish(20)
         while True:
             try:
                 _, topic = got.get(timeout=20)
             except queue.Empty:
                 print("the marker never came")
+                marker_missing = True
+                print("".join(l for l in list(g2.log)[-20:]))
                 break
             if topic == "wills/mark":
                 break
@@ -160,7 +167,10 @@ def main():
         w.loop_stop()
         for _, wr in conns:
             wr.close()
-        ok = len(seen) == n1 and dup == 0 and false == 0
+        ok = len(seen) == n1 and dup == 0 and false == 0 and not marker_missing
+        if args.hold:
+            print("holding: gateway %d, router %s" % (g2.port, router.url), flush=True)
+            time.sleep(args.hold)
         print("OK" if ok else "FAILED")
         return 0 if ok else 1
     finally:

@@ -8,10 +8,12 @@ must not is shown absent by a marker published afterwards arriving first."""
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
@@ -219,5 +221,45 @@ def test_the_console_counts_wills_per_space_and_serves_them_as_metrics(console, 
             text = r.read().decode()
         assert 'flotilla_lwt_fired_total{service="%s",space="default",cause="connection_lost"} 1' % got["service"] in text
     finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def test_a_frozen_gateway_is_noticed_and_the_wills_of_its_mosquitto_clients_fire(tmpdir_path, clients):
+    """A gateway that stops answering (SIGSTOP: a partition, not a death)
+    is noticed by its router's idle timeout; the service then publishes
+    its clients' wills. The clients here are mosquitto_sub processes."""
+    procs, tools = [], []
+    try:
+        router = Router("--idle-timeout", "2")
+        procs.append(router)
+        procs.append(Broker(os.path.join(tmpdir_path, "broker"), "--router", router.url))
+        router.wait_for_log(r"broker connected \(route container\)")
+        procs.append(Lwt(os.path.join(tmpdir_path, "lwt"), router))
+        frozen = Gateway("--router", router.url, "--gateway-id", "frozen")
+        procs.append(frozen)
+        alive = Gateway("--router", router.url, "--gateway-id", "alive")
+        procs.append(alive)
+        router.wait_for_log(GATEWAY_UP, count=4)
+        w = watcher(clients, alive.port)
+        for dev in ("m1", "m2"):
+            tools.append(subprocess.Popen(
+                ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(frozen.port), "-i", dev, "-t", "cmd/" + dev,
+                 "--will-topic", "wills/" + dev, "--will-payload", dev + " gone", "--will-qos", "1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # Both registered: the gateway counts them as connected.
+        deadline = time.monotonic() + TIMEOUT
+        while sum(1 for l in list(frozen.log) if "MQTT client connected" in l) < 2:
+            assert time.monotonic() < deadline, "mosquitto_sub did not connect"
+            time.sleep(0.05)
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        got = sorted((m.topic, m.payload) for m in (w.receive(), w.receive()))
+        assert got == [("wills/m1", b"m1 gone"), ("wills/m2", b"m2 gone")]
+        marker(clients, alive.port, w)
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    finally:
+        for t in tools:
+            t.kill()
+            t.wait()
         for p in reversed(procs):
             p.stop()

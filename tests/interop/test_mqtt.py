@@ -7,6 +7,7 @@ order, never by waiting: a marker published after what must not arrive
 has to come first."""
 
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -836,6 +837,44 @@ def test_a_session_moves_between_gateway_replicas(stack, clients, v5):
         if m.payload == b"after":
             break
         assert m.payload in [b"%d" % i for i in range(5)] and m.dup, (m.payload, m.dup)
+
+
+def test_shared_subscriptions_and_retained_messages_span_gateway_replicas(stack, clients):
+    """A shared subscription's members on two replicas share its messages,
+    each message once; a retained message set through one replica is
+    what a subscriber on the other gets."""
+    s = stack()
+    other = s.another_gateway()
+    m1 = clients(s.port, v5=True, client_id="worker-1")
+    m2 = clients(other.port, v5=True, client_id="worker-2")
+    assert m1.subscribe("$share/grp/jobs/#", 1) == [1]
+    assert m2.subscribe("$share/grp/jobs/#", 1) == [1]
+    pub = clients(s.port, v5=True)
+    bodies = [b"job %d" % i for i in range(40)]
+    for b in bodies:
+        pub.publish("jobs/x", b, qos=1)
+    def next_of_either(deadline):
+        while time.monotonic() < deadline:
+            for c in (m1, m2):
+                try:
+                    return c, c.messages.get(timeout=0.1).payload
+                except queue.Empty:
+                    pass
+        raise AssertionError("nothing more arrived")
+
+    deadline = time.monotonic() + TIMEOUT
+    got = [next_of_either(deadline) for _ in bodies]
+    assert sorted(b for _, b in got) == sorted(bodies), "each job once"
+    assert {c for c, _ in got} == {m1, m2}, "both members took jobs"
+    # Nothing more was on its way: a marker comes next.
+    pub.publish("jobs/mark", b"mark", qos=1)
+    assert next_of_either(time.monotonic() + TIMEOUT)[1] == b"mark"
+    # Retained through one replica, read through the other.
+    clients(s.port, v5=True).publish("state/door", b"open", qos=1, retain=True)
+    r = clients(other.port, v5=True)
+    assert r.subscribe("state/#", 1) == [1]
+    m = r.receive()
+    assert (m.topic, m.payload, m.retain) == ("state/door", b"open", 1)
 
 
 def test_cloudevents_keep_their_attributes_between_mqtt_and_amqp(stack, clients):
