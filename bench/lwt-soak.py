@@ -32,28 +32,14 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "interop"))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from mqtt_client import packet, utf8  # noqa: E402
+
 GATEWAY_UP = r"component connected .*gateway=true"
-
-
-def utf8(b):
-    b = b if isinstance(b, bytes) else b.encode()
-    return struct.pack(">H", len(b)) + b
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def connect_with_will(client_id):
     vh = utf8(b"MQTT") + bytes([4, 0x02 | 0x04 | (1 << 3)]) + struct.pack(">H", 600)
-    body = vh + utf8(client_id) + utf8("wills/" + client_id) + utf8(b"gone " + client_id.encode())
-    return bytes([0x10]) + varint(len(body)) + body
+    return packet(0x10, vh + utf8(client_id) + utf8("wills/" + client_id) + utf8(b"gone " + client_id.encode()))
 
 
 async def connect_all(port, ids, conns, parallel=200):

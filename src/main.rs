@@ -352,27 +352,26 @@ struct BrokerArgs {
     /// the journal and are read back when delivered (paging).
     #[arg(long, env = "FLOTILLA_MAX_MEMORY_MIB", default_value_t = 1024)]
     max_memory_mib: usize,
-    /// TLS certificate (PEM) for the listener (with --tls-key): clients
-    /// may then use `amqps` or the AMQP TLS header.
-    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
-    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The mesh CA (PEM): the router's certificate must be signed by it,
-    /// and with --tls-cert/--tls-key the broker proves itself a component
-    /// to the router with its own.
-    #[arg(long, alias = "router-ca", env = "FLOTILLA_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// File holding the mesh secret: the broker proves to its router that
-    /// it is a component with it.
-    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
-    mesh_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    creds: ComponentCreds,
     /// Refuse clients of the broker's own listener that do not use TLS.
     #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
     require_tls: bool,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+impl RouterArgs {
+    /// The router's TLS files and mesh secret, for the components `flotilla
+    /// up` runs beside it.
+    fn component_creds(&self) -> ComponentCreds {
+        ComponentCreds {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            mesh_secret_file: self.mesh_secret_file.clone(),
+        }
+    }
 }
 
 impl BrokerArgs {
@@ -390,9 +389,9 @@ impl BrokerArgs {
             tenancy,
             router: self.router,
             max_memory: self.max_memory_mib.saturating_mul(1 << 20),
-            tls: self.tls_cert.zip(self.tls_key),
-            tls_ca: self.tls_ca,
-            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            tls: self.creds.tls(),
+            mesh_secret: self.creds.mesh_secret()?,
+            tls_ca: self.creds.tls_ca,
             require_tls: self.require_tls,
             admission: self.limits.admission(),
             console: self.console.link()?,
@@ -466,20 +465,8 @@ struct GatewayArgs {
         default_value = "flotilla-mqtt-gateway"
     )]
     container_id: String,
-    /// TLS certificate (PEM) for --mqtts; with --tls-ca it also proves the
-    /// gateway to its router.
-    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
-    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The mesh CA (PEM).
-    #[arg(long, env = "FLOTILLA_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// File holding the mesh secret: the gateway proves to its router that
-    /// it is a component with it.
-    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
-    mesh_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    creds: ComponentCreds,
     /// Refuse clients that do not connect over TLS.
     #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
     require_tls: bool,
@@ -499,9 +486,9 @@ impl GatewayArgs {
             container_id: self.container_id,
             tenancy,
             console: self.console.link()?,
-            tls: self.tls_cert.zip(self.tls_key),
-            tls_ca: self.tls_ca,
-            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            tls: self.creds.tls(),
+            mesh_secret: self.creds.mesh_secret()?,
+            tls_ca: self.creds.tls_ca,
             require_tls: self.require_tls,
             admission: self.limits.admission(),
             limits: flotilla_mqtt_gateway::Limits {
@@ -525,6 +512,37 @@ async fn run_gateway(a: GatewayArgs) -> ExitCode {
     match flotilla_mqtt_gateway::run(cfg, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => usage(e),
+    }
+}
+
+/// A component's TLS files and mesh credential (the broker, the MQTT
+/// gateway and the last-will service take the same).
+#[derive(Args, Clone)]
+struct ComponentCreds {
+    /// TLS certificate (PEM, with --tls-key): the component's own
+    /// listeners (the broker's AMQP, the gateway's --mqtts) take TLS with
+    /// it, and with --tls-ca it proves the component to its router.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The mesh CA (PEM): the router's certificate must be signed by it.
+    #[arg(long, alias = "router-ca", env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// File holding the mesh secret: the component proves to its router
+    /// that it is one with it.
+    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
+}
+
+impl ComponentCreds {
+    fn tls(&self) -> Option<(PathBuf, PathBuf)> {
+        self.tls_cert.clone().zip(self.tls_key.clone())
+    }
+
+    fn mesh_secret(&self) -> Result<Option<flotilla_core::auth::MeshSecret>, String> {
+        mesh_secret(self.mesh_secret_file.as_deref())
     }
 }
 
@@ -554,20 +572,8 @@ struct LwtArgs {
     /// before it is published (or, an AMQP client's, dropped).
     #[arg(long, env = "FLOTILLA_LWT_GRACE", default_value_t = 10)]
     grace: u64,
-    /// The service's certificate (PEM); with --tls-ca it proves the
-    /// service to its router.
-    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
-    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The mesh CA (PEM).
-    #[arg(long, env = "FLOTILLA_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// File holding the mesh secret: the service proves to its router
-    /// that it is a component with it.
-    #[arg(long, env = "FLOTILLA_MESH_SECRET_FILE")]
-    mesh_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    creds: ComponentCreds,
 }
 
 impl LwtArgs {
@@ -578,9 +584,9 @@ impl LwtArgs {
             id: self.id,
             tenancy: load_tenancy(self.config.as_deref())?,
             console: self.console.link()?,
-            tls_ca: self.tls_ca,
-            tls: self.tls_cert.zip(self.tls_key),
-            mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            tls: self.creds.tls(),
+            mesh_secret: self.creds.mesh_secret()?,
+            tls_ca: self.creds.tls_ca,
             grace: Duration::from_secs(self.grace.max(1)),
         })
     }
@@ -837,10 +843,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             console: args.router.console.clone(),
             router: Some(routers[0].local_addrs[0].1.to_string()),
             max_memory_mib: 1024,
-            tls_cert: args.router.tls_cert.clone(),
-            tls_key: args.router.tls_key.clone(),
-            tls_ca: args.router.tls_ca.clone(),
-            mesh_secret_file: args.router.mesh_secret_file.clone(),
+            creds: args.router.component_creds(),
             require_tls: args.router.require_tls,
             limits: args.router.limits.clone(),
         };
@@ -862,10 +865,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             console: args.router.console.clone(),
             id: "lwt-0".into(),
             grace: 10,
-            tls_cert: args.router.tls_cert.clone(),
-            tls_key: args.router.tls_key.clone(),
-            tls_ca: args.router.tls_ca.clone(),
-            mesh_secret_file: args.router.mesh_secret_file.clone(),
+            creds: args.router.component_creds(),
         };
         let cfg = match l.into_config() {
             Ok(c) => c,
@@ -892,10 +892,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
                 config: args.router.config.clone(),
                 console: args.router.console.clone(),
                 container_id: format!("mqtt-gateway-{g}"),
-                tls_cert: args.router.tls_cert.clone(),
-                tls_key: args.router.tls_key.clone(),
-                tls_ca: args.router.tls_ca.clone(),
-                mesh_secret_file: args.router.mesh_secret_file.clone(),
+                creds: args.router.component_creds(),
                 require_tls: args.router.require_tls,
                 limits: args.router.limits.clone(),
             };

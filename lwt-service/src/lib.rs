@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use flotilla_amqp::driver::{Driver, DriverConfig, Ended};
 use flotilla_amqp::policy::Policy;
-use flotilla_amqp::transport::{self, ClientSasl};
 use flotilla_core::auth::MeshSecret;
 use flotilla_core::config::Tenancy;
 use flotilla_mqtt_gateway::upstream::{Pool, RouterLink};
@@ -86,18 +85,15 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
     let grace_ms = cfg.grace.as_millis() as u64;
     let wills = wills::Wills::recovered(recovered, grace_ms, now);
     info!(wills = wills.len(), "wills recovered");
-    let router_tls = match (&cfg.tls_ca, &cfg.tls) {
-        (Some(ca), Some((c, k))) => Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?),
-        (Some(ca), None) => Some(flotilla_amqp::tls::client_config(ca)?),
-        _ => None,
-    };
-    let sasl = match &cfg.mesh_secret {
-        Some(m) => ClientSasl::Scram {
-            user: MeshSecret::username(&cfg.id),
-            password: m.secret().to_string(),
-        },
-        None => ClientSasl::Anonymous,
-    };
+    // The route container's connection, and the publisher's (the same
+    // login; a container id of its own).
+    let router = RouterLink::for_component(
+        &cfg.router,
+        &cfg.id,
+        cfg.tls_ca.as_deref(),
+        cfg.tls.as_ref(),
+        cfg.mesh_secret.as_ref(),
+    )?;
     let policy = Policy::new(cfg.tenancy.clone()).with_mesh_secret(cfg.mesh_secret.clone());
     let tracker = TaskTracker::new();
     // Wills are published the way the gateway publishes: one connection
@@ -105,10 +101,8 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
     let publisher = Pool::start(
         1,
         RouterLink {
-            addr: cfg.router.clone(),
-            tls: router_tls.clone(),
-            sasl: sasl.clone(),
             container_id: format!("{}-publisher", cfg.id),
+            ..router.clone()
         },
         shutdown.clone(),
     );
@@ -150,7 +144,7 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        match connect(&cfg.router, router_tls.clone(), sasl.clone()).await {
+        match flotilla_mqtt_gateway::upstream::connect(&router).await {
             Ok((io, buf)) => {
                 let mut conn = service::Conn::new(&mut svc, shutdown.clone());
                 let ended = Driver::new(io, buf, DriverConfig::default())
@@ -181,38 +175,4 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
     svc.store.close();
     info!("stopped");
     Ok(())
-}
-
-async fn connect(
-    addr: &str,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    sasl: ClientSasl,
-) -> Result<(transport::BoxIo, bytes::BytesMut), String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let tls = match tls {
-        Some(c) => Some((
-            c,
-            rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|e| e.to_string())?,
-        )),
-        None => None,
-    };
-    let cc = transport::ConnectConfig {
-        tls,
-        sasl,
-        hostname: None,
-        tls_header: false,
-    };
-    match tokio::time::timeout(Duration::from_secs(10), transport::connect(tcp, &cc)).await {
-        Ok(Ok(x)) => Ok(x),
-        Ok(Err(e)) => {
-            warn!(router = %addr, error = %e, "the router refused the last-will service");
-            Err(e.to_string())
-        }
-        Err(_) => Err("handshake timed out".into()),
-    }
 }

@@ -19,13 +19,13 @@ use flotilla_amqp::driver::Handler;
 use flotilla_amqp::policy::Policy;
 use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody, ErrorCondition, Role};
 use flotilla_amqp::types::messaging::{
-    Accepted, DeliveryState, MessageAnnotations, Rejected, TargetArchetype,
+    Accepted, DeliveryState, MessageAnnotations, Rejected, Target, TargetArchetype,
 };
 use flotilla_amqp::types::performatives::Attach;
 use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::Operation;
 use flotilla_mqtt_gateway::lwt::{self, Op};
-use flotilla_mqtt_gateway::upstream::{Cmd, Dest, Pool};
+use flotilla_mqtt_gateway::upstream::Pool;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -160,14 +160,7 @@ impl<'a> Conn<'a> {
             && prop("flotilla:space").as_deref() == Some(OPERATORS_SPACE)
         {
             // `flotilla stat --lwt`: one message with the counts.
-            self.conn.accept_attach(
-                link,
-                AttachReply {
-                    source: attach.source.as_deref().cloned(),
-                    target,
-                    ..Default::default()
-                },
-            );
+            accept(&mut self.conn, link, attach, target);
             self.stat_links.push(link);
             return self.send_stats();
         }
@@ -202,14 +195,7 @@ impl<'a> Conn<'a> {
                 unacked: 0,
             },
         );
-        self.conn.accept_attach(
-            link,
-            AttachReply {
-                source: attach.source.as_deref().cloned(),
-                target,
-                ..Default::default()
-            },
-        );
+        accept(&mut self.conn, link, attach, target);
         self.conn.flow(link, WINDOW, false);
     }
 
@@ -496,6 +482,18 @@ pub fn may_send(policy: &Policy, space: &str, user: Option<&str>, to: &str) -> b
     }
 }
 
+/// Takes a link routed here, answering with its own termini.
+fn accept(conn: &mut Connection, link: LinkId, attach: &Attach, target: Option<Target>) {
+    conn.accept_attach(
+        link,
+        AttachReply {
+            source: attach.source.as_deref().cloned(),
+            target,
+            ..Default::default()
+        },
+    );
+}
+
 fn is_connection_lost(c: &ErrorCondition) -> bool {
     matches!(c, ErrorCondition::Custom(s) if s.as_str() == CONNECTION_LOST)
 }
@@ -530,25 +528,14 @@ impl Service {
             };
             info!(vhost = %space, client.id = %client, topic = %w.to, "publishing a will");
             let up = &self.publisher.pick(&client).tx;
-            let space: Arc<str> = Arc::from(space.as_str());
-            if w.retain {
-                let _ = up.send(Cmd::Publish {
-                    client: 0,
-                    space: space.clone(),
-                    dest: Dest::Retained,
-                    message: w.message.clone(),
-                    settled: true,
-                    token: 0,
-                });
-            }
-            let _ = up.send(Cmd::Publish {
-                client: 0,
-                space,
+            flotilla_mqtt_gateway::upstream::publish_will(
+                up,
+                Arc::from(space.as_str()),
                 dest,
-                message: w.message,
-                settled: w.qos == 0,
-                token: 0,
-            });
+                w.message,
+                w.qos,
+                w.retain,
+            );
         }
     }
 

@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use flotilla_amqp::admission::{Admission, AdmissionConfig};
 use flotilla_amqp::policy::Policy;
-use flotilla_amqp::transport::ClientSasl;
 use flotilla_core::auth::MeshSecret;
 use flotilla_core::config::Tenancy;
 use tokio::net::TcpListener;
@@ -118,32 +117,18 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     if (cfg.mqtts.is_some() || cfg.require_tls) && cfg.tls.is_none() {
         return Err(GatewayError::TlsMissing);
     }
-    let router_tls = match (&cfg.tls_ca, &cfg.tls) {
-        (Some(ca), Some((c, k))) => Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?),
-        (Some(ca), None) => Some(flotilla_amqp::tls::client_config(ca)?),
-        _ => None,
-    };
-    let sasl = match &cfg.mesh_secret {
-        Some(m) => ClientSasl::Scram {
-            user: MeshSecret::username(&cfg.container_id),
-            password: m.secret().to_string(),
-        },
-        None => ClientSasl::Anonymous,
-    };
+    let router = upstream::RouterLink::for_component(
+        &cfg.router,
+        &cfg.container_id,
+        cfg.tls_ca.as_deref(),
+        cfg.tls.as_ref(),
+        cfg.mesh_secret.as_ref(),
+    )?;
     let policy = Policy::new(cfg.tenancy.clone())
         .with_mesh_secret(cfg.mesh_secret.clone())
         .with_require_tls(cfg.require_tls);
     let tracker = TaskTracker::new();
-    let pool = upstream::Pool::start(
-        cfg.upstreams,
-        upstream::RouterLink {
-            addr: cfg.router.clone(),
-            tls: router_tls,
-            sasl,
-            container_id: cfg.container_id.clone(),
-        },
-        shutdown.clone(),
-    );
+    let pool = upstream::Pool::start(cfg.upstreams, router, shutdown.clone());
     let shared = Arc::new(server::Shared {
         policy: Arc::new(policy.clone()),
         mesh: cfg.mesh_secret.clone(),

@@ -452,6 +452,23 @@ async fn answer(mailbox: &Mailbox) -> Option<Ev> {
         .flatten()
 }
 
+/// What a setup step's publication came to: accepted, or the AMQP
+/// condition (empty when there is none) and why not.
+fn accepted(ev: Option<Ev>) -> Result<(), (String, String)> {
+    match ev {
+        Some(Ev::Outcome {
+            outcome: Outcome::Accepted,
+            ..
+        }) => Ok(()),
+        Some(Ev::Outcome {
+            outcome: Outcome::Rejected(c, d),
+            ..
+        }) => Err((c, d)),
+        Some(Ev::Outcome { outcome, .. }) => Err((String::new(), format!("{outcome:?}"))),
+        _ => Err((String::new(), "no answer".into())),
+    }
+}
+
 /// CONNECT: checks, login, takeover, the session in its broker.
 async fn start(
     shared: &Arc<Shared>,
@@ -620,29 +637,15 @@ async fn start(
                 settled: false,
                 token: 0,
             });
-            match answer(&mailbox).await {
-                Some(Ev::Outcome {
-                    outcome: Outcome::Accepted,
-                    ..
-                }) => {}
-                Some(Ev::Outcome {
-                    outcome: Outcome::Rejected(c, d),
-                    ..
-                }) if c.contains("unauthorized-access") => {
+            match accepted(answer(&mailbox).await) {
+                Ok(()) => {}
+                Err((c, d)) => {
                     let _ = handle.tx.send(Cmd::Gone { client: key });
-                    return Err(forget(refusal(0x87, 5, d)));
-                }
-                other => {
-                    let why = match other {
-                        Some(Ev::Outcome { outcome, .. }) => format!("{outcome:?}"),
-                        _ => "no answer".into(),
-                    };
-                    let _ = handle.tx.send(Cmd::Gone { client: key });
-                    return Err(forget(refusal(
-                        0x88,
-                        3,
-                        format!("the broker did not answer: {why}"),
-                    )));
+                    return Err(forget(if c.contains("unauthorized-access") {
+                        refusal(0x87, 5, d)
+                    } else {
+                        refusal(0x88, 3, format!("the broker did not answer: {d}"))
+                    }));
                 }
             }
         }
@@ -722,24 +725,14 @@ async fn start(
             message: crate::lwt::encode(&op),
             token: 0,
         });
-        match answer(&mailbox).await {
-            Some(Ev::Outcome {
-                outcome: Outcome::Accepted,
-                ..
-            }) => w.remote = Some(reg),
-            Some(Ev::Outcome {
-                outcome: Outcome::Rejected(c, why),
-                ..
-            }) if c.contains("not-found") => {
+        match accepted(answer(&mailbox).await) {
+            Ok(()) => w.remote = Some(reg),
+            Err((c, why)) if c.contains("not-found") => {
                 if !shared.will_fallback_said.swap(true, Ordering::Relaxed) {
                     warn!(reason = %why, "no last-will service: this gateway keeps its clients' wills in memory (a gateway that dies loses them)");
                 }
             }
-            other => {
-                let why = match other {
-                    Some(Ev::Outcome { outcome, .. }) => format!("{outcome:?}"),
-                    _ => "no answer".into(),
-                };
+            Err((_, why)) => {
                 let _ = handle.tx.send(Cmd::Gone { client: key });
                 return Err(forget(refusal(
                     0x88,
@@ -1088,26 +1081,7 @@ fn publish_will(shared: &Arc<Shared>, s: &Session, upstream: &mpsc::UnboundedSen
     info!(client.id = %s.client_id, topic = %w.topic, delay = w.delay, "publishing the will of a lost connection");
     let send = {
         let (space, upstream) = (s.space.clone(), upstream.clone());
-        move || {
-            if w.retain {
-                let _ = upstream.send(Cmd::Publish {
-                    client: 0,
-                    space: space.clone(),
-                    dest: Dest::Retained,
-                    message: w.message.clone(),
-                    settled: true,
-                    token: 0,
-                });
-            }
-            let _ = upstream.send(Cmd::Publish {
-                client: 0,
-                space,
-                dest,
-                message: w.message,
-                settled: w.qos == 0,
-                token: 0,
-            });
-        }
+        move || crate::upstream::publish_will(&upstream, space, dest, w.message, w.qos, w.retain)
     };
     if w.delay == 0 {
         send();

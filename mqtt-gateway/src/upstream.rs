@@ -145,6 +145,38 @@ struct LwtSpace {
     retry_at: Option<std::time::Instant>,
 }
 
+/// Publishes a will as the gateway itself (client 0): to `dest`, settled
+/// at QoS 0, and to the space's retained messages too when it has the
+/// retain flag. The gateway's own wills and the last-will service's go
+/// out this way.
+pub fn publish_will(
+    upstream: &mpsc::UnboundedSender<Cmd>,
+    space: Arc<str>,
+    dest: Dest,
+    message: Bytes,
+    qos: u8,
+    retain: bool,
+) {
+    if retain {
+        let _ = upstream.send(Cmd::Publish {
+            client: 0,
+            space: space.clone(),
+            dest: Dest::Retained,
+            message: message.clone(),
+            settled: true,
+            token: 0,
+        });
+    }
+    let _ = upstream.send(Cmd::Publish {
+        client: 0,
+        space,
+        dest,
+        message,
+        settled: qos == 0,
+        token: 0,
+    });
+}
+
 /// What one MQTT connection shares with its upstream connection and the
 /// registry, in one allocation (an idle connection should cost little):
 /// the events the upstream connection sends it, the signals others raise
@@ -385,6 +417,44 @@ pub struct RouterLink {
     pub container_id: String,
 }
 
+impl RouterLink {
+    /// How a component (`id`) reaches its router: TLS checked against the
+    /// mesh CA (presenting its own certificate when it has one), and a
+    /// SCRAM-SHA-256 login as `ID@$mesh` with the mesh secret when it has
+    /// that.
+    ///
+    /// # Errors
+    /// The TLS files do not load.
+    pub fn for_component(
+        addr: &str,
+        id: &str,
+        tls_ca: Option<&std::path::Path>,
+        tls: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+        mesh_secret: Option<&flotilla_core::auth::MeshSecret>,
+    ) -> Result<RouterLink, flotilla_amqp::tls::TlsError> {
+        let tls = match (tls_ca, tls) {
+            (Some(ca), Some((c, k))) => {
+                Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?)
+            }
+            (Some(ca), None) => Some(flotilla_amqp::tls::client_config(ca)?),
+            _ => None,
+        };
+        let sasl = match mesh_secret {
+            Some(m) => ClientSasl::Scram {
+                user: flotilla_core::auth::MeshSecret::username(id),
+                password: m.secret().to_string(),
+            },
+            None => ClientSasl::Anonymous,
+        };
+        Ok(RouterLink {
+            addr: addr.to_string(),
+            tls,
+            sasl,
+            container_id: id.to_string(),
+        })
+    }
+}
+
 /// One upstream connection's handle.
 #[derive(Clone)]
 pub struct Handle {
@@ -479,7 +549,13 @@ async fn keep(
     }
 }
 
-async fn connect(link: &RouterLink) -> Result<(flotilla_amqp::transport::BoxIo, BytesMut), String> {
+/// Connects to the router and logs in as [`RouterLink`] says.
+///
+/// # Errors
+/// Why not, for the log.
+pub async fn connect(
+    link: &RouterLink,
+) -> Result<(flotilla_amqp::transport::BoxIo, BytesMut), String> {
     let tcp = tokio::net::TcpStream::connect(&link.addr)
         .await
         .map_err(|e| e.to_string())?;

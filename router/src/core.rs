@@ -461,7 +461,23 @@ impl AddressState {
         let mut g = self.lock();
         let mut p = Pumped::default();
         if !g.undelivered.is_empty() {
-            // Keep order: what waited goes first, to whoever has credit.
+            // Keep order: what waited goes first. A local receiver takes
+            // what waits itself whenever its credit comes back (a Flow, an
+            // outcome under its cap): behind it, this message waits too.
+            // A neighbour's window may be open while what waits cannot go
+            // there (it came from that neighbour): then what can goes now,
+            // and so does this message, or nothing would ever move it.
+            if !g
+                .consumers
+                .iter()
+                .any(|c| c.remote.is_some() && c.can_take())
+            {
+                if !g.consumers.iter().any(|c| c.may_take(&msg)) {
+                    return Forwarded::NoReceiver;
+                }
+                g.undelivered.push_back(msg);
+                return Forwarded::Queued;
+            }
             self.pump(&mut g, false, &mut p);
         }
         let forwarded = loop {

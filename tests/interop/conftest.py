@@ -193,6 +193,29 @@ class Lwt:
         self.proc.wait(timeout=10)
 
 
+def followers(console, data_dir, lwt=False):
+    """A router, a broker behind it, optionally the last-will service, and
+    an MQTT gateway, all following `console`. Returns (router, gateway,
+    procs); the caller stops `procs`."""
+    follow = console.follow_args()
+    procs = []
+    try:
+        router = Router(*follow)
+        procs.append(router)
+        procs.append(Broker(os.path.join(data_dir, "broker"), *follow, "--router", router.url))
+        router.wait_for_log(r"broker connected \(route container\)")
+        if lwt:
+            procs.append(Lwt(os.path.join(data_dir, "lwt"), router, *follow))
+        gw = Gateway(*follow, "--router", router.url)
+        procs.append(gw)
+        router.wait_for_log(r"component connected .*gateway=true", count=2)
+        return router, gw, procs
+    except Exception:
+        for p in reversed(procs):
+            p.stop()
+        raise
+
+
 def make_certs(d):
     """A CA and a server certificate for 127.0.0.1 and localhost, by openssl."""
     run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731

@@ -18,7 +18,7 @@ import time
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from conftest import MESH_SECRET_FILE, TIMEOUT, Broker, Gateway, Lwt, Router, flotilla_bin
+from conftest import MESH_SECRET_FILE, TIMEOUT, Broker, Gateway, Lwt, Router, flotilla_bin, followers
 from mqtt_client import Raw, packet, utf8
 from test_mqtt import GATEWAY_UP, clients, stack  # noqa: F401 (fixtures)
 
@@ -193,17 +193,8 @@ def test_the_console_counts_wills_per_space_and_serves_them_as_metrics(console, 
 
     from test_console import until
 
-    follow = console.follow_args()
-    procs = []
+    _, gw, procs = followers(console, tmpdir_path, lwt=True)
     try:
-        router = Router(*follow)
-        procs.append(router)
-        procs.append(Broker(os.path.join(tmpdir_path, "broker"), *follow, "--router", router.url))
-        router.wait_for_log(r"broker connected \(route container\)")
-        procs.append(Lwt(os.path.join(tmpdir_path, "lwt"), router, *follow))
-        gw = Gateway(*follow, "--router", router.url)
-        procs.append(gw)
-        router.wait_for_log(GATEWAY_UP, count=2)
         w = watcher(clients, gw.port)
         clients(gw.port, client_id="polite", will=("wills/polite", b"p", 1, False)).disconnect()
         clients(gw.port, client_id="lost", will=("wills/lost", b"l", 1, False)).drop()

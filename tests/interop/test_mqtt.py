@@ -20,7 +20,7 @@ from proton import ConnectionException, Message, symbol
 from proton.reactor import AtMostOnce, ReceiverOption
 from proton.utils import LinkDetached, SendException
 
-from conftest import TIMEOUT, Broker, Gateway, Lwt, Router, connect, make_certs
+from conftest import TIMEOUT, Broker, Gateway, Lwt, Router, connect, followers, make_certs
 from mqtt_client import Client, Raw, Refused, connect_packet, packet, publish_packet, utf8, varint
 
 BROKER_UP = r"broker connected \(route container\)"
@@ -727,16 +727,8 @@ def test_the_console_lists_mqtt_clients_serves_metrics_and_closes_them(console, 
 
     from test_console import create_space, create_user, until
 
-    follow = console.follow_args()
-    procs = []
+    _, gw, procs = followers(console, tmpdir_path)
     try:
-        router = Router(*follow)
-        procs.append(router)
-        procs.append(Broker(os.path.join(tmpdir_path, "broker"), *follow, "--router", router.url))
-        router.wait_for_log(BROKER_UP)
-        gw = Gateway(*follow, "--router", router.url)
-        procs.append(gw)
-        router.wait_for_log(GATEWAY_UP, count=2)
         create_space(console, "plant")
         console.expect("POST", "/api/v1/addressspaces/plant/addresses",
                        {"metadata": {"name": "lines"}, "spec": {"address": "lines/#", "type": "topic"}}, 201)
