@@ -254,3 +254,16 @@ def test_a_frozen_gateway_is_noticed_and_the_wills_of_its_mosquitto_clients_fire
             t.wait()
         for p in reversed(procs):
             p.stop()
+
+
+def test_a_retained_will_becomes_the_topic_s_retained_message(stack, clients):
+    s = stack()
+    w = watcher(clients, s.port)
+    dev = clients(s.port, client_id="door", will=("wills/door", b"door offline", 1, True))
+    dev.drop()
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/door", b"door offline")
+    later = clients(s.port, v5=True)
+    assert later.subscribe("wills/door", 1) == [1]
+    m = later.receive()
+    assert (m.topic, m.payload, m.retain) == ("wills/door", b"door offline", 1)
