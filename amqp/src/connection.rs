@@ -1613,6 +1613,12 @@ impl Connection {
             .collect()
     }
 
+    /// When the peer's idle timeout next needs a frame from us (half of
+    /// it after the last we sent), once its Open has told us.
+    pub fn heartbeat_due(&self) -> Option<Instant> {
+        self.remote_idle_timeout.map(|r| self.last_sent + r / 2)
+    }
+
     /// Heartbeats and idle timeout. Returns when to call again.
     ///
     /// # Errors

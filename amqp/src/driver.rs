@@ -162,6 +162,15 @@ impl Driver {
     /// Decodes the frames already read and hands their events over
     /// (bounded per call; what is left is decoded on the next turn).
     pub fn process_input<H: Handler>(&mut self, h: &mut H) {
+        self.decode_input(h);
+        // The peer's Open may have just told us its idle timeout: the first
+        // heartbeat may be due before the timer's deadline.
+        if let Some(due) = h.connection().heartbeat_due() {
+            self.next_tick = self.next_tick.min(due);
+        }
+    }
+
+    fn decode_input<H: Handler>(&mut self, h: &mut H) {
         for _ in 0..self.cfg.frames_per_turn {
             let conn = h.connection();
             if conn.is_closed() {
@@ -330,5 +339,100 @@ impl Driver {
             self.wbuf.clear();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::ConnectionConfig;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection that opens first and then only waits.
+    struct Quiet {
+        conn: Connection,
+    }
+
+    impl Handler for Quiet {
+        type Signal = ();
+
+        fn connection(&mut self) -> &mut Connection {
+            &mut self.conn
+        }
+
+        fn signal(&mut self) -> impl Future<Output = Option<()>> + Send {
+            std::future::pending()
+        }
+
+        fn on_signal(&mut self, _: ()) {}
+
+        fn on_event(&mut self, _: Event) {}
+
+        fn closing(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_heartbeat_follows_the_peers_idle_timeout_not_ours() {
+        // Our idle timeout is long (an hour); the peer's Open, which
+        // arrives after our first timer tick, announces 1 s. An empty
+        // frame must reach the peer within about half of that, long
+        // before our own timer would have fired again.
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let mut conn = Connection::new(ConnectionConfig {
+            idle_timeout: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        });
+        conn.open();
+        let io: BoxIo = Box::new(ours);
+        let task = tokio::spawn(async move {
+            let mut h = Quiet { conn };
+            Driver::new(io, BytesMut::new(), DriverConfig::default())
+                .run(&mut h)
+                .await
+        });
+        // Our Open comes first; the peer answers 50 ms later, as over a
+        // network: by then our timer has ticked once, with no peer
+        // timeout known yet.
+        let mut buf = BytesMut::new();
+        while frame::decode_frame(&mut buf, 1 << 20)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(theirs.read_buf(&mut buf).await.expect("read") > 0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut peer = Connection::new(ConnectionConfig {
+            idle_timeout: Some(Duration::from_secs(2)),
+            ..Default::default()
+        });
+        peer.open();
+        theirs
+            .write_all(&peer.take_output())
+            .await
+            .expect("write Open");
+        let started = std::time::Instant::now();
+        let heartbeat = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                if buf.len() >= 8 && buf[..8] == [0, 0, 0, 8, 2, 0, 0, 0] {
+                    return;
+                }
+                if buf.len() >= 8 {
+                    let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if buf.len() >= size {
+                        let _ = buf.split_to(size);
+                        continue;
+                    }
+                }
+                assert!(theirs.read_buf(&mut buf).await.expect("read") > 0);
+            }
+        })
+        .await;
+        assert!(heartbeat.is_ok(), "no heartbeat within 3 s");
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        task.abort();
     }
 }

@@ -244,7 +244,13 @@ def test_a_frozen_gateway_is_noticed_and_the_wills_of_its_mosquitto_clients_fire
             assert time.monotonic() < deadline, "mosquitto_sub did not connect"
             time.sleep(0.05)
         os.kill(frozen.proc.pid, signal.SIGSTOP)
-        got = sorted((m.topic, m.payload) for m in (w.receive(), w.receive()))
+        try:
+            got = sorted((m.topic, m.payload) for m in (w.receive(), w.receive()))
+        except Exception:
+            print("ROUTER", "".join(router.log[-30:]))
+            print("LWT", "".join(procs[2].log[-30:]))
+            print("FROZEN", "".join(frozen.log[-15:]))
+            raise
         assert got == [("wills/m1", b"m1 gone"), ("wills/m2", b"m2 gone")]
         marker(clients, alive.port, w)
         os.kill(frozen.proc.pid, signal.SIGCONT)
