@@ -865,17 +865,25 @@ impl<'a> Upstream<'a> {
         if self.senders.contains_key(&key) {
             self.publish(who, key.0, Dest::Lwt, message, false, t);
         } else if st_retry_pending(&self.lwt, &key.0) && op != WillOp::Register {
-            // (a `connected` returned above)
-            // Sent with the rest when the link is attached again.
+            // Sent with the rest when the link is attached again (a
+            // `connected` returned above).
         } else {
-            self.attach_lwt(ch, &key.0, Some((client, token)));
+            let extra = (op == WillOp::Connected).then_some(message);
+            self.attach_lwt(ch, &key.0, Some((client, token)), extra);
         }
     }
 
     /// Attaches the space's `$lwt` link and sends what the service must
     /// hold: every live client's registration (`own`'s with its token),
-    /// the cancels and fires not acknowledged, then `synced`.
-    fn attach_lwt(&mut self, ch: u16, space: &Arc<str>, own: Option<(ClientKey, u32)>) {
+    /// the cancels and fires not acknowledged, then `synced`, then `extra`
+    /// (a `connected`, which is kept nowhere else).
+    fn attach_lwt(
+        &mut self,
+        ch: u16,
+        space: &Arc<str>,
+        own: Option<(ClientKey, u32)>,
+        extra: Option<Bytes>,
+    ) {
         let key = (space.clone(), Dest::Lwt);
         let link = self.attach_sender(ch, &key);
         let Some(st) = self.lwt.get_mut(space) else {
@@ -909,6 +917,14 @@ impl<'a> Upstream<'a> {
             message: crate::lwt::encode(&crate::lwt::Op::Synced),
             settled: false,
         });
+        if let Some(message) = extra {
+            queue.push_back(Waiting {
+                client: 0,
+                token: 0,
+                message,
+                settled: false,
+            });
+        }
         if let Some(s) = self.senders.get_mut(&key) {
             s.queue = queue;
         }
@@ -978,7 +994,7 @@ impl<'a> Upstream<'a> {
                 }
             }
             if !self.senders.contains_key(&(space.clone(), Dest::Lwt)) {
-                self.attach_lwt(ch, &space, None);
+                self.attach_lwt(ch, &space, None, None);
             }
         }
     }

@@ -273,3 +273,21 @@ def test_a_retained_will_becomes_the_topic_s_retained_message(stack, clients):
     assert later.subscribe("wills/door", 1) == [1]
     m = later.receive()
     assert (m.topic, m.payload, m.retain) == ("wills/door", b"door offline", 1)
+
+
+def test_a_client_back_on_another_replica_within_its_delay_has_no_will(stack, clients):
+    s = stack()
+    other = s.another_gateway()
+    w = watcher(clients, other.port)
+    roamer = clients(s.port, client_id="roamer", v5=True, expiry=60,
+                     will=("wills/roamer", b"roamer", 1, False, _will_delay(1)))
+    gone = clients(s.port, client_id="gone", v5=True, expiry=60,
+                   will=("wills/gone", b"gone", 1, False, _will_delay(2)))
+    roamer.drop()
+    # Back, without a will, through the other replica (its first word to
+    # the service).
+    clients(other.port, client_id="roamer", v5=True, expiry=60)
+    gone.drop()
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/gone", b"gone")
+    marker(clients, other.port, w)
