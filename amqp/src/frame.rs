@@ -269,6 +269,11 @@ fn checked_body_len(code: u8, b: &[u8], depth: u32) -> Result<usize, &'static st
             rest = &rest[n..];
         }
     }
+    // The size is the items' exactly: serde_amqp reads items, not the
+    // size, so bytes left inside it would be read as the next value.
+    if !rest.is_empty() {
+        return Err("a list, map or array is larger than its items");
+    }
     Ok(w + size)
 }
 
@@ -477,6 +482,16 @@ pub fn transfer_overhead(tag_len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compound_larger_than_its_items_is_refused_not_decoded() {
+        // A map8 of size 2 and count 0: one byte more than it holds, which
+        // serde_amqp would read as the next value.
+        let padded: &[u8] = &[0xc0, 0x05, 0x01, 0xc1, 0x02, 0x00, 0x70];
+        assert!(decode_checked::<serde_amqp::Value>(padded).is_err());
+        let exact: &[u8] = &[0xc0, 0x04, 0x01, 0xc1, 0x01, 0x00];
+        assert!(decode_checked::<serde_amqp::Value>(exact).is_ok());
+    }
 
     #[test]
     fn a_map_with_an_odd_item_count_is_refused_not_decoded() {
