@@ -131,6 +131,10 @@ pub enum WillOp {
 /// names them in [`LwtSpace::unacked`]).
 const LWT_OPS: ClientKey = ClientKey::MAX;
 
+/// Cancels and fires kept per space while the last-will service does not
+/// acknowledge them (it is away): past this, the oldest go.
+const MAX_UNACKED_WILL_OPS: usize = 100_000;
+
 /// One space's wills on this connection.
 #[derive(Default)]
 struct LwtSpace {
@@ -143,6 +147,8 @@ struct LwtSpace {
     absent_until: Option<std::time::Instant>,
     /// The link broke with wills to keep: attach it again then.
     retry_at: Option<std::time::Instant>,
+    /// Said once: operations were dropped for want of room.
+    overflowed: bool,
 }
 
 /// Publishes a will as the gateway itself (client 0): to `dest`, settled
@@ -857,6 +863,15 @@ impl<'a> Upstream<'a> {
                 st.live.remove(&client);
                 self.next_lwt_op = self.next_lwt_op.wrapping_add(1);
                 let id = self.next_lwt_op;
+                if st.unacked.len() >= MAX_UNACKED_WILL_OPS {
+                    // The service has been away long: memory stays bounded,
+                    // and the oldest operation is given up (logged).
+                    st.unacked.pop_first();
+                    if !st.overflowed {
+                        st.overflowed = true;
+                        warn!(upstream = self.index, space = %space, "too many will operations wait for the last-will service: the oldest are dropped");
+                    }
+                }
                 st.unacked.insert(id, message.clone());
                 (LWT_OPS, id)
             }

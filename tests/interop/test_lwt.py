@@ -134,6 +134,8 @@ AMQP_WILL = textwrap.dedent("""
     s.send(Message(address=to, body=body, annotations={"x-opt-will-delay": 0}))
     if end == "close":
         c.close()
+    elif end == "detach":
+        s.close()  # the will is deleted; then the connection is lost
     os._exit(0)  # with "die": no Close, the connection is lost
 """)
 
@@ -146,6 +148,7 @@ def test_an_amqp_client_registers_a_will_at_lwt(stack, clients):
     s = stack()
     w = watcher(clients, s.port)
     amqp_will(s.router.url, "wills/amqp-polite", "polite", "close")
+    amqp_will(s.router.url, "wills/amqp-detached", "detached", "detach")
     amqp_will(s.router.url, "wills/amqp-lost", "lost", "die")
     m = w.receive()
     assert (m.topic, m.payload) == ("wills/amqp-lost", b"lost")
