@@ -20,7 +20,7 @@ use flotilla_amqp::connection::{AttachReply, Connection, ConnectionConfig, Event
 use flotilla_amqp::message::{self, MessageParts};
 use flotilla_amqp::transport::{self, AcceptConfig};
 use flotilla_amqp::types::definitions::Role;
-use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Released, TargetArchetype};
+use flotilla_amqp::types::messaging::{Accepted, DeliveryState, Released};
 use hdrhistogram::Histogram;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -761,18 +761,7 @@ impl flotilla_amqp::driver::Handler for Peer<'_> {
                 attach,
                 reply: false,
             } => {
-                let target = match attach.target.as_deref() {
-                    Some(TargetArchetype::Target(t)) => Some(t.clone()),
-                    _ => None,
-                };
-                conn.accept_attach(
-                    link,
-                    AttachReply {
-                        source: attach.source.as_deref().cloned(),
-                        target,
-                        ..Default::default()
-                    },
-                );
+                conn.accept_attach(link, AttachReply::mirroring(&attach));
                 if attach.role == Role::Sender {
                     conn.flow(link, self.a.credit, false);
                 }

@@ -251,6 +251,22 @@ pub struct AttachReply {
     pub properties: Option<Fields>,
 }
 
+impl AttachReply {
+    /// An answer with the peer's own source and target (a receiving end
+    /// that takes the link as asked).
+    pub fn mirroring(attach: &Attach) -> AttachReply {
+        AttachReply {
+            source: attach.source.as_deref().cloned(),
+            target: match attach.target.as_deref() {
+                Some(TargetArchetype::Target(t)) => Some(t.clone()),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            },
+            ..Default::default()
+        }
+    }
+}
+
 /// One connection's protocol state.
 pub struct Connection {
     cfg: ConnectionConfig,

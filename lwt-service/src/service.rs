@@ -19,7 +19,7 @@ use flotilla_amqp::driver::Handler;
 use flotilla_amqp::policy::Policy;
 use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody, ErrorCondition, Role};
 use flotilla_amqp::types::messaging::{
-    Accepted, DeliveryState, MessageAnnotations, Rejected, Target, TargetArchetype,
+    Accepted, DeliveryState, MessageAnnotations, Rejected, TargetArchetype,
 };
 use flotilla_amqp::types::performatives::Attach;
 use flotilla_amqp::types::primitives::{Symbol, Value};
@@ -145,11 +145,10 @@ impl<'a> Conn<'a> {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         };
-        let target = match attach.target.as_deref() {
-            Some(TargetArchetype::Target(t)) => Some(t.clone()),
+        let address = match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => t.address.clone(),
             _ => None,
         };
-        let address = target.as_ref().and_then(|t| t.address.clone());
         let refuse = |c: &mut Connection, why: &str| {
             warn!(link.name = %attach.name, reason = why, "attach refused");
             c.refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
@@ -160,7 +159,8 @@ impl<'a> Conn<'a> {
             && prop("flotilla:space").as_deref() == Some(OPERATORS_SPACE)
         {
             // `flotilla stat --lwt`: one message with the counts.
-            accept(&mut self.conn, link, attach, target);
+            self.conn
+                .accept_attach(link, AttachReply::mirroring(attach));
             self.stat_links.push(link);
             return self.send_stats();
         }
@@ -195,7 +195,8 @@ impl<'a> Conn<'a> {
                 unacked: 0,
             },
         );
-        accept(&mut self.conn, link, attach, target);
+        self.conn
+            .accept_attach(link, AttachReply::mirroring(attach));
         self.conn.flow(link, WINDOW, false);
     }
 
@@ -480,18 +481,6 @@ pub fn may_send(policy: &Policy, space: &str, user: Option<&str>, to: &str) -> b
             .is_some_and(|u| flotilla_core::auth::authorized(&u.rules, Operation::Send, to)),
         None => s.anonymous != flotilla_core::config::Anonymous::Deny,
     }
-}
-
-/// Takes a link routed here, answering with its own termini.
-fn accept(conn: &mut Connection, link: LinkId, attach: &Attach, target: Option<Target>) {
-    conn.accept_attach(
-        link,
-        AttachReply {
-            source: attach.source.as_deref().cloned(),
-            target,
-            ..Default::default()
-        },
-    );
 }
 
 fn is_connection_lost(c: &ErrorCondition) -> bool {
