@@ -55,6 +55,10 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a connection that ended leaves to the next: changes not yet
+/// written, and due wills waiting for a commit.
+pub type Carried = (Vec<Change>, Vec<(Key, Will)>);
+
 /// What outlives a connection to the router.
 pub struct Service {
     pub wills: Wills,
@@ -69,7 +73,7 @@ pub struct Service {
     pub report: Arc<Mutex<serde_json::Value>>,
     /// Left by a connection that ended: changes not yet given to the
     /// store, and due wills to publish once what went before is on disk.
-    pub carried: Option<(Vec<Change>, Vec<(Key, Will)>)>,
+    pub carried: Option<Carried>,
 }
 
 /// One `$lwt` link.

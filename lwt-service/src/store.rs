@@ -306,8 +306,8 @@ mod tests {
             assert!(wills.is_empty());
             let k = |c: &str| ("s".to_string(), c.to_string());
             s.write(vec![
-                Change::Put(k("a"), sample(State::Live, None)),
-                Change::Put(k("b"), sample(State::Live, None)),
+                Change::Put(k("a"), Box::new(sample(State::Live, None))),
+                Change::Put(k("b"), Box::new(sample(State::Live, None))),
             ])
             .await
             .unwrap()

@@ -97,7 +97,7 @@ pub enum Ending {
 /// caused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put(Key, Will),
+    Put(Key, Box<Will>),
     Delete(Key),
 }
 
@@ -167,7 +167,7 @@ impl Wills {
     pub fn register(&mut self, key: Key, will: Will) -> Change {
         self.count(&key.0).registered += 1;
         self.map.insert(key.clone(), will.clone());
-        Change::Put(key, will)
+        Change::Put(key, Box::new(will))
     }
 
     /// A graceful disconnect: the will of registration `reg` is deleted.
@@ -208,7 +208,7 @@ impl Wills {
         } else {
             c.fired_lost += 1;
         }
-        Some(Change::Put(key.clone(), w))
+        Some(Change::Put(key.clone(), Box::new(w)))
     }
 
     /// The link `owner` (attach `instance`) ended as `how`.
@@ -240,7 +240,7 @@ impl Wills {
                     w.state = State::Due {
                         at: now + u64::from(w.delay) * 1000,
                     };
-                    changes.push(Change::Put(k.clone(), w.clone()));
+                    changes.push(Change::Put(k.clone(), Box::new(w.clone())));
                     self.count(&k.0).fired_lost += 1;
                 }
                 _ => {
@@ -292,7 +292,7 @@ impl Wills {
                 w.state = State::Due {
                     at: (lost + u64::from(w.delay) * 1000).max(now),
                 };
-                changes.push(Change::Put(k.clone(), w.clone()));
+                changes.push(Change::Put(k.clone(), Box::new(w.clone())));
                 self.count(&k.0).fired_gateway += 1;
             }
         }
