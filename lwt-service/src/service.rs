@@ -121,6 +121,10 @@ impl<'a> Conn<'a> {
         let mut conn = Connection::new(ConnectionConfig {
             container_id: CONTAINER.into(),
             offered_capabilities: vec![ROUTE_CONTAINER_CAPABILITY],
+            // Every `$lwt` link of the mesh ends here: the engine's default
+            // (1000) would let one tenant's links shut out every other's.
+            // A tenant is bounded by its space's link quota instead.
+            max_links: 1 << 20,
             ..Default::default()
         });
         conn.open();

@@ -452,6 +452,18 @@ async fn answer(mailbox: &Mailbox) -> Option<Ev> {
         .flatten()
 }
 
+/// A client's will operation for its upstream connection (a registration's
+/// outcome comes back as token 0).
+fn will_cmd(key: u64, space: Arc<str>, will_op: WillOp, op: &crate::lwt::Op) -> Cmd {
+    Cmd::Will {
+        client: key,
+        space,
+        op: will_op,
+        message: crate::lwt::encode(op),
+        token: 0,
+    }
+}
+
 /// What a setup step's publication came to: accepted, or the AMQP
 /// condition (empty when there is none) and why not.
 fn accepted(ev: Option<Ev>) -> Result<(), (String, String)> {
@@ -694,13 +706,9 @@ async fn start(
         let op = crate::lwt::Op::Connected {
             client: client_id.clone(),
         };
-        let _ = handle.tx.send(Cmd::Will {
-            client: key,
-            space: space.clone(),
-            op: WillOp::Connected,
-            message: crate::lwt::encode(&op),
-            token: 0,
-        });
+        let _ = handle
+            .tx
+            .send(will_cmd(key, space.clone(), WillOp::Connected, &op));
     }
     if let Some(w) = will.as_mut().filter(|_| space.as_ref() != MESH_SPACE) {
         // The will is kept by the last-will service, on disk, before the
@@ -718,13 +726,9 @@ async fn start(
             message: w.message.clone(),
         });
         mailbox.add();
-        let _ = handle.tx.send(Cmd::Will {
-            client: key,
-            space: space.clone(),
-            op: WillOp::Register,
-            message: crate::lwt::encode(&op),
-            token: 0,
-        });
+        let _ = handle
+            .tx
+            .send(will_cmd(key, space.clone(), WillOp::Register, &op));
         match accepted(answer(&mailbox).await) {
             Ok(()) => w.remote = Some(reg),
             Err((c, why)) if c.contains("not-found") => {
@@ -1028,34 +1032,30 @@ where
     }
     let _ = a.stream.shutdown().await;
     let shared = &a.conn.shared;
-    let graceful = close.as_ref().is_some_and(|c| c.graceful);
+    // No will after a DISCONNECT, nor after a takeover: the new connection
+    // for the client id opened before this one closed, so within any will
+    // delay (MQTT-3.1.2.5; its own will, if any, replaces this one).
+    let no_will = close
+        .as_ref()
+        .is_some_and(|c| c.graceful || c.reason == 0x8e);
     if let Some(w) = st.will.take().filter(|_| !s.down) {
         // With the router gone, the service heard that this gateway's
         // connection was lost: it publishes the will itself.
-        match &w.remote {
+        match w.remote {
             Some(reg) => {
-                let (op, what) = if graceful {
-                    (WillOp::Cancel, "cancel")
+                let client = s.client_id.to_string();
+                let (op, will_op) = if no_will {
+                    (crate::lwt::Op::Cancel { client, reg }, WillOp::Cancel)
                 } else {
-                    (WillOp::Fire, "fire")
+                    let asked = close.as_ref().is_some_and(|c| c.reason == 0x04);
+                    (crate::lwt::Op::Fire { client, reg, asked }, WillOp::Fire)
                 };
-                debug!(client.id = %s.client_id, op = what, "telling the last-will service");
-                let (client, reg) = (s.client_id.to_string(), reg.clone());
-                let asked = close.as_ref().is_some_and(|c| c.reason == 0x04);
-                let message = crate::lwt::encode(&if graceful {
-                    crate::lwt::Op::Cancel { client, reg }
-                } else {
-                    crate::lwt::Op::Fire { client, reg, asked }
-                });
-                let _ = st.upstream.send(Cmd::Will {
-                    client: s.key,
-                    space: s.space.clone(),
-                    op,
-                    message,
-                    token: 0,
-                });
+                debug!(client.id = %s.client_id, op = ?will_op, "telling the last-will service");
+                let _ = st
+                    .upstream
+                    .send(will_cmd(s.key, s.space.clone(), will_op, &op));
             }
-            None if !graceful => publish_will(shared, s, &st.upstream, *w),
+            None if !no_will => publish_will(shared, s, &st.upstream, *w),
             None => {}
         }
     }

@@ -684,6 +684,18 @@ impl ConnectionTask {
             };
             return self.route_attach(link, attach, info);
         }
+        if attach.role == Role::Receiver
+            && attach.source.as_ref().and_then(|s| s.address.as_deref())
+                == Some(crate::linkroute::LWT_ADDRESS)
+        {
+            // Wills go in, nothing comes out (only an operator's tool reads
+            // the service's counts, above).
+            let why = "$lwt takes wills: attach a sender";
+            warn!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
+            return self
+                .conn
+                .refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
+        }
         if matches!(self.role, ConnRole::Gateway) {
             return self.gateway_attach(link, attach);
         }

@@ -19,10 +19,23 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from proton import ConnectionException, Message, symbol
+from proton.reactor import LinkOption
+from proton.utils import LinkDetached, SendException
 
-from conftest import MESH_SECRET_FILE, TIMEOUT, Broker, Gateway, Lwt, Router, flotilla_bin, followers
+from conftest import MESH_SECRET_FILE, TIMEOUT, Broker, Gateway, Lwt, Router, connect, flotilla_bin, followers
 from mqtt_client import Raw, packet, utf8
-from test_mqtt import GATEWAY_UP, clients, stack  # noqa: F401 (fixtures)
+from test_mqtt import GATEWAY_UP, IOT, clients, stack  # noqa: F401 (fixtures)
+
+
+class _LinkProps(LinkOption):
+    """Link properties on an attach, sender or receiver."""
+
+    def __init__(self, props):
+        self.props = props
+
+    def apply(self, link):
+        link.properties = self.props
 
 
 def watcher(clients, port):
@@ -101,18 +114,32 @@ def _will_delay(seconds):
 
 
 def test_a_killed_gateway_fires_the_wills_of_its_clients_only(stack, clients):
+    """Killing a replica: the wills of its clients that do not come back
+    go; one that reconnects to the other replica within its will delay
+    resumes its session there and has no will published."""
     s = stack()
     other = s.another_gateway()
     w = watcher(clients, other.port)
     a = clients(s.port, client_id="a", will=("wills/a", b"a", 1, False))
     b = clients(s.port, client_id="b", v5=True, will=("wills/b", b"b", 1, False))
+    mover = clients(s.port, client_id="mover", v5=True, clean=False, expiry=600,
+                    will=("wills/mover", b"mover", 1, False, _will_delay(1)))
+    assert mover.subscribe("jobs/#", 1) == [1]
+    late = clients(s.port, client_id="late", v5=True, expiry=600,
+                   will=("wills/late", b"late", 1, False, _will_delay(2)))
     safe = clients(other.port, client_id="safe", will=("wills/safe", b"safe", 1, False))
     s.gateway.stop()  # kill -9
     got = sorted((m.topic, m.payload) for m in (w.receive(), w.receive()))
     assert got == [("wills/a", b"a"), ("wills/b", b"b")]
+    moved = clients(other.port, client_id="mover", v5=True, clean=False, expiry=600)
+    assert moved.session_present is True
+    # `mover`'s delay ends before `late`'s: had its will gone, it would
+    # have come first.
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/late", b"late")
     marker(clients, other.port, w)
     safe.disconnect()
-    del a, b
+    del a, b, late
 
 
 def test_wills_kept_across_a_killed_service_still_fire(stack, clients):
@@ -279,3 +306,54 @@ def test_a_retained_will_becomes_the_topic_s_retained_message(stack, clients):
     assert later.subscribe("wills/door", 1) == [1]
     m = later.receive()
     assert (m.topic, m.payload, m.retain) == ("wills/door", b"door offline", 1)
+
+
+def test_a_takeover_replaces_the_will(stack, clients):
+    """A second connection with the client id takes the session over: the
+    first connection's will is not published; the second's is, when it
+    is lost."""
+    s = stack()
+    w = watcher(clients, s.port)
+    first = clients(s.port, client_id="twin", v5=True, will=("wills/twin", b"first", 1, False))
+    second = clients(s.port, client_id="twin", v5=True, will=("wills/twin", b"second", 1, False))
+    assert first.disconnected.wait(TIMEOUT) and first.disconnect_reason == 0x8E
+    second.drop()
+    m = w.receive()
+    assert (m.topic, m.payload) == ("wills/twin", b"second")
+    marker(clients, s.port, w)
+
+
+def test_wills_stay_in_their_space_under_their_users_rules(stack, clients):
+    s = stack(IOT)
+    iot = clients(s.port, v5=True, user="dev@iot", password="dev-pw")
+    other = clients(s.port, v5=True, user="dev@other", password="other-pw")
+    assert iot.subscribe("sensors/#", 1) == [1] and other.subscribe("sensors/#", 1) == [1]
+    clients(s.port, v5=True, client_id="probe", user="dev@iot", password="dev-pw",
+            will=("sensors/probe", b"probe gone", 1, False)).drop()
+    m = iot.receive()
+    assert (m.topic, m.payload) == ("sensors/probe", b"probe gone")
+    # The other space saw nothing: its own marker comes first.
+    clients(s.port, v5=True, user="dev@other", password="other-pw").publish("sensors/mark", b"mark", qos=1)
+    assert other.receive().payload == b"mark"
+    url = s.router.url
+    as_reader = dict(user="reader", password="reader-pw", virtual_host="iot", allowed_mechs="PLAIN")
+    c = connect(url, **as_reader)
+    # reader may not send to sensors/#: its will there is refused.
+    with pytest.raises(SendException):
+        c.create_sender("$lwt").send(Message(address="sensors/x", body="nope"))
+    # Nothing comes out of $lwt, whoever asks.
+    with pytest.raises(LinkDetached):
+        c.create_receiver("$lwt", credit=1)
+    c.close()
+    # Properties claiming a gateway or a user are the router's to set: a
+    # tenant's are dropped. As a gateway's, this message would be refused
+    # (it is no will operation); as reader's, too (reader may not send
+    # there): it is dev's own will, and accepted.
+    c = connect(url, user="dev", password="dev-pw", virtual_host="iot", allowed_mechs="PLAIN")
+    forged = c.create_sender("$lwt", options=_LinkProps({symbol("flotilla:gateway"): "mqtt-gateway.0",
+                                                         symbol("flotilla:user"): "reader"}))
+    forged.send(Message(address="sensors/forged", body="dev's own"))
+    c.close()
+    # A stranger (no credentials; the space takes no anonymous clients).
+    with pytest.raises(ConnectionException):
+        connect(url, virtual_host="iot").create_sender("$lwt")
