@@ -115,6 +115,8 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
         next_instance: 0,
         unpublished: Vec::new(),
         report: report.clone(),
+        report_dirty: false,
+        reported_at: std::time::Instant::now(),
         carried: None,
     };
     svc.update_report();

@@ -71,6 +71,9 @@ pub struct Service {
     pub unpublished: Vec<(Key, Will)>,
     /// What `stat` and the console see.
     pub report: Arc<Mutex<serde_json::Value>>,
+    /// The counts changed since the report was made ([`Service::report_soon`]).
+    pub report_dirty: bool,
+    pub reported_at: std::time::Instant,
     /// Left by a connection that ended: changes not yet given to the
     /// store, and due wills to publish once what went before is on disk.
     pub carried: Option<Carried>,
@@ -385,7 +388,7 @@ impl<'a> Conn<'a> {
         // Published even if the deletion failed: a will lost is worse
         // than one that might go again after a restart.
         self.svc.publish(c.publish);
-        self.svc.update_report();
+        self.svc.report_soon();
     }
 
     fn acknowledge(&mut self, settles: Vec<(LinkId, DeliveryRef)>) {
@@ -536,8 +539,22 @@ impl Service {
         }
     }
 
+    /// The counts changed: the report is made again within a second
+    /// (making it looks at every will, so not once per commit).
+    pub fn report_soon(&mut self) {
+        self.report_dirty = true;
+    }
+
+    /// When the report is to be made again, if it is.
+    fn report_due(&self) -> Option<std::time::Instant> {
+        self.report_dirty
+            .then(|| self.reported_at + Duration::from_secs(1))
+    }
+
     /// Refreshes what `stat` and the console see.
-    pub fn update_report(&self) {
+    pub fn update_report(&mut self) {
+        self.report_dirty = false;
+        self.reported_at = std::time::Instant::now();
         let mut spaces = serde_json::Map::new();
         let mut gateways: HashMap<&str, u64> = HashMap::new();
         let mut held: HashMap<&str, u64> = HashMap::new();
@@ -595,10 +612,8 @@ impl Handler for Conn<'_> {
         // Wills waiting for the publisher: look again every second.
         let retry = (!self.svc.unpublished.is_empty())
             .then(|| tokio::time::Instant::now() + Duration::from_secs(1));
-        let wake = match (deadline, retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let report = self.svc.report_due().map(tokio::time::Instant::from_std);
+        let wake = [deadline, retry, report].into_iter().flatten().min();
         let closing = self.closing;
         let inflight = self.inflight.as_mut().map(|c| &mut c.done);
         let shutdown = &self.shutdown;
@@ -621,6 +636,13 @@ impl Handler for Conn<'_> {
             Signal::Tick => {
                 self.tick();
                 self.svc.publish(Vec::new());
+                if self
+                    .svc
+                    .report_due()
+                    .is_some_and(|t| t <= std::time::Instant::now())
+                {
+                    self.svc.update_report();
+                }
             }
             Signal::Shutdown => {
                 self.closing = true;

@@ -23,7 +23,7 @@
 //! A due will is taken out (and deleted on disk) before it is published:
 //! at most once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use bytes::Bytes;
 
@@ -112,35 +112,60 @@ pub struct Counts {
     pub dropped_orphans: u64,
 }
 
-/// Every will the service holds.
+/// Every will the service holds, indexed by deadline (for the timer) and
+/// by owner (for a link's end), so that neither looks at every will.
 #[derive(Debug)]
 pub struct Wills {
     map: HashMap<Key, Will>,
+    /// (deadline ms, will) for every orphan and due will.
+    timers: BTreeSet<(u64, Key)>,
+    /// The wills each link registered.
+    by_owner: HashMap<Owner, HashSet<Key>>,
     /// How long an orphan may be claimed (ms).
     grace_ms: u64,
     pub counts: HashMap<String, Counts>,
+}
+
+/// When a will in state `s` next needs the timer.
+fn deadline(s: State) -> Option<u64> {
+    match s {
+        State::Live => None,
+        State::Orphan { until, .. } => Some(until),
+        State::Due { at } => Some(at),
+    }
+}
+
+/// When a will lost at `lost` (ms) with `delay` (s) goes, not before `now`.
+fn due_at(lost: u64, delay: u32, now: u64) -> State {
+    State::Due {
+        at: (lost + u64::from(delay) * 1000).max(now),
+    }
 }
 
 impl Wills {
     /// What the disk held: every will that was not due becomes an orphan
     /// (the service does not know how its client fared while it was away).
     pub fn recovered(wills: Vec<(Key, Will)>, grace_ms: u64, now: u64) -> Wills {
-        let map = wills
-            .into_iter()
-            .map(|(k, mut w)| {
-                if w.state == State::Live {
-                    w.state = State::Orphan {
-                        until: now + grace_ms,
-                        lost: now,
-                    };
-                }
-                (k, w)
-            })
-            .collect();
-        Wills {
-            map,
+        let mut all = Wills {
+            map: HashMap::new(),
+            timers: BTreeSet::new(),
+            by_owner: HashMap::new(),
             grace_ms,
             counts: HashMap::new(),
+        };
+        for (k, mut w) in wills {
+            if w.state == State::Live {
+                w.state = all.orphan(now);
+            }
+            all.put(k, w);
+        }
+        all
+    }
+
+    fn orphan(&self, now: u64) -> State {
+        State::Orphan {
+            until: now + self.grace_ms,
+            lost: now,
         }
     }
 
@@ -163,10 +188,59 @@ impl Wills {
         self.counts.get_mut(space).expect("inserted above")
     }
 
+    /// Adds or replaces a will, keeping the indexes.
+    fn put(&mut self, k: Key, w: Will) {
+        self.take(&k);
+        if let Some(t) = deadline(w.state) {
+            self.timers.insert((t, k.clone()));
+        }
+        self.by_owner
+            .entry(w.owner.clone())
+            .or_default()
+            .insert(k.clone());
+        self.map.insert(k, w);
+    }
+
+    /// Removes a will, keeping the indexes.
+    fn take(&mut self, k: &Key) -> Option<Will> {
+        let w = self.map.remove(k)?;
+        if let Some(t) = deadline(w.state) {
+            self.timers.remove(&(t, k.clone()));
+        }
+        if let Some(keys) = self.by_owner.get_mut(&w.owner) {
+            keys.remove(k);
+            if keys.is_empty() {
+                self.by_owner.remove(&w.owner);
+            }
+        }
+        Some(w)
+    }
+
+    /// Moves a will to `state`, keeping the timer index; returns it.
+    fn set_state(&mut self, k: &Key, state: State) -> Option<&Will> {
+        let w = self.map.get_mut(k)?;
+        if let Some(t) = deadline(w.state) {
+            self.timers.remove(&(t, k.clone()));
+        }
+        w.state = state;
+        if let Some(t) = deadline(state) {
+            self.timers.insert((t, k.clone()));
+        }
+        self.map.get(k)
+    }
+
+    /// The wills `owner` registered.
+    fn owned_by(&self, owner: &Owner) -> Vec<Key> {
+        self.by_owner
+            .get(owner)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// A will registered: it replaces the client's will, live or due.
     pub fn register(&mut self, key: Key, will: Will) -> Change {
         self.count(&key.0).registered += 1;
-        self.map.insert(key.clone(), will.clone());
+        self.put(key.clone(), will.clone());
         Change::Put(key, Box::new(will))
     }
 
@@ -175,7 +249,7 @@ impl Wills {
         if self.map.get(key).is_none_or(|w| w.reg != reg) {
             return None;
         }
-        self.map.remove(key);
+        self.take(key);
         self.count(&key.0).cancelled += 1;
         Some(Change::Delete(key.clone()))
     }
@@ -186,7 +260,7 @@ impl Wills {
         if self.map.get(key).is_none_or(|w| w.state == State::Live) {
             return None;
         }
-        self.map.remove(key);
+        self.take(key);
         self.count(&key.0).cancelled += 1;
         Some(Change::Delete(key.clone()))
     }
@@ -194,14 +268,11 @@ impl Wills {
     /// The client's connection was lost (its gateway says so), or it
     /// asked for its will: due after its delay.
     pub fn fire(&mut self, key: &Key, reg: &str, now: u64, asked: bool) -> Option<Change> {
-        let w = self.map.get_mut(key).filter(|w| w.reg == reg)?;
+        let w = self.map.get(key).filter(|w| w.reg == reg)?;
         if matches!(w.state, State::Due { .. }) {
             return None;
         }
-        w.state = State::Due {
-            at: now + u64::from(w.delay) * 1000,
-        };
-        let w = w.clone();
+        let w = self.set_state(key, due_at(now, w.delay, now))?.clone();
         let c = self.count(&key.0);
         if asked {
             c.fired_asked += 1;
@@ -219,37 +290,32 @@ impl Wills {
         how: Ending,
         now: u64,
     ) -> Vec<Change> {
-        let keys: Vec<Key> = self
-            .map
-            .iter()
-            .filter(|(_, w)| w.owner == *owner && w.instance == instance && w.state == State::Live)
-            .map(|(k, _)| k.clone())
-            .collect();
         let mut changes = Vec::new();
-        for k in keys {
-            let Some(w) = self.map.get_mut(&k) else {
+        for k in self.owned_by(owner) {
+            let Some(w) = self
+                .map
+                .get(&k)
+                .filter(|w| w.instance == instance && w.state == State::Live)
+            else {
                 continue;
             };
             match (how, w.kind) {
                 (Ending::Graceful, Kind::Amqp) => {
-                    self.map.remove(&k);
+                    self.take(&k);
                     self.count(&k.0).cancelled += 1;
                     changes.push(Change::Delete(k));
                 }
                 (Ending::Lost, _) => {
-                    w.state = State::Due {
-                        at: now + u64::from(w.delay) * 1000,
-                    };
-                    changes.push(Change::Put(k.clone(), Box::new(w.clone())));
+                    let state = due_at(now, w.delay, now);
+                    if let Some(w) = self.set_state(&k, state) {
+                        changes.push(Change::Put(k.clone(), Box::new(w.clone())));
+                    }
                     self.count(&k.0).fired_lost += 1;
                 }
                 _ => {
                     // Kept on disk as it was: after a restart every will
                     // is an orphan anyway.
-                    w.state = State::Orphan {
-                        until: now + self.grace_ms,
-                        lost: now,
-                    };
+                    self.set_state(&k, self.orphan(now));
                 }
             }
         }
@@ -258,57 +324,45 @@ impl Wills {
 
     /// Every link ended at once (the service's connection to its router).
     pub fn all_links_ended(&mut self, now: u64) {
-        for w in self.map.values_mut() {
-            if w.state == State::Live {
-                w.state = State::Orphan {
-                    until: now + self.grace_ms,
-                    lost: now,
-                };
-            }
+        let live: Vec<Key> = self
+            .map
+            .iter()
+            .filter(|(_, w)| w.state == State::Live)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in live {
+            self.set_state(&k, self.orphan(now));
         }
     }
 
     /// The gateway's link `owner` (attach `instance`) has registered every
     /// live client again: what it held before and did not claim is due.
     pub fn synced(&mut self, owner: &Owner, instance: u64, now: u64) -> Vec<Change> {
-        let keys: Vec<Key> = self
-            .map
-            .iter()
-            .filter(|(_, w)| {
+        let mut changes = Vec::new();
+        for k in self.owned_by(owner) {
+            let Some(w) = self.map.get(&k).filter(|w| {
                 w.kind == Kind::Gateway
-                    && w.owner == *owner
                     && w.instance != instance
                     && !matches!(w.state, State::Due { .. })
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut changes = Vec::new();
-        for k in keys {
-            if let Some(w) = self.map.get_mut(&k) {
-                let lost = match w.state {
-                    State::Orphan { lost, .. } => lost,
-                    _ => now,
-                };
-                w.state = State::Due {
-                    at: (lost + u64::from(w.delay) * 1000).max(now),
-                };
+            }) else {
+                continue;
+            };
+            let lost = match w.state {
+                State::Orphan { lost, .. } => lost,
+                _ => now,
+            };
+            let state = due_at(lost, w.delay, now);
+            if let Some(w) = self.set_state(&k, state) {
                 changes.push(Change::Put(k.clone(), Box::new(w.clone())));
-                self.count(&k.0).fired_gateway += 1;
             }
+            self.count(&k.0).fired_gateway += 1;
         }
         changes
     }
 
     /// The next time [`Wills::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.map
-            .values()
-            .filter_map(|w| match w.state {
-                State::Live => None,
-                State::Orphan { until, .. } => Some(until),
-                State::Due { at } => Some(at),
-            })
-            .min()
+        self.timers.first().map(|(t, _)| *t)
     }
 
     /// Time passed: unclaimed orphans are due (a gateway's) or dropped
@@ -316,44 +370,32 @@ impl Wills {
     /// their deletion is on disk.
     pub fn tick(&mut self, now: u64) -> (Vec<Change>, Vec<(Key, Will)>) {
         let mut changes = Vec::new();
-        let expired: Vec<Key> = self
-            .map
-            .iter()
-            .filter(|(_, w)| matches!(w.state, State::Orphan { until, .. } if until <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in expired {
-            let Some(w) = self.map.get_mut(&k) else {
+        let mut out = Vec::new();
+        while let Some((t, k)) = self.timers.first().cloned() {
+            if t > now {
+                break;
+            }
+            let Some(w) = self.map.get(&k) else {
+                self.timers.remove(&(t, k));
                 continue;
             };
-            let State::Orphan { lost, .. } = w.state else {
-                continue;
-            };
-            match w.kind {
-                Kind::Gateway => {
-                    w.state = State::Due {
-                        at: (lost + u64::from(w.delay) * 1000).max(now),
-                    };
+            match (w.state, w.kind) {
+                (State::Orphan { lost, .. }, Kind::Gateway) => {
+                    let state = due_at(lost, w.delay, now);
+                    self.set_state(&k, state);
                     self.count(&k.0).fired_gateway += 1;
                 }
-                Kind::Amqp => {
-                    self.map.remove(&k);
+                (State::Orphan { .. }, Kind::Amqp) => {
+                    self.take(&k);
                     self.count(&k.0).dropped_orphans += 1;
                     changes.push(Change::Delete(k));
                 }
-            }
-        }
-        let due: Vec<Key> = self
-            .map
-            .iter()
-            .filter(|(_, w)| matches!(w.state, State::Due { at } if at <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut out = Vec::new();
-        for k in due {
-            if let Some(w) = self.map.remove(&k) {
-                changes.push(Change::Delete(k.clone()));
-                out.push((k, w));
+                _ => {
+                    if let Some(w) = self.take(&k) {
+                        changes.push(Change::Delete(k.clone()));
+                        out.push((k, w));
+                    }
+                }
             }
         }
         (changes, out)
