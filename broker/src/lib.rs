@@ -134,11 +134,11 @@ async fn keep_router(
     services: connection::Services,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut redial = flotilla_core::redial::Redial::default();
     let mut conn = 0u64;
     while !shutdown.is_cancelled() {
         conn += 1;
-        let started = std::time::Instant::now();
+        redial.attempt();
         let attempt = async {
             let tcp = tokio::net::TcpStream::connect(&link.addr).await.ok()?;
             let _ = tcp.set_nodelay(true);
@@ -186,14 +186,8 @@ async fn keep_router(
             Some(()) => info!(router = %link.addr, "connection to router closed"),
             None => debug!(router = %link.addr, "cannot reach router; retrying"),
         }
-        backoff = if started.elapsed() > Duration::from_secs(5) {
-            Duration::from_millis(100)
-        } else {
-            (backoff * 2).min(Duration::from_secs(2))
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !redial.wait(&shutdown).await {
+            return;
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod pattern;
 pub mod placement;
+pub mod redial;
 pub mod resources;
 pub mod telemetry;
 pub mod time;

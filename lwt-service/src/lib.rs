@@ -143,9 +143,9 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
             shutdown.clone(),
         ));
     }
-    let mut backoff = Duration::from_millis(100);
+    let mut redial = flotilla_core::redial::Redial::default();
     while !shutdown.is_cancelled() {
-        let started = std::time::Instant::now();
+        redial.attempt();
         match flotilla_mqtt_gateway::upstream::connect(&router).await {
             Ok((io, buf)) => {
                 let mut conn = service::Conn::new(&mut svc, shutdown.clone());
@@ -162,14 +162,8 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
             }
             Err(e) => debug!(router = %cfg.router, error = %e, "cannot reach router; retrying"),
         }
-        backoff = if started.elapsed() > Duration::from_secs(5) {
-            Duration::from_millis(100)
-        } else {
-            (backoff * 2).min(Duration::from_secs(2))
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+        if !redial.wait(&shutdown).await {
+            break;
         }
     }
     tracker.close();

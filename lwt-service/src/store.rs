@@ -20,25 +20,14 @@ use crate::wills::{Change, Key, Kind, Owner, State, Will};
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 
 #[derive(Debug, thiserror::Error)]
-#[error("will store: {0}")]
-pub struct StoreError(pub String);
-
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError(e.to_string())
-            }
-        }
-    )*};
+pub enum StoreError {
+    /// Every redb error converts into `redb::Error`, so `?` needs no
+    /// conversion of ours per error type.
+    #[error("will store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("will store: cannot start its writer: {0}")]
+    Thread(std::io::Error),
 }
-db_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 /// A batch of changes and who waits for them to be on disk.
 type Batch = (Vec<Change>, oneshot::Sender<Result<(), String>>);
@@ -166,31 +155,12 @@ impl Store {
     /// # Errors
     /// The database cannot be opened or is damaged.
     pub fn open(dir: &Path) -> Result<(Store, Vec<(Key, Will)>), StoreError> {
-        let db = Database::create(dir.join("wills.redb"))?;
-        let tx = db.begin_write()?;
-        tx.open_table(WILLS)?;
-        tx.commit()?;
-        let mut wills = Vec::new();
-        {
-            let rx = db.begin_read()?;
-            let t = rx.open_table(WILLS)?;
-            for row in t.iter()? {
-                let (k, v) = row?;
-                let Some((space, client)) = k.value().split_once('\0') else {
-                    tracing::warn!(key = k.value(), "a will with a malformed key skipped");
-                    continue;
-                };
-                match decode(v.value()) {
-                    Some(w) => wills.push(((space.to_string(), client.to_string()), w)),
-                    None => tracing::warn!(space, "a will that does not decode skipped"),
-                }
-            }
-        }
+        let (db, wills) = read(dir)?;
         let (tx, rx) = std_mpsc::channel::<Batch>();
         let thread = std::thread::Builder::new()
             .name("lwt-store".into())
             .spawn(move || writer(db, rx))
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(StoreError::Thread)?;
         let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
         Ok((Store { tx, thread }, wills))
     }
@@ -217,6 +187,31 @@ impl Store {
     }
 }
 
+/// Opens (or creates) the database in `dir` and reads every will.
+fn read(dir: &Path) -> Result<(Database, Vec<(Key, Will)>), redb::Error> {
+    let db = Database::create(dir.join("wills.redb"))?;
+    let tx = db.begin_write()?;
+    tx.open_table(WILLS)?;
+    tx.commit()?;
+    let mut wills = Vec::new();
+    {
+        let rx = db.begin_read()?;
+        let t = rx.open_table(WILLS)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let Some((space, client)) = k.value().split_once('\0') else {
+                tracing::warn!(key = k.value(), "a will with a malformed key skipped");
+                continue;
+            };
+            match decode(v.value()) {
+                Some(w) => wills.push(((space.to_string(), client.to_string()), w)),
+                None => tracing::warn!(space, "a will that does not decode skipped"),
+            }
+        }
+    }
+    Ok((db, wills))
+}
+
 fn writer(db: Database, rx: std_mpsc::Receiver<Batch>) {
     while let Ok(first) = rx.recv() {
         // Everything that waits goes in this commit.
@@ -235,7 +230,7 @@ fn writer(db: Database, rx: std_mpsc::Receiver<Batch>) {
     }
 }
 
-fn commit<'a>(db: &Database, changes: impl Iterator<Item = &'a Change>) -> Result<(), StoreError> {
+fn commit<'a>(db: &Database, changes: impl Iterator<Item = &'a Change>) -> Result<(), redb::Error> {
     let tx = db.begin_write()?;
     {
         let mut t = tx.open_table(WILLS)?;

@@ -513,9 +513,9 @@ async fn keep(
     ready: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut redial = flotilla_core::redial::Redial::default();
     while !shutdown.is_cancelled() {
-        let started = std::time::Instant::now();
+        redial.attempt();
         match connect(&link).await {
             Ok((io, buf)) => {
                 info!(router = %link.addr, upstream = i, "connected to router");
@@ -543,14 +543,8 @@ async fn keep(
                 }
             }
         }
-        backoff = if started.elapsed() > Duration::from_secs(5) {
-            Duration::from_millis(100)
-        } else {
-            (backoff * 2).min(Duration::from_secs(2))
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !redial.wait(&shutdown).await {
+            return;
         }
     }
 }
