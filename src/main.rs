@@ -43,7 +43,7 @@ const EX_USAGE: u8 = 64;
 )]
 struct Cli {
     /// Log as JSON lines (for Kubernetes).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "FLOTILLA_LOG_JSON")]
     log_json: bool,
     /// Runtime worker threads (default: one per core).
     #[arg(long, global = true, env = "FLOTILLA_THREADS")]
@@ -58,7 +58,7 @@ enum Command {
     /// gateway, the last-will service and the console.
     Up(UpArgs),
     /// Run an AMQP 1.0 router.
-    Router(RouterArgs),
+    Router(RouterCmd),
     /// Run a broker: durable queues and topics on the broker's own journal.
     Broker(BrokerArgs),
     /// Run the control plane: the REST API and the watch routers follow.
@@ -244,6 +244,27 @@ struct RouterArgs {
     /// Close connections silent for this many seconds (0 = never).
     #[arg(long, env = "FLOTILLA_IDLE_TIMEOUT", default_value_t = 16)]
     idle_timeout: u64,
+    /// Seconds a router asked to stop (SIGTERM) waits for its unsettled
+    /// deliveries to settle before it closes its connections; keep it
+    /// under Kubernetes' terminationGracePeriodSeconds.
+    #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT", default_value_t = 20)]
+    drain_timeout: u64,
+}
+
+/// `flotilla router`: the router's arguments, and those only a router
+/// running on its own takes.
+#[derive(Args, Clone)]
+struct RouterCmd {
+    #[command(flatten)]
+    router: RouterArgs,
+    /// Operations listener (/metrics, /healthz, /readyz), HOST:PORT.
+    #[arg(long, env = "FLOTILLA_HTTP")]
+    http: Option<SocketAddr>,
+    /// When this router stops, its clients are closed with
+    /// amqp:connection:redirect to HOST:PORT (another router, or the
+    /// service in front of them); without it, amqp:connection:forced.
+    #[arg(long, env = "FLOTILLA_REDIRECT")]
+    redirect: Option<String>,
 }
 
 impl RouterArgs {
@@ -278,6 +299,7 @@ impl RouterArgs {
             require_tls: self.require_tls,
             retire_brokers_after: (self.retire_brokers_after > 0)
                 .then(|| Duration::from_secs(self.retire_brokers_after)),
+            drain_timeout: Duration::from_secs(self.drain_timeout),
             ..RouterConfig::default()
         })
     }
@@ -359,6 +381,9 @@ struct BrokerArgs {
     require_tls: bool,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Operations listener (/metrics, /healthz, /readyz), HOST:PORT.
+    #[arg(long, env = "FLOTILLA_HTTP")]
+    http: Option<SocketAddr>,
 }
 
 impl RouterArgs {
@@ -395,6 +420,7 @@ impl BrokerArgs {
             require_tls: self.require_tls,
             admission: self.limits.admission(),
             console: self.console.link()?,
+            http: self.http,
         })
     }
 }
@@ -472,6 +498,9 @@ struct GatewayArgs {
     require_tls: bool,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Operations listener (/metrics, /healthz, /readyz), HOST:PORT.
+    #[arg(long, env = "FLOTILLA_HTTP")]
+    http: Option<SocketAddr>,
 }
 
 impl GatewayArgs {
@@ -500,6 +529,7 @@ impl GatewayArgs {
                 ..Default::default()
             },
             upstreams: m.upstreams.max(1),
+            http: self.http,
         })
     }
 }
@@ -574,6 +604,9 @@ struct LwtArgs {
     grace: u64,
     #[command(flatten)]
     creds: ComponentCreds,
+    /// Operations listener (/metrics, /healthz, /readyz), HOST:PORT.
+    #[arg(long, env = "FLOTILLA_HTTP")]
+    http: Option<SocketAddr>,
 }
 
 impl LwtArgs {
@@ -588,6 +621,7 @@ impl LwtArgs {
             mesh_secret: self.creds.mesh_secret()?,
             tls_ca: self.creds.tls_ca,
             grace: Duration::from_secs(self.grace.max(1)),
+            http: self.http,
         })
     }
 }
@@ -727,11 +761,13 @@ fn usage(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EX_USAGE)
 }
 
-async fn run_router(args: RouterArgs) -> ExitCode {
-    let cfg = match args.into_config() {
+async fn run_router(args: RouterCmd) -> ExitCode {
+    let mut cfg = match args.router.into_config() {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
+    cfg.http = args.http;
+    cfg.redirect = args.redirect;
     match flotilla_router::Router::bind(cfg, shutdown_on_signal()).await {
         Ok(r) => r.serve().await,
         Err(e) => return usage(e),
@@ -846,6 +882,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             creds: args.router.component_creds(),
             require_tls: args.router.require_tls,
             limits: args.router.limits.clone(),
+            http: None,
         };
         let cfg = match b.into_config() {
             Ok(c) => c,
@@ -866,6 +903,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             id: "lwt-0".into(),
             grace: 10,
             creds: args.router.component_creds(),
+            http: None,
         };
         let cfg = match l.into_config() {
             Ok(c) => c,
@@ -895,6 +933,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
                 creds: args.router.component_creds(),
                 require_tls: args.router.require_tls,
                 limits: args.router.limits.clone(),
+                http: None,
             };
             let cfg = match gw.into_config() {
                 Ok(c) => c,

@@ -75,6 +75,9 @@ pub struct BrokerConfig {
     pub admission: flotilla_amqp::admission::AdmissionConfig,
     /// Follow the control plane for address spaces, addresses and users.
     pub console: Option<flotilla_core::watch::ConsoleLink>,
+    /// The operations listener: `/metrics`, `/healthz`, `/readyz` (ready
+    /// once the journal is recovered and the router, if any, connected).
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +135,7 @@ async fn keep_router(
     link: RouterLink,
     id: String,
     services: connection::Services,
+    readiness: std::sync::Arc<flotilla_core::ops::Readiness>,
     shutdown: CancellationToken,
 ) {
     let mut redial = flotilla_core::redial::Redial::default();
@@ -175,11 +179,13 @@ async fn keep_router(
                     Err(_) => return None,
                 };
             info!(router = %link.addr, "connected to router");
+            readiness.ok("router");
             // Router connections count down from the top of the id space.
             let cid = u64::MAX - conn;
             connection::BrokerConnection::new(cid, &id, services.clone(), connection::Peer::Router)
                 .run(io, buf, shutdown.clone())
                 .await;
+            readiness.set("router", Some(format!("connection to {} lost", link.addr)));
             Some(())
         };
         match attempt.await {
@@ -190,6 +196,16 @@ async fn keep_router(
             return;
         }
     }
+}
+
+/// The broker's live state: its queues, their depths and counts.
+async fn report(q: queues::QueueHandle, id: String) -> serde_json::Value {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = q.send(queues::BrokerEvent::Report { reply: tx });
+    let mut v = rx.await.unwrap_or_default();
+    v["component"] = "broker".into();
+    v["id"] = id.into();
+    v
 }
 
 /// Recovers the journal, binds, and serves until `shutdown`.
@@ -204,6 +220,34 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     }
     if cfg.require_tls && cfg.tls.is_none() {
         return Err(BrokerError::TlsMissing);
+    }
+    // Probes answer while the journal is read: not ready, but alive.
+    let mut checks = vec![("journal", "recovering the journal")];
+    if cfg.router.is_some() {
+        checks.push(("router", "not connected to the router yet"));
+    }
+    let readiness = flotilla_core::ops::Readiness::new(&checks);
+    let reporter: std::sync::Arc<std::sync::OnceLock<queues::QueueHandle>> = Default::default();
+    if let Some(addr) = cfg.http {
+        let l = flotilla_core::ops::bind(addr)
+            .await
+            .map_err(|source| BrokerError::Bind { addr, source })?;
+        let (r, id) = (reporter.clone(), cfg.container_id.clone());
+        let ops = flotilla_core::ops::Ops {
+            component: "broker",
+            id: cfg.container_id.clone(),
+            readiness: readiness.clone(),
+            report: Some(std::sync::Arc::new(move || {
+                let (q, id) = (r.get().cloned(), id.clone());
+                Box::pin(async move {
+                    match q {
+                        Some(q) => report(q, id).await,
+                        None => serde_json::Value::Null,
+                    }
+                })
+            })),
+        };
+        tokio::spawn(flotilla_core::ops::serve(l, ops, shutdown.clone()));
     }
     // The journal holds every tenant's messages: its owner only.
     flotilla_core::auth::private_dir(&cfg.data_dir)?;
@@ -264,6 +308,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         source,
     })?;
     info!(proto = "amqp", addr = %addr, "listening");
+    readiness.ok("journal");
+    let _ = reporter.set(queues.clone());
     let tracker = TaskTracker::new();
     tracker.spawn(task.run());
     let policy = Policy::new(cfg.tenancy.clone())
@@ -295,17 +341,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
             shutdown.clone(),
         ));
         let (q1, q2, id) = (queues.clone(), queues.clone(), cfg.container_id.clone());
-        let state = move || {
-            let (q, id) = (q1.clone(), id.clone());
-            async move {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let _ = q.send(queues::BrokerEvent::Report { reply: tx });
-                let mut v = rx.await.unwrap_or_default();
-                v["component"] = "broker".into();
-                v["id"] = id.into();
-                v
-            }
-        };
+        let state = move || report(q1.clone(), id.clone());
         let command = move |c: serde_json::Value| {
             if let (Some(space), Some(address)) =
                 (c["purge"]["space"].as_str(), c["purge"]["address"].as_str())
@@ -332,6 +368,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
             link,
             cfg.container_id.clone(),
             services.clone(),
+            readiness.clone(),
             shutdown.clone(),
         ));
     }

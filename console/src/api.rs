@@ -1251,11 +1251,12 @@ async fn links(State(state): State<AppState>, Path(space): Path<String>) -> ApiR
     Ok(Json(json!({"kind": "LinkList", "items": items})))
 }
 
-/// `GET /metrics`: Prometheus text format (admin token as bearer): per
-/// address and space what routers and brokers last reported, and what the
+/// `GET /metrics`: Prometheus text format (admin token as bearer): what
+/// every router, broker, gateway and last-will service last reported, as
+/// each serves on its own `--http` (`flotilla_core::metrics`), and what the
 /// store holds.
 async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
-    use std::fmt::Write as _;
+    use flotilla_core::metrics::{Exposition, Kind};
     let store = state.store.clone();
     let counts = blocking(move || {
         Ok((
@@ -1265,167 +1266,32 @@ async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
         ))
     })
     .await?;
-    let esc = |v: &Value| {
-        v.as_str()
-            .unwrap_or("")
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_objects Resources in the console's store.\n# TYPE flotilla_objects gauge"
-    );
+    let mut e = Exposition::default();
     for (kind, c) in [
         ("AddressSpace", counts.0),
         ("Address", counts.1),
         ("MessagingUser", counts.2),
     ] {
-        let _ = writeln!(out, "flotilla_objects{{kind=\"{kind}\"}} {c}");
-    }
-    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = writeln!(out, "# HELP flotilla_router_connections Client connections per router and address space.\n# TYPE flotilla_router_connections gauge");
-    let mut per: std::collections::BTreeMap<(String, String), u64> =
-        std::collections::BTreeMap::new();
-    let mut addresses = String::new();
-    for (id, r) in live.fresh("router") {
-        let router = id.trim_start_matches("router/").to_string();
-        for c in r["connections"].as_array().into_iter().flatten() {
-            *per.entry((router.clone(), esc(&c["space"]))).or_default() += 1;
-        }
-        for a in r["addresses"].as_array().into_iter().flatten() {
-            let labels = format!(
-                "router=\"{router}\",space=\"{}\",address=\"{}\"",
-                esc(&a["space"]),
-                esc(&a["address"])
-            );
-            let _ = writeln!(
-                addresses,
-                "flotilla_address_delivered_total{{{labels}}} {}",
-                n(&a["delivered"])
-            );
-            let _ = writeln!(
-                addresses,
-                "flotilla_address_senders{{{labels}}} {}",
-                n(&a["senders"])
-            );
-            let _ = writeln!(
-                addresses,
-                "flotilla_address_receivers{{{labels}}} {}",
-                n(&a["receivers"])
-            );
-        }
-    }
-    for ((router, space), c) in per {
-        let _ = writeln!(
-            out,
-            "flotilla_router_connections{{router=\"{router}\",space=\"{space}\"}} {c}"
+        e.sample(
+            "flotilla_objects",
+            Kind::Gauge,
+            "Resources in the console's store.",
+            &[("kind", kind)],
+            c,
         );
     }
-    let _ = writeln!(out, "# HELP flotilla_address_delivered_total Messages routers delivered per address.\n# TYPE flotilla_address_delivered_total counter");
-    let _ = writeln!(
-        out,
-        "# TYPE flotilla_address_senders gauge\n# TYPE flotilla_address_receivers gauge"
-    );
-    out.push_str(&addresses);
-    let _ = writeln!(out, "# HELP flotilla_mqtt_connections MQTT clients connected per gateway and address space.\n# TYPE flotilla_mqtt_connections gauge\n# HELP flotilla_mqtt_subscriptions MQTT subscriptions per gateway and address space.\n# TYPE flotilla_mqtt_subscriptions gauge\n# HELP flotilla_mqtt_inflight QoS 1 and 2 messages sent to MQTT clients and not yet acknowledged.\n# TYPE flotilla_mqtt_inflight gauge");
-    let mut totals = String::new();
-    for (id, r) in live.fresh("gateway") {
-        let gateway = id.trim_start_matches("gateway/").to_string();
-        let mut per: std::collections::BTreeMap<String, (u64, u64, u64)> =
-            std::collections::BTreeMap::new();
-        for c in r["sessions"].as_array().into_iter().flatten() {
-            let e = per.entry(esc(&c["space"])).or_default();
-            e.0 += 1;
-            e.1 += c["subscriptions"].as_array().map_or(0, |a| a.len() as u64);
-            e.2 += n(&c["inflight"]);
-        }
-        for (space, (conns, subs, inflight)) in per {
-            let labels = format!("gateway=\"{gateway}\",space=\"{space}\"");
-            let _ = writeln!(out, "flotilla_mqtt_connections{{{labels}}} {conns}");
-            let _ = writeln!(out, "flotilla_mqtt_subscriptions{{{labels}}} {subs}");
-            let _ = writeln!(out, "flotilla_mqtt_inflight{{{labels}}} {inflight}");
-        }
-        let t = &r["totals"];
-        for (name, key) in [
-            ("received", "received"),
-            ("sent", "sent"),
-            ("dropped", "dropped"),
-            ("connections", "connections"),
-            ("refused_connections", "refusedConnections"),
-            ("protocol_errors", "protocolErrors"),
-        ] {
-            let _ = writeln!(
-                totals,
-                "flotilla_mqtt_{name}_total{{gateway=\"{gateway}\"}} {}",
-                n(&t[key])
-            );
+    let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+    for component in ["router", "broker", "gateway", "lwt"] {
+        for (key, r) in live.fresh(component) {
+            let id = key.split_once('/').map_or(key.as_str(), |(_, id)| id);
+            e.report(component, id, r);
         }
     }
-    let _ = writeln!(out, "# HELP flotilla_mqtt_received_total PUBLISH packets MQTT clients sent a gateway.\n# TYPE flotilla_mqtt_received_total counter\n# HELP flotilla_mqtt_sent_total PUBLISH packets a gateway sent MQTT clients.\n# TYPE flotilla_mqtt_sent_total counter\n# HELP flotilla_mqtt_dropped_total QoS 0 messages dropped for slow MQTT clients.\n# TYPE flotilla_mqtt_dropped_total counter\n# TYPE flotilla_mqtt_connections_total counter\n# TYPE flotilla_mqtt_refused_connections_total counter\n# TYPE flotilla_mqtt_protocol_errors_total counter");
-    out.push_str(&totals);
-    let _ = writeln!(out, "# HELP flotilla_lwt_wills Wills the last-will service holds per address space.\n# TYPE flotilla_lwt_wills gauge\n# HELP flotilla_lwt_registered_total Wills registered.\n# TYPE flotilla_lwt_registered_total counter\n# HELP flotilla_lwt_cancelled_total Wills deleted by a graceful disconnect or a reconnect in time.\n# TYPE flotilla_lwt_cancelled_total counter\n# HELP flotilla_lwt_fired_total Wills published, by cause.\n# TYPE flotilla_lwt_fired_total counter\n# HELP flotilla_lwt_orphans_dropped_total AMQP wills dropped after their link broke between routers.\n# TYPE flotilla_lwt_orphans_dropped_total counter");
-    for (id, r) in live.fresh("lwt") {
-        let service = id.trim_start_matches("lwt/");
-        for (space, c) in r["spaces"].as_object().into_iter().flatten() {
-            let labels = format!("service=\"{service}\",space=\"{}\"", esc(&json!(space)));
-            let _ = writeln!(out, "flotilla_lwt_wills{{{labels}}} {}", n(&c["held"]));
-            let _ = writeln!(
-                out,
-                "flotilla_lwt_registered_total{{{labels}}} {}",
-                n(&c["registered"])
-            );
-            let _ = writeln!(
-                out,
-                "flotilla_lwt_cancelled_total{{{labels}}} {}",
-                n(&c["cancelled"])
-            );
-            for (cause, key) in [
-                ("connection_lost", "connectionLost"),
-                ("gateway_lost", "gatewayLost"),
-                ("asked", "asked"),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "flotilla_lwt_fired_total{{{labels},cause=\"{cause}\"}} {}",
-                    n(&c["fired"][key])
-                );
-            }
-            let _ = writeln!(
-                out,
-                "flotilla_lwt_orphans_dropped_total{{{labels}}} {}",
-                n(&c["droppedOrphans"])
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP flotilla_queue_depth Messages a broker holds per queue or subscription.\n# TYPE flotilla_queue_depth gauge\n# TYPE flotilla_queue_acknowledged_total counter\n# TYPE flotilla_queue_expired_total counter\n# TYPE flotilla_queue_dead_lettered_total counter");
-    for (id, r) in live.fresh("broker") {
-        let broker = id.trim_start_matches("broker/");
-        for q in r["queues"].as_array().into_iter().flatten() {
-            let labels = format!(
-                "broker=\"{broker}\",space=\"{}\",queue=\"{}\"",
-                esc(&q["space"]),
-                esc(&q["address"])
-            );
-            let _ = writeln!(out, "flotilla_queue_depth{{{labels}}} {}", n(&q["depth"]));
-            let _ = writeln!(
-                out,
-                "flotilla_queue_acknowledged_total{{{labels}}} {}",
-                n(&q["acknowledged"])
-            );
-            let _ = writeln!(
-                out,
-                "flotilla_queue_expired_total{{{labels}}} {}",
-                n(&q["expired"])
-            );
-            let _ = writeln!(
-                out,
-                "flotilla_queue_dead_lettered_total{{{labels}}} {}",
-                n(&q["deadLettered"])
-            );
-        }
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    drop(live);
+    e.process();
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        e.render(),
+    )
+        .into_response())
 }

@@ -12,11 +12,16 @@
 //!   validated [`config::Tenancy`].
 //! - [`auth`]: SCRAM-SHA-256 salted keys, password checks and authorization.
 //! - [`telemetry`]: tracing initialisation shared by every command.
+//! - [`metrics`]: the Prometheus series of the components' live reports.
+//! - [`ops`]: a component's `--http` listener: `/metrics`, `/healthz`,
+//!   `/readyz`.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
+pub mod metrics;
+pub mod ops;
 pub mod pattern;
 pub mod placement;
 pub mod redial;

@@ -52,6 +52,9 @@ pub struct LwtConfig {
     /// How long a will whose link broke (not its client's connection) may
     /// be claimed again before it is published (a gateway's) or dropped.
     pub grace: Duration,
+    /// The operations listener: `/metrics`, `/healthz`, `/readyz` (ready
+    /// once the wills are read and the router connected).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,25 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
     if cfg.mesh_secret.is_none() && !(cfg.tls_ca.is_some() && cfg.tls.is_some()) {
         return Err(LwtError::NoComponentCredential);
     }
+    let readiness = flotilla_core::ops::Readiness::new(&[
+        ("store", "reading the wills"),
+        ("router", "not connected to the router yet"),
+    ]);
+    let report = Arc::new(Mutex::new(serde_json::Value::Null));
+    if let Some(addr) = cfg.http {
+        let l = flotilla_core::ops::bind(addr).await?;
+        let r = report.clone();
+        let ops = flotilla_core::ops::Ops {
+            component: "lwt",
+            id: cfg.id.clone(),
+            readiness: readiness.clone(),
+            report: Some(Arc::new(move || {
+                let v = r.lock().map(|v| v.clone()).unwrap_or_default();
+                Box::pin(std::future::ready(v))
+            })),
+        };
+        tokio::spawn(flotilla_core::ops::serve(l, ops, shutdown.clone()));
+    }
     // Wills carry every tenant's messages: the owner's only.
     flotilla_core::auth::private_dir(&cfg.data_dir)?;
     let dir = cfg.data_dir.clone();
@@ -85,6 +107,7 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
     let grace_ms = cfg.grace.as_millis() as u64;
     let wills = wills::Wills::recovered(recovered, grace_ms, now);
     info!(wills = wills.len(), "wills recovered");
+    readiness.ok("store");
     // The route container's connection, and the publisher's (the same
     // login; a container id of its own).
     let router = RouterLink::for_component(
@@ -106,7 +129,6 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
         },
         shutdown.clone(),
     );
-    let report = Arc::new(Mutex::new(serde_json::Value::Null));
     let mut svc = service::Service {
         wills,
         store,
@@ -148,11 +170,13 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
         redial.attempt();
         match flotilla_mqtt_gateway::upstream::connect(&router).await {
             Ok((io, buf)) => {
+                readiness.ok("router");
                 let mut conn = service::Conn::new(&mut svc, shutdown.clone());
                 let ended = Driver::new(io, buf, DriverConfig::default())
                     .run(&mut conn)
                     .await;
                 drop(conn);
+                readiness.set("router", Some(format!("connection to {} lost", cfg.router)));
                 match ended {
                     Ended::Io(e) => {
                         warn!(router = %cfg.router, error = %e, "connection to router failed")

@@ -76,6 +76,9 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// AMQP connections to the router the clients are spread over.
     pub upstreams: usize,
+    /// The operations listener: `/metrics`, `/healthz`, `/readyz` (ready
+    /// while every connection to the router is up).
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +132,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         .with_require_tls(cfg.require_tls);
     let tracker = TaskTracker::new();
     let pool = upstream::Pool::start(cfg.upstreams, router, shutdown.clone());
+    let ops_listener = match cfg.http {
+        Some(addr) => Some(
+            flotilla_core::ops::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(server::Shared {
         policy: Arc::new(policy.clone()),
         mesh: cfg.mesh_secret.clone(),
@@ -178,6 +189,25 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             command,
             shutdown.clone(),
         ));
+    }
+    if let Some(l) = ops_listener {
+        let readiness = flotilla_core::ops::Readiness::new(&[]);
+        let pool = shared.pool.clone();
+        let router = cfg.router.clone();
+        readiness.live("router", move || {
+            (!pool.ready()).then(|| format!("not connected to the router {router}"))
+        });
+        let sh = shared.clone();
+        let ops = flotilla_core::ops::Ops {
+            component: "gateway",
+            id: cfg.container_id.clone(),
+            readiness,
+            report: Some(Arc::new(move || {
+                let v = sh.registry.snapshot(None);
+                Box::pin(std::future::ready(v))
+            })),
+        };
+        tracker.spawn(flotilla_core::ops::serve(l, ops, shutdown.clone()));
     }
     let acceptor = match &cfg.tls {
         Some((c, k)) => Some(tokio_rustls::TlsAcceptor::from(

@@ -160,7 +160,7 @@ pub(crate) struct ConnectionTask {
     pub(crate) conn: Connection,
     pub(crate) shared: Arc<Shared>,
     pub(crate) identity: Identity,
-    peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     pub(crate) role: ConnRole,
     incoming: HashMap<LinkId, Incoming>,
     outgoing: HashMap<LinkId, Outgoing>,
@@ -170,7 +170,13 @@ pub(crate) struct ConnectionTask {
     dirty: HashSet<LinkId>,
     pub(crate) closing: Option<CloseReason>,
     /// The router is shutting down: no more credit for senders.
-    draining: bool,
+    pub(crate) draining: bool,
+    /// `unsettled.len()` as last added to the router's `in_flight`.
+    counted_in_flight: usize,
+    /// The client follows `amqp:connection:redirect` (it said so in its
+    /// Open, or is known to); others hear `amqp:connection:forced`, which
+    /// clients treat as a reason to reconnect.
+    follows_redirect: bool,
     /// Receivers of `$stat` waiting for credit to get their snapshot.
     stat_links: Vec<LinkId>,
     /// Links routed to brokers (see [`crate::linkroute`]).
@@ -269,6 +275,8 @@ impl ConnectionTask {
             dirty: HashSet::new(),
             closing: None,
             draining: false,
+            counted_in_flight: 0,
+            follows_redirect: false,
             stat_links: Vec::new(),
             routes: Default::default(),
             remote_container: String::new(),
@@ -440,7 +448,17 @@ impl ConnectionTask {
     /// Router shutdown, first step: senders get no more credit.
     fn withdraw_credit(&mut self) {
         self.draining = true;
-        let links: Vec<LinkId> = self.incoming.keys().copied().collect();
+        let mut links: Vec<LinkId> = self.incoming.keys().copied().collect();
+        if matches!(self.role, ConnRole::Client(_)) {
+            // A client's senders routed to brokers, too.
+            links.extend(
+                self.routes
+                    .links
+                    .keys()
+                    .copied()
+                    .filter(|l| self.conn.link(*l).is_some_and(|l| l.role == Role::Receiver)),
+            );
+        }
         for l in links {
             self.conn.flow(l, 0, false);
         }
@@ -456,10 +474,13 @@ impl ConnectionTask {
             self.handle_conn_event(ev);
         }
         self.closing = Some(CloseReason::Shutdown);
-        self.conn.close(Some(amqp_error(
-            ConnectionError::ConnectionForced,
-            "router shutting down",
-        )));
+        let redirect = match (&self.role, &self.shared.cfg.redirect) {
+            (ConnRole::Client(_), Some(to)) if self.follows_redirect => redirect_error(to),
+            _ => None,
+        };
+        self.conn.close(Some(redirect.unwrap_or_else(|| {
+            amqp_error(ConnectionError::ConnectionForced, "router shutting down")
+        })));
     }
 
     fn handle_event(&mut self, e: Event) {
@@ -549,6 +570,7 @@ impl ConnectionTask {
                 .as_ref()
                 .is_some_and(|c| c.0.iter().any(|s| s.as_str() == cap))
         };
+        self.follows_redirect = follows_redirect(open);
         let route_container = offers(crate::linkroute::ROUTE_CONTAINER_CAPABILITY);
         let gateway = offers(GATEWAY_CAPABILITY);
         if self.identity.is_component() {
@@ -1663,6 +1685,10 @@ impl ConnectionTask {
             }
         }
         self.peer_cleanup();
+        self.shared
+            .in_flight
+            .fetch_sub(self.counted_in_flight as i64, Ordering::Relaxed);
+        self.counted_in_flight = 0;
         if self.closing == Some(CloseReason::Io) {
             warn!(conn.id = self.id.0, client.addr = %self.peer, "connection lost");
         }
@@ -1726,6 +1752,13 @@ impl Handler for ConnectionTask {
 
     fn on_turn(&mut self) {
         self.top_up_credit();
+        let n = self.unsettled.len();
+        if n != self.counted_in_flight {
+            self.shared
+                .in_flight
+                .fetch_add(n as i64 - self.counted_in_flight as i64, Ordering::Relaxed);
+            self.counted_in_flight = n;
+        }
         if let ConnRole::Client(c) = &self.role {
             c.link_count
                 .store(self.conn.link_count(), Ordering::Relaxed);
@@ -1745,6 +1778,50 @@ impl Handler for ConnectionTask {
     fn closing(&self) -> bool {
         self.closing.is_some()
     }
+}
+
+/// The capability a client desires in its Open to say it follows
+/// `amqp:connection:redirect` to another router.
+pub const REDIRECT_CAPABILITY: &str = "flotilla:redirect";
+
+/// Whether the client of this Open follows a redirect: it desires
+/// [`REDIRECT_CAPABILITY`], or it is Qpid JMS, whose failover does.
+/// Python proton and others give up on a redirect (they reconnect after
+/// `amqp:connection:forced`).
+fn follows_redirect(open: &flotilla_amqp::types::performatives::Open) -> bool {
+    use flotilla_amqp::types::primitives::{Symbol, Value};
+    let desires = open
+        .desired_capabilities
+        .as_ref()
+        .is_some_and(|c| c.0.iter().any(|s| s.as_str() == REDIRECT_CAPABILITY));
+    let jms = open.properties.as_ref().is_some_and(
+        |p| matches!(p.get(&Symbol::from("product")), Some(Value::String(s)) if s == "QpidJMS"),
+    );
+    desires || jms
+}
+
+/// `amqp:connection:redirect` to `to` (HOST:PORT), with the host and
+/// port in the error's info as AMQP 1.0 §2.8.17 names them; `None` when
+/// `to` is not HOST:PORT.
+fn redirect_error(to: &str) -> Option<AmqpErrorBody> {
+    use flotilla_amqp::types::primitives::{OrderedMap, Symbol, Value};
+    let (host, port) = to.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut info = OrderedMap::new();
+    info.insert(Symbol::from("hostname"), Value::String(host.to_string()));
+    info.insert(
+        Symbol::from("network-host"),
+        Value::String(host.to_string()),
+    );
+    info.insert(Symbol::from("port"), Value::Uint(u32::from(port)));
+    Some(AmqpErrorBody::new(
+        flotilla_amqp::types::definitions::ErrorCondition::ConnectionError(
+            ConnectionError::Redirect,
+        ),
+        Some(format!("router shutting down; reconnect to {to}")),
+        Some(info),
+    ))
 }
 
 /// The next command from the mesh, on peer connections; never on others.

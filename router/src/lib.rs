@@ -86,6 +86,16 @@ pub struct RouterConfig {
     /// A broker away this long is retired: the addresses it held are
     /// placed on the others (`None`: only when the console retires it).
     pub retire_brokers_after: Option<Duration>,
+    /// The operations listener: `/metrics`, `/healthz`, `/readyz`.
+    pub http: Option<SocketAddr>,
+    /// How long a router asked to stop (lame duck) waits for its
+    /// unsettled deliveries to settle before it closes its connections.
+    pub drain_timeout: Duration,
+    /// Where a stopping router sends its clients: `HOST:PORT` of another
+    /// router, or of a service in front of the others, named in the
+    /// `amqp:connection:redirect` that closes them. `None`:
+    /// `amqp:connection:forced`.
+    pub redirect: Option<String>,
 }
 
 impl Default for RouterConfig {
@@ -115,6 +125,9 @@ impl Default for RouterConfig {
             mesh_secret: None,
             require_tls: false,
             retire_brokers_after: None,
+            http: None,
+            drain_timeout: Duration::from_secs(20),
+            redirect: None,
         }
     }
 }
@@ -177,6 +190,19 @@ pub(crate) struct Shared {
     pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
     /// Open client connections, for the console's live view.
     pub(crate) clients: std::sync::Mutex<std::collections::BTreeMap<u64, stat::ClientInfo>>,
+    /// What `/readyz` answers: listeners bound, the mesh joined, not
+    /// stopping.
+    pub(crate) readiness: Arc<flotilla_core::ops::Readiness>,
+    /// Deliveries sent and not yet settled, every connection together
+    /// (each connection task adds its change after each turn): a lame
+    /// duck closes its connections when this reaches zero.
+    pub(crate) in_flight: std::sync::atomic::AtomicI64,
+    /// Peer addresses that turned out to be this router itself (a
+    /// headless service lists every router, this one too).
+    pub(crate) self_addrs: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Per `--peer`: how many addresses it resolved to besides this
+    /// router's own (none anywhere: this router is alone, and ready).
+    pub(crate) peer_others: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// A router whose listeners are bound.
@@ -187,6 +213,7 @@ pub struct Router {
     pub local_addrs: Vec<(&'static str, SocketAddr)>,
     inter_router: Option<(TcpListener, AcceptConfig)>,
     mesh_task: Option<crate::mesh::MeshTask>,
+    http: Option<TcpListener>,
 }
 
 /// A few random-ish hex digits for generated router ids.
@@ -312,6 +339,24 @@ impl Router {
                 inter_router = Some(l);
             }
         }
+        let http = match cfg.http {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RouterError::Bind { addr, source })?;
+                local_addrs.push((
+                    "http",
+                    l.local_addr()
+                        .map_err(|source| RouterError::Bind { addr, source })?,
+                ));
+                Some(l)
+            }
+            None => None,
+        };
+        let readiness = flotilla_core::ops::Readiness::new(&[]);
+        if !cfg.peers.is_empty() {
+            readiness.set("mesh", Some("no neighbour router yet".into()));
+        }
         let table = Arc::new(AddressTable::default());
         let brokers: crate::mesh::Brokers = Arc::default();
         // Measured (bench/RESULTS.md): twice the senders' credit in flight
@@ -377,6 +422,10 @@ impl Router {
             known_brokers: Default::default(),
             tenancy_version: tokio::sync::watch::Sender::new(0),
             clients: Default::default(),
+            readiness,
+            in_flight: Default::default(),
+            self_addrs: Default::default(),
+            peer_others: Default::default(),
         });
         Ok(Router {
             shared,
@@ -384,12 +433,12 @@ impl Router {
             local_addrs,
             inter_router: inter_router.map(|l| (l, peer_accept)),
             mesh_task: mesh_task.map(|(t, _)| t),
+            http,
         })
     }
 
-    /// Serves until the shutdown token is cancelled, then: stops accepting,
-    /// withdraws senders' credit, releases waiting deliveries to their
-    /// senders, closes connections, and waits for them (bounded).
+    /// Serves until the shutdown token is cancelled, then goes lame duck
+    /// (see [`Router::drain`]).
     pub async fn serve(self) {
         for (proto, addr) in &self.local_addrs {
             info!(proto = *proto, addr = %addr, "listening");
@@ -410,6 +459,27 @@ impl Router {
         }
         if let Some(task) = self.mesh_task {
             shared.tracker.spawn(task.run(shared.closing.clone()));
+        }
+        if let Some(l) = self.http {
+            let (s1, s2) = (shared.clone(), shared.clone());
+            let last = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+            let report: flotilla_core::ops::ReportFn = Arc::new(move || {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                let r = stat::report(&s1, &mut last);
+                Box::pin(std::future::ready(r))
+            });
+            let ops = flotilla_core::ops::Ops {
+                component: "router",
+                id: s2.cfg.container_id.clone(),
+                readiness: s2.readiness.clone(),
+                report: Some(report),
+            };
+            shared
+                .tracker
+                .spawn(flotilla_core::ops::serve(l, ops, shared.closing.clone()));
+        }
+        if !shared.cfg.peers.is_empty() {
+            shared.tracker.spawn(watch_mesh_readiness(shared.clone()));
         }
         shared
             .tracker
@@ -449,12 +519,49 @@ impl Router {
             }
         }
         shared.shutdown.cancelled().await;
-        info!("shutting down: releasing in-flight deliveries and closing connections");
-        // Connection tasks withdraw their senders' credit on `shutdown`;
-        // messages waiting for a receiver go back to their senders; only
-        // then do connections close, after sending those outcomes.
-        for a in shared.table.all() {
-            a.release_all();
+        Router::drain(&shared).await;
+        info!("stopped");
+    }
+
+    /// Lame duck, when asked to stop: not ready any more; stops accepting
+    /// (the accept loops end on `shutdown`) and gives senders no more
+    /// credit (connection tasks, on `shutdown`); withdraws its addresses
+    /// from the mesh, so other routers send it nothing new; hands messages
+    /// waiting for a receiver back to their senders; waits, up to
+    /// `drain_timeout`, until every delivery in flight is settled; then
+    /// closes its connections (clients with a redirect to `redirect`, or
+    /// `amqp:connection:forced`) and waits for them (bounded).
+    async fn drain(shared: &Arc<Shared>) {
+        shared
+            .readiness
+            .set("stopping", Some("the router is shutting down".into()));
+        if let Some(m) = &shared.mesh {
+            m.send(crate::mesh::MeshEvent::Withdraw);
+        }
+        let deadline = tokio::time::Instant::now() + shared.cfg.drain_timeout;
+        info!(
+            in_flight = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            timeout_s = shared.cfg.drain_timeout.as_secs(),
+            "lame duck: accepting nothing new, addresses withdrawn from the mesh, waiting for deliveries in flight to settle"
+        );
+        loop {
+            // Messages waiting for a receiver go back to their senders.
+            for a in shared.table.all() {
+                a.release_all();
+            }
+            let left = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            if left <= 0 {
+                info!("lame duck: every delivery settled; closing connections");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                info!(
+                    unsettled = left,
+                    "lame duck: drain timeout; closing connections (unsettled deliveries are released)"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         shared.closing.cancel();
         shared.tracker.close();
@@ -464,7 +571,34 @@ impl Router {
         {
             info!("some connections did not close within 5 s");
         }
-        info!("stopped");
+    }
+}
+
+/// Keeps the readiness check `mesh` true while the router has a
+/// neighbour, or when no `--peer` resolves to anything but itself (the
+/// first router of a set); checked four times a second.
+async fn watch_mesh_readiness(shared: Arc<Shared>) {
+    let Some(mesh) = shared.mesh.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let neighbours = mesh.snapshot().neighbors.len();
+        let alone = !shared.cfg.edge && {
+            let others = shared.peer_others.lock().unwrap_or_else(|p| p.into_inner());
+            others.len() == shared.cfg.peers.len() && others.values().all(|n| *n == 0)
+        };
+        if neighbours > 0 || alone {
+            shared.readiness.ok("mesh");
+        } else {
+            shared
+                .readiness
+                .set("mesh", Some("no neighbour router yet".into()));
+        }
     }
 }
 

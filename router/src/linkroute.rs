@@ -636,7 +636,9 @@ impl ConnectionTask {
         }
         let passed = l.delivery_count.wrapping_sub(r.base);
         let c = limit.wrapping_sub(passed);
-        let credit = if c > 1 << 31 { 0 } else { c };
+        // A stopping router's clients send nothing new.
+        let stopping = self.draining && matches!(self.role, crate::connection::ConnRole::Client(_));
+        let credit = if c > 1 << 31 || stopping { 0 } else { c };
         r.draining = drain;
         self.conn.flow(link, credit, drain);
     }

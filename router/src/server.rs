@@ -112,22 +112,29 @@ async fn serve(
 /// a DNS name (a Kubernetes headless service) join and leave the mesh.
 pub(crate) async fn connect_peer(peer: String, shared: Arc<Shared>) {
     let mut conns: HashMap<SocketAddr, CancellationToken> = HashMap::new();
-    let own: Vec<SocketAddr> = Vec::new();
     loop {
         match tokio::net::lookup_host(peer.as_str()).await {
             Ok(addrs) => {
-                let addrs: Vec<SocketAddr> = addrs.filter(|a| !own.contains(a)).collect();
+                let addrs: Vec<SocketAddr> = {
+                    let own = shared.self_addrs.lock().unwrap_or_else(|p| p.into_inner());
+                    addrs.filter(|a| !own.contains(a)).collect()
+                };
+                shared
+                    .peer_others
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(peer.clone(), addrs.len());
                 conns.retain(|a, stop| {
                     let keep = addrs.contains(a);
                     if !keep {
-                        info!(peer = %peer, addr = %a, "peer address gone from DNS");
+                        info!(peer = %peer, addr = %a, "peer address gone from DNS, or it is this router");
                         stop.cancel();
                     }
                     keep
                 });
                 for a in addrs {
                     conns.entry(a).or_insert_with(|| {
-                        let stop = shared.shutdown.child_token();
+                        let stop = shared.closing.child_token();
                         shared
                             .tracker
                             .spawn(keep_connected(a, shared.clone(), stop.clone()));
@@ -160,7 +167,7 @@ pub(crate) async fn keep_uplink(uplinks: Vec<String>, shared: Arc<Shared>) {
             }
         };
         for addr in addrs {
-            let stop = shared.shutdown.child_token();
+            let stop = shared.closing.child_token();
             if let Some(lived) = connect_once(addr, &shared, &stop).await {
                 info!(uplink = %addr, "uplink lost; trying the next");
                 if lived > Duration::from_secs(5) {
@@ -182,6 +189,17 @@ async fn keep_connected(addr: SocketAddr, shared: Arc<Shared>, stop: Cancellatio
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         let connected = connect_once(addr, &shared, &stop).await;
+        // A stopping router keeps the connections it has (what is in
+        // flight settles over them) and makes no new ones.
+        if shared.shutdown.is_cancelled()
+            || shared
+                .self_addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&addr)
+        {
+            return;
+        }
         // A connection that lived a while earns a quick reconnect.
         backoff = match connected {
             Some(lived) if lived > Duration::from_secs(5) => Duration::from_millis(100),

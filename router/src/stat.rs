@@ -231,6 +231,7 @@ pub(crate) fn report(
         "component": "router",
         "id": shared.cfg.container_id,
                 "connections": connections,
+        "neighbours": shared.mesh.as_ref().map_or(0, |m| m.snapshot().neighbors.len()),
         "addresses": addresses,
         "links": links,
     })

@@ -98,6 +98,10 @@ pub enum MeshEvent {
     PeerDown { id: String, conn: u64 },
     /// Local receivers came or went on some address.
     LocalAddresses,
+    /// The router is stopping (lame duck): it announces no addresses any
+    /// more, so other routers send it nothing new; its brokers stay
+    /// announced until their connections move.
+    Withdraw,
 }
 
 /// Routing state the connection tasks read (replaced whole on change).
@@ -217,6 +221,8 @@ pub struct MeshTask {
     /// Remote consumers installed per anycast address: the neighbours.
     applied: HashMap<AddressKey, BTreeMap<String, u32>>,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
+    /// Lame duck: addresses withdrawn ([`MeshEvent::Withdraw`]).
+    withdrawn: bool,
 }
 
 fn clock_version() -> u64 {
@@ -282,6 +288,7 @@ impl MeshTask {
             routes: Routes::default(),
             applied: HashMap::new(),
             snapshot: snapshot.clone(),
+            withdrawn: false,
         };
         (
             task,
@@ -435,6 +442,11 @@ impl MeshTask {
                 true
             }
             MeshEvent::LocalAddresses => self.local_addresses(),
+            MeshEvent::Withdraw => {
+                info!("addresses withdrawn from the mesh");
+                self.withdrawn = true;
+                self.local_addresses()
+            }
             MeshEvent::Control { from, conn, msg } => {
                 if !self
                     .neighbors
@@ -591,8 +603,9 @@ impl MeshTask {
     /// the set changed. True if it did.
     fn local_addresses(&mut self) -> bool {
         let mut addresses = self.own_addresses();
-        // What edge routers attached here have, this router answers for.
-        for e in self.edge_mars.values() {
+        // What edge routers attached here have, this router answers for
+        // (until it stops).
+        for e in self.edge_mars.values().filter(|_| !self.withdrawn) {
             addresses.extend(e.iter().cloned());
         }
         if self
@@ -621,7 +634,7 @@ impl MeshTask {
             .table
             .all()
             .into_iter()
-            .filter(|a| a.has_local_consumers())
+            .filter(|a| !self.withdrawn && a.has_local_consumers())
             .map(|a| AddressKey {
                 space: a.space.clone(),
                 address: a.address.clone(),

@@ -251,6 +251,24 @@ impl ConnectionTask {
             return;
         }
         let container_id = open.container_id.as_str();
+        if container_id == self.shared.cfg.container_id {
+            // A headless service lists this router too; or another router
+            // has our id, which the mesh cannot tell from us.
+            info!(conn.id = self.id.0, addr = %self.peer, "inter-router connection to this router itself (or to another router with the same --router-id); not used");
+            if peer_of(&mut self.role).is_some_and(|p| p.outbound) {
+                self.shared
+                    .self_addrs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(self.peer);
+            }
+            self.closing = Some(crate::connection::CloseReason::Unauthorized);
+            self.conn.close(Some(amqp_error(
+                AmqpError::NotAllowed,
+                "this is the router's own inter-router port",
+            )));
+            return;
+        }
         info!(
             conn.id = self.id.0,
             router = container_id,

@@ -1,0 +1,229 @@
+"""A router's life in a cluster: `/readyz` only once it serves, `/metrics`
+for the autoscaler, and leaving without loss — a router asked to stop
+(SIGTERM) goes lame duck: it takes nothing new, lets what is in flight
+settle, and sends its clients to a peer. Real processes, python-qpid-proton
+clients."""
+
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from proton import Message, symbol
+from proton.handlers import MessagingHandler
+from proton.reactor import Container
+
+from conftest import TIMEOUT, Router
+
+
+def http_get(port, path):
+    """(status, body) of GET http://127.0.0.1:port/path."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=TIMEOUT) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def wait_until(what, check, timeout=30):
+    """Polls `check` (bounded) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting until " + what)
+
+
+def free_port():
+    """A port nothing listens on now (for a peer that comes later)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def metric(port, line_start):
+    """The value of the first /metrics sample starting with `line_start`."""
+    _, text = http_get(port, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_readyz_false_until_the_mesh_is_joined():
+    port = free_port()
+    a = Router("--router-id", "a", "--inter-router", "127.0.0.1:0", "--peer", "127.0.0.1:%d" % port,
+               "--http", "127.0.0.1:0", want=3)
+    b = None
+    try:
+        status, body = http_get(a.ports["http"], "/readyz")
+        assert status == 503, body
+        assert "mesh" in body, body
+        assert http_get(a.ports["http"], "/healthz")[0] == 200
+        assert metric(a.ports["http"], 'flotilla_ready{component="router",id="a"}') == 0
+        b = Router("--router-id", "b", "--inter-router", "127.0.0.1:%d" % port, "--http", "127.0.0.1:0", want=3)
+        # A router with no --peer serves at once.
+        assert http_get(b.ports["http"], "/readyz")[0] == 200
+        wait_until("a joined the mesh", lambda: http_get(a.ports["http"], "/readyz")[0] == 200)
+        assert metric(a.ports["http"], 'flotilla_router_neighbours{router="a"}') == 1
+        assert metric(a.ports["http"], 'flotilla_ready{component="router",id="a"}') == 1
+        assert metric(a.ports["http"], "process_cpu_seconds_total") is not None
+    finally:
+        a.stop()
+        if b:
+            b.stop()
+
+
+def test_a_router_that_finds_only_itself_behind_its_peer_name_is_ready():
+    # A headless service lists every router, this one too; the first of a
+    # set finds only itself and must still become ready.
+    port = free_port()
+    r = Router("--router-id", "solo", "--inter-router", "127.0.0.1:%d" % port, "--peer", "127.0.0.1:%d" % port,
+               "--http", "127.0.0.1:0", want=3)
+    try:
+        wait_until("ready", lambda: http_get(r.ports["http"], "/readyz")[0] == 200)
+        assert metric(r.ports["http"], 'flotilla_router_neighbours{router="solo"}') == 0
+    finally:
+        r.stop()
+
+
+class Start(MessagingHandler):
+    """Starts each flow on its own connections."""
+
+    def __init__(self, flows):
+        super().__init__()
+        self.flows = flows
+
+    def on_start(self, event):
+        for f in self.flows:
+            f.start(event.container)
+
+
+class Flow(MessagingHandler):
+    """Senders and receivers of one address on given routers; counts what
+    was sent, what came back accepted or released, and what arrived."""
+
+    def __init__(self, address, senders, receivers, count, follows_redirect=False):
+        super().__init__(prefetch=100, auto_accept=True)
+        self.address, self.senders, self.receivers, self.count = address, senders, receivers, count
+        self.sent = 0
+        self.accepted, self.released, self.other = set(), set(), set()
+        self.received = set()
+        self.ready = 0
+        self.closed = {}  # url -> (condition name, info) when the router closed the connection
+        self.lock = threading.Lock()
+        self.sender_conns = []
+        # Clients that say they follow amqp:connection:redirect.
+        self.caps = [symbol("flotilla:redirect")] if follows_redirect else None
+
+    def start(self, container):
+        # Each connection's events come to this handler only.
+        for url in self.receivers:
+            c = container.connect(url, reconnect=False, handler=self)
+            container.create_receiver(c, self.address)
+        for url in self.senders:
+            c = container.connect(url, reconnect=False, handler=self, desired_capabilities=self.caps)
+            self.sender_conns.append(c)
+            container.create_sender(c, self.address)
+
+    def on_link_opened(self, event):
+        if event.receiver:
+            self.ready += 1
+
+    def on_sendable(self, event):
+        # Proton lets credit go below zero when the router withdraws it.
+        while event.sender.credit > 0 and self.sent < self.count:
+            with self.lock:
+                n = self.sent
+                self.sent += 1
+            d = event.sender.send(Message(body=n, durable=False))
+            d.seq = n
+
+    def on_accepted(self, event):
+        with self.lock:
+            self.accepted.add(event.delivery.seq)
+
+    def on_released(self, event):
+        with self.lock:
+            self.released.add(event.delivery.seq)
+
+    def on_rejected(self, event):
+        with self.lock:
+            self.other.add(event.delivery.seq)
+
+    def on_message(self, event):
+        with self.lock:
+            self.received.add(event.message.body)
+
+    def on_connection_remote_close(self, event):
+        cond = event.connection.remote_condition
+        url = event.connection.connected_address or ""
+        self.closed[url] = (cond.name if cond else None, dict(cond.info) if cond and cond.info else {})
+        event.connection.close()
+
+    def on_transport_error(self, event):
+        pass
+
+    def unsettled(self):
+        with self.lock:
+            return self.sent - len(self.accepted) - len(self.released) - len(self.other)
+
+
+def test_a_router_asked_to_stop_loses_nothing_and_sends_its_clients_to_a_peer():
+    # Three routers, full mesh. Traffic both ways through router a: a
+    # sender on a to receivers on b and c, and a sender on b to receivers
+    # on a and c. Then SIGTERM a, under load.
+    b = Router("--router-id", "b", "--inter-router", "127.0.0.1:0", "--http", "127.0.0.1:0", want=3)
+    a = c = None
+    try:
+        ir_b = "127.0.0.1:%d" % b.ports["inter-router"]
+        # a sends its clients to b when it stops.
+        a = Router("--router-id", "a", "--inter-router", "127.0.0.1:0", "--peer", ir_b, "--http", "127.0.0.1:0",
+                   "--drain-timeout", "15", "--redirect", b.url, want=3)
+        ir_a = "127.0.0.1:%d" % a.ports["inter-router"]
+        c = Router("--router-id", "c", "--peer", ir_a, "--peer", ir_b, "--http", "127.0.0.1:0", want=2)
+        for r, rid in ((a, "a"), (b, "b"), (c, "c")):
+            wait_until("%s sees two neighbours" % rid,
+                       lambda: metric(r.ports["http"], 'flotilla_router_neighbours{router="%s"}' % rid) == 2)
+        out = Flow("out-of-a", [a.url], [b.url, c.url], 200_000, follows_redirect=True)
+        into = Flow("into-a", [b.url], [a.url, c.url], 200_000)
+        flows = [out, into]
+        container = Container(Start(flows))
+        runner = threading.Thread(target=container.run, daemon=True)
+        runner.start()
+        wait_until("traffic flows both ways", lambda: len(out.accepted) > 2000 and len(into.accepted) > 2000)
+        a.proc.send_signal(signal.SIGTERM)
+        code = a.proc.wait(timeout=30)
+        assert code == 0, "".join(a.log)
+        # The sender on a was closed with a redirect to b, after every
+        # message it sent had its outcome.
+        wait_until("a's client hears why", lambda: len(out.closed) >= 1)
+        conds = [v for k, v in out.closed.items()]
+        assert ("amqp:connection:redirect" in [cnd for cnd, _ in conds]), out.closed
+        info = [i for cnd, i in conds if cnd == "amqp:connection:redirect"][0]
+        assert int(info.get("port")) == b.ports["amqp"], info
+        assert out.unsettled() == 0, (out.sent, len(out.accepted), len(out.released))
+        # A client that did not say it follows a redirect hears "forced"
+        # (proton then reconnects by itself).
+        wait_until("a's receiver hears why", lambda: len(into.closed) >= 1)
+        assert [cnd for cnd, _ in into.closed.values()] == ["amqp:connection:forced"], into.closed
+        # The flow into a goes on to c; let what is in flight settle.
+        sent_at_stop = into.sent
+        wait_until("the flow into a's address goes on without a",
+                   lambda: len(into.accepted) > sent_at_stop + 1000 or into.sent >= into.count)
+        into.count = into.sent  # no more
+        wait_until("every message into a settled", lambda: into.unsettled() == 0)
+        for f in flows:
+            lost = f.accepted - f.received
+            assert not lost, "%d accepted messages never arrived on %s" % (len(lost), f.address)
+        assert "lame duck: every delivery settled" in "".join(a.log), "".join(a.log)
+    finally:
+        for r in (a, b, c):
+            if r:
+                r.stop()
