@@ -136,8 +136,11 @@ impl TaskHandle {
 
 /// What wakes a connection task up besides its socket.
 pub(crate) enum Signal {
-    /// The router is shutting down: withdraw senders' credit.
+    /// The router is shutting down: senders get no more credit.
     Shutdown,
+    /// What was in flight settled: take back the credit senders still
+    /// have.
+    Revoke,
     /// Waiting deliveries were released: close.
     Closing,
     /// Events from the routing core (in `core_batch`).
@@ -171,6 +174,9 @@ pub(crate) struct ConnectionTask {
     pub(crate) closing: Option<CloseReason>,
     /// The router is shutting down: no more credit for senders.
     pub(crate) draining: bool,
+    /// The credit senders still had was taken back (the last step before
+    /// the router closes its connections).
+    pub(crate) revoked: bool,
     /// `unsettled.len()` as last added to the router's `in_flight`.
     counted_in_flight: usize,
     /// The client follows `amqp:connection:redirect` (it said so in its
@@ -275,6 +281,7 @@ impl ConnectionTask {
             dirty: HashSet::new(),
             closing: None,
             draining: false,
+            revoked: false,
             counted_in_flight: 0,
             follows_redirect: false,
             stat_links: Vec::new(),
@@ -445,9 +452,14 @@ impl ConnectionTask {
         }
     }
 
-    /// Router shutdown, first step: senders get no more credit.
-    fn withdraw_credit(&mut self) {
+    /// Router shutdown, last step before closing: senders lose the credit
+    /// they still have. (Taken back only once what was in flight settled:
+    /// a sender that has sent more than the router saw when its credit is
+    /// taken keeps the difference as negative credit, and proton carries
+    /// that over to its next connection, where it then never sends.)
+    fn revoke_credit(&mut self) {
         self.draining = true;
+        self.revoked = true;
         let mut links: Vec<LinkId> = self.incoming.keys().copied().collect();
         if matches!(self.role, ConnRole::Client(_)) {
             // A client's senders routed to brokers, too.
@@ -467,8 +479,8 @@ impl ConnectionTask {
     /// Router shutdown, last step: outcomes already on their way to us go
     /// out before the Close.
     fn shut_down(&mut self) {
-        if !self.draining {
-            self.withdraw_credit();
+        if !self.revoked {
+            self.revoke_credit();
         }
         while let Ok(ev) = self.rx.try_recv() {
             self.handle_conn_event(ev);
@@ -1704,10 +1716,12 @@ impl Handler for ConnectionTask {
 
     fn signal(&mut self) -> impl std::future::Future<Output = Option<Signal>> + Send {
         async move {
-            let (draining, closing) = (self.draining, self.closing.is_some());
+            let (draining, revoked, closing) =
+                (self.draining, self.revoked, self.closing.is_some());
             tokio::select! {
                 biased;
                 _ = self.shared.shutdown.cancelled(), if !draining => Some(Signal::Shutdown),
+                _ = self.shared.revoke.cancelled(), if !revoked => Some(Signal::Revoke),
                 _ = self.shared.closing.cancelled(), if !closing => Some(Signal::Closing),
                 n = self.rx.recv_many(&mut self.core_batch, 512) => (n > 0).then_some(Signal::Core),
                 n = self.commands.recv_many(&mut self.command_batch, 64) => {
@@ -1721,7 +1735,10 @@ impl Handler for ConnectionTask {
 
     fn on_signal(&mut self, signal: Signal) {
         match signal {
-            Signal::Shutdown => self.withdraw_credit(),
+            // Router shutdown, first step: senders get no more credit (and
+            // use up what they have).
+            Signal::Shutdown => self.draining = true,
+            Signal::Revoke => self.revoke_credit(),
             Signal::Closing => self.shut_down(),
             Signal::Core => {
                 let mut batch = std::mem::take(&mut self.core_batch);

@@ -171,6 +171,9 @@ pub(crate) struct Shared {
     pub(crate) mesh_auth: flotilla_amqp::policy::MeshAuth,
     /// Cancelled first: stop accepting and withdraw senders' credit.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when what was in flight settled: senders lose the credit
+    /// they still have.
+    pub(crate) revoke: CancellationToken,
     /// Cancelled once waiting deliveries were released: close connections.
     pub(crate) closing: CancellationToken,
     pub(crate) tracker: TaskTracker,
@@ -411,6 +414,7 @@ impl Router {
             policy,
             mesh_auth,
             shutdown,
+            revoke: CancellationToken::new(),
             closing: CancellationToken::new(),
             tracker: TaskTracker::new(),
             connections,
@@ -544,24 +548,20 @@ impl Router {
             timeout_s = shared.cfg.drain_timeout.as_secs(),
             "lame duck: accepting nothing new, addresses withdrawn from the mesh, waiting for deliveries in flight to settle"
         );
-        loop {
-            // Messages waiting for a receiver go back to their senders.
-            for a in shared.table.all() {
-                a.release_all();
-            }
-            let left = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-            if left <= 0 {
-                info!("lame duck: every delivery settled; closing connections");
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                info!(
-                    unsettled = left,
-                    "lame duck: drain timeout; closing connections (unsettled deliveries are released)"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Senders use up the credit they had (nothing in flight for a
+        // while); then it is taken back, and what they sent meanwhile settles.
+        let mut settled = Router::settle(shared, deadline, Duration::from_millis(200)).await;
+        if settled {
+            shared.revoke.cancel();
+            settled = Router::settle(shared, deadline, Duration::from_millis(50)).await;
+        }
+        if settled {
+            info!("lame duck: every delivery settled; closing connections");
+        } else {
+            info!(
+                unsettled = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                "lame duck: drain timeout; closing connections (unsettled deliveries are released)"
+            );
         }
         shared.closing.cancel();
         shared.tracker.close();
@@ -570,6 +570,33 @@ impl Router {
             .is_err()
         {
             info!("some connections did not close within 5 s");
+        }
+    }
+}
+
+impl Router {
+    /// Waits until no delivery has been in flight for `quiet` (true), or
+    /// until `deadline` (false); messages waiting for a receiver meanwhile
+    /// go back to their senders.
+    async fn settle(shared: &Arc<Shared>, deadline: tokio::time::Instant, quiet: Duration) -> bool {
+        let mut quiet_since = None;
+        loop {
+            for a in shared.table.all() {
+                a.release_all();
+            }
+            let now = tokio::time::Instant::now();
+            if shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) <= 0 {
+                let since = *quiet_since.get_or_insert(now);
+                if now.duration_since(since) >= quiet {
+                    return true;
+                }
+            } else {
+                quiet_since = None;
+            }
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -637,7 +637,7 @@ impl ConnectionTask {
         let passed = l.delivery_count.wrapping_sub(r.base);
         let c = limit.wrapping_sub(passed);
         // A stopping router's clients send nothing new.
-        let stopping = self.draining && matches!(self.role, crate::connection::ConnRole::Client(_));
+        let stopping = self.revoked && matches!(self.role, crate::connection::ConnRole::Client(_));
         let credit = if c > 1 << 31 || stopping { 0 } else { c };
         r.draining = drain;
         self.conn.flow(link, credit, drain);

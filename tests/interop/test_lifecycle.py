@@ -227,3 +227,76 @@ def test_a_router_asked_to_stop_loses_nothing_and_sends_its_clients_to_a_peer():
         for r in (a, b, c):
             if r:
                 r.stop()
+
+
+class Reconnecting(Flow):
+    """A flow whose clients reconnect through the routers' list, as
+    proton's failover does, when a router closes them."""
+
+    def __init__(self, address, senders, receivers, count, urls):
+        super().__init__(address, senders, receivers, count)
+        self.urls = urls
+
+    def start(self, container):
+        for url in self.receivers:
+            c = container.connect(urls=self.rotated(url), handler=self)
+            container.create_receiver(c, self.address)
+        for url in self.senders:
+            c = container.connect(urls=self.rotated(url), handler=self)
+            container.create_sender(c, self.address)
+
+    def rotated(self, first):
+        i = self.urls.index(first)
+        return self.urls[i:] + self.urls[:i]
+
+    def on_connection_remote_close(self, event):
+        # Proton reconnects after amqp:connection:forced by itself.
+        cond = event.connection.remote_condition
+        self.closed.setdefault(cond.name if cond else None, 0)
+        self.closed[cond.name if cond else None] += 1
+
+
+def test_rolling_restart_of_three_routers_under_load_loses_nothing():
+    ports = {r: (free_port(), free_port()) for r in "abc"}
+    peers = {"a": [], "b": ["a"], "c": ["a", "b"]}
+
+    def start(name):
+        amqp, ir = ports[name]
+        args = ["--router-id", name, "--inter-router", "127.0.0.1:%d" % ir, "--http", "127.0.0.1:0",
+                "--drain-timeout", "15"]
+        for p in peers[name]:
+            args += ["--peer", "127.0.0.1:%d" % ports[p][1]]
+        return Router(*args, amqp="127.0.0.1:%d" % amqp, want=3)
+
+    def meshed():
+        for name, r in routers.items():
+            wait_until("%s sees two neighbours" % name,
+                       lambda: metric(r.ports["http"], 'flotilla_router_neighbours{router="%s"}' % name) == 2)
+
+    routers = {}
+    try:
+        for name in "abc":
+            routers[name] = start(name)
+        meshed()
+        urls = [routers[n].url for n in "abc"]
+        flow = Reconnecting("roll", [urls[0], urls[2]], urls, 10_000_000, urls)
+        container = Container(Start([flow]))
+        threading.Thread(target=container.run, daemon=True).start()
+        wait_until("traffic flows", lambda: len(flow.accepted) > 2000)
+        for name in "abc":
+            before = len(flow.accepted)
+            r = routers[name]
+            r.proc.send_signal(signal.SIGTERM)
+            assert r.proc.wait(timeout=30) == 0, "".join(r.log)
+            assert "lame duck: every delivery settled" in "".join(r.log), "".join(r.log)
+            routers[name] = start(name)
+            meshed()
+            wait_until("traffic flows after %s restarted" % name, lambda: len(flow.accepted) > before + 2000)
+        flow.count = flow.sent  # no more
+        wait_until("every message settled", lambda: flow.unsettled() == 0)
+        lost = flow.accepted - flow.received
+        assert not lost, "%d accepted messages never arrived" % len(lost)
+        assert flow.closed.get("amqp:connection:forced", 0) >= 3, flow.closed
+    finally:
+        for r in routers.values():
+            r.stop()
