@@ -12,6 +12,8 @@
 //!   validated [`config::Tenancy`].
 //! - [`auth`]: SCRAM-SHA-256 salted keys, password checks and authorization.
 //! - [`telemetry`]: tracing initialisation shared by every command.
+//! - `crd` (feature `kube`): the kinds that exist only on Kubernetes
+//!   (`Flotilla`, `AddressSpacePlan`) and every CRD.
 //! - [`metrics`]: the Prometheus series of the components' live reports.
 //! - [`ops`]: a component's `--http` listener: `/metrics`, `/healthz`,
 //!   `/readyz`.
@@ -20,6 +22,8 @@
 
 pub mod auth;
 pub mod config;
+#[cfg(feature = "kube")]
+pub mod crd;
 pub mod metrics;
 pub mod ops;
 pub mod pattern;

@@ -33,6 +33,7 @@ pub struct ObjectMeta {
 }
 
 /// The five address types (DESIGN.md table).
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AddressType {
@@ -51,6 +52,7 @@ impl AddressType {
 }
 
 /// What a space does with an address nobody declared.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Undeclared {
@@ -61,6 +63,7 @@ pub enum Undeclared {
     Anycast,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthenticationSpec {
@@ -70,6 +73,7 @@ pub struct AuthenticationSpec {
 }
 
 /// What an address space may use (DESIGN.md "Plans"); unset: no limit.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Quotas {
@@ -151,10 +155,32 @@ impl Quotas {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "flotilla.dev",
+        version = "v1",
+        kind = "AddressSpace",
+        doc = "A tenant: its plan, quotas and authentication. Clients name it as the AMQP Open hostname or the MQTT user's space.",
+        root = "AddressSpaceResource",
+        namespaced,
+        status = "Status",
+        shortname = "as",
+        category = "flotilla",
+        printcolumn = r#"{"name":"Plan","type":"string","jsonPath":".spec.plan"}"#,
+        printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddressSpaceSpec {
     /// One of [`PLANS`]; unset: no limits but `quotas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "kube",
+        schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))
+    )]
     pub plan: Option<String>,
     /// Limits of this space's own, over its plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +196,38 @@ pub struct AddressSpaceSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, kube::KubeSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "flotilla.dev",
+        version = "v1",
+        kind = "Address",
+        doc = "An address clients send to and receive from, in one address space, of one of five types.",
+        root = "AddressResource",
+        namespaced,
+        status = "Status",
+        shortname = "addr",
+        category = "flotilla",
+        printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.address"}"#,
+        printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
+        printcolumn = r#"{"name":"Space","type":"string","jsonPath":".spec.addressSpace"}"#,
+        printcolumn = r#"{"name":"Broker","type":"string","jsonPath":".status.broker","priority":1}"#,
+        printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[cfg_attr(
+    feature = "kube",
+    x_kube(
+        validation = kube::core::Rule::new("self.type == 'subscription' ? has(self.topic) : !has(self.topic)")
+            .message("spec.topic names the topic of a subscription address; only subscription addresses have one"),
+        validation = kube::core::Rule::new("!has(self.broker) || self.type in ['queue', 'topic', 'subscription']")
+            .message("spec.broker is only for queue, topic and subscription addresses"),
+        validation = kube::core::Rule::new("self.type in ['multicast', 'topic'] || !self.address.matches('(^|[/.])[+*#]([/.]|$)')")
+            .message("only multicast and topic addresses may be patterns (+, *, #)")
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddressSpec {
     /// The space; in a `--config` file it defaults to `default`.
@@ -177,6 +235,13 @@ pub struct AddressSpec {
     pub address_space: String,
     /// The string clients use; may contain `/` and `.`; may be a pattern for
     /// multicast and topic.
+    #[cfg_attr(
+        feature = "kube",
+        schemars(
+            length(min = 1, max = 1024),
+            regex(pattern = r"^[^$\x00-\x20\x7f][^\x00-\x20\x7f]*$")
+        )
+    )]
     pub address: String,
     #[serde(rename = "type")]
     pub kind: AddressType,
@@ -192,6 +257,7 @@ pub struct AddressSpec {
 }
 
 /// What an authorization rule allows.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
@@ -201,6 +267,7 @@ pub enum Operation {
     Manage,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationRule {
@@ -209,10 +276,33 @@ pub struct AuthorizationRule {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "flotilla.dev",
+        version = "v1",
+        kind = "MessagingUser",
+        doc = "A user of one address space, with what it may do on which addresses.",
+        root = "MessagingUserResource",
+        namespaced,
+        status = "Status",
+        shortname = "mu",
+        category = "flotilla",
+        printcolumn = r#"{"name":"Username","type":"string","jsonPath":".spec.username"}"#,
+        printcolumn = r#"{"name":"Space","type":"string","jsonPath":".spec.addressSpace"}"#,
+        printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessagingUserSpec {
     #[serde(default = "default_space")]
     pub address_space: String,
+    #[cfg_attr(
+        feature = "kube",
+        schemars(length(min = 1, max = 255), regex(pattern = r"^[^@]+$"))
+    )]
     pub username: String,
     /// Write-only: accepted on input, turned into SCRAM keys, never echoed.
     #[serde(default, skip_serializing)]
@@ -227,6 +317,7 @@ pub struct MessagingUserSpec {
 
 /// SCRAM-SHA-256 keys (RFC 5802), base64: enough to check a password or a
 /// proof, not to recover the password.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScramKeys {
@@ -246,15 +337,51 @@ fn default_space() -> String {
     "default".to_string()
 }
 
+/// One condition of a resource's status, as Kubernetes writes them
+/// (`type` `Ready`, `status` `True`/`False`/`Unknown`, a CamelCase
+/// `reason` and a sentence for people).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl Condition {
+    /// A `Ready` condition: true, or false with why.
+    pub fn ready(ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+        Condition {
+            kind: "Ready".into(),
+            status: if ok { "True" } else { "False" }.into(),
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+}
+
 /// Status every resource reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(value_type = Vec<Object>)]
-    pub conditions: Vec<serde_json::Value>,
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes (Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Queues and topics without `spec.broker`: the broker the console
