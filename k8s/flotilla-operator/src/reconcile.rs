@@ -26,6 +26,9 @@ use crate::{Context, Error, FIELD_MANAGER, FINALIZER};
 /// object whose hash matches is not applied again.
 pub const APPLIED: &str = "flotilla.dev/applied";
 
+/// How long a volume claim may be Pending before the status says so.
+const PENDING_FOR_MS: i64 = 30_000;
+
 /// Kinds the operator makes and may delete again (never volumes, nor the
 /// generated secrets: they hold data and keys).
 const PRUNED: &[&str] = &[
@@ -246,7 +249,12 @@ async fn status(f: &Flotilla, n: &Names, ctx: &Context) -> Result<FlotillaStatus
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default();
-        if phase != "Bound" {
+        // A claim is Pending for a moment while its volume is made; a
+        // problem when it stays so.
+        let age = p.metadata.creation_timestamp.as_ref().map_or(0, |t| {
+            flotilla_core::time::now_ms().saturating_sub(t.0.as_millisecond())
+        });
+        if phase != "Bound" && age > PENDING_FOR_MS {
             let component = p
                 .labels()
                 .get("app.kubernetes.io/component")

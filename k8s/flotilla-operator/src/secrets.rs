@@ -127,7 +127,7 @@ impl Generated {
         }
     }
 
-    /// Fixed material for golden tests.
+    /// Fixed material for golden tests (never used to run anything).
     pub fn fixed() -> Generated {
         Generated {
             mesh_secret: "mesh-secret-for-tests".into(),
