@@ -15,7 +15,7 @@ from proton import Message, symbol
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
-from conftest import TIMEOUT, Router
+from conftest import TIMEOUT, Broker, Router, connect
 
 
 def http_get(port, path):
@@ -300,3 +300,65 @@ def test_rolling_restart_of_three_routers_under_load_loses_nothing():
     finally:
         for r in routers.values():
             r.stop()
+
+
+SCALE_CONFIG = """
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: on-b0}
+spec: {address: on-b0, type: queue, broker: broker-0}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: on-b1}
+spec: {address: on-b1, type: queue, broker: broker-1}
+"""
+
+
+def test_a_broker_scaled_away_keeps_its_messages_for_its_return(config_file, tmpdir_path):
+    # On Kubernetes a broker is a StatefulSet of one whose volume is
+    # retained when it is scaled away (persistentVolumeClaimRetentionPolicy
+    # Retain): scaled back, broker-1 starts on the same journal with the
+    # same id, and the queues placed on it have every message they held.
+    # Meanwhile the other broker's queues serve on.
+    import os
+    cfg = config_file(SCALE_CONFIG)
+    r = Router("--config", cfg)
+    brokers = {}
+    try:
+        for name in ("broker-0", "broker-1"):
+            brokers[name] = Broker(os.path.join(tmpdir_path, name), "--config", cfg, "--router", r.url,
+                                   "--container-id", name)
+        r.wait_for_log(r"broker connected \(route container\)", count=2)
+        c = connect(r.url)
+        s1 = c.create_sender("on-b1")
+        for i in range(100):
+            s1.send(Message(body="kept %d" % i, durable=True))
+        c.close()
+        # Scaled away: asked to stop, as Kubernetes does.
+        b1 = brokers.pop("broker-1")
+        b1.proc.send_signal(signal.SIGTERM)
+        assert b1.proc.wait(timeout=30) == 0
+        # The other broker's queue serves on.
+        c = connect(r.url)
+        c.create_sender("on-b0").send(Message(body="still here"))
+        rcv = c.create_receiver("on-b0", credit=1)
+        assert rcv.receive(timeout=TIMEOUT).body == "still here"
+        rcv.accept()
+        c.close()
+        # Scaled back: the same id on the same volume.
+        brokers["broker-1"] = Broker(os.path.join(tmpdir_path, "broker-1"), "--config", cfg, "--router", r.url,
+                                     "--container-id", "broker-1")
+        r.wait_for_log(r"broker connected \(route container\)", count=3)
+        c = connect(r.url)
+        rcv = c.create_receiver("on-b1", credit=100)
+        got = []
+        for _ in range(100):
+            got.append(rcv.receive(timeout=TIMEOUT).body)
+            rcv.accept()
+        assert got == ["kept %d" % i for i in range(100)]
+        c.close()
+    finally:
+        r.stop()
+        for b in brokers.values():
+            b.stop()
