@@ -42,9 +42,9 @@ pub struct FlotillaSpec {
     #[serde(default)]
     pub mqtt_gateway: GatewaySpec,
     #[serde(default)]
-    pub lwt: LwtSpec,
+    pub lwt: SingletonSpec,
     #[serde(default)]
-    pub console: ConsoleSpec,
+    pub console: SingletonSpec,
     #[serde(default)]
     pub tls: TlsSpec,
     /// Seconds a pod has to stop; a router spends all but five of them
@@ -165,7 +165,7 @@ impl StorageSpec {
         }
     }
 
-    fn lwt() -> StorageSpec {
+    fn small() -> StorageSpec {
         StorageSpec {
             size: "1Gi".into(),
             storage_class_name: None,
@@ -193,43 +193,24 @@ impl Default for GatewaySpec {
     }
 }
 
+/// A part that runs once and keeps data on its own volume (the last-will
+/// service, the console).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LwtSpec {
+pub struct SingletonSpec {
     #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default = "StorageSpec::lwt")]
+    #[serde(default = "StorageSpec::small")]
     pub storage: StorageSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
-impl Default for LwtSpec {
+impl Default for SingletonSpec {
     fn default() -> Self {
-        LwtSpec {
+        SingletonSpec {
             enabled: true,
-            storage: StorageSpec::lwt(),
-            resources: None,
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ConsoleSpec {
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    #[serde(default = "StorageSpec::lwt")]
-    pub storage: StorageSpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
-}
-
-impl Default for ConsoleSpec {
-    fn default() -> Self {
-        ConsoleSpec {
-            enabled: true,
-            storage: StorageSpec::lwt(),
+            storage: StorageSpec::small(),
             resources: None,
         }
     }

@@ -30,6 +30,17 @@ def connect(url, **kw):
     return BlockingConnection(url, timeout=TIMEOUT, **kw)
 
 
+def wait_until(what, cond, timeout=30):
+    """Polls `cond` (bounded) until it returns something true; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
 def flotilla_bin():
     env = os.environ.get("FLOTILLA_BIN")
     if env:

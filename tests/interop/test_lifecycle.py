@@ -15,7 +15,7 @@ from proton import Message, symbol
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
-from conftest import TIMEOUT, Broker, Router, connect
+from conftest import TIMEOUT, Broker, Router, connect, wait_until
 
 
 def http_get(port, path):
@@ -25,17 +25,6 @@ def http_get(port, path):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def wait_until(what, check, timeout=30):
-    """Polls `check` (bounded) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting until " + what)
 
 
 def free_port():

@@ -26,6 +26,7 @@ from conftest import (
     connect,
     flotilla_bin,
     make_certs,
+    wait_until,
 )
 
 BROKER_UP = r"broker connected \(route container\)"
@@ -364,16 +365,6 @@ def test_require_tls_router_wide(start_router, config_file, tmpdir_path):
     domain.set_trusted_ca_db(ca)
     domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
     assert round_trip("amqps://localhost:%d" % r.ports["amqp"], "q", "tls", ssl_domain=domain) == "tls"
-
-
-def wait_until(what, cond, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def test_retiring_a_broker_moves_its_addresses(start_router, start_broker, tmpdir_path):
