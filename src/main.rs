@@ -788,17 +788,48 @@ struct ConsoleServeArgs {
     /// through the API, DELETE /api/v1/brokers/ID).
     #[arg(long, env = "FLOTILLA_RETIRE_BROKERS_AFTER", default_value_t = 0)]
     retire_brokers_after: u64,
+    /// Where address spaces, addresses, users and the broker registry are
+    /// kept: `redb` in --data-dir, or `kubernetes`: the flotilla.dev
+    /// resources (and broker ConfigMaps) of --namespace, through the
+    /// Kubernetes API.
+    #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value = "redb")]
+    store: StoreArg,
+    /// The namespace of `--store kubernetes` (default: the pod's own).
+    #[arg(long, env = "FLOTILLA_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreArg {
+    Redb,
+    Kubernetes,
 }
 
 impl ConsoleServeArgs {
-    fn config(&self) -> flotilla_console::ConsoleConfig {
-        flotilla_console::ConsoleConfig {
+    fn config(&self) -> Result<flotilla_console::ConsoleConfig, String> {
+        let store = match self.store {
+            StoreArg::Redb => flotilla_console::StoreKind::Embedded,
+            StoreArg::Kubernetes => {
+                const OWN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+                let namespace = match &self.namespace {
+                    Some(n) => n.clone(),
+                    None => std::fs::read_to_string(OWN)
+                        .map(|n| n.trim().to_string())
+                        .map_err(|_| {
+                            "--store kubernetes needs --namespace (outside a pod)".to_string()
+                        })?,
+                };
+                flotilla_console::StoreKind::Kubernetes { namespace }
+            }
+        };
+        Ok(flotilla_console::ConsoleConfig {
             listen: self.http,
             data_dir: self.data_dir.clone(),
             admin_token: admin_token_from_env(),
             retire_brokers_after: (self.retire_brokers_after > 0)
                 .then(|| Duration::from_secs(self.retire_brokers_after)),
-        }
+            store,
+        })
     }
 }
 
@@ -818,7 +849,11 @@ fn token_hint(c: &flotilla_console::Console) -> String {
 }
 
 async fn run_console(a: ConsoleServeArgs) -> ExitCode {
-    match flotilla_console::Console::bind(a.config()).await {
+    let cfg = match a.config() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    match flotilla_console::Console::bind(cfg).await {
         Ok(c) => {
             eprintln!("console on http://{} ; {}", c.local_addr, token_hint(&c));
             c.serve(shutdown_on_signal()).await;
@@ -935,8 +970,14 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             http: args.http,
             data_dir: args.data_dir.join("console"),
             retire_brokers_after: 0,
+            store: StoreArg::Redb,
+            namespace: None,
         }
         .config();
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        };
         let c = match flotilla_console::Console::bind(cfg).await {
             Ok(c) => c,
             Err(e) => return usage(e),

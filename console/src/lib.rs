@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod brokers;
+pub mod kube_store;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -37,6 +38,19 @@ pub struct ConsoleConfig {
     pub admin_token: Option<String>,
     /// Retire brokers that have not reported for this long.
     pub retire_brokers_after: Option<std::time::Duration>,
+    /// Where address spaces, addresses, users and brokers are kept.
+    pub store: StoreKind,
+}
+
+/// The console's store (`--store`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// redb in the data directory.
+    #[default]
+    Embedded,
+    /// The custom resources (and broker ConfigMaps) of this namespace,
+    /// through the Kubernetes API (in-cluster account or kubeconfig).
+    Kubernetes { namespace: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +64,8 @@ pub enum ConsoleError {
     DataDir { dir: String, source: std::io::Error },
     #[error("{0}")]
     Store(#[from] store::StoreError),
+    #[error("--store kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 /// The admin token in `dir/admin-token`, made on first start.
@@ -82,6 +98,8 @@ pub struct Console {
     /// Where the admin token is kept (`None`: it came from the environment).
     pub token_file: Option<PathBuf>,
     retire_brokers_after: Option<std::time::Duration>,
+    /// Stops what follows the Kubernetes API when the console stops.
+    stop: CancellationToken,
 }
 
 impl Console {
@@ -94,7 +112,19 @@ impl Console {
             dir: cfg.data_dir.display().to_string(),
             source,
         };
-        flotilla_core::auth::private_dir(&cfg.data_dir).map_err(dir_err)?;
+        let stop = CancellationToken::new();
+        // On Kubernetes the token comes from a Secret and the store is the
+        // API server: no data directory (the root file system may be
+        // read-only).
+        let on_kubernetes = matches!(cfg.store, StoreKind::Kubernetes { .. });
+        if on_kubernetes && cfg.admin_token.is_none() {
+            return Err(ConsoleError::Kubernetes(
+                "give the admin token as FLOTILLA_ADMIN_TOKEN (from a Secret)".into(),
+            ));
+        }
+        if !on_kubernetes {
+            flotilla_core::auth::private_dir(&cfg.data_dir).map_err(dir_err)?;
+        }
         let (token, token_file) = match &cfg.admin_token {
             Some(t) => (t.clone(), None),
             None => (
@@ -102,10 +132,22 @@ impl Console {
                 Some(cfg.data_dir.join("admin-token")),
             ),
         };
-        let db = cfg.data_dir.join("store.redb");
-        let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
-            .await
-            .map_err(|e| ConsoleError::Store(store::StoreError::Db(e.to_string())))??;
+        let store = match &cfg.store {
+            StoreKind::Embedded => {
+                let db = cfg.data_dir.join("store.redb");
+                tokio::task::spawn_blocking(move || store::Store::open(&db))
+                    .await
+                    .map_err(|e| ConsoleError::Store(store::StoreError::Db(e.to_string())))??
+            }
+            StoreKind::Kubernetes { namespace } => {
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|e| ConsoleError::Kubernetes(e.to_string()))?;
+                let k =
+                    kube_store::KubeStore::start(client, namespace.clone(), stop.clone()).await?;
+                store::Store::kubernetes(k)
+            }
+        };
         let state = api::AppState::new(store, token);
         state.registered.load(&state.store)?;
         let app = api::routes(state.clone());
@@ -126,6 +168,7 @@ impl Console {
             state,
             token_file,
             retire_brokers_after: cfg.retire_brokers_after,
+            stop,
         })
     }
 
@@ -165,6 +208,7 @@ impl Console {
         let _ = axum::serve(self.listener, self.app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
+        self.stop.cancel();
         info!("stopped");
     }
 }

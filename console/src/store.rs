@@ -105,19 +105,140 @@ pub enum Expect {
     Any(Option<u64>),
 }
 
-/// The store, shared by the API's handlers.
+/// The store the API's handlers share: the embedded one (redb, in the
+/// data directory), or on Kubernetes the namespace's custom resources
+/// ([`crate::kube_store`]).
 #[derive(Clone)]
-pub struct Store {
-    db: Arc<Database>,
-    changes: broadcast::Sender<Arc<Change>>,
+pub struct Store(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    Embedded(Embedded),
+    Kubernetes(Arc<crate::kube_store::KubeStore>),
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the embedded store at `path`.
     ///
     /// # Errors
     /// The database cannot be opened or is damaged.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store(Backend::Embedded(Embedded::open(path)?)))
+    }
+
+    /// The store on Kubernetes.
+    pub fn kubernetes(k: Arc<crate::kube_store::KubeStore>) -> Store {
+        Store(Backend::Kubernetes(k))
+    }
+
+    /// Follows changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        match &self.0 {
+            Backend::Embedded(e) => e.subscribe(),
+            Backend::Kubernetes(k) => k.subscribe(),
+        }
+    }
+
+    /// # Errors
+    /// The database failed.
+    pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.get(key),
+            Backend::Kubernetes(k) => Ok(k.get(key)),
+        }
+    }
+
+    /// Objects whose keys start with `prefix`, after `after`, at most
+    /// `limit`, and the store's resource version.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(u64, Vec<(String, Value)>), StoreError> {
+        self.list_where(prefix, after, limit, |_| true)
+    }
+
+    /// [`Store::list`] of the objects `keep` keeps.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn list_where(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Result<(u64, Vec<(String, Value)>), StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.list_where(prefix, after, limit, keep),
+            Backend::Kubernetes(k) => Ok(k.list_where(prefix, after, limit, keep)),
+        }
+    }
+
+    /// Writes `object` at `key` as `expect` allows; returns it as stored.
+    /// (On Kubernetes it waits for the API server: call it where blocking
+    /// is allowed.)
+    ///
+    /// # Errors
+    /// `Exists`, `NotFound`, `Conflict` as `expect` says, or the store failed.
+    pub fn put(&self, key: &str, object: Value, expect: Expect) -> Result<Value, StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.put(key, object, expect),
+            Backend::Kubernetes(k) => k.put(key, object, expect),
+        }
+    }
+
+    /// Deletes `keys[0]` and the others with it; returns the first.
+    ///
+    /// # Errors
+    /// `NotFound` if the first is not there, or the store failed.
+    pub fn delete(&self, keys: &[String]) -> Result<Value, StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.delete(keys),
+            Backend::Kubernetes(k) => k.delete(keys),
+        }
+    }
+
+    /// The changes after resource version `rv`, and the store's.
+    ///
+    /// # Errors
+    /// `Gone` if the log no longer reaches back that far.
+    pub fn changes_since(&self, rv: u64) -> Result<(u64, Vec<Change>), StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.changes_since(rv),
+            Backend::Kubernetes(k) => k.changes_since(rv),
+        }
+    }
+
+    /// Number of objects whose keys start with `prefix`.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn count(&self, prefix: &str) -> Result<usize, StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.count(prefix),
+            Backend::Kubernetes(k) => Ok(k.count(prefix)),
+        }
+    }
+}
+
+/// The embedded store: objects and the change log in one redb file.
+#[derive(Clone)]
+struct Embedded {
+    db: Arc<Database>,
+    changes: broadcast::Sender<Arc<Change>>,
+}
+
+impl Embedded {
+    /// Opens (or creates) the store at `path`.
+    ///
+    /// # Errors
+    /// The database cannot be opened or is damaged.
+    fn open(path: &Path) -> Result<Embedded, StoreError> {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         {
@@ -130,7 +251,7 @@ impl Store {
         }
         tx.commit()?;
         let (changes, _) = broadcast::channel(4096);
-        Ok(Store {
+        Ok(Embedded {
             db: Arc::new(db),
             changes,
         })
@@ -158,19 +279,6 @@ impl Store {
     /// The objects whose keys start with `prefix`, in key order, after
     /// `after` (a key, for paging), at most `limit`; and the store's
     /// resource version.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(u64, Vec<(String, Value)>), StoreError> {
-        self.list_where(prefix, after, limit, |_| true)
-    }
-
-    /// [`Store::list`] of the objects `keep` accepts.
     ///
     /// # Errors
     /// The database failed.

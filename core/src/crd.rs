@@ -44,7 +44,7 @@ pub struct FlotillaSpec {
     #[serde(default)]
     pub lwt: SingletonSpec,
     #[serde(default)]
-    pub console: SingletonSpec,
+    pub console: ConsoleSpec,
     #[serde(default)]
     pub tls: TlsSpec,
     /// Seconds a pod has to stop; a router spends all but five of them
@@ -194,7 +194,7 @@ impl Default for GatewaySpec {
 }
 
 /// A part that runs once and keeps data on its own volume (the last-will
-/// service, the console).
+/// service).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SingletonSpec {
@@ -211,6 +211,25 @@ impl Default for SingletonSpec {
         SingletonSpec {
             enabled: true,
             storage: StorageSpec::small(),
+            resources: None,
+        }
+    }
+}
+
+/// The console: its store is the namespace's custom resources.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsoleSpec {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+impl Default for ConsoleSpec {
+    fn default() -> Self {
+        ConsoleSpec {
+            enabled: true,
             resources: None,
         }
     }

@@ -52,6 +52,8 @@ pub fn api_resource(kind: &str) -> Option<ApiResource> {
         "HorizontalPodAutoscaler" => ("autoscaling", "v2", "horizontalpodautoscalers"),
         "PodDisruptionBudget" => ("policy", "v1", "poddisruptionbudgets"),
         "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies"),
+        "Role" => ("rbac.authorization.k8s.io", "v1", "roles"),
+        "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings"),
         _ => return None,
     };
     Some(ApiResource::from_gvk_with_plural(

@@ -461,28 +461,56 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
         );
     }
 
-    // The console: its store on a volume (one writer: Recreate).
+    // The console: its store is this namespace's custom resources (and
+    // broker ConfigMaps), through an account that may use only those.
     if spec.console.enabled {
         let args = vec![
             "console".into(),
             "--http".into(),
             format!("0.0.0.0:{HTTP_PORT}"),
-            "--data-dir".into(),
-            format!("{DATA_DIR}/console"),
+            "--store".into(),
+            "kubernetes".into(),
+            "--namespace".into(),
+            n.namespace.clone(),
         ];
         let mut pod = ctx.pod(
             "console",
             args,
             vec![port("http", HTTP_PORT)],
             spec.console.resources.as_ref(),
-            vec![json!({"name": "data", "mountPath": DATA_DIR})],
+            Vec::new(),
         );
-        pod["spec"]["volumes"]
-            .as_array_mut()
-            .expect("pods have volumes")
-            .push(json!({"name": "data", "persistentVolumeClaim": {"claimName": n.name("console-data")}}));
+        pod["spec"]["serviceAccountName"] = n.name("console").into();
+        pod["spec"]["automountServiceAccountToken"] = true.into();
         push(
-            claim_object(&n, "console-data", &spec.console.storage),
+            json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": n.name("console"), "labels": n.labels("console")},
+            }),
+            false,
+        );
+        push(
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": n.name("console"), "labels": n.labels("console")},
+                "rules": [
+                    {"apiGroups": ["flotilla.dev"], "resources": ["addressspaces", "addresses", "messagingusers"],
+                     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                    {"apiGroups": ["flotilla.dev"], "resources": ["addressspaces/status", "addresses/status", "messagingusers/status"],
+                     "verbs": ["get", "update", "patch"]},
+                    {"apiGroups": [""], "resources": ["configmaps"],
+                     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                ],
+            }),
+            false,
+        );
+        push(
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": n.name("console"), "labels": n.labels("console")},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.name("console")},
+                "subjects": [{"kind": "ServiceAccount", "name": n.name("console"), "namespace": n.namespace}],
+            }),
             false,
         );
         push(
@@ -491,7 +519,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
                 "metadata": {"name": n.name("console"), "labels": n.labels("console")},
                 "spec": {
                     "replicas": 1,
-                    "strategy": {"type": "Recreate"},
                     "selector": {"matchLabels": n.selector("console")},
                     "template": pod,
                 },
@@ -634,13 +661,6 @@ fn claim(name: &str, s: &flotilla_core::crd::StorageSpec, labels: Value) -> Valu
     if let Some(class) = &s.storage_class_name {
         c["spec"]["storageClassName"] = class.clone().into();
     }
-    c
-}
-
-fn claim_object(n: &Names, part: &str, s: &flotilla_core::crd::StorageSpec) -> Value {
-    let mut c = claim(&n.name(part), s, n.labels("console"));
-    c["apiVersion"] = "v1".into();
-    c["kind"] = "PersistentVolumeClaim".into();
     c
 }
 

@@ -4,216 +4,15 @@
 //! subresource. Every request is recorded, so a test can say what the
 //! operator did, and what it did not do.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use fake_apiserver::Store;
 use flotilla_core::crd::{Autoscaling, Flotilla, FlotillaSpec};
 use flotilla_operator::{reconcile::reconcile, Context, FINALIZER};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use kube::client::Body;
+use http::Method;
 use serde_json::{json, Value};
 
 const NS: &str = "messaging";
-
-/// The API server's objects, by path, and the requests it saw.
-#[derive(Default)]
-struct Store {
-    objects: BTreeMap<String, Value>,
-    log: Vec<(Method, String)>,
-    next_uid: u64,
-}
-
-fn status(code: StatusCode, reason: &str, message: &str) -> (StatusCode, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
-               "message": message, "code": code.as_u16()}),
-    )
-}
-
-/// RFC 7386 merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            let t = target.as_object_mut().expect("object");
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        _ => *target = patch.clone(),
-    }
-}
-
-/// Whether `labels` satisfy a selector such as `a=b,c in (x,y)`.
-fn selects(selector: &str, labels: &Value) -> bool {
-    let mut rest = selector;
-    while !rest.is_empty() {
-        // A term ends at a comma outside parentheses.
-        let mut depth = 0;
-        let mut end = rest.len();
-        for (i, c) in rest.char_indices() {
-            match c {
-                '(' => depth += 1,
-                ')' => depth -= 1,
-                ',' if depth == 0 => {
-                    end = i;
-                    break;
-                }
-                _ => {}
-            }
-        }
-        let term = rest[..end].trim();
-        rest = rest.get(end + 1..).unwrap_or("");
-        if let Some((k, set)) = term.split_once(" in ") {
-            let set: Vec<&str> = set
-                .trim_matches(|c| c == '(' || c == ')')
-                .split(',')
-                .map(str::trim)
-                .collect();
-            if !labels[k.trim()].as_str().is_some_and(|v| set.contains(&v)) {
-                return false;
-            }
-        } else if let Some((k, v)) = term.split_once('=') {
-            if labels[k] != v {
-                return false;
-            }
-        }
-    }
-    true
-}
-
-fn query(uri: &http::Uri, key: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| {
-            v.replace("%3D", "=")
-                .replace("%2C", ",")
-                .replace("%2F", "/")
-                .replace('+', " ")
-                .replace("%28", "(")
-                .replace("%29", ")")
-                .replace("%20", " ")
-        })
-    })
-}
-
-impl Store {
-    fn handle(&mut self, method: Method, uri: &http::Uri, body: &[u8]) -> (StatusCode, Value) {
-        let path = uri.path().to_string();
-        self.log.push((method.clone(), uri.to_string()));
-        let (path, sub) = match path.strip_suffix("/status") {
-            Some(p) if p.matches('/').count() >= 6 => (p.to_string(), true),
-            _ => (path, false),
-        };
-        match method {
-            Method::GET => {
-                if let Some(o) = self.objects.get(&path) {
-                    return (StatusCode::OK, o.clone());
-                }
-                // A collection: its direct children, as the selector says.
-                let prefix = format!("{path}/");
-                let selector = query(uri, "labelSelector").unwrap_or_default();
-                let items: Vec<Value> = self
-                    .objects
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
-                    .filter(|(_, o)| selects(&selector, &o["metadata"]["labels"]))
-                    .map(|(_, o)| o.clone())
-                    .collect();
-                if items.is_empty() && !is_collection(&path) {
-                    return status(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        &format!("{path} not found"),
-                    );
-                }
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
-                )
-            }
-            Method::PATCH => {
-                let patch: Value = serde_json::from_slice(body).expect("patch is JSON");
-                let apply = query(uri, "fieldManager").is_some()
-                    && query(uri, "force").as_deref() == Some("true");
-                match self.objects.get_mut(&path) {
-                    Some(o) if sub => {
-                        merge(o, &json!({"status": patch["status"].clone()}));
-                        (StatusCode::OK, o.clone())
-                    }
-                    Some(o) if apply => {
-                        let keep = o["metadata"].clone();
-                        let mut new = patch.clone();
-                        for k in [
-                            "uid",
-                            "resourceVersion",
-                            "creationTimestamp",
-                            "finalizers",
-                            "deletionTimestamp",
-                        ] {
-                            if !keep[k].is_null() {
-                                new["metadata"][k] = keep[k].clone();
-                            }
-                        }
-                        if !o["status"].is_null() {
-                            new["status"] = o["status"].clone();
-                        }
-                        *o = new;
-                        (StatusCode::OK, o.clone())
-                    }
-                    Some(o) => {
-                        merge(o, &patch);
-                        (StatusCode::OK, o.clone())
-                    }
-                    None if apply => {
-                        self.next_uid += 1;
-                        let mut new = patch.clone();
-                        new["metadata"]["uid"] = format!("uid-{}", self.next_uid).into();
-                        self.objects.insert(path, new.clone());
-                        (StatusCode::CREATED, new)
-                    }
-                    None => status(StatusCode::NOT_FOUND, "NotFound", "no such object"),
-                }
-            }
-            Method::DELETE => match self.objects.remove(&path) {
-                Some(o) => (StatusCode::OK, o),
-                None => status(StatusCode::NOT_FOUND, "NotFound", "no such object"),
-            },
-            _ => status(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                "not in the fake",
-            ),
-        }
-    }
-
-    fn get(&self, path: &str) -> Option<&Value> {
-        self.objects.get(path)
-    }
-
-    /// Requests that changed something.
-    fn writes(&self) -> Vec<String> {
-        self.log
-            .iter()
-            .filter(|(m, _)| *m != Method::GET)
-            .map(|(m, u)| format!("{m} {u}"))
-            .collect()
-    }
-}
-
-fn is_collection(path: &str) -> bool {
-    // /api/v1/namespaces/NS/KIND or /apis/G/V/namespaces/NS/KIND
-    let segs = path.trim_start_matches('/').split('/').count();
-    (path.starts_with("/api/") && segs == 5) || (path.starts_with("/apis/") && segs == 6)
-}
 
 fn core(kind: &str, name: &str) -> String {
     format!("/api/v1/namespaces/{NS}/{kind}/{name}")
@@ -229,27 +28,7 @@ fn flotilla_path() -> String {
 
 /// A fake API server and the operator's context on it.
 fn fake() -> (Arc<Mutex<Store>>, Arc<Context>) {
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let store = Arc::new(Mutex::new(Store::default()));
-    let s = store.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            let (code, v) = s.lock().unwrap().handle(parts.method, &parts.uri, &bytes);
-            let resp = Response::builder()
-                .status(code)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&v).unwrap()))
-                .unwrap();
-            send.send_response(resp);
-        }
-    });
-    let client = kube::Client::new(svc, "default");
+    let (store, client) = fake_apiserver::client();
     let ctx = Arc::new(Context {
         client,
         image: "flotilla:test".into(),
@@ -335,7 +114,9 @@ async fn creates_what_a_flotilla_needs_by_server_side_apply_with_owner_reference
         core("secrets", "flo-tls"),
         core("secrets", "flo-ca"),
         core("serviceaccounts", "flo"),
-        core("persistentvolumeclaims", "flo-console-data"),
+        core("serviceaccounts", "flo-console"),
+        format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/flo-console"),
+        format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings/flo-console"),
         apps("statefulsets", "flo-broker-0"),
         apps("statefulsets", "flo-broker-1"),
         apps("statefulsets", "flo-lwt"),
