@@ -338,6 +338,15 @@ impl State {
     }
 }
 
+/// Whether the resource's status speaks of its current generation (the
+/// console wrote it, or answered it).
+fn status_answers(o: &DynamicObject) -> bool {
+    match o.metadata.generation {
+        Some(g) => o.data["status"]["observedGeneration"].as_i64() == Some(g),
+        None => o.data["status"]["conditions"].is_array(),
+    }
+}
+
 /// The store on Kubernetes.
 pub struct KubeStore {
     client: Client,
@@ -460,9 +469,68 @@ impl KubeStore {
             }
             _ => {}
         }
+        let unanswered = match &e {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o)
+                if kind != Kind::Broker && !status_answers(o) =>
+            {
+                Some(o.clone())
+            }
+            _ => None,
+        };
         let changes = self.lock().event(kind, e);
         for c in changes {
             let _ = self.changes.send(c);
+        }
+        if let Some(o) = unanswered {
+            let s = self.clone();
+            tokio::spawn(async move { s.answer(kind, o).await });
+        }
+    }
+
+    /// Gives a resource someone applied (not through the REST API, which
+    /// writes the status itself) its status: Ready, or why not.
+    async fn answer(&self, kind: Kind, o: DynamicObject) {
+        let Some(name) = o.metadata.name.clone() else {
+            return;
+        };
+        let spec = &o.data["spec"];
+        let space = spec["addressSpace"].as_str().unwrap_or("default");
+        let accepted = "routers and brokers that follow the console apply it";
+        let (ok, reason, message) = if kind == Kind::AddressSpace {
+            match flotilla_core::resources::Quotas::of(spec["plan"].as_str(), None) {
+                Ok(_) => (true, "Accepted", accepted.to_string()),
+                Err(e) => (false, "NoSuchPlan", e.to_string()),
+            }
+        } else if space != flotilla_core::config::DEFAULT_SPACE
+            && self.get(&format!("AddressSpace/{space}")).is_none()
+        {
+            (
+                false,
+                "NoSuchSpace",
+                format!("address space {space:?} does not exist (yet)"),
+            )
+        } else {
+            (true, "Accepted", accepted.to_string())
+        };
+        let mut ready = flotilla_core::resources::Condition::ready(ok, reason, message);
+        ready.observed_generation = o.metadata.generation;
+        ready.last_transition_time = Some(flotilla_core::time::now_rfc3339());
+        let status = json!({
+            "phase": if ok { "Active" } else { "Pending" },
+            "conditions": [ready],
+            "observedGeneration": o.metadata.generation,
+        });
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.namespace, &kind.resource());
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            warn!(kind = ?kind, name = %name, error = %e, "cannot write the status");
         }
     }
 
@@ -611,14 +679,17 @@ impl KubeStore {
                 }
             }
         };
+        let generation = written.metadata.generation;
         let mut written =
             serde_json::to_value(&written).map_err(|e| StoreError::Db(e.to_string()))?;
         if kind != Kind::Broker && !object["status"].is_null() {
+            let mut status = object["status"].clone();
+            status["observedGeneration"] = generation.into();
             let o = api
                 .patch_status(
                     &name,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"status": object["status"]})),
+                    &Patch::Merge(json!({"status": status})),
                 )
                 .await
                 .map_err(kube_err)?;

@@ -320,3 +320,76 @@ async fn brokers_are_kept_in_config_maps() {
     );
     assert_eq!(s.list("Broker/", None, 10).unwrap().1.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_kubectl_applies_gets_a_status() {
+    let (api, k, s) = store().await;
+    let post = |plural: &str, body: Value| {
+        api.lock()
+            .unwrap()
+            .handle(
+                http::Method::POST,
+                &format!("/apis/flotilla.dev/v1/namespaces/{NS}/{plural}")
+                    .parse()
+                    .unwrap(),
+                &serde_json::to_vec(&body).unwrap(),
+            )
+            .1
+    };
+    let orphan = post(
+        "addresses",
+        json!({"apiVersion": "flotilla.dev/v1", "kind": "Address",
+               "metadata": {"name": "nowhere.q", "namespace": NS},
+               "spec": {"addressSpace": "nowhere", "address": "q", "type": "queue"}}),
+    );
+    k.apply_event(Kind::Address, Event::Apply(dynamic(&orphan)));
+    let bad_plan = post(
+        "addressspaces",
+        json!({"apiVersion": "flotilla.dev/v1", "kind": "AddressSpace",
+               "metadata": {"name": "odd", "namespace": NS}, "spec": {"plan": "gigantic"}}),
+    );
+    k.apply_event(Kind::AddressSpace, Event::Apply(dynamic(&bad_plan)));
+    let ready = |path: String| {
+        let a = api.lock().unwrap();
+        a.get(&path)
+            .and_then(|o| o["status"]["conditions"][0].as_object().cloned())
+    };
+    let mut answered = (None, None);
+    for _ in 0..200 {
+        answered = (
+            ready(cr_path("addresses", "nowhere.q")),
+            ready(cr_path("addressspaces", "odd")),
+        );
+        if answered.0.is_some() && answered.1.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (addr, space) = answered;
+    let (addr, space) = (
+        addr.expect("the address's status"),
+        space.expect("the space's status"),
+    );
+    assert_eq!(
+        (addr["status"].as_str(), addr["reason"].as_str()),
+        (Some("False"), Some("NoSuchSpace"))
+    );
+    assert_eq!(
+        (space["status"].as_str(), space["reason"].as_str()),
+        (Some("False"), Some("NoSuchPlan"))
+    );
+    assert_eq!(addr["observedGeneration"], 1);
+    // Answered once: the status speaks of the generation now.
+    let answered_addr = api
+        .lock()
+        .unwrap()
+        .get(&cr_path("addresses", "nowhere.q"))
+        .cloned()
+        .unwrap();
+    let writes = api.lock().unwrap().writes().len();
+    // (Whether to answer is decided in apply_event itself.)
+    k.apply_event(Kind::Address, Event::Apply(dynamic(&answered_addr)));
+    tokio::task::yield_now().await;
+    assert_eq!(api.lock().unwrap().writes().len(), writes);
+    let _ = s;
+}

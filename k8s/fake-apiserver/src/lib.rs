@@ -209,6 +209,7 @@ impl Store {
                 self.next_uid += 1;
                 new["metadata"]["uid"] = format!("uid-{}", self.next_uid).into();
                 new["metadata"]["creationTimestamp"] = "2026-12-06T12:00:00Z".into();
+                new["metadata"]["generation"] = 1.into();
                 if let Some(m) = new.as_object_mut() {
                     m.remove("status");
                 }
@@ -229,8 +230,13 @@ impl Store {
                         "the object has been modified",
                     );
                 }
-                for k in ["uid", "creationTimestamp"] {
+                for k in ["uid", "creationTimestamp", "generation"] {
                     new["metadata"][k] = old["metadata"][k].clone();
+                }
+                // A new spec is a new generation.
+                if new["spec"] != old["spec"] {
+                    let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+                    new["metadata"]["generation"] = g.into();
                 }
                 // The status is the status subresource's.
                 new["status"] = old["status"].clone();
