@@ -78,8 +78,31 @@ pub struct RouterSpec {
     pub uplinks: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
+    /// Interior mode: also a Service of this type on the inter-router
+    /// port, for edge routers in other clusters (they prove themselves
+    /// with the mesh secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose_inter_router: Option<ExposeSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+/// How the inter-router port is reached from outside the cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExposeSpec {
+    #[serde(rename = "type")]
+    pub kind: ExposeType,
+    /// Networks (CIDR) that may connect; empty: any (the mesh secret
+    /// still decides who joins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ExposeType {
+    LoadBalancer,
+    NodePort,
 }
 
 impl Default for RouterSpec {
@@ -89,6 +112,7 @@ impl Default for RouterSpec {
             mode: RouterMode::Interior,
             uplinks: Vec::new(),
             autoscaling: None,
+            expose_inter_router: None,
             resources: None,
         }
     }

@@ -88,6 +88,34 @@ pub async fn reconcile(f: Arc<Flotilla>, ctx: Arc<Context>) -> Result<Action, Er
             )
             .await?;
     }
+    if let Some(first) = other_flotilla(&f, &flotillas).await? {
+        // The console's store is the namespace's resources: two Flotillas
+        // would share (and fight over) every tenant.
+        let mut ready = Condition::ready(
+            false,
+            "OnePerNamespace",
+            format!(
+                "Flotilla {first} already runs in namespace {}; put this one in another namespace",
+                n.namespace
+            ),
+        );
+        ready.observed_generation = f.metadata.generation;
+        let status = FlotillaStatus {
+            observed_generation: f.metadata.generation,
+            conditions: vec![ready],
+            ..Default::default()
+        };
+        if f.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions) {
+            flotillas
+                .patch_status(
+                    &n.instance,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
+                .await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
     let generated = secrets_for(&n, &ctx).await?;
     let desired = render::render(&f, &ctx.image, &generated);
     let mut applied = 0;
@@ -121,6 +149,23 @@ pub async fn reconcile(f: Arc<Flotilla>, ctx: Arc<Context>) -> Result<Action, Er
     } else {
         Duration::from_secs(10)
     }))
+}
+
+/// Another Flotilla of the namespace that came first (older, or as old
+/// and first by name), if any.
+async fn other_flotilla(f: &Flotilla, flotillas: &Api<Flotilla>) -> Result<Option<String>, Error> {
+    let me = (f.metadata.creation_timestamp.clone(), f.name_any());
+    let first = flotillas
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .map(|o| (o.metadata.creation_timestamp.clone(), o.name_any()))
+        .filter(|o| o.1 != me.1)
+        .filter(|o| (o.0.as_ref().map(|t| t.0), &o.1) < (me.0.as_ref().map(|t| t.0), &me.1))
+        .min_by(|a, b| (a.0.as_ref().map(|t| t.0), &a.1).cmp(&(b.0.as_ref().map(|t| t.0), &b.1)));
+    Ok(first.map(|o| o.1))
 }
 
 /// The generated secrets: made only when one of them is missing (the ones

@@ -284,6 +284,54 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             false,
         );
     }
+    // Edge routers elsewhere reach the inter-router port through a
+    // Service of its own, from the networks the spec names.
+    let mut uplinks = Vec::new();
+    if let (Some(e), false) = (&spec.routers.expose_inter_router, edge) {
+        let kind = match e.kind {
+            flotilla_core::crd::ExposeType::LoadBalancer => "LoadBalancer",
+            flotilla_core::crd::ExposeType::NodePort => "NodePort",
+        };
+        let mut svc = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": n.name("router-uplink"), "labels": n.labels("router")},
+            "spec": {
+                "type": kind,
+                "selector": n.selector("router"),
+                "ports": [svc_port("inter-router", INTER_ROUTER_PORT)],
+            },
+        });
+        if kind == "LoadBalancer" && !e.source_ranges.is_empty() {
+            svc["spec"]["loadBalancerSourceRanges"] = json!(e.source_ranges);
+        }
+        push(svc, false);
+        let from: Vec<Value> = e
+            .source_ranges
+            .iter()
+            .map(|cidr| json!({"ipBlock": {"cidr": cidr}}))
+            .collect();
+        let mut rule = json!({"ports": [{"protocol": "TCP", "port": INTER_ROUTER_PORT}]});
+        if !from.is_empty() {
+            rule["from"] = from.into();
+        }
+        uplinks.push(rule);
+    }
+    let mut ingress = vec![
+        // The inter-router port: this Flotilla's routers.
+        json!({
+            "from": [{"podSelector": {"matchLabels": n.selector("router")}}],
+            "ports": [{"protocol": "TCP", "port": INTER_ROUTER_PORT}],
+        }),
+        // Clients, components and Prometheus.
+        json!({
+            "ports": [
+                {"protocol": "TCP", "port": AMQP_PORT},
+                {"protocol": "TCP", "port": AMQPS_PORT},
+                {"protocol": "TCP", "port": HTTP_PORT},
+            ],
+        }),
+    ];
+    ingress.extend(uplinks);
     push(
         json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -291,26 +339,11 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             "spec": {
                 "podSelector": {"matchLabels": n.selector("router")},
                 "policyTypes": ["Ingress"],
-                "ingress": [
-                    // The inter-router port: this Flotilla's routers only.
-                    {
-                        "from": [{"podSelector": {"matchLabels": n.selector("router")}}],
-                        "ports": [{"protocol": "TCP", "port": INTER_ROUTER_PORT}],
-                    },
-                    // Clients, components and Prometheus.
-                    {
-                        "ports": [
-                            {"protocol": "TCP", "port": AMQP_PORT},
-                            {"protocol": "TCP", "port": AMQPS_PORT},
-                            {"protocol": "TCP", "port": HTTP_PORT},
-                        ],
-                    },
-                ],
+                "ingress": ingress,
             },
         }),
         false,
     );
-
     // Brokers: one StatefulSet of one each, so broker-i keeps its id, its
     // journal and the queues placed on it.
     let router_addr = format!("{}:{AMQP_PORT}", n.svc("router"));
@@ -480,6 +513,11 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             spec.console.resources.as_ref(),
             Vec::new(),
         );
+        // Its /metrics needs the admin token and repeats every pod's
+        // series: not one to scrape by annotation.
+        if let Some(a) = pod["metadata"].as_object_mut() {
+            a.remove("annotations");
+        }
         pod["spec"]["serviceAccountName"] = n.name("console").into();
         pod["spec"]["automountServiceAccountToken"] = true.into();
         push(

@@ -329,3 +329,68 @@ async fn deleting_lets_routers_and_gateways_drain_before_the_finalizer_goes() {
         json!([])
     );
 }
+
+#[tokio::test]
+async fn a_second_flotilla_in_a_namespace_is_refused_with_a_reason() {
+    let (store, ctx) = fake();
+    put_flotilla(&store, prod());
+    reconcile(current(&store), ctx.clone()).await.unwrap();
+    let second = format!("/apis/flotilla.dev/v1/namespaces/{NS}/flotillas/zeta");
+    store.lock().unwrap().objects.insert(
+        second.clone(),
+        json!({"apiVersion": "flotilla.dev/v1", "kind": "Flotilla",
+               "metadata": {"name": "zeta", "namespace": NS, "uid": "zeta-uid", "generation": 1},
+               "spec": {}}),
+    );
+    let z: Flotilla =
+        serde_json::from_value(store.lock().unwrap().get(&second).cloned().unwrap()).unwrap();
+    reconcile(Arc::new(z), ctx).await.unwrap();
+    let s = store.lock().unwrap();
+    let ready = &s.get(&second).unwrap()["status"]["conditions"][0];
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("OnePerNamespace"))
+    );
+    assert!(ready["message"]
+        .as_str()
+        .unwrap()
+        .contains("Flotilla flo already runs"));
+    assert!(
+        s.get(&apps("statefulsets", "zeta-router")).is_none(),
+        "the second made nothing"
+    );
+}
+
+#[tokio::test]
+async fn the_inter_router_port_can_be_opened_to_edge_sites() {
+    let (store, ctx) = fake();
+    let mut spec = prod();
+    spec.routers.expose_inter_router = Some(flotilla_core::crd::ExposeSpec {
+        kind: flotilla_core::crd::ExposeType::LoadBalancer,
+        source_ranges: vec!["203.0.113.0/24".into()],
+    });
+    put_flotilla(&store, spec);
+    reconcile(current(&store), ctx).await.unwrap();
+    let s = store.lock().unwrap();
+    let svc = s
+        .get(&core("services", "flo-router-uplink"))
+        .expect("the uplink service");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(
+        svc["spec"]["loadBalancerSourceRanges"],
+        json!(["203.0.113.0/24"])
+    );
+    let np = s
+        .get(&format!(
+            "/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/flo-router-mesh"
+        ))
+        .unwrap();
+    let rules = np["spec"]["ingress"].as_array().unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["from"][0]["ipBlock"]["cidr"] == "203.0.113.0/24"
+                && r["ports"][0]["port"] == 55672),
+        "{np}"
+    );
+}
