@@ -227,7 +227,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         checks.push(("router", "not connected to the router yet"));
     }
     let readiness = flotilla_core::ops::Readiness::new(&checks);
-    let reporter: std::sync::Arc<std::sync::OnceLock<queues::QueueHandle>> = Default::default();
+    // Weak: the queue task ends when its last handle goes, and the
+    // operations listener must not keep it.
+    let reporter: std::sync::Arc<
+        std::sync::OnceLock<tokio::sync::mpsc::WeakUnboundedSender<queues::BrokerEvent>>,
+    > = Default::default();
     if let Some(addr) = cfg.http {
         let l = flotilla_core::ops::bind(addr)
             .await
@@ -238,7 +242,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
             id: cfg.container_id.clone(),
             readiness: readiness.clone(),
             report: Some(std::sync::Arc::new(move || {
-                let (q, id) = (r.get().cloned(), id.clone());
+                let (q, id) = (r.get().and_then(|w| w.upgrade()), id.clone());
                 Box::pin(async move {
                     match q {
                         Some(q) => report(q, id).await,
@@ -309,7 +313,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     })?;
     info!(proto = "amqp", addr = %addr, "listening");
     readiness.ok("journal");
-    let _ = reporter.set(queues.clone());
+    let _ = reporter.set(queues.downgrade());
     let tracker = TaskTracker::new();
     tracker.spawn(task.run());
     let policy = Policy::new(cfg.tenancy.clone())

@@ -86,7 +86,7 @@ class Router:
         self.log = []
         deadline = time.monotonic() + 20
         if want is None:
-            want = 1 + ("--amqps" in args) + ("--inter-router" in args)
+            want = 1 + ("--amqps" in args) + ("--inter-router" in args) + ("--http" in args)
         while len(self.ports) < want:
             if time.monotonic() > deadline:
                 self.stop()
@@ -158,7 +158,7 @@ class Gateway(Router):
 
     def __init__(self, *args, mqtt="127.0.0.1:0"):
         self.args = args
-        want = 1 + ("--mqtts" in args) + ("--mqtt-ws" in args)
+        want = 1 + ("--mqtts" in args) + ("--mqtt-ws" in args) + ("--http" in args)
         super().__init__(*args, component="mqtt-gateway", amqp=mqtt, listen="--mqtt", want=want)
 
     @property

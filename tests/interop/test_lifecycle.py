@@ -15,7 +15,7 @@ from proton import Message, symbol
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
-from conftest import TIMEOUT, Broker, Router, connect, wait_until
+from conftest import LISTENING, TIMEOUT, Broker, Gateway, Lwt, Router, connect, wait_until
 
 
 def http_get(port, path):
@@ -351,3 +351,59 @@ def test_a_broker_scaled_away_keeps_its_messages_for_its_return(config_file, tmp
         r.stop()
         for b in brokers.values():
             b.stop()
+
+
+def test_every_component_serves_metrics_and_is_ready_only_while_it_serves(tmpdir_path, config_file):
+    # Each component's --http: /healthz, /readyz true only while it
+    # serves (its router connected), /metrics with its own series.
+    import os
+    import paho.mqtt.client as mqtt
+    cfg = config_file("""
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: stock}
+spec: {address: stock, type: queue}
+""")
+    r = Router("--router-id", "r0", "--http", "127.0.0.1:0", "--config", cfg)
+    procs = [r]
+    try:
+        b = Broker(os.path.join(tmpdir_path, "b"), "--router", r.url, "--container-id", "b0", "--http", "127.0.0.1:0",
+                   "--config", cfg)
+        procs.append(b)
+        g = Gateway("--router", r.url, "--gateway-id", "g0", "--http", "127.0.0.1:0")
+        procs.append(g)
+        lwt = Lwt(os.path.join(tmpdir_path, "lwt"), r, "--lwt-id", "l0", "--http", "127.0.0.1:0")
+        procs.append(lwt)
+        lwt_port = wait_until("the service's http port", lambda: next(
+            (int(m.group(3)) for m in map(LISTENING.search, list(lwt.log)) if m and m.group(1) == "http"), None))
+        ports = {"broker": b.ports["http"], "gateway": g.ports["http"], "lwt": lwt_port, "router": r.ports["http"]}
+        for what, port in ports.items():
+            wait_until(what + " ready", lambda: http_get(port, "/readyz")[0] == 200)
+            assert http_get(port, "/healthz")[0] == 200
+        # Something to count: a stored message, an MQTT client.
+        c = connect(r.url)
+        r.wait_for_log(r'broker connected \(route container\).*broker="?b0')
+        c.create_sender("stock").send(Message(body="one", durable=True))
+        c.close()
+        m = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="meter")
+        m.connect("127.0.0.1", g.port)
+        m.loop_start()
+        try:
+            wait_until("the broker counts the message",
+                       lambda: metric(ports["broker"], 'flotilla_queue_depth{broker="b0",space="default",queue="stock"}') == 1)
+            wait_until("the gateway counts its client",
+                       lambda: metric(ports["gateway"], 'flotilla_mqtt_connections{gateway="g0",space="default"}') == 1)
+        finally:
+            m.loop_stop()
+            m.disconnect()
+        assert metric(ports["router"], 'flotilla_router_client_connections{router="r0"}') is not None
+        assert metric(ports["lwt"], 'flotilla_ready{component="lwt",id="l0"}') == 1
+        # Their router gone, the components are alive but not ready.
+        r.stop()
+        for what in ("broker", "gateway", "lwt"):
+            status, body = wait_until(what + " not ready", lambda: (lambda s: s if s[0] == 503 else None)(http_get(ports[what], "/readyz")))
+            assert "router" in body, body
+            assert http_get(ports[what], "/healthz")[0] == 200
+    finally:
+        for p in procs:
+            p.stop()
