@@ -52,6 +52,35 @@ pub struct Context {
     pub client: Client,
     /// The image components run unless a Flotilla names its own.
     pub image: String,
+    /// Each object as the operator's last apply left it
+    /// (`NAMESPACE/KIND/NAME` → generation or resource version): one that
+    /// moved since was changed by someone else, and is applied again.
+    applied: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Context {
+    pub fn new(client: Client, image: String) -> Context {
+        Context {
+            client,
+            image,
+            applied: Default::default(),
+        }
+    }
+
+    pub(crate) fn left(&self, key: &str) -> Option<String> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    pub(crate) fn record(&self, key: String, mark: String) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, mark);
+    }
 }
 
 /// A client for the cluster the operator runs in (or the kubeconfig's).
@@ -72,10 +101,7 @@ pub async fn api_version(client: &Client) -> Result<String, kube::Error> {
 
 /// Runs the controller until `shutdown`.
 pub async fn run(client: Client, image: String, shutdown: CancellationToken) {
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        image,
-    });
+    let ctx = Arc::new(Context::new(client.clone(), image));
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=flotilla-operator");
     let controller = Controller::new(
         Api::<Flotilla>::all(client.clone()),

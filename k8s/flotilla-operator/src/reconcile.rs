@@ -202,18 +202,38 @@ async fn apply(ctx: &Context, ns: &str, d: &Desired) -> Result<bool, Error> {
     let mut object = d.object.clone();
     let h = hash(&object);
     object["metadata"]["annotations"][APPLIED] = h.clone().into();
+    let key = format!("{ns}/{kind}/{}", d.name());
     match api.get_opt(d.name()).await? {
         Some(_) if d.create_only => return Ok(false),
-        Some(o) if o.annotations().get(APPLIED) == Some(&h) => return Ok(false),
+        // As the operator left it: its hash, and no change since (by
+        // anyone else: a hand edit is put back).
+        Some(o) if o.annotations().get(APPLIED) == Some(&h) && ctx.left(&key) == Some(mark(&o)) => {
+            return Ok(false)
+        }
         _ => {}
     }
-    api.patch(
-        d.name(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&object),
-    )
-    .await?;
+    let o = api
+        .patch(
+            d.name(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
+        .await?;
+    ctx.record(key, mark(&o));
     Ok(true)
+}
+
+/// What changes when anyone changes an object's spec: its generation
+/// where it has one (a status update does not move it), else its
+/// resource version.
+fn mark(o: &DynamicObject) -> String {
+    match o.metadata.generation {
+        Some(g) => format!("g{g}"),
+        None => format!(
+            "r{}",
+            o.metadata.resource_version.clone().unwrap_or_default()
+        ),
+    }
 }
 
 /// Deletes what this Flotilla made and no longer wants: a broker scaled

@@ -29,10 +29,7 @@ fn flotilla_path() -> String {
 /// A fake API server and the operator's context on it.
 fn fake() -> (Arc<Mutex<Store>>, Arc<Context>) {
     let (store, client) = fake_apiserver::client();
-    let ctx = Arc::new(Context {
-        client,
-        image: "flotilla:test".into(),
-    });
+    let ctx = Arc::new(Context::new(client, "flotilla:test".into()));
     (store, ctx)
 }
 
@@ -392,5 +389,26 @@ async fn the_inter_router_port_can_be_opened_to_edge_sites() {
             .any(|r| r["from"][0]["ipBlock"]["cidr"] == "203.0.113.0/24"
                 && r["ports"][0]["port"] == 55672),
         "{np}"
+    );
+}
+
+#[tokio::test]
+async fn a_hand_edit_of_what_the_operator_owns_is_put_back() {
+    let (store, ctx) = fake();
+    put_flotilla(&store, prod());
+    reconcile(current(&store), ctx.clone()).await.unwrap();
+    let path = apps("statefulsets", "flo-router");
+    {
+        // kubectl edit: another image, a new resource version.
+        let mut s = store.lock().unwrap();
+        let o = s.objects.get_mut(&path).unwrap();
+        o["spec"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1".into();
+        o["metadata"]["resourceVersion"] = "999999".into();
+    }
+    reconcile(current(&store), ctx).await.unwrap();
+    let s = store.lock().unwrap();
+    assert_eq!(
+        s.get(&path).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"],
+        "flotilla:test"
     );
 }
