@@ -80,13 +80,7 @@ pub async fn reconcile(f: Arc<Flotilla>, ctx: Arc<Context>) -> Result<Action, Er
     if !f.finalizers().iter().any(|x| x == FINALIZER) {
         let mut list = f.finalizers().to_vec();
         list.push(FINALIZER.to_string());
-        flotillas
-            .patch(
-                &n.instance,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": list}})),
-            )
-            .await?;
+        set_finalizers(&flotillas, &n.instance, list).await?;
     }
     if let Some(first) = other_flotilla(&f, &flotillas).await? {
         // The console's store is the namespace's resources: two Flotillas
@@ -106,13 +100,7 @@ pub async fn reconcile(f: Arc<Flotilla>, ctx: Arc<Context>) -> Result<Action, Er
             ..Default::default()
         };
         if f.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions) {
-            flotillas
-                .patch_status(
-                    &n.instance,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"status": status})),
-                )
-                .await?;
+            set_status(&flotillas, &n.instance, &status).await?;
         }
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
@@ -134,13 +122,7 @@ pub async fn reconcile(f: Arc<Flotilla>, ctx: Arc<Context>) -> Result<Action, Er
         .iter()
         .any(|c| c.kind == "Ready" && c.status == "True");
     if f.status.as_ref() != Some(&status) {
-        flotillas
-            .patch_status(
-                &n.instance,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await?;
+        set_status(&flotillas, &n.instance, &status).await?;
     }
     // Pods come and go without touching what the operator owns: look
     // again soon while something is not ready.
@@ -149,6 +131,28 @@ pub async fn reconcile(f: Arc<Flotilla>, ctx: Arc<Context>) -> Result<Action, Er
     } else {
         Duration::from_secs(10)
     }))
+}
+
+/// Replaces the Flotilla's finalizers (merge patch of the list).
+async fn set_finalizers(api: &Api<Flotilla>, name: &str, list: Vec<String>) -> Result<(), Error> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": list}})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes the Flotilla's status (status subresource, merge patch).
+async fn set_status(api: &Api<Flotilla>, name: &str, status: &FlotillaStatus) -> Result<(), Error> {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Another Flotilla of the namespace that came first (older, or as old
@@ -456,13 +460,7 @@ async fn finalize(
         .filter(|x| *x != FINALIZER)
         .cloned()
         .collect();
-    flotillas
-        .patch(
-            &n.instance,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
-        )
-        .await?;
+    set_finalizers(flotillas, &n.instance, rest).await?;
     info!(flotilla = %n.instance, "routers and gateways drained; the rest goes with the Flotilla");
     Ok(Action::await_change())
 }
