@@ -157,6 +157,24 @@ pub fn amqp_error(
     AmqpErrorBody::new(condition.into(), Some(description.into()), None)
 }
 
+/// Whether `attach` is for a transaction coordinator (its target is a
+/// `coordinator`, AMQP 1.0 §4.5.1): a client declaring transactions.
+pub fn is_coordinator(attach: &Attach) -> bool {
+    matches!(
+        attach.target.as_deref(),
+        Some(TargetArchetype::Coordinator(_))
+    )
+}
+
+/// The refusal of a coordinator link while Flotilla has no transactions:
+/// on that link alone, the connection goes on.
+pub fn no_transactions() -> AmqpErrorBody {
+    amqp_error(
+        AmqpError::NotImplemented,
+        "local transactions are not implemented: the coordinator link is refused (the connection and its other links go on)",
+    )
+}
+
 /// Credit left between a delivery-count and a limit (serial arithmetic,
 /// RFC 1982): zero when the count is already past the limit.
 fn credit_between(count: u32, limit: u32) -> u32 {

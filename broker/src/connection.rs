@@ -611,6 +611,11 @@ impl BrokerConnection {
     }
 
     fn attach(&mut self, link: LinkId, attach: &Attach) {
+        if flotilla_amqp::connection::is_coordinator(attach) {
+            return self
+                .conn
+                .refuse_attach(link, flotilla_amqp::connection::no_transactions());
+        }
         if self.is_component() {
             let stat = attach.role == Role::Receiver
                 && attach

@@ -688,6 +688,12 @@ impl ConnectionTask {
     }
 
     fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
+        if flotilla_amqp::connection::is_coordinator(&attach) {
+            warn!(conn.id = self.id.0, link.name = %attach.name, "attach refused: a transaction coordinator");
+            return self
+                .conn
+                .refuse_attach(link, flotilla_amqp::connection::no_transactions());
+        }
         if self.identity.is_component()
             && self.container().is_none()
             && attach.role == Role::Receiver

@@ -307,3 +307,56 @@ def test_broker_queue_keeps_messages_for_a_later_consumer(broker):
     later = Recv(broker.url, "queue-a", 10, credit=10)
     run(later)
     assert later.got == bodies
+
+
+class DeclareThenUse(MessagingHandler):
+    """Declares a transaction (proton's API: a coordinator link), then, on
+    the same connection, sends a message to a receiver of its own."""
+
+    def __init__(self, url):
+        super().__init__()
+        self.url = url
+        self.coordinator_error = None
+        self.declared = False
+        self.got = []
+
+    def start(self, container):
+        self.conn = container.connect(self.url, reconnect=False, handler=self)
+        container.declare_transaction(self.conn, handler=self)
+        container.create_receiver(self.conn, "after-tx")
+        self.sender = container.create_sender(self.conn, "after-tx")
+        self.sent = False
+
+    def tick(self):
+        pass
+
+    def done(self):
+        return self.got and self.coordinator_error is not None
+
+    def on_transaction_declared(self, event):
+        self.declared = True
+
+    def on_link_error(self, event):
+        cond = event.link.remote_condition
+        self.coordinator_error = (cond.name, cond.description)
+        event.link.close()
+
+    def on_sendable(self, event):
+        if event.sender == self.sender and not self.sent:
+            self.sender.send(Message(body="still fine"))
+            self.sent = True
+
+    def on_message(self, event):
+        self.got.append(event.message.body)
+
+
+@pytest.mark.parametrize("where", ["router", "broker"])
+def test_a_transaction_is_refused_on_its_link_alone(router, broker, where):
+    # Transactions are not implemented yet: the coordinator link is refused
+    # with amqp:not-implemented and the connection goes on (it used to be
+    # closed with a decode error).
+    h = DeclareThenUse(router.url if where == "router" else broker.url)
+    run(h)
+    assert not h.declared
+    assert h.coordinator_error is not None and h.coordinator_error[0] == "amqp:not-implemented", h.coordinator_error
+    assert h.got == ["still fine"]
