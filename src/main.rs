@@ -192,6 +192,7 @@ async fn run_operator(a: OperatorCmd) -> ExitCode {
             id: "flotilla-operator".into(),
             readiness: readiness.clone(),
             report: None,
+            token: None,
         };
         match flotilla_core::ops::bind(addr).await {
             Ok(l) => {

@@ -250,6 +250,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
                     }
                 })
             })),
+            token: cfg.console.as_ref().map(|l| l.token.clone()),
         };
         tokio::spawn(flotilla_core::ops::serve(l, ops, shutdown.clone()));
     }

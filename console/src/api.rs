@@ -337,11 +337,6 @@ fn ui(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-/// Compares without leaking where the first difference is.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
 async fn require_token(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -353,7 +348,9 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if same(t.trim().as_bytes(), state.token.as_bytes()) => next.run(req).await,
+        Some(t) if flotilla_core::auth::ct_eq(t.trim().as_bytes(), state.token.as_bytes()) => {
+            next.run(req).await
+        }
         Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",

@@ -74,7 +74,8 @@ fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
     out
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equal, in time that does not tell where the first difference is.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -120,6 +120,10 @@ pub struct Ops {
     pub readiness: Arc<Readiness>,
     /// `None`: process metrics and readiness only.
     pub report: Option<ReportFn>,
+    /// What a `/metrics` with a report must present as `Authorization:
+    /// Bearer` (the admin token): the report names every tenant's
+    /// addresses. Without one it is served on a loopback listener only.
+    pub token: Option<String>,
 }
 
 impl Ops {
@@ -165,6 +169,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
 /// `shutdown`.
 pub async fn serve(listener: TcpListener, ops: Ops, shutdown: CancellationToken) {
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     if let Ok(a) = listener.local_addr() {
         info!(proto = "http", addr = %a, component = ops.component, "listening");
     }
@@ -192,7 +197,7 @@ pub async fn serve(listener: TcpListener, ops: Ops, shutdown: CancellationToken)
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ops = ops.clone();
-                async move { Ok::<_, Infallible>(answer(&ops, &req).await) }
+                async move { Ok::<_, Infallible>(answer(&ops, &req, loopback).await) }
             });
             let conn =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
@@ -202,7 +207,48 @@ pub async fn serve(listener: TcpListener, ops: Ops, shutdown: CancellationToken)
     }
 }
 
-async fn answer<B>(ops: &Ops, req: &Request<B>) -> Response<Full<Bytes>> {
+/// Whether `req` may read the report's series: with the token when there
+/// is one, else only on a loopback listener.
+fn may_read_report<B>(
+    ops: &Ops,
+    req: &Request<B>,
+    loopback: bool,
+) -> Result<(), Response<Full<Bytes>>> {
+    if ops.report.is_none() {
+        return Ok(());
+    }
+    let Some(token) = &ops.token else {
+        return if loopback {
+            Ok(())
+        } else {
+            Err(text(
+                StatusCode::FORBIDDEN,
+                "/metrics names every tenant's addresses: off loopback it needs the admin token (FLOTILLA_ADMIN_TOKEN), which this component has not been given\n".into(),
+            ))
+        };
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if crate::auth::ct_eq(t.trim().as_bytes(), token.as_bytes()) => Ok(()),
+        _ => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "/metrics needs the admin token: Authorization: Bearer TOKEN\n".into(),
+            );
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
+            Err(r)
+        }
+    }
+}
+
+async fn answer<B>(ops: &Ops, req: &Request<B>, loopback: bool) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
@@ -216,6 +262,9 @@ async fn answer<B>(ops: &Ops, req: &Request<B>) -> Response<Full<Bytes>> {
             ),
         },
         "/metrics" => {
+            if let Err(refused) = may_read_report(ops, req, loopback) {
+                return refused;
+            }
             let mut r = text(StatusCode::OK, ops.metrics().await);
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,

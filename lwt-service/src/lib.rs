@@ -94,6 +94,7 @@ pub async fn run(cfg: LwtConfig, shutdown: CancellationToken) -> Result<(), LwtE
                 let v = r.lock().map(|v| v.clone()).unwrap_or_default();
                 Box::pin(std::future::ready(v))
             })),
+            token: cfg.console.as_ref().map(|l| l.token.clone()),
         };
         tokio::spawn(flotilla_core::ops::serve(l, ops, shutdown.clone()));
     }

@@ -206,6 +206,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
                 let v = sh.registry.snapshot(None);
                 Box::pin(std::future::ready(v))
             })),
+            token: cfg.console.as_ref().map(|l| l.token.clone()),
         };
         tracker.spawn(flotilla_core::ops::serve(l, ops, shutdown.clone()));
     }

@@ -477,6 +477,7 @@ impl Router {
                 id: s2.cfg.container_id.clone(),
                 readiness: s2.readiness.clone(),
                 report: Some(report),
+                token: s2.cfg.console.as_ref().map(|l| l.token.clone()),
             };
             shared
                 .tracker

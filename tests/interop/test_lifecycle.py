@@ -15,13 +15,17 @@ from proton import Message, symbol
 from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
-from conftest import LISTENING, TIMEOUT, Broker, Gateway, Lwt, Router, connect, wait_until
+from conftest import LISTENING, Console, TIMEOUT, Broker, Gateway, Lwt, Router, connect, wait_until
 
 
-def http_get(port, path):
-    """(status, body) of GET http://127.0.0.1:port/path."""
+def http_get(port, path, token=None):
+    """(status, body) of GET http://127.0.0.1:port/path (with the bearer
+    `token`)."""
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path))
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
     try:
-        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=TIMEOUT) as r:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -406,4 +410,26 @@ spec: {address: stock, type: queue}
             assert http_get(ports[what], "/healthz")[0] == 200
     finally:
         for p in procs:
+            p.stop()
+
+
+def test_metrics_off_loopback_need_the_admin_token(tmpdir_path):
+    # /metrics names every tenant's addresses: a stranger reaching a
+    # component's --http off loopback gets probes, not the series.
+    import os
+    alone = Router("--router-id", "alone", "--http", "0.0.0.0:0")
+    console = Console(os.path.join(tmpdir_path, "console"))
+    follower = Router("--router-id", "follows", "--http", "0.0.0.0:0", *console.follow_args())
+    try:
+        for r in (alone, follower):
+            assert http_get(r.ports["http"], "/healthz")[0] == 200
+            assert http_get(r.ports["http"], "/readyz")[0] == 200
+        status, body = http_get(alone.ports["http"], "/metrics")
+        assert status == 403 and "FLOTILLA_ADMIN_TOKEN" in body, (status, body)
+        assert http_get(follower.ports["http"], "/metrics")[0] == 401
+        assert http_get(follower.ports["http"], "/metrics", token="not-the-token")[0] == 401
+        status, body = http_get(follower.ports["http"], "/metrics", token=console.token)
+        assert status == 200 and 'flotilla_router_client_connections{router="follows"}' in body, body
+    finally:
+        for p in (alone, follower, console):
             p.stop()
