@@ -32,61 +32,61 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Address to send to and receive from.
-    #[arg(long, default_value = "bench")]
+    #[arg(long, default_value = "bench", env = "FLOTILLA_BENCH_ADDRESS")]
     pub address: String,
     /// 0: only receive (drain what the address already holds) until
     /// --count messages arrived; the rate is taken from the first to the last.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "FLOTILLA_BENCH_SENDERS")]
     pub senders: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "FLOTILLA_BENCH_RECEIVERS")]
     pub receivers: usize,
     /// Body size in bytes (at least 8: the send time).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "FLOTILLA_BENCH_SIZE")]
     pub size: usize,
     /// Send pre-settled (at-most-once).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_PRESETTLED")]
     pub presettled: bool,
     /// Mark messages durable (header durable=true): brokers such as
     /// RabbitMQ persist only durable messages.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_DURABLE")]
     pub durable: bool,
     /// Seconds to run for [default: 10; with --count, a bound only when given].
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_DURATION")]
     pub duration: Option<f64>,
     /// Total messages to send (with --senders 0: to receive).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_COUNT")]
     pub count: Option<u64>,
     /// Total messages per second across senders (default: as fast as credit allows).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_RATE")]
     pub rate: Option<u64>,
     /// Receivers' credit window.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, env = "FLOTILLA_BENCH_CREDIT")]
     pub credit: u32,
     /// Be the receiving peer: listen here and point the senders at it.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Where the receivers connect, when not to --url (e.g. another router
     /// of a mesh).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_RECEIVER_URL")]
     pub receiver_url: Option<String>,
     /// Print the summary as one JSON object on stdout.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_JSON")]
     pub json: bool,
     /// Measure an MQTT server instead (mqtt://[user[:password]@]host[:port]):
     /// --senders publishers and --receivers subscribers on topic --address,
     /// with rumqttc.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_MQTT")]
     pub mqtt: Option<String>,
     /// MQTT QoS of publications and subscriptions (with --mqtt).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "FLOTILLA_BENCH_QOS")]
     pub qos: u8,
     /// With --mqtt: the subscribers' persistent sessions are offline while
     /// the publishers send; then they reconnect and drain what was kept.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_OFFLINE")]
     pub offline: bool,
     /// With --mqtt: only open this many idle connections and hold them for
     /// --duration seconds (to measure what an idle connection costs).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_BENCH_IDLE")]
     pub idle: Option<usize>,
 }
 

@@ -102,7 +102,7 @@ enum OperatorAction {
     /// placeholders).
     Render {
         /// YAML file with one or more Flotilla resources.
-        #[arg(short = 'f', long = "filename")]
+        #[arg(short = 'f', long = "filename", env = "FLOTILLA_RENDER_FILE")]
         file: PathBuf,
     },
 }
@@ -110,7 +110,7 @@ enum OperatorAction {
 #[derive(Args)]
 struct CrdgenArgs {
     /// Directory to write the CRDs into (as k8s/crds holds them).
-    #[arg(long, default_value = "k8s/crds")]
+    #[arg(long, default_value = "k8s/crds", env = "FLOTILLA_CRDGEN_OUT")]
     out: PathBuf,
 }
 

@@ -18,13 +18,13 @@ pub struct ConnArgs {
     #[arg(long, default_value = "amqp://127.0.0.1:5672", env = "FLOTILLA_URL")]
     pub url: String,
     /// Address space (Open hostname); default: the url's host.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_SPACE")]
     pub space: Option<String>,
     /// Authenticate with SCRAM-SHA-256 instead of PLAIN.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_SCRAM")]
     pub scram: bool,
     /// CA certificate (PEM) that signed the server's certificate (amqps).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 }
 
@@ -45,23 +45,23 @@ pub struct SendArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// How many messages.
-    #[arg(long, short = 'c', default_value_t = 1)]
+    #[arg(long, short = 'c', default_value_t = 1, env = "FLOTILLA_SEND_COUNT")]
     pub count: u64,
     /// Message body (text); `{n}` is replaced by the message number.
-    #[arg(long, short = 'b', default_value = "message {n}")]
+    #[arg(long, short = 'b', default_value = "message {n}", env = "FLOTILLA_SEND_BODY")]
     pub body: String,
     /// Send pre-settled (at-most-once) instead of waiting for outcomes.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_SEND_PRESETTLED")]
     pub presettled: bool,
     /// `to` property (for anonymous relay).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_SEND_TO")]
     pub to: Option<String>,
     /// Target capability, repeatable: `queue` or `topic` asks for a
     /// broker-held address where undeclared addresses are allowed.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_SEND_CAPABILITY")]
     pub capability: Vec<String>,
     /// Give up after this many seconds without progress.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "FLOTILLA_SEND_TIMEOUT")]
     pub timeout: u64,
 }
 
@@ -72,17 +72,17 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Stop after this many messages (0 = run until interrupted).
-    #[arg(long, short = 'c', default_value_t = 0)]
+    #[arg(long, short = 'c', default_value_t = 0, env = "FLOTILLA_RECEIVE_COUNT")]
     pub count: u64,
     /// Credit window.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "FLOTILLA_RECEIVE_CREDIT")]
     pub credit: u32,
     /// Source capability, repeatable: `queue` or `topic` asks for a
     /// broker-held address where undeclared addresses are allowed.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_RECEIVE_CAPABILITY")]
     pub capability: Vec<String>,
     /// Give up after this many seconds without a message (0 = never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "FLOTILLA_RECEIVE_TIMEOUT")]
     pub timeout: u64,
 }
 
@@ -224,11 +224,11 @@ pub struct StatArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Print the JSON document as it came.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_STAT_JSON")]
     pub json: bool,
     /// Also show this broker's queues (URL of the broker's own listener,
     /// e.g. amqp://127.0.0.1:5673 under `flotilla up`).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_STAT_BROKER")]
     pub broker: Option<String>,
     /// Log in with the mesh secret (as an operator's tool: a component) and
     /// see every address space; else a client sees its own space only.
@@ -236,12 +236,12 @@ pub struct StatArgs {
     pub mesh_secret_file: Option<PathBuf>,
     /// Ask an MQTT gateway instead (mqtt://[user[:password]@]host[:port]):
     /// its sessions, subscriptions, in-flight and dropped counts.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_STAT_MQTT")]
     pub mqtt: Option<String>,
     /// Ask the last-will service instead, through the router at --url
     /// (needs --mesh-secret-file): wills held, registered, cancelled and
     /// fired per space, and live wills per gateway connection.
-    #[arg(long, requires = "mesh_secret_file")]
+    #[arg(long, requires = "mesh_secret_file", env = "FLOTILLA_STAT_LWT")]
     pub lwt: bool,
 }
 
