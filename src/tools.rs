@@ -48,7 +48,12 @@ pub struct SendArgs {
     #[arg(long, short = 'c', default_value_t = 1, env = "FLOTILLA_SEND_COUNT")]
     pub count: u64,
     /// Message body (text); `{n}` is replaced by the message number.
-    #[arg(long, short = 'b', default_value = "message {n}", env = "FLOTILLA_SEND_BODY")]
+    #[arg(
+        long,
+        short = 'b',
+        default_value = "message {n}",
+        env = "FLOTILLA_SEND_BODY"
+    )]
     pub body: String,
     /// Send pre-settled (at-most-once) instead of waiting for outcomes.
     #[arg(long, env = "FLOTILLA_SEND_PRESETTLED")]

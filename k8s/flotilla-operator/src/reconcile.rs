@@ -32,6 +32,7 @@ const PENDING_FOR_MS: i64 = 30_000;
 /// Kinds the operator makes and may delete again (never volumes, nor the
 /// generated secrets: they hold data and keys).
 const PRUNED: &[&str] = &[
+    "ConfigMap",
     "StatefulSet",
     "Deployment",
     "Service",
@@ -49,6 +50,7 @@ pub fn api_resource(kind: &str) -> Option<ApiResource> {
         "Secret" => ("", "v1", "secrets"),
         "ServiceAccount" => ("", "v1", "serviceaccounts"),
         "PersistentVolumeClaim" => ("", "v1", "persistentvolumeclaims"),
+        "ConfigMap" => ("", "v1", "configmaps"),
         "HorizontalPodAutoscaler" => ("autoscaling", "v2", "horizontalpodautoscalers"),
         "PodDisruptionBudget" => ("policy", "v1", "poddisruptionbudgets"),
         "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies"),
@@ -62,7 +64,8 @@ pub fn api_resource(kind: &str) -> Option<ApiResource> {
     ))
 }
 
-fn hash(v: &Value) -> String {
+/// A short hash of `v`'s JSON.
+pub(crate) fn hash(v: &Value) -> String {
     let digest = sha2::Sha256::digest(serde_json::to_vec(v).unwrap_or_default());
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }

@@ -121,11 +121,12 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             create_only,
         });
     };
+    let settings = shared_settings(&n, spec.console.enabled);
     let ctx = Pods {
         n: &n,
         image: &image,
         grace,
-        console: spec.console.enabled,
+        config_hash: crate::reconcile::hash(&settings),
         tls_secret: spec
             .tls
             .secret_name
@@ -146,6 +147,14 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
     for s in crate::secrets::objects(&n, secrets, spec.tls.secret_name.is_none()) {
         push(s, true);
     }
+    push(
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": n.name("config"), "labels": n.labels("flotilla")},
+            "data": settings,
+        }),
+        false,
+    );
 
     // Routers.
     let edge = spec.routers.mode == RouterMode::Edge;
@@ -346,7 +355,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
     );
     // Brokers: one StatefulSet of one each, so broker-i keeps its id, its
     // journal and the queues placed on it.
-    let router_addr = format!("{}:{AMQP_PORT}", n.svc("router"));
     if spec.brokers.replicas > 0 {
         push(
             json!({
@@ -371,8 +379,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             name.clone(),
             "--data-dir".into(),
             format!("{DATA_DIR}/broker"),
-            "--router".into(),
-            router_addr.clone(),
         ];
         let pod = ctx.pod(
             "broker",
@@ -410,8 +416,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             format!("0.0.0.0:{MQTTS_PORT}"),
             "--gateway-id".into(),
             "$(POD_NAME)".into(),
-            "--router".into(),
-            router_addr.clone(),
         ];
         let pod = ctx.pod(
             "mqtt-gateway",
@@ -463,8 +467,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
     if spec.lwt.enabled {
         let args = vec![
             "lwt".into(),
-            "--router".into(),
-            router_addr.clone(),
             "--lwt-id".into(),
             n.name("lwt"),
             "--data-dir".into(),
@@ -499,8 +501,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
     if spec.console.enabled {
         let args = vec![
             "console".into(),
-            "--http".into(),
-            format!("0.0.0.0:{HTTP_PORT}"),
             "--store".into(),
             "kubernetes".into(),
             "--namespace".into(),
@@ -513,11 +513,6 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             spec.console.resources.as_ref(),
             Vec::new(),
         );
-        // Its /metrics needs the admin token and repeats every pod's
-        // series: not one to scrape by annotation.
-        if let Some(a) = pod["metadata"].as_object_mut() {
-            a.remove("annotations");
-        }
         pod["spec"]["serviceAccountName"] = n.name("console").into();
         pod["spec"]["automountServiceAccountToken"] = true.into();
         push(
@@ -583,8 +578,27 @@ struct Pods<'a> {
     n: &'a Names,
     image: &'a str,
     grace: i64,
-    console: bool,
     tls_secret: String,
+    /// Of the ConfigMap's data.
+    config_hash: String,
+}
+
+/// The settings every part shares, as the `FLOTILLA_*` variables of their
+/// flags: the operations listener, the mesh secret and TLS files, the
+/// router the components join, the console they follow, JSON logs.
+fn shared_settings(n: &Names, console: bool) -> Value {
+    let mut env = json!({
+        "FLOTILLA_HTTP": format!("0.0.0.0:{HTTP_PORT}"),
+        "FLOTILLA_MESH_SECRET_FILE": format!("{MESH_DIR}/mesh-secret"),
+        "FLOTILLA_TLS_CERT": format!("{TLS_DIR}/tls.crt"),
+        "FLOTILLA_TLS_KEY": format!("{TLS_DIR}/tls.key"),
+        "FLOTILLA_ROUTER": format!("{}:{AMQP_PORT}", n.svc("router")),
+        "FLOTILLA_LOG_JSON": "true",
+    });
+    if console {
+        env["FLOTILLA_CONSOLE"] = format!("http://{}:{HTTP_PORT}", n.svc("console")).into();
+    }
+    env
 }
 
 impl Pods<'_> {
@@ -594,36 +608,12 @@ impl Pods<'_> {
     fn pod(
         &self,
         component: &str,
-        mut args: Vec<String>,
+        args: Vec<String>,
         ports: Vec<Value>,
         resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
         mut mounts: Vec<Value>,
     ) -> Value {
         let n = self.n;
-        if component != "console" {
-            args.extend([
-                "--http".into(),
-                format!("0.0.0.0:{HTTP_PORT}"),
-                "--mesh-secret-file".into(),
-                format!("{MESH_DIR}/mesh-secret"),
-            ]);
-            if self.console {
-                args.extend([
-                    "--console".into(),
-                    format!("http://{}:{HTTP_PORT}", n.svc("console")),
-                ]);
-            }
-        }
-        if component != "console" {
-            // TLS for clients (amqps, mqtts) and the broker's listener.
-            args.extend([
-                "--tls-cert".into(),
-                format!("{TLS_DIR}/tls.crt"),
-                "--tls-key".into(),
-                format!("{TLS_DIR}/tls.key"),
-            ]);
-        }
-        args.push("--log-json".into());
         mounts.extend([
             json!({"name": "mesh", "mountPath": MESH_DIR, "readOnly": true}),
             json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}),
@@ -633,6 +623,9 @@ impl Pods<'_> {
             "image": self.image,
             "args": args,
             "ports": ports,
+            // What every part shares (`X-config`); a component takes the
+            // variables of its own flags.
+            "envFrom": [{"configMapRef": {"name": n.name("config")}}],
             "env": [
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "FLOTILLA_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": n.name("admin"), "key": "token"}}},
@@ -653,11 +646,8 @@ impl Pods<'_> {
         json!({
             "metadata": {
                 "labels": n.labels(component),
-                "annotations": {
-                    "prometheus.io/scrape": "true",
-                    "prometheus.io/port": HTTP_PORT.to_string(),
-                    "prometheus.io/path": "/metrics",
-                },
+                // A changed ConfigMap rolls the pods that read it.
+                "annotations": {"flotilla.dev/config-hash": self.config_hash},
             },
             "spec": {
                 "serviceAccountName": n.instance,

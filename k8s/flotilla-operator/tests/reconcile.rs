@@ -101,6 +101,13 @@ async fn creates_what_a_flotilla_needs_by_server_side_apply_with_owner_reference
     // The autoscaler owns the router count.
     assert!(router["spec"]["replicas"].is_null(), "{router}");
     assert_eq!(router["spec"]["serviceName"], "flo-router-mesh");
+    // What the parts share comes from the ConfigMap; a change to it rolls them.
+    let pod = &router["spec"]["template"];
+    assert_eq!(
+        pod["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"],
+        "flo-config"
+    );
+    assert!(pod["metadata"]["annotations"]["flotilla.dev/config-hash"].is_string());
     for path in [
         core("services", "flo-router"),
         core("services", "flo-router-mesh"),
@@ -112,6 +119,7 @@ async fn creates_what_a_flotilla_needs_by_server_side_apply_with_owner_reference
         core("secrets", "flo-ca"),
         core("serviceaccounts", "flo"),
         core("serviceaccounts", "flo-console"),
+        core("configmaps", "flo-config"),
         format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/flo-console"),
         format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings/flo-console"),
         apps("statefulsets", "flo-broker-0"),
