@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use flotilla_amqp::connection::{
@@ -190,11 +189,7 @@ pub(crate) struct BrokerConnection {
     batch: Vec<ToConn>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use flotilla_core::time::now_ms;
 
 fn has_capability(caps: Option<&flotilla_amqp::types::primitives::Array<Symbol>>, c: &str) -> bool {
     caps.is_some_and(|a| a.0.iter().any(|s| s.as_str() == c))

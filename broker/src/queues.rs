@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_amqp::connection::{DeliveryRef, LinkId};
@@ -523,11 +523,7 @@ pub type QueueHandle = mpsc::UnboundedSender<BrokerEvent>;
 /// order a non-durable subscription's queue).
 const MEMORY_SEQ_BASE: u64 = 1 << 62;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use flotilla_core::time::now_ms;
 
 /// Owns every queue and subscription of a broker.
 pub struct QueueTask {

@@ -441,7 +441,7 @@ impl KubeStore {
     pub fn new(client: Client, namespace: String) -> Arc<KubeStore> {
         // The stream's positions start from the clock's seconds: a
         // follower's position from an earlier run is below them (Gone).
-        let start = (flotilla_core::time::now_ms() / 1000).max(1) as u64;
+        let start = (flotilla_core::time::now_ms() / 1000).max(1);
         Arc::new(KubeStore {
             client,
             namespace,

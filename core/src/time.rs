@@ -26,16 +26,15 @@ pub fn rfc3339(ms: i64, millis: bool) -> String {
 }
 
 /// Now, in milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    let ms = std::time::SystemTime::now()
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    i64::try_from(ms).unwrap_or(i64::MAX)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Now as RFC 3339 in UTC, to the second.
 pub fn now_rfc3339() -> String {
-    rfc3339(now_ms(), false)
+    rfc3339(i64::try_from(now_ms()).unwrap_or(i64::MAX), false)
 }
 
 #[cfg(test)]

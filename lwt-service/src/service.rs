@@ -49,11 +49,7 @@ pub const OPERATORS_SPACE: &str = "$mesh";
 const WINDOW: u32 = 1000;
 
 /// Milliseconds since the Unix epoch (deadlines survive a restart).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use flotilla_core::time::now_ms;
 
 /// What a connection that ended leaves to the next: changes not yet
 /// written, and due wills waiting for a commit.

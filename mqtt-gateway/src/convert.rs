@@ -593,12 +593,7 @@ impl Outbound {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use flotilla_core::time::now_ms;
 
 /// A timestamp for tests and callers that build AMQP messages.
 pub fn timestamp(ms: i64) -> Timestamp {

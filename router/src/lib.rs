@@ -205,7 +205,7 @@ pub(crate) struct Shared {
     pub(crate) self_addrs: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
     /// Per `--peer`: how many addresses it resolved to besides this
     /// router's own (none anywhere: this router is alone, and ready).
-    pub(crate) peer_others: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    pub(crate) peer_others: PeerOthers,
 }
 
 /// A router whose listeners are bound.
@@ -266,19 +266,7 @@ impl Router {
         }
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
-        let plain = TcpListener::bind(cfg.amqp)
-            .await
-            .map_err(|source| RouterError::Bind {
-                addr: cfg.amqp,
-                source,
-            })?;
-        local_addrs.push((
-            "amqp",
-            plain.local_addr().map_err(|source| RouterError::Bind {
-                addr: cfg.amqp,
-                source,
-            })?,
-        ));
+        let plain = listen(cfg.amqp, "amqp", &mut local_addrs).await?;
         listeners.push((
             plain,
             AcceptConfig {
@@ -287,14 +275,7 @@ impl Router {
             },
         ));
         if let Some(addr) = cfg.amqps {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| RouterError::Bind { addr, source })?;
-            local_addrs.push((
-                "amqps",
-                l.local_addr()
-                    .map_err(|source| RouterError::Bind { addr, source })?,
-            ));
+            let l = listen(addr, "amqps", &mut local_addrs).await?;
             listeners.push((
                 l,
                 AcceptConfig {
@@ -328,14 +309,7 @@ impl Router {
                 peer_tls = Some(flotilla_amqp::tls::client_config_with_cert(ca, c, k)?);
             }
             if let Some(addr) = cfg.inter_router {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RouterError::Bind { addr, source })?;
-                local_addrs.push((
-                    "inter-router",
-                    l.local_addr()
-                        .map_err(|source| RouterError::Bind { addr, source })?,
-                ));
+                let l = listen(addr, "inter-router", &mut local_addrs).await?;
                 if !mesh_credential {
                     tracing::warn!(addr = %addr, "the inter-router listener has no mesh credential: any process on this machine can join the mesh (give --mesh-secret-file or --tls-ca)");
                 }
@@ -343,23 +317,11 @@ impl Router {
             }
         }
         let http = match cfg.http {
-            Some(addr) => {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RouterError::Bind { addr, source })?;
-                local_addrs.push((
-                    "http",
-                    l.local_addr()
-                        .map_err(|source| RouterError::Bind { addr, source })?,
-                ));
-                Some(l)
-            }
+            Some(addr) => Some(listen(addr, "http", &mut local_addrs).await?),
             None => None,
         };
         let readiness = flotilla_core::ops::Readiness::new(&[]);
-        if !cfg.peers.is_empty() {
-            readiness.set("mesh", Some("no neighbour router yet".into()));
-        }
+        let peer_others: PeerOthers = Arc::default();
         let table = Arc::new(AddressTable::default());
         let brokers: crate::mesh::Brokers = Arc::default();
         // Measured (bench/RESULTS.md): twice the senders' credit in flight
@@ -376,6 +338,9 @@ impl Router {
             );
             (task.with_window(remote_window), handle)
         });
+        if let (Some((_, mesh)), false) = (&mesh_task, cfg.peers.is_empty()) {
+            readiness.live("mesh", mesh_ready(mesh.clone(), peer_others.clone(), &cfg));
+        }
         let policy = Policy::new(cfg.tenancy.clone())
             .with_mesh_secret(cfg.mesh_secret.clone())
             .with_cert_components(cfg.tls_ca.is_some())
@@ -429,7 +394,7 @@ impl Router {
             readiness,
             in_flight: Default::default(),
             self_addrs: Default::default(),
-            peer_others: Default::default(),
+            peer_others,
         });
         Ok(Router {
             shared,
@@ -482,9 +447,6 @@ impl Router {
             shared
                 .tracker
                 .spawn(flotilla_core::ops::serve(l, ops, shared.closing.clone()));
-        }
-        if !shared.cfg.peers.is_empty() {
-            shared.tracker.spawn(watch_mesh_readiness(shared.clone()));
         }
         shared
             .tracker
@@ -602,32 +564,37 @@ impl Router {
     }
 }
 
-/// Keeps the readiness check `mesh` true while the router has a
-/// neighbour, or when no `--peer` resolves to anything but itself (the
-/// first router of a set); checked four times a second.
-async fn watch_mesh_readiness(shared: Arc<Shared>) {
-    let Some(mesh) = shared.mesh.clone() else {
-        return;
-    };
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let neighbours = mesh.snapshot().neighbors.len();
-        let alone = !shared.cfg.edge && {
-            let others = shared.peer_others.lock().unwrap_or_else(|p| p.into_inner());
-            others.len() == shared.cfg.peers.len() && others.values().all(|n| *n == 0)
+/// Per `--peer`: how many addresses it resolved to besides this router.
+pub(crate) type PeerOthers = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// The readiness check `mesh`, asked at each probe: ready while the router
+/// has a neighbour, or when no `--peer` resolves to anything but itself
+/// (the first router of a set).
+fn mesh_ready(
+    mesh: crate::mesh::MeshHandle,
+    others: PeerOthers,
+    cfg: &RouterConfig,
+) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+    let (peers, edge) = (cfg.peers.len(), cfg.edge);
+    move || {
+        let alone = !edge && {
+            let o = others.lock().unwrap_or_else(|p| p.into_inner());
+            o.len() == peers && o.values().all(|n| *n == 0)
         };
-        if neighbours > 0 || alone {
-            shared.readiness.ok("mesh");
-        } else {
-            shared
-                .readiness
-                .set("mesh", Some("no neighbour router yet".into()));
-        }
+        (mesh.snapshot().neighbors.is_empty() && !alone).then(|| "no neighbour router yet".into())
     }
+}
+
+/// Binds `addr` for `proto` and records the bound address.
+async fn listen(
+    addr: SocketAddr,
+    proto: &'static str,
+    local_addrs: &mut Vec<(&'static str, SocketAddr)>,
+) -> Result<TcpListener, RouterError> {
+    let bind_err = |source| RouterError::Bind { addr, source };
+    let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+    local_addrs.push((proto, l.local_addr().map_err(bind_err)?));
+    Ok(l)
 }
 
 /// Binds and serves: the entry point the `flotilla` binary calls.

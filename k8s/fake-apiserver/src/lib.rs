@@ -90,18 +90,9 @@ fn selects(selector: &str, labels: &Value) -> bool {
 }
 
 fn query(uri: &http::Uri, key: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| {
-            v.replace("%3D", "=")
-                .replace("%2C", ",")
-                .replace("%2F", "/")
-                .replace('+', " ")
-                .replace("%28", "(")
-                .replace("%29", ")")
-                .replace("%20", " ")
-        })
-    })
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 impl Store {

@@ -75,6 +75,15 @@ impl Context {
             .cloned()
     }
 
+    /// Forgets the marks of objects of `namespace` that `gone` picks.
+    pub(crate) fn forget(&self, namespace: &str, gone: impl Fn(&str) -> bool) {
+        let prefix = format!("{namespace}/");
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| !(k.starts_with(&prefix) && gone(&k[prefix.len()..])));
+    }
+
     pub(crate) fn record(&self, key: String, mark: String) {
         self.applied
             .lock()

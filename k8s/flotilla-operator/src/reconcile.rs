@@ -27,7 +27,7 @@ use crate::{Context, Error, FIELD_MANAGER, FINALIZER};
 pub const APPLIED: &str = "flotilla.dev/applied";
 
 /// How long a volume claim may be Pending before the status says so.
-const PENDING_FOR_MS: i64 = 30_000;
+const PENDING_FOR_MS: u64 = 30_000;
 
 /// Kinds the operator makes and may delete again (never volumes, nor the
 /// generated secrets: they hold data and keys).
@@ -264,6 +264,7 @@ async fn prune(ctx: &Context, n: &Names, desired: &[Desired]) -> Result<usize, E
             if !wanted.contains(&(kind.to_string(), name.clone())) {
                 info!(flotilla = %n.instance, kind, name = %name, "deleting what is no longer wanted");
                 api.delete(&name, &DeleteParams::default()).await?;
+                ctx.forget(&n.namespace, |k| k == format!("{kind}/{name}"));
                 pruned += 1;
             }
         }
@@ -326,7 +327,8 @@ async fn status(f: &Flotilla, n: &Names, ctx: &Context) -> Result<FlotillaStatus
         // A claim is Pending for a moment while its volume is made; a
         // problem when it stays so.
         let age = p.metadata.creation_timestamp.as_ref().map_or(0, |t| {
-            flotilla_core::time::now_ms().saturating_sub(t.0.as_millisecond())
+            let made = u64::try_from(t.0.as_millisecond()).unwrap_or(0);
+            flotilla_core::time::now_ms().saturating_sub(made)
         });
         if phase != "Bound" && age > PENDING_FOR_MS {
             let component = p
@@ -464,6 +466,8 @@ async fn finalize(
         .cloned()
         .collect();
     set_finalizers(flotillas, &n.instance, rest).await?;
+    // What garbage collection deletes now, the operator forgets.
+    ctx.forget(ns, |_| true);
     info!(flotilla = %n.instance, "routers and gateways drained; the rest goes with the Flotilla");
     Ok(Action::await_change())
 }

@@ -222,32 +222,26 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
     }
     push(sts, false);
     push(
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": n.router_svc(), "labels": n.labels("router")},
-            "spec": {
-                "selector": n.selector("router"),
-                "ports": [svc_port("amqp", AMQP_PORT), svc_port("amqps", AMQPS_PORT)],
-            },
-        }),
+        service(
+            &n,
+            n.router_svc(),
+            "router",
+            vec![svc_port("amqp", AMQP_PORT), svc_port("amqps", AMQPS_PORT)],
+        ),
         false,
     );
     if !edge {
-        push(
-            json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": n.mesh_svc(), "labels": n.labels("router")},
-                "spec": {
-                    "clusterIP": "None",
-                    // Routers find each other before they are ready: a
-                    // router is ready once it joined the mesh.
-                    "publishNotReadyAddresses": true,
-                    "selector": n.selector("router"),
-                    "ports": [svc_port("inter-router", INTER_ROUTER_PORT)],
-                },
-            }),
-            false,
+        let mut mesh = service(
+            &n,
+            n.mesh_svc(),
+            "router",
+            vec![svc_port("inter-router", INTER_ROUTER_PORT)],
         );
+        mesh["spec"]["clusterIP"] = "None".into();
+        // Routers find each other before they are ready: a router is
+        // ready once it joined the mesh.
+        mesh["spec"]["publishNotReadyAddresses"] = true.into();
+        push(mesh, false);
     }
     push(
         json!({
@@ -301,15 +295,13 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             flotilla_core::crd::ExposeType::LoadBalancer => "LoadBalancer",
             flotilla_core::crd::ExposeType::NodePort => "NodePort",
         };
-        let mut svc = json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": n.name("router-uplink"), "labels": n.labels("router")},
-            "spec": {
-                "type": kind,
-                "selector": n.selector("router"),
-                "ports": [svc_port("inter-router", INTER_ROUTER_PORT)],
-            },
-        });
+        let mut svc = service(
+            &n,
+            n.name("router-uplink"),
+            "router",
+            vec![svc_port("inter-router", INTER_ROUTER_PORT)],
+        );
+        svc["spec"]["type"] = kind.into();
         if kind == "LoadBalancer" && !e.source_ranges.is_empty() {
             svc["spec"]["loadBalancerSourceRanges"] = json!(e.source_ranges);
         }
@@ -356,18 +348,14 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
     // Brokers: one StatefulSet of one each, so broker-i keeps its id, its
     // journal and the queues placed on it.
     if spec.brokers.replicas > 0 {
-        push(
-            json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": n.name("broker"), "labels": n.labels("broker")},
-                "spec": {
-                    "clusterIP": "None",
-                    "selector": n.selector("broker"),
-                    "ports": [svc_port("amqp", BROKER_PORT), svc_port("http", HTTP_PORT)],
-                },
-            }),
-            false,
+        let mut brokers = service(
+            &n,
+            n.name("broker"),
+            "broker",
+            vec![svc_port("amqp", BROKER_PORT), svc_port("http", HTTP_PORT)],
         );
+        brokers["spec"]["clusterIP"] = "None".into();
+        push(brokers, false);
     }
     for i in 0..spec.brokers.replicas {
         let name = n.broker(i);
@@ -441,14 +429,12 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             false,
         );
         push(
-            json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": n.name("mqtt"), "labels": n.labels("mqtt-gateway")},
-                "spec": {
-                    "selector": n.selector("mqtt-gateway"),
-                    "ports": [svc_port("mqtt", MQTT_PORT), svc_port("mqtts", MQTTS_PORT)],
-                },
-            }),
+            service(
+                &n,
+                n.name("mqtt"),
+                "mqtt-gateway",
+                vec![svc_port("mqtt", MQTT_PORT), svc_port("mqtts", MQTTS_PORT)],
+            ),
             false,
         );
         if spec.mqtt_gateway.replicas > 1 {
@@ -559,14 +545,12 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             false,
         );
         push(
-            json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": n.name("console"), "labels": n.labels("console")},
-                "spec": {
-                    "selector": n.selector("console"),
-                    "ports": [svc_port("http", HTTP_PORT)],
-                },
-            }),
+            service(
+                &n,
+                n.name("console"),
+                "console",
+                vec![svc_port("http", HTTP_PORT)],
+            ),
             false,
         );
     }
@@ -672,6 +656,15 @@ impl Pods<'_> {
 
 fn port(name: &str, port: u16) -> Value {
     json!({"name": name, "containerPort": port, "protocol": "TCP"})
+}
+
+/// A Service `name` in front of `component`'s pods.
+fn service(n: &Names, name: String, component: &str, ports: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "labels": n.labels(component)},
+        "spec": {"selector": n.selector(component), "ports": ports},
+    })
 }
 
 fn svc_port(name: &str, port: u16) -> Value {
