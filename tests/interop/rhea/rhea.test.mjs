@@ -26,6 +26,8 @@ test('send and receive with outcomes', async () => {
       receiver.on('receiver_open', () => {
         const sender = conn.open_sender('rhea-q');
         let sent = 0;
+      let sender_ref = null;
+      let transmitted = -1;
         sender.on('sendable', () => {
           while (sender.sendable() && sent < 10) sender.send({ body: `m${sent++}` });
         });
@@ -90,5 +92,58 @@ test('a sender gets no credit until a receiver attaches', async () => {
     });
   } finally {
     await router.stop();
+  }
+});
+
+test('a router asked to stop settles what is in flight, then closes rhea with forced, or a redirect when asked for', async () => {
+  for (const follows of [false, true]) {
+    const router = await startRouter('--redirect', '127.0.0.1:5999');
+    try {
+      const container = rhea.create_container();
+      const got = new Set();
+      const outcomes = { accepted: new Set(), released: 0 };
+      let sent = 0;
+      let sender_ref = null;
+      let transmitted = -1;
+      const closed = await within(TIMEOUT, 'the router closes the connection', (done) => {
+        const opts = { host: '127.0.0.1', port: router.port, reconnect: false };
+        if (follows) opts.desired_capabilities = ['flotilla:redirect'];
+        const conn = container.connect(opts);
+        const receiver = conn.open_receiver('rhea-drain');
+        receiver.on('message', (ctx) => { got.add(ctx.message.body); });
+        receiver.on('receiver_open', () => {
+          const sender = conn.open_sender('rhea-drain');
+          sender_ref = sender;
+          sender.on('sendable', () => {
+            while (sender.sendable()) {
+              const d = sender.send({ body: sent });
+              d.sent_body = sent++;
+            }
+          });
+          sender.on('accepted', (ctx) => {
+            outcomes.accepted.add(ctx.delivery.sent_body);
+            if (outcomes.accepted.size === 500) router.term();
+          });
+          sender.on('released', () => { outcomes.released++; });
+        });
+        // rhea queues what send() is given and counts a delivery when it
+        // goes on the wire: every one that went must have its outcome.
+        conn.on('connection_error', (ctx) => { transmitted = sender_ref.delivery_count; done(ctx.connection.error); });
+        conn.on('disconnected', () => done(null));
+      });
+      assert.ok(closed, 'closed with an error condition');
+      if (follows) {
+        assert.equal(closed.condition, 'amqp:connection:redirect');
+        assert.equal(Number(closed.info.port), 5999);
+      } else {
+        assert.equal(closed.condition, 'amqp:connection:forced');
+      }
+      assert.ok(outcomes.accepted.size >= 500);
+      assert.ok(transmitted >= 500 && transmitted <= sent);
+      assert.equal(outcomes.accepted.size + outcomes.released, transmitted, 'every delivery on the wire has its outcome');
+      for (const m of outcomes.accepted) assert.ok(got.has(m), `accepted ${m} never arrived`);
+    } finally {
+      await router.stop();
+    }
   }
 });

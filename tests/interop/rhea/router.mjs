@@ -28,5 +28,11 @@ export async function startRouter(...args) {
     });
     proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`router exited with ${code}`)); });
   });
-  return { port, stop: () => new Promise((r) => { proc.once('exit', r); proc.kill('SIGKILL'); }) };
+  const exited = new Promise((r) => proc.once('exit', (code) => r(code)));
+  return {
+    port,
+    // Asks it to stop (SIGTERM) and resolves with its exit code.
+    term: () => { proc.kill('SIGTERM'); return exited; },
+    stop: () => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL'); return exited; },
+  };
 }
