@@ -90,6 +90,9 @@ pub struct Delivery {
     pub settled: bool,
     pub message_format: u32,
     pub payload: Bytes,
+    /// The transfer's delivery state: a `transactional-state` when the
+    /// message is posted under a transaction (AMQP 1.0 §4.4.1).
+    pub state: Option<DeliveryState>,
 }
 
 /// What the peer did, for the owner to act on.
@@ -166,15 +169,6 @@ pub fn is_coordinator(attach: &Attach) -> bool {
     )
 }
 
-/// The refusal of a coordinator link while Flotilla has no transactions:
-/// on that link alone, the connection goes on.
-pub fn no_transactions() -> AmqpErrorBody {
-    amqp_error(
-        AmqpError::NotImplemented,
-        "local transactions are not implemented: the coordinator link is refused (the connection and its other links go on)",
-    )
-}
-
 /// Credit left between a delivery-count and a limit (serial arithmetic,
 /// RFC 1982): zero when the count is already past the limit.
 fn credit_between(count: u32, limit: u32) -> u32 {
@@ -226,6 +220,7 @@ struct Assembly {
     settled: bool,
     format: u32,
     buf: BytesMut,
+    state: Option<DeliveryState>,
 }
 
 /// What the owner may read about a link.
@@ -1335,6 +1330,7 @@ impl Connection {
                         settled,
                         format,
                         buf,
+                        state: t.state,
                     });
                 } else {
                     let delivery = Delivery {
@@ -1346,12 +1342,16 @@ impl Connection {
                         settled,
                         message_format: format,
                         payload,
+                        state: t.state,
                     };
                     events.push(Event::Delivery { link, delivery });
                 }
             }
             Some(a) => {
                 a.settled |= settled;
+                if t.state.is_some() {
+                    a.state = t.state;
+                }
                 a.buf.extend_from_slice(&payload);
                 if too_big(a.buf.len(), l.max_message_size) {
                     let max = l.max_message_size;
@@ -1370,6 +1370,7 @@ impl Connection {
                         settled: a.settled,
                         message_format: a.format,
                         payload: a.buf.freeze(),
+                        state: a.state,
                     };
                     events.push(Event::Delivery { link, delivery });
                 }
@@ -1494,6 +1495,21 @@ impl Connection {
     /// [`Connection::send`] for a message in pieces (sent as their
     /// concatenation).
     pub fn send_parts(&mut self, link: LinkId, parts: &[&[u8]], settled: bool, token: u64) -> bool {
+        self.send_with_state(link, parts, settled, token, None)
+    }
+
+    /// [`Connection::send_parts`] with a delivery state on the transfer
+    /// (a `transactional-state` relayed from the sender's own transfer).
+    pub fn send_with_state(
+        &mut self,
+        link: LinkId,
+        parts: &[&[u8]],
+        settled: bool,
+        token: u64,
+        state: Option<&DeliveryState>,
+    ) -> bool {
+        let state = state.and_then(|s| serde_amqp::to_vec(s).ok());
+        let state = state.as_deref();
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let Some(l) = self.links.get_mut(&link) else {
             return false;
@@ -1522,6 +1538,7 @@ impl Connection {
         }
         let room = max_frame
             .saturating_sub(frame::transfer_overhead(tag.len()))
+            .saturating_sub(state.map_or(0, |s| s.len() + 2))
             .max(64);
         let single = total <= room;
         let hdr = |first: bool, more: bool| TransferHeader {
@@ -1535,7 +1552,7 @@ impl Connection {
             // The common case: one frame, straight into the output.
             s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
             s.remote_incoming_window -= 1;
-            frame::encode_transfer_parts(&mut self.out, ch, &hdr(true, false), parts);
+            frame::encode_transfer_with_state(&mut self.out, ch, &hdr(true, false), state, parts);
             return true;
         }
         let joined: Vec<u8>;
@@ -1551,12 +1568,19 @@ impl Connection {
             let n = rest.len().min(room);
             let more = n < rest.len();
             s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
+            let st = if first { state } else { None };
             if s.remote_incoming_window > 0 && s.blocked.is_empty() {
                 s.remote_incoming_window -= 1;
-                frame::encode_transfer(&mut self.out, ch, &hdr(first, more), &rest[..n]);
+                frame::encode_transfer_with_state(
+                    &mut self.out,
+                    ch,
+                    &hdr(first, more),
+                    st,
+                    &[&rest[..n]],
+                );
             } else {
                 let mut b = BytesMut::with_capacity(n + 64);
-                frame::encode_transfer(&mut b, ch, &hdr(first, more), &rest[..n]);
+                frame::encode_transfer_with_state(&mut b, ch, &hdr(first, more), st, &[&rest[..n]]);
                 s.blocked.push_back((link, b.freeze()));
             }
             rest = &rest[n..];

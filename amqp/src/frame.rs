@@ -429,12 +429,30 @@ pub fn encode_transfer_parts(
     t: &TransferHeader<'_>,
     parts: &[&[u8]],
 ) {
+    encode_transfer_with_state(out, channel, t, None, parts);
+}
+
+/// [`encode_transfer_parts`] with the transfer's `state` field (an encoded
+/// delivery state, e.g. a `transactional-state`; AMQP 1.0 §2.7.5).
+pub fn encode_transfer_with_state(
+    out: &mut BytesMut,
+    channel: u16,
+    t: &TransferHeader<'_>,
+    state: Option<&[u8]>,
+    parts: &[&[u8]],
+) {
     let start = out.len();
     out.put_bytes(0, 8);
     out.put_slice(&[0x00, 0x53, 0x14, 0xd0]);
     let list_at = out.len();
     out.put_u32(0); // list size, patched below
-    let count: u32 = if t.more { 6 } else { 5 };
+    let count: u32 = if state.is_some() {
+        8
+    } else if t.more {
+        6
+    } else {
+        5
+    };
     out.put_u32(count);
     put_uint(out, t.handle);
     match t.first {
@@ -457,7 +475,11 @@ pub fn encode_transfer_parts(
         }
     }
     out.put_u8(if t.settled { 0x41 } else { 0x42 });
-    if t.more {
+    if let Some(state) = state {
+        out.put_u8(if t.more { 0x41 } else { 0x42 });
+        out.put_u8(0x40); // rcv-settle-mode
+        out.put_slice(state);
+    } else if t.more {
         out.put_u8(0x41);
     }
     let list_size = (out.len() - list_at - 4) as u32;

@@ -36,6 +36,21 @@ use crate::journal::JournalHandle;
 use crate::queues::{BrokerEvent, PublishReply, QueueHandle, Settlement, SubSpec, ToConn};
 use crate::selector::{Fields as _, MessageFields, Selector};
 use crate::store::{self, Stored, SubRecord};
+use crate::txn;
+use flotilla_amqp::types::messaging::Outcome;
+use flotilla_amqp::types::transaction::{Declared, TransactionalState};
+
+/// When a message published at `now` is due: 0 (at once) unless it
+/// carries a delivery time or delay (scheduled delivery). Only a message
+/// that mentions one is decoded.
+fn due(payload: &[u8], now: u64) -> u64 {
+    const MARK: &[u8] = b"x-opt-delivery-";
+    let head = &payload[..payload.len().min(1024)];
+    if !head.windows(MARK.len()).any(|w| w == MARK) {
+        return 0;
+    }
+    MessageFields::from_message(payload).due(now)
+}
 
 /// Credit a producer link gets: messages not yet on disk count against it.
 const WINDOW: u32 = 1000;
@@ -171,6 +186,8 @@ pub(crate) struct BrokerConnection {
     rx: mpsc::UnboundedReceiver<ToConn>,
     producers: HashMap<LinkId, Producer>,
     consumers: HashMap<LinkId, String>,
+    /// Transaction coordinator links, with the space of their transactions.
+    coordinators: HashMap<LinkId, String>,
     stat_links: Vec<LinkId>,
     /// Subscription consumers waiting for their subscription to be made:
     /// the attach answer to give them then.
@@ -247,6 +264,7 @@ impl BrokerConnection {
             rx,
             producers: HashMap::new(),
             consumers: HashMap::new(),
+            coordinators: HashMap::new(),
             stat_links: Vec::new(),
             pending: HashMap::new(),
             reply_links: HashMap::new(),
@@ -324,6 +342,18 @@ impl BrokerConnection {
                 settled,
                 ..
             } => {
+                if let Some((txn, outcome)) = txn::state_of(state.as_ref()) {
+                    // Settled under a transaction: takes effect at commit.
+                    if let Some(how) = txn::settlement(outcome) {
+                        let _ = self.queues.send(BrokerEvent::TxSettle {
+                            txn,
+                            conn: self.id,
+                            token,
+                            how,
+                        });
+                    }
+                    return;
+                }
                 let how = match state {
                     Some(DeliveryState::Released(_)) => Settlement::Requeue { failed: false },
                     Some(DeliveryState::Modified(m)) => Settlement::Requeue {
@@ -339,6 +369,7 @@ impl BrokerConnection {
             }
             Event::Detach { link, closed, .. } => {
                 self.producers.remove(&link);
+                self.coordinators.remove(&link);
                 self.pending.remove(&link);
                 self.stat_links.retain(|l| *l != link);
                 self.reply_links.retain(|_, l| *l != link);
@@ -607,9 +638,7 @@ impl BrokerConnection {
 
     fn attach(&mut self, link: LinkId, attach: &Attach) {
         if flotilla_amqp::connection::is_coordinator(attach) {
-            return self
-                .conn
-                .refuse_attach(link, flotilla_amqp::connection::no_transactions());
+            return self.attach_coordinator(link, attach);
         }
         if self.is_component() {
             let stat = attach.role == Role::Receiver
@@ -635,6 +664,69 @@ impl BrokerConnection {
         match attach.role {
             Role::Sender => self.attach_producer(link, attach),
             Role::Receiver => self.attach_consumer(link, attach),
+        }
+    }
+
+    /// A transaction controller (AMQP 1.0 §4.3): its transactions are of
+    /// this connection and of the space the link is in.
+    fn attach_coordinator(&mut self, link: LinkId, attach: &Attach) {
+        let space = match (&self.peer, &self.principal) {
+            (Peer::Router, _) => self.routed_space(attach),
+            (Peer::Client { .. }, Some(p)) if !self.is_component() => Ok(p.space.clone()),
+            _ => Err(amqp_error(
+                AmqpError::NotAllowed,
+                "transactions are for clients of an address space",
+            )),
+        };
+        let space = match space {
+            Ok(s) => s,
+            Err(e) => return self.refuse(link, e),
+        };
+        let mut answer = attach.clone();
+        answer.role = Role::Receiver;
+        self.conn.accept_attach_as(link, &answer);
+        self.conn.flow(link, WINDOW, false);
+        debug!(conn.id = self.id, space = %space, "transaction coordinator attached");
+        self.coordinators.insert(link, space);
+    }
+
+    /// A message to the coordinator: declare or discharge.
+    fn control(&mut self, link: LinkId, d: flotilla_amqp::connection::Delivery) {
+        let Some(space) = self.coordinators.get(&link).cloned() else {
+            return;
+        };
+        if self.conn.link(link).is_some_and(|l| l.credit < WINDOW / 2) {
+            self.conn.flow(link, WINDOW, false);
+        }
+        let reply = self.reply(link, d.id, d.settled);
+        match txn::decode(&d.payload) {
+            Ok(txn::Control::Declare) => {
+                let _ = self.queues.send(BrokerEvent::TxDeclare {
+                    space,
+                    conn: self.id,
+                    reply,
+                });
+            }
+            Ok(txn::Control::Discharge { txn, fail }) => {
+                let _ = self.queues.send(BrokerEvent::TxDischarge {
+                    txn,
+                    conn: self.id,
+                    space,
+                    fail,
+                    reply,
+                });
+            }
+            Err(e) => {
+                warn!(
+                    conn.id = self.id,
+                    reason = e.description.as_deref().unwrap_or(""),
+                    "coordinator request refused"
+                );
+                if !d.settled {
+                    self.conn
+                        .settle(d.id, DeliveryState::Rejected(Rejected { error: Some(e) }));
+                }
+            }
         }
     }
 
@@ -989,10 +1081,14 @@ impl BrokerConnection {
     /// A message from a producer: to the journal (a queue) or the queue
     /// task (a topic); `accepted` once stored.
     fn publish(&mut self, link: LinkId, d: flotilla_amqp::connection::Delivery) {
+        if self.coordinators.contains_key(&link) {
+            return self.control(link, d);
+        }
         let Some(p) = self.producers.get_mut(&link) else {
             return;
         };
         let (dref, settled) = (d.id, d.settled);
+        let under = txn::state_of(d.state.as_ref()).map(|(t, _)| t);
         let payload = d.payload;
         if let Some(e) = p
             .quota
@@ -1003,6 +1099,58 @@ impl BrokerConnection {
                 self.conn
                     .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
             }
+            return;
+        }
+        if let Some(txn) = under {
+            let to = match &p.to {
+                Destination::Queue(q) => txn::TxDest::Queue(q.clone()),
+                Destination::Topic { topic, pattern, .. } => {
+                    let t = if *pattern {
+                        match message::to_address(&payload) {
+                            Ok(Some(t))
+                                if !flotilla_core::pattern::is_pattern(t)
+                                    && flotilla_core::pattern::matches(topic, t) =>
+                            {
+                                t.to_string()
+                            }
+                            _ => {
+                                let why = format!("a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards");
+                                return self.reject_publish(dref, settled, &why);
+                            }
+                        }
+                    } else {
+                        topic.clone()
+                    };
+                    txn::TxDest::Topic(t)
+                }
+                _ => {
+                    if !settled {
+                        let e = amqp_error(
+                            AmqpError::NotImplemented,
+                            format!("{:?} takes no messages under a transaction", p.address),
+                        );
+                        self.conn
+                            .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
+                    }
+                    return;
+                }
+            };
+            let space = p.to.space().unwrap_or_default().to_string();
+            p.storing += 1;
+            let now = now_ms();
+            let post = txn::TxPost {
+                to,
+                expires: message::expiry(&payload, now),
+                due: due(&payload, now),
+                payload,
+            };
+            let _ = self.queues.send(BrokerEvent::TxPost {
+                txn,
+                conn: self.id,
+                space,
+                post,
+                reply: self.reply(link, dref, settled),
+            });
             return;
         }
         let queue = match &p.to {
@@ -1062,10 +1210,12 @@ impl BrokerConnection {
                     topic.clone()
                 };
                 p.storing += 1;
+                let now = now_ms();
                 let ev = BrokerEvent::Publish {
                     space: space.clone(),
                     topic,
-                    expires: message::expiry(&payload, now_ms()),
+                    expires: message::expiry(&payload, now),
+                    due: due(&payload, now),
                     payload,
                     reply: Some(self.reply(link, dref, settled)),
                 };
@@ -1077,15 +1227,16 @@ impl BrokerConnection {
         p.storing += 1;
         let queues = self.queues.clone();
         let me = self.tx.clone();
-        let expires = message::expiry(&payload, now_ms());
-        let record = store::publish(&[queue.as_str()], expires, &payload);
+        let now = now_ms();
+        let expires = message::expiry(&payload, now);
+        let due = due(&payload, now);
+        let record = store::publish_at(&[queue.as_str()], expires, due, &payload);
         let done = Box::new(
             move |r: Result<u64, crate::journal::JournalError>| match r {
                 Ok(seq) => {
-                    let _ = queues.send(BrokerEvent::Stored {
-                        queue,
-                        msg: Stored::new(seq, payload, expires),
-                    });
+                    let mut msg = Stored::new(seq, payload, expires);
+                    msg.due = due;
+                    let _ = queues.send(BrokerEvent::Stored { queue, msg });
                     let _ = me.send(ToConn::Stored {
                         link,
                         delivery: dref,
@@ -1317,6 +1468,61 @@ impl BrokerConnection {
             } => {
                 let e = amqp_error(AmqpError::UnauthorizedAccess, why);
                 self.refused(link, delivery, settled, e);
+            }
+            ToConn::Rejected {
+                link,
+                delivery,
+                settled,
+                error,
+            } => {
+                if self.coordinators.contains_key(&link) {
+                    if !settled {
+                        self.conn.settle(
+                            delivery,
+                            DeliveryState::Rejected(Rejected { error: Some(error) }),
+                        );
+                    }
+                } else {
+                    self.refused(link, delivery, settled, error);
+                }
+            }
+            ToConn::Declared { delivery, txn, .. } => {
+                self.conn.settle(
+                    delivery,
+                    DeliveryState::Declared(Declared {
+                        txn_id: txn.to_vec().into(),
+                    }),
+                );
+            }
+            ToConn::TxPosted {
+                link,
+                delivery,
+                settled,
+                txn,
+            } => {
+                if !settled {
+                    self.conn.settle(
+                        delivery,
+                        DeliveryState::TransactionalState(TransactionalState {
+                            txn_id: txn.to_vec().into(),
+                            outcome: Some(Outcome::Accepted(Accepted {})),
+                        }),
+                    );
+                }
+                self.stored_one(link);
+            }
+            ToConn::Discharged {
+                delivery,
+                settled,
+                error,
+            } => {
+                if !settled {
+                    let state = match error {
+                        None => DeliveryState::Accepted(Accepted {}),
+                        Some(e) => DeliveryState::Rejected(Rejected { error: Some(e) }),
+                    };
+                    self.conn.settle(delivery, state);
+                }
             }
             ToConn::Drained { link } => self.conn.drained(link),
             ToConn::Stolen { link } => {

@@ -228,6 +228,36 @@ impl Journal {
     /// # Errors
     /// I/O errors, or damage before the last segment's tail.
     pub fn open(cfg: JournalConfig) -> Result<(Journal, Vec<Record>), JournalError> {
+        Journal::open_inner(cfg, true)
+    }
+
+    /// Opens (or creates) the journal in `cfg.dir`, checking every record
+    /// and cutting off a torn tail as [`Journal::open`] does, without
+    /// keeping the records: read them with [`Journal::replay`] (a segment
+    /// in memory at a time).
+    ///
+    /// # Errors
+    /// I/O errors, or damage before the last segment's tail.
+    pub fn open_indexed(cfg: JournalConfig) -> Result<Journal, JournalError> {
+        Journal::open_inner(cfg, false).map(|(j, _)| j)
+    }
+
+    /// Reads every record on disk, in order, one segment in memory at a
+    /// time (a record's payload shares its segment's buffer: copy what is
+    /// kept).
+    ///
+    /// # Errors
+    /// A segment cannot be read.
+    pub fn replay(&self, each: &mut dyn FnMut(Record)) -> Result<(), JournalError> {
+        for seg in &self.segments {
+            let data = Bytes::from(fs::read(&seg.path)?);
+            let r = replay_segment(&data, seg.first_seq, self.cfg.max_record);
+            r.records.into_iter().for_each(&mut *each);
+        }
+        Ok(())
+    }
+
+    fn open_inner(cfg: JournalConfig, keep: bool) -> Result<(Journal, Vec<Record>), JournalError> {
         fs::create_dir_all(&cfg.dir)?;
         let mut segments: Vec<Segment> = fs::read_dir(&cfg.dir)?
             .filter_map(|e| e.ok())
@@ -242,6 +272,7 @@ impl Journal {
             .collect();
         segments.sort_by_key(|s| s.first_seq);
         let mut records = Vec::new();
+        let mut count = 0usize;
         let mut index = BTreeMap::new();
         let mut next_seq = segments.first().map_or(1, |s| s.first_seq);
         let n = segments.len();
@@ -270,8 +301,11 @@ impl Journal {
                 f.sync_all()?;
             }
             next_seq += r.records.len() as u64;
+            count += r.records.len();
             active_len = r.valid_len;
-            records.extend(r.records);
+            if keep {
+                records.extend(r.records);
+            }
             index.insert(seg.first_seq, r.offsets);
         }
         if segments.is_empty() {
@@ -286,7 +320,7 @@ impl Journal {
         }
         let last = segments.last().map(|s| s.path.clone()).unwrap_or_default();
         let active = OpenOptions::new().append(true).open(&last)?;
-        info!(dir = %cfg.dir.display(), segments = segments.len(), records = records.len(), next_seq, "journal recovered");
+        info!(dir = %cfg.dir.display(), segments = segments.len(), records = count, next_seq, "journal recovered");
         Ok((
             Journal {
                 cfg,
@@ -438,6 +472,9 @@ pub type Done = Box<dyn FnOnce(Result<u64, JournalError>) + Send>;
 enum Request {
     Append(Bytes, Done),
     Retire(u64),
+    /// Records appended together, with consecutive sequence numbers (a
+    /// transaction and its commit record); `Done` gets the first's.
+    AppendMany(Vec<Bytes>, Done),
     /// Answered once everything queued before it is durable.
     Barrier(oneshot::Sender<()>),
 }
@@ -490,6 +527,28 @@ impl JournalHandle {
                                 Ok(seq) => waiting.push((seq, done)),
                                 Err(e) => done(Err(e)),
                             },
+                            Request::AppendMany(payloads, done) => {
+                                let mut first = None;
+                                let mut err = None;
+                                for p in &payloads {
+                                    match journal.append(p) {
+                                        Ok(seq) => {
+                                            first.get_or_insert(seq);
+                                        }
+                                        Err(e) => {
+                                            err = Some(e);
+                                            break;
+                                        }
+                                    }
+                                }
+                                // A batch cut short has no commit record
+                                // (the last): recovery ignores the rest.
+                                match (err, first) {
+                                    (None, Some(seq)) => waiting.push((seq, done)),
+                                    (Some(e), _) => done(Err(e)),
+                                    (None, None) => done(Err(JournalError::Closed)),
+                                }
+                            }
                             Request::Retire(seq) => retire = Some(seq),
                             Request::Barrier(b) => barriers.push(b),
                         }
@@ -552,6 +611,18 @@ impl JournalHandle {
     pub fn append_then(&self, payload: Bytes, done: Done) -> Result<(), JournalError> {
         self.tx
             .send(Request::Append(payload, done))
+            .map_err(|_| JournalError::Closed)
+    }
+
+    /// Queues records to be written together, with consecutive sequence
+    /// numbers and in one sync; `done` gets the first's once all are
+    /// durable. Nothing else is written between them.
+    ///
+    /// # Errors
+    /// The journal stopped (`done` is not called).
+    pub fn append_many(&self, payloads: Vec<Bytes>, done: Done) -> Result<(), JournalError> {
+        self.tx
+            .send(Request::AppendMany(payloads, done))
             .map_err(|_| JournalError::Closed)
     }
 

@@ -29,6 +29,7 @@ pub mod journal;
 pub mod queues;
 pub mod selector;
 pub mod store;
+pub mod txn;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -257,10 +258,15 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     // The journal holds every tenant's messages: its owner only.
     flotilla_core::auth::private_dir(&cfg.data_dir)?;
     let jcfg = journal::JournalConfig::new(cfg.data_dir.join("journal"));
-    let (j, records) = tokio::task::spawn_blocking(move || journal::Journal::open(jcfg))
-        .await
-        .map_err(|e| BrokerError::Io(std::io::Error::other(e)))??;
-    let recovered = store::recover(records);
+    // Bodies past the memory budget stay in the journal while it is read.
+    let budget = cfg.max_memory;
+    let (j, recovered) = tokio::task::spawn_blocking(move || {
+        let j = journal::Journal::open_indexed(jcfg)?;
+        let recovered = store::recover(&mut |each| j.replay(each), budget)?;
+        Ok::<_, journal::JournalError>((j, recovered))
+    })
+    .await
+    .map_err(|e| BrokerError::Io(std::io::Error::other(e)))??;
     let held: usize = recovered.queues.values().map(|q| q.len()).sum();
     info!(
         queues = recovered.queues.len(),

@@ -28,9 +28,13 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info};
 
+use flotilla_amqp::connection::amqp_error;
+use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
+
 use crate::journal::{JournalError, JournalHandle, JournalReader};
 use crate::selector::{MessageFields, Selector};
 use crate::store::{self, Stored, SubRecord};
+use crate::txn::{self, TxDest, TxPost, Txn};
 
 /// What the queue task tells a connection task.
 #[derive(Debug)]
@@ -84,6 +88,33 @@ pub enum ToConn {
     Stolen { link: LinkId },
     /// The retained messages a reader on `link` asked for.
     Snapshot { link: LinkId, messages: Vec<Bytes> },
+    /// A message (or a coordinator's request) was not taken: rejected
+    /// with `error`.
+    Rejected {
+        link: LinkId,
+        delivery: DeliveryRef,
+        settled: bool,
+        error: AmqpErrorBody,
+    },
+    /// A transaction was declared: answer `declared` with its id.
+    Declared {
+        link: LinkId,
+        delivery: DeliveryRef,
+        txn: Bytes,
+    },
+    /// A message posted under transaction `txn` is held by it.
+    TxPosted {
+        link: LinkId,
+        delivery: DeliveryRef,
+        settled: bool,
+        txn: Bytes,
+    },
+    /// A discharge is done: accepted, or rejected with `error`.
+    Discharged {
+        delivery: DeliveryRef,
+        settled: bool,
+        error: Option<AmqpErrorBody>,
+    },
     /// A purge finished: answer on `link` (`None`: no such queue).
     Purged {
         link: LinkId,
@@ -149,6 +180,8 @@ pub enum BrokerEvent {
         topic: String,
         payload: Bytes,
         expires: u64,
+        /// When it may first be delivered (0: at once).
+        due: u64,
         reply: Option<PublishReply>,
     },
     /// A consumer of queue `queue` (`browse`: it sees copies, takes nothing).
@@ -251,6 +284,42 @@ pub enum BrokerEvent {
         user: Option<String>,
         reply: PublishReply,
     },
+    /// Declares a transaction of connection `conn` in `space`.
+    TxDeclare {
+        space: String,
+        conn: u64,
+        reply: PublishReply,
+    },
+    /// A message posted under transaction `txn`.
+    TxPost {
+        txn: Bytes,
+        conn: u64,
+        space: String,
+        post: TxPost,
+        reply: PublishReply,
+    },
+    /// A delivery settled under transaction `txn`: `how` applies at commit.
+    TxSettle {
+        txn: Bytes,
+        conn: u64,
+        token: u64,
+        how: Settlement,
+    },
+    /// Commits (or, `fail`, rolls back) transaction `txn`.
+    TxDischarge {
+        txn: Bytes,
+        conn: u64,
+        space: String,
+        fail: bool,
+        reply: PublishReply,
+    },
+    /// A commit's records are on disk, the first as `first`: its messages
+    /// join their queues.
+    TxCommitted {
+        first: u64,
+        posts: Vec<Committed>,
+        reply: PublishReply,
+    },
     /// The retained messages of `space` whose topic `filter` matches, to
     /// the reader on `link`.
     ReadRetained {
@@ -259,6 +328,19 @@ pub enum BrokerEvent {
         tx: mpsc::UnboundedSender<ToConn>,
         link: LinkId,
     },
+}
+
+/// A transaction's message on its way to its queues: those it is stored
+/// for (`record`: its record's place in the commit) and the non-durable
+/// subscriptions that take it in memory.
+#[derive(Debug)]
+pub struct Committed {
+    record: Option<u64>,
+    durable: Vec<String>,
+    memory: Vec<String>,
+    payload: Bytes,
+    expires: u64,
+    due: u64,
 }
 
 struct Consumer {
@@ -318,6 +400,8 @@ struct Queue {
     durable: bool,
     /// Messages that carry an expiry time.
     expiring: usize,
+    /// Messages not due yet (scheduled delivery), by due time and seq.
+    scheduled: BTreeMap<(u64, u64), Stored>,
     stats: Counters,
 }
 
@@ -329,16 +413,45 @@ impl Queue {
             rr: 0,
             durable,
             expiring: 0,
+            scheduled: BTreeMap::new(),
             stats: Counters::default(),
         }
     }
 
-    fn push(&mut self, msg: Stored) {
+    /// A new message: waiting for consumers, or, not due yet, scheduled
+    /// (returns when it is due).
+    fn push(&mut self, msg: Stored) -> Option<u64> {
         self.stats.enqueued += 1;
+        if msg.due > now_ms() {
+            let due = msg.due;
+            self.scheduled.insert((due, msg.seq), msg);
+            return Some(due);
+        }
         if msg.expires != 0 {
             self.expiring += 1;
         }
         self.messages.push_back(msg);
+        None
+    }
+
+    /// Moves the scheduled messages due by `now` among those waiting (in
+    /// sequence order: a message due is as old as when it was sent).
+    fn release_due(&mut self, now: u64) -> bool {
+        let mut any = false;
+        while let Some(entry) = self.scheduled.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let msg = entry.remove();
+            self.requeue(msg);
+            any = true;
+        }
+        any
+    }
+
+    /// Every message it holds waiting (due or scheduled).
+    fn held(&self) -> impl Iterator<Item = &Stored> {
+        self.messages.iter().chain(self.scheduled.values())
     }
 
     /// Puts a message back in sequence order (usually at the front).
@@ -426,6 +539,9 @@ struct Inflight {
     conn: u64,
     link: LinkId,
     msg: Stored,
+    /// Settled under this transaction: it stays out until the
+    /// transaction is discharged, whatever happens to its consumer.
+    txn: Option<Bytes>,
 }
 
 /// What happens to messages that fail or expire.
@@ -554,6 +670,10 @@ pub struct QueueTask {
     /// Retained messages by space and topic.
     retained: HashMap<String, BTreeMap<String, Retained>>,
     retain_version: u64,
+    /// Open transactions by id.
+    txns: HashMap<Bytes, Txn>,
+    /// When queues' scheduled messages are due: (time, queue).
+    timers: std::collections::BTreeSet<(u64, String)>,
 }
 
 /// Bytes of messages each address space holds (queued or out with
@@ -573,11 +693,14 @@ impl QueueTask {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut queues = HashMap::new();
         let mut seen = 0;
+        let mut timers = std::collections::BTreeSet::new();
         for (name, messages) in recovered.queues {
             let mut q = Queue::new(true);
             for m in messages {
                 seen = seen.max(m.seq);
-                q.push(memory.admit(m));
+                if let Some(due) = q.push(memory.admit(m)) {
+                    timers.insert((due, name.clone()));
+                }
             }
             q.stats = Counters::default();
             queues.insert(name, q);
@@ -642,6 +765,8 @@ impl QueueTask {
                 consumer_at: HashMap::new(),
                 retained,
                 retain_version: 0,
+                txns: HashMap::new(),
+                timers,
             },
             tx,
         )
@@ -652,10 +777,26 @@ impl QueueTask {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let next_due = self.timers.first().map(|(due, _)| *due);
+            let wake = async {
+                match next_due {
+                    Some(due) => {
+                        let wait = due.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let n = tokio::select! {
                 n = self.rx.recv_many(&mut batch, 256) => n,
                 _ = tick.tick() => {
                     self.tick();
+                    continue;
+                }
+                _ = wake => {
+                    for q in self.release_due() {
+                        self.dispatch(&q);
+                    }
                     continue;
                 }
             };
@@ -681,11 +822,10 @@ impl QueueTask {
         match ev {
             BrokerEvent::Stored { queue, msg } => {
                 self.seen = self.seen.max(msg.seq);
-                let msg = self.memory.admit(msg);
                 self.queues
                     .entry(queue.clone())
-                    .or_insert_with(|| Queue::new(true))
-                    .push(msg);
+                    .or_insert_with(|| Queue::new(true));
+                self.enqueue(&queue, msg);
                 vec![queue]
             }
             BrokerEvent::StoredMany { queues, msg } => {
@@ -694,8 +834,7 @@ impl QueueTask {
                 for name in queues {
                     // A subscription deleted while the message was stored
                     // does not get it.
-                    if let Some(q) = self.queues.get_mut(&name) {
-                        q.push(self.memory.admit(msg.clone()));
+                    if self.enqueue(&name, msg.clone()) {
                         touched.push(name);
                     }
                 }
@@ -706,8 +845,9 @@ impl QueueTask {
                 topic,
                 payload,
                 expires,
+                due,
                 reply,
-            } => self.publish(&space, &topic, payload, expires, reply),
+            } => self.publish(&space, &topic, payload, (expires, due), reply),
             BrokerEvent::Attach {
                 queue,
                 conn,
@@ -819,7 +959,186 @@ impl QueueTask {
                 closed,
             ),
             BrokerEvent::Gone { conn } => {
-                self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn, false)
+                // Its transactions end with it, undone.
+                let open: Vec<Bytes> = self
+                    .txns
+                    .iter()
+                    .filter(|(_, t)| t.conn == conn)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let mut touched = Vec::new();
+                for id in open {
+                    if let Some(t) = self.txns.remove(&id) {
+                        debug!(txn = %txn::hex(&id), "transaction rolled back: its connection is gone");
+                        touched.extend(self.rollback(t));
+                    }
+                }
+                touched.extend(self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn, false));
+                touched
+            }
+            BrokerEvent::TxDeclare { space, conn, reply } => {
+                let open = self.txns.values().filter(|t| t.conn == conn).count();
+                if open >= txn::MAX_OPEN {
+                    let _ = reply.tx.send(ToConn::Rejected {
+                        link: reply.link,
+                        delivery: reply.delivery,
+                        settled: reply.settled,
+                        error: amqp_error(
+                            AmqpError::ResourceLimitExceeded,
+                            format!("a connection may have {} transactions open", txn::MAX_OPEN),
+                        ),
+                    });
+                    return Vec::new();
+                }
+                let id = txn::new_id();
+                debug!(txn = %txn::hex(&id), space = %space, "transaction declared");
+                self.txns.insert(id.clone(), Txn::new(space, conn));
+                let _ = reply.tx.send(ToConn::Declared {
+                    link: reply.link,
+                    delivery: reply.delivery,
+                    txn: id,
+                });
+                Vec::new()
+            }
+            BrokerEvent::TxPost {
+                txn,
+                conn,
+                space,
+                post,
+                reply,
+            } => {
+                let error = match self.txns.get_mut(&txn) {
+                    Some(t) if t.conn == conn && t.space == space => {
+                        let len = post.payload.len();
+                        if let Some(why) = &t.doomed {
+                            Some(txn::rolled_back(why))
+                        } else if t.posts.len() >= txn::MAX_MESSAGES
+                            || t.bytes + len > txn::MAX_BYTES
+                        {
+                            let why = format!(
+                                "a transaction holds at most {} messages and {} bytes",
+                                txn::MAX_MESSAGES,
+                                txn::MAX_BYTES
+                            );
+                            t.doomed = Some(why.clone());
+                            Some(amqp_error(AmqpError::ResourceLimitExceeded, why))
+                        } else {
+                            t.bytes += len;
+                            t.posts.push(post);
+                            None
+                        }
+                    }
+                    _ => Some(txn::unknown(&txn)),
+                };
+                let _ = reply.tx.send(match error {
+                    None => ToConn::TxPosted {
+                        link: reply.link,
+                        delivery: reply.delivery,
+                        settled: reply.settled,
+                        txn,
+                    },
+                    Some(error) => ToConn::Rejected {
+                        link: reply.link,
+                        delivery: reply.delivery,
+                        settled: reply.settled,
+                        error,
+                    },
+                });
+                Vec::new()
+            }
+            BrokerEvent::TxSettle {
+                txn,
+                conn,
+                token,
+                how,
+            } => {
+                let Some(f) = self.inflight.get_mut(&token) else {
+                    return Vec::new();
+                };
+                match self.txns.get_mut(&txn) {
+                    Some(t) if t.conn == conn && Self::space_of(&f.queue) == t.space => {
+                        f.txn = Some(txn);
+                        t.acquired.push((token, how));
+                        Vec::new()
+                    }
+                    // Not a transaction of ours: it will never commit, so
+                    // the message goes back.
+                    _ => match self.inflight.remove(&token) {
+                        Some(f) => self.redeliver(f.queue, f.msg, false).into_iter().collect(),
+                        None => Vec::new(),
+                    },
+                }
+            }
+            BrokerEvent::TxDischarge {
+                txn,
+                conn,
+                space,
+                fail,
+                reply,
+            } => {
+                let t = match self.txns.get(&txn) {
+                    Some(t) if t.conn == conn && t.space == space => self.txns.remove(&txn),
+                    _ => None,
+                };
+                let Some(t) = t else {
+                    let _ = reply.tx.send(ToConn::Discharged {
+                        delivery: reply.delivery,
+                        settled: reply.settled,
+                        error: Some(txn::unknown(&txn)),
+                    });
+                    return Vec::new();
+                };
+                if fail || t.doomed.is_some() {
+                    let error = t.doomed.as_deref().filter(|_| !fail).map(txn::rolled_back);
+                    debug!(txn = %txn::hex(&txn), "transaction rolled back");
+                    let touched = self.rollback(t);
+                    let _ = reply.tx.send(ToConn::Discharged {
+                        delivery: reply.delivery,
+                        settled: reply.settled,
+                        error,
+                    });
+                    return touched;
+                }
+                self.commit(&txn, t, reply)
+            }
+            BrokerEvent::TxCommitted {
+                first,
+                posts,
+                reply,
+            } => {
+                let mut touched = Vec::new();
+                for p in posts {
+                    let seq = match p.record {
+                        Some(i) => first + i,
+                        None => {
+                            self.next_memory_seq += 1;
+                            self.next_memory_seq
+                        }
+                    };
+                    self.seen = self.seen.max(seq.min(MEMORY_SEQ_BASE - 1));
+                    let mut msg = Stored::new(seq, p.payload, p.expires);
+                    msg.due = p.due;
+                    for q in &p.durable {
+                        if self.enqueue(q, msg.clone()) && !touched.contains(q) {
+                            touched.push(q.clone());
+                        }
+                    }
+                    for q in p.memory {
+                        self.next_memory_seq += 1;
+                        let mut m =
+                            Stored::new(self.next_memory_seq, msg.payload.clone(), p.expires);
+                        m.due = p.due;
+                        if self.enqueue(&q, m) && !touched.contains(&q) {
+                            touched.push(q);
+                        }
+                    }
+                }
+                let _ = reply.tx.send(ToConn::Discharged {
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                    error: None,
+                });
+                touched
             }
             BrokerEvent::Settle { token, how } => {
                 let Some(f) = self.inflight.remove(&token) else {
@@ -834,9 +1153,7 @@ impl QueueTask {
                         Vec::new()
                     }
                     Settlement::Requeue { failed } => {
-                        let mut msg = f.msg;
-                        msg.delivery_count += u32::from(failed);
-                        self.put_back(f.queue, msg).into_iter().collect()
+                        self.redeliver(f.queue, f.msg, failed).into_iter().collect()
                     }
                 }
             }
@@ -1073,14 +1390,12 @@ impl QueueTask {
         let back: Vec<u64> = self
             .inflight
             .iter()
-            .filter(|(_, f)| gone.contains(&(f.conn, f.link)))
+            .filter(|(_, f)| gone.contains(&(f.conn, f.link)) && f.txn.is_none())
             .map(|(t, _)| *t)
             .collect();
         for token in back {
             if let Some(f) = self.inflight.remove(&token) {
-                let mut msg = f.msg;
-                msg.delivery_count += 1;
-                self.put_back(f.queue, msg);
+                self.redeliver(f.queue, f.msg, true);
             }
         }
         vec![key.to_string()]
@@ -1265,9 +1580,71 @@ impl QueueTask {
         space: &str,
         topic: &str,
         payload: Bytes,
-        expires: u64,
+        (expires, due): (u64, u64),
         reply: Option<PublishReply>,
     ) -> Vec<String> {
+        let (durable, memory, payload) = self.route_topic(space, topic, payload);
+        for key in &memory {
+            self.next_memory_seq += 1;
+            let mut msg = Stored::new(self.next_memory_seq, payload.clone(), expires);
+            msg.due = due;
+            self.enqueue(key, msg);
+        }
+        if durable.is_empty() {
+            if let Some(r) = reply {
+                let _ = r.tx.send(ToConn::Stored {
+                    link: r.link,
+                    delivery: r.delivery,
+                    settled: r.settled,
+                });
+            }
+            return memory;
+        }
+        let names: Vec<&str> = durable.iter().map(String::as_str).collect();
+        let record = store::publish_at(&names, expires, due, &payload);
+        let tx = self.tx.clone();
+        let done = Box::new(move |r: Result<u64, JournalError>| match r {
+            Ok(seq) => {
+                if let Some(tx) = tx.upgrade() {
+                    let mut msg = Stored::new(seq, payload, expires);
+                    msg.due = due;
+                    let _ = tx.send(BrokerEvent::StoredMany {
+                        queues: durable,
+                        msg,
+                    });
+                }
+                if let Some(r) = reply {
+                    let _ = r.tx.send(ToConn::Stored {
+                        link: r.link,
+                        delivery: r.delivery,
+                        settled: r.settled,
+                    });
+                }
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.tx.send(ToConn::Failed {
+                        link: r.link,
+                        delivery: r.delivery,
+                        settled: r.settled,
+                        why: e.to_string(),
+                    });
+                }
+            }
+        });
+        let _ = self.journal.append_then(record, done);
+        memory
+    }
+
+    /// The subscriptions a message for `topic` in `space` goes to: the
+    /// durable ones (it is stored for them) and the others (in memory);
+    /// and the message as they get it.
+    fn route_topic(
+        &self,
+        space: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> (Vec<String>, Vec<String>, Bytes) {
         let mut fields: Option<MessageFields> = None;
         let mut durable: Vec<String> = Vec::new();
         let mut memory: Vec<String> = Vec::new();
@@ -1305,58 +1682,172 @@ impl QueueTask {
                 _ => flotilla_amqp::message::with_to(&payload, topic),
             }
         };
-        for key in &memory {
-            self.next_memory_seq += 1;
-            if let Some(q) = self.queues.get_mut(key) {
-                q.push(self.memory.admit(Stored::new(
-                    self.next_memory_seq,
-                    payload.clone(),
-                    expires,
-                )));
+        (durable, memory, payload)
+    }
+
+    /// A message joins queue `key` (if it still exists): admitted against
+    /// the memory budget, and timed if it is not due yet.
+    fn enqueue(&mut self, key: &str, msg: Stored) -> bool {
+        let Some(q) = self.queues.get_mut(key) else {
+            return false;
+        };
+        if let Some(due) = q.push(self.memory.admit(msg)) {
+            self.timers.insert((due, key.to_string()));
+        }
+        true
+    }
+
+    /// Scheduled messages now due join their queues; returns those queues.
+    fn release_due(&mut self) -> Vec<String> {
+        let now = now_ms();
+        let mut touched = Vec::new();
+        while let Some((due, _)) = self.timers.first() {
+            if *due > now {
+                break;
+            }
+            let Some((_, key)) = self.timers.pop_first() else {
+                break;
+            };
+            if let Some(q) = self.queues.get_mut(&key) {
+                if q.release_due(now) && !touched.contains(&key) {
+                    touched.push(key);
+                }
             }
         }
-        if durable.is_empty() {
-            if let Some(r) = reply {
-                let _ = r.tx.send(ToConn::Stored {
-                    link: r.link,
-                    delivery: r.delivery,
-                    settled: r.settled,
+        touched
+    }
+
+    /// A delivered message came back: `failed` counts the delivery (kept
+    /// in the journal for a durable queue, so a restart keeps it), then
+    /// it goes back to its queue or on to the dead-letter queue.
+    fn redeliver(&mut self, queue: String, mut msg: Stored, failed: bool) -> Option<String> {
+        if failed {
+            msg.delivery_count += 1;
+            let durable = self.queues.get(&queue).is_some_and(|q| q.durable);
+            if durable && msg.seq < MEMORY_SEQ_BASE {
+                let record = store::delivered(msg.seq, &queue, msg.delivery_count);
+                let _ = self.journal.append_then(record, Box::new(|_| {}));
+            }
+        }
+        self.put_back(queue, msg)
+    }
+
+    /// Undoes a transaction: its posts are dropped and what it acquired
+    /// goes back, counted as delivered. Returns the queues that got some.
+    fn rollback(&mut self, t: Txn) -> Vec<String> {
+        let mut touched = Vec::new();
+        for (token, _) in t.acquired {
+            if let Some(f) = self.inflight.remove(&token) {
+                if let Some(q) = self.redeliver(f.queue, f.msg, true) {
+                    if !touched.contains(&q) {
+                        touched.push(q);
+                    }
+                }
+            }
+        }
+        touched
+    }
+
+    /// Commits a transaction: its messages and acknowledgements are
+    /// written as one batch ending with a `Commit` record, in one sync;
+    /// once it is on disk the messages join their queues
+    /// (`BrokerEvent::TxCommitted`) and the discharge is accepted.
+    fn commit(&mut self, id: &Bytes, t: Txn, reply: PublishReply) -> Vec<String> {
+        let mut records = Vec::new();
+        let mut posts = Vec::with_capacity(t.posts.len());
+        for p in t.posts {
+            let (durable, memory, payload) = match p.to {
+                TxDest::Queue(key) => {
+                    // A queue made by its first message, as outside a
+                    // transaction.
+                    self.queues
+                        .entry(key.clone())
+                        .or_insert_with(|| Queue::new(true));
+                    (vec![key], Vec::new(), p.payload)
+                }
+                TxDest::Topic(topic) => self.route_topic(&t.space, &topic, p.payload),
+            };
+            let record = (!durable.is_empty()).then(|| {
+                let names: Vec<&str> = durable.iter().map(String::as_str).collect();
+                records.push(store::tx_publish(&names, p.expires, p.due, &payload));
+                (records.len() - 1) as u64
+            });
+            posts.push(Committed {
+                record,
+                durable,
+                memory,
+                payload,
+                expires: p.expires,
+                due: p.due,
+            });
+        }
+        let mut touched = Vec::new();
+        for (token, how) in t.acquired {
+            let Some(f) = self.inflight.remove(&token) else {
+                continue;
+            };
+            match how {
+                Settlement::Consumed => {
+                    let durable = self.queues.get(&f.queue).is_some_and(|q| q.durable);
+                    if let Some(q) = self.queues.get_mut(&f.queue) {
+                        q.stats.acked += 1;
+                    }
+                    if durable && f.msg.seq < MEMORY_SEQ_BASE {
+                        records.push(store::tx_ack(f.msg.seq, &f.queue));
+                        self.acks_since_retire += 1;
+                    }
+                }
+                Settlement::Requeue { failed } => {
+                    if let Some(q) = self.redeliver(f.queue, f.msg, failed) {
+                        if !touched.contains(&q) {
+                            touched.push(q);
+                        }
+                    }
+                }
+            }
+        }
+        let n = records.len() as u32;
+        debug!(txn = %txn::hex(id), records = n, "transaction committing");
+        if n == 0 {
+            // Nothing durable: it takes effect at once.
+            if let Some(tx) = self.tx.upgrade() {
+                let _ = tx.send(BrokerEvent::TxCommitted {
+                    first: 0,
+                    posts,
+                    reply,
                 });
             }
-            return memory;
+            return touched;
         }
-        let names: Vec<&str> = durable.iter().map(String::as_str).collect();
-        let record = store::publish(&names, expires, &payload);
+        records.push(store::commit(n));
         let tx = self.tx.clone();
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
-            Ok(seq) => {
+            Ok(first) => {
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.send(BrokerEvent::StoredMany {
-                        queues: durable,
-                        msg: Stored::new(seq, payload, expires),
-                    });
-                }
-                if let Some(r) = reply {
-                    let _ = r.tx.send(ToConn::Stored {
-                        link: r.link,
-                        delivery: r.delivery,
-                        settled: r.settled,
+                    let _ = tx.send(BrokerEvent::TxCommitted {
+                        first,
+                        posts,
+                        reply,
                     });
                 }
             }
             Err(e) => {
-                if let Some(r) = reply {
-                    let _ = r.tx.send(ToConn::Failed {
-                        link: r.link,
-                        delivery: r.delivery,
-                        settled: r.settled,
-                        why: e.to_string(),
-                    });
-                }
+                let _ = reply.tx.send(ToConn::Discharged {
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                    error: Some(amqp_error(
+                        AmqpError::InternalError,
+                        format!("the transaction was not committed: {e}"),
+                    )),
+                });
             }
         });
-        let _ = self.journal.append_then(record, done);
-        memory
+        let _ = self.journal.append_many(records, done);
+        if self.acks_since_retire >= 1000 {
+            self.acks_since_retire = 0;
+            self.retire();
+        }
+        touched
     }
 
     /// Records that `queue` consumed message `seq` for good.
@@ -1414,18 +1905,17 @@ impl QueueTask {
                 s.idle_since = Some(Instant::now());
             }
         }
+        // What a transaction settled waits for its discharge.
         let back: Vec<u64> = self
             .inflight
             .iter()
-            .filter(|(_, f)| held(f))
+            .filter(|(_, f)| held(f) && f.txn.is_none())
             .map(|(s, _)| *s)
             .collect();
         let mut touched = Vec::new();
         for token in back {
             if let Some(f) = self.inflight.remove(&token) {
-                let mut msg = f.msg;
-                msg.delivery_count += 1;
-                if let Some(q) = self.put_back(f.queue, msg) {
+                if let Some(q) = self.redeliver(f.queue, f.msg, true) {
                     if !touched.contains(&q) {
                         touched.push(q);
                     }
@@ -1614,6 +2104,7 @@ impl QueueTask {
                             conn: c.conn,
                             link: c.link,
                             msg,
+                            txn: None,
                         },
                     );
                 }
@@ -1645,7 +2136,7 @@ impl QueueTask {
     fn tick(&mut self) {
         let mut usage: HashMap<String, u64> = HashMap::new();
         for (name, q) in &self.queues {
-            let n: u64 = q.messages.iter().map(|m| u64::from(m.size)).sum();
+            let n: u64 = q.held().map(|m| u64::from(m.size)).sum();
             *usage.entry(Self::space_of(name).to_string()).or_default() += n;
         }
         for f in self.inflight.values() {
@@ -1719,7 +2210,8 @@ impl QueueTask {
     fn purge(&mut self, queue: &str) -> Option<usize> {
         let q = self.queues.get_mut(queue)?;
         let mut gone = Vec::with_capacity(q.messages.len());
-        for m in q.messages.drain(..) {
+        let scheduled = std::mem::take(&mut q.scheduled).into_values();
+        for m in q.messages.drain(..).chain(scheduled) {
             self.memory.release(&m);
             gone.push(m.seq);
         }
@@ -1744,6 +2236,7 @@ impl QueueTask {
                     "address": address,
                     "durable": q.durable,
                     "depth": q.messages.len(),
+                    "scheduled": q.scheduled.len(),
                     "unsettled": inflight,
                     "consumers": q.consumers.iter().filter(|c| c.browse.is_none()).count(),
                     "browsers": q.consumers.iter().filter(|c| c.browse.is_some()).count(),
@@ -1796,7 +2289,11 @@ impl QueueTask {
             .queues
             .values()
             .filter(|q| q.durable)
-            .filter_map(|q| q.messages.front().map(|m| m.seq))
+            .filter_map(|q| {
+                let first = q.messages.front().map(|m| m.seq);
+                let scheduled = q.scheduled.values().map(|m| m.seq).min();
+                first.into_iter().chain(scheduled).min()
+            })
             .min();
         let oldest_inflight = self
             .inflight

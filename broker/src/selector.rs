@@ -1212,10 +1212,36 @@ struct Decoded {
     group_id: Option<String>,
     group_sequence: Option<u32>,
     jms_type: Option<String>,
+    /// `x-opt-delivery-time` (ms since the Unix epoch) and
+    /// `x-opt-delivery-delay` (ms): scheduled delivery.
+    delivery_time: Option<i64>,
+    delivery_delay: Option<i64>,
     application_properties: HashMap<String, Value<'static>>,
 }
 
 impl MessageFields {
+    /// The message's group (`group-id`), if it has one.
+    pub fn group_id(&self) -> Option<&str> {
+        self.decoded.as_ref()?.group_id.as_deref()
+    }
+
+    /// When a message published at `now_ms` may first be delivered (ms
+    /// since the Unix epoch; 0: at once): its `x-opt-delivery-time`
+    /// annotation, else `now_ms` plus its `x-opt-delivery-delay`.
+    pub fn due(&self, now_ms: u64) -> u64 {
+        let Some(d) = &self.decoded else { return 0 };
+        let at = match (d.delivery_time, d.delivery_delay) {
+            (Some(t), _) => u64::try_from(t).unwrap_or(0),
+            (None, Some(delay)) if delay > 0 => now_ms.saturating_add(delay as u64),
+            _ => 0,
+        };
+        if at > now_ms {
+            at
+        } else {
+            0
+        }
+    }
+
     /// Decodes what selectors read from a message as it arrives in
     /// transfers (header, annotations and bare message). Never fails: if
     /// the sections cannot be told apart every field is NULL, and a section
@@ -1276,12 +1302,22 @@ impl Decoded {
     fn read_annotations(&mut self, m: AmqpMap) {
         use serde_amqp::Value as V;
         for (k, v) in m {
-            if let (V::Symbol(k), V::String(v) | V::Symbol(serde_amqp::primitives::Symbol(v))) =
-                (k, v)
-            {
-                if k.0 == "x-opt-jms-type" {
+            let V::Symbol(k) = k else { continue };
+            let ms = match &v {
+                V::Timestamp(t) => Some(t.milliseconds()),
+                V::Long(n) => Some(*n),
+                V::Ulong(n) => i64::try_from(*n).ok(),
+                V::Int(n) => Some(i64::from(*n)),
+                V::Uint(n) => Some(i64::from(*n)),
+                _ => None,
+            };
+            match (k.0.as_str(), v) {
+                ("x-opt-jms-type", V::String(v) | V::Symbol(serde_amqp::primitives::Symbol(v))) => {
                     self.jms_type = Some(v);
                 }
+                ("x-opt-delivery-time", _) => self.delivery_time = ms,
+                ("x-opt-delivery-delay", _) => self.delivery_delay = ms,
+                _ => {}
             }
         }
     }

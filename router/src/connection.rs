@@ -689,10 +689,7 @@ impl ConnectionTask {
 
     fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
         if flotilla_amqp::connection::is_coordinator(&attach) {
-            warn!(conn.id = self.id.0, link.name = %attach.name, "attach refused: a transaction coordinator");
-            return self
-                .conn
-                .refuse_attach(link, flotilla_amqp::connection::no_transactions());
+            return self.coordinator_attach(link, attach);
         }
         if self.identity.is_component()
             && self.container().is_none()
@@ -776,6 +773,53 @@ impl ConnectionTask {
             Role::Sender => self.attach_incoming(link, &p, attach, None),
             Role::Receiver => self.attach_outgoing(link, &p, attach),
         }
+    }
+
+    /// A client's transaction coordinator: routed to a broker of its
+    /// space. Transactions are the brokers' (a transaction spans the
+    /// queues of one broker), so it goes to the broker that holds the
+    /// space's queues and topics when one holds them all, else to the one
+    /// placement picks for the space; a transactional message for another
+    /// broker's queue is refused there (`amqp:transaction:unknown-id`).
+    fn coordinator_attach(
+        &mut self,
+        link: LinkId,
+        attach: flotilla_amqp::types::performatives::Attach,
+    ) {
+        let p = match &self.role {
+            ConnRole::Client(_) => self.principal().cloned(),
+            _ => None,
+        };
+        let Some(p) = p else {
+            let why = "a transaction coordinator is for clients of an address space";
+            warn!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
+            return self
+                .conn
+                .refuse_attach(link, amqp_error(AmqpError::NotAllowed, why));
+        };
+        let broker = {
+            let t = self.shared.policy.tenancy();
+            t.spaces.get(&p.space).and_then(|s| {
+                let mut held = s.placements.values();
+                let first = held.next()?;
+                held.all(|b| b == first).then(|| first.clone())
+            })
+        };
+        let info = crate::linkroute::RouteInfo {
+            space: p.space.clone(),
+            kind: AddressType::Queue,
+            placed_by: crate::linkroute::COORDINATOR_ADDRESS.to_string(),
+            address: crate::linkroute::COORDINATOR_ADDRESS.to_string(),
+            container: self.remote_container.clone(),
+            link_name: attach.name.clone(),
+            broker,
+            hops: 0,
+            topic: None,
+            user: p.user.clone(),
+            gateway: None,
+        };
+        debug!(conn.id = self.id.0, space = %p.space, "routing a transaction coordinator");
+        self.route_attach(link, attach, info)
     }
 
     /// A link of the MQTT gateway: it acts for one of its clients, in the
@@ -1266,6 +1310,16 @@ impl ConnectionTask {
         let Some(inc) = self.incoming.get(&link) else {
             return;
         };
+        if matches!(d.state, Some(DeliveryState::TransactionalState(_))) {
+            // The router holds no transaction: only a broker's queues
+            // and topics (link-routed) take messages under one.
+            self.dirty.insert(link);
+            let e = amqp_error(
+                AmqpError::NotImplemented,
+                "transactions cover queues and topics (held by brokers); anycast and multicast addresses are direct and take no message under a transaction",
+            );
+            return self.reject(&d.id, d.settled, e);
+        }
         let link_principal = inc.principal.clone();
         let Some(p) = link_principal.as_deref().or(self.principal()) else {
             return;
@@ -1492,15 +1546,19 @@ impl ConnectionTask {
     }
 
     fn handle_outcome(&mut self, token: u64, state: Option<DeliveryState>, settled: bool) {
-        let terminal = matches!(
-            state,
+        // A coordinator's `declared` and an outcome under a transaction
+        // travel back as they are (routed transaction links).
+        let terminal = match &state {
             Some(
                 DeliveryState::Accepted(_)
-                    | DeliveryState::Rejected(_)
-                    | DeliveryState::Released(_)
-                    | DeliveryState::Modified(_)
-            )
-        );
+                | DeliveryState::Rejected(_)
+                | DeliveryState::Released(_)
+                | DeliveryState::Modified(_)
+                | DeliveryState::Declared(_),
+            ) => true,
+            Some(DeliveryState::TransactionalState(t)) => t.outcome.is_some(),
+            _ => false,
+        };
         if !settled && !terminal {
             return;
         }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use flotilla_amqp::connection::{amqp_error, Event, LinkId};
 use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody, Fields, Role};
-use flotilla_amqp::types::messaging::TargetArchetype;
+use flotilla_amqp::types::messaging::{DeliveryState, TargetArchetype};
 use flotilla_amqp::types::performatives::Attach;
 use flotilla_amqp::types::primitives::{Symbol, Value};
 use flotilla_core::resources::AddressType;
@@ -170,11 +170,16 @@ pub fn terminus_address(a: &Attach) -> Option<String> {
         Role::Receiver => a.source.as_ref().and_then(|s| s.address.clone()),
         Role::Sender => match a.target.as_deref() {
             Some(TargetArchetype::Target(t)) => t.address.clone(),
+            Some(TargetArchetype::Coordinator(_)) => Some(COORDINATOR_ADDRESS.to_string()),
             #[allow(unreachable_patterns)]
             _ => None,
         },
     }
 }
+
+/// What a routed transaction coordinator link is called in routing (it
+/// has no address: its target is a `coordinator`).
+pub const COORDINATOR_ADDRESS: &str = "$coordinator";
 
 pub use flotilla_core::placement::place;
 
@@ -306,7 +311,13 @@ pub enum RouteEvent {
     /// The sending end finished a drain.
     Drained { link: LinkId },
     /// A message to send on our routed `link`.
-    Transfer { link: LinkId, msg: Routed },
+    /// A message, with its transfer's state when it has one (posted under
+    /// a transaction: the broker must see the `transactional-state`).
+    Transfer {
+        link: LinkId,
+        msg: Routed,
+        state: Option<Box<DeliveryState>>,
+    },
     /// The paired link detached.
     Detach {
         link: LinkId,
@@ -464,7 +475,7 @@ impl ConnectionTask {
         let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
         debug!(conn.id = self.id.0, address = %info.address, broker = info.broker.as_deref().unwrap_or("?"), "routing link");
         let mut r = RouteLink::new(hop.clone(), None, false, base);
-        if !self.is_peer() {
+        if !self.is_peer() && info.address != COORDINATOR_ADDRESS {
             let op = match attach.role {
                 Role::Receiver => flotilla_core::resources::Operation::Recv,
                 Role::Sender => flotilla_core::resources::Operation::Send,
@@ -672,7 +683,12 @@ impl ConnectionTask {
                 let peer = peer.clone();
                 let pl = *pl;
                 let back = msg.clone();
-                if peer.route(RouteEvent::Transfer { link: pl, msg }) {
+                let state = d.state.map(Box::new);
+                if peer.route(RouteEvent::Transfer {
+                    link: pl,
+                    msg,
+                    state,
+                }) {
                     None
                 } else {
                     Some(back)
@@ -685,7 +701,7 @@ impl ConnectionTask {
         }
     }
 
-    fn route_send(&mut self, link: LinkId, msg: Routed) {
+    fn route_send(&mut self, link: LinkId, msg: Routed, state: Option<Box<DeliveryState>>) {
         if !self.is_routed(link) {
             return msg.release();
         }
@@ -697,7 +713,10 @@ impl ConnectionTask {
             _ => Lost::InDoubt,
         };
         let token = self.next_token;
-        if self.conn.send(link, &msg.payload, msg.settled, token) {
+        let sent =
+            self.conn
+                .send_with_state(link, &[&msg.payload], msg.settled, token, state.as_deref());
+        if sent {
             self.next_token += 1;
             if !msg.settled {
                 self.routes
@@ -789,7 +808,7 @@ impl ConnectionTask {
                 self.route_send_limit(link, limit, drain);
             }
             RouteEvent::Drained { link } if self.is_routed(link) => self.conn.drained(link),
-            RouteEvent::Transfer { link, msg } => self.route_send(link, msg),
+            RouteEvent::Transfer { link, msg, state } => self.route_send(link, msg, state),
             RouteEvent::Detach {
                 link,
                 closed,
