@@ -376,25 +376,39 @@ pub fn with_to(message: &Bytes, to: &str) -> Bytes {
     out.freeze()
 }
 
+/// Field `index` of the list section at `span` (its encoded value).
+fn list_field(message: &[u8], span: Span, index: usize) -> Option<&[u8]> {
+    let (o, l) = span?;
+    let (sec, _) = next_section(&message[o..o + l]).ok()?;
+    let (count, mut items) = list_items(sec.value).ok()?;
+    for i in 0..count.min(index + 1) {
+        let len = value_len(items).ok()?;
+        if i == index {
+            return items.get(..len);
+        }
+        items = items.get(len..)?;
+    }
+    None
+}
+
+/// The message's `group-id` (properties, AMQP 1.0 §3.2.4), read in place.
+pub fn group_id(message: &[u8]) -> Option<&str> {
+    let (_, p) = header_and_properties(message);
+    let s = match list_field(message, p, 10)? {
+        [0xa1, _, s @ ..] => s,
+        [0xb1, _, _, _, _, s @ ..] => s,
+        _ => return None,
+    };
+    std::str::from_utf8(s).ok().filter(|g| !g.is_empty())
+}
+
 /// When a message expires, in ms since the Unix epoch (0: never): its
 /// `properties.absolute-expiry-time`, or `header.ttl` after `now_ms`,
 /// whichever comes first (AMQP 1.0 §3.2.1, §3.2.4).
 pub fn expiry(message: &[u8], now_ms: u64) -> u64 {
     // Read in place: this is every stored message's path.
     let (h, p) = header_and_properties(message);
-    let field = |span: Span, index: usize| -> Option<&[u8]> {
-        let (o, l) = span?;
-        let (sec, _) = next_section(&message[o..o + l]).ok()?;
-        let (count, mut items) = list_items(sec.value).ok()?;
-        for i in 0..count.min(index + 1) {
-            let len = value_len(items).ok()?;
-            if i == index {
-                return items.get(..len);
-            }
-            items = items.get(len..)?;
-        }
-        None
-    };
+    let field = |span: Span, index: usize| list_field(message, span, index);
     let mut at = u64::MAX;
     // header.ttl: uint milliseconds.
     let ttl = match field(h, 2) {

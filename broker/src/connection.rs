@@ -803,6 +803,13 @@ impl BrokerConnection {
     }
 
     fn attach_consumer(&mut self, link: LinkId, attach: &Attach) {
+        let named_only = attach
+            .source
+            .as_deref()
+            .is_none_or(|s| s.address.is_none() && !s.dynamic);
+        if named_only {
+            return self.reattach(link, attach);
+        }
         let mut source = attach.source.as_deref().cloned().unwrap_or_default();
         let target = match attach.target.as_deref() {
             Some(TargetArchetype::Target(t)) => Some(t.clone()),
@@ -900,13 +907,27 @@ impl BrokerConnection {
                     tx: self.tx.clone(),
                 }
             }
-            _ => BrokerEvent::Attach {
-                queue: store::queue_key(&r.space, &r.address),
-                conn: self.id,
-                link,
-                tx: self.tx.clone(),
-                browse: source.distribution_mode == Some(DistributionMode::Copy),
-            },
+            _ => {
+                // A queue consumer's selector: it takes what it matches.
+                let selector = match selector_of(&source).map(|s| Selector::parse(&s)) {
+                    None => None,
+                    Some(Ok(s)) => Some(Arc::new(s)),
+                    Some(Err(e)) => {
+                        return self.refuse(
+                            link,
+                            amqp_error(AmqpError::InvalidField, format!("bad selector: {e}")),
+                        )
+                    }
+                };
+                BrokerEvent::Attach {
+                    queue: store::queue_key(&r.space, &r.address),
+                    conn: self.id,
+                    link,
+                    tx: self.tx.clone(),
+                    browse: source.distribution_mode == Some(DistributionMode::Copy),
+                    selector,
+                }
+            }
         };
         let browse = matches!(event, BrokerEvent::Attach { browse: true, .. });
         let reply = AttachReply {
@@ -924,6 +945,120 @@ impl BrokerConnection {
         debug!(conn.id = self.id, address = %address, kind = ?r.kind, "consumer attached");
         let _ = self.queues.send(event);
         self.consumers.insert(link, address);
+    }
+
+    /// A receiver that names no source: it asks for its durable
+    /// subscription by link name alone (JMS's unsubscribe attaches so,
+    /// then detaches closed, which deletes it). Answered with the
+    /// subscription's source, or refused with `amqp:not-found`.
+    fn reattach(&mut self, link: LinkId, attach: &Attach) {
+        let who = match &self.peer {
+            Peer::Router => self.routed_space(attach).map(|space| {
+                let get = |k: &str| match attach
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.get(&Symbol::from(k)))
+                {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                (
+                    space,
+                    get("flotilla:container-id").unwrap_or_default(),
+                    get("flotilla:link-name").unwrap_or_else(|| attach.name.clone()),
+                )
+            }),
+            Peer::Client { .. } => match &self.principal {
+                Some(p) if !self.is_component() => Ok((
+                    p.space.clone(),
+                    self.remote_container.clone(),
+                    attach.name.clone(),
+                )),
+                _ => Err(amqp_error(
+                    AmqpError::NotAllowed,
+                    "a consumer needs a source address",
+                )),
+            },
+        };
+        let (space, container, name) = match who {
+            Ok(w) => w,
+            Err(e) => return self.refuse(link, e),
+        };
+        let base = name.split('|').next().unwrap_or_default();
+        let keys = vec![
+            store::sub_key(&space, &format!("durable/{container}/{name}")),
+            store::sub_key(&space, &format!("shared/{container}/{base}")),
+            store::sub_key(&space, &format!("shared/global/{base}")),
+        ];
+        let _ = self.queues.send(BrokerEvent::Reattach {
+            keys,
+            conn: self.id,
+            link,
+            tx: self.tx.clone(),
+        });
+        self.consumers.insert(link, String::new());
+    }
+
+    /// The answer to [`BrokerConnection::reattach`]: the subscription
+    /// found (its source as the client made it), or none.
+    fn reattached(&mut self, link: LinkId, record: Option<SubRecord>) {
+        let allowed = |r: &SubRecord| match (&self.peer, &self.principal) {
+            (Peer::Client { .. }, Some(p)) => p.may(Operation::Recv, &r.pattern),
+            _ => true,
+        };
+        let Some(r) = record.filter(allowed) else {
+            if self.consumers.remove(&link).is_some() {
+                let _ = self.queues.send(BrokerEvent::Detach {
+                    conn: self.id,
+                    link,
+                    closed: false,
+                });
+            }
+            return self.refuse(
+                link,
+                amqp_error(
+                    AmqpError::NotFound,
+                    "no durable subscription by this link name (a receiver with no source address finds one)",
+                ),
+            );
+        };
+        let mut caps = vec![Symbol::from("topic")];
+        if r.shared {
+            caps.push(Symbol::from("shared"));
+            if r.key.contains("/$sub/shared/global/") {
+                caps.push(Symbol::from("global"));
+            }
+        }
+        let mut source = Source {
+            address: Some(r.pattern.clone()),
+            durable: TerminusDurability::UnsettledState,
+            expiry_policy: TerminusExpiryPolicy::Never,
+            capabilities: Some(caps.into()),
+            ..Default::default()
+        };
+        if let Some(sel) = &r.selector {
+            let mut f = flotilla_amqp::types::messaging::FilterSet::default();
+            f.insert(
+                Symbol::from("jms-selector"),
+                Value::Described(Box::new(serde_amqp::described::Described {
+                    descriptor: serde_amqp::descriptor::Descriptor::Name(Symbol::from(
+                        SELECTOR_FILTER,
+                    )),
+                    value: Value::String(sel.clone()),
+                })),
+            );
+            source.filter = Some(f);
+        }
+        self.consumers.insert(link, r.pattern.clone());
+        self.conn.accept_attach(
+            link,
+            AttachReply {
+                source: Some(source),
+                ..Default::default()
+            },
+        );
+        debug!(conn.id = self.id, subscription = %r.key, "durable subscription found by name");
+        self.on_flow(link);
     }
 
     /// Takes a consumer we send to pre-settled (`$stat`, management replies).
@@ -1524,6 +1659,7 @@ impl BrokerConnection {
                     self.conn.settle(delivery, state);
                 }
             }
+            ToConn::Reattached { link, record } => self.reattached(link, record),
             ToConn::Drained { link } => self.conn.drained(link),
             ToConn::Stolen { link } => {
                 if self.consumers.remove(&link).is_some() {

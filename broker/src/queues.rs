@@ -96,6 +96,12 @@ pub enum ToConn {
         settled: bool,
         error: AmqpErrorBody,
     },
+    /// The durable subscription a receiver named by link name alone
+    /// consumes now (`None`: there is none).
+    Reattached {
+        link: LinkId,
+        record: Option<SubRecord>,
+    },
     /// A transaction was declared: answer `declared` with its id.
     Declared {
         link: LinkId,
@@ -191,6 +197,8 @@ pub enum BrokerEvent {
         link: LinkId,
         tx: mpsc::UnboundedSender<ToConn>,
         browse: bool,
+        /// It takes only the messages this selector matches.
+        selector: Option<Arc<Selector>>,
     },
     /// A consumer of a subscription.
     Subscribe {
@@ -284,6 +292,14 @@ pub enum BrokerEvent {
         user: Option<String>,
         reply: PublishReply,
     },
+    /// A receiver asks for the first of these durable subscriptions that
+    /// exists (by link name alone), and consumes it.
+    Reattach {
+        keys: Vec<String>,
+        conn: u64,
+        link: LinkId,
+        tx: mpsc::UnboundedSender<ToConn>,
+    },
     /// Declares a transaction of connection `conn` in `space`.
     TxDeclare {
         space: String,
@@ -353,6 +369,8 @@ struct Consumer {
     browse: Option<u64>,
     /// Asked to drain: after this dispatch its credit is used up.
     drain: bool,
+    /// A queue consumer's selector: it takes only the messages it matches.
+    selector: Option<Arc<Selector>>,
 }
 
 impl Consumer {
@@ -365,7 +383,15 @@ impl Consumer {
             limit: 0,
             browse: browse.then_some(0),
             drain: false,
+            selector: None,
         }
+    }
+
+    /// Whether its selector (if any) takes `msg` (a body in memory).
+    fn takes(&self, msg: &Stored) -> bool {
+        self.selector
+            .as_ref()
+            .is_none_or(|s| s.matches(&MessageFields::from_message(&msg.payload)))
     }
 
     fn credit(&self) -> u32 {
@@ -402,6 +428,10 @@ struct Queue {
     expiring: usize,
     /// Messages not due yet (scheduled delivery), by due time and seq.
     scheduled: BTreeMap<(u64, u64), Stored>,
+    /// Message groups and the consumer (connection, link) each is with.
+    groups: HashMap<Arc<str>, (u64, LinkId)>,
+    /// It has had a message with a group: dispatch looks at groups.
+    grouped: bool,
     stats: Counters,
 }
 
@@ -414,6 +444,8 @@ impl Queue {
             durable,
             expiring: 0,
             scheduled: BTreeMap::new(),
+            groups: HashMap::new(),
+            grouped: false,
             stats: Counters::default(),
         }
     }
@@ -422,6 +454,7 @@ impl Queue {
     /// (returns when it is due).
     fn push(&mut self, msg: Stored) -> Option<u64> {
         self.stats.enqueued += 1;
+        self.grouped |= msg.group.is_some();
         if msg.due > now_ms() {
             let due = msg.due;
             self.scheduled.insert((due, msg.seq), msg);
@@ -542,6 +575,63 @@ struct Inflight {
     /// Settled under this transaction: it stays out until the
     /// transaction is discharged, whatever happens to its consumer.
     txn: Option<Bytes>,
+}
+
+/// Where a dispatch hands messages: the deliveries out (by token) and
+/// the QoS 0 messages of an MQTT session, settled at once.
+struct Outgoing<'a> {
+    queue: &'a str,
+    session: bool,
+    next_token: &'a mut u64,
+    inflight: &'a mut HashMap<u64, Inflight>,
+    settled_now: Vec<u64>,
+}
+
+impl Outgoing<'_> {
+    /// Sends `msg` to consumer `c`; gives it back if the consumer's
+    /// connection is gone.
+    fn hand(&mut self, c: &mut Consumer, stats: &mut Counters, msg: Stored) -> Result<(), Stored> {
+        if self.session && mqtt_qos0(&msg.payload) {
+            let seq = msg.seq;
+            let ev = ToConn::Deliver {
+                link: c.link,
+                token: 0,
+                msg,
+                settled: true,
+            };
+            if c.tx.send(ev).is_ok() {
+                c.routed = c.routed.wrapping_add(1);
+                stats.delivered += 1;
+                stats.acked += 1;
+                self.settled_now.push(seq);
+            }
+            return Ok(());
+        }
+        let token = *self.next_token;
+        let ev = ToConn::Deliver {
+            link: c.link,
+            token,
+            msg: msg.clone(),
+            settled: false,
+        };
+        if c.tx.send(ev).is_err() {
+            return Err(msg);
+        }
+        *self.next_token += 1;
+        c.routed = c.routed.wrapping_add(1);
+        stats.delivered += 1;
+        self.inflight.insert(
+            token,
+            Inflight {
+                queue: self.queue.to_string(),
+                conn: c.conn,
+                link: c.link,
+                msg,
+                txn: None,
+            },
+        );
+        Ok(())
+    }
 }
 
 /// What happens to messages that fail or expire.
@@ -854,12 +944,15 @@ impl QueueTask {
                 link,
                 tx,
                 browse,
+                selector,
             } => {
                 let q = self
                     .queues
                     .entry(queue.clone())
                     .or_insert_with(|| Queue::new(true));
-                q.consumers.push(Consumer::new(conn, link, tx, browse));
+                let mut c = Consumer::new(conn, link, tx, browse);
+                c.selector = selector;
+                q.consumers.push(c);
                 self.consumer_at.insert((conn, link), queue.clone());
                 vec![queue]
             }
@@ -975,6 +1068,26 @@ impl QueueTask {
                 }
                 touched.extend(self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn, false));
                 touched
+            }
+            BrokerEvent::Reattach {
+                keys,
+                conn,
+                link,
+                tx,
+            } => {
+                let found = keys.into_iter().find(|k| {
+                    self.subs
+                        .get(k)
+                        .is_some_and(|s| s.durable && s.record_seq != 0)
+                });
+                let Some(key) = found else {
+                    let _ = tx.send(ToConn::Reattached { link, record: None });
+                    return Vec::new();
+                };
+                let record = self.subs.get(&key).map(|s| s.record.clone());
+                let _ = tx.send(ToConn::Reattached { link, record });
+                self.add_consumer(&key, Consumer::new(conn, link, tx, false));
+                vec![key]
             }
             BrokerEvent::TxDeclare { space, conn, reply } => {
                 let open = self.txns.values().filter(|t| t.conn == conn).count();
@@ -1995,7 +2108,11 @@ impl QueueTask {
     }
 
     /// Hands queued messages to consumers with credit, round robin;
-    /// browsers get copies of what they have not seen.
+    /// browsers get copies of what they have not seen. Where consumers
+    /// have selectors or messages have groups, each message goes to a
+    /// consumer that may take it (its selector matches; the consumer that
+    /// holds its group, if one does), and messages nobody may take yet
+    /// stay where they are.
     fn dispatch(&mut self, name: &str) {
         let now = now_ms();
         let mut expired = Vec::new();
@@ -2003,12 +2120,16 @@ impl QueueTask {
         // An MQTT session takes QoS 0 messages settled: at most once is
         // what QoS 0 promises, and it saves a disposition per message.
         let session = self.subs.get(name).is_some_and(|s| s.record.session);
-        let mut settled_now = Vec::new();
+        let mut out = Outgoing {
+            queue: name,
+            session,
+            next_token: &mut self.next_token,
+            inflight: &mut self.inflight,
+            settled_now: Vec::new(),
+        };
         let QueueTask {
             queues,
             memory,
-            inflight,
-            next_token,
             consumer_at,
             ..
         } = self;
@@ -2036,6 +2157,9 @@ impl QueueTask {
                 if !memory.load(&mut copy) {
                     continue;
                 }
+                if !c.takes(&copy) {
+                    continue;
+                }
                 let ev = ToConn::Deliver {
                     link: c.link,
                     token: 0,
@@ -2048,7 +2172,14 @@ impl QueueTask {
                 c.routed = c.routed.wrapping_add(1);
             }
         }
-        while !q.messages.is_empty() {
+        let choosy = q.grouped
+            || q.consumers
+                .iter()
+                .any(|c| c.browse.is_none() && c.selector.is_some());
+        if choosy {
+            Self::dispatch_choosy(q, memory, &mut out, now, &mut expired, &mut unreadable);
+        }
+        while !choosy && !q.messages.is_empty() {
             let n = q.consumers.len();
             let Some(i) = (0..n)
                 .map(|k| (q.rr + k) % n.max(1))
@@ -2067,53 +2198,11 @@ impl QueueTask {
                 unreadable.push(msg.seq);
                 continue;
             }
-            let c = &mut q.consumers[i];
-            if session && mqtt_qos0(&msg.payload) {
-                let seq = msg.seq;
-                if c.tx
-                    .send(ToConn::Deliver {
-                        link: c.link,
-                        token: 0,
-                        msg,
-                        settled: true,
-                    })
-                    .is_ok()
-                {
-                    c.routed = c.routed.wrapping_add(1);
-                    q.stats.delivered += 1;
-                    q.stats.acked += 1;
-                    settled_now.push(seq);
-                }
-                continue;
-            }
-            let token = *next_token;
-            match c.tx.send(ToConn::Deliver {
-                link: c.link,
-                token,
-                msg: msg.clone(),
-                settled: false,
-            }) {
-                Ok(()) => {
-                    *next_token += 1;
-                    c.routed = c.routed.wrapping_add(1);
-                    q.stats.delivered += 1;
-                    inflight.insert(
-                        token,
-                        Inflight {
-                            queue: name.to_string(),
-                            conn: c.conn,
-                            link: c.link,
-                            msg,
-                            txn: None,
-                        },
-                    );
-                }
-                Err(_) => {
-                    debug!(queue = name, "consumer's connection is gone");
-                    let c = q.consumers.remove(i);
-                    consumer_at.remove(&(c.conn, c.link));
-                    q.messages.push_front(memory.admit(msg));
-                }
+            if let Err(msg) = out.hand(&mut q.consumers[i], &mut q.stats, msg) {
+                debug!(queue = name, "consumer's connection is gone");
+                let c = q.consumers.remove(i);
+                consumer_at.remove(&(c.conn, c.link));
+                q.messages.push_front(memory.admit(msg));
             }
         }
         for c in q.consumers.iter_mut().filter(|c| c.drain) {
@@ -2121,6 +2210,7 @@ impl QueueTask {
             c.routed = c.limit;
             let _ = c.tx.send(ToConn::Drained { link: c.link });
         }
+        let settled_now = std::mem::take(&mut out.settled_now);
         for seq in settled_now {
             self.ack(name, seq);
         }
@@ -2130,6 +2220,77 @@ impl QueueTask {
             self.ack(name, seq);
         }
         self.expire(name, expired);
+    }
+
+    /// [`QueueTask::dispatch`] for a queue with selectors or groups: the
+    /// messages in order, each to the next consumer (round robin) with
+    /// credit that may take it.
+    fn dispatch_choosy(
+        q: &mut Queue,
+        memory: &mut Memory,
+        out: &mut Outgoing<'_>,
+        now: u64,
+        expired: &mut Vec<Stored>,
+        unreadable: &mut Vec<u64>,
+    ) {
+        // Groups whose consumer left are free again (rebalanced).
+        if !q.groups.is_empty() {
+            let consumers = &q.consumers;
+            q.groups.retain(|_, (conn, link)| {
+                consumers.iter().any(|c| c.conn == *conn && c.link == *link)
+            });
+        }
+        let mut i = 0;
+        while i < q.messages.len() {
+            if !q
+                .consumers
+                .iter()
+                .any(|c| c.browse.is_none() && c.credit() > 0)
+            {
+                break;
+            }
+            let m = &q.messages[i];
+            if m.expires != 0 && m.expires <= now {
+                let m = q.messages.remove(i).expect("index in range");
+                memory.release(&m);
+                expired.push(m);
+                continue;
+            }
+            let mut msg = m.clone();
+            if !memory.load(&mut msg) {
+                let m = q.messages.remove(i).expect("index in range");
+                memory.release(&m);
+                unreadable.push(m.seq);
+                continue;
+            }
+            let owner = msg.group.as_ref().and_then(|g| q.groups.get(g)).copied();
+            let n = q.consumers.len();
+            let pick = (0..n).map(|k| (q.rr + k) % n.max(1)).find(|&c| {
+                let c = &q.consumers[c];
+                c.browse.is_none()
+                    && c.credit() > 0
+                    && owner.is_none_or(|(conn, link)| c.conn == conn && c.link == link)
+                    && c.takes(&msg)
+            });
+            let Some(c) = pick else {
+                i += 1;
+                continue;
+            };
+            q.rr = c + 1;
+            let original = q.messages.remove(i).expect("index in range");
+            memory.release(&original);
+            if let (Some(g), None) = (&msg.group, owner) {
+                q.groups
+                    .insert(g.clone(), (q.consumers[c].conn, q.consumers[c].link));
+            }
+            if let Err(msg) = out.hand(&mut q.consumers[c], &mut q.stats, msg) {
+                // Its connection is gone: the message stays; the consumer
+                // goes with its connection's `Gone`.
+                q.consumers[c].limit = q.consumers[c].routed;
+                q.messages.insert(i, memory.admit(msg));
+                i += 1;
+            }
+        }
     }
 
     /// Once a second: expire what is due anywhere in a queue, and rates.

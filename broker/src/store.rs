@@ -24,6 +24,7 @@
 //! they are left in the journal (paged) and read back when delivered.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,8 @@ pub struct Stored {
     pub size: u32,
     /// When it may be delivered (ms since the Unix epoch; 0: at once).
     pub due: u64,
+    /// Its `group-id`: a group's messages go to one consumer at a time.
+    pub group: Option<Arc<str>>,
 }
 
 impl Stored {
@@ -66,6 +69,7 @@ impl Stored {
         Stored {
             size: payload.len().min(u32::MAX as usize) as u32,
             seq,
+            group: flotilla_amqp::message::group_id(&payload).map(Arc::from),
             payload,
             delivery_count: 0,
             expires,
@@ -76,8 +80,9 @@ impl Stored {
 
     /// A message stored in the journal and left there (over the memory
     /// budget): its body is read back when it is delivered.
-    pub fn paged(seq: u64, size: usize, expires: u64) -> Stored {
+    pub fn paged(seq: u64, size: usize, expires: u64, group: Option<Arc<str>>) -> Stored {
         Stored {
+            group,
             size: size.min(u32::MAX as usize) as u32,
             seq,
             payload: Bytes::new(),
@@ -442,6 +447,8 @@ pub fn recover(
             return;
         }
         let len = r.payload.len() - p.at;
+        let group: Option<Arc<str>> =
+            flotilla_amqp::message::group_id(&r.payload[p.at..]).map(Arc::from);
         // Kept in memory (copied, so the segment read is freed), or left
         // in the journal.
         let mut body: Option<Bytes> = None;
@@ -464,7 +471,7 @@ pub fn recover(
             }
             let mut m = match &body {
                 Some(b) => Stored::new(r.seq, b.clone(), p.expires),
-                None => Stored::paged(r.seq, len, p.expires),
+                None => Stored::paged(r.seq, len, p.expires, group.clone()),
             };
             m.due = p.due;
             m.delivery_count = counts.get(&(r.seq, q.clone())).copied().unwrap_or(0);

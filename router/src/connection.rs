@@ -689,7 +689,13 @@ impl ConnectionTask {
 
     fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
         if flotilla_amqp::connection::is_coordinator(&attach) {
-            return self.coordinator_attach(link, attach);
+            return self.space_broker_attach(link, attach, crate::linkroute::COORDINATOR_ADDRESS);
+        }
+        if matches!(self.role, ConnRole::Client(_))
+            && crate::linkroute::terminus_address(&attach).as_deref()
+                == Some(crate::linkroute::REATTACH_ADDRESS)
+        {
+            return self.space_broker_attach(link, attach, crate::linkroute::REATTACH_ADDRESS);
         }
         if self.identity.is_component()
             && self.container().is_none()
@@ -775,23 +781,27 @@ impl ConnectionTask {
         }
     }
 
-    /// A client's transaction coordinator: routed to a broker of its
-    /// space. Transactions are the brokers' (a transaction spans the
-    /// queues of one broker), so it goes to the broker that holds the
-    /// space's queues and topics when one holds them all, else to the one
-    /// placement picks for the space; a transactional message for another
-    /// broker's queue is refused there (`amqp:transaction:unknown-id`).
-    fn coordinator_attach(
+    /// A client's link that names no address but is a broker's business:
+    /// a transaction coordinator (`$coordinator`), or a receiver asking
+    /// for its durable subscription by link name alone (`$reattach`, as
+    /// JMS unsubscribes). Routed to the broker that holds the space's
+    /// queues and topics when one holds them all, else to the one
+    /// placement picks for the space. Transactions are the brokers' (one
+    /// spans the queues of one broker): a transactional message for
+    /// another broker's queue is refused there
+    /// (`amqp:transaction:unknown-id`).
+    fn space_broker_attach(
         &mut self,
         link: LinkId,
         attach: flotilla_amqp::types::performatives::Attach,
+        marker: &str,
     ) {
         let p = match &self.role {
             ConnRole::Client(_) => self.principal().cloned(),
             _ => None,
         };
         let Some(p) = p else {
-            let why = "a transaction coordinator is for clients of an address space";
+            let why = "a link with no address is for clients of an address space";
             warn!(conn.id = self.id.0, link.name = %attach.name, reason = why, "attach refused");
             return self
                 .conn
@@ -808,8 +818,8 @@ impl ConnectionTask {
         let info = crate::linkroute::RouteInfo {
             space: p.space.clone(),
             kind: AddressType::Queue,
-            placed_by: crate::linkroute::COORDINATOR_ADDRESS.to_string(),
-            address: crate::linkroute::COORDINATOR_ADDRESS.to_string(),
+            placed_by: marker.to_string(),
+            address: marker.to_string(),
             container: self.remote_container.clone(),
             link_name: attach.name.clone(),
             broker,
@@ -818,7 +828,7 @@ impl ConnectionTask {
             user: p.user.clone(),
             gateway: None,
         };
-        debug!(conn.id = self.id.0, space = %p.space, "routing a transaction coordinator");
+        debug!(conn.id = self.id.0, space = %p.space, link = marker, "routing a link with no address to a broker");
         self.route_attach(link, attach, info)
     }
 

@@ -167,7 +167,10 @@ pub fn kind_name(k: AddressType) -> &'static str {
 /// target's for a sender.
 pub fn terminus_address(a: &Attach) -> Option<String> {
     match a.role {
-        Role::Receiver => a.source.as_ref().and_then(|s| s.address.clone()),
+        Role::Receiver => match a.source.as_deref() {
+            Some(s) if s.address.is_some() || s.dynamic => s.address.clone(),
+            _ => Some(REATTACH_ADDRESS.to_string()),
+        },
         Role::Sender => match a.target.as_deref() {
             Some(TargetArchetype::Target(t)) => t.address.clone(),
             Some(TargetArchetype::Coordinator(_)) => Some(COORDINATOR_ADDRESS.to_string()),
@@ -180,6 +183,9 @@ pub fn terminus_address(a: &Attach) -> Option<String> {
 /// What a routed transaction coordinator link is called in routing (it
 /// has no address: its target is a `coordinator`).
 pub const COORDINATOR_ADDRESS: &str = "$coordinator";
+/// What a receiver with no source address is called in routing: it asks
+/// a broker for its durable subscription by link name alone.
+pub const REATTACH_ADDRESS: &str = "$reattach";
 
 pub use flotilla_core::placement::place;
 
@@ -475,7 +481,10 @@ impl ConnectionTask {
         let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
         debug!(conn.id = self.id.0, address = %info.address, broker = info.broker.as_deref().unwrap_or("?"), "routing link");
         let mut r = RouteLink::new(hop.clone(), None, false, base);
-        if !self.is_peer() && info.address != COORDINATOR_ADDRESS {
+        if !self.is_peer()
+            && info.address != COORDINATOR_ADDRESS
+            && info.address != REATTACH_ADDRESS
+        {
             let op = match attach.role {
                 Role::Receiver => flotilla_core::resources::Operation::Recv,
                 Role::Sender => flotilla_core::resources::Operation::Send,
