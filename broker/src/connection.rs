@@ -33,12 +33,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::journal::JournalHandle;
+use crate::queues::{gauge_of, Gauge, Gauges};
 use crate::queues::{BrokerEvent, PublishReply, QueueHandle, Settlement, SubSpec, ToConn};
 use crate::selector::{Fields as _, MessageFields, Selector};
 use crate::store::{self, Stored, SubRecord};
 use crate::txn;
 use flotilla_amqp::types::messaging::Outcome;
 use flotilla_amqp::types::transaction::{Declared, TransactionalState};
+use flotilla_core::resources::{AddressPolicy, Overflow};
+
+/// When a message published at `now` expires: its own TTL or expiry
+/// time, else its address's default TTL (0: never).
+fn expiry(payload: &[u8], now: u64, policy: &AddressPolicy) -> u64 {
+    match (message::expiry(payload, now), policy.default_ttl_ms) {
+        (0, Some(ttl)) => now.saturating_add(ttl),
+        (at, _) => at,
+    }
+}
 
 /// When a message published at `now` is due: 0 (at once) unless it
 /// carries a delivery time or delay (scheduled delivery). Only a message
@@ -124,6 +135,10 @@ struct Producer {
     /// The space's `storedBytes` quota, if it has one (looked up at attach
     /// and when the tenancy changes, not per message).
     quota: Option<(String, u64)>,
+    /// The address's policy (default TTL, limits), looked up likewise.
+    policy: Arc<AddressPolicy>,
+    /// A queue's gauge: each message takes room in it before it is stored.
+    gauge: Option<Arc<Gauge>>,
 }
 
 impl Destination {
@@ -167,6 +182,7 @@ pub(crate) struct Services {
     pub(crate) journal: JournalHandle,
     pub(crate) policy: Policy,
     pub(crate) usage: crate::queues::Usage,
+    pub(crate) gauges: Gauges,
     /// Bumped when the tenancy changes.
     pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
 }
@@ -178,6 +194,7 @@ pub(crate) struct BrokerConnection {
     journal: JournalHandle,
     policy: Policy,
     usage: crate::queues::Usage,
+    gauges: Gauges,
     tenancy_version: tokio::sync::watch::Sender<u64>,
     peer: Peer,
     principal: Option<Principal>,
@@ -237,6 +254,7 @@ impl BrokerConnection {
             journal,
             policy,
             usage,
+            gauges,
             tenancy_version,
         } = services;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -256,6 +274,7 @@ impl BrokerConnection {
             journal,
             policy,
             usage,
+            gauges,
             tenancy_version,
             peer,
             principal: None,
@@ -518,15 +537,22 @@ impl BrokerConnection {
     /// may use; what no longer holds is closed or detached with the reason.
     /// (Routed links are checked by the routers, which detach them here.)
     fn recheck(&mut self) {
-        // Quotas may have changed, for routed producers too.
-        let quotas: Vec<(LinkId, Option<(String, u64)>)> = self
+        // Quotas and policies may have changed, for routed producers too.
+        let quotas: Vec<_> = self
             .producers
             .iter()
-            .map(|(l, prod)| (*l, self.storage_quota(&prod.to)))
+            .map(|(l, prod)| {
+                (
+                    *l,
+                    self.storage_quota(&prod.to),
+                    self.address_policy(&prod.to),
+                )
+            })
             .collect();
-        for (l, q) in quotas {
+        for (l, q, policy) in quotas {
             if let Some(prod) = self.producers.get_mut(&l) {
                 prod.quota = q;
+                prod.policy = policy;
             }
         }
         let (Peer::Client { addr, identity }, Some(p)) = (&self.peer, self.principal.clone())
@@ -791,6 +817,11 @@ impl BrokerConnection {
         self.conn.flow(link, WINDOW, false);
         debug!(conn.id = self.id, address = %address, "producer attached");
         let quota = self.storage_quota(&to);
+        let policy = self.address_policy(&to);
+        let gauge = match &to {
+            Destination::Queue(key) => Some(gauge_of(&self.gauges, key)),
+            _ => None,
+        };
         self.producers.insert(
             link,
             Producer {
@@ -798,6 +829,8 @@ impl BrokerConnection {
                 address,
                 storing: 0,
                 quota,
+                policy,
+                gauge,
             },
         );
     }
@@ -1275,7 +1308,7 @@ impl BrokerConnection {
             let now = now_ms();
             let post = txn::TxPost {
                 to,
-                expires: message::expiry(&payload, now),
+                expires: expiry(&payload, now, &p.policy),
                 due: due(&payload, now),
                 payload,
             };
@@ -1349,7 +1382,7 @@ impl BrokerConnection {
                 let ev = BrokerEvent::Publish {
                     space: space.clone(),
                     topic,
-                    expires: message::expiry(&payload, now),
+                    expires: expiry(&payload, now, &p.policy),
                     due: due(&payload, now),
                     payload,
                     reply: Some(self.reply(link, dref, settled)),
@@ -1359,19 +1392,53 @@ impl BrokerConnection {
             }
             Destination::Queue(q) => q.clone(),
         };
+        // Room in the queue first: a full queue refuses the message (or,
+        // overflow `dropOldest`, the queue drops its oldest to take it).
+        let size = payload.len().min(u32::MAX as usize) as u32;
+        let gauge = p.gauge.clone();
+        if let Some(g) = &gauge {
+            let limits = &p.policy;
+            let fits = if limits.overflow == Some(Overflow::DropOldest) {
+                g.count(size);
+                true
+            } else {
+                g.reserve(size, limits.max_depth, limits.max_bytes)
+            };
+            if !fits {
+                if !settled {
+                    let e = amqp_error(
+                        AmqpError::ResourceLimitExceeded,
+                        format!(
+                            "queue {:?} is full (its address policy: maxDepth {}, maxBytes {})",
+                            p.address,
+                            limits.max_depth.map_or("-".into(), |n| n.to_string()),
+                            limits.max_bytes.map_or("-".into(), |n| n.to_string()),
+                        ),
+                    );
+                    self.conn
+                        .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
+                }
+                return;
+            }
+        }
         p.storing += 1;
         let queues = self.queues.clone();
         let me = self.tx.clone();
         let now = now_ms();
-        let expires = message::expiry(&payload, now);
+        let expires = expiry(&payload, now, &p.policy);
         let due = due(&payload, now);
         let record = store::publish_at(&[queue.as_str()], expires, due, &payload);
+        let reserved = gauge.clone();
         let done = Box::new(
             move |r: Result<u64, crate::journal::JournalError>| match r {
                 Ok(seq) => {
                     let mut msg = Stored::new(seq, payload, expires);
                     msg.due = due;
-                    let _ = queues.send(BrokerEvent::Stored { queue, msg });
+                    let _ = queues.send(BrokerEvent::Stored {
+                        queue,
+                        msg,
+                        reserved: reserved.is_some(),
+                    });
                     let _ = me.send(ToConn::Stored {
                         link,
                         delivery: dref,
@@ -1379,6 +1446,9 @@ impl BrokerConnection {
                     });
                 }
                 Err(e) => {
+                    if let Some(g) = reserved {
+                        g.sub(size);
+                    }
                     let _ = me.send(ToConn::Failed {
                         link,
                         delivery: dref,
@@ -1389,6 +1459,9 @@ impl BrokerConnection {
             },
         );
         if self.journal.append_then(record, done).is_err() {
+            if let Some(g) = &gauge {
+                g.sub(size);
+            }
             self.conn.settle(
                 dref,
                 DeliveryState::Rejected(Rejected {
@@ -1477,6 +1550,21 @@ impl BrokerConnection {
     }
 
     /// The `storedBytes` quota of the space `to` stores in, if any.
+    /// The policy of the address messages for `to` go to.
+    fn address_policy(&self, to: &Destination) -> Arc<AddressPolicy> {
+        let (space, address) = match to {
+            Destination::Queue(key) => key.split_once('/').unwrap_or(("", key)),
+            Destination::Topic { space, topic, .. } => (space.as_str(), topic.as_str()),
+            _ => return Arc::default(),
+        };
+        self.policy
+            .tenancy()
+            .spaces
+            .get(space)
+            .map(|s| s.policy(address))
+            .unwrap_or_default()
+    }
+
     fn storage_quota(&self, to: &Destination) -> Option<(String, u64)> {
         let space = to.space()?;
         let max = self

@@ -34,6 +34,7 @@ pub mod txn;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_amqp::policy::Policy;
@@ -301,13 +302,16 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     let memory = queues::Memory::new(cfg.max_memory, Some(j.reader()));
     let journal = journal::JournalHandle::start(j)?;
     let usage = queues::Usage::default();
+    let gauges = queues::Gauges::default();
     let (task, queues) = queues::QueueTask::new(
         journal.clone(),
         recovered,
         cfg.dead_letter.clone(),
         memory,
         usage.clone(),
+        gauges.clone(),
     );
+    let _ = queues.send(queues::BrokerEvent::Tenancy(Arc::new(cfg.tenancy.clone())));
     let listener = TcpListener::bind(cfg.amqp)
         .await
         .map_err(|source| BrokerError::Bind {
@@ -332,6 +336,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         journal: journal.clone(),
         policy: policy.clone(),
         usage: usage.clone(),
+        gauges,
         tenancy_version: tokio::sync::watch::Sender::new(0),
     };
     ensure_subscription_addresses(&cfg.tenancy, &queues);
@@ -343,6 +348,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         );
         let apply = move |t: Tenancy| {
             ensure_subscription_addresses(&t, &q);
+            let _ = q.send(queues::BrokerEvent::Tenancy(Arc::new(t.clone())));
             p.replace(t);
             v.send_modify(|n| *n += 1);
         };

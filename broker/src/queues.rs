@@ -35,6 +35,8 @@ use crate::journal::{JournalError, JournalHandle, JournalReader};
 use crate::selector::{MessageFields, Selector};
 use crate::store::{self, Stored, SubRecord};
 use crate::txn::{self, TxDest, TxPost, Txn};
+use flotilla_core::config::Tenancy;
+use flotilla_core::resources::{AddressPolicy, Overflow};
 
 /// What the queue task tells a connection task.
 #[derive(Debug)]
@@ -170,10 +172,12 @@ pub struct SessionAttach {
 /// What connection tasks tell the queue task.
 #[derive(Debug)]
 pub enum BrokerEvent {
-    /// A message for `queue` is on disk.
+    /// A message for `queue` is on disk (`reserved`: its producer counted
+    /// it in the queue's gauge already).
     Stored {
         queue: String,
         msg: Stored,
+        reserved: bool,
     },
     /// A topic message is on disk for these subscriptions.
     StoredMany {
@@ -300,6 +304,8 @@ pub enum BrokerEvent {
         link: LinkId,
         tx: mpsc::UnboundedSender<ToConn>,
     },
+    /// The address spaces changed: address policies are looked up again.
+    Tenancy(Arc<Tenancy>),
     /// Declares a transaction of connection `conn` in `space`.
     TxDeclare {
         space: String,
@@ -411,6 +417,8 @@ struct Counters {
     acked: u64,
     expired: u64,
     dead_lettered: u64,
+    /// Dropped to make room (overflow `dropOldest`).
+    dropped: u64,
     /// Per second, over the last tick.
     in_rate: u64,
     out_rate: u64,
@@ -432,6 +440,11 @@ struct Queue {
     groups: HashMap<Arc<str>, (u64, LinkId)>,
     /// It has had a message with a group: dispatch looks at groups.
     grouped: bool,
+    /// What it holds, for producers checking its limits.
+    gauge: Arc<Gauge>,
+    /// Its address's policy (looked up when first needed after each
+    /// tenancy change).
+    policy: Option<Arc<AddressPolicy>>,
     stats: Counters,
 }
 
@@ -446,6 +459,8 @@ impl Queue {
             scheduled: BTreeMap::new(),
             groups: HashMap::new(),
             grouped: false,
+            gauge: Arc::default(),
+            policy: None,
             stats: Counters::default(),
         }
     }
@@ -584,7 +599,7 @@ struct Outgoing<'a> {
     session: bool,
     next_token: &'a mut u64,
     inflight: &'a mut HashMap<u64, Inflight>,
-    settled_now: Vec<u64>,
+    settled_now: Vec<(u64, u32)>,
 }
 
 impl Outgoing<'_> {
@@ -592,7 +607,7 @@ impl Outgoing<'_> {
     /// connection is gone.
     fn hand(&mut self, c: &mut Consumer, stats: &mut Counters, msg: Stored) -> Result<(), Stored> {
         if self.session && mqtt_qos0(&msg.payload) {
-            let seq = msg.seq;
+            let (seq, size) = (msg.seq, msg.size);
             let ev = ToConn::Deliver {
                 link: c.link,
                 token: 0,
@@ -603,7 +618,7 @@ impl Outgoing<'_> {
                 c.routed = c.routed.wrapping_add(1);
                 stats.delivered += 1;
                 stats.acked += 1;
-                self.settled_now.push(seq);
+                self.settled_now.push((seq, size));
             }
             return Ok(());
         }
@@ -722,6 +737,77 @@ impl Memory {
     }
 }
 
+/// What a queue holds (waiting, scheduled, out with consumers, and on its
+/// way to the journal): producers of a queue with a `maxDepth` or
+/// `maxBytes` reserve room here before they store a message.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    pub messages: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Gauge {
+    fn add(&self, size: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.messages.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(u64::from(size), Relaxed);
+    }
+
+    /// A message left for good.
+    pub fn sub(&self, size: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .messages
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+        let _ = self.bytes.fetch_update(Relaxed, Relaxed, |n| {
+            Some(n.saturating_sub(u64::from(size)))
+        });
+    }
+
+    /// Takes room for a message of `size` bytes if the limits allow it.
+    pub fn reserve(&self, size: u32, max_depth: Option<u64>, max_bytes: Option<u64>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.messages.fetch_add(1, Relaxed);
+        let b = self.bytes.fetch_add(u64::from(size), Relaxed);
+        if max_depth.is_some_and(|m| n >= m) || max_bytes.is_some_and(|m| b + u64::from(size) > m) {
+            self.sub(size);
+            return false;
+        }
+        true
+    }
+
+    /// Counts a message whose producer did not reserve room.
+    pub fn count(&self, size: u32) {
+        self.add(size);
+    }
+
+    fn full(&self, max_depth: Option<u64>, max_bytes: Option<u64>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        max_depth.is_some_and(|m| self.messages.load(Relaxed) >= m)
+            || max_bytes.is_some_and(|m| self.bytes.load(Relaxed) >= m)
+    }
+
+    /// Messages and bytes it counts now.
+    pub fn load(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.messages.load(Relaxed), self.bytes.load(Relaxed))
+    }
+}
+
+/// Every queue's gauge, by queue key: shared by the queue task and the
+/// producers.
+pub type Gauges = Arc<std::sync::Mutex<HashMap<String, Arc<Gauge>>>>;
+
+/// The gauge of queue `key` (made if it has none yet).
+pub fn gauge_of(gauges: &Gauges, key: &str) -> Arc<Gauge> {
+    gauges
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key.to_string())
+        .or_default()
+        .clone()
+}
+
 /// A cloneable sender to the queue task.
 pub type QueueHandle = mpsc::UnboundedSender<BrokerEvent>;
 
@@ -762,6 +848,10 @@ pub struct QueueTask {
     retain_version: u64,
     /// Open transactions by id.
     txns: HashMap<Bytes, Txn>,
+    /// The address spaces as last heard (for address policies).
+    tenancy: Arc<Tenancy>,
+    /// Every queue's gauge, shared with producers.
+    gauges: Gauges,
     /// When queues' scheduled messages are due: (time, queue).
     timers: std::collections::BTreeSet<(u64, String)>,
 }
@@ -779,6 +869,7 @@ impl QueueTask {
         dead_letter: DeadLetter,
         mut memory: Memory,
         usage: Usage,
+        gauges: Gauges,
     ) -> (QueueTask, QueueHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut queues = HashMap::new();
@@ -786,8 +877,10 @@ impl QueueTask {
         let mut timers = std::collections::BTreeSet::new();
         for (name, messages) in recovered.queues {
             let mut q = Queue::new(true);
+            q.gauge = gauge_of(&gauges, &name);
             for m in messages {
                 seen = seen.max(m.seq);
+                q.gauge.count(m.size);
                 if let Some(due) = q.push(memory.admit(m)) {
                     timers.insert((due, name.clone()));
                 }
@@ -804,9 +897,11 @@ impl QueueTask {
                 .selector
                 .as_deref()
                 .and_then(|s| Selector::parse(s).ok().map(Arc::new));
-            queues
-                .entry(record.key.clone())
-                .or_insert_with(|| Queue::new(true));
+            queues.entry(record.key.clone()).or_insert_with(|| {
+                let mut q = Queue::new(true);
+                q.gauge = gauge_of(&gauges, &record.key);
+                q
+            });
             let ix = index.entry(record.space.clone()).or_default();
             for f in record.filters() {
                 ix.add(f, &record.key);
@@ -857,6 +952,8 @@ impl QueueTask {
                 retain_version: 0,
                 txns: HashMap::new(),
                 timers,
+                tenancy: Arc::new(Tenancy::default()),
+                gauges,
             },
             tx,
         )
@@ -910,12 +1007,18 @@ impl QueueTask {
     /// Handles one event; returns the queues that may now have work.
     fn handle(&mut self, ev: BrokerEvent) -> Vec<String> {
         match ev {
-            BrokerEvent::Stored { queue, msg } => {
+            BrokerEvent::Stored {
+                queue,
+                msg,
+                reserved,
+            } => {
                 self.seen = self.seen.max(msg.seq);
-                self.queues
-                    .entry(queue.clone())
-                    .or_insert_with(|| Queue::new(true));
-                self.enqueue(&queue, msg);
+                self.make_queue(&queue);
+                if reserved {
+                    self.enqueue_counted(&queue, msg);
+                } else {
+                    self.enqueue(&queue, msg);
+                }
                 vec![queue]
             }
             BrokerEvent::StoredMany { queues, msg } => {
@@ -946,10 +1049,10 @@ impl QueueTask {
                 browse,
                 selector,
             } => {
-                let q = self
-                    .queues
-                    .entry(queue.clone())
-                    .or_insert_with(|| Queue::new(true));
+                self.make_queue(&queue);
+                let Some(q) = self.queues.get_mut(&queue) else {
+                    return Vec::new();
+                };
                 let mut c = Consumer::new(conn, link, tx, browse);
                 c.selector = selector;
                 q.consumers.push(c);
@@ -1088,6 +1191,13 @@ impl QueueTask {
                 let _ = tx.send(ToConn::Reattached { link, record });
                 self.add_consumer(&key, Consumer::new(conn, link, tx, false));
                 vec![key]
+            }
+            BrokerEvent::Tenancy(t) => {
+                self.tenancy = t;
+                for q in self.queues.values_mut() {
+                    q.policy = None;
+                }
+                Vec::new()
             }
             BrokerEvent::TxDeclare { space, conn, reply } => {
                 let open = self.txns.values().filter(|t| t.conn == conn).count();
@@ -1262,7 +1372,7 @@ impl QueueTask {
                         if let Some(q) = self.queues.get_mut(&f.queue) {
                             q.stats.acked += 1;
                         }
-                        self.ack(&f.queue, f.msg.seq);
+                        self.ack(&f.queue, f.msg.seq, f.msg.size);
                         Vec::new()
                     }
                     Settlement::Requeue { failed } => {
@@ -1444,7 +1554,9 @@ impl QueueTask {
                 }),
             );
         }
-        self.queues.insert(key.clone(), Queue::new(spec.durable));
+        let mut q = Queue::new(spec.durable);
+        q.gauge = gauge_of(&self.gauges, &key);
+        self.queues.insert(key.clone(), q);
         let ix = self.index.entry(spec.record.space.clone()).or_default();
         for f in spec.record.filters() {
             ix.add(f, &key);
@@ -1669,6 +1781,10 @@ impl QueueTask {
                 ix.remove(f, key);
             }
         }
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         if let Some(q) = self.queues.remove(key) {
             for m in &q.messages {
                 self.memory.release(m);
@@ -1697,6 +1813,32 @@ impl QueueTask {
         reply: Option<PublishReply>,
     ) -> Vec<String> {
         let (durable, memory, payload) = self.route_topic(space, topic, payload);
+        // A subscription that is full and refuses more refuses the message
+        // for all (as a full queue would).
+        let full = durable.iter().chain(&memory).find(|k| {
+            let p = self.policy(k);
+            p.overflow != Some(Overflow::DropOldest)
+                && p.bounded()
+                && self
+                    .queues
+                    .get(k.as_str())
+                    .is_some_and(|q| q.gauge.full(p.max_depth, p.max_bytes))
+        });
+        if let Some(k) = full {
+            let error = amqp_error(
+                AmqpError::ResourceLimitExceeded,
+                format!("subscription {k:?} of topic {topic:?} is full (its address policy's maxDepth/maxBytes)"),
+            );
+            if let Some(r) = reply {
+                let _ = r.tx.send(ToConn::Rejected {
+                    link: r.link,
+                    delivery: r.delivery,
+                    settled: r.settled,
+                    error,
+                });
+            }
+            return Vec::new();
+        }
         for key in &memory {
             self.next_memory_seq += 1;
             let mut msg = Stored::new(self.next_memory_seq, payload.clone(), expires);
@@ -1798,16 +1940,86 @@ impl QueueTask {
         (durable, memory, payload)
     }
 
-    /// A message joins queue `key` (if it still exists): admitted against
-    /// the memory budget, and timed if it is not due yet.
+    /// A message joins queue `key` (if it still exists): counted in its
+    /// gauge, admitted against the memory budget, and timed if it is not
+    /// due yet.
     fn enqueue(&mut self, key: &str, msg: Stored) -> bool {
+        let Some(q) = self.queues.get_mut(key) else {
+            return false;
+        };
+        q.gauge.count(msg.size);
+        self.enqueue_counted(key, msg)
+    }
+
+    /// [`QueueTask::enqueue`] for a message its producer counted already.
+    /// Past the queue's limits with overflow `dropOldest`, the oldest
+    /// waiting messages are dropped.
+    fn enqueue_counted(&mut self, key: &str, msg: Stored) -> bool {
+        let policy = self.policy(key);
         let Some(q) = self.queues.get_mut(key) else {
             return false;
         };
         if let Some(due) = q.push(self.memory.admit(msg)) {
             self.timers.insert((due, key.to_string()));
         }
+        if policy.overflow == Some(Overflow::DropOldest) && policy.bounded() {
+            let mut dropped = Vec::new();
+            let (mut n, mut bytes) = q.gauge.load();
+            while policy.max_depth.is_some_and(|m| n > m)
+                || policy.max_bytes.is_some_and(|m| bytes > m)
+            {
+                let Some(m) = q.messages.pop_front() else {
+                    break;
+                };
+                n = n.saturating_sub(1);
+                bytes = bytes.saturating_sub(u64::from(m.size));
+                self.memory.release(&m);
+                q.stats.dropped += 1;
+                q.stats.acked += 1;
+                dropped.push((m.seq, m.size));
+            }
+            if !dropped.is_empty() {
+                debug!(queue = %key, n = dropped.len(), "oldest messages dropped: the queue is full");
+            }
+            for (seq, size) in dropped {
+                self.ack(key, seq, size);
+            }
+        }
         true
+    }
+
+    /// Makes queue `key` if it does not exist (a queue is made by its
+    /// first message or consumer), sharing the gauge producers use.
+    fn make_queue(&mut self, key: &str) {
+        if !self.queues.contains_key(key) {
+            let mut q = Queue::new(true);
+            q.gauge = gauge_of(&self.gauges, key);
+            self.queues.insert(key.to_string(), q);
+        }
+    }
+
+    /// The policy of queue `key`'s address: its own, its space's defaults,
+    /// its plan's (then the broker's flags, where it is used).
+    fn policy(&mut self, key: &str) -> Arc<AddressPolicy> {
+        if let Some(p) = self.queues.get(key).and_then(|q| q.policy.clone()) {
+            return p;
+        }
+        let (space, address) = key.split_once('/').unwrap_or(("", key));
+        let address = match self.subs.get(key) {
+            // A subscription follows its topic's policy.
+            Some(s) => s.record.pattern.as_str(),
+            None => address,
+        };
+        let p = self
+            .tenancy
+            .spaces
+            .get(space)
+            .map(|s| s.policy(address))
+            .unwrap_or_default();
+        if let Some(q) = self.queues.get_mut(key) {
+            q.policy = Some(p.clone());
+        }
+        p
     }
 
     /// Scheduled messages now due join their queues; returns those queues.
@@ -1873,9 +2085,7 @@ impl QueueTask {
                 TxDest::Queue(key) => {
                     // A queue made by its first message, as outside a
                     // transaction.
-                    self.queues
-                        .entry(key.clone())
-                        .or_insert_with(|| Queue::new(true));
+                    self.make_queue(&key);
                     (vec![key], Vec::new(), p.payload)
                 }
                 TxDest::Topic(topic) => self.route_topic(&t.space, &topic, p.payload),
@@ -1904,6 +2114,7 @@ impl QueueTask {
                     let durable = self.queues.get(&f.queue).is_some_and(|q| q.durable);
                     if let Some(q) = self.queues.get_mut(&f.queue) {
                         q.stats.acked += 1;
+                        q.gauge.sub(f.msg.size);
                     }
                     if durable && f.msg.seq < MEMORY_SEQ_BASE {
                         records.push(store::tx_ack(f.msg.seq, &f.queue));
@@ -1963,8 +2174,12 @@ impl QueueTask {
         touched
     }
 
-    /// Records that `queue` consumed message `seq` for good.
-    fn ack(&mut self, queue: &str, seq: u64) {
+    /// Records that `queue` consumed message `seq` (of `size` bytes) for
+    /// good.
+    fn ack(&mut self, queue: &str, seq: u64, size: u32) {
+        if let Some(q) = self.queues.get(queue) {
+            q.gauge.sub(size);
+        }
         let durable = self.queues.get(queue).is_some_and(|q| q.durable);
         if !durable || seq >= MEMORY_SEQ_BASE {
             return;
@@ -2050,8 +2265,16 @@ impl QueueTask {
             // Its subscription is gone.
             return None;
         }
-        let dlq = store::queue_key(Self::space_of(&queue), &self.dead_letter.queue);
-        if msg.delivery_count < self.dead_letter.max_deliveries || queue == dlq {
+        let policy = self.policy(&queue);
+        let dead_letter = policy
+            .dead_letter_address
+            .as_deref()
+            .unwrap_or(&self.dead_letter.queue);
+        let dlq = store::queue_key(Self::space_of(&queue), dead_letter);
+        let max = policy
+            .max_deliveries
+            .unwrap_or(self.dead_letter.max_deliveries);
+        if msg.delivery_count < max || queue == dlq {
             let msg = self.memory.admit(msg);
             self.queues.get_mut(&queue)?.requeue(msg);
             return Some(queue);
@@ -2078,11 +2301,12 @@ impl QueueTask {
                 let _ = tx.send(BrokerEvent::Stored {
                     queue: to,
                     msg: Stored::new(seq, payload, 0),
+                    reserved: false,
                 });
             }
         });
         let _ = self.journal.append_then(record, stored);
-        self.ack(from, msg.seq);
+        self.ack(from, msg.seq, msg.size);
     }
 
     /// Expired messages: to the expiry queue, or dropped.
@@ -2094,15 +2318,16 @@ impl QueueTask {
             q.stats.expired += expired.len() as u64;
         }
         debug!(queue = %queue, n = expired.len(), "expired");
-        let to = self
-            .dead_letter
-            .expiry_queue
+        let policy = self.policy(queue);
+        let to = policy
+            .expiry_address
             .as_deref()
+            .or(self.dead_letter.expiry_queue.as_deref())
             .map(|e| store::queue_key(Self::space_of(queue), e));
         for m in expired {
             match &to {
                 Some(t) if t != queue => self.move_to(queue, m, t.clone()),
-                _ => self.ack(queue, m.seq),
+                _ => self.ack(queue, m.seq, m.size),
             }
         }
     }
@@ -2195,7 +2420,7 @@ impl QueueTask {
                 continue;
             }
             if !memory.load(&mut msg) {
-                unreadable.push(msg.seq);
+                unreadable.push((msg.seq, msg.size));
                 continue;
             }
             if let Err(msg) = out.hand(&mut q.consumers[i], &mut q.stats, msg) {
@@ -2211,13 +2436,13 @@ impl QueueTask {
             let _ = c.tx.send(ToConn::Drained { link: c.link });
         }
         let settled_now = std::mem::take(&mut out.settled_now);
-        for seq in settled_now {
-            self.ack(name, seq);
+        for (seq, size) in settled_now {
+            self.ack(name, seq, size);
         }
         // A message whose body cannot be read back is lost to the disk;
         // keeping it would block the queue forever.
-        for seq in unreadable {
-            self.ack(name, seq);
+        for (seq, size) in unreadable {
+            self.ack(name, seq, size);
         }
         self.expire(name, expired);
     }
@@ -2231,7 +2456,7 @@ impl QueueTask {
         out: &mut Outgoing<'_>,
         now: u64,
         expired: &mut Vec<Stored>,
-        unreadable: &mut Vec<u64>,
+        unreadable: &mut Vec<(u64, u32)>,
     ) {
         // Groups whose consumer left are free again (rebalanced).
         if !q.groups.is_empty() {
@@ -2260,7 +2485,7 @@ impl QueueTask {
             if !memory.load(&mut msg) {
                 let m = q.messages.remove(i).expect("index in range");
                 memory.release(&m);
-                unreadable.push(m.seq);
+                unreadable.push((m.seq, m.size));
                 continue;
             }
             let owner = msg.group.as_ref().and_then(|g| q.groups.get(g)).copied();
@@ -2374,13 +2599,13 @@ impl QueueTask {
         let scheduled = std::mem::take(&mut q.scheduled).into_values();
         for m in q.messages.drain(..).chain(scheduled) {
             self.memory.release(&m);
-            gone.push(m.seq);
+            gone.push((m.seq, m.size));
         }
         q.expiring = 0;
         q.stats.acked += gone.len() as u64;
         info!(queue = %queue, messages = gone.len(), "purged");
-        for seq in &gone {
-            self.ack(queue, *seq);
+        for (seq, size) in &gone {
+            self.ack(queue, *seq, *size);
         }
         Some(gone.len())
     }
@@ -2406,6 +2631,7 @@ impl QueueTask {
                     "acknowledged": q.stats.acked,
                     "expired": q.stats.expired,
                     "deadLettered": q.stats.dead_lettered,
+                    "dropped": q.stats.dropped,
                     "inRate": q.stats.in_rate,
                     "outRate": q.stats.out_rate,
                 });

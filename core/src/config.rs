@@ -4,14 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
 use crate::auth::ScramCredentials;
 use crate::pattern;
 use crate::resources::{
-    Address, AddressSpace, AddressType, AuthorizationRule, MessagingUser, Operation, Undeclared,
-    ValidationError,
+    Address, AddressPolicy, AddressSpace, AddressType, AuthorizationRule, MessagingUser, Operation,
+    Undeclared, ValidationError,
 };
 
 /// The name of the zero-config address space.
@@ -69,6 +70,11 @@ pub struct Space {
     /// What the space may use.
     pub quotas: crate::resources::Quotas,
     pub users: HashMap<String, User>,
+    /// The policy of its broker-held addresses that set none of their
+    /// own: its `addressDefaults` over its plan's.
+    pub address_defaults: Arc<AddressPolicy>,
+    /// Declared addresses' own policies, over `address_defaults`.
+    policies: HashMap<String, Arc<AddressPolicy>>,
 }
 
 impl Space {
@@ -84,7 +90,18 @@ impl Space {
             placements: HashMap::new(),
             quotas: Default::default(),
             users: HashMap::new(),
+            address_defaults: Arc::default(),
+            policies: HashMap::new(),
         }
+    }
+
+    /// The policy of broker-held `address` (or of the declared address or
+    /// pattern it falls under).
+    pub fn policy(&self, address: &str) -> Arc<AddressPolicy> {
+        self.declared_as(address)
+            .and_then(|(_, d)| self.policies.get(d))
+            .unwrap_or(&self.address_defaults)
+            .clone()
     }
 
     /// The type of `address` in this space: a declared address, else the first
@@ -249,6 +266,13 @@ impl Tenancy {
             };
             let mut space = Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses);
             space.require_tls = s.spec.require_tls;
+            let plan = crate::resources::plan_address_defaults(s.spec.plan.as_deref());
+            space.address_defaults = Arc::new(
+                s.spec
+                    .address_defaults
+                    .as_ref()
+                    .map_or(plan.clone(), |d| d.or(&plan)),
+            );
             space.quotas = s
                 .quotas()
                 .map_err(|e| invalid(doc, "AddressSpace", &s.metadata.name, e))?;
@@ -262,6 +286,10 @@ impl Tenancy {
                 .get_mut(&a.spec.address_space)
                 .ok_or_else(|| no_space(doc, "Address", &a.metadata.name, &a.spec.address_space))?;
             space.declare(&a.spec.address, a.spec.kind);
+            if let Some(p) = &a.spec.policy {
+                let p = Arc::new(p.or(&space.address_defaults));
+                space.policies.insert(a.spec.address.clone(), p);
+            }
             if let Some(t) = &a.spec.topic {
                 space
                     .subscriptions

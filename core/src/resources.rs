@@ -123,6 +123,133 @@ pub const PLANS: &[(&str, Quotas)] = &[
     ),
 ];
 
+/// What happens when a broker-held address holds as much as its policy
+/// allows.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Overflow {
+    /// New messages are refused (`amqp:resource-limit-exceeded`).
+    #[default]
+    Reject,
+    /// The oldest waiting message is dropped to make room.
+    DropOldest,
+}
+
+/// What a broker does with the messages of a queue, topic or
+/// subscription address (ActiveMQ Artemis's address settings). Unset
+/// fields fall back to the space's `addressDefaults`, then to its plan's,
+/// then to the broker's flags (`--max-deliveries`, `--dead-letter-queue`,
+/// `--expiry-queue`).
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddressPolicy {
+    /// Where a message goes after `maxDeliveries` failed deliveries (an
+    /// address of the same space).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_address: Option<String>,
+    /// Where expired messages go (unset: they are dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_address: Option<String>,
+    /// Deliveries (released with delivery-failed, modified, or abandoned
+    /// by a consumer that went away) before a message is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    pub max_deliveries: Option<u32>,
+    /// The time to live, in milliseconds, of a message that has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    pub default_ttl_ms: Option<u64>,
+    /// Messages it may hold (waiting and out with consumers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    pub max_depth: Option<u64>,
+    /// Bytes of messages it may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    pub max_bytes: Option<u64>,
+    /// What happens at `maxDepth` or `maxBytes` (default: reject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overflow: Option<Overflow>,
+}
+
+impl AddressPolicy {
+    /// This policy, with `base` filling what it leaves unset.
+    pub fn or(&self, base: &AddressPolicy) -> AddressPolicy {
+        AddressPolicy {
+            dead_letter_address: self
+                .dead_letter_address
+                .clone()
+                .or_else(|| base.dead_letter_address.clone()),
+            expiry_address: self
+                .expiry_address
+                .clone()
+                .or_else(|| base.expiry_address.clone()),
+            max_deliveries: self.max_deliveries.or(base.max_deliveries),
+            default_ttl_ms: self.default_ttl_ms.or(base.default_ttl_ms),
+            max_depth: self.max_depth.or(base.max_depth),
+            max_bytes: self.max_bytes.or(base.max_bytes),
+            overflow: self.overflow.or(base.overflow),
+        }
+    }
+
+    /// True when it bounds how much the address holds.
+    pub fn bounded(&self) -> bool {
+        self.max_depth.is_some() || self.max_bytes.is_some()
+    }
+
+    /// The policy is usable: its addresses are addresses, its numbers
+    /// positive.
+    ///
+    /// # Errors
+    /// What is wrong, naming the field.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        for (field, a) in [
+            ("deadLetterAddress", &self.dead_letter_address),
+            ("expiryAddress", &self.expiry_address),
+        ] {
+            if let Some(a) = a {
+                validate_address(a)
+                    .map_err(|e| ValidationError::Invalid(format!("{field}: {e}")))?;
+                if a.starts_with('$') || crate::pattern::is_pattern(a) {
+                    return Err(ValidationError::Invalid(format!(
+                        "{field} {a:?} must be a plain address (no '$' prefix, no wildcards)"
+                    )));
+                }
+            }
+        }
+        for (field, n) in [
+            ("maxDeliveries", self.max_deliveries.map(u64::from)),
+            ("defaultTtlMs", self.default_ttl_ms),
+            ("maxDepth", self.max_depth),
+            ("maxBytes", self.max_bytes),
+        ] {
+            if n == Some(0) {
+                return Err(ValidationError::Invalid(format!(
+                    "{field} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The address defaults each plan gives its spaces (by plan name): how
+/// much one queue or subscription may hold.
+pub fn plan_address_defaults(plan: Option<&str>) -> AddressPolicy {
+    let depth = match plan {
+        Some("small") => Some(100_000),
+        Some("standard") => Some(1_000_000),
+        Some("large") => Some(10_000_000),
+        _ => None,
+    };
+    AddressPolicy {
+        max_depth: depth,
+        ..Default::default()
+    }
+}
+
 impl Quotas {
     /// The plan's quotas, with `over` taking precedence field by field.
     ///
@@ -193,6 +320,10 @@ pub struct AddressSpaceSpec {
     /// and a PLAIN login over plain TCP before its password is checked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_tls: bool,
+    /// The policy of every queue, topic and subscription address of the
+    /// space, over its plan's; each address may override it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_defaults: Option<AddressPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -224,6 +355,8 @@ pub struct AddressSpaceSpec {
             .message("spec.topic names the topic of a subscription address; only subscription addresses have one"),
         validation = kube::core::Rule::new("!has(self.broker) || self.type in ['queue', 'topic', 'subscription']")
             .message("spec.broker is only for queue, topic and subscription addresses"),
+        validation = kube::core::Rule::new("!has(self.policy) || self.type in ['queue', 'topic', 'subscription']")
+            .message("spec.policy is only for queue, topic and subscription addresses"),
         validation = kube::core::Rule::new("self.type in ['multicast', 'topic'] || !self.address.matches('(^|[/.])[+*#]([/.]|$)')")
             .message("only multicast and topic addresses may be patterns (+, *, #)")
     )
@@ -254,6 +387,10 @@ pub struct AddressSpec {
     /// unset: routers place it among the brokers they know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
+    /// Queues, topics and subscriptions: dead-lettering, expiry, default
+    /// TTL and limits, over the space's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<AddressPolicy>,
 }
 
 /// What an authorization rule allows.
@@ -425,6 +562,10 @@ resource!(MessagingUser, MessagingUserSpec, "MessagingUser");
 impl AddressSpace {
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.validate_envelope()?;
+        if let Some(p) = &self.spec.address_defaults {
+            p.validate()
+                .map_err(|e| ValidationError::Invalid(format!("spec.addressDefaults.{e}")))?;
+        }
         self.quotas().map(|_| ())
     }
 
@@ -473,6 +614,15 @@ impl Address {
             return Err(ValidationError::Invalid(
                 "spec.broker is only for queue, topic and subscription addresses".into(),
             ));
+        }
+        if let Some(p) = &self.spec.policy {
+            if self.spec.kind.is_direct() {
+                return Err(ValidationError::Invalid(
+                    "spec.policy is only for queue, topic and subscription addresses".into(),
+                ));
+            }
+            p.validate()
+                .map_err(|e| ValidationError::Invalid(format!("spec.policy.{e}")))?;
         }
         Ok(())
     }
@@ -549,6 +699,7 @@ mod tests {
                 plan: None,
                 topic: None,
                 broker: None,
+                policy: None,
             },
             status: None,
         };
