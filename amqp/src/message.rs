@@ -330,6 +330,52 @@ pub fn redelivered(message: &Bytes, delivery_count: u32) -> Bytes {
     out.freeze()
 }
 
+/// The message with message annotation `key` set to string `value` (a
+/// message-annotations section is added if it had none): how a broker
+/// marks a dead-lettered message with where it came from. A message whose
+/// sections do not decode is returned as it is.
+pub fn with_annotation(message: &Bytes, key: &str, value: &str) -> Bytes {
+    use fe2o3_amqp_types::messaging::MessageAnnotations;
+    use fe2o3_amqp_types::primitives::{Symbol, Value};
+    let mut out = BytesMut::with_capacity(message.len() + key.len() + value.len() + 16);
+    let mut placed = false;
+    let encode = |mut a: MessageAnnotations| {
+        a.0.insert(Symbol::from(key).into(), Value::String(value.to_string()));
+        serde_amqp::to_vec(&a).ok()
+    };
+    for s in section_spans(message) {
+        let Ok((code, span)) = s else {
+            return message.clone();
+        };
+        if !placed && code >= section::MESSAGE_ANNOTATIONS {
+            let a = if code == section::MESSAGE_ANNOTATIONS {
+                match crate::frame::decode_checked::<MessageAnnotations>(span) {
+                    Ok(a) => a,
+                    Err(_) => return message.clone(),
+                }
+            } else {
+                MessageAnnotations::default()
+            };
+            let Some(enc) = encode(a) else {
+                return message.clone();
+            };
+            out.put_slice(&enc);
+            placed = true;
+            if code == section::MESSAGE_ANNOTATIONS {
+                continue;
+            }
+        }
+        out.put_slice(span);
+    }
+    if !placed {
+        let Some(enc) = encode(MessageAnnotations::default()) else {
+            return message.clone();
+        };
+        out.put_slice(&enc);
+    }
+    out.freeze()
+}
+
 /// The message with `properties.to` set to `to` (a properties section is
 /// added if it had none): how a message sent on a link to a topic learns
 /// its topic for the subscribers that need it (MQTT sessions). A message

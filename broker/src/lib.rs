@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+mod inspect;
 pub mod journal;
 pub mod queues;
 pub mod selector;
@@ -104,6 +105,30 @@ pub enum BrokerError {
 /// Keeps a connection to `router` (re-resolved and retried with backoff)
 /// over which the router routes links to this broker.
 /// `subscription` addresses exist before anyone consumes them.
+/// A console command about a queue's messages: its id, the queue, and
+/// what it asks (`browse` with `limit`, `retry` with optional `ids`,
+/// `delete` with `message`).
+fn inspect_command(c: &serde_json::Value) -> Option<(u64, String, queues::Inspect)> {
+    let id = c["id"].as_u64()?;
+    let queue = store::queue_key(c["space"].as_str()?, c["address"].as_str()?);
+    let op = match c["op"].as_str()? {
+        "browse" => queues::Inspect::Browse {
+            limit: c["limit"].as_u64().unwrap_or(50).min(1000) as usize,
+        },
+        "retry" => queues::Inspect::Retry {
+            ids: c["ids"]
+                .as_array()
+                .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect()),
+        },
+        "purge" => queues::Inspect::Purge,
+        "delete" => queues::Inspect::Delete {
+            id: c["message"].as_u64()?,
+        },
+        _ => return None,
+    };
+    Some((id, queue, op))
+}
+
 fn ensure_subscription_addresses(t: &Tenancy, queues: &queues::QueueHandle) {
     for space in t.spaces.values() {
         for (address, topic) in &space.subscriptions {
@@ -359,12 +384,25 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         ));
         let (q1, q2, id) = (queues.clone(), queues.clone(), cfg.container_id.clone());
         let state = move || report(q1.clone(), id.clone());
+        let (answer_link, me) = (link.clone(), cfg.container_id.clone());
         let command = move |c: serde_json::Value| {
             if let (Some(space), Some(address)) =
                 (c["purge"]["space"].as_str(), c["purge"]["address"].as_str())
             {
                 let _ = q2.send(queues::BrokerEvent::PurgeNow {
                     queue: store::queue_key(space, address),
+                });
+            }
+            if let Some((id, queue, op)) = inspect_command(&c["inspect"]) {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let _ = q2.send(queues::BrokerEvent::Inspect { queue, op, reply });
+                let (link, me) = (answer_link.clone(), me.clone());
+                tokio::spawn(async move {
+                    if let Ok(result) = answer.await {
+                        if let Err(e) = flotilla_core::watch::answer(&link, id, &me, result).await {
+                            debug!(error = %e, "cannot answer the console");
+                        }
+                    }
                 });
             }
         };

@@ -306,6 +306,13 @@ pub enum BrokerEvent {
     },
     /// The address spaces changed: address policies are looked up again.
     Tenancy(Arc<Tenancy>),
+    /// An operator's request about one queue's messages (the console's
+    /// queue browser); the answer is JSON.
+    Inspect {
+        queue: String,
+        op: Inspect,
+        reply: tokio::sync::oneshot::Sender<serde_json::Value>,
+    },
     /// Declares a transaction of connection `conn` in `space`.
     TxDeclare {
         space: String,
@@ -351,6 +358,24 @@ pub enum BrokerEvent {
         link: LinkId,
     },
 }
+
+/// What an operator asks of a queue's messages.
+#[derive(Debug, Clone)]
+pub enum Inspect {
+    /// The first `limit` messages waiting (scheduled ones after them).
+    Browse { limit: usize },
+    /// Moves messages (those with these ids, or all) back to the address
+    /// they were dead-lettered or expired from.
+    Retry { ids: Option<Vec<u64>> },
+    /// Deletes one waiting message.
+    Delete { id: u64 },
+    /// Deletes every waiting message.
+    Purge,
+}
+
+/// The message annotation that says which address a dead-lettered (or
+/// expired) message came from, for retrying it.
+pub const ORIGINAL_ADDRESS: &str = "x-opt-flotilla-original-address";
 
 /// A transaction's message on its way to its queues: those it is stored
 /// for (`record`: its record's place in the commit) and the non-durable
@@ -563,6 +588,18 @@ impl SpaceSubs {
                 .map(|(_, k)| k),
         )
     }
+}
+
+/// The address a dead-lettered or expired message came from.
+fn original_address(message: &[u8]) -> Option<String> {
+    const KEY: &[u8] = ORIGINAL_ADDRESS.as_bytes();
+    let head = &message[..message.len().min(4096)];
+    if !head.windows(KEY.len()).any(|w| w == KEY) {
+        return None;
+    }
+    MessageFields::from_message(message)
+        .annotation(ORIGINAL_ADDRESS)
+        .map(str::to_string)
 }
 
 /// True for a message an MQTT client published at QoS 0: the gateway
@@ -1191,6 +1228,11 @@ impl QueueTask {
                 let _ = tx.send(ToConn::Reattached { link, record });
                 self.add_consumer(&key, Consumer::new(conn, link, tx, false));
                 vec![key]
+            }
+            BrokerEvent::Inspect { queue, op, reply } => {
+                let (answer, touched) = self.inspect(&queue, op);
+                let _ = reply.send(answer);
+                touched
             }
             BrokerEvent::Tenancy(t) => {
                 self.tenancy = t;
@@ -2294,8 +2336,22 @@ impl QueueTask {
         if !self.memory.load(&mut msg) {
             return;
         }
-        let record = store::publish(&[to.as_str()], 0, &msg.payload);
-        let (tx, payload) = (self.tx.clone(), msg.payload.clone());
+        // Where it came from, for a retry (the first place it left, if it
+        // moves again).
+        let payload = if original_address(&msg.payload).is_some() {
+            msg.payload.clone()
+        } else {
+            let (_, address) = from.split_once('/').unwrap_or(("", from));
+            flotilla_amqp::message::with_annotation(&msg.payload, ORIGINAL_ADDRESS, address)
+        };
+        self.move_payload(from, &msg, payload, to);
+    }
+
+    /// Stores `payload` (message `msg` of `from`, perhaps changed) in queue
+    /// `to`, then acknowledges `msg` where it was.
+    fn move_payload(&mut self, from: &str, msg: &Stored, payload: Bytes, to: String) {
+        let record = store::publish(&[to.as_str()], 0, &payload);
+        let tx = self.tx.clone();
         let stored = Box::new(move |r: Result<u64, JournalError>| {
             if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
                 let _ = tx.send(BrokerEvent::Stored {
@@ -2514,6 +2570,123 @@ impl QueueTask {
                 q.consumers[c].limit = q.consumers[c].routed;
                 q.messages.insert(i, memory.admit(msg));
                 i += 1;
+            }
+        }
+    }
+
+    /// Carries out an operator's request on queue `key`; returns the
+    /// answer and the queues that may now have work.
+    fn inspect(&mut self, key: &str, op: Inspect) -> (serde_json::Value, Vec<String>) {
+        let Some(q) = self.queues.get(key) else {
+            return (json!({"found": false}), Vec::new());
+        };
+        match op {
+            Inspect::Browse { limit } => {
+                let list: Vec<Stored> = q.held().take(limit).cloned().collect();
+                let messages: Vec<serde_json::Value> = list
+                    .into_iter()
+                    .map(|mut m| {
+                        let mut v = if self.memory.load(&mut m) {
+                            crate::inspect::describe(&m.payload)
+                        } else {
+                            json!({"unreadable": true})
+                        };
+                        v["id"] = json!(m.seq);
+                        v["size"] = json!(m.size);
+                        v["deliveryCount"] = json!(m.delivery_count);
+                        if m.expires != 0 {
+                            v["expires"] = json!(m.expires);
+                        }
+                        if m.due != 0 {
+                            v["due"] = json!(m.due);
+                        }
+                        v
+                    })
+                    .collect();
+                let depth = q.messages.len() + q.scheduled.len();
+                (
+                    json!({"found": true, "depth": depth, "messages": messages}),
+                    Vec::new(),
+                )
+            }
+            Inspect::Purge => {
+                let n = self.purge(key).unwrap_or(0);
+                (json!({"found": true, "purged": n}), Vec::new())
+            }
+            Inspect::Delete { id } => {
+                let q = self.queues.get_mut(key).expect("checked above");
+                let at = q.messages.iter().position(|m| m.seq == id);
+                let m = match at {
+                    Some(i) => q.messages.remove(i),
+                    None => q
+                        .scheduled
+                        .iter()
+                        .find(|(_, m)| m.seq == id)
+                        .map(|(k, _)| *k)
+                        .and_then(|k| q.scheduled.remove(&k)),
+                };
+                let Some(m) = m else {
+                    return (json!({"found": true, "deleted": false}), Vec::new());
+                };
+                self.memory.release(&m);
+                q.stats.acked += 1;
+                info!(queue = %key, id, "message deleted by an operator");
+                self.ack(key, m.seq, m.size);
+                (json!({"found": true, "deleted": true}), Vec::new())
+            }
+            Inspect::Retry { ids } => {
+                let space = Self::space_of(key).to_string();
+                let q = self.queues.get_mut(key).expect("checked above");
+                let mut take = Vec::new();
+                let mut keep = VecDeque::with_capacity(q.messages.len());
+                for m in q.messages.drain(..) {
+                    if ids.as_ref().is_none_or(|ids| ids.contains(&m.seq)) {
+                        take.push(m);
+                    } else {
+                        keep.push_back(m);
+                    }
+                }
+                q.messages = keep;
+                let (mut moved, mut skipped) = (0u64, 0u64);
+                let mut touched = Vec::new();
+                for mut m in take {
+                    self.memory.release(&m);
+                    let target = if self.memory.load(&mut m) {
+                        original_address(&m.payload).map(|a| store::queue_key(&space, &a))
+                    } else {
+                        None
+                    };
+                    // Back to a queue, or a subscription that still exists.
+                    let target = target.filter(|t| {
+                        t != key && (!store::is_subscription(t) || self.subs.contains_key(t))
+                    });
+                    match target {
+                        Some(t) => {
+                            if let Some(q) = self.queues.get_mut(key) {
+                                q.stats.acked += 1;
+                            }
+                            let payload = m.payload.clone();
+                            self.move_payload(key, &m, payload, t.clone());
+                            if !touched.contains(&t) {
+                                touched.push(t);
+                            }
+                            moved += 1;
+                        }
+                        None => {
+                            skipped += 1;
+                            let msg = self.memory.admit(m);
+                            if let Some(q) = self.queues.get_mut(key) {
+                                q.requeue(msg);
+                            }
+                        }
+                    }
+                }
+                info!(queue = %key, moved, skipped, "messages retried by an operator");
+                touched.push(key.to_string());
+                (
+                    json!({"found": true, "moved": moved, "skipped": skipped}),
+                    touched,
+                )
             }
         }
     }

@@ -1216,10 +1216,22 @@ struct Decoded {
     /// `x-opt-delivery-delay` (ms): scheduled delivery.
     delivery_time: Option<i64>,
     delivery_delay: Option<i64>,
+    /// Other annotations with text values.
+    text_annotations: Vec<(String, String)>,
     application_properties: HashMap<String, Value<'static>>,
 }
 
 impl MessageFields {
+    /// Message annotation `name`, if it has a text value.
+    pub fn annotation(&self, name: &str) -> Option<&str> {
+        self.decoded
+            .as_ref()?
+            .text_annotations
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The message's group (`group-id`), if it has one.
     pub fn group_id(&self) -> Option<&str> {
         self.decoded.as_ref()?.group_id.as_deref()
@@ -1317,6 +1329,7 @@ impl Decoded {
                 }
                 ("x-opt-delivery-time", _) => self.delivery_time = ms,
                 ("x-opt-delivery-delay", _) => self.delivery_delay = ms,
+                (k, V::String(v)) => self.text_annotations.push((k.to_string(), v)),
                 _ => {}
             }
         }

@@ -49,7 +49,11 @@ impl AppState {
 #[derive(Default)]
 pub struct Live {
     reports: std::collections::HashMap<String, (std::time::Instant, Value)>,
-    commands: std::collections::HashMap<String, Vec<Value>>,
+    pub(crate) commands: std::collections::HashMap<String, Vec<Value>>,
+    /// Requests waiting for brokers' answers to their commands, by id.
+    pub(crate) answers:
+        std::collections::HashMap<u64, tokio::sync::mpsc::UnboundedSender<(String, Value)>>,
+    last_answer: u64,
 }
 
 /// A report older than this is from a component that went away.
@@ -61,7 +65,13 @@ impl Live {
         self.reports.get(id).map(|(at, _)| *at)
     }
 
-    fn fresh(&self, component: &str) -> impl Iterator<Item = (&String, &Value)> {
+    /// A fresh id for a command that waits for answers.
+    pub(crate) fn next_answer(&mut self) -> u64 {
+        self.last_answer += 1;
+        self.last_answer
+    }
+
+    pub(crate) fn fresh(&self, component: &str) -> impl Iterator<Item = (&String, &Value)> {
         let component = component.to_string();
         self.reports
             .iter()
@@ -98,7 +108,7 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
     }
 
-    fn bad(message: impl Into<String>) -> Self {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
     }
 }
@@ -139,7 +149,7 @@ impl IntoResponse for ApiError {
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// A JSON request body; what does not parse is a `Status` error too.
-struct Body(Value);
+pub(crate) struct Body(pub(crate) Value);
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
     type Rejection = ApiError;
@@ -238,6 +248,11 @@ impl Kind {
         metrics,
         purge,
         links,
+        crate::messages::browse,
+        crate::messages::retry,
+        crate::messages::delete,
+        crate::messages::purge,
+        crate::messages::answers,
         crate::brokers::list,
         crate::brokers::get_one,
         crate::brokers::retire
@@ -296,6 +311,23 @@ pub fn routes(state: AppState) -> Router {
             "/addressspaces/{space}/addresses/{name}/purge",
             axum::routing::post(purge),
         )
+        .route(
+            "/addressspaces/{space}/queues/{address}/messages",
+            get(crate::messages::browse),
+        )
+        .route(
+            "/addressspaces/{space}/queues/{address}/messages/{id}",
+            axum::routing::delete(crate::messages::delete),
+        )
+        .route(
+            "/addressspaces/{space}/queues/{address}/retry",
+            axum::routing::post(crate::messages::retry),
+        )
+        .route(
+            "/addressspaces/{space}/queues/{address}/purge",
+            axum::routing::post(crate::messages::purge),
+        )
+        .route("/answers", axum::routing::post(crate::messages::answers))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -467,7 +499,7 @@ fn describe(kind: Kind, space: &str, name: &str) -> String {
     }
 }
 
-async fn require_space(state: &AppState, space: &str) -> ApiResult<()> {
+pub(crate) async fn require_space(state: &AppState, space: &str) -> ApiResult<()> {
     // The zero-config space (anonymous clients from loopback, undeclared
     // addresses anycast) exists until an AddressSpace replaces it.
     if space == flotilla_core::config::DEFAULT_SPACE {

@@ -20,6 +20,7 @@
 pub mod api;
 pub mod brokers;
 pub mod kube_store;
+mod messages;
 pub mod store;
 
 use std::net::SocketAddr;

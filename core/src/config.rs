@@ -445,6 +445,62 @@ spec:
     }
 
     #[test]
+    fn an_address_policy_is_its_own_over_its_spaces_over_its_plans() {
+        let t = Tenancy::from_yaml(
+            r#"
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: shop}
+spec: {plan: small, addressDefaults: {maxDeliveries: 3, deadLetterAddress: dead}}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: orders}
+spec: {addressSpace: shop, address: orders, type: queue, policy: {maxDeliveries: 7, overflow: dropOldest}}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: feed}
+spec: {addressSpace: shop, address: "feed/#", type: topic}
+"#,
+        )
+        .unwrap();
+        let shop = &t.spaces["shop"];
+        let orders = shop.policy("orders");
+        assert_eq!(orders.max_deliveries, Some(7));
+        assert_eq!(orders.dead_letter_address.as_deref(), Some("dead"));
+        assert_eq!(orders.max_depth, Some(100_000), "the small plan's");
+        assert_eq!(
+            orders.overflow,
+            Some(crate::resources::Overflow::DropOldest)
+        );
+        let feed = shop.policy("feed/eu");
+        assert_eq!(feed.max_deliveries, Some(3));
+        assert_eq!(shop.policy("undeclared").max_depth, Some(100_000));
+        assert_eq!(t.spaces["default"].policy("x").max_depth, None);
+
+        for (policy, why) in [
+            ("{maxDepth: 0}", "maxDepth must be at least 1"),
+            ("{deadLetterAddress: 'a/#'}", "plain address"),
+            ("{expiryAddress: '$x'}", "plain address"),
+            ("{maxDeliveries: 1, nonsense: 2}", "unknown field"),
+        ] {
+            let e = Tenancy::from_yaml(&format!(
+                "apiVersion: flotilla.dev/v1\nkind: Address\nmetadata: {{name: q}}\nspec: {{address: q, type: queue, policy: {policy}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why), "{policy}: {e}");
+        }
+        let e = Tenancy::from_yaml(
+            "apiVersion: flotilla.dev/v1\nkind: Address\nmetadata: {name: q}\nspec: {address: q, type: anycast, policy: {maxDepth: 1}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("only for queue, topic and subscription"), "{e}");
+    }
+
+    #[test]
     fn clear_errors() {
         let e = Tenancy::from_yaml("kind: Bogus\n").unwrap_err().to_string();
         assert!(e.contains("unknown kind"), "{e}");

@@ -268,6 +268,24 @@ fn flush(
 /// # Errors
 /// The console cannot be reached or refused the report.
 pub async fn report(link: &ConsoleLink, body: Vec<u8>) -> Result<Vec<Value>, String> {
+    let v = post(link, "/api/v1/reports", body).await?;
+    Ok(v["commands"].as_array().cloned().unwrap_or_default())
+}
+
+/// Answers a console command that asked for one (`POST /api/v1/answers`
+/// with `{"id", "from", "result"}`): a broker's queue browser pages,
+/// for example.
+///
+/// # Errors
+/// The console cannot be reached or refused the answer.
+pub async fn answer(link: &ConsoleLink, id: u64, from: &str, result: Value) -> Result<(), String> {
+    let body = serde_json::to_vec(&serde_json::json!({"id": id, "from": from, "result": result}))
+        .map_err(|e| e.to_string())?;
+    post(link, "/api/v1/answers", body).await.map(|_| ())
+}
+
+/// POSTs JSON to the console with the admin token; its JSON answer.
+async fn post(link: &ConsoleLink, path: &str, body: Vec<u8>) -> Result<Value, String> {
     let authority = link
         .url
         .strip_prefix("http://")
@@ -282,7 +300,7 @@ pub async fn report(link: &ConsoleLink, body: Vec<u8>) -> Result<Vec<Value>, Str
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = Request::post("/api/v1/reports")
+    let req = Request::post(path)
         .header(HOST, &authority)
         .header(AUTHORIZATION, format!("Bearer {}", link.token))
         .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -298,8 +316,7 @@ pub async fn report(link: &ConsoleLink, body: Vec<u8>) -> Result<Vec<Value>, Str
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    Ok(v["commands"].as_array().cloned().unwrap_or_default())
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
 /// Reports every second until `shutdown`: `state` makes the report,

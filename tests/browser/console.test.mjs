@@ -1,7 +1,8 @@
 // Browser test of the web console (issue 5): headless Chromium, driven by
 // playwright-core, logs in with the admin token, creates an address through
-// the form, sees it in the addresses table, and sees its stored-message count
-// rise while a client sends to it through the router.
+// the form, sees it in the addresses table, sees its stored-message count
+// rise while a client sends to it through the router, browses its first
+// messages, and makes an address with a policy.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -100,6 +101,26 @@ test('create an address in the console and watch its stored count rise while a c
     assert.ok(second > first, `stored went from ${first} to ${second}`);
     const delivered = await cellNumber(page, 'orders', 'delivered');
     t.diagnostic(`stored ${first} then ${second}; delivered ${delivered}`);
+
+    // The queue's first messages, through the queue browser.
+    await row.getByRole('button', { name: 'Messages' }).click();
+    await page.locator('#browse-rows tr').first().waitFor();
+    const caption = await page.locator('#browse-caption').textContent();
+    assert.match(caption, /^Messages in orders \(\d+ of \d+\)$/, caption);
+    assert.ok(await page.locator('#browse-rows tr').count() > 0);
+
+    // An address with a policy, made through the form's policy fields.
+    await form.getByLabel('Name', { exact: true }).fill('limited');
+    await form.getByLabel('Address', { exact: true }).fill('limited');
+    await form.getByLabel('Type', { exact: true }).selectOption('queue');
+    await form.locator('summary').click();
+    await form.getByLabel('Max depth (messages)').fill('5');
+    await form.getByLabel('When full').selectOption('dropOldest');
+    await form.getByRole('button', { name: 'Create' }).click();
+    const limited = page.locator('#address-rows tr[data-address="limited"]');
+    await limited.waitFor();
+    const title = await limited.getAttribute('title');
+    assert.equal(title, 'Policy: {"maxDepth":5,"overflow":"dropOldest"}');
 
     mkdirSync(join(root, 'target', 'browser-screenshots'), { recursive: true });
     await page.screenshot({ path: SCREENSHOT, fullPage: true });

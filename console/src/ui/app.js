@@ -136,6 +136,13 @@ async function loadAddresses() {
     cell(tr, a.spec.type + (a.spec.topic ? " of " + a.spec.topic : ""));
     for (const k of ["senders", "receivers", "delivered", "rate", "stored"]) cell(tr, "", "num " + k);
     const actions = document.createElement("td");
+    if (a.spec.policy) tr.title = "Policy: " + JSON.stringify(a.spec.policy);
+    if (a.spec.type === "queue") {
+      const m = document.createElement("button");
+      m.textContent = "Messages";
+      m.addEventListener("click", () => guarded(() => browse(a.spec.address)));
+      actions.appendChild(m);
+    }
     if (["queue", "topic", "subscription"].includes(a.spec.type)) {
       const p = document.createElement("button");
       p.textContent = "Purge";
@@ -254,11 +261,76 @@ $("delete-space").addEventListener("click", () => guarded(async () => {
   space = null;
   await loadSpaces();
 }));
+function policyFromForm() {
+  const policy = {};
+  const text = (id, k) => { const v = $(id).value.trim(); if (v) policy[k] = v; };
+  const num = (id, k) => { const v = $(id).value.trim(); if (v) policy[k] = Number(v); };
+  text("pol-dla", "deadLetterAddress");
+  num("pol-max-deliveries", "maxDeliveries");
+  text("pol-expiry", "expiryAddress");
+  num("pol-ttl", "defaultTtlMs");
+  num("pol-depth", "maxDepth");
+  num("pol-bytes", "maxBytes");
+  text("pol-overflow", "overflow");
+  return Object.keys(policy).length ? policy : null;
+}
+
+function queuePath(address) {
+  return "/addressspaces/" + enc(space) + "/queues/" + enc(address);
+}
+
+// The first messages of a queue (a dead-letter queue, say), each with
+// where it came from and a Delete button.
+async function browse(address) {
+  $("browse-address").value = address;
+  const list = await api("GET", queuePath(address) + "/messages?limit=" + PAGE);
+  $("browse").hidden = false;
+  $("browse-retry").hidden = false;
+  $("browse-purge").hidden = false;
+  $("browse-caption").textContent = "Messages in " + address + " (" + list.items.length + " of " + list.depth + ")";
+  const tb = $("browse-rows");
+  tb.replaceChildren();
+  for (const m of list.items) {
+    const tr = document.createElement("tr");
+    cell(tr, m.id);
+    cell(tr, m.deliveryCount);
+    cell(tr, (m.annotations || {})["x-opt-flotilla-original-address"] || "");
+    cell(tr, JSON.stringify(Object.assign({}, m.properties || {}, m.applicationProperties || {})));
+    const body = m.body || {};
+    cell(tr, body.text !== undefined ? body.text : body.base64 !== undefined ? "(binary) " + body.base64 : body.value || "");
+    button(tr, "Delete", () => guarded(async () => {
+      await api("DELETE", queuePath(address) + "/messages/" + m.id);
+      await browse(address);
+    }), true);
+    tb.appendChild(tr);
+  }
+}
+
+$("browse-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  guarded(() => browse($("browse-address").value.trim()));
+});
+$("browse-retry").addEventListener("click", () => guarded(async () => {
+  const address = $("browse-address").value.trim();
+  const r = await api("POST", queuePath(address) + "/retry");
+  status("Moved back: " + r.moved + "; stayed (no origin known): " + r.skipped + ".");
+  await browse(address);
+}));
+$("browse-purge").addEventListener("click", () => guarded(async () => {
+  const address = $("browse-address").value.trim();
+  if (!confirm("Remove every message waiting in " + address + "?")) return;
+  const r = await api("POST", queuePath(address) + "/purge");
+  await browse(address);
+  status("Purged " + r.purged + " message(s).");
+}));
+
 $("address-form").addEventListener("submit", (e) => {
   e.preventDefault();
   guarded(async () => {
     const spec = { address: $("addr-address").value.trim(), type: $("addr-type").value };
     if (spec.type === "subscription") spec.topic = $("addr-topic").value.trim();
+    const policy = policyFromForm();
+    if (policy) spec.policy = policy;
     await api("POST", "/addressspaces/" + enc(space) + "/addresses", { metadata: { name: $("addr-name").value.trim() }, spec });
     $("addr-name").value = "";
     $("addr-address").value = "";
