@@ -508,6 +508,11 @@ struct BrokerArgs {
     /// the journal and are read back when delivered (paging).
     #[arg(long, env = "FLOTILLA_MAX_MEMORY_MIB", default_value_t = 1024)]
     max_memory_mib: usize,
+    /// Queue tasks: queues spread over them by a hash of their address
+    /// (each address space's subscriptions stay on one); default: one per
+    /// core.
+    #[arg(long, env = "FLOTILLA_QUEUE_SHARDS")]
+    queue_shards: Option<usize>,
     #[command(flatten)]
     creds: ComponentCreds,
     /// Refuse clients of the broker's own listener that do not use TLS.
@@ -548,6 +553,10 @@ impl BrokerArgs {
             tenancy,
             router: self.router,
             max_memory: self.max_memory_mib.saturating_mul(1 << 20),
+            queue_shards: self
+                .queue_shards
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .clamp(1, 256),
             tls: self.creds.tls(),
             mesh_secret: self.creds.mesh_secret()?,
             tls_ca: self.creds.tls_ca,
@@ -1054,6 +1063,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             console: args.router.console.clone(),
             router: Some(routers[0].local_addrs[0].1.to_string()),
             max_memory_mib: 1024,
+            queue_shards: None,
             creds: args.router.component_creds(),
             require_tls: args.router.require_tls,
             limits: args.router.limits.clone(),

@@ -394,3 +394,34 @@ async fn a_message_abandoned_too_often_moves_to_the_dead_letter_queue() {
         ]
     );
 }
+
+#[tokio::test]
+async fn consumed_messages_leave_the_journal_on_every_queue_task() {
+    // Four queues over two queue tasks; past a 64 MiB segment of traffic
+    // that is all consumed, the old segments are deleted (each task says
+    // how far back it needs the journal, and the journal goes by the
+    // lowest).
+    let dir = TempDir::new("broker-retire");
+    let b = start_broker(&dir, &["--queue-shards", "2"]).await;
+    let body = "z".repeat(32 * 1024);
+    let mut p = b.fe2o3("producer").await;
+    let mut c = b.fe2o3("consumer").await;
+    for q in ["q0", "q1", "q2", "q3"] {
+        let mut tx = p.sender(&format!("tx-{q}"), q).await;
+        let sent = numbered(&body, 600);
+        assert_all_accepted(&send_all(&mut tx, &sent).await);
+        let mut rx = c.receiver(&format!("rx-{q}"), q).await;
+        let got = recv_n(&mut rx, 600).await;
+        assert!(got == sent, "{q}: all 600, in order");
+    }
+    let segments = || {
+        std::fs::read_dir(dir.path().join("journal"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    eventually("the consumed segments to be deleted", || segments() <= 1).await;
+}

@@ -205,6 +205,10 @@ pub(crate) struct BrokerConnection {
     consumers: HashMap<LinkId, String>,
     /// Transaction coordinator links, with the space of their transactions.
     coordinators: HashMap<LinkId, String>,
+    /// This connection's open transactions, by id.
+    txns: HashMap<Bytes, txn::Txn>,
+    /// The queue task each consumer is on.
+    consumer_task: HashMap<LinkId, usize>,
     stat_links: Vec<LinkId>,
     /// Subscription consumers waiting for their subscription to be made:
     /// the attach answer to give them then.
@@ -284,6 +288,8 @@ impl BrokerConnection {
             producers: HashMap::new(),
             consumers: HashMap::new(),
             coordinators: HashMap::new(),
+            txns: HashMap::new(),
+            consumer_task: HashMap::new(),
             stat_links: Vec::new(),
             pending: HashMap::new(),
             reply_links: HashMap::new(),
@@ -310,6 +316,11 @@ impl BrokerConnection {
             .await;
         if let Ended::Io(e) = ended {
             debug!(conn.id = self.id, error = %e, "connection failed");
+        }
+        // Its transactions end with it, undone (before its consumers go:
+        // what they held for a transaction comes back first).
+        for (_, t) in std::mem::take(&mut self.txns) {
+            self.release(&t);
         }
         let _ = self.queues.send(BrokerEvent::Gone { conn: self.id });
     }
@@ -362,14 +373,29 @@ impl BrokerConnection {
                 ..
             } => {
                 if let Some((txn, outcome)) = txn::state_of(state.as_ref()) {
-                    // Settled under a transaction: takes effect at commit.
-                    if let Some(how) = txn::settlement(outcome) {
-                        let _ = self.queues.send(BrokerEvent::TxSettle {
-                            txn,
-                            conn: self.id,
-                            token,
-                            how,
-                        });
+                    // Settled under a transaction: held until the discharge.
+                    let Some(how) = txn::settlement(outcome) else {
+                        return;
+                    };
+                    match self.txns.get_mut(&txn) {
+                        Some(t) if t.discharge.is_none() => {
+                            t.holds.push((token, how));
+                            t.pending += 1;
+                            let _ = self.queues.send(BrokerEvent::Hold {
+                                token,
+                                txn,
+                                conn: self.id,
+                                tx: self.tx.clone(),
+                            });
+                        }
+                        // Not a transaction of ours: it will never commit,
+                        // so the message goes back.
+                        _ => {
+                            let _ = self.queues.send(BrokerEvent::Settle {
+                                token,
+                                how: Settlement::Requeue { failed: false },
+                            });
+                        }
                     }
                     return;
                 }
@@ -394,11 +420,14 @@ impl BrokerConnection {
                 self.reply_links.retain(|_, l| *l != link);
                 self.snapshots.remove(&link);
                 if self.consumers.remove(&link).is_some() {
-                    let _ = self.queues.send(BrokerEvent::Detach {
-                        conn: self.id,
+                    self.to_consumer_task(
                         link,
-                        closed,
-                    });
+                        BrokerEvent::Detach {
+                            conn: self.id,
+                            link,
+                            closed,
+                        },
+                    );
                 }
             }
             Event::Close { .. } => self.closing = true,
@@ -426,12 +455,15 @@ impl BrokerConnection {
         if self.consumers.contains_key(&link) {
             if let Some(l) = self.conn.link(link) {
                 let limit = l.delivery_count.wrapping_add(l.credit);
-                let _ = self.queues.send(BrokerEvent::Credit {
-                    conn: self.id,
+                self.to_consumer_task(
                     link,
-                    limit,
-                    drain: l.drain,
-                });
+                    BrokerEvent::Credit {
+                        conn: self.id,
+                        link,
+                        limit,
+                        drain: l.drain,
+                    },
+                );
             }
         }
     }
@@ -600,11 +632,14 @@ impl BrokerConnection {
             self.producers.remove(&link);
             self.pending.remove(&link);
             if self.consumers.remove(&link).is_some() {
-                let _ = self.queues.send(BrokerEvent::Detach {
-                    conn: self.id,
+                self.to_consumer_task(
                     link,
-                    closed: false,
-                });
+                    BrokerEvent::Detach {
+                        conn: self.id,
+                        link,
+                        closed: false,
+                    },
+                );
             }
         }
     }
@@ -724,23 +759,40 @@ impl BrokerConnection {
         if self.conn.link(link).is_some_and(|l| l.credit < WINDOW / 2) {
             self.conn.flow(link, WINDOW, false);
         }
-        let reply = self.reply(link, d.id, d.settled);
         match txn::decode(&d.payload) {
             Ok(txn::Control::Declare) => {
-                let _ = self.queues.send(BrokerEvent::TxDeclare {
-                    space,
-                    conn: self.id,
-                    reply,
-                });
+                if self.txns.len() >= txn::MAX_OPEN {
+                    let e = amqp_error(
+                        AmqpError::ResourceLimitExceeded,
+                        format!("a connection may have {} transactions open", txn::MAX_OPEN),
+                    );
+                    return self
+                        .conn
+                        .settle(d.id, DeliveryState::Rejected(Rejected { error: Some(e) }));
+                }
+                let id = txn::new_id();
+                debug!(conn.id = self.id, txn = %txn::hex(&id), space = %space, "transaction declared");
+                self.txns.insert(id.clone(), txn::Txn::new(space));
+                self.conn.settle(
+                    d.id,
+                    DeliveryState::Declared(Declared {
+                        txn_id: id.to_vec().into(),
+                    }),
+                );
             }
             Ok(txn::Control::Discharge { txn, fail }) => {
-                let _ = self.queues.send(BrokerEvent::TxDischarge {
-                    txn,
-                    conn: self.id,
-                    space,
-                    fail,
-                    reply,
-                });
+                let Some(t) = self.txns.get_mut(&txn).filter(|t| t.space == space) else {
+                    return self.conn.settle(
+                        d.id,
+                        DeliveryState::Rejected(Rejected {
+                            error: Some(txn::unknown(&txn)),
+                        }),
+                    );
+                };
+                t.discharge = Some((d.id, d.settled, fail));
+                if t.pending == 0 {
+                    self.discharge(&txn);
+                }
             }
             Err(e) => {
                 warn!(
@@ -753,6 +805,69 @@ impl BrokerConnection {
                         .settle(d.id, DeliveryState::Rejected(Rejected { error: Some(e) }));
                 }
             }
+        }
+    }
+
+    /// Sends a consumer's credit or detach to the queue task that has it.
+    fn to_consumer_task(&mut self, link: LinkId, ev: BrokerEvent) {
+        let task = self.consumer_task.get(&link).copied().unwrap_or(0);
+        if matches!(ev, BrokerEvent::Detach { .. }) {
+            self.consumer_task.remove(&link);
+        }
+        let _ = self.queues.send_to(task, ev);
+    }
+
+    /// Discharges transaction `id` (its holds all answered): rolls it back
+    /// (its holds released), or commits it on its space's queue task,
+    /// which answers the discharge once the commit is on disk.
+    fn discharge(&mut self, id: &Bytes) {
+        let Some(t) = self.txns.remove(id) else {
+            return;
+        };
+        let Some((dref, settled, fail)) = t.discharge else {
+            return;
+        };
+        if fail || t.doomed.is_some() {
+            debug!(conn.id = self.id, txn = %txn::hex(id), "transaction rolled back");
+            self.release(&t);
+            if !settled {
+                let state = match t.doomed.as_deref().filter(|_| !fail) {
+                    None => DeliveryState::Accepted(Accepted {}),
+                    Some(why) => DeliveryState::Rejected(Rejected {
+                        error: Some(txn::rolled_back(why)),
+                    }),
+                };
+                self.conn.settle(dref, state);
+            }
+            return;
+        }
+        let reply = PublishReply {
+            tx: self.tx.clone(),
+            link: LinkId(u32::MAX),
+            delivery: dref,
+            settled,
+        };
+        let _ = self.queues.send(BrokerEvent::TxCommit {
+            space: t.space,
+            posts: t.posts,
+            acks: t.acquired,
+            reply,
+        });
+    }
+
+    /// Puts back what a transaction held (it rolled back, or its
+    /// connection is gone), on each delivery's queue task.
+    fn release(&self, t: &txn::Txn) {
+        let n = self.queues.len();
+        let mut by_shard: HashMap<usize, Vec<u64>> = HashMap::new();
+        for (token, _) in &t.holds {
+            by_shard
+                .entry(crate::shards::of_token(n, *token))
+                .or_default()
+                .push(*token);
+        }
+        for (shard, tokens) in by_shard {
+            let _ = self.queues.send(BrokerEvent::TxRelease { shard, tokens });
         }
     }
 
@@ -892,6 +1007,8 @@ impl BrokerConnection {
                     ..Default::default()
                 },
             );
+            self.consumer_task
+                .insert(link, self.queues.of_key(&spec.record.key));
             let _ = self.queues.send(BrokerEvent::Subscribe {
                 spec,
                 conn: self.id,
@@ -976,6 +1093,12 @@ impl BrokerConnection {
             self.conn.accept_attach(link, reply);
         }
         debug!(conn.id = self.id, address = %address, kind = ?r.kind, "consumer attached");
+        let key = match &event {
+            BrokerEvent::Subscribe { spec, .. } => spec.record.key.as_str(),
+            BrokerEvent::Attach { queue, .. } => queue.as_str(),
+            _ => "",
+        };
+        self.consumer_task.insert(link, self.queues.of_key(key));
         let _ = self.queues.send(event);
         self.consumers.insert(link, address);
     }
@@ -1023,6 +1146,8 @@ impl BrokerConnection {
             store::sub_key(&space, &format!("shared/{container}/{base}")),
             store::sub_key(&space, &format!("shared/global/{base}")),
         ];
+        self.consumer_task
+            .insert(link, self.queues.of_key(&keys[0]));
         let _ = self.queues.send(BrokerEvent::Reattach {
             keys,
             conn: self.id,
@@ -1041,11 +1166,14 @@ impl BrokerConnection {
         };
         let Some(r) = record.filter(allowed) else {
             if self.consumers.remove(&link).is_some() {
-                let _ = self.queues.send(BrokerEvent::Detach {
-                    conn: self.id,
+                self.to_consumer_task(
                     link,
-                    closed: false,
-                });
+                    BrokerEvent::Detach {
+                        conn: self.id,
+                        link,
+                        closed: false,
+                    },
+                );
             }
             return self.refuse(
                 link,
@@ -1270,56 +1398,7 @@ impl BrokerConnection {
             return;
         }
         if let Some(txn) = under {
-            let to = match &p.to {
-                Destination::Queue(q) => txn::TxDest::Queue(q.clone()),
-                Destination::Topic { topic, pattern, .. } => {
-                    let t = if *pattern {
-                        match message::to_address(&payload) {
-                            Ok(Some(t))
-                                if !flotilla_core::pattern::is_pattern(t)
-                                    && flotilla_core::pattern::matches(topic, t) =>
-                            {
-                                t.to_string()
-                            }
-                            _ => {
-                                let why = format!("a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards");
-                                return self.reject_publish(dref, settled, &why);
-                            }
-                        }
-                    } else {
-                        topic.clone()
-                    };
-                    txn::TxDest::Topic(t)
-                }
-                _ => {
-                    if !settled {
-                        let e = amqp_error(
-                            AmqpError::NotImplemented,
-                            format!("{:?} takes no messages under a transaction", p.address),
-                        );
-                        self.conn
-                            .settle(dref, DeliveryState::Rejected(Rejected { error: Some(e) }));
-                    }
-                    return;
-                }
-            };
-            let space = p.to.space().unwrap_or_default().to_string();
-            p.storing += 1;
-            let now = now_ms();
-            let post = txn::TxPost {
-                to,
-                expires: expiry(&payload, now, &p.policy),
-                due: due(&payload, now),
-                payload,
-            };
-            let _ = self.queues.send(BrokerEvent::TxPost {
-                txn,
-                conn: self.id,
-                space,
-                post,
-                reply: self.reply(link, dref, settled),
-            });
-            return;
+            return self.post_under(link, txn, d.id, settled, payload);
         }
         let queue = match &p.to {
             Destination::Management => return self.management(dref, settled, &payload),
@@ -1471,6 +1550,99 @@ impl BrokerConnection {
                     )),
                 }),
             );
+        }
+    }
+
+    /// A message posted under transaction `txn`: held by it until the
+    /// discharge (at most [`txn::MAX_MESSAGES`] and [`txn::MAX_BYTES`]),
+    /// and accepted under it at once.
+    fn post_under(
+        &mut self,
+        link: LinkId,
+        txn: Bytes,
+        dref: flotilla_amqp::connection::DeliveryRef,
+        settled: bool,
+        payload: Bytes,
+    ) {
+        let Some(p) = self.producers.get(&link) else {
+            return;
+        };
+        let to = match &p.to {
+            Destination::Queue(q) => txn::TxDest::Queue(q.clone()),
+            Destination::Topic { topic, pattern, .. } => {
+                let t = if *pattern {
+                    match message::to_address(&payload) {
+                        Ok(Some(t))
+                            if !flotilla_core::pattern::is_pattern(t)
+                                && flotilla_core::pattern::matches(topic, t) =>
+                        {
+                            t.to_string()
+                        }
+                        _ => {
+                            let why = format!("a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards");
+                            return self.reject_publish(dref, settled, &why);
+                        }
+                    }
+                } else {
+                    topic.clone()
+                };
+                txn::TxDest::Topic(t)
+            }
+            _ => {
+                let e = amqp_error(
+                    AmqpError::NotImplemented,
+                    format!("{:?} takes no messages under a transaction", p.address),
+                );
+                return self.refused(link, dref, settled, e);
+            }
+        };
+        let space = p.to.space().unwrap_or_default();
+        let now = now_ms();
+        let expires = expiry(&payload, now, &p.policy);
+        let error = match self.txns.get_mut(&txn) {
+            Some(t) if t.space == space && t.discharge.is_none() => {
+                if let Some(why) = &t.doomed {
+                    Some(txn::rolled_back(why))
+                } else if t.posts.len() >= txn::MAX_MESSAGES
+                    || t.bytes + payload.len() > txn::MAX_BYTES
+                {
+                    let why = format!(
+                        "a transaction holds at most {} messages and {} bytes",
+                        txn::MAX_MESSAGES,
+                        txn::MAX_BYTES
+                    );
+                    t.doomed = Some(why.clone());
+                    Some(amqp_error(AmqpError::ResourceLimitExceeded, why))
+                } else {
+                    t.bytes += payload.len();
+                    t.posts.push(txn::TxPost {
+                        to,
+                        expires,
+                        due: due(&payload, now),
+                        payload,
+                    });
+                    None
+                }
+            }
+            _ => Some(txn::unknown(&txn)),
+        };
+        match error {
+            Some(e) => self.refused(link, dref, settled, e),
+            None => {
+                if !settled {
+                    self.conn.settle(
+                        dref,
+                        DeliveryState::TransactionalState(TransactionalState {
+                            txn_id: txn.to_vec().into(),
+                            outcome: Some(Outcome::Accepted(Accepted {})),
+                        }),
+                    );
+                }
+                if let Some(p) = self.producers.get_mut(&link) {
+                    p.storing += 1;
+                }
+                self.stored_one(link);
+            }
         }
     }
 
@@ -1709,30 +1881,26 @@ impl BrokerConnection {
                     self.refused(link, delivery, settled, error);
                 }
             }
-            ToConn::Declared { delivery, txn, .. } => {
-                self.conn.settle(
-                    delivery,
-                    DeliveryState::Declared(Declared {
-                        txn_id: txn.to_vec().into(),
-                    }),
-                );
-            }
-            ToConn::TxPosted {
-                link,
-                delivery,
-                settled,
+            ToConn::Held {
                 txn,
+                token,
+                acquired,
             } => {
-                if !settled {
-                    self.conn.settle(
-                        delivery,
-                        DeliveryState::TransactionalState(TransactionalState {
-                            txn_id: txn.to_vec().into(),
-                            outcome: Some(Outcome::Accepted(Accepted {})),
-                        }),
-                    );
+                let Some(t) = self.txns.get_mut(&txn) else {
+                    return;
+                };
+                t.pending = t.pending.saturating_sub(1);
+                if let Some(a) = acquired {
+                    let how = t
+                        .holds
+                        .iter()
+                        .find(|(k, _)| *k == token)
+                        .map_or(Settlement::Consumed, |(_, h)| *h);
+                    t.acquired.push((a, how));
                 }
-                self.stored_one(link);
+                if t.pending == 0 && t.discharge.is_some() {
+                    self.discharge(&txn);
+                }
             }
             ToConn::Discharged {
                 delivery,

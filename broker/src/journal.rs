@@ -472,6 +472,12 @@ pub type Done = Box<dyn FnOnce(Result<u64, JournalError>) + Send>;
 enum Request {
     Append(Bytes, Done),
     Retire(u64),
+    /// Reader `shard` (of `floors`) needs nothing below this seq any more:
+    /// segments below every reader's floor are deleted.
+    Floor(usize, u64),
+    /// Called with the next seq once every record queued before it is
+    /// durable and its callback has run.
+    BarrierThen(Box<dyn FnOnce(u64) + Send>),
     /// Records appended together, with consecutive sequence numbers (a
     /// transaction and its commit record); `Done` gets the first's.
     AppendMany(Vec<Bytes>, Done),
@@ -503,7 +509,16 @@ impl JournalHandle {
     ///
     /// # Errors
     /// The thread could not be started.
-    pub fn start(mut journal: Journal) -> io::Result<JournalHandle> {
+    pub fn start(journal: Journal) -> io::Result<JournalHandle> {
+        JournalHandle::start_shared(journal, 1)
+    }
+
+    /// Starts the committer thread for `readers` queue tasks, each of
+    /// which says how far back it needs the journal ([`JournalHandle::floor`]).
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn start_shared(mut journal: Journal, readers: usize) -> io::Result<JournalHandle> {
         let (tx, rx) = mpsc::channel::<Request>();
         let stats = Arc::new(JournalStats::default());
         stats
@@ -514,6 +529,8 @@ impl JournalHandle {
             .name("journal".into())
             .spawn(move || {
                 let mut waiting: Vec<(u64, Done)> = Vec::new();
+                let mut floors = vec![0u64; readers.max(1)];
+                let mut then: Vec<(u64, Box<dyn FnOnce(u64) + Send>)> = Vec::new();
                 while let Ok(first) = rx.recv() {
                     let mut retire = None;
                     let mut barriers = Vec::new();
@@ -550,6 +567,16 @@ impl JournalHandle {
                                 }
                             }
                             Request::Retire(seq) => retire = Some(seq),
+                            Request::Floor(reader, seq) => {
+                                if let Some(f) = floors.get_mut(reader) {
+                                    *f = seq;
+                                }
+                                let low = floors.iter().copied().min().unwrap_or(0);
+                                if low > 0 {
+                                    retire = Some(low);
+                                }
+                            }
+                            Request::BarrierThen(f) => then.push((journal.next_seq(), f)),
                             Request::Barrier(b) => barriers.push(b),
                         }
                     }
@@ -572,6 +599,9 @@ impl JournalHandle {
                     }
                     for b in barriers.drain(..) {
                         let _ = b.send(());
+                    }
+                    for (seq, f) in then.drain(..) {
+                        f(seq);
                     }
                     if let Some(seq) = retire {
                         if let Err(e) = journal.retire_before(seq) {
@@ -632,6 +662,18 @@ impl JournalHandle {
         if self.tx.send(Request::Barrier(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Reader `reader` (a queue task) needs no record below `seq`: the
+    /// committer deletes segments below every reader's floor.
+    pub fn floor(&self, reader: usize, seq: u64) {
+        let _ = self.tx.send(Request::Floor(reader, seq));
+    }
+
+    /// Calls `f` with the next sequence number once everything appended
+    /// before this call is durable and its callback has run.
+    pub fn barrier_then(&self, f: Box<dyn FnOnce(u64) + Send>) {
+        let _ = self.tx.send(Request::BarrierThen(f));
     }
 
     /// Asks the committer to delete segments holding only records below `seq`.

@@ -29,6 +29,7 @@ mod inspect;
 pub mod journal;
 pub mod queues;
 pub mod selector;
+pub mod shards;
 pub mod store;
 pub mod txn;
 
@@ -54,6 +55,9 @@ pub struct BrokerConfig {
     pub container_id: String,
     /// Dead-letter and expiry settings for every queue.
     pub dead_letter: queues::DeadLetter,
+    /// Queue tasks (at least 1): queues spread over them by a hash of
+    /// their key, each address space's subscriptions on one.
+    pub queue_shards: usize,
     /// Address spaces, users and addresses (as for routers).
     pub tenancy: Tenancy,
     /// A router to connect to as a route container (`HOST:PORT`).
@@ -225,6 +229,23 @@ async fn keep_router(
     }
 }
 
+/// What the journal held, split among `n` queue tasks by what each owns.
+fn split(recovered: store::Recovered, n: usize) -> Vec<store::Recovered> {
+    let mut parts: Vec<store::Recovered> = (0..n).map(|_| store::Recovered::default()).collect();
+    for (key, messages) in recovered.queues {
+        parts[shards::of_key(n, &key)].queues.insert(key, messages);
+    }
+    for (seq, record) in recovered.subscriptions {
+        parts[shards::of_key(n, &record.key)]
+            .subscriptions
+            .push((seq, record));
+    }
+    for r in recovered.retained {
+        parts[shards::of_space(n, &r.1)].retained.push(r);
+    }
+    parts
+}
+
 /// The broker's live state: its queues, their depths and counts.
 async fn report(q: queues::QueueHandle, id: String) -> serde_json::Value {
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -256,9 +277,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     let readiness = flotilla_core::ops::Readiness::new(&checks);
     // Weak: the queue task ends when its last handle goes, and the
     // operations listener must not keep it.
-    let reporter: std::sync::Arc<
-        std::sync::OnceLock<tokio::sync::mpsc::WeakUnboundedSender<queues::BrokerEvent>>,
-    > = Default::default();
+    let reporter: std::sync::Arc<std::sync::OnceLock<shards::WeakShards>> = Default::default();
     if let Some(addr) = cfg.http {
         let l = flotilla_core::ops::bind(addr)
             .await
@@ -324,17 +343,33 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         None => transport::ClientSasl::Anonymous,
     };
 
-    let memory = queues::Memory::new(cfg.max_memory, Some(j.reader()));
-    let journal = journal::JournalHandle::start(j)?;
+    let n = cfg.queue_shards.max(1);
+    let readers: Vec<_> = (0..n).map(|_| j.reader()).collect();
+    let journal = journal::JournalHandle::start_shared(j, n)?;
     let usage = queues::Usage::default();
     let gauges = queues::Gauges::default();
-    let (task, queues) = queues::QueueTask::new(
-        journal.clone(),
-        recovered,
-        cfg.dead_letter.clone(),
-        memory,
-        usage.clone(),
-        gauges.clone(),
+    let (queues, receivers) = shards::Shards::new(n);
+    let mut tasks = Vec::with_capacity(n);
+    for ((i, rx), (reader, part)) in receivers
+        .into_iter()
+        .enumerate()
+        .zip(readers.into_iter().zip(split(recovered, n)))
+    {
+        // The memory budget is split evenly between the tasks.
+        let memory = queues::Memory::new(cfg.max_memory / n, Some(reader));
+        tasks.push(queues::QueueTask::new(
+            (i, &queues, rx),
+            journal.clone(),
+            part,
+            cfg.dead_letter.clone(),
+            memory,
+            usage.clone(),
+            gauges.clone(),
+        ));
+    }
+    info!(
+        queue_tasks = n,
+        "queues and subscriptions spread over the queue tasks"
     );
     let _ = queues.send(queues::BrokerEvent::Tenancy(Arc::new(cfg.tenancy.clone())));
     let listener = TcpListener::bind(cfg.amqp)
@@ -351,7 +386,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     readiness.ok("journal");
     let _ = reporter.set(queues.downgrade());
     let tracker = TaskTracker::new();
-    tracker.spawn(task.run());
+    for task in tasks {
+        tracker.spawn(task.run());
+    }
     let policy = Policy::new(cfg.tenancy.clone())
         .with_mesh_secret(cfg.mesh_secret.clone())
         .with_cert_components(cfg.tls_ca.is_some())

@@ -33,8 +33,9 @@ use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
 
 use crate::journal::{JournalError, JournalHandle, JournalReader};
 use crate::selector::{MessageFields, Selector};
+use crate::shards::{Shards, WeakShards};
 use crate::store::{self, Stored, SubRecord};
-use crate::txn::{self, TxDest, TxPost, Txn};
+use crate::txn::{TxDest, TxPost};
 use flotilla_core::config::Tenancy;
 use flotilla_core::resources::{AddressPolicy, Overflow};
 
@@ -104,18 +105,12 @@ pub enum ToConn {
         link: LinkId,
         record: Option<SubRecord>,
     },
-    /// A transaction was declared: answer `declared` with its id.
-    Declared {
-        link: LinkId,
-        delivery: DeliveryRef,
+    /// What a delivery held for transaction `txn` is (`None`: it is no
+    /// longer out, so the transaction does not acknowledge it).
+    Held {
         txn: Bytes,
-    },
-    /// A message posted under transaction `txn` is held by it.
-    TxPosted {
-        link: LinkId,
-        delivery: DeliveryRef,
-        settled: bool,
-        txn: Bytes,
+        token: u64,
+        acquired: Option<Acquired>,
     },
     /// A discharge is done: accepted, or rejected with `error`.
     Discharged {
@@ -313,41 +308,47 @@ pub enum BrokerEvent {
         op: Inspect,
         reply: tokio::sync::oneshot::Sender<serde_json::Value>,
     },
-    /// Declares a transaction of connection `conn` in `space`.
-    TxDeclare {
-        space: String,
-        conn: u64,
-        reply: PublishReply,
-    },
-    /// A message posted under transaction `txn`.
-    TxPost {
+    /// Keeps delivery `token` out until transaction `txn` (of connection
+    /// `conn`) is discharged; the connection hears what it holds
+    /// (`ToConn::Held`).
+    Hold {
+        token: u64,
         txn: Bytes,
         conn: u64,
+        tx: mpsc::UnboundedSender<ToConn>,
+    },
+    /// A transaction rolled back: deliveries it held go back to their
+    /// queues, counted as delivered (on task `shard`).
+    TxRelease {
+        shard: usize,
+        tokens: Vec<u64>,
+    },
+    /// Commits a transaction of `space` (to the space's task): its
+    /// messages and what it acknowledged, written as one batch.
+    TxCommit {
         space: String,
-        post: TxPost,
+        posts: Vec<TxPost>,
+        acks: Vec<(Acquired, Settlement)>,
         reply: PublishReply,
     },
-    /// A delivery settled under transaction `txn`: `how` applies at commit.
-    TxSettle {
-        txn: Bytes,
-        conn: u64,
+    /// A commit is on disk: the space's subscriptions take its messages
+    /// (the queues' tasks got theirs from the journal directly).
+    TxCommitted {
+        space: String,
+        first: u64,
+        posts: Vec<Committed>,
+        acks: Vec<(Acquired, Settlement)>,
+        reply: PublishReply,
+    },
+    /// A delivery held by a committed transaction is settled `how`.
+    TxSettled {
         token: u64,
         how: Settlement,
     },
-    /// Commits (or, `fail`, rolls back) transaction `txn`.
-    TxDischarge {
-        txn: Bytes,
-        conn: u64,
-        space: String,
-        fail: bool,
-        reply: PublishReply,
-    },
-    /// A commit's records are on disk, the first as `first`: its messages
-    /// join their queues.
-    TxCommitted {
-        first: u64,
-        posts: Vec<Committed>,
-        reply: PublishReply,
+    /// Time to tell the journal how far back this task needs it:
+    /// everything before `upto` that concerns this task has been handled.
+    Floor {
+        upto: u64,
     },
     /// The retained messages of `space` whose topic `filter` matches, to
     /// the reader on `link`.
@@ -357,6 +358,16 @@ pub enum BrokerEvent {
         tx: mpsc::UnboundedSender<ToConn>,
         link: LinkId,
     },
+}
+
+/// A delivery a transaction acquired: enough to acknowledge it in the
+/// journal and settle it on its task.
+#[derive(Debug, Clone)]
+pub struct Acquired {
+    pub token: u64,
+    pub queue: String,
+    pub seq: u64,
+    pub size: u32,
 }
 
 /// What an operator asks of a queue's messages.
@@ -383,7 +394,9 @@ pub const ORIGINAL_ADDRESS: &str = "x-opt-flotilla-original-address";
 #[derive(Debug)]
 pub struct Committed {
     record: Option<u64>,
-    durable: Vec<String>,
+    /// Stored for these queues of this task (the space's subscriptions);
+    /// the others' tasks get it from the journal's callback.
+    local: Vec<String>,
     memory: Vec<String>,
     payload: Bytes,
     expires: u64,
@@ -635,6 +648,7 @@ struct Outgoing<'a> {
     queue: &'a str,
     session: bool,
     next_token: &'a mut u64,
+    step: u64,
     inflight: &'a mut HashMap<u64, Inflight>,
     settled_now: Vec<(u64, u32)>,
 }
@@ -669,7 +683,7 @@ impl Outgoing<'_> {
         if c.tx.send(ev).is_err() {
             return Err(msg);
         }
-        *self.next_token += 1;
+        *self.next_token += self.step;
         c.routed = c.routed.wrapping_add(1);
         stats.delivered += 1;
         self.inflight.insert(
@@ -845,8 +859,8 @@ pub fn gauge_of(gauges: &Gauges, key: &str) -> Arc<Gauge> {
         .clone()
 }
 
-/// A cloneable sender to the queue task.
-pub type QueueHandle = mpsc::UnboundedSender<BrokerEvent>;
+/// A cloneable handle to the queue tasks.
+pub type QueueHandle = crate::shards::Shards;
 
 /// Sequence numbers for messages that never reach the journal (they only
 /// order a non-durable subscription's queue).
@@ -865,6 +879,8 @@ pub struct QueueTask {
     subs: HashMap<String, Subscription>,
     inflight: HashMap<u64, Inflight>,
     next_token: u64,
+    /// Tokens go up by the number of tasks (`token % tasks` is ours).
+    token_step: u64,
     next_memory_seq: u64,
     /// The highest journal seq this task has seen stored: records above it
     /// may still be on their way here, so their segments must stay.
@@ -883,8 +899,12 @@ pub struct QueueTask {
     /// Retained messages by space and topic.
     retained: HashMap<String, BTreeMap<String, Retained>>,
     retain_version: u64,
-    /// Open transactions by id.
-    txns: HashMap<Bytes, Txn>,
+    /// This task's number among the queue tasks, and the tasks.
+    shard: usize,
+    shards: WeakShards,
+    /// What this task last counted into each space's usage.
+    last_usage: HashMap<String, u64>,
+    ticks: u64,
     /// The address spaces as last heard (for address policies).
     tenancy: Arc<Tenancy>,
     /// Every queue's gauge, shared with producers.
@@ -899,16 +919,21 @@ pub struct QueueTask {
 pub type Usage = std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
 impl QueueTask {
-    /// A queue task starting with what the journal held.
+    /// Queue task `shard` of `shards`, taking its events from `rx`,
+    /// starting with its part of what the journal held.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        (shard, shards, rx): (usize, &Shards, mpsc::UnboundedReceiver<BrokerEvent>),
         journal: JournalHandle,
         recovered: store::Recovered,
         dead_letter: DeadLetter,
         mut memory: Memory,
         usage: Usage,
         gauges: Gauges,
-    ) -> (QueueTask, QueueHandle) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> QueueTask {
+        let weak = shards.downgrade();
+        let tx = weak.own(shard);
+        let n = shards.len() as u64;
         let mut queues = HashMap::new();
         let mut seen = 0;
         let mut timers = std::collections::BTreeSet::new();
@@ -967,33 +992,35 @@ impl QueueTask {
                 },
             );
         }
-        (
-            QueueTask {
-                tx: tx.downgrade(),
-                dead_letter,
-                rx,
-                queues,
-                subs,
-                inflight: HashMap::new(),
-                next_token: 1,
-                next_memory_seq: MEMORY_SEQ_BASE,
-                seen,
-                journal,
-                acks_since_retire: 0,
-                memory,
-                waiting: Vec::new(),
-                usage,
-                index,
-                consumer_at: HashMap::new(),
-                retained,
-                retain_version: 0,
-                txns: HashMap::new(),
-                timers,
-                tenancy: Arc::new(Tenancy::default()),
-                gauges,
-            },
+        QueueTask {
             tx,
-        )
+            dead_letter,
+            rx,
+            queues,
+            subs,
+            inflight: HashMap::new(),
+            // Tokens name their task: token % shards.
+            next_token: shard as u64 + n,
+            token_step: n,
+            next_memory_seq: MEMORY_SEQ_BASE,
+            seen,
+            journal,
+            acks_since_retire: 0,
+            memory,
+            waiting: Vec::new(),
+            usage,
+            index,
+            consumer_at: HashMap::new(),
+            retained,
+            retain_version: 0,
+            shard,
+            shards: weak,
+            last_usage: HashMap::new(),
+            ticks: 0,
+            timers,
+            tenancy: Arc::new(Tenancy::default()),
+            gauges,
+        }
     }
 
     pub async fn run(mut self) {
@@ -1192,22 +1219,7 @@ impl QueueTask {
                 closed,
             ),
             BrokerEvent::Gone { conn } => {
-                // Its transactions end with it, undone.
-                let open: Vec<Bytes> = self
-                    .txns
-                    .iter()
-                    .filter(|(_, t)| t.conn == conn)
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                let mut touched = Vec::new();
-                for id in open {
-                    if let Some(t) = self.txns.remove(&id) {
-                        debug!(txn = %txn::hex(&id), "transaction rolled back: its connection is gone");
-                        touched.extend(self.rollback(t));
-                    }
-                }
-                touched.extend(self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn, false));
-                touched
+                self.drop_consumers(|c| c.conn == conn, |f| f.conn == conn, false)
             }
             BrokerEvent::Reattach {
                 keys,
@@ -1240,170 +1252,6 @@ impl QueueTask {
                     q.policy = None;
                 }
                 Vec::new()
-            }
-            BrokerEvent::TxDeclare { space, conn, reply } => {
-                let open = self.txns.values().filter(|t| t.conn == conn).count();
-                if open >= txn::MAX_OPEN {
-                    let _ = reply.tx.send(ToConn::Rejected {
-                        link: reply.link,
-                        delivery: reply.delivery,
-                        settled: reply.settled,
-                        error: amqp_error(
-                            AmqpError::ResourceLimitExceeded,
-                            format!("a connection may have {} transactions open", txn::MAX_OPEN),
-                        ),
-                    });
-                    return Vec::new();
-                }
-                let id = txn::new_id();
-                debug!(txn = %txn::hex(&id), space = %space, "transaction declared");
-                self.txns.insert(id.clone(), Txn::new(space, conn));
-                let _ = reply.tx.send(ToConn::Declared {
-                    link: reply.link,
-                    delivery: reply.delivery,
-                    txn: id,
-                });
-                Vec::new()
-            }
-            BrokerEvent::TxPost {
-                txn,
-                conn,
-                space,
-                post,
-                reply,
-            } => {
-                let error = match self.txns.get_mut(&txn) {
-                    Some(t) if t.conn == conn && t.space == space => {
-                        let len = post.payload.len();
-                        if let Some(why) = &t.doomed {
-                            Some(txn::rolled_back(why))
-                        } else if t.posts.len() >= txn::MAX_MESSAGES
-                            || t.bytes + len > txn::MAX_BYTES
-                        {
-                            let why = format!(
-                                "a transaction holds at most {} messages and {} bytes",
-                                txn::MAX_MESSAGES,
-                                txn::MAX_BYTES
-                            );
-                            t.doomed = Some(why.clone());
-                            Some(amqp_error(AmqpError::ResourceLimitExceeded, why))
-                        } else {
-                            t.bytes += len;
-                            t.posts.push(post);
-                            None
-                        }
-                    }
-                    _ => Some(txn::unknown(&txn)),
-                };
-                let _ = reply.tx.send(match error {
-                    None => ToConn::TxPosted {
-                        link: reply.link,
-                        delivery: reply.delivery,
-                        settled: reply.settled,
-                        txn,
-                    },
-                    Some(error) => ToConn::Rejected {
-                        link: reply.link,
-                        delivery: reply.delivery,
-                        settled: reply.settled,
-                        error,
-                    },
-                });
-                Vec::new()
-            }
-            BrokerEvent::TxSettle {
-                txn,
-                conn,
-                token,
-                how,
-            } => {
-                let Some(f) = self.inflight.get_mut(&token) else {
-                    return Vec::new();
-                };
-                match self.txns.get_mut(&txn) {
-                    Some(t) if t.conn == conn && Self::space_of(&f.queue) == t.space => {
-                        f.txn = Some(txn);
-                        t.acquired.push((token, how));
-                        Vec::new()
-                    }
-                    // Not a transaction of ours: it will never commit, so
-                    // the message goes back.
-                    _ => match self.inflight.remove(&token) {
-                        Some(f) => self.redeliver(f.queue, f.msg, false).into_iter().collect(),
-                        None => Vec::new(),
-                    },
-                }
-            }
-            BrokerEvent::TxDischarge {
-                txn,
-                conn,
-                space,
-                fail,
-                reply,
-            } => {
-                let t = match self.txns.get(&txn) {
-                    Some(t) if t.conn == conn && t.space == space => self.txns.remove(&txn),
-                    _ => None,
-                };
-                let Some(t) = t else {
-                    let _ = reply.tx.send(ToConn::Discharged {
-                        delivery: reply.delivery,
-                        settled: reply.settled,
-                        error: Some(txn::unknown(&txn)),
-                    });
-                    return Vec::new();
-                };
-                if fail || t.doomed.is_some() {
-                    let error = t.doomed.as_deref().filter(|_| !fail).map(txn::rolled_back);
-                    debug!(txn = %txn::hex(&txn), "transaction rolled back");
-                    let touched = self.rollback(t);
-                    let _ = reply.tx.send(ToConn::Discharged {
-                        delivery: reply.delivery,
-                        settled: reply.settled,
-                        error,
-                    });
-                    return touched;
-                }
-                self.commit(&txn, t, reply)
-            }
-            BrokerEvent::TxCommitted {
-                first,
-                posts,
-                reply,
-            } => {
-                let mut touched = Vec::new();
-                for p in posts {
-                    let seq = match p.record {
-                        Some(i) => first + i,
-                        None => {
-                            self.next_memory_seq += 1;
-                            self.next_memory_seq
-                        }
-                    };
-                    self.seen = self.seen.max(seq.min(MEMORY_SEQ_BASE - 1));
-                    let mut msg = Stored::new(seq, p.payload, p.expires);
-                    msg.due = p.due;
-                    for q in &p.durable {
-                        if self.enqueue(q, msg.clone()) && !touched.contains(q) {
-                            touched.push(q.clone());
-                        }
-                    }
-                    for q in p.memory {
-                        self.next_memory_seq += 1;
-                        let mut m =
-                            Stored::new(self.next_memory_seq, msg.payload.clone(), p.expires);
-                        m.due = p.due;
-                        if self.enqueue(&q, m) && !touched.contains(&q) {
-                            touched.push(q);
-                        }
-                    }
-                }
-                let _ = reply.tx.send(ToConn::Discharged {
-                    delivery: reply.delivery,
-                    settled: reply.settled,
-                    error: None,
-                });
-                touched
             }
             BrokerEvent::Settle { token, how } => {
                 let Some(f) = self.inflight.remove(&token) else {
@@ -1443,6 +1291,121 @@ impl QueueTask {
             }
             BrokerEvent::PurgeNow { queue } => {
                 self.purge(&queue);
+                Vec::new()
+            }
+            BrokerEvent::Hold {
+                token,
+                txn,
+                conn,
+                tx,
+            } => {
+                let acquired = match self.inflight.get_mut(&token) {
+                    Some(f) if f.conn == conn => {
+                        f.txn = Some(txn.clone());
+                        Some(Acquired {
+                            token,
+                            queue: f.queue.clone(),
+                            seq: f.msg.seq,
+                            size: f.msg.size,
+                        })
+                    }
+                    _ => None,
+                };
+                let _ = tx.send(ToConn::Held {
+                    txn,
+                    token,
+                    acquired,
+                });
+                Vec::new()
+            }
+            BrokerEvent::TxRelease { tokens, .. } => {
+                let mut touched = Vec::new();
+                for token in tokens {
+                    if let Some(f) = self.inflight.remove(&token) {
+                        if let Some(q) = self.redeliver(f.queue, f.msg, true) {
+                            if !touched.contains(&q) {
+                                touched.push(q);
+                            }
+                        }
+                    }
+                }
+                touched
+            }
+            BrokerEvent::TxCommit {
+                space,
+                posts,
+                acks,
+                reply,
+            } => {
+                self.commit(space, posts, acks, reply);
+                Vec::new()
+            }
+            BrokerEvent::TxCommitted {
+                first,
+                posts,
+                acks,
+                reply,
+                ..
+            } => {
+                let mut touched = Vec::new();
+                for p in posts {
+                    let seq = p.record.map(|i| first + i);
+                    if let Some(seq) = seq {
+                        self.seen = self.seen.max(seq);
+                    }
+                    for q in &p.local {
+                        let seq = seq.unwrap_or_else(|| {
+                            self.next_memory_seq += 1;
+                            self.next_memory_seq
+                        });
+                        let mut msg = Stored::new(seq, p.payload.clone(), p.expires);
+                        msg.due = p.due;
+                        if self.enqueue(q, msg) && !touched.contains(q) {
+                            touched.push(q.clone());
+                        }
+                    }
+                    for q in p.memory {
+                        self.next_memory_seq += 1;
+                        let mut m = Stored::new(self.next_memory_seq, p.payload.clone(), p.expires);
+                        m.due = p.due;
+                        if self.enqueue(&q, m) && !touched.contains(&q) {
+                            touched.push(q);
+                        }
+                    }
+                }
+                for (a, how) in acks {
+                    self.shards.send(BrokerEvent::TxSettled {
+                        token: a.token,
+                        how,
+                    });
+                }
+                let _ = reply.tx.send(ToConn::Discharged {
+                    delivery: reply.delivery,
+                    settled: reply.settled,
+                    error: None,
+                });
+                touched
+            }
+            BrokerEvent::TxSettled { token, how } => {
+                let Some(f) = self.inflight.remove(&token) else {
+                    return Vec::new();
+                };
+                match how {
+                    Settlement::Consumed => {
+                        if let Some(q) = self.queues.get_mut(&f.queue) {
+                            q.stats.acked += 1;
+                            q.gauge.sub(f.msg.size);
+                        }
+                        self.acks_since_retire += 1;
+                        Vec::new()
+                    }
+                    Settlement::Requeue { failed } => {
+                        self.redeliver(f.queue, f.msg, failed).into_iter().collect()
+                    }
+                }
+            }
+            BrokerEvent::Floor { upto } => {
+                self.floor(upto);
                 Vec::new()
             }
             BrokerEvent::Retain {
@@ -2099,105 +2062,99 @@ impl QueueTask {
         self.put_back(queue, msg)
     }
 
-    /// Undoes a transaction: its posts are dropped and what it acquired
-    /// goes back, counted as delivered. Returns the queues that got some.
-    fn rollback(&mut self, t: Txn) -> Vec<String> {
-        let mut touched = Vec::new();
-        for (token, _) in t.acquired {
-            if let Some(f) = self.inflight.remove(&token) {
-                if let Some(q) = self.redeliver(f.queue, f.msg, true) {
-                    if !touched.contains(&q) {
-                        touched.push(q);
-                    }
-                }
-            }
-        }
-        touched
-    }
-
-    /// Commits a transaction: its messages and acknowledgements are
-    /// written as one batch ending with a `Commit` record, in one sync;
-    /// once it is on disk the messages join their queues
-    /// (`BrokerEvent::TxCommitted`) and the discharge is accepted.
-    fn commit(&mut self, id: &Bytes, t: Txn, reply: PublishReply) -> Vec<String> {
+    /// Commits a transaction of `space` (on the space's task): its
+    /// messages and acknowledgements are written as one batch ending with
+    /// a `Commit` record, in one sync. Once it is on disk, each queue's
+    /// task gets its messages straight from the journal's callback (in
+    /// journal order, before anything written after), this task its
+    /// subscriptions' (`BrokerEvent::TxCommitted`), the deliveries it
+    /// acknowledged are settled on their tasks, and the discharge is
+    /// accepted.
+    fn commit(
+        &mut self,
+        space: String,
+        posts: Vec<TxPost>,
+        acks: Vec<(Acquired, Settlement)>,
+        reply: PublishReply,
+    ) {
         let mut records = Vec::new();
-        let mut posts = Vec::with_capacity(t.posts.len());
-        for p in t.posts {
+        let mut committed = Vec::with_capacity(posts.len());
+        // Messages for queues of other tasks: (record index, queue, message).
+        let mut remote: Vec<(u64, String, Stored)> = Vec::new();
+        for p in posts {
             let (durable, memory, payload) = match p.to {
-                TxDest::Queue(key) => {
-                    // A queue made by its first message, as outside a
-                    // transaction.
-                    self.make_queue(&key);
-                    (vec![key], Vec::new(), p.payload)
-                }
-                TxDest::Topic(topic) => self.route_topic(&t.space, &topic, p.payload),
+                TxDest::Queue(key) => (vec![key], Vec::new(), p.payload),
+                TxDest::Topic(topic) => self.route_topic(&space, &topic, p.payload),
             };
             let record = (!durable.is_empty()).then(|| {
                 let names: Vec<&str> = durable.iter().map(String::as_str).collect();
                 records.push(store::tx_publish(&names, p.expires, p.due, &payload));
                 (records.len() - 1) as u64
             });
-            posts.push(Committed {
+            let mut local = Vec::new();
+            for q in durable {
+                if store::is_subscription(&q) {
+                    local.push(q);
+                } else if let Some(i) = record {
+                    let mut msg = Stored::new(0, payload.clone(), p.expires);
+                    msg.due = p.due;
+                    remote.push((i, q, msg));
+                }
+            }
+            committed.push(Committed {
                 record,
-                durable,
+                local,
                 memory,
                 payload,
                 expires: p.expires,
                 due: p.due,
             });
         }
-        let mut touched = Vec::new();
-        for (token, how) in t.acquired {
-            let Some(f) = self.inflight.remove(&token) else {
-                continue;
-            };
-            match how {
-                Settlement::Consumed => {
-                    let durable = self.queues.get(&f.queue).is_some_and(|q| q.durable);
-                    if let Some(q) = self.queues.get_mut(&f.queue) {
-                        q.stats.acked += 1;
-                        q.gauge.sub(f.msg.size);
-                    }
-                    if durable && f.msg.seq < MEMORY_SEQ_BASE {
-                        records.push(store::tx_ack(f.msg.seq, &f.queue));
-                        self.acks_since_retire += 1;
-                    }
-                }
-                Settlement::Requeue { failed } => {
-                    if let Some(q) = self.redeliver(f.queue, f.msg, failed) {
-                        if !touched.contains(&q) {
-                            touched.push(q);
-                        }
-                    }
-                }
+        for (a, how) in &acks {
+            // Queues are durable; a subscription's acknowledgement counts
+            // only if it is (its messages are in the journal at all).
+            let durable = !store::is_subscription(&a.queue)
+                || self.subs.get(&a.queue).is_some_and(|s| s.durable);
+            if *how == Settlement::Consumed && durable && a.seq < MEMORY_SEQ_BASE {
+                records.push(store::tx_ack(a.seq, &a.queue));
             }
         }
         let n = records.len() as u32;
-        debug!(txn = %txn::hex(id), records = n, "transaction committing");
+        debug!(space = %space, records = n, "transaction committing");
+        let event = move |first: u64| BrokerEvent::TxCommitted {
+            space,
+            first,
+            posts: committed,
+            acks,
+            reply,
+        };
         if n == 0 {
             // Nothing durable: it takes effect at once.
             if let Some(tx) = self.tx.upgrade() {
-                let _ = tx.send(BrokerEvent::TxCommitted {
-                    first: 0,
-                    posts,
-                    reply,
-                });
+                let _ = tx.send(event(0));
             }
-            return touched;
+            return;
         }
         records.push(store::commit(n));
-        let tx = self.tx.clone();
+        let (tx, shards) = (self.tx.clone(), self.shards.clone());
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
             Ok(first) => {
-                if let Some(tx) = tx.upgrade() {
-                    let _ = tx.send(BrokerEvent::TxCommitted {
-                        first,
-                        posts,
-                        reply,
+                for (i, queue, mut msg) in remote {
+                    msg.seq = first + i;
+                    shards.send(BrokerEvent::Stored {
+                        queue,
+                        msg,
+                        reserved: false,
                     });
+                }
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx.send(event(first));
                 }
             }
             Err(e) => {
+                let BrokerEvent::TxCommitted { reply, .. } = event(0) else {
+                    return;
+                };
                 let _ = reply.tx.send(ToConn::Discharged {
                     delivery: reply.delivery,
                     settled: reply.settled,
@@ -2209,11 +2166,6 @@ impl QueueTask {
             }
         });
         let _ = self.journal.append_many(records, done);
-        if self.acks_since_retire >= 1000 {
-            self.acks_since_retire = 0;
-            self.retire();
-        }
-        touched
     }
 
     /// Records that `queue` consumed message `seq` (of `size` bytes) for
@@ -2351,10 +2303,11 @@ impl QueueTask {
     /// `to`, then acknowledges `msg` where it was.
     fn move_payload(&mut self, from: &str, msg: &Stored, payload: Bytes, to: String) {
         let record = store::publish(&[to.as_str()], 0, &payload);
-        let tx = self.tx.clone();
+        // Straight to the task that owns `to` (perhaps another).
+        let shards = self.shards.clone();
         let stored = Box::new(move |r: Result<u64, JournalError>| {
-            if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                let _ = tx.send(BrokerEvent::Stored {
+            if let Ok(seq) = r {
+                shards.send(BrokerEvent::Stored {
                     queue: to,
                     msg: Stored::new(seq, payload, 0),
                     reserved: false,
@@ -2405,6 +2358,7 @@ impl QueueTask {
             queue: name,
             session,
             next_token: &mut self.next_token,
+            step: self.token_step,
             inflight: &mut self.inflight,
             settled_now: Vec::new(),
         };
@@ -2707,7 +2661,27 @@ impl QueueTask {
             let n: u64 = m.values().map(|r| r.message.len() as u64).sum();
             *usage.entry(space.clone()).or_default() += n;
         }
-        *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
+        {
+            // Other tasks count their queues into the same spaces: take
+            // back what this one counted last time, add what it counts now.
+            let mut shared = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            for (space, n) in self.last_usage.drain() {
+                if let Some(v) = shared.get_mut(&space) {
+                    *v = v.saturating_sub(n);
+                }
+            }
+            for (space, n) in &usage {
+                *shared.entry(space.clone()).or_default() += n;
+            }
+            shared.retain(|_, v| *v > 0);
+        }
+        self.last_usage = usage;
+        // Every few seconds even when idle: the journal retires only below
+        // every task's floor.
+        self.ticks += 1;
+        if self.ticks % 5 == 0 {
+            self.retire();
+        }
         // Durable subscriptions nobody consumed for their expiry interval
         // (an MQTT session that did not come back) end.
         let expired: Vec<String> = self
@@ -2840,11 +2814,25 @@ impl QueueTask {
         })
     }
 
-    /// Deletes journal segments below the oldest record still needed: the
-    /// oldest message held, the oldest subscription record, and anything
-    /// not yet seen here. Subscription records far behind are written
-    /// again so they do not hold old segments forever.
+    /// Asks the journal how far it has got: once every record before
+    /// `upto` has been handed to its task (`BrokerEvent::Floor`), this
+    /// task tells the journal the oldest record it still needs.
     fn retire(&mut self) {
+        let tx = self.tx.clone();
+        self.journal.barrier_then(Box::new(move |upto| {
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(BrokerEvent::Floor { upto });
+            }
+        }));
+    }
+
+    /// Tells the journal the oldest record this task still needs: the
+    /// oldest message it holds, its oldest subscription and retained
+    /// records, and nothing from `upto` on (records it may not have been
+    /// handed yet). The journal deletes segments below every task's
+    /// floor. Subscription records far behind are written again so they
+    /// do not hold old segments forever.
+    fn floor(&mut self, upto: u64) {
         let oldest_queued = self
             .queues
             .values()
@@ -2866,7 +2854,7 @@ impl QueueTask {
             .chain(oldest_inflight)
             .min()
             .unwrap_or(u64::MAX)
-            .min(self.seen + 1);
+            .min(upto);
         let mut oldest = oldest_msg;
         // Only records that alone keep the oldest segment are written
         // again (not every record behind the oldest message each time).
@@ -2935,6 +2923,6 @@ impl QueueTask {
                 }),
             );
         }
-        self.journal.retire_before(oldest);
+        self.journal.floor(self.shard, oldest.max(1));
     }
 }

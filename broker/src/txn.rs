@@ -12,8 +12,11 @@
 //! the acquired messages back, counted as a delivery.
 //!
 //! A transaction belongs to the connection that declared it (through a
-//! router, the router's connection) and to one address space: its id is
-//! random, and an id used from elsewhere is unknown.
+//! router, the router's connection), which keeps its [`Txn`], and to one
+//! address space: its id is random, and an id used from elsewhere is
+//! unknown. A delivery settled under it is held on its queue task
+//! (`BrokerEvent::Hold`) until the discharge; the commit itself runs on
+//! the space's task (`BrokerEvent::TxCommit`), which writes the batch.
 
 use bytes::Bytes;
 use flotilla_amqp::message::sections;
@@ -21,7 +24,7 @@ use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
 use flotilla_amqp::types::messaging::{DeliveryState, Outcome};
 use flotilla_amqp::types::transaction::{Declare, Discharge, TransactionError};
 
-use crate::queues::Settlement;
+use crate::queues::{Acquired, Settlement};
 
 /// A transaction's work is bounded: past this many messages or bytes it
 /// can only roll back (a connection's memory follows its windows).
@@ -153,28 +156,40 @@ pub struct TxPost {
     pub due: u64,
 }
 
-/// A transaction's work until it is discharged.
+/// A transaction's work until it is discharged, kept by the connection
+/// that declared it.
 #[derive(Debug)]
 pub struct Txn {
+    /// The address space of its coordinator link: everything it touches
+    /// is of this space.
     pub space: String,
-    pub conn: u64,
     pub posts: Vec<TxPost>,
-    /// Deliveries settled under it: their tokens and how.
-    pub acquired: Vec<(u64, Settlement)>,
     pub bytes: usize,
+    /// Deliveries settled under it (token and outcome), each asked to be
+    /// held on its queue task.
+    pub holds: Vec<(u64, Settlement)>,
+    /// Holds not answered yet: a discharge waits for them.
+    pub pending: usize,
+    /// What the holds found: the deliveries it acknowledges or returns.
+    pub acquired: Vec<(Acquired, Settlement)>,
     /// Why it can only roll back.
     pub doomed: Option<String>,
+    /// A discharge waiting for the holds: its delivery, whether it was
+    /// settled, and `fail`.
+    pub discharge: Option<(flotilla_amqp::connection::DeliveryRef, bool, bool)>,
 }
 
 impl Txn {
-    pub fn new(space: String, conn: u64) -> Txn {
+    pub fn new(space: String) -> Txn {
         Txn {
             space,
-            conn,
             posts: Vec::new(),
-            acquired: Vec::new(),
             bytes: 0,
+            holds: Vec::new(),
+            pending: 0,
+            acquired: Vec::new(),
             doomed: None,
+            discharge: None,
         }
     }
 }
