@@ -420,7 +420,7 @@ impl BrokerConnection {
                 self.reply_links.retain(|_, l| *l != link);
                 self.snapshots.remove(&link);
                 if self.consumers.remove(&link).is_some() {
-                    self.to_consumer_task(
+                    self.send_to_consumer_task(
                         link,
                         BrokerEvent::Detach {
                             conn: self.id,
@@ -455,7 +455,7 @@ impl BrokerConnection {
         if self.consumers.contains_key(&link) {
             if let Some(l) = self.conn.link(link) {
                 let limit = l.delivery_count.wrapping_add(l.credit);
-                self.to_consumer_task(
+                self.send_to_consumer_task(
                     link,
                     BrokerEvent::Credit {
                         conn: self.id,
@@ -632,7 +632,7 @@ impl BrokerConnection {
             self.producers.remove(&link);
             self.pending.remove(&link);
             if self.consumers.remove(&link).is_some() {
-                self.to_consumer_task(
+                self.send_to_consumer_task(
                     link,
                     BrokerEvent::Detach {
                         conn: self.id,
@@ -809,7 +809,7 @@ impl BrokerConnection {
     }
 
     /// Sends a consumer's credit or detach to the queue task that has it.
-    fn to_consumer_task(&mut self, link: LinkId, ev: BrokerEvent) {
+    fn send_to_consumer_task(&mut self, link: LinkId, ev: BrokerEvent) {
         let task = self.consumer_task.get(&link).copied().unwrap_or(0);
         if matches!(ev, BrokerEvent::Detach { .. }) {
             self.consumer_task.remove(&link);
@@ -1166,7 +1166,7 @@ impl BrokerConnection {
         };
         let Some(r) = record.filter(allowed) else {
             if self.consumers.remove(&link).is_some() {
-                self.to_consumer_task(
+                self.send_to_consumer_task(
                     link,
                     BrokerEvent::Detach {
                         conn: self.id,

@@ -469,6 +469,10 @@ impl Journal {
 /// committer thread, in sequence order.
 pub type Done = Box<dyn FnOnce(Result<u64, JournalError>) + Send>;
 
+/// What [`JournalHandle::barrier_then`] calls, with the next sequence
+/// number.
+pub type Then = Box<dyn FnOnce(u64) + Send>;
+
 enum Request {
     Append(Bytes, Done),
     Retire(u64),
@@ -477,7 +481,7 @@ enum Request {
     Floor(usize, u64),
     /// Called with the next seq once every record queued before it is
     /// durable and its callback has run.
-    BarrierThen(Box<dyn FnOnce(u64) + Send>),
+    BarrierThen(Then),
     /// Records appended together, with consecutive sequence numbers (a
     /// transaction and its commit record); `Done` gets the first's.
     AppendMany(Vec<Bytes>, Done),
@@ -530,7 +534,7 @@ impl JournalHandle {
             .spawn(move || {
                 let mut waiting: Vec<(u64, Done)> = Vec::new();
                 let mut floors = vec![0u64; readers.max(1)];
-                let mut then: Vec<(u64, Box<dyn FnOnce(u64) + Send>)> = Vec::new();
+                let mut then: Vec<(u64, Then)> = Vec::new();
                 while let Ok(first) = rx.recv() {
                     let mut retire = None;
                     let mut barriers = Vec::new();
@@ -672,7 +676,7 @@ impl JournalHandle {
 
     /// Calls `f` with the next sequence number once everything appended
     /// before this call is durable and its callback has run.
-    pub fn barrier_then(&self, f: Box<dyn FnOnce(u64) + Send>) {
+    pub fn barrier_then(&self, f: Then) {
         let _ = self.tx.send(Request::BarrierThen(f));
     }
 

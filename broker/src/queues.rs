@@ -2679,7 +2679,7 @@ impl QueueTask {
         // Every few seconds even when idle: the journal retires only below
         // every task's floor.
         self.ticks += 1;
-        if self.ticks % 5 == 0 {
+        if self.ticks.is_multiple_of(5) {
             self.retire();
         }
         // Durable subscriptions nobody consumed for their expiry interval
