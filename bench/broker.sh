@@ -13,7 +13,10 @@
 # msg/s from the first message to the last; (d) send → accept latency p50/p99
 # at a fixed RATE, no consumer; (e) fsync + fdatasync calls of the server
 # process during (b), per accepted message (perf stat -p: only threads that
-# exist when perf attaches are counted; the script warns if new ones appear).
+# exist when perf attaches are counted; the script warns if new ones appear);
+# (f) four queues at once, each 1 producer + 1 consumer (four `flotilla
+# bench` processes, one thread each), delivered msg/s in total: for the
+# Flotilla broker with one queue task and with two (`--queue-shards`).
 #
 # Environment:
 #   SIZE=1024  RATE=1000  LAT_SECONDS=10     body size, latency run
@@ -144,6 +147,18 @@ measure() {
   bench "$t" latency "${common[@]}" --address "${q}lat" --receivers 0 --rate "$rate" --duration "$lat_secs"
 }
 
+# four TARGET URL PREFIX: (f), four queues PREFIXfour0..3 at once.
+four() {
+  local t=$1 url=$2 q=$3 i ps=()
+  say "$t: four queues: 4 x flotilla bench --threads 1 --duration $secs"
+  for i in 0 1 2 3; do
+    timeout -k 10 "$bench_timeout" "$bin" bench --json --threads 1 --url "$url" --size "$size" --durable \
+      --address "${q}four$i" --duration "$secs" > "$res/$t.four$i.json" 2> "$tmp/$t.four$i.log" &
+    ps+=($!)
+  done
+  for i in "${ps[@]}"; do wait "$i" || true; done
+}
+
 has_target() { [[ " $targets " == *" $1 "* ]]; }
 notes=()
 
@@ -152,6 +167,14 @@ if has_target direct; then
   start_broker direct
   measure direct "amqp://127.0.0.1:$broker_port" "" "$broker_pid"
   kill "$broker_pid"; wait "$broker_pid" 2>/dev/null || true
+  # (f) with one queue task, then with two, on fresh brokers.
+  if "$bin" broker --help | grep -q -- '--queue-shards'; then
+    for n in 1 2; do
+      start_broker "shards$n" --queue-shards "$n"
+      four "shards$n" "amqp://127.0.0.1:$broker_port" ""
+      kill "$broker_pid"; wait "$broker_pid" 2>/dev/null || true
+    done
+  fi
 fi
 
 # ---- Flotilla broker behind a router ----------------------------------------------
@@ -185,11 +208,13 @@ kind: Address
 metadata: {name: probe}
 spec: {address: probe, type: queue}
 YAML
-    "$bin" router --amqp 127.0.0.1:0 --config "$tmp/router.yaml" 2> "$tmp/router.log" &
+    # Brokers prove they are components with the mesh secret.
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$tmp/mesh-secret"
+    "$bin" router --amqp 127.0.0.1:0 --config "$tmp/router.yaml" --mesh-secret-file "$tmp/mesh-secret" 2> "$tmp/router.log" &
     router_pid=$!; pids+=("$router_pid")
     wait_for "$tmp/router.log" listening "$router_pid"
     router_url="amqp://127.0.0.1:$(port_of "$tmp/router.log")"
-    broker_args=(--router "127.0.0.1:$(port_of "$tmp/router.log")")
+    broker_args=(--router "127.0.0.1:$(port_of "$tmp/router.log")" --mesh-secret-file "$tmp/mesh-secret")
     if "$bin" broker --help | grep -q -- '--config'; then broker_args+=(--config "$tmp/router.yaml"); fi
     start_broker router "${broker_args[@]}"
     # Routed once a message to a queue address is accepted through the router.
@@ -216,9 +241,10 @@ fi
 if has_target rabbit; then
   rabbit_dir=$tmp/rabbit
   if "$anchors/rabbitmq.sh" start "$rabbit_dir" "$rabbit_port" $((rabbit_port + 10)) > "$tmp/rabbit.start" 2>&1; then
-    for q in steady fill lat; do "$anchors/rabbitmq.sh" queue "$rabbit_dir" "$q" classic >/dev/null; done
+    for q in steady fill lat four0 four1 four2 four3; do "$anchors/rabbitmq.sh" queue "$rabbit_dir" "$q" classic >/dev/null; done
     rabbit_version=$(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo "?")
     measure rabbit "amqp://guest:guest@127.0.0.1:$rabbit_port" /amq/queue/ "$(cat "$rabbit_dir/rabbit.pid")"
+    four rabbit "amqp://guest:guest@127.0.0.1:$rabbit_port" /amq/queue/
   else
     notes+=("RabbitMQ: did not start: $(tail -1 "$tmp/rabbit.start")")
     say "rabbit: did not start:"; cat "$tmp/rabbit.start" >&2
@@ -289,6 +315,20 @@ def per_msg(t):
     v = n / j["accepted"]
     return v, f"{v:.4f} ({n:,} / {j['accepted']:,})"
 
+def four_total(t):
+    parts = [load(t, f"four{i}") for i in range(4)]
+    if not all(parts):
+        return None
+    return sum(p["receive_rate"] for p in parts), [p["receive_rate"] for p in parts]
+
+def four(t):
+    # The Flotilla broker's cell is its run with two queue tasks.
+    got = four_total("shards2" if t == "direct" else t)
+    if got is None:
+        return None, "failed" if t in ("direct", "rabbit") else "—"
+    total, each = got
+    return total, f"{total / 1000:.1f}k ({' + '.join(f'{e / 1000:.0f}k' for e in each)})"
+
 rows = [
     (f"steady 1 → 1 for {secs} s, delivered msg/s", steady),
     (f"fill {fill:,}, accepted msg/s", filled),
@@ -296,6 +336,7 @@ rows = [
     (f"accept p50 at {rate} msg/s (lower is better)", accept("accept_p50_us")),
     (f"accept p99 at {rate} msg/s (lower is better)", accept("accept_p99_us")),
     ("syncs per message, filling (lower is better)", per_msg),
+    (f"4 queues × (1 → 1) for {secs} s, delivered msg/s in total", four),
 ]
 ran = lambda t: any(n.startswith(t + ".") for n in os.listdir(res))
 flotilla = [(t, name) for t, name in (("direct", "Flotilla broker"), ("router", "Flotilla via router")) if ran(t)]
@@ -332,7 +373,13 @@ print("Commands (URL = the target's; ADDR = `steady`, `fill`, `lat`, or `/amq/qu
 print(f"steady `flotilla bench --url URL --size {size} --durable --address ADDR --duration {secs}`;")
 print(f"fill `… --receivers 0 --count {fill}`; drain `flotilla bench --url URL --address ADDR --senders 0 --count {fill}`;")
 print(f"latency `… --receivers 0 --rate {rate} --duration {lat_secs}` (send → outcome at the producer);")
-print("syncs `perf stat -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -p PID` on the broker (RabbitMQ: beam.smp) during the fill.")
+print("syncs `perf stat -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -p PID` on the broker (RabbitMQ: beam.smp) during the fill;")
+print(f"4 queues: four `flotilla bench --threads 1 --url URL --size {size} --durable --address ADDRi --duration {secs}` at once.")
+one, two = four_total("shards1"), four_total("shards2")
+if one and two:
+    print()
+    print(f"Queue tasks, 4 queues × (1 → 1): `--queue-shards 1` {one[0] / 1000:.1f}k msg/s, "
+          f"`--queue-shards 2` {two[0] / 1000:.1f}k msg/s: × {two[0] / one[0]:.2f}.")
 if perf_problem:
     notes.append(f"Syncs not measured: {perf_problem}.")
 for n in notes:

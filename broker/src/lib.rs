@@ -25,7 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
-mod inspect;
+pub mod inspect;
 pub mod journal;
 pub mod queues;
 pub mod selector;

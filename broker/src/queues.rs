@@ -2804,6 +2804,10 @@ impl QueueTask {
         json!({
             "kind": "broker",
             "retained": retained,
+            "journal": {
+                "records": self.journal.stats.records.load(std::sync::atomic::Ordering::Relaxed),
+                "syncs": self.journal.stats.syncs.load(std::sync::atomic::Ordering::Relaxed),
+            },
             "memory": {
                 "limit": self.memory.limit,
                 "held": self.memory.held,

@@ -357,12 +357,20 @@ def test_many_transactions_one_after_another_on_one_session(stack, where):
 BATCH = re.compile(r"b(\d+)-(\d+)$")
 
 
-def test_acknowledged_commits_survive_kill_9_and_none_is_half_there(start_broker, tmpdir_path, config_file):
+@pytest.mark.parametrize("where", ["broker", "router"])
+def test_acknowledged_commits_survive_kill_9_and_none_is_half_there(start_router, start_broker, tmpdir_path, config_file, where):
     """A commit the broker acknowledged survives a crash (kill -9) in the
     middle of a stream of commits, and no transaction is ever half there:
-    each is in the queue whole, in order, or not at all."""
-    b = start_broker(os.path.join(tmpdir_path, "data"), "--config", config_file(CONFIG))
-    producer = TxSender(b.url, QUEUE, (["b%d-%d" % (n, i) for i in range(10)] for n in range(1000)))
+    each is in the queue whole, in order, or not at all. Directly, and
+    through a router (which routes the coordinator to the broker)."""
+    cfg = config_file(CONFIG)
+    r = start_router("--config", cfg) if where == "router" else None
+    extra = ("--router", r.url) if r else ()
+    b = start_broker(os.path.join(tmpdir_path, "data"), "--config", cfg, *extra)
+    if r:
+        r.wait_for_log(BROKER_UP)
+    url = r.url if r else b.url
+    producer = TxSender(url, QUEUE, (["b%d-%d" % (n, i) for i in range(10)] for n in range(1000)))
     s = Scenario([producer], lambda: bool(producer.errors) or producer.done(), timeout=40)
     t = threading.Thread(target=s.run, daemon=True)
     t.start()
@@ -379,7 +387,9 @@ def test_acknowledged_commits_survive_kill_9_and_none_is_half_there(start_broker
     acked, discharged = list(producer.committed), set(producer.discharged)
 
     b.restart()
-    got = before_marker(b.url, marker="end", limit=10 * (max(discharged) + 1))
+    if r:
+        r.wait_for_log(BROKER_UP, count=2)
+    got = before_marker(url, marker="end", limit=10 * (max(discharged) + 1))
     by_batch = {}
     for body in got:
         m = BATCH.match(body)
