@@ -80,6 +80,13 @@ class Client(MessagingHandler):
         self.errors.append("link %r closed by the peer: %s: %s" % (event.link.name, c.name, c.description))
         event.link.close()
 
+    def on_link_remote_detach(self, event):
+        # A router detaches (not closes) a client's routed links when their
+        # broker goes away.
+        c = event.link.remote_condition
+        self.errors.append("link %r detached by the peer: %s" % (event.link.name, c.name if c else "no error"))
+        event.link.detach()
+
     def on_session_error(self, event):
         c = event.session.remote_condition
         self.errors.append("session closed by the peer: %s: %s" % (c.name, c.description))
