@@ -89,6 +89,13 @@ pub trait Handler: Send {
     /// high-water mark.
     fn on_congestion(&mut self, _congested: bool) {}
 
+    /// True while the handler cannot take more of the peer's frames (what
+    /// it must hand on is waiting for room): the driver stops reading
+    /// until its signal makes room.
+    fn paused(&self) -> bool {
+        false
+    }
+
     /// True once the handler has closed (or is closing) the connection:
     /// the driver ends after our Close is written.
     fn closing(&self) -> bool;
@@ -240,7 +247,7 @@ impl Driver {
         if self.finished(h) {
             return Ok(false);
         }
-        let can_read = !self.eof && !self.congested;
+        let can_read = !self.eof && !self.congested && !h.paused();
         if can_read && self.rbuf.capacity() - self.rbuf.len() < self.cfg.read_chunk / 4 {
             self.rbuf.reserve(self.cfg.read_chunk);
         }

@@ -209,6 +209,9 @@ pub(crate) struct BrokerConnection {
     txns: HashMap<Bytes, txn::Txn>,
     /// The queue task each consumer is on.
     consumer_task: HashMap<LinkId, usize>,
+    /// Events for the queue tasks waiting for room (in order): the
+    /// driver reads nothing more from the peer until they are gone.
+    outbox: std::collections::VecDeque<(usize, BrokerEvent)>,
     stat_links: Vec<LinkId>,
     /// Subscription consumers waiting for their subscription to be made:
     /// the attach answer to give them then.
@@ -290,6 +293,7 @@ impl BrokerConnection {
             coordinators: HashMap::new(),
             txns: HashMap::new(),
             consumer_task: HashMap::new(),
+            outbox: std::collections::VecDeque::new(),
             stat_links: Vec::new(),
             pending: HashMap::new(),
             reply_links: HashMap::new(),
@@ -322,7 +326,10 @@ impl BrokerConnection {
         for (_, t) in std::mem::take(&mut self.txns) {
             self.release(&t);
         }
-        let _ = self.queues.send(BrokerEvent::Gone { conn: self.id });
+        while let Some((i, ev)) = self.outbox.pop_front() {
+            self.queues.send_to(i, ev).await;
+        }
+        self.queues.send(BrokerEvent::Gone { conn: self.id }).await;
     }
 
     fn handle_open(&mut self, open: &flotilla_amqp::types::performatives::Open) {
@@ -381,7 +388,7 @@ impl BrokerConnection {
                         Some(t) if t.discharge.is_none() => {
                             t.holds.push((token, how));
                             t.pending += 1;
-                            let _ = self.queues.send(BrokerEvent::Hold {
+                            self.send_queue(BrokerEvent::Hold {
                                 token,
                                 txn,
                                 conn: self.id,
@@ -391,7 +398,7 @@ impl BrokerConnection {
                         // Not a transaction of ours: it will never commit,
                         // so the message goes back.
                         _ => {
-                            let _ = self.queues.send(BrokerEvent::Settle {
+                            self.send_queue(BrokerEvent::Settle {
                                 token,
                                 how: Settlement::Requeue { failed: false },
                             });
@@ -410,7 +417,7 @@ impl BrokerConnection {
                     _ if settled => Settlement::Consumed,
                     _ => return,
                 };
-                let _ = self.queues.send(BrokerEvent::Settle { token, how });
+                self.send_queue(BrokerEvent::Settle { token, how });
             }
             Event::Detach { link, closed, .. } => {
                 self.producers.remove(&link);
@@ -444,7 +451,7 @@ impl BrokerConnection {
                 self.stat_links.swap_remove(i);
                 // A tenant sees its own space; components see all.
                 let space = self.principal.as_ref().map(|p| p.space.clone());
-                let _ = self.queues.send(BrokerEvent::Stat {
+                self.send_queue(BrokerEvent::Stat {
                     tx: self.tx.clone(),
                     link,
                     space,
@@ -808,13 +815,53 @@ impl BrokerConnection {
         }
     }
 
+    /// Hands an event to the queue task it concerns; while that task's
+    /// channel is full, events wait here in order (and the driver stops
+    /// reading the peer's frames: `paused`).
+    fn send_queue(&mut self, ev: BrokerEvent) {
+        if self.outbox.is_empty() {
+            if let Err(full) = self.queues.try_send(ev) {
+                self.outbox.push_back(full);
+            }
+            return;
+        }
+        match self.queues.task_of(&ev) {
+            Some(i) => self.outbox.push_back((i, ev)),
+            None => self.queues.send_soon(ev),
+        }
+    }
+
+    /// [`BrokerConnection::send_queue`] to task `i`.
+    fn send_queue_to(&mut self, i: usize, ev: BrokerEvent) {
+        if self.outbox.is_empty() {
+            if let Err(ev) = self.queues.try_send_to(i, ev) {
+                self.outbox.push_back((i, ev));
+            }
+            return;
+        }
+        self.outbox.push_back((i, ev));
+    }
+
+    /// There is room again: what waited goes, in order, while there is.
+    fn flush_outbox(&mut self, permit: tokio::sync::mpsc::OwnedPermit<BrokerEvent>) {
+        if let Some((_, ev)) = self.outbox.pop_front() {
+            permit.send(ev);
+        }
+        while let Some((i, ev)) = self.outbox.pop_front() {
+            if let Err(ev) = self.queues.try_send_to(i, ev) {
+                self.outbox.push_front((i, ev));
+                break;
+            }
+        }
+    }
+
     /// Sends a consumer's credit or detach to the queue task that has it.
     fn send_to_consumer_task(&mut self, link: LinkId, ev: BrokerEvent) {
         let task = self.consumer_task.get(&link).copied().unwrap_or(0);
         if matches!(ev, BrokerEvent::Detach { .. }) {
             self.consumer_task.remove(&link);
         }
-        let _ = self.queues.send_to(task, ev);
+        self.send_queue_to(task, ev);
     }
 
     /// Discharges transaction `id` (its holds all answered): rolls it back
@@ -847,7 +894,7 @@ impl BrokerConnection {
             delivery: dref,
             settled,
         };
-        let _ = self.queues.send(BrokerEvent::TxCommit {
+        self.send_queue(BrokerEvent::TxCommit {
             space: t.space,
             posts: t.posts,
             acks: t.acquired,
@@ -857,7 +904,7 @@ impl BrokerConnection {
 
     /// Puts back what a transaction held (it rolled back, or its
     /// connection is gone), on each delivery's queue task.
-    fn release(&self, t: &txn::Txn) {
+    fn release(&mut self, t: &txn::Txn) {
         let n = self.queues.len();
         let mut by_shard: HashMap<usize, Vec<u64>> = HashMap::new();
         for (token, _) in &t.holds {
@@ -867,7 +914,7 @@ impl BrokerConnection {
                 .push(*token);
         }
         for (shard, tokens) in by_shard {
-            let _ = self.queues.send(BrokerEvent::TxRelease { shard, tokens });
+            self.send_queue(BrokerEvent::TxRelease { shard, tokens });
         }
     }
 
@@ -985,7 +1032,7 @@ impl BrokerConnection {
                 Ok(space) => space,
                 Err(e) => return self.refuse(link, e),
             };
-            let _ = self.queues.send(BrokerEvent::ReadRetained {
+            self.send_queue(BrokerEvent::ReadRetained {
                 space,
                 filter: filter.to_string(),
                 tx: self.tx.clone(),
@@ -1009,7 +1056,7 @@ impl BrokerConnection {
             );
             self.consumer_task
                 .insert(link, self.queues.of_key(&spec.record.key));
-            let _ = self.queues.send(BrokerEvent::Subscribe {
+            self.send_queue(BrokerEvent::Subscribe {
                 spec,
                 conn: self.id,
                 link,
@@ -1099,7 +1146,7 @@ impl BrokerConnection {
             _ => "",
         };
         self.consumer_task.insert(link, self.queues.of_key(key));
-        let _ = self.queues.send(event);
+        self.send_queue(event);
         self.consumers.insert(link, address);
     }
 
@@ -1148,7 +1195,7 @@ impl BrokerConnection {
         ];
         self.consumer_task
             .insert(link, self.queues.of_key(&keys[0]));
-        let _ = self.queues.send(BrokerEvent::Reattach {
+        self.send_queue(BrokerEvent::Reattach {
             keys,
             conn: self.id,
             link,
@@ -1426,7 +1473,7 @@ impl BrokerConnection {
                 } else {
                     payload
                 };
-                let _ = self.queues.send(BrokerEvent::Retain {
+                self.send_queue(BrokerEvent::Retain {
                     space,
                     topic,
                     message,
@@ -1466,7 +1513,7 @@ impl BrokerConnection {
                     payload,
                     reply: Some(self.reply(link, dref, settled)),
                 };
-                let _ = self.queues.send(ev);
+                self.send_queue(ev);
                 return;
             }
             Destination::Queue(q) => q.clone(),
@@ -1513,7 +1560,8 @@ impl BrokerConnection {
                 Ok(seq) => {
                     let mut msg = Stored::new(seq, payload, expires);
                     msg.due = due;
-                    let _ = queues.send(BrokerEvent::Stored {
+                    // On the journal's thread: waits for room in the task.
+                    queues.send_blocking(BrokerEvent::Stored {
                         queue,
                         msg,
                         reserved: reserved.is_some(),
@@ -1690,14 +1738,14 @@ impl BrokerConnection {
         }
         let key = store::sub_key(space, &format!("session/{}", change.session));
         if change.delete {
-            let _ = self.queues.send(BrokerEvent::SessionDelete {
+            self.send_queue(BrokerEvent::SessionDelete {
                 key,
                 user: change.user,
                 reply: self.reply(link, dref, settled),
             });
             return;
         }
-        let _ = self.queues.send(BrokerEvent::SessionUpdate {
+        self.send_queue(BrokerEvent::SessionUpdate {
             key,
             filters: change.filters,
             meta: change.meta,
@@ -1787,7 +1835,7 @@ impl BrokerConnection {
                 };
                 match space {
                     Some(space) => {
-                        let _ = self.queues.send(BrokerEvent::Purge {
+                        self.send_queue(BrokerEvent::Purge {
                             queue: store::queue_key(&space, &name),
                             tx: self.tx.clone(),
                             link,
@@ -1829,7 +1877,7 @@ impl BrokerConnection {
                     msg.payload
                 };
                 if !self.conn.send(link, &payload, settled, token) && !settled {
-                    let _ = self.queues.send(BrokerEvent::Settle {
+                    self.send_queue(BrokerEvent::Settle {
                         token,
                         how: Settlement::Requeue { failed: false },
                     });
@@ -2075,6 +2123,8 @@ pub(crate) enum Signal {
     Tenancy,
     /// The broker is shutting down.
     Shutdown,
+    /// Room in the queue task the first waiting event is for.
+    Room(tokio::sync::mpsc::OwnedPermit<BrokerEvent>),
 }
 
 impl Handler for BrokerConnection {
@@ -2087,7 +2137,15 @@ impl Handler for BrokerConnection {
     fn signal(&mut self) -> impl std::future::Future<Output = Option<Signal>> + Send {
         async move {
             let closing = self.closing;
+            let room = self
+                .outbox
+                .front()
+                .and_then(|(i, _)| self.queues.sender(*i).cloned());
             tokio::select! {
+                Some(permit) = async { match room {
+                    Some(s) => s.reserve_owned().await.ok(),
+                    None => std::future::pending().await,
+                } } => Some(Signal::Room(permit)),
                 Some(Ok(())) = async { match self.tenancy.as_mut() {
                     Some(t) => Some(t.changed().await),
                     None => None,
@@ -2107,6 +2165,7 @@ impl Handler for BrokerConnection {
                 }
             }
             Signal::Tenancy => self.recheck(),
+            Signal::Room(permit) => self.flush_outbox(permit),
             Signal::Shutdown => {
                 self.closing = true;
                 self.conn.close(Some(amqp_error(
@@ -2125,6 +2184,10 @@ impl Handler for BrokerConnection {
         info!(conn.id = self.id, error = ?error.condition, description = error.description.as_deref().unwrap_or(""), "closing connection: protocol error");
         self.closing = true;
         self.conn.close(Some(error));
+    }
+
+    fn paused(&self) -> bool {
+        !self.outbox.is_empty()
     }
 
     fn closing(&self) -> bool {

@@ -136,7 +136,7 @@ fn inspect_command(c: &serde_json::Value) -> Option<(u64, String, queues::Inspec
 fn ensure_subscription_addresses(t: &Tenancy, queues: &queues::QueueHandle) {
     for space in t.spaces.values() {
         for (address, topic) in &space.subscriptions {
-            let _ = queues.send(queues::BrokerEvent::Ensure {
+            queues.send_soon(queues::BrokerEvent::Ensure {
                 spec: queues::SubSpec {
                     record: store::SubRecord {
                         key: store::sub_key(&space.name, &format!("address/{address}")),
@@ -249,7 +249,7 @@ fn split(recovered: store::Recovered, n: usize) -> Vec<store::Recovered> {
 /// The broker's live state: its queues, their depths and counts.
 async fn report(q: queues::QueueHandle, id: String) -> serde_json::Value {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let _ = q.send(queues::BrokerEvent::Report { reply: tx });
+    q.send(queues::BrokerEvent::Report { reply: tx }).await;
     let mut v = rx.await.unwrap_or_default();
     v["component"] = "broker".into();
     v["id"] = id.into();
@@ -371,7 +371,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         queue_tasks = n,
         "queues and subscriptions spread over the queue tasks"
     );
-    let _ = queues.send(queues::BrokerEvent::Tenancy(Arc::new(cfg.tenancy.clone())));
+    queues
+        .send(queues::BrokerEvent::Tenancy(Arc::new(cfg.tenancy.clone())))
+        .await;
     let listener = TcpListener::bind(cfg.amqp)
         .await
         .map_err(|source| BrokerError::Bind {
@@ -410,7 +412,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         );
         let apply = move |t: Tenancy| {
             ensure_subscription_addresses(&t, &q);
-            let _ = q.send(queues::BrokerEvent::Tenancy(Arc::new(t.clone())));
+            q.send_soon(queues::BrokerEvent::Tenancy(Arc::new(t.clone())));
             p.replace(t);
             v.send_modify(|n| *n += 1);
         };
@@ -426,13 +428,13 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
             if let (Some(space), Some(address)) =
                 (c["purge"]["space"].as_str(), c["purge"]["address"].as_str())
             {
-                let _ = q2.send(queues::BrokerEvent::PurgeNow {
+                q2.send_soon(queues::BrokerEvent::PurgeNow {
                     queue: store::queue_key(space, address),
                 });
             }
             if let Some((id, queue, op)) = inspect_command(&c["inspect"]) {
                 let (reply, answer) = tokio::sync::oneshot::channel();
-                let _ = q2.send(queues::BrokerEvent::Inspect { queue, op, reply });
+                q2.send_soon(queues::BrokerEvent::Inspect { queue, op, reply });
                 let (link, me) = (answer_link.clone(), me.clone());
                 tokio::spawn(async move {
                     if let Ok(result) = answer.await {

@@ -872,9 +872,9 @@ use flotilla_core::time::now_ms;
 pub struct QueueTask {
     /// Our own handle, for messages moved to the dead-letter queue (weak,
     /// so the task still ends when every connection's handle is gone).
-    tx: mpsc::WeakUnboundedSender<BrokerEvent>,
+    tx: mpsc::WeakSender<BrokerEvent>,
     dead_letter: DeadLetter,
-    rx: mpsc::UnboundedReceiver<BrokerEvent>,
+    rx: mpsc::Receiver<BrokerEvent>,
     queues: HashMap<String, Queue>,
     subs: HashMap<String, Subscription>,
     inflight: HashMap<u64, Inflight>,
@@ -923,7 +923,7 @@ impl QueueTask {
     /// starting with its part of what the journal held.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        (shard, shards, rx): (usize, &Shards, mpsc::UnboundedReceiver<BrokerEvent>),
+        (shard, shards, rx): (usize, &Shards, mpsc::Receiver<BrokerEvent>),
         journal: JournalHandle,
         recovered: store::Recovered,
         dead_letter: DeadLetter,
@@ -1374,7 +1374,7 @@ impl QueueTask {
                     }
                 }
                 for (a, how) in acks {
-                    self.shards.send(BrokerEvent::TxSettled {
+                    self.shards.send_soon(BrokerEvent::TxSettled {
                         token: a.token,
                         how,
                     });
@@ -1534,7 +1534,7 @@ impl QueueTask {
                         store::subscribe(&s.record),
                         Box::new(move |r: Result<u64, JournalError>| {
                             if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                                let _ = tx.send(BrokerEvent::SubRecorded { key: k, seq });
+                                let _ = tx.blocking_send(BrokerEvent::SubRecorded { key: k, seq });
                             }
                         }),
                     );
@@ -1554,7 +1554,7 @@ impl QueueTask {
                 store::subscribe(&spec.record),
                 Box::new(move |r: Result<u64, JournalError>| {
                     if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        let _ = tx.send(BrokerEvent::SubRecorded { key: k, seq });
+                        let _ = tx.blocking_send(BrokerEvent::SubRecorded { key: k, seq });
                     }
                 }),
             );
@@ -1693,7 +1693,7 @@ impl QueueTask {
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
             Ok(seq) => {
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.send(BrokerEvent::SubRecorded { key: k, seq });
+                    let _ = tx.blocking_send(BrokerEvent::SubRecorded { key: k, seq });
                 }
                 let _ = reply.tx.send(stored);
             }
@@ -1732,7 +1732,7 @@ impl QueueTask {
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
             Ok(seq) => {
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.send(BrokerEvent::RetainRecorded {
+                    let _ = tx.blocking_send(BrokerEvent::RetainRecorded {
                         space,
                         topic,
                         version,
@@ -1868,7 +1868,7 @@ impl QueueTask {
                 if let Some(tx) = tx.upgrade() {
                     let mut msg = Stored::new(seq, payload, expires);
                     msg.due = due;
-                    let _ = tx.send(BrokerEvent::StoredMany {
+                    let _ = tx.blocking_send(BrokerEvent::StoredMany {
                         queues: durable,
                         msg,
                     });
@@ -2130,9 +2130,7 @@ impl QueueTask {
         };
         if n == 0 {
             // Nothing durable: it takes effect at once.
-            if let Some(tx) = self.tx.upgrade() {
-                let _ = tx.send(event(0));
-            }
+            self.shards.send_soon(event(0));
             return;
         }
         records.push(store::commit(n));
@@ -2141,14 +2139,14 @@ impl QueueTask {
             Ok(first) => {
                 for (i, queue, mut msg) in remote {
                     msg.seq = first + i;
-                    shards.send(BrokerEvent::Stored {
+                    shards.send_blocking(BrokerEvent::Stored {
                         queue,
                         msg,
                         reserved: false,
                     });
                 }
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.send(event(first));
+                    let _ = tx.blocking_send(event(first));
                 }
             }
             Err(e) => {
@@ -2307,7 +2305,7 @@ impl QueueTask {
         let shards = self.shards.clone();
         let stored = Box::new(move |r: Result<u64, JournalError>| {
             if let Ok(seq) = r {
-                shards.send(BrokerEvent::Stored {
+                shards.send_blocking(BrokerEvent::Stored {
                     queue: to,
                     msg: Stored::new(seq, payload, 0),
                     reserved: false,
@@ -2825,7 +2823,7 @@ impl QueueTask {
         let tx = self.tx.clone();
         self.journal.barrier_then(Box::new(move |upto| {
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.send(BrokerEvent::Floor { upto });
+                let _ = tx.blocking_send(BrokerEvent::Floor { upto });
             }
         }));
     }
@@ -2905,7 +2903,7 @@ impl QueueTask {
                 record,
                 Box::new(move |r: Result<u64, JournalError>| {
                     if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        let _ = tx.send(BrokerEvent::RetainRecorded {
+                        let _ = tx.blocking_send(BrokerEvent::RetainRecorded {
                             space,
                             topic,
                             version,
@@ -2922,7 +2920,7 @@ impl QueueTask {
                 store::subscribe(&record),
                 Box::new(move |r: Result<u64, JournalError>| {
                     if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        let _ = tx.send(BrokerEvent::SubRecorded { key, seq });
+                        let _ = tx.blocking_send(BrokerEvent::SubRecorded { key, seq });
                     }
                 }),
             );

@@ -19,17 +19,23 @@ use tokio::sync::mpsc;
 use crate::queues::{BrokerEvent, ToConn};
 use crate::store;
 
+/// Events a queue task's channel holds. Producers are bounded by their
+/// credit and consumers by theirs, so a full channel means the task is
+/// behind: connections stop reading until there is room, the journal's
+/// committer waits.
+pub const CAPACITY: usize = 1 << 14;
+
 /// A cloneable handle to every queue task.
 #[derive(Clone, Debug)]
 pub struct Shards {
-    tasks: Arc<[mpsc::UnboundedSender<BrokerEvent>]>,
+    tasks: Arc<[mpsc::Sender<BrokerEvent>]>,
 }
 
 /// [`Shards`] that does not keep the tasks running (their own handle to
 /// each other, and the operations listener's).
 #[derive(Clone, Debug)]
 pub struct WeakShards {
-    tasks: Arc<[mpsc::WeakUnboundedSender<BrokerEvent>]>,
+    tasks: Arc<[mpsc::WeakSender<BrokerEvent>]>,
 }
 
 impl WeakShards {
@@ -39,7 +45,7 @@ impl WeakShards {
     }
 
     /// Task `i`'s own handle to itself.
-    pub fn own(&self, i: usize) -> mpsc::WeakUnboundedSender<BrokerEvent> {
+    pub fn own(&self, i: usize) -> mpsc::WeakSender<BrokerEvent> {
         self.tasks[i].clone()
     }
 
@@ -52,30 +58,22 @@ impl WeakShards {
         self.tasks.is_empty()
     }
 
-    /// Sends to task `i` (if it still runs).
-    pub fn send_to(&self, i: usize, ev: BrokerEvent) {
-        if let Some(t) = self.tasks.get(i).and_then(|t| t.upgrade()) {
-            let _ = t.send(ev);
+    /// From the journal's committer thread: to the task that owns what
+    /// `ev` names, waiting for room.
+    pub fn send_blocking(&self, ev: BrokerEvent) {
+        if let Some(s) = self.upgrade() {
+            s.send_blocking(ev);
         }
     }
 
-    /// Sends to the task that owns what `ev` names.
-    pub fn send(&self, ev: BrokerEvent) {
-        let i = route(self.tasks.len(), &ev);
-        match i {
-            Some(i) => self.send_to(i, ev),
-            None => {
-                if let Some(s) = self.upgrade() {
-                    let _ = s.send(ev);
-                }
-            }
+    /// From a queue task: at once if there is room, else by a task that
+    /// waits for it (a queue task never waits for another).
+    pub fn send_soon(&self, ev: BrokerEvent) {
+        if let Some(s) = self.upgrade() {
+            s.send_soon(ev);
         }
     }
 }
-
-/// The channel closed: the tasks have stopped.
-#[derive(Debug)]
-pub struct Closed;
 
 fn hash(s: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -143,8 +141,8 @@ fn route(n: usize, ev: &BrokerEvent) -> Option<usize> {
 
 impl Shards {
     /// `n` queue tasks' channels, and their receivers.
-    pub fn new(n: usize) -> (Shards, Vec<mpsc::UnboundedReceiver<BrokerEvent>>) {
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n.max(1)).map(|_| mpsc::unbounded_channel()).unzip();
+    pub fn new(n: usize) -> (Shards, Vec<mpsc::Receiver<BrokerEvent>>) {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n.max(1)).map(|_| mpsc::channel(CAPACITY)).unzip();
         (Shards { tasks: txs.into() }, rxs)
     }
 
@@ -162,98 +160,150 @@ impl Shards {
         }
     }
 
-    /// Sends to task `i`.
-    ///
-    /// # Errors
-    /// The task has stopped.
-    pub fn send_to(&self, i: usize, ev: BrokerEvent) -> Result<(), Closed> {
-        self.tasks
-            .get(i)
-            .ok_or(Closed)?
-            .send(ev)
-            .map_err(|_| Closed)
-    }
-
     /// The task of queue or subscription `key`.
     pub fn of_key(&self, key: &str) -> usize {
         of_key(self.tasks.len(), key)
     }
 
-    /// Sends `ev` where it belongs: to the task that owns what it names;
-    /// to every task (a connection gone, the tenancy); or, for the state
-    /// of every queue, to every task, merging their answers.
+    /// The task `ev` goes to (`None`: every task, or a merge of their
+    /// answers).
+    pub fn task_of(&self, ev: &BrokerEvent) -> Option<usize> {
+        if self.tasks.len() == 1 {
+            return match ev {
+                BrokerEvent::Stat { .. } | BrokerEvent::Report { .. } => None,
+                _ => Some(0),
+            };
+        }
+        route(self.tasks.len(), ev)
+    }
+
+    /// Task `i`'s channel (to wait for room in it).
+    pub fn sender(&self, i: usize) -> Option<&mpsc::Sender<BrokerEvent>> {
+        self.tasks.get(i)
+    }
+
+    /// Sends to task `i` if there is room; gives the event back if not
+    /// (a task that stopped takes nothing: the event is dropped).
     ///
     /// # Errors
-    /// The tasks have stopped.
-    pub fn send(&self, ev: BrokerEvent) -> Result<(), Closed> {
-        let n = self.tasks.len();
-        if n == 1 {
-            return self.send_to(0, ev);
+    /// The task's channel is full.
+    pub fn try_send_to(&self, i: usize, ev: BrokerEvent) -> Result<(), BrokerEvent> {
+        match self.tasks.get(i).map(|t| t.try_send(ev)) {
+            Some(Err(mpsc::error::TrySendError::Full(ev))) => Err(ev),
+            _ => Ok(()),
         }
-        if let Some(i) = route(n, &ev) {
-            return self.send_to(i, ev);
+    }
+
+    /// Sends `ev` where it belongs if there is room: to the task that owns
+    /// what it names; what goes to every task (a connection gone, the
+    /// tenancy) or merges their answers (the state of every queue) is
+    /// handed to a task that waits for room.
+    ///
+    /// # Errors
+    /// The owning task's channel is full: the event and its task.
+    pub fn try_send(&self, ev: BrokerEvent) -> Result<(), (usize, BrokerEvent)> {
+        match self.task_of(&ev) {
+            Some(i) => self.try_send_to(i, ev).map_err(|ev| (i, ev)),
+            None => {
+                let s = self.clone();
+                tokio::spawn(async move { s.send(ev).await });
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Shards::try_send`], or, when the task is full, by a task that
+    /// waits for room (for senders that must not wait and send rarely).
+    pub fn send_soon(&self, ev: BrokerEvent) {
+        if let Err((i, ev)) = self.try_send(ev) {
+            let s = self.clone();
+            tokio::spawn(async move { s.send_to(i, ev).await });
+        }
+    }
+
+    /// Sends to task `i`, waiting for room.
+    pub async fn send_to(&self, i: usize, ev: BrokerEvent) {
+        if let Some(t) = self.tasks.get(i) {
+            let _ = t.send(ev).await;
+        }
+    }
+
+    /// From the journal's committer thread (not a runtime's): to the task
+    /// that owns what `ev` names, waiting for room.
+    pub fn send_blocking(&self, ev: BrokerEvent) {
+        match self.task_of(&ev) {
+            Some(i) => {
+                if let Some(t) = self.tasks.get(i) {
+                    let _ = t.blocking_send(ev);
+                }
+            }
+            None => {
+                if let BrokerEvent::Gone { conn } = ev {
+                    for t in self.tasks.iter() {
+                        let _ = t.blocking_send(BrokerEvent::Gone { conn });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `ev` where it belongs, waiting for room: to the task that
+    /// owns what it names; to every task (a connection gone, the
+    /// tenancy); or, for the state of every queue, to every task, merging
+    /// their answers.
+    pub async fn send(&self, ev: BrokerEvent) {
+        if let Some(i) = self.task_of(&ev) {
+            return self.send_to(i, ev).await;
         }
         match ev {
             BrokerEvent::Gone { conn } => {
                 for t in self.tasks.iter() {
-                    t.send(BrokerEvent::Gone { conn }).map_err(|_| Closed)?;
+                    let _ = t.send(BrokerEvent::Gone { conn }).await;
                 }
-                Ok(())
             }
             BrokerEvent::Tenancy(t) => {
                 for task in self.tasks.iter() {
-                    task.send(BrokerEvent::Tenancy(t.clone()))
-                        .map_err(|_| Closed)?;
+                    let _ = task.send(BrokerEvent::Tenancy(t.clone())).await;
                 }
-                Ok(())
             }
             BrokerEvent::Report { reply } => {
-                let merged = self.gather();
-                tokio::spawn(async move {
-                    let _ = reply.send(merged.await);
-                });
-                Ok(())
+                let _ = reply.send(self.gather().await);
             }
             BrokerEvent::Stat { tx, link, space } => {
-                let merged = self.gather();
-                tokio::spawn(async move {
-                    let mut body = merged.await;
-                    if let Some(space) = space {
-                        if let Some(q) = body["queues"].as_array_mut() {
-                            q.retain(|v| v["space"] == space.as_str());
-                        }
-                        if let Some(r) = body["retained"].as_object_mut() {
-                            r.retain(|s, _| *s == space);
-                        }
+                let mut body = self.gather().await;
+                if let Some(space) = space {
+                    if let Some(q) = body["queues"].as_array_mut() {
+                        q.retain(|v| v["space"] == space.as_str());
                     }
-                    let _ = tx.send(ToConn::Stat { link, body });
-                });
-                Ok(())
+                    if let Some(r) = body["retained"].as_object_mut() {
+                        r.retain(|s, _| *s == space);
+                    }
+                }
+                let _ = tx.send(ToConn::Stat { link, body });
             }
-            _ => Err(Closed),
+            _ => {}
         }
     }
 
     /// Every task's report, merged into one.
-    fn gather(&self) -> impl std::future::Future<Output = Value> + Send + 'static {
-        let waits: Vec<_> = self
-            .tasks
-            .iter()
-            .map(|t| {
-                let (reply, rx) = tokio::sync::oneshot::channel();
-                let _ = t.send(BrokerEvent::Report { reply });
-                rx
-            })
-            .collect();
-        async move {
-            let mut parts = Vec::with_capacity(waits.len());
-            for w in waits {
-                if let Ok(v) = w.await {
-                    parts.push(v);
-                }
+    async fn gather(&self) -> Value {
+        let mut waits = Vec::with_capacity(self.tasks.len());
+        for t in self.tasks.iter() {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            if t.send(BrokerEvent::Report { reply }).await.is_ok() {
+                waits.push(rx);
             }
-            merge(parts)
         }
+        let mut parts = Vec::with_capacity(waits.len());
+        for w in waits {
+            if let Ok(v) = w.await {
+                parts.push(v);
+            }
+        }
+        if parts.len() == 1 {
+            return parts.pop().unwrap_or_default();
+        }
+        merge(parts)
     }
 }
 
@@ -291,6 +341,31 @@ pub fn merge(parts: Vec<Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_full_task_gives_the_event_back_and_takes_it_once_there_is_room() {
+        let (s, mut rx) = Shards::new(1);
+        let purge = || BrokerEvent::PurgeNow {
+            queue: "s/q".into(),
+        };
+        for _ in 0..CAPACITY {
+            assert!(s.try_send(purge()).is_ok());
+        }
+        let Err((task, ev)) = s.try_send(purge()) else {
+            panic!("a full channel takes no more");
+        };
+        assert_eq!(task, 0);
+        assert!(rx[0].try_recv().is_ok());
+        s.send_to(task, ev).await;
+        let mut n = 0;
+        while rx[0].try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(
+            n, CAPACITY,
+            "what was given back went in once there was room"
+        );
+    }
 
     #[test]
     fn a_spaces_subscriptions_share_a_task_and_queues_spread() {

@@ -214,6 +214,10 @@ pub(crate) enum Lost {
     /// Handed to a broker that went away: it may have stored it
     /// (`modified` with `delivery-failed`, AMQP 1.0 §3.4.5).
     InDoubt,
+    /// A transaction's declare or discharge handed to a broker that went
+    /// away: whether it took effect is unknown, and a client reads any
+    /// outcome but `rejected` as done, so it is rejected, saying so.
+    Transaction,
     /// Nothing: the link's detach tells the broker, which counts the
     /// delivery (a routed consumer's abandoned delivery).
     Silent,
@@ -230,6 +234,12 @@ impl Unsettled {
                 delivery_failed: Some(true),
                 undeliverable_here: None,
                 message_annotations: None,
+            }),
+            Lost::Transaction => DeliveryState::Rejected(Rejected {
+                error: Some(amqp_error(
+                    flotilla_amqp::types::transaction::TransactionError::Timeout,
+                    "the broker went away before answering: the transaction may or may not have taken effect",
+                )),
             }),
         };
         o.conn.send(ConnEvent::Outcome {

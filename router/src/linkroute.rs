@@ -355,6 +355,9 @@ pub(crate) struct RouteLink {
     /// A client's link: the address and what the client does with it, to
     /// check again when the tenancy changes.
     guard: Option<(String, flotilla_core::resources::Operation)>,
+    /// A transaction coordinator's link, towards the broker: a declare or
+    /// discharge lost on it is in doubt, and must not look settled.
+    coordinator: bool,
 }
 
 impl RouteLink {
@@ -363,6 +366,7 @@ impl RouteLink {
             peer,
             peer_link,
             answered,
+            coordinator: false,
             gone: false,
             base,
             draining: false,
@@ -527,12 +531,17 @@ impl ConnectionTask {
         }
         self.routes.next_name += 1;
         let mut a = req.attach;
+        let coordinator = flotilla_amqp::connection::is_coordinator(&a);
         a.properties = Some(req.info.to_properties(a.properties.as_ref()));
         a.name = format!("{}.{}", self.shared.cfg.container_id, self.routes.next_name);
         let link = self.conn.attach_as(ch, a);
-        self.routes
-            .links
-            .insert(link, RouteLink::new(req.from, Some(req.from_link), true, 0));
+        self.routes.links.insert(
+            link,
+            RouteLink {
+                coordinator,
+                ..RouteLink::new(req.from, Some(req.from_link), true, 0)
+            },
+        );
     }
 
     /// The far end answered our onward attach: answer the one we were asked for.
@@ -719,6 +728,7 @@ impl ConnectionTask {
         // have been stored.
         let lost = match self.routes.links.get(&link) {
             Some(r) if r.faces_client => Lost::Silent,
+            Some(r) if r.coordinator => Lost::Transaction,
             _ => Lost::InDoubt,
         };
         let token = self.next_token;
