@@ -1534,7 +1534,10 @@ impl QueueTask {
                         store::subscribe(&s.record),
                         Box::new(move |r: Result<u64, JournalError>| {
                             if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                                let _ = tx.blocking_send(BrokerEvent::SubRecorded { key: k, seq });
+                                crate::shards::send_waiting(
+                                    &tx,
+                                    BrokerEvent::SubRecorded { key: k, seq },
+                                );
                             }
                         }),
                     );
@@ -1554,7 +1557,7 @@ impl QueueTask {
                 store::subscribe(&spec.record),
                 Box::new(move |r: Result<u64, JournalError>| {
                     if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        let _ = tx.blocking_send(BrokerEvent::SubRecorded { key: k, seq });
+                        crate::shards::send_waiting(&tx, BrokerEvent::SubRecorded { key: k, seq });
                     }
                 }),
             );
@@ -1693,7 +1696,7 @@ impl QueueTask {
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
             Ok(seq) => {
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.blocking_send(BrokerEvent::SubRecorded { key: k, seq });
+                    crate::shards::send_waiting(&tx, BrokerEvent::SubRecorded { key: k, seq });
                 }
                 let _ = reply.tx.send(stored);
             }
@@ -1732,12 +1735,15 @@ impl QueueTask {
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
             Ok(seq) => {
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.blocking_send(BrokerEvent::RetainRecorded {
-                        space,
-                        topic,
-                        version,
-                        seq,
-                    });
+                    crate::shards::send_waiting(
+                        &tx,
+                        BrokerEvent::RetainRecorded {
+                            space,
+                            topic,
+                            version,
+                            seq,
+                        },
+                    );
                 }
                 let _ = reply.tx.send(ToConn::Stored {
                     link: reply.link,
@@ -1868,10 +1874,13 @@ impl QueueTask {
                 if let Some(tx) = tx.upgrade() {
                     let mut msg = Stored::new(seq, payload, expires);
                     msg.due = due;
-                    let _ = tx.blocking_send(BrokerEvent::StoredMany {
-                        queues: durable,
-                        msg,
-                    });
+                    crate::shards::send_waiting(
+                        &tx,
+                        BrokerEvent::StoredMany {
+                            queues: durable,
+                            msg,
+                        },
+                    );
                 }
                 if let Some(r) = reply {
                     let _ = r.tx.send(ToConn::Stored {
@@ -2146,7 +2155,7 @@ impl QueueTask {
                     });
                 }
                 if let Some(tx) = tx.upgrade() {
-                    let _ = tx.blocking_send(event(first));
+                    crate::shards::send_waiting(&tx, event(first));
                 }
             }
             Err(e) => {
@@ -2823,7 +2832,7 @@ impl QueueTask {
         let tx = self.tx.clone();
         self.journal.barrier_then(Box::new(move |upto| {
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.blocking_send(BrokerEvent::Floor { upto });
+                crate::shards::send_waiting(&tx, BrokerEvent::Floor { upto });
             }
         }));
     }
@@ -2903,12 +2912,15 @@ impl QueueTask {
                 record,
                 Box::new(move |r: Result<u64, JournalError>| {
                     if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        let _ = tx.blocking_send(BrokerEvent::RetainRecorded {
-                            space,
-                            topic,
-                            version,
-                            seq,
-                        });
+                        crate::shards::send_waiting(
+                            &tx,
+                            BrokerEvent::RetainRecorded {
+                                space,
+                                topic,
+                                version,
+                                seq,
+                            },
+                        );
                     }
                 }),
             );
@@ -2920,7 +2932,7 @@ impl QueueTask {
                 store::subscribe(&record),
                 Box::new(move |r: Result<u64, JournalError>| {
                     if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        let _ = tx.blocking_send(BrokerEvent::SubRecorded { key, seq });
+                        crate::shards::send_waiting(&tx, BrokerEvent::SubRecorded { key, seq });
                     }
                 }),
             );

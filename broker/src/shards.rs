@@ -25,6 +25,14 @@ use crate::store;
 /// committer waits.
 pub const CAPACITY: usize = 1 << 14;
 
+/// From a thread that is not a runtime's (the journal's committer): sends
+/// at once when there is room (the common case, and cheap), else waits.
+pub fn send_waiting(task: &mpsc::Sender<BrokerEvent>, ev: BrokerEvent) {
+    if let Err(mpsc::error::TrySendError::Full(ev)) = task.try_send(ev) {
+        let _ = task.blocking_send(ev);
+    }
+}
+
 /// A cloneable handle to every queue task.
 #[derive(Clone, Debug)]
 pub struct Shards {
@@ -234,13 +242,13 @@ impl Shards {
         match self.task_of(&ev) {
             Some(i) => {
                 if let Some(t) = self.tasks.get(i) {
-                    let _ = t.blocking_send(ev);
+                    send_waiting(t, ev);
                 }
             }
             None => {
                 if let BrokerEvent::Gone { conn } = ev {
                     for t in self.tasks.iter() {
-                        let _ = t.blocking_send(BrokerEvent::Gone { conn });
+                        send_waiting(t, BrokerEvent::Gone { conn });
                     }
                 }
             }
