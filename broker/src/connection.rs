@@ -42,6 +42,26 @@ use flotilla_amqp::types::messaging::Outcome;
 use flotilla_amqp::types::transaction::{Declared, TransactionalState};
 use flotilla_core::resources::{AddressPolicy, Overflow};
 
+/// The topic a message for a topic link goes to: the link's, or, on a
+/// link to a topic pattern, the message's `to` (which the pattern must
+/// match, without wildcards of its own).
+fn topic_of(topic: &str, pattern: bool, payload: &[u8]) -> Result<String, String> {
+    if !pattern {
+        return Ok(topic.to_string());
+    }
+    match message::to_address(payload) {
+        Ok(Some(t))
+            if !flotilla_core::pattern::is_pattern(t)
+                && flotilla_core::pattern::matches(topic, t) =>
+        {
+            Ok(t.to_string())
+        }
+        _ => Err(format!(
+            "a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards"
+        )),
+    }
+}
+
 /// When a message published at `now` expires: its own TTL or expiry
 /// time, else its address's default TTL (0: never).
 fn expiry(payload: &[u8], now: u64, policy: &AddressPolicy) -> u64 {
@@ -1486,22 +1506,9 @@ impl BrokerConnection {
                 topic,
                 pattern,
             } => {
-                let topic = if *pattern {
-                    // A link to a topic tree: the message says which topic.
-                    match message::to_address(&payload) {
-                        Ok(Some(t))
-                            if !flotilla_core::pattern::is_pattern(t)
-                                && flotilla_core::pattern::matches(topic, t) =>
-                        {
-                            t.to_string()
-                        }
-                        _ => {
-                            let why = format!("a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards");
-                            return self.reject_publish(dref, settled, &why);
-                        }
-                    }
-                } else {
-                    topic.clone()
+                let topic = match topic_of(topic, *pattern, &payload) {
+                    Ok(t) => t,
+                    Err(why) => return self.reject_publish(dref, settled, &why),
                 };
                 p.storing += 1;
                 let now = now_ms();
@@ -1618,23 +1625,10 @@ impl BrokerConnection {
         let to = match &p.to {
             Destination::Queue(q) => txn::TxDest::Queue(q.clone()),
             Destination::Topic { topic, pattern, .. } => {
-                let t = if *pattern {
-                    match message::to_address(&payload) {
-                        Ok(Some(t))
-                            if !flotilla_core::pattern::is_pattern(t)
-                                && flotilla_core::pattern::matches(topic, t) =>
-                        {
-                            t.to_string()
-                        }
-                        _ => {
-                            let why = format!("a message sent to topic pattern {topic:?} needs a `to` it matches, without wildcards");
-                            return self.reject_publish(dref, settled, &why);
-                        }
-                    }
-                } else {
-                    topic.clone()
-                };
-                txn::TxDest::Topic(t)
+                match topic_of(topic, *pattern, &payload) {
+                    Ok(t) => txn::TxDest::Topic(t),
+                    Err(why) => return self.reject_publish(dref, settled, &why),
+                }
             }
             _ => {
                 let e = amqp_error(

@@ -1318,19 +1318,7 @@ impl QueueTask {
                 });
                 Vec::new()
             }
-            BrokerEvent::TxRelease { tokens, .. } => {
-                let mut touched = Vec::new();
-                for token in tokens {
-                    if let Some(f) = self.inflight.remove(&token) {
-                        if let Some(q) = self.redeliver(f.queue, f.msg, true) {
-                            if !touched.contains(&q) {
-                                touched.push(q);
-                            }
-                        }
-                    }
-                }
-                touched
-            }
+            BrokerEvent::TxRelease { tokens, .. } => self.give_back(tokens),
             BrokerEvent::TxCommit {
                 space,
                 posts,
@@ -1486,12 +1474,7 @@ impl QueueTask {
             BrokerEvent::Stat { tx, link, space } => {
                 let mut body = self.stat();
                 if let Some(space) = space {
-                    if let Some(q) = body["queues"].as_array_mut() {
-                        q.retain(|v| v["space"] == space.as_str());
-                    }
-                    if let Some(r) = body["retained"].as_object_mut() {
-                        r.retain(|s, _| *s == space);
-                    }
+                    crate::shards::only_space(&mut body, &space);
                 }
                 let _ = tx.send(ToConn::Stat { link, body });
                 Vec::new()
@@ -2241,8 +2224,15 @@ impl QueueTask {
             .filter(|(_, f)| held(f) && f.txn.is_none())
             .map(|(s, _)| *s)
             .collect();
+        self.give_back(back)
+    }
+
+    /// Deliveries that came back without an outcome (their consumer or
+    /// transaction is gone): into their queues again, counted as
+    /// delivered. Returns the queues that got some.
+    fn give_back(&mut self, tokens: Vec<u64>) -> Vec<String> {
         let mut touched = Vec::new();
-        for token in back {
+        for token in tokens {
             if let Some(f) = self.inflight.remove(&token) {
                 if let Some(q) = self.redeliver(f.queue, f.msg, true) {
                     if !touched.contains(&q) {

@@ -280,12 +280,7 @@ impl Shards {
             BrokerEvent::Stat { tx, link, space } => {
                 let mut body = self.gather().await;
                 if let Some(space) = space {
-                    if let Some(q) = body["queues"].as_array_mut() {
-                        q.retain(|v| v["space"] == space.as_str());
-                    }
-                    if let Some(r) = body["retained"].as_object_mut() {
-                        r.retain(|s, _| *s == space);
-                    }
+                    only_space(&mut body, &space);
                 }
                 let _ = tx.send(ToConn::Stat { link, body });
             }
@@ -312,6 +307,16 @@ impl Shards {
             return parts.pop().unwrap_or_default();
         }
         merge(parts)
+    }
+}
+
+/// A report cut down to one address space's queues and retained messages.
+pub fn only_space(body: &mut Value, space: &str) {
+    if let Some(q) = body["queues"].as_array_mut() {
+        q.retain(|v| v["space"] == space);
+    }
+    if let Some(r) = body["retained"].as_object_mut() {
+        r.retain(|s, _| *s == space);
     }
 }
 

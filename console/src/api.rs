@@ -65,6 +65,19 @@ impl Live {
         self.reports.get(id).map(|(at, _)| *at)
     }
 
+    /// The brokers that report (within [`FRESH`]); 503 if none does.
+    pub(crate) fn brokers(&self) -> ApiResult<Vec<String>> {
+        let brokers: Vec<String> = self.fresh("broker").map(|(k, _)| k.clone()).collect();
+        if brokers.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "no broker reports to this console",
+            ));
+        }
+        Ok(brokers)
+    }
+
     /// A fresh id for a command that waits for answers.
     pub(crate) fn next_answer(&mut self) -> u64 {
         self.last_answer += 1;
@@ -1243,15 +1256,7 @@ async fn purge(
     };
     let address = a["spec"]["address"].as_str().unwrap_or("").to_string();
     let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
-    let brokers: Vec<String> = live.fresh("broker").map(|(k, _)| k.clone()).collect();
-    if brokers.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Unavailable",
-            "no broker reports to this console",
-        ));
-    }
-    for b in brokers {
+    for b in live.brokers()? {
         live.commands
             .entry(b)
             .or_default()

@@ -32,15 +32,8 @@ async fn ask(state: &AppState, mut command: Value) -> ApiResult<Vec<(String, Val
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (id, brokers) = {
         let mut live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+        let brokers = live.brokers()?;
         let id = live.next_answer();
-        let brokers: Vec<String> = live.fresh("broker").map(|(k, _)| k.clone()).collect();
-        if brokers.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
-                "no broker reports to this console",
-            ));
-        }
         command["id"] = json!(id);
         live.answers.insert(id, tx);
         for b in &brokers {
