@@ -229,6 +229,9 @@ pub(crate) struct BrokerConnection {
     txns: HashMap<Bytes, txn::Txn>,
     /// The queue task each consumer is on.
     consumer_task: HashMap<LinkId, usize>,
+    /// Routed receivers asking for a subscription by name: the user the
+    /// router says they are (until the broker answers).
+    routed_user: HashMap<LinkId, String>,
     /// Events for the queue tasks waiting for room (in order): the
     /// driver reads nothing more from the peer until they are gone.
     outbox: std::collections::VecDeque<(usize, BrokerEvent)>,
@@ -313,6 +316,7 @@ impl BrokerConnection {
             coordinators: HashMap::new(),
             txns: HashMap::new(),
             consumer_task: HashMap::new(),
+            routed_user: HashMap::new(),
             outbox: std::collections::VecDeque::new(),
             stat_links: Vec::new(),
             pending: HashMap::new(),
@@ -442,6 +446,7 @@ impl BrokerConnection {
             Event::Detach { link, closed, .. } => {
                 self.producers.remove(&link);
                 self.coordinators.remove(&link);
+                self.routed_user.remove(&link);
                 self.pending.remove(&link);
                 self.stat_links.retain(|l| *l != link);
                 self.reply_links.retain(|_, l| *l != link);
@@ -1185,6 +1190,9 @@ impl BrokerConnection {
                     Some(Value::String(s)) => Some(s.clone()),
                     _ => None,
                 };
+                if let Some(u) = get("flotilla:user") {
+                    self.routed_user.insert(link, u);
+                }
                 (
                     space,
                     get("flotilla:container-id").unwrap_or_default(),
@@ -1227,9 +1235,25 @@ impl BrokerConnection {
     /// The answer to [`BrokerConnection::reattach`]: the subscription
     /// found (its source as the client made it), or none.
     fn reattached(&mut self, link: LinkId, record: Option<SubRecord>) {
+        // A direct client by its own rules; a routed one by the rules of
+        // the user the router names (none: an anonymous client, whose
+        // space lets anonymous clients do anything).
+        let routed_user = self.routed_user.remove(&link);
         let allowed = |r: &SubRecord| match (&self.peer, &self.principal) {
             (Peer::Client { .. }, Some(p)) => p.may(Operation::Recv, &r.pattern),
-            _ => true,
+            (Peer::Router, _) => match &routed_user {
+                None => true,
+                Some(u) => self
+                    .policy
+                    .tenancy()
+                    .spaces
+                    .get(&r.space)
+                    .and_then(|s| s.users.get(u))
+                    .is_some_and(|u| {
+                        flotilla_core::auth::authorized(&u.rules, Operation::Recv, &r.pattern)
+                    }),
+            },
+            _ => false,
         };
         let Some(r) = record.filter(allowed) else {
             if self.consumers.remove(&link).is_some() {
@@ -1641,15 +1665,19 @@ impl BrokerConnection {
         let space = p.to.space().unwrap_or_default();
         let now = now_ms();
         let expires = expiry(&payload, now, &p.policy);
+        // What all of this connection's transactions hold (at most
+        // `txn::MAX_OPEN` of them): the bound is the connection's.
+        let held = self
+            .txns
+            .values()
+            .fold((0, 0), |(n, b), t| (n + t.posts.len(), b + t.bytes));
         let error = match self.txns.get_mut(&txn) {
             Some(t) if t.space == space && t.discharge.is_none() => {
                 if let Some(why) = &t.doomed {
                     Some(txn::rolled_back(why))
-                } else if t.posts.len() >= txn::MAX_MESSAGES
-                    || t.bytes + payload.len() > txn::MAX_BYTES
-                {
+                } else if held.0 >= txn::MAX_MESSAGES || held.1 + payload.len() > txn::MAX_BYTES {
                     let why = format!(
-                        "a transaction holds at most {} messages and {} bytes",
+                        "a connection's transactions hold at most {} messages and {} bytes",
                         txn::MAX_MESSAGES,
                         txn::MAX_BYTES
                     );

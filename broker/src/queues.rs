@@ -862,6 +862,9 @@ pub fn gauge_of(gauges: &Gauges, key: &str) -> Arc<Gauge> {
 /// A cloneable handle to the queue tasks.
 pub type QueueHandle = crate::shards::Shards;
 
+/// Groups a queue remembers beyond those of its waiting messages.
+const MAX_IDLE_GROUPS: usize = 10_000;
+
 /// Sequence numbers for messages that never reach the journal (they only
 /// order a non-durable subscription's queue).
 const MEMORY_SEQ_BASE: u64 = 1 << 62;
@@ -2465,12 +2468,22 @@ impl QueueTask {
         expired: &mut Vec<Stored>,
         unreadable: &mut Vec<(u64, u32)>,
     ) {
-        // Groups whose consumer left are free again (rebalanced).
+        // Groups whose consumer left are free again (rebalanced); when
+        // the map outgrows what waits, groups with nothing waiting are
+        // free too (a peer sending ever new group ids grows nothing).
         if !q.groups.is_empty() {
             let consumers = &q.consumers;
             q.groups.retain(|_, (conn, link)| {
                 consumers.iter().any(|c| c.conn == *conn && c.link == *link)
             });
+            if q.groups.len() > MAX_IDLE_GROUPS.max(q.messages.len()) {
+                let waiting: std::collections::HashSet<&str> = q
+                    .messages
+                    .iter()
+                    .filter_map(|m| m.group.as_deref())
+                    .collect();
+                q.groups.retain(|g, _| waiting.contains(&**g));
+            }
         }
         let mut i = 0;
         while i < q.messages.len() {

@@ -26,8 +26,9 @@ use flotilla_amqp::types::transaction::{Declare, Discharge, TransactionError};
 
 use crate::queues::{Acquired, Settlement};
 
-/// A transaction's work is bounded: past this many messages or bytes it
-/// can only roll back (a connection's memory follows its windows).
+/// What a connection's open transactions hold together is bounded: past
+/// this many messages or bytes the one that went over can only roll back
+/// (a connection's memory follows its windows).
 pub const MAX_MESSAGES: usize = 100_000;
 pub const MAX_BYTES: usize = 64 << 20;
 /// Open transactions per connection.

@@ -6,6 +6,7 @@ delivery that survives a restart.
 
 As in test_broker.py, "not delivered" is shown by order, never by waiting."""
 
+import os
 import time
 
 import pytest
@@ -140,4 +141,58 @@ def test_a_scheduled_message_waits_for_its_time_even_across_a_restart(mesh):
     assert got == ["by delay", "at a time"]
     assert time.time() * 1000 >= soon, "not delivered before its delivery time"
     assert b.queues()["orders"]["scheduled"] == 0
+    c.close()
+
+
+USERS = """
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: jms}
+spec: {authentication: {anonymous: false}}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: feed}
+spec: {addressSpace: jms, address: "feed/#", type: topic}
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: alice}
+spec:
+  addressSpace: jms
+  username: alice
+  password: alice-pw
+  authorization: [{addresses: ["feed/#"], operations: [send, recv]}]
+---
+apiVersion: flotilla.dev/v1
+kind: MessagingUser
+metadata: {name: mallory}
+spec:
+  addressSpace: jms
+  username: mallory
+  password: mallory-pw
+  authorization: [{addresses: ["feed/#"], operations: [send]}]
+"""
+
+
+def test_a_user_without_recv_cannot_find_or_delete_a_subscription_by_name(start_router, start_broker, tmpdir_path, config_file):
+    cfg = config_file(USERS)
+    r = start_router("--config", cfg)
+    start_broker(os.path.join(tmpdir_path, "data"), "--config", cfg, "--router", r.url)
+    r.wait_for_log(BROKER_UP)
+    as_user = lambda u: connect(r.url, user=u, password=u + "-pw", virtual_host="jms",  # noqa: E731
+                                allowed_mechs="PLAIN", container_id="same-client")
+    c = as_user("alice")
+    rcv = c.create_receiver("feed/a", name="ticker", credit=10, options=DurableSubscription())
+    leave(c, rcv)
+    # Same container id and link name, but no right to receive from the topic.
+    m = as_user("mallory")
+    with pytest.raises(LinkDetached) as e:
+        m.create_receiver(None, name="ticker", credit=0)
+    assert "not-found" in str(e.value)
+    m.create_sender("feed/a").send(Message(body="still subscribed"))
+    m.close()
+    c = as_user("alice")
+    rcv = c.create_receiver("feed/a", name="ticker", credit=10, options=DurableSubscription())
+    assert bodies(take(rcv, 1)) == ["still subscribed"]
     c.close()

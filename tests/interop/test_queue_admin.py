@@ -106,3 +106,20 @@ def test_bad_requests_are_refused_with_a_reason(console, ops):
     console.expect("DELETE", "/api/v1/addressspaces/ops/queues/work/messages/not-a-number", status=400)
     console.expect("POST", "/api/v1/addressspaces/ops/queues/work/retry", {"ids": ["x"]}, status=400)
     console.expect("GET", "/api/v1/addressspaces/nope/queues/work/messages", status=404)
+
+
+def test_a_stranger_reaches_neither_messages_nor_answers(console, ops):
+    """Without the admin token: 401, for browsing and for posting a
+    broker's answer."""
+    import urllib.error
+    import urllib.request
+
+    for method, path, body in (
+        ("GET", "/api/v1/addressspaces/ops/queues/work/messages", None),
+        ("POST", "/api/v1/addressspaces/ops/queues/work/retry", b"{}"),
+        ("POST", "/api/v1/answers", b'{"id": 1, "from": "x", "result": {"found": true}}'),
+    ):
+        req = urllib.request.Request(console.url + path, data=body, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401, (method, path)
