@@ -73,14 +73,20 @@ fn expiry(payload: &[u8], now: u64, policy: &AddressPolicy) -> u64 {
 
 /// When a message published at `now` is due: 0 (at once) unless it
 /// carries a delivery time or delay (scheduled delivery). Only a message
-/// that mentions one is decoded.
+/// whose annotations mention one is decoded.
 fn due(payload: &[u8], now: u64) -> u64 {
     const MARK: &[u8] = b"x-opt-delivery-";
-    let head = &payload[..payload.len().min(1024)];
-    if !head.windows(MARK.len()).any(|w| w == MARK) {
-        return 0;
+    // The annotations come first: stop at the first section after them.
+    let annotations = message::sections(payload)
+        .map_while(Result::ok)
+        .take_while(|s| s.code <= message::section::MESSAGE_ANNOTATIONS)
+        .find(|s| s.code == message::section::MESSAGE_ANNOTATIONS);
+    match annotations {
+        Some(a) if a.value.windows(MARK.len()).any(|w| w == MARK) => {
+            MessageFields::from_message(payload).due(now)
+        }
+        _ => 0,
     }
-    MessageFields::from_message(payload).due(now)
 }
 
 /// Credit a producer link gets: messages not yet on disk count against it.
@@ -451,16 +457,7 @@ impl BrokerConnection {
                 self.stat_links.retain(|l| *l != link);
                 self.reply_links.retain(|_, l| *l != link);
                 self.snapshots.remove(&link);
-                if self.consumers.remove(&link).is_some() {
-                    self.send_to_consumer_task(
-                        link,
-                        BrokerEvent::Detach {
-                            conn: self.id,
-                            link,
-                            closed,
-                        },
-                    );
-                }
+                self.forget_consumer(link, closed);
             }
             Event::Close { .. } => self.closing = true,
             Event::Attach { .. } | Event::Begin { .. } | Event::End { .. } => {}
@@ -663,16 +660,7 @@ impl BrokerConnection {
             self.conn.detach(link, Some(e));
             self.producers.remove(&link);
             self.pending.remove(&link);
-            if self.consumers.remove(&link).is_some() {
-                self.send_to_consumer_task(
-                    link,
-                    BrokerEvent::Detach {
-                        conn: self.id,
-                        link,
-                        closed: false,
-                    },
-                );
-            }
+            self.forget_consumer(link, false);
         }
     }
 
@@ -877,6 +865,21 @@ impl BrokerConnection {
                 self.outbox.push_front((i, ev));
                 break;
             }
+        }
+    }
+
+    /// A consumer's link is gone (`closed`: with a closing detach): its
+    /// queue task lets it go.
+    fn forget_consumer(&mut self, link: LinkId, closed: bool) {
+        if self.consumers.remove(&link).is_some() {
+            self.send_to_consumer_task(
+                link,
+                BrokerEvent::Detach {
+                    conn: self.id,
+                    link,
+                    closed,
+                },
+            );
         }
     }
 
@@ -1256,16 +1259,7 @@ impl BrokerConnection {
             _ => false,
         };
         let Some(r) = record.filter(allowed) else {
-            if self.consumers.remove(&link).is_some() {
-                self.send_to_consumer_task(
-                    link,
-                    BrokerEvent::Detach {
-                        conn: self.id,
-                        link,
-                        closed: false,
-                    },
-                );
-            }
+            self.forget_consumer(link, false);
             return self.refuse(
                 link,
                 amqp_error(
@@ -1586,11 +1580,13 @@ impl BrokerConnection {
         let due = due(&payload, now);
         let record = store::publish_at(&[queue.as_str()], expires, due, &payload);
         let reserved = gauge.clone();
+        // Made here (reading its group), not on the journal's thread.
+        let mut msg = Stored::new(0, payload, expires);
+        msg.due = due;
         let done = Box::new(
             move |r: Result<u64, crate::journal::JournalError>| match r {
                 Ok(seq) => {
-                    let mut msg = Stored::new(seq, payload, expires);
-                    msg.due = due;
+                    msg.seq = seq;
                     // On the journal's thread: waits for room in the task.
                     queues.send_blocking(BrokerEvent::Stored {
                         queue,

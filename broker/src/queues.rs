@@ -145,6 +145,47 @@ pub struct PublishReply {
     pub settled: bool,
 }
 
+impl PublishReply {
+    /// Taken (stored, or with every subscription that takes it): accept it.
+    pub fn stored(&self) {
+        let _ = self.tx.send(ToConn::Stored {
+            link: self.link,
+            delivery: self.delivery,
+            settled: self.settled,
+        });
+    }
+
+    /// Storing it failed.
+    pub fn failed(&self, why: String) {
+        let _ = self.tx.send(ToConn::Failed {
+            link: self.link,
+            delivery: self.delivery,
+            settled: self.settled,
+            why,
+        });
+    }
+
+    /// Not allowed.
+    pub fn refused(&self, why: String) {
+        let _ = self.tx.send(ToConn::Refused {
+            link: self.link,
+            delivery: self.delivery,
+            settled: self.settled,
+            why,
+        });
+    }
+
+    /// Not taken, for `error`.
+    pub fn rejected(&self, error: AmqpErrorBody) {
+        let _ = self.tx.send(ToConn::Rejected {
+            link: self.link,
+            delivery: self.delivery,
+            settled: self.settled,
+            error,
+        });
+    }
+}
+
 /// A subscription a consumer asks for (made if it does not exist).
 #[derive(Debug, Clone)]
 pub struct SubSpec {
@@ -1444,12 +1485,7 @@ impl QueueTask {
                     .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
                     .map(|m| m["user"].as_str().map(str::to_string));
                 if owner.is_some_and(|o| o != user) {
-                    let _ = reply.tx.send(ToConn::Refused {
-                        link: reply.link,
-                        delivery: reply.delivery,
-                        settled: reply.settled,
-                        why: "the session belongs to another user".into(),
-                    });
+                    reply.refused("the session belongs to another user".into());
                     return Vec::new();
                 }
                 let touched = self.steal(&key, u64::MAX, LinkId(u32::MAX));
@@ -1457,11 +1493,7 @@ impl QueueTask {
                     debug!(subscription = %key, "session ended by a clean start");
                     self.delete_subscription(&key);
                 }
-                let _ = reply.tx.send(ToConn::Stored {
-                    link: reply.link,
-                    delivery: reply.delivery,
-                    settled: reply.settled,
-                });
+                reply.stored();
                 touched.into_iter().filter(|k| *k != key).collect()
             }
             BrokerEvent::ReadRetained {
@@ -1649,12 +1681,7 @@ impl QueueTask {
         reply: PublishReply,
     ) {
         if !self.subs.get(key).is_some_and(|s| s.record.session) {
-            let _ = reply.tx.send(ToConn::Failed {
-                link: reply.link,
-                delivery: reply.delivery,
-                settled: reply.settled,
-                why: "no such session".into(),
-            });
+            reply.failed("no such session".into());
             return;
         }
         if let Some(f) = filters {
@@ -1669,13 +1696,8 @@ impl QueueTask {
         if let Some(e) = expiry {
             s.record.expiry = e;
         }
-        let stored = ToConn::Stored {
-            link: reply.link,
-            delivery: reply.delivery,
-            settled: reply.settled,
-        };
         if !s.durable {
-            let _ = reply.tx.send(stored);
+            reply.stored();
             return;
         }
         let (tx, k) = (self.tx.clone(), key.to_string());
@@ -1684,16 +1706,9 @@ impl QueueTask {
                 if let Some(tx) = tx.upgrade() {
                     crate::shards::send_waiting(&tx, BrokerEvent::SubRecorded { key: k, seq });
                 }
-                let _ = reply.tx.send(stored);
+                reply.stored();
             }
-            Err(e) => {
-                let _ = reply.tx.send(ToConn::Failed {
-                    link: reply.link,
-                    delivery: reply.delivery,
-                    settled: reply.settled,
-                    why: e.to_string(),
-                });
-            }
+            Err(e) => reply.failed(e.to_string()),
         });
         let _ = self.journal.append_then(store::subscribe(&s.record), done);
     }
@@ -1731,19 +1746,10 @@ impl QueueTask {
                         },
                     );
                 }
-                let _ = reply.tx.send(ToConn::Stored {
-                    link: reply.link,
-                    delivery: reply.delivery,
-                    settled: reply.settled,
-                });
+                reply.stored();
             }
             Err(e) => {
-                let _ = reply.tx.send(ToConn::Failed {
-                    link: reply.link,
-                    delivery: reply.delivery,
-                    settled: reply.settled,
-                    why: e.to_string(),
-                });
+                reply.failed(e.to_string());
             }
         });
         let _ = self.journal.append_then(record, done);
@@ -1827,12 +1833,7 @@ impl QueueTask {
                 format!("subscription {k:?} of topic {topic:?} is full (its address policy's maxDepth/maxBytes)"),
             );
             if let Some(r) = reply {
-                let _ = r.tx.send(ToConn::Rejected {
-                    link: r.link,
-                    delivery: r.delivery,
-                    settled: r.settled,
-                    error,
-                });
+                r.rejected(error);
             }
             return Vec::new();
         }
@@ -1844,11 +1845,7 @@ impl QueueTask {
         }
         if durable.is_empty() {
             if let Some(r) = reply {
-                let _ = r.tx.send(ToConn::Stored {
-                    link: r.link,
-                    delivery: r.delivery,
-                    settled: r.settled,
-                });
+                r.stored();
             }
             return memory;
         }
@@ -1869,21 +1866,12 @@ impl QueueTask {
                     );
                 }
                 if let Some(r) = reply {
-                    let _ = r.tx.send(ToConn::Stored {
-                        link: r.link,
-                        delivery: r.delivery,
-                        settled: r.settled,
-                    });
+                    r.stored();
                 }
             }
             Err(e) => {
                 if let Some(r) = reply {
-                    let _ = r.tx.send(ToConn::Failed {
-                        link: r.link,
-                        delivery: r.delivery,
-                        settled: r.settled,
-                        why: e.to_string(),
-                    });
+                    r.failed(e.to_string());
                 }
             }
         });
