@@ -130,6 +130,10 @@ pub enum Event {
         error: Option<AmqpErrorBody>,
         unsettled: Vec<u64>,
     },
+    /// A transfer under a transaction came on a link we had detached (the
+    /// peer had not seen our detach yet) and was dropped: the transaction
+    /// it names must not commit as if it never had it.
+    Discarded { txn: Bytes },
     /// The peer ended a session (answered; its links were reported detached).
     End { channel: u16 },
     /// The peer closed the connection (answered).
@@ -1280,6 +1284,11 @@ impl Connection {
             ));
         }
         if l.detach_sent {
+            if let Some(DeliveryState::TransactionalState(ts)) = &t.state {
+                events.push(Event::Discarded {
+                    txn: Bytes::copy_from_slice(ts.txn_id.as_slice()),
+                });
+            }
             return Ok(());
         }
         let settled = t.settled.unwrap_or(false);

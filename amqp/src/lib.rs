@@ -16,6 +16,7 @@
 //!   and protocol headers, for accepting and connecting.
 //! - [`tls`]: rustls configuration from PEM files.
 //! - [`client`]: a small client on the same engine, for tools and benchmarks.
+//! - [`txn`]: local transactions on the wire (coordinator messages, states).
 
 #![forbid(unsafe_code)]
 
@@ -28,5 +29,6 @@ pub mod message;
 pub mod policy;
 pub mod tls;
 pub mod transport;
+pub mod txn;
 
 pub use fe2o3_amqp_types as types;

@@ -451,7 +451,9 @@ impl BrokerConnection {
             }
             Event::Detach { link, closed, .. } => {
                 self.producers.remove(&link);
-                self.coordinators.remove(&link);
+                if self.coordinators.remove(&link).is_some() {
+                    self.abandon(link);
+                }
                 self.routed_user.remove(&link);
                 self.pending.remove(&link);
                 self.stat_links.retain(|l| *l != link);
@@ -460,6 +462,11 @@ impl BrokerConnection {
                 self.forget_consumer(link, closed);
             }
             Event::Close { .. } => self.closing = true,
+            Event::Discarded { txn } => {
+                if let Some(t) = self.txns.get_mut(&txn) {
+                    t.doomed.get_or_insert_with(|| txn::DISCARDED.to_string());
+                }
+            }
             Event::Attach { .. } | Event::Begin { .. } | Event::End { .. } => {}
         }
     }
@@ -781,10 +788,15 @@ impl BrokerConnection {
         }
         match txn::decode(&d.payload) {
             Ok(txn::Control::Declare) => {
-                if self.txns.len() >= txn::MAX_OPEN {
+                let open = self
+                    .txns
+                    .values()
+                    .filter(|t| self.same_client(t.controller, link))
+                    .count();
+                if open >= txn::MAX_OPEN {
                     let e = amqp_error(
                         AmqpError::ResourceLimitExceeded,
-                        format!("a connection may have {} transactions open", txn::MAX_OPEN),
+                        format!("a client may have {} transactions open", txn::MAX_OPEN),
                     );
                     return self
                         .conn
@@ -792,7 +804,7 @@ impl BrokerConnection {
                 }
                 let id = txn::new_id();
                 debug!(conn.id = self.id, txn = %txn::hex(&id), space = %space, "transaction declared");
-                self.txns.insert(id.clone(), txn::Txn::new(space));
+                self.txns.insert(id.clone(), txn::Txn::new(link, space));
                 self.conn.settle(
                     d.id,
                     DeliveryState::Declared(Declared {
@@ -928,6 +940,30 @@ impl BrokerConnection {
             acks: t.acquired,
             reply,
         });
+    }
+
+    /// Whether transactions declared on coordinator links `a` and `b` are
+    /// one client's (bounded together): on a router's connection, each
+    /// client's coordinator link is its own; on a client's, they all are.
+    fn same_client(&self, a: LinkId, b: LinkId) -> bool {
+        a == b || !matches!(self.peer, Peer::Router)
+    }
+
+    /// Coordinator link `link` is gone: its transactions roll back (a
+    /// coordinator cannot be resumed; through a router, its client left).
+    fn abandon(&mut self, link: LinkId) {
+        let ids: Vec<Bytes> = self
+            .txns
+            .iter()
+            .filter(|(_, t)| t.controller == link)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if let Some(t) = self.txns.remove(&id) {
+                debug!(conn.id = self.id, txn = %txn::hex(&id), "coordinator link gone: transaction rolled back");
+                self.release(&t);
+            }
+        }
     }
 
     /// Puts back what a transaction held (it rolled back, or its
@@ -1661,19 +1697,23 @@ impl BrokerConnection {
         let space = p.to.space().unwrap_or_default();
         let now = now_ms();
         let expires = expiry(&payload, now, &p.policy);
-        // What all of this connection's transactions hold (at most
-        // `txn::MAX_OPEN` of them): the bound is the connection's.
-        let held = self
-            .txns
-            .values()
-            .fold((0, 0), |(n, b), t| (n + t.posts.len(), b + t.bytes));
+        // What all of this client's transactions hold (at most
+        // `txn::MAX_OPEN` of them): the bound is the client's.
+        let held = match self.txns.get(&txn) {
+            Some(mine) => self
+                .txns
+                .values()
+                .filter(|t| self.same_client(t.controller, mine.controller))
+                .fold((0, 0), |(n, b), t| (n + t.posts.len(), b + t.bytes)),
+            None => (0, 0),
+        };
         let error = match self.txns.get_mut(&txn) {
             Some(t) if t.space == space && t.discharge.is_none() => {
                 if let Some(why) = &t.doomed {
                     Some(txn::rolled_back(why))
                 } else if held.0 >= txn::MAX_MESSAGES || held.1 + payload.len() > txn::MAX_BYTES {
                     let why = format!(
-                        "a connection's transactions hold at most {} messages and {} bytes",
+                        "a client's transactions hold at most {} messages and {} bytes",
                         txn::MAX_MESSAGES,
                         txn::MAX_BYTES
                     );

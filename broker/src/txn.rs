@@ -11,84 +11,32 @@
 //! `store::tx_ack`, `store::commit`). A rollback drops the posts and puts
 //! the acquired messages back, counted as a delivery.
 //!
-//! A transaction belongs to the connection that declared it (through a
-//! router, the router's connection), which keeps its [`Txn`], and to one
-//! address space: its id is random, and an id used from elsewhere is
-//! unknown. A delivery settled under it is held on its queue task
+//! A transaction belongs to the connection that declared it, which keeps
+//! its [`Txn`], to its coordinator link (a coordinator cannot be resumed:
+//! when its link goes, its transactions roll back), and to one address
+//! space: its id is random, and an id used from elsewhere is unknown.
+//! Through a router, each client's coordinator link towards this broker is
+//! its own, so the bounds below are per coordinator link there, and per
+//! connection for a client connected directly. A delivery settled under it is held on its queue task
 //! (`BrokerEvent::Hold`) until the discharge; the commit itself runs on
 //! the space's task (`BrokerEvent::TxCommit`), which writes the batch.
 
 use bytes::Bytes;
-use flotilla_amqp::message::sections;
-use flotilla_amqp::types::definitions::{AmqpError, Error as AmqpErrorBody};
-use flotilla_amqp::types::messaging::{DeliveryState, Outcome};
-use flotilla_amqp::types::transaction::{Declare, Discharge, TransactionError};
+use flotilla_amqp::types::messaging::Outcome;
 
 use crate::queues::{Acquired, Settlement};
 
-/// What a connection's open transactions hold together is bounded: past
-/// this many messages or bytes the one that went over can only roll back
-/// (a connection's memory follows its windows).
+/// What a client's open transactions hold together is bounded: past this
+/// many messages or bytes the one that went over can only roll back (its
+/// memory follows its windows).
 pub const MAX_MESSAGES: usize = 100_000;
 pub const MAX_BYTES: usize = 64 << 20;
-/// Open transactions per connection.
+/// Open transactions per client.
 pub const MAX_OPEN: usize = 64;
 
-/// What a message to the coordinator asks.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Control {
-    Declare,
-    Discharge { txn: Bytes, fail: bool },
-}
-
-/// Decodes a coordinator message: its amqp-value body is a `declare` or a
-/// `discharge` (AMQP 1.0 §4.5.2, §4.5.3).
-pub fn decode(message: &[u8]) -> Result<Control, AmqpErrorBody> {
-    const AMQP_VALUE: u64 = 0x77;
-    let bad = |why: &str| {
-        AmqpErrorBody::new(
-            AmqpError::DecodeError,
-            Some(format!("a coordinator message {why}")),
-            None,
-        )
-    };
-    let value = sections(message)
-        .filter_map(Result::ok)
-        .find(|s| s.code == AMQP_VALUE)
-        .ok_or_else(|| bad("needs an amqp-value body"))?
-        .value;
-    // The descriptor may be the code (0x31, 0x32, in any ulong encoding)
-    // or the symbolic name: the codec checks it.
-    if let Ok(d) = serde_amqp::from_slice::<Declare>(value) {
-        if d.global_id.is_some() {
-            return Err(AmqpErrorBody::new(
-                AmqpError::NotImplemented,
-                Some("distributed transactions (a declare with a global-id) are not supported: local transactions only".into()),
-                None,
-            ));
-        }
-        return Ok(Control::Declare);
-    }
-    match serde_amqp::from_slice::<Discharge>(value) {
-        Ok(d) => Ok(Control::Discharge {
-            txn: Bytes::from(d.txn_id.into_vec()),
-            fail: d.fail.unwrap_or(false),
-        }),
-        Err(_) => Err(bad("is neither a declare nor a discharge")),
-    }
-}
-
-/// The transaction a transfer or disposition is under, and the outcome it
-/// carries (`None`: not transactional).
-pub fn state_of(state: Option<&DeliveryState>) -> Option<(Bytes, Option<&Outcome>)> {
-    match state? {
-        DeliveryState::TransactionalState(t) => Some((
-            Bytes::copy_from_slice(t.txn_id.as_slice()),
-            t.outcome.as_ref(),
-        )),
-        _ => None,
-    }
-}
+pub use flotilla_amqp::txn::{
+    decode, hex, new_id, rolled_back, state_of, unknown, Control, DISCARDED,
+};
 
 /// How an outcome given under a transaction settles the delivery at
 /// commit (`None`: no outcome yet).
@@ -102,41 +50,6 @@ pub fn settlement(outcome: Option<&Outcome>) -> Option<Settlement> {
         #[allow(unreachable_patterns)]
         _ => return None,
     })
-}
-
-/// The error for a transaction id that is not one of ours (or not the
-/// caller's).
-pub fn unknown(txn: &[u8]) -> AmqpErrorBody {
-    AmqpErrorBody::new(
-        TransactionError::UnknownId,
-        Some(format!(
-            "transaction {} is unknown here: it was discharged, belongs to another connection, or was declared on another broker (a transaction spans the queues of one broker)",
-            hex(txn)
-        )),
-        None,
-    )
-}
-
-/// The error for a commit of a transaction that can only roll back.
-pub fn rolled_back(why: &str) -> AmqpErrorBody {
-    AmqpErrorBody::new(
-        TransactionError::Rollback,
-        Some(format!("the transaction was rolled back: {why}")),
-        None,
-    )
-}
-
-/// A transaction id for logs and errors.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A fresh transaction id: 16 random bytes.
-pub fn new_id() -> Bytes {
-    use rand::RngCore;
-    let mut b = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut b);
-    Bytes::copy_from_slice(&b)
 }
 
 /// Where a message posted under a transaction goes.
@@ -161,6 +74,8 @@ pub struct TxPost {
 /// that declared it.
 #[derive(Debug)]
 pub struct Txn {
+    /// The coordinator link that declared it.
+    pub controller: flotilla_amqp::connection::LinkId,
     /// The address space of its coordinator link: everything it touches
     /// is of this space.
     pub space: String,
@@ -181,8 +96,9 @@ pub struct Txn {
 }
 
 impl Txn {
-    pub fn new(space: String) -> Txn {
+    pub fn new(controller: flotilla_amqp::connection::LinkId, space: String) -> Txn {
         Txn {
+            controller,
             space,
             posts: Vec::new(),
             bytes: 0,
@@ -192,48 +108,5 @@ impl Txn {
             doomed: None,
             discharge: None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use flotilla_amqp::message::{encode_message, MessageParts};
-
-    fn with_value(value: &[u8]) -> Vec<u8> {
-        let mut m = vec![0x00, 0x53, 0x77];
-        m.extend_from_slice(value);
-        m
-    }
-
-    #[test]
-    fn declare_and_discharge_decode_and_anything_else_is_a_decode_error() {
-        let declare = serde_amqp::to_vec(&Declare { global_id: None }).unwrap();
-        assert_eq!(decode(&with_value(&declare)).unwrap(), Control::Declare);
-        let discharge = serde_amqp::to_vec(&Discharge {
-            txn_id: vec![1, 2, 3].into(),
-            fail: Some(true),
-        })
-        .unwrap();
-        assert_eq!(
-            decode(&with_value(&discharge)).unwrap(),
-            Control::Discharge {
-                txn: Bytes::from_static(&[1, 2, 3]),
-                fail: true
-            }
-        );
-        let global = serde_amqp::to_vec(&Declare {
-            global_id: Some(vec![9].into()),
-        })
-        .unwrap();
-        assert!(decode(&with_value(&global)).is_err());
-        let text = encode_message(&MessageParts {
-            body: b"declare",
-            text: true,
-            ..Default::default()
-        });
-        assert!(decode(&text).is_err());
-        assert!(decode(&[0x00, 0x53, 0x77, 0x00, 0x53, 0x32, 0x45]).is_err());
-        assert!(decode(&[]).is_err());
     }
 }

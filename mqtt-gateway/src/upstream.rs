@@ -1208,7 +1208,7 @@ impl<'a> Upstream<'a> {
                     }
                 }
             }
-            Event::Open(_) | Event::Begin { .. } => {}
+            Event::Open(_) | Event::Begin { .. } | Event::Discarded { .. } => {}
             Event::End { .. } => {
                 self.closing = true;
                 self.conn.close(None);

@@ -188,7 +188,9 @@ pub(crate) struct ConnectionTask {
     /// Links routed to brokers (see [`crate::linkroute`]).
     pub(crate) routes: crate::linkroute::Routes,
     /// The peer's container-id (from its Open).
-    remote_container: String,
+    pub(crate) remote_container: String,
+    /// The client's transactions (see [`crate::transactions`]).
+    pub(crate) txns: crate::transactions::Txns,
     tenancy: tokio::sync::watch::Receiver<u64>,
     pub(crate) peer_commands: Option<mpsc::UnboundedReceiver<crate::mesh::PeerCommand>>,
 }
@@ -261,7 +263,12 @@ impl ConnectionTask {
         let cfg = ConnectionConfig {
             container_id: shared.cfg.container_id.clone(),
             max_frame_size: shared.cfg.max_frame_size,
-            channel_max: shared.cfg.channel_max,
+            // The last channel is the router's own (its declares and
+            // discharges to brokers, see `transactions::OWN_CHANNEL`).
+            channel_max: shared
+                .cfg
+                .channel_max
+                .min(crate::transactions::OWN_CHANNEL - 1),
             idle_timeout: shared.cfg.idle_timeout,
             max_links: shared.cfg.max_links_per_connection,
             max_message_size: shared.cfg.max_message_size,
@@ -297,6 +304,7 @@ impl ConnectionTask {
             stat_links: Vec::new(),
             routes: Default::default(),
             remote_container: String::new(),
+            txns: Default::default(),
             tenancy,
             peer_commands: None,
         }
@@ -519,6 +527,7 @@ impl ConnectionTask {
                 answer: true,
             } if self.routes.begun == Some(channel) => self.route_session_ready(channel),
             Event::Begin { .. } | Event::End { .. } => {}
+            Event::Discarded { txn } => self.txn_doom(&txn, flotilla_amqp::txn::DISCARDED),
             Event::Attach {
                 link,
                 attach,
@@ -528,11 +537,11 @@ impl ConnectionTask {
             Event::Flow { link } => self.handle_flow(link),
             Event::Delivery { link, delivery } => self.handle_delivery(link, delivery),
             Event::Outcome {
+                link,
                 token,
                 state,
                 settled,
-                ..
-            } => self.handle_outcome(token, state, settled),
+            } => self.handle_outcome(link, token, state, settled),
             Event::Detach {
                 link, unsettled, ..
             } => self.link_gone(link, unsettled),
@@ -558,11 +567,11 @@ impl ConnectionTask {
             Event::Flow { link } => self.peer_on_flow(link),
             Event::Delivery { link, delivery } => self.peer_on_delivery(link, delivery),
             Event::Outcome {
+                link,
                 token,
                 state,
                 settled,
-                ..
-            } => self.handle_outcome(token, state, settled),
+            } => self.handle_outcome(link, token, state, settled),
             Event::Detach { unsettled, .. } => {
                 // The neighbour dropped one of the mesh links: the
                 // connection is no use any more.
@@ -577,7 +586,7 @@ impl ConnectionTask {
                     "mesh link detached",
                 )));
             }
-            Event::End { .. } => {}
+            Event::End { .. } | Event::Discarded { .. } => {}
             Event::Close { .. } => {
                 self.closing.get_or_insert(CloseReason::PeerClosed);
             }
@@ -699,7 +708,7 @@ impl ConnectionTask {
 
     fn handle_attach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
         if flotilla_amqp::connection::is_coordinator(&attach) {
-            return self.space_broker_attach(link, attach, crate::linkroute::COORDINATOR_ADDRESS);
+            return self.txn_attach(link, &attach);
         }
         if matches!(self.role, ConnRole::Client(_))
             && crate::linkroute::terminus_address(&attach).as_deref()
@@ -791,15 +800,10 @@ impl ConnectionTask {
         }
     }
 
-    /// A client's link that names no address but is a broker's business:
-    /// a transaction coordinator (`$coordinator`), or a receiver asking
-    /// for its durable subscription by link name alone (`$reattach`, as
-    /// JMS unsubscribes). Routed to the broker that holds the space's
-    /// queues and topics when one holds them all, else to the one
-    /// placement picks for the space. Transactions are the brokers' (one
-    /// spans the queues of one broker): a transactional message for
-    /// another broker's queue is refused there
-    /// (`amqp:transaction:unknown-id`).
+    /// A client's receiver with no source address asks for its durable
+    /// subscription by link name alone (`$reattach`, as JMS unsubscribes):
+    /// routed to the broker that holds the space's queues and topics when
+    /// one holds them all, else to the one placement picks for the space.
     fn space_broker_attach(
         &mut self,
         link: LinkId,
@@ -1323,21 +1327,28 @@ impl ConnectionTask {
     }
 
     fn handle_delivery(&mut self, link: LinkId, d: Delivery) {
+        if self.is_controller(link) {
+            return self.txn_control(link, d);
+        }
         if let Some(e) = self.over_message_quota(d.payload.len()) {
             self.dirty.insert(link);
             return self.reject(&d.id, d.settled, e);
         }
+        let under = flotilla_amqp::txn::state_of(d.state.as_ref()).map(|(id, _)| id);
         let Some(inc) = self.incoming.get(&link) else {
+            // A link whose route is gone: what came under a transaction
+            // on it is lost to the transaction.
+            if let Some(id) = under {
+                self.txn_doom(&id, flotilla_amqp::txn::DISCARDED);
+            }
             return;
         };
-        if matches!(d.state, Some(DeliveryState::TransactionalState(_))) {
-            // The router holds no transaction: only a broker's queues
-            // and topics (link-routed) take messages under one.
+        if let Some(id) = under {
+            // Only a broker's queues and topics (link-routed) take
+            // messages under a transaction.
             self.dirty.insert(link);
-            let e = amqp_error(
-                AmqpError::NotImplemented,
-                "transactions cover queues and topics (held by brokers); anycast and multicast addresses are direct and take no message under a transaction",
-            );
+            self.txn_doom(&id, crate::transactions::DIRECT);
+            let e = amqp_error(AmqpError::NotImplemented, crate::transactions::DIRECT);
             return self.reject(&d.id, d.settled, e);
         }
         let link_principal = inc.principal.clone();
@@ -1565,7 +1576,23 @@ impl ConnectionTask {
         }
     }
 
-    fn handle_outcome(&mut self, token: u64, state: Option<DeliveryState>, settled: bool) {
+    pub(crate) fn handle_outcome(
+        &mut self,
+        link: LinkId,
+        token: u64,
+        state: Option<DeliveryState>,
+        settled: bool,
+    ) {
+        let state = match state {
+            Some(s @ DeliveryState::TransactionalState(_)) => {
+                match self.txn_disposition(link, token, s, settled) {
+                    Some(s) => Some(s),
+                    // It waits for its transaction's declare at the broker.
+                    None => return,
+                }
+            }
+            s => s,
+        };
         // A coordinator's `declared` and an outcome under a transaction
         // travel back as they are (routed transaction links).
         let terminal = match &state {
@@ -1617,6 +1644,9 @@ impl ConnectionTask {
     }
 
     fn link_gone(&mut self, link: LinkId, unsettled: Vec<u64>) {
+        if self.is_controller(link) {
+            return self.txn_controller_gone(link);
+        }
         if let Some(out) = self.outgoing.remove(&link) {
             out.address.remove_consumer(self.id, link);
             for token in unsettled {
@@ -1646,7 +1676,13 @@ impl ConnectionTask {
                 address,
                 outstanding,
             } => self.deliver(link, msg, &address, &outstanding),
-            ConnEvent::Outcome { delivery, state } => self.conn.settle(delivery, state),
+            ConnEvent::Outcome { delivery, state } => {
+                if delivery.channel == crate::transactions::OWN_CHANNEL {
+                    return self.txn_outcome(delivery.delivery_id, state);
+                }
+                let state = self.txn_state_back(state);
+                self.conn.settle(delivery, state)
+            }
             ConnEvent::Credit { link, returned } => {
                 if let Some(inc) = self.incoming.get_mut(&link) {
                     inc.held = inc.held.saturating_sub(returned);
@@ -1744,6 +1780,7 @@ impl ConnectionTask {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id.0);
+        self.txn_cleanup();
         self.route_cleanup();
         for u in std::mem::take(&mut self.unsettled).into_values() {
             u.give_back();

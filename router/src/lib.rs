@@ -8,6 +8,9 @@
 //! - [`server`]: listeners, accept loop, TLS/SASL handshake.
 //! - [`connection`]: one task per connection: engine events → routing.
 //! - [`core`]: the address table and the forwarders.
+//! - [`linkroute`]: links to brokers' queues and topics, routed hop by hop.
+//! - [`transactions`]: the clients' coordinator; each transaction goes to
+//!   the broker of its first address.
 //! - [`policy`] (from flotilla-amqp): authentication, address-space selection, authorization.
 
 #![forbid(unsafe_code)]
@@ -19,6 +22,7 @@ pub mod mesh;
 pub use flotilla_amqp::policy;
 mod server;
 pub mod stat;
+pub mod transactions;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -295,6 +295,21 @@ pub struct RouteReq {
     pub from_link: LinkId,
 }
 
+impl RouteEvent {
+    /// The link of ours it is about (none for an attach to make).
+    fn link(&self) -> Option<LinkId> {
+        match self {
+            RouteEvent::Attach(_) => None,
+            RouteEvent::Answer { link, .. }
+            | RouteEvent::Refused { link, .. }
+            | RouteEvent::Flow { link, .. }
+            | RouteEvent::Drained { link }
+            | RouteEvent::Transfer { link, .. }
+            | RouteEvent::Detach { link, .. } => Some(*link),
+        }
+    }
+}
+
 /// What connection tasks on a route tell each other.
 #[derive(Debug)]
 pub enum RouteEvent {
@@ -358,6 +373,10 @@ pub(crate) struct RouteLink {
     /// A transaction coordinator's link, towards the broker: a declare or
     /// discharge lost on it is in doubt, and must not look settled.
     coordinator: bool,
+    /// The broker at the end of the route, once placed (here, or by the
+    /// router that answered: `flotilla:broker` on its answer). A client's
+    /// transaction is bound to the broker of its first link.
+    pub(crate) broker: Option<String>,
 }
 
 impl RouteLink {
@@ -367,6 +386,7 @@ impl RouteLink {
             peer_link,
             answered,
             coordinator: false,
+            broker: None,
             gone: false,
             base,
             draining: false,
@@ -400,7 +420,7 @@ impl ConnectionTask {
 
     /// The connection of the next hop towards the broker for `info`
     /// (placing the address first if no hop before us did).
-    fn route_next_hop(&self, info: &mut RouteInfo) -> Option<TaskHandle> {
+    pub(crate) fn route_next_hop(&self, info: &mut RouteInfo) -> Option<TaskHandle> {
         let brokers = self
             .shared
             .brokers
@@ -417,19 +437,24 @@ impl ConnectionTask {
                 .unwrap_or_else(|p| p.into_inner());
             info.broker = place(&info.space, &info.placed_by, known.ids());
         }
+        let via_mesh = |b: &String| {
+            let s = snap.as_ref()?;
+            let (hop, _) = s.routes.get(s.brokers.get(b)?)?;
+            s.neighbors.get(hop).map(|(c, _)| c.clone())
+        };
+        // An edge router knows no brokers: its uplink places the address
+        // (and routes to the broker named).
+        let uplink = || {
+            let s = snap.as_ref().filter(|_| self.shared.cfg.edge)?;
+            s.neighbors.values().next().map(|(c, _)| c.clone())
+        };
         match &info.broker {
-            Some(b) => {
-                if let Some(h) = brokers.get(b) {
-                    return Some(h.clone());
-                }
-                let s = snap?;
-                let router = s.brokers.get(b)?;
-                let (hop, _) = s.routes.get(router)?;
-                s.neighbors.get(hop).map(|(c, _)| c.clone())
-            }
-            // An edge router knows no brokers: its uplink places the address.
-            None if self.shared.cfg.edge => snap?.neighbors.values().next().map(|(c, _)| c.clone()),
-            None => None,
+            Some(b) => brokers
+                .get(b)
+                .cloned()
+                .or_else(|| via_mesh(b))
+                .or_else(uplink),
+            None => uplink(),
         }
     }
 
@@ -485,6 +510,7 @@ impl ConnectionTask {
         let base = self.conn.link(link).map_or(0, |l| l.delivery_count);
         debug!(conn.id = self.id.0, address = %info.address, broker = info.broker.as_deref().unwrap_or("?"), "routing link");
         let mut r = RouteLink::new(hop.clone(), None, false, base);
+        r.broker = info.broker.clone();
         if !self.is_peer()
             && info.address != COORDINATOR_ADDRESS
             && info.address != REATTACH_ADDRESS
@@ -539,6 +565,7 @@ impl ConnectionTask {
             link,
             RouteLink {
                 coordinator,
+                broker: req.info.broker,
                 ..RouteLink::new(req.from, Some(req.from_link), true, 0)
             },
         );
@@ -554,10 +581,19 @@ impl ConnectionTask {
         let Some(peer_link) = r.peer_link else {
             return;
         };
+        let mut answer = answer.clone();
+        if let Some(b) = &r.broker {
+            // Which broker it is, for the hops back to the client (an edge
+            // router does not place addresses itself).
+            answer
+                .properties
+                .get_or_insert_with(Fields::default)
+                .insert(Symbol::from(PROP_BROKER), Value::String(b.clone()));
+        }
         let ev = RouteEvent::Answer {
             link: peer_link,
             peer_link: link,
-            answer: Box::new(answer.clone()),
+            answer: Box::new(answer),
         };
         if !r.peer.route(ev) {
             self.routes.links.remove(&link);
@@ -571,6 +607,13 @@ impl ConnectionTask {
             return;
         };
         r.peer_link = Some(peer_link);
+        if let Some(Value::String(b)) = answer
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(&Symbol::from(PROP_BROKER)))
+        {
+            r.broker = Some(b.clone());
+        }
         if r.gone {
             let peer = r.peer.clone();
             self.routes.links.remove(&link);
@@ -586,18 +629,27 @@ impl ConnectionTask {
         let peer = r.peer.clone();
         // The broker's link properties stay behind, but for the MQTT
         // gateway: whether its session was resumed, with its state.
-        answer.properties = match (&self.role, answer.properties.take()) {
-            (crate::connection::ConnRole::Gateway, Some(p)) => {
+        // The broker's link properties stay behind, but for the MQTT
+        // gateway (whether its session was resumed, with its state) and a
+        // neighbour router (which broker it is).
+        let keep: &[&str] = match &self.role {
+            crate::connection::ConnRole::Gateway => &["flotilla:resumed", "flotilla:session-meta"],
+            crate::connection::ConnRole::Peer(_) => &[PROP_BROKER],
+            _ => &[],
+        };
+        answer.properties = answer
+            .properties
+            .take()
+            .filter(|_| !keep.is_empty())
+            .map(|p| {
                 let mut kept = Fields::default();
                 for (k, v) in p.iter() {
-                    if matches!(k.as_str(), "flotilla:resumed" | "flotilla:session-meta") {
+                    if keep.contains(&k.as_str()) {
                         kept.insert(k.clone(), v.clone());
                     }
                 }
-                Some(kept)
-            }
-            _ => None,
-        };
+                kept
+            });
         self.conn.accept_attach_as(link, &answer);
         if let Some((limit, drain)) = early {
             match self.conn.link(link).map(|l| l.role.clone()) {
@@ -679,8 +731,15 @@ impl ConnectionTask {
         d: flotilla_amqp::connection::Delivery,
     ) {
         if let Some(e) = self.over_message_quota(d.payload.len()) {
+            self.txn_dropped(
+                d.state.as_ref(),
+                "a message under it was over the space's message size quota",
+            );
             return self.reject(&d.id, d.settled, e);
         }
+        let Some(d) = self.txn_transfer(link, d) else {
+            return;
+        };
         let origin = (!d.settled).then(|| Origin {
             conn: self.handle.core.clone(),
             delivery: d.id,
@@ -712,7 +771,13 @@ impl ConnectionTask {
                     Some(back)
                 }
             }
-            _ => Some(msg),
+            _ => {
+                self.txn_dropped(
+                    d.state.as_ref(),
+                    "a message under it came on a link whose route was gone",
+                );
+                Some(msg)
+            }
         };
         if let Some(m) = sent {
             m.release();
@@ -813,6 +878,9 @@ impl ConnectionTask {
 
     /// Events for link routing from other connection tasks.
     pub(crate) fn route_event(&mut self, ev: RouteEvent) {
+        if ev.link().is_some_and(|l| self.is_onward(l)) {
+            return self.txn_route_event(ev);
+        }
         match ev {
             RouteEvent::Attach(req) => self.route_on_request(*req),
             RouteEvent::Answer {

@@ -14,7 +14,7 @@ import re
 import threading
 
 import pytest
-from proton import Endpoint, Message, Timeout
+from proton import Delivery, Endpoint, Message, Timeout
 from proton.handlers import MessagingHandler
 
 from conftest import TIMEOUT, Scenario, connect, wait_until
@@ -27,6 +27,18 @@ apiVersion: flotilla.dev/v1
 kind: Address
 metadata: {name: txq}
 spec: {address: txq, type: queue}
+"""
+# Two brokers behind one router, and a queue each holds.
+PINNED = """
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: on-b1}
+spec: {address: on-b1, type: queue, broker: b1}
+---
+apiVersion: flotilla.dev/v1
+kind: Address
+metadata: {name: on-b2}
+spec: {address: on-b2, type: queue, broker: b2}
 """
 
 
@@ -260,14 +272,14 @@ def play(*parts, timeout=TIMEOUT):
     return parts
 
 
-def before_marker(url, marker="marker", limit=1000):
+def before_marker(url, marker="marker", limit=1000, queue=QUEUE):
     """Publishes `marker` to the queue, then takes (accepting) from a new
     receiver until it comes: what the queue held before it, in order."""
-    publish(url, QUEUE, [marker])
+    publish(url, queue, [marker])
     c = connect(url)
     got = []
     try:
-        rcv = c.create_receiver(QUEUE, credit=100)
+        rcv = c.create_receiver(queue, credit=100)
         while True:
             try:
                 m = rcv.receive(timeout=TIMEOUT)
@@ -409,3 +421,187 @@ def test_acknowledged_commits_survive_kill_9_and_none_is_half_there(start_router
     assert not set(by_batch) - discharged, "never committed, yet there: %r" % sorted(set(by_batch) - discharged)
     missing = sorted(set(acked) - set(by_batch))
     assert not missing, "acknowledged commits lost: %r (of %d acknowledged)" % (missing, len(acked))
+
+
+# ---- two brokers behind one router -------------------------------------------
+
+
+class Steps(Client):
+    """Runs transactions one after another on one connection (so one
+    coordinator link): each step is (bodies by address, "commit" or
+    "abort", or None to leave it open). A step's messages go out one at a time, each once the one
+    before is settled, and its discharge once the last is; what each
+    transfer and discharge was answered is recorded in `outcomes` and
+    `results`."""
+
+    def __init__(self, url, steps):
+        super().__init__(url, None)
+        self.steps, self.step, self.results = steps, 0, []
+        self.txn = self.waiting = None
+        self.outcomes, self.todo, self.senders = [], [], {}
+
+    def start(self, container):
+        self.container = container
+        self.conn = container.connect(self.url, handler=self, reconnect=False)
+        for sends, _ in self.steps:
+            for address, _ in sends:
+                if address not in self.senders:
+                    self.senders[address] = container.create_sender(self.conn, address)
+        container.declare_transaction(self.conn, handler=self)
+
+    def on_transaction_declared(self, event):
+        self.txn = event.transaction
+        self.todo = [(a, b) for a, bodies in self.steps[self.step][0] for b in bodies]
+        self.tick()
+
+    def on_settled(self, event):
+        if event.delivery == self.waiting:
+            d = event.delivery
+            cond = d.remote.condition
+            self.outcomes.append((self.step, d.remote_state, cond.name if cond else None,
+                                  cond.description if cond else None))
+            self.waiting = None
+            self.tick()
+
+    def tick(self):
+        if self.errors or self.txn is None or self.waiting is not None:
+            return
+        if self.todo:
+            address, body = self.todo[0]
+            link = self.senders[address]
+            if link.credit > 0:
+                self.todo.pop(0)
+                self.waiting = self.txn.send(link, Message(body=body))
+            return
+        action = self.steps[self.step][1]
+        if action is None:
+            return  # left open
+        txn, self.txn = self.txn, None
+        txn.commit() if action == "commit" else txn.abort()
+
+    def _next(self, result):
+        self.results.append(result)
+        self.step += 1
+        if self.step < len(self.steps):
+            self.container.declare_transaction(self.conn, handler=self)
+
+    def on_transaction_committed(self, event):
+        self._next("committed")
+
+    def on_transaction_aborted(self, event):
+        self._next("aborted")
+
+    def on_transaction_commit_failed(self, event):
+        cond = event.delivery.remote.condition
+        self._next("commit failed: %s: %s" % (cond.name, cond.description) if cond else "commit failed")
+
+    def done(self):
+        return self.step == len(self.steps)
+
+    def status(self):
+        return "Steps: step %d of %d, results %r, outcomes %r" % (
+            self.step, len(self.steps), self.results, self.outcomes)
+
+
+@pytest.fixture
+def two_brokers(start_router, start_broker, tmpdir_path, config_file):
+    """A router with brokers b1 and b2 behind it:
+    (router url, ("on-b1", b1), ("on-b2", b2))."""
+    cfg = config_file(PINNED)
+    r = start_router("--config", cfg)
+    brokers = [start_broker(os.path.join(tmpdir_path, name), "--config", cfg, "--router", r.url,
+                            "--container-id", name) for name in ("b1", "b2")]
+    r.wait_for_log(BROKER_UP, count=2)
+    return r.url, ("on-b1", brokers[0]), ("on-b2", brokers[1])
+
+
+def test_each_transaction_goes_to_the_broker_of_its_first_address(two_brokers):
+    """On one connection and one coordinator link, through a router: a
+    transaction on a queue of b1, then one on a queue of b2, then one on
+    b1 rolled back. Each commits (or rolls back) at its own broker."""
+    url, (qa, _), (qb, _) = two_brokers
+    steps = Steps(url, [
+        ([(qa, ["a1", "a2", "a3"])], "commit"),
+        ([(qb, ["b1", "b2"])], "commit"),
+        ([(qa, ["gone"])], "abort"),
+        ([], "commit"),  # nothing under it: answered by the router
+    ])
+    play(steps)
+    assert steps.results == ["committed", "committed", "aborted", "committed"], steps.status()
+    assert before_marker(url, queue=qa) == ["a1", "a2", "a3"]
+    assert before_marker(url, queue=qb) == ["b1", "b2"]
+
+
+def test_a_transaction_across_two_brokers_is_refused_and_rolls_back(two_brokers):
+    """A transaction that touched b1's queue cannot take a message for
+    b2's: that transfer is refused, saying why, and the commit rolls back
+    what the transaction held on b1."""
+    url, (qa, _), (qb, _) = two_brokers
+    steps = Steps(url, [([(qa, ["on b1"]), (qb, ["on b2"])], "commit"), ([(qb, ["alone"])], "commit")])
+    play(steps)
+    (_, _, c1, _), (_, state, cond, why) = steps.outcomes[:2]
+    assert c1 is None, steps.status()
+    assert (state, cond) == (Delivery.REJECTED, "amqp:not-implemented"), steps.status()
+    assert "spans the queues of one broker" in why, why
+    assert steps.results[0].startswith("commit failed: amqp:transaction:rollback"), steps.status()
+    assert steps.results[1] == "committed", steps.status()
+    assert before_marker(url, queue=qa) == [], "a rolled back transaction's message was stored"
+    assert before_marker(url, queue=qb) == ["alone"]
+
+
+def test_a_client_gone_mid_transaction_gives_back_what_it_took(two_brokers):
+    """Through a router, a client that took messages under a transaction
+    and left without discharging it: its broker rolls the transaction back
+    and the messages come again, in order. And a client with many open
+    transactions through the router leaves none of them behind: others
+    can still declare."""
+    url, (qa, b1), _ = two_brokers
+    publish(url, qa, ["m1", "m2"])
+
+    class Leaver(TxTaker):
+        def on_message(self, event):
+            self.got.append(event.message.body)
+            self.txn.accept(event.delivery)
+            if len(self.got) == self.n:
+                self.outcome = "left"
+
+    for _ in range(3):
+        play(Leaver(url, qa, 2))
+        assert before_marker(url, queue=qa, marker="m-mark") == ["m1", "m2"]
+        publish(url, qa, ["m1", "m2"])
+    assert before_marker(url, queue=qa, marker="m-mark") == ["m1", "m2"]
+
+    class Dropper(Steps):
+        """Sends one message under a transaction and leaves it open."""
+
+        def done(self):
+            return bool(self.outcomes)
+
+    # More clients than a broker allows one client open transactions,
+    # each leaving one behind at b1 through the same router connection.
+    droppers = [Dropper(url, [([(qa, ["dropped"])], None)]) for _ in range(70)]
+    play(*droppers)
+    assert all(d.outcomes[0][2] is None for d in droppers), [d.outcomes for d in droppers if d.outcomes[0][2]]
+    after = Steps(url, [([(qa, ["kept"])], "commit")])
+    play(after)
+    assert after.results == ["committed"], after.status()
+    assert before_marker(url, queue=qa) == ["kept"], "a transaction of a client that left was committed"
+    wait_until("b1 to hold nothing for the clients that left",
+               lambda: b1.queues()[qa]["unsettled"] == 0, timeout=TIMEOUT)
+
+
+def test_transactions_through_an_edge_router(start_router, start_broker, tmpdir_path, config_file):
+    """A client of an edge router (which places no addresses: its uplink
+    does, and says which broker it picked): a transaction commits at the
+    broker and one rolled back leaves nothing."""
+    cfg = config_file(CONFIG)
+    interior = start_router("--config", cfg, "--inter-router", "127.0.0.1:0", "--router-id", "interior")
+    start_broker(os.path.join(tmpdir_path, "data"), "--config", cfg, "--router", interior.url)
+    interior.wait_for_log(BROKER_UP)
+    edge = start_router("--config", cfg, "--mode", "edge", "--router-id", "edge",
+                        "--peer", "127.0.0.1:%d" % interior.ports["inter-router"])
+    interior.wait_for_log(r"router=edge two_way=true edge=true")
+    steps = Steps(edge.url, [([(QUEUE, ["e1", "e2"])], "commit"), ([(QUEUE, ["gone"])], "abort")])
+    play(steps)
+    assert steps.results == ["committed", "aborted"], steps.status()
+    assert before_marker(edge.url) == ["e1", "e2"]
