@@ -117,9 +117,13 @@ class Router:
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
         while time.monotonic() < deadline:
+            exited = self.proc.poll() is not None
+            if exited:
+                # Its last lines may still be in the pipe: read them all.
+                self._drain.join(max(0, deadline - time.monotonic()))
             if sum(1 for l in list(self.log) if rx.search(l)) >= count:
                 return
-            if self.proc.poll() is not None:
+            if exited:
                 break
             time.sleep(0.05)
         raise RuntimeError("no log line matching %r:\n%s" % (pattern, "".join(self.log)))
