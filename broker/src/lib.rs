@@ -133,9 +133,33 @@ fn inspect_command(c: &serde_json::Value) -> Option<(u64, String, queues::Inspec
     Some((id, queue, op))
 }
 
-fn ensure_subscription_addresses(t: &Tenancy, queues: &queues::QueueHandle) {
+/// Makes sure each `subscription` address of `t` has its shared durable
+/// subscription: those `before` (the tenancy applied last) did not have.
+/// A space whose subscriptions did not change costs nothing, and one that
+/// did costs what changed (an ordered map's diff skips what two versions
+/// share).
+fn ensure_subscription_addresses(
+    t: &Tenancy,
+    before: Option<&Tenancy>,
+    queues: &queues::QueueHandle,
+) {
     for space in t.spaces.values() {
-        for (address, topic) in &space.subscriptions {
+        let old = before
+            .and_then(|b| b.spaces.get(&space.name))
+            .map(|s| &s.subscriptions);
+        let added: Vec<(&String, &String)> = match old {
+            Some(o) if o.ptr_eq(&space.subscriptions) => continue,
+            Some(o) => o
+                .diff(&space.subscriptions)
+                .filter_map(|d| match d {
+                    flotilla_core::imbl::ordmap::DiffItem::Add(k, v) => Some((k, v)),
+                    flotilla_core::imbl::ordmap::DiffItem::Update { new, .. } => Some(new),
+                    flotilla_core::imbl::ordmap::DiffItem::Remove(..) => None,
+                })
+                .collect(),
+            None => space.subscriptions.iter().collect(),
+        };
+        for (address, topic) in added {
             queues.send_soon(queues::BrokerEvent::Ensure {
                 spec: queues::SubSpec {
                     record: store::SubRecord {
@@ -403,15 +427,17 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
         gauges,
         tenancy_version: tokio::sync::watch::Sender::new(0),
     };
-    ensure_subscription_addresses(&cfg.tenancy, &queues);
+    ensure_subscription_addresses(&cfg.tenancy, None, &queues);
     if let Some(link) = cfg.console.clone() {
         let (p, q, v) = (
             policy.clone(),
             queues.clone(),
             services.tenancy_version.clone(),
         );
+        let mut before: Option<Tenancy> = None;
         let apply = move |t: Tenancy| {
-            ensure_subscription_addresses(&t, &q);
+            ensure_subscription_addresses(&t, before.as_ref(), &q);
+            before = Some(t.clone());
             q.send_soon(queues::BrokerEvent::Tenancy(Arc::new(t.clone())));
             p.replace(t);
             v.send_modify(|n| *n += 1);

@@ -521,9 +521,9 @@ struct Queue {
     grouped: bool,
     /// What it holds, for producers checking its limits.
     gauge: Arc<Gauge>,
-    /// Its address's policy (looked up when first needed after each
-    /// tenancy change).
-    policy: Option<Arc<AddressPolicy>>,
+    /// Its address's policy, and the tenancy generation it was looked up
+    /// in (looked up again when first needed after a tenancy change).
+    policy: Option<(u64, Arc<AddressPolicy>)>,
     stats: Counters,
 }
 
@@ -949,8 +949,10 @@ pub struct QueueTask {
     /// What this task last counted into each space's usage.
     last_usage: HashMap<String, u64>,
     ticks: u64,
-    /// The address spaces as last heard (for address policies).
+    /// The address spaces as last heard (for address policies), and how
+    /// many times they changed.
     tenancy: Arc<Tenancy>,
+    generation: u64,
     /// Every queue's gauge, shared with producers.
     gauges: Gauges,
     /// When queues' scheduled messages are due: (time, queue).
@@ -1063,6 +1065,7 @@ impl QueueTask {
             ticks: 0,
             timers,
             tenancy: Arc::new(Tenancy::default()),
+            generation: 0,
             gauges,
         }
     }
@@ -1291,10 +1294,10 @@ impl QueueTask {
                 touched
             }
             BrokerEvent::Tenancy(t) => {
+                // Each queue's policy is looked up again when next needed
+                // (not here: that would cost every queue per change).
                 self.tenancy = t;
-                for q in self.queues.values_mut() {
-                    q.policy = None;
-                }
+                self.generation += 1;
                 Vec::new()
             }
             BrokerEvent::Settle { token, how } => {
@@ -1989,8 +1992,14 @@ impl QueueTask {
     /// The policy of queue `key`'s address: its own, its space's defaults,
     /// its plan's (then the broker's flags, where it is used).
     fn policy(&mut self, key: &str) -> Arc<AddressPolicy> {
-        if let Some(p) = self.queues.get(key).and_then(|q| q.policy.clone()) {
-            return p;
+        let generation = self.generation;
+        if let Some((_, p)) = self
+            .queues
+            .get(key)
+            .and_then(|q| q.policy.as_ref())
+            .filter(|(g, _)| *g == generation)
+        {
+            return p.clone();
         }
         let (space, address) = key.split_once('/').unwrap_or(("", key));
         let address = match self.subs.get(key) {
@@ -2005,7 +2014,7 @@ impl QueueTask {
             .map(|s| s.policy(address))
             .unwrap_or_default();
         if let Some(q) = self.queues.get_mut(key) {
-            q.policy = Some(p.clone());
+            q.policy = Some((generation, p.clone()));
         }
         p
     }
@@ -2756,13 +2765,19 @@ impl QueueTask {
     }
 
     fn stat(&self) -> serde_json::Value {
+        // Deliveries out per queue, counted in one pass (not once per queue).
+        let mut out: HashMap<&str, usize> = HashMap::new();
+        for f in self.inflight.values() {
+            *out.entry(f.queue.as_str()).or_default() += 1;
+        }
         let mut queues: Vec<serde_json::Value> = self
             .queues
             .iter()
             .map(|(key, q)| {
                 let (space, address) = key.split_once('/').unwrap_or(("", key));
-                let inflight = self.inflight.values().filter(|f| f.queue == *key).count();
+                let inflight = out.get(key.as_str()).copied().unwrap_or(0);
                 let mut v = json!({
+                    "bytes": q.gauge.bytes.load(std::sync::atomic::Ordering::Relaxed),
                     "space": space,
                     "address": address,
                     "durable": q.durable,

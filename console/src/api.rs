@@ -31,16 +31,25 @@ pub struct AppState {
     pub live: Arc<std::sync::Mutex<Live>>,
     /// Brokers known to be in the registry.
     pub registered: crate::brokers::Registered,
+    /// The address list's rows, kept from the store's changes.
+    pub index: crate::index::Index,
+    /// The last 15 minutes and the last day, sampled from the reports.
+    pub history: Arc<std::sync::Mutex<crate::history::History>>,
 }
 
 impl AppState {
-    pub fn new(store: Store, token: String) -> Self {
-        AppState {
+    /// # Errors
+    /// The store cannot be read (to index its addresses).
+    pub fn new(store: Store, token: String) -> Result<Self, StoreError> {
+        let index = crate::index::Index::start(&store)?;
+        Ok(AppState {
             store,
             token: Arc::new(token),
             live: Arc::default(),
             registered: Default::default(),
-        }
+            index,
+            history: Arc::default(),
+        })
     }
 }
 
@@ -82,6 +91,11 @@ impl Live {
     pub(crate) fn next_answer(&mut self) -> u64 {
         self.last_answer += 1;
         self.last_answer
+    }
+
+    /// Every component's last report, however old: id, when, report.
+    pub(crate) fn all(&self) -> impl Iterator<Item = (&String, std::time::Instant, &Value)> {
+        self.reports.iter().map(|(id, (at, v))| (id, *at, v))
     }
 
     pub(crate) fn fresh(&self, component: &str) -> impl Iterator<Item = (&String, &Value)> {
@@ -199,7 +213,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
 
 /// The three kinds and where they live in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     AddressSpace,
     Address,
     MessagingUser,
@@ -215,14 +229,14 @@ impl Kind {
     }
 
     /// The store key of `name` (in `space`, for addresses and users).
-    fn key(self, space: &str, name: &str) -> String {
+    pub(crate) fn key(self, space: &str, name: &str) -> String {
         match self {
             Kind::AddressSpace => format!("AddressSpace/{name}"),
             _ => format!("{}/{space}/{name}", self.name()),
         }
     }
 
-    fn prefix(self, space: &str) -> String {
+    pub(crate) fn prefix(self, space: &str) -> String {
         match self {
             Kind::AddressSpace => "AddressSpace/".to_string(),
             _ => format!("{}/{space}/", self.name()),
@@ -319,6 +333,14 @@ pub fn routes(state: AppState) -> Router {
             axum::routing::post(close_connection),
         )
         .route("/addressspaces/{space}/metrics", get(metrics))
+        .route("/addressspaces/{space}/usage", get(crate::views::usage))
+        .route(
+            "/addressspaces/{space}/addresses/{name}/history",
+            get(crate::views::address_history),
+        )
+        .route("/overview", get(crate::views::overview))
+        .route("/mesh", get(crate::views::mesh))
+        .route("/components/{kind}/{name}", get(crate::views::component))
         .route("/addressspaces/{space}/links", get(links))
         .route(
             "/addressspaces/{space}/addresses/{name}/purge",
@@ -434,6 +456,12 @@ struct ListQuery {
     cont: Option<String>,
     /// Only objects whose name or address contains this.
     filter: Option<String>,
+    /// Addresses: the column to order by (`name`, `address`, `type`,
+    /// `broker`, `phase`, `created`, or live: `senders`, `receivers`,
+    /// `delivered`, `rate`, `stored`); default `name`.
+    sort: Option<String>,
+    /// `asc` (default) or `desc`.
+    order: Option<String>,
 }
 
 /// What API clients see of a stored object: no SCRAM keys.
@@ -446,6 +474,12 @@ fn shown(mut v: Value) -> Value {
 }
 
 async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiResult<Json<Value>> {
+    if kind == Kind::Address {
+        return list_addresses_page(state, space, q).await;
+    }
+    if q.sort.is_some() || q.order.is_some() {
+        return Err(ApiError::bad("only address lists can be sorted"));
+    }
     if kind != Kind::AddressSpace {
         require_space(&state, &space).await?;
     }
@@ -486,6 +520,68 @@ async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiRe
         "kind": format!("{}List", kind.name()),
         "metadata": metadata,
         "items": items.into_iter().map(|(_, v)| shown(v)).collect::<Vec<_>>(),
+    })))
+}
+
+/// A page of a space's addresses from the index: filtered, ordered by
+/// any column, then the page's objects read from the store.
+async fn list_addresses_page(
+    state: AppState,
+    space: String,
+    q: ListQuery,
+) -> ApiResult<Json<Value>> {
+    use crate::index::Column;
+    require_space(&state, &space).await?;
+    let by = match q.sort.as_deref() {
+        None => Column::Name,
+        Some(s) => Column::parse(s).ok_or_else(|| {
+            ApiError::bad(format!(
+                "cannot sort by {s:?}: name, address, type, broker, phase, created, senders, receivers, delivered, rate or stored"
+            ))
+        })?,
+    };
+    let descending = match q.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => return Err(ApiError::bad(format!("order {o:?}: asc or desc"))),
+    };
+    let limit = q.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let store = state.store.clone();
+    let rv = blocking(move || store.resource_version()).await?;
+    state.index.caught_up(rv).await;
+    let live = by.live().map(|field| live_numbers(&state, &space, field));
+    let filter = q.filter.unwrap_or_default();
+    let index = state.index.clone();
+    let (sp, store) = (space.clone(), state.store.clone());
+    let (page, items) = blocking(move || {
+        index.refresh(&store)?;
+        let ask = crate::index::Ask {
+            filter: &filter,
+            by,
+            descending,
+            live: live.as_ref(),
+            cont: q.cont.as_deref(),
+            limit,
+        };
+        let page = index.page(&sp, &ask);
+        let keys: Vec<String> = page
+            .names
+            .iter()
+            .map(|n| Kind::Address.key(&sp, n))
+            .collect();
+        let items = store.get_many(&keys)?;
+        Ok((page, items))
+    })
+    .await?;
+    let mut metadata = json!({"resourceVersion": rv.to_string(), "total": page.total});
+    if let Some(next) = page.next {
+        metadata["continue"] = Value::String(next);
+    }
+    Ok(Json(json!({
+        "apiVersion": API_VERSION,
+        "kind": "AddressList",
+        "metadata": metadata,
+        "items": items.into_iter().flatten().map(shown).collect::<Vec<_>>(),
     })))
 }
 
@@ -1196,8 +1292,40 @@ async fn close_connection(
 async fn metrics(
     State(state): State<AppState>,
     Path(space): Path<String>,
+    Params(q): Params<MetricsQuery>,
 ) -> ApiResult<Json<Value>> {
     require_space(&state, &space).await?;
+    let mut by = space_metrics(&state, &space);
+    if let Some(only) = q.addresses.as_deref() {
+        // Just these (a page of the list): what the browser refreshes.
+        let only: std::collections::HashSet<&str> = only.split(',').take(1000).collect();
+        by.retain(|a, _| only.contains(a.as_str()));
+    }
+    Ok(Json(
+        json!({"kind": "MetricsList", "items": by.into_values().collect::<Vec<_>>()}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct MetricsQuery {
+    /// Only these addresses (comma separated, at most 1,000).
+    addresses: Option<String>,
+}
+
+/// Each address's `field` (a live column) in space `space`.
+fn live_numbers(
+    state: &AppState,
+    space: &str,
+    field: &str,
+) -> std::collections::HashMap<String, f64> {
+    space_metrics(state, space)
+        .into_iter()
+        .map(|(a, v)| (a, v[field].as_f64().unwrap_or(0.0)))
+        .collect()
+}
+
+/// Per address of space `space`, what routers and brokers report.
+fn space_metrics(state: &AppState, space: &str) -> std::collections::BTreeMap<String, Value> {
     let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
     let mut by: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
     let add = |v: &mut Value, k: &str, n: &Value| {
@@ -1206,7 +1334,7 @@ async fn metrics(
     };
     for (_, r) in live.fresh("router") {
         for a in r["addresses"].as_array().into_iter().flatten() {
-            if a["space"] != space.as_str() {
+            if a["space"] != space {
                 continue;
             }
             let name = a["address"].as_str().unwrap_or("").to_string();
@@ -1220,7 +1348,7 @@ async fn metrics(
     }
     for (_, r) in live.fresh("broker") {
         for q in r["queues"].as_array().into_iter().flatten() {
-            if q["space"] != space.as_str() {
+            if q["space"] != space {
                 continue;
             }
             let name = q["address"].as_str().unwrap_or("").to_string();
@@ -1237,9 +1365,7 @@ async fn metrics(
             add(v, "storedRate", &q["inRate"]);
         }
     }
-    Ok(Json(
-        json!({"kind": "MetricsList", "items": by.into_values().collect::<Vec<_>>()}),
-    ))
+    by
 }
 
 /// `POST …/addresses/{name}/purge`: every broker drops the messages the
@@ -1322,6 +1448,31 @@ async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
         }
     }
     drop(live);
+    // The overview's series, as the console last sampled them.
+    let last = state
+        .history
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .seconds
+        .back()
+        .copied()
+        .unwrap_or_default();
+    for (dir, v) in [("in", last.r#in), ("out", last.out)] {
+        e.sample(
+            "flotilla_messages_per_second",
+            Kind::Gauge,
+            "Messages taken from producers (in) and delivered (out) per second, over every router and broker (the overview's chart).",
+            &[("direction", dir)],
+            v,
+        );
+    }
+    e.sample(
+        "flotilla_messages_stored",
+        Kind::Gauge,
+        "Messages stored in every broker (the overview's chart).",
+        &[],
+        last.stored,
+    );
     e.process();
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -597,6 +597,11 @@ impl KubeStore {
         (g.seq, items)
     }
 
+    /// The position of the last change streamed.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().seq
+    }
+
     pub fn count(&self, prefix: &str) -> usize {
         self.lock()
             .objects

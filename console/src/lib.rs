@@ -19,9 +19,12 @@
 
 pub mod api;
 pub mod brokers;
+pub mod history;
+pub mod index;
 pub mod kube_store;
 mod messages;
 pub mod store;
+mod views;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -149,7 +152,7 @@ impl Console {
                 store::Store::kubernetes(k)
             }
         };
-        let state = api::AppState::new(store, token);
+        let state = api::AppState::new(store, token)?;
         state.registered.load(&state.store)?;
         let app = api::routes(state.clone());
         let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -199,6 +202,7 @@ impl Console {
     /// Serves until `shutdown`.
     pub async fn serve(self, shutdown: CancellationToken) {
         info!(proto = "http", addr = %self.local_addr, "listening");
+        tokio::spawn(history::keep(self.state.clone(), shutdown.clone()));
         if let Some(after) = self.retire_brokers_after {
             tokio::spawn(brokers::retire_away(
                 self.state.clone(),

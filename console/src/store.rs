@@ -8,6 +8,7 @@
 //! list a space's addresses by prefix, and the change log is keyed by
 //! resource version.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -139,6 +140,28 @@ impl Store {
         }
     }
 
+    /// The objects at `keys`, in order (`None` where there is none).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Value>>, StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.get_many(keys),
+            Backend::Kubernetes(k) => Ok(keys.iter().map(|key| k.get(key)).collect()),
+        }
+    }
+
+    /// The store's resource version (that of its last change).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn resource_version(&self) -> Result<u64, StoreError> {
+        match &self.0 {
+            Backend::Embedded(e) => e.resource_version(),
+            Backend::Kubernetes(k) => Ok(k.resource_version()),
+        }
+    }
+
     /// # Errors
     /// The database failed.
     pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
@@ -231,6 +254,15 @@ impl Store {
 struct Embedded {
     db: Arc<Database>,
     changes: broadcast::Sender<Arc<Change>>,
+    /// Objects per kind (`Address/`) and per kind and space
+    /// (`Address/SPACE/`), kept as they are written: a quota check or a
+    /// count costs O(1), not a scan.
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+/// The count prefixes a key falls under: `KIND/` and `KIND/SPACE/`.
+fn count_prefixes(key: &str) -> impl Iterator<Item = &str> {
+    key.match_indices('/').take(2).map(move |(i, _)| &key[..=i])
 }
 
 impl Embedded {
@@ -250,11 +282,49 @@ impl Embedded {
             }
         }
         tx.commit()?;
+        let mut counts = HashMap::new();
+        {
+            let tx = db.begin_read()?;
+            for item in tx.open_table(OBJECTS)?.iter()? {
+                let (k, _) = item?;
+                for p in count_prefixes(k.value()) {
+                    *counts.entry(p.to_string()).or_insert(0) += 1;
+                }
+            }
+        }
         let (changes, _) = broadcast::channel(4096);
         Ok(Embedded {
             db: Arc::new(db),
             changes,
+            counts: Arc::new(std::sync::Mutex::new(counts)),
         })
+    }
+
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Value>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OBJECTS)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(match t.get(k.as_str())? {
+                Some(g) => Some(serde_json::from_slice(g.value())?),
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn resource_version(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(META)?.get(RV)?.map_or(0, |g| g.value()))
+    }
+
+    /// Counts `key` in (`by` 1) or out (`by` -1).
+    fn count_key(&self, key: &str, by: isize) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for p in count_prefixes(key) {
+            let n = c.entry(p.to_string()).or_insert(0);
+            *n = n.saturating_add_signed(by);
+        }
     }
 
     /// Follows changes from now on.
@@ -367,6 +437,9 @@ impl Embedded {
             trim(&mut events, rv)?;
         }
         tx.commit()?;
+        if change.kind == "ADDED" {
+            self.count_key(key, 1);
+        }
         let _ = self.changes.send(Arc::new(change));
         Ok(object)
     }
@@ -379,6 +452,7 @@ impl Embedded {
     pub fn delete(&self, keys: &[String]) -> Result<Value, StoreError> {
         let tx = self.db.begin_write()?;
         let mut changes = Vec::new();
+        let mut removed = Vec::new();
         let first;
         {
             let mut objects = tx.open_table(OBJECTS)?;
@@ -400,6 +474,7 @@ impl Embedded {
                     continue;
                 };
                 rv += 1;
+                removed.push(key.clone());
                 object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
                 let change = Change {
                     rv,
@@ -417,6 +492,9 @@ impl Embedded {
             first = found.ok_or_else(|| StoreError::NotFound(keys[0].clone()))?;
         }
         tx.commit()?;
+        for k in removed {
+            self.count_key(&k, -1);
+        }
         for c in changes {
             let _ = self.changes.send(Arc::new(c));
         }
@@ -451,6 +529,10 @@ impl Embedded {
     /// # Errors
     /// The database failed.
     pub fn count(&self, prefix: &str) -> Result<usize, StoreError> {
+        if prefix.ends_with('/') && prefix.matches('/').count() <= 2 {
+            let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            return Ok(c.get(prefix).copied().unwrap_or(0));
+        }
         let tx = self.db.begin_read()?;
         let t = tx.open_table(OBJECTS)?;
         let mut n = 0;

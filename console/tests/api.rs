@@ -59,7 +59,7 @@ fn api(tag: &str) -> Api {
 
 fn app_in(dir: &TempDir) -> axum::Router {
     let store = Store::open(&dir.0.join("store.redb")).expect("open the store");
-    routes(AppState::new(store, TOKEN.to_string()))
+    routes(AppState::new(store, TOKEN.to_string()).expect("index the store"))
 }
 
 fn request(method: Method, uri: &str, token: Option<&str>, body: Option<&Value>) -> Request<Body> {
@@ -1091,6 +1091,194 @@ async fn lists_page_with_limit_and_continue() {
         .await;
     assert_eq!(names(&page), ["tenant-a2"]);
     assert!(page["metadata"].get("continue").is_none(), "{page}");
+}
+
+#[tokio::test]
+async fn address_lists_sort_by_any_column_filter_and_count() {
+    let api = api("sorting");
+    api.create_space("tenant-a").await;
+    for (n, kind) in [
+        ("a1", "queue"),
+        ("a2", "anycast"),
+        ("b1", "queue"),
+        ("b2", "multicast"),
+    ] {
+        api.create_address("tenant-a", n, &format!("x-{n}"), kind)
+            .await;
+    }
+    let page = |q: &'static str| {
+        let api = &api;
+        async move {
+            let (s, v) = api
+                .get(&format!("/api/v1/addressspaces/tenant-a/addresses?{q}"))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{q}: {v}");
+            v
+        }
+    };
+    // By type, descending, two at a time: by position, and the total.
+    let v = page("sort=type&order=desc&limit=2").await;
+    assert_eq!(names(&v), ["a1", "b1"]);
+    assert_eq!(v["metadata"]["total"], 4);
+    let c = v["metadata"]["continue"]
+        .as_str()
+        .expect("more")
+        .to_string();
+    let (_, v) = api
+        .get(&format!(
+            "/api/v1/addressspaces/tenant-a/addresses?sort=type&order=desc&limit=2&continue={c}"
+        ))
+        .await;
+    assert_eq!(names(&v), ["b2", "a2"]);
+    assert!(v["metadata"].get("continue").is_none(), "{v}");
+    // A filter on name or address, with its own total.
+    let v = page("filter=b&sort=address").await;
+    assert_eq!(
+        (names(&v), v["metadata"]["total"].clone()),
+        (vec!["b1".to_string(), "b2".into()], json!(2))
+    );
+    // A live column with no reports: all zero, by name.
+    let v = page("sort=rate&order=desc").await;
+    assert_eq!(v["metadata"]["total"], 4);
+    // Nonsense is a 400 that says what is allowed.
+    let (s, v) = api
+        .get("/api/v1/addressspaces/tenant-a/addresses?sort=colour")
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.contains("rate")),
+        "{v}"
+    );
+    let (s, _) = api
+        .get("/api/v1/addressspaces/tenant-a/addresses?order=up")
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = api
+        .get("/api/v1/addressspaces/tenant-a/users?sort=name")
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A deleted address leaves the list (and its kept orderings).
+    let (s, _) = api
+        .delete("/api/v1/addressspaces/tenant-a/addresses/b1")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let v = page("sort=type&order=desc").await;
+    assert_eq!(names(&v), ["a1", "b2", "a2"]);
+}
+
+#[tokio::test]
+async fn overview_map_usage_and_live_numbers_come_from_the_reports() {
+    let api = api("views");
+    let mut plan = json!({"metadata": {"name": "tenant-a"}, "spec": {"plan": "small"}});
+    plan["spec"]["authentication"] = json!({"anonymous": true});
+    let (s, v) = api.post("/api/v1/addressspaces", plan).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    api.create_address("tenant-a", "orders", "orders", "queue")
+        .await;
+    let router = |id: &str, rid: &str, peers: Value| {
+        json!({
+            "component": "router", "id": id, "routerId": rid, "edge": false, "peers": peers,
+            "containers": ["b1"], "gateways": [], "spaceLinks": {"tenant-a": 3},
+            "connections": [{"id": 7, "space": "tenant-a", "addr": "127.0.0.1:1", "container": "c", "links": 3}],
+            "addresses": [{"space": "tenant-a", "address": "alerts", "senders": 1, "receivers": 2, "delivered": 10, "rate": 5}],
+            "links": [],
+        })
+    };
+    for r in [
+        router("r1", "r1", json!(["r2"])),
+        router("r2", "r2", json!(["r1"])),
+    ] {
+        let (s, v) = api.post("/api/v1/reports", r).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, _) = api
+        .post("/api/v1/reports", json!({"component": "broker", "id": "b1", "queues": [
+            {"space": "tenant-a", "address": "orders", "depth": 4, "bytes": 400, "consumers": 1, "acknowledged": 2, "inRate": 3, "outRate": 1}
+        ]}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // The map: two routers linked, the broker on both.
+    let (s, m) = api.get("/api/v1/mesh").await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    let ids: Vec<&str> = m["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 3, "{m}");
+    assert!(
+        m["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "up"),
+        "{m}"
+    );
+    let edges: Vec<(String, String)> = m["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap().into(),
+                e["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        edges.contains(&("router/r1".into(), "router/r2".into())),
+        "{m}"
+    );
+    assert!(
+        edges.contains(&("router/r1".into(), "broker/b1".into())),
+        "{m}"
+    );
+    // A node's page.
+    let (s, c) = api.get("/api/v1/components/router/r1").await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["connections"][0]["id"], 7);
+    assert_eq!(c["addresses"][0]["address"], "alerts");
+    let (s, _) = api.get("/api/v1/components/router/nope").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The overview's totals.
+    let (s, o) = api.get("/api/v1/overview").await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    assert_eq!(o["totals"]["addresses"], 1);
+    assert_eq!(o["totals"]["connections"], 2, "one on each router");
+    assert_eq!(o["totals"]["senders"], 2);
+    // The space's plan, quotas and use.
+    let (s, u) = api.get("/api/v1/addressspaces/tenant-a/usage").await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    assert_eq!(u["plan"], "small");
+    assert_eq!(u["quotas"]["addresses"], json!({"used": 1, "limit": 100}));
+    assert_eq!(u["quotas"]["connections"]["used"], 2);
+    assert_eq!(u["quotas"]["links"]["used"], 6);
+    assert_eq!(u["quotas"]["storedBytes"]["used"], 400);
+    // Live numbers for some addresses only.
+    let (s, v) = api
+        .get("/api/v1/addressspaces/tenant-a/metrics?addresses=orders")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(
+        (items[0]["stored"].clone(), items[0]["storedRate"].clone()),
+        (json!(4), json!(3))
+    );
+    // Sorted by a live column.
+    api.create_address("tenant-a", "alerts", "alerts", "anycast")
+        .await;
+    let (_, v) = api
+        .get("/api/v1/addressspaces/tenant-a/addresses?sort=stored&order=desc")
+        .await;
+    assert_eq!(names(&v), ["orders", "alerts"]);
+    // An address with no history yet says so.
+    let (s, h) = api
+        .get("/api/v1/addressspaces/tenant-a/addresses/orders/history")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["kept"], false);
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub use imbl;
 pub mod auth;
 pub mod config;
 #[cfg(feature = "kube")]

@@ -1,7 +1,7 @@
 //! Following the control plane (DESIGN.md "Control plane"): a router or
 //! broker started with `--console URL` reads the console's watch stream
-//! (`GET /api/v1/watch`, NDJSON) and rebuilds its tenancy after every batch
-//! of changes. It resumes from the last resource version it saw when the
+//! (`GET /api/v1/watch`, NDJSON) and applies each change to its tenancy,
+//! handing the result on after every batch of changes. It resumes from the last resource version it saw when the
 //! stream breaks, starts over when the console says that version is gone
 //! (410), and keeps serving its last known tenancy while the console is
 //! away.
@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Tenancy;
+use crate::config::{Space, Tenancy, DEFAULT_SPACE};
 use crate::resources::{Address, AddressSpace, MessagingUser};
 
 /// Where the console is and how to prove we may read it.
@@ -46,11 +46,31 @@ enum WatchError {
     Gone,
 }
 
-/// What the watch has seen: every object by kind/space/name.
-#[derive(Default)]
+/// What the watch has seen: every object by kind/space/name, and the
+/// tenancy they make, kept change by change: an address or user costs
+/// O(log n) however many there are; a space's own change rebuilds that
+/// space from its objects.
 struct Seen {
     rv: u64,
     objects: BTreeMap<String, Value>,
+    tenancy: Tenancy,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        let mut tenancy = Tenancy::zero_config();
+        tenancy.brokers = Some(Default::default());
+        Seen {
+            rv: 0,
+            objects: BTreeMap::new(),
+            tenancy,
+        }
+    }
+}
+
+/// `o` as a resource of type `T`, if it is one.
+fn typed<T: serde::de::DeserializeOwned>(o: &Value) -> Option<T> {
+    serde_json::from_value(o.clone()).ok()
 }
 
 impl Seen {
@@ -73,62 +93,89 @@ impl Seen {
         }
         let space = o["spec"]["addressSpace"].as_str().unwrap_or("");
         let key = format!("{kind}/{space}/{name}");
-        match v["type"].as_str() {
-            Some("ADDED" | "MODIFIED") => {
-                self.objects.insert(key, o.clone());
-                true
+        let (old, new) = match v["type"].as_str() {
+            Some("ADDED" | "MODIFIED") => (self.objects.insert(key, o.clone()), Some(o)),
+            Some("DELETED") => match self.objects.remove(&key) {
+                Some(old) => (Some(old), None),
+                None => return false,
+            },
+            _ => return false,
+        };
+        match kind {
+            "Broker" => {
+                let brokers = self.tenancy.brokers.get_or_insert_with(Default::default);
+                if new.is_some() {
+                    brokers.insert(name.to_string());
+                } else {
+                    brokers.remove(name);
+                }
             }
-            Some("DELETED") => self.objects.remove(&key).is_some(),
-            _ => false,
+            "AddressSpace" => self.rebuild_space(name),
+            "Address" | "MessagingUser" => {
+                // Of a space not (yet) seen: left out until it comes.
+                let Some(s) = self.tenancy.spaces.get_mut(space) else {
+                    return true;
+                };
+                let result = if kind == "Address" {
+                    if let Some(a) = old.as_ref().and_then(typed::<Address>) {
+                        s.remove_address(&a);
+                    }
+                    new.and_then(typed::<Address>).map(|a| s.add_address(&a))
+                } else {
+                    if let Some(u) = old.as_ref().and_then(typed::<MessagingUser>) {
+                        s.remove_user(&u);
+                    }
+                    new.and_then(typed::<MessagingUser>).map(|u| s.add_user(&u))
+                };
+                if let Some(Err(e)) = result {
+                    warn!(kind, space, name, error = %e, "the console's resource is invalid; left out");
+                }
+            }
+            _ => {}
         }
+        true
     }
 
-    /// The tenancy the objects describe. Objects that do not parse, and
-    /// addresses and users of spaces not (yet) seen, are left out.
-    fn tenancy(&self) -> Tenancy {
-        let mut spaces = Vec::new();
-        let mut addresses = Vec::new();
-        let mut users = Vec::new();
-        let mut brokers = std::collections::BTreeSet::new();
-        for (i, o) in self.objects.values().enumerate() {
-            match o["kind"].as_str() {
-                Some("Broker") => {
-                    if let Some(id) = o["metadata"]["name"].as_str() {
-                        brokers.insert(id.to_string());
-                    }
-                }
-                Some("AddressSpace") => {
-                    if let Ok(s) = serde_json::from_value::<AddressSpace>(o.clone()) {
-                        spaces.push((i, s));
-                    }
-                }
-                Some("Address") => {
-                    if let Ok(a) = serde_json::from_value::<Address>(o.clone()) {
-                        addresses.push((i, a));
-                    }
-                }
-                Some("MessagingUser") => {
-                    if let Ok(u) = serde_json::from_value::<MessagingUser>(o.clone()) {
-                        users.push((i, u));
-                    }
-                }
-                _ => {}
+    /// Builds space `name` again from its objects (its settings changed,
+    /// or it came or went): its addresses and users are added to it.
+    fn rebuild_space(&mut self, name: &str) {
+        let own = self
+            .objects
+            .get(&format!("AddressSpace//{name}"))
+            .and_then(typed::<AddressSpace>);
+        let base = match own {
+            Some(s) => Space::from_resource(&s)
+                .map_err(|e| warn!(space = name, error = %e, "the console's address space is invalid; left out"))
+                .ok(),
+            None if name == DEFAULT_SPACE => Some(Space::zero_config_default()),
+            None => None,
+        };
+        let Some(mut space) = base else {
+            self.tenancy.spaces.remove(name);
+            return;
+        };
+        for kind in ["Address", "MessagingUser"] {
+            let prefix = format!("{kind}/{name}/");
+            for (_, o) in self
+                .objects
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+            {
+                let _ = if kind == "Address" {
+                    typed::<Address>(o).map(|a| space.add_address(&a))
+                } else {
+                    typed::<MessagingUser>(o).map(|u| space.add_user(&u))
+                };
             }
         }
-        let known: std::collections::HashSet<String> = spaces
-            .iter()
-            .map(|(_, s)| s.metadata.name.clone())
-            .chain(std::iter::once(crate::config::DEFAULT_SPACE.to_string()))
-            .collect();
-        addresses.retain(|(_, a)| known.contains(&a.spec.address_space) && a.validate().is_ok());
-        users.retain(|(_, u)| known.contains(&u.spec.address_space) && u.validate().is_ok());
-        spaces.retain(|(_, s)| s.validate().is_ok());
-        let mut t = Tenancy::from_resources(spaces, addresses, users).unwrap_or_else(|e| {
-            warn!(error = %e, "the console's resources do not make a tenancy; serving the default space only");
-            Tenancy::zero_config()
-        });
-        t.brokers = Some(brokers);
-        t
+        self.tenancy.spaces.insert(name.to_string(), space);
+    }
+
+    /// The tenancy the objects describe (a copy that shares its maps).
+    /// Objects that do not parse, and addresses and users of spaces not
+    /// (yet) seen, are left out.
+    fn tenancy(&self) -> Tenancy {
+        self.tenancy.clone()
     }
 }
 
@@ -208,9 +255,9 @@ async fn watch_once(
         *connected_once = true;
     }
     let mut buf: Vec<u8> = Vec::new();
-    // Changes are applied once the stream pauses (or every half second
-    // while it does not): rebuilding the tenancy per line would make a
-    // burst of N changes cost N rebuilds of N objects.
+    // The new tenancy is handed on once the stream pauses (or every half
+    // second while it does not): each hand-on makes every connection
+    // check its client and links again.
     let mut pending_since: Option<std::time::Instant> = None;
     loop {
         let wait = if pending_since.is_some() {
@@ -404,5 +451,62 @@ mod tests {
             .as_bytes()
         ));
         assert_eq!(s.tenancy().spaces["t"].lookup("orders"), None);
+    }
+
+    #[test]
+    fn changes_apply_one_by_one_and_a_space_change_keeps_its_addresses() {
+        let mut s = Seen::default();
+        let ev = |t: &str, o: Value| format!("{}\n", serde_json::json!({"type": t, "object": o}));
+        let space = |anonymous: bool| {
+            serde_json::json!({
+                "apiVersion": "flotilla.dev/v1", "kind": "AddressSpace",
+                "metadata": {"name": "t"}, "spec": {"authentication": {"anonymous": anonymous}}
+            })
+        };
+        let address = |a: &str| {
+            serde_json::json!({
+                "apiVersion": "flotilla.dev/v1", "kind": "Address", "metadata": {"name": "q"},
+                "spec": {"addressSpace": "t", "address": a, "type": "queue"}
+            })
+        };
+        // An address before its space waits for it.
+        assert!(s.line(ev("ADDED", address("orders")).as_bytes()));
+        assert!(!s.tenancy().spaces.contains_key("t"));
+        assert!(s.line(ev("ADDED", space(false)).as_bytes()));
+        let before = s.tenancy();
+        assert_eq!(
+            before.spaces["t"].lookup("orders"),
+            Some(crate::resources::AddressType::Queue)
+        );
+        // Its address changes: the old one is gone, the new one there; the
+        // snapshot handed on before is untouched.
+        assert!(s.line(ev("MODIFIED", address("invoices")).as_bytes()));
+        let t = s.tenancy();
+        assert_eq!(t.spaces["t"].lookup("orders"), None);
+        assert_eq!(
+            t.spaces["t"].lookup("invoices"),
+            Some(crate::resources::AddressType::Queue)
+        );
+        assert_eq!(
+            before.spaces["t"].lookup("orders"),
+            Some(crate::resources::AddressType::Queue)
+        );
+        // The space's own change keeps what is declared in it.
+        assert!(s.line(ev("MODIFIED", space(true)).as_bytes()));
+        let t = s.tenancy();
+        assert_eq!(t.spaces["t"].anonymous, crate::config::Anonymous::Allow);
+        assert_eq!(
+            t.spaces["t"].lookup("invoices"),
+            Some(crate::resources::AddressType::Queue)
+        );
+        // Brokers come and go.
+        let broker = serde_json::json!({"kind": "Broker", "metadata": {"name": "b1"}});
+        assert!(s.line(ev("ADDED", broker.clone()).as_bytes()));
+        assert!(s.tenancy().brokers.is_some_and(|b| b.contains("b1")));
+        assert!(s.line(ev("DELETED", broker).as_bytes()));
+        assert!(s.tenancy().brokers.is_some_and(|b| b.is_empty()));
+        // The space goes: so does everything in it.
+        assert!(s.line(ev("DELETED", space(true)).as_bytes()));
+        assert!(!s.tenancy().spaces.contains_key("t"));
     }
 }

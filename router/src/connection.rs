@@ -191,6 +191,8 @@ pub(crate) struct ConnectionTask {
     pub(crate) remote_container: String,
     /// The client's transactions (see [`crate::transactions`]).
     pub(crate) txns: crate::transactions::Txns,
+    /// Messages in and out on this connection (the console's view).
+    pub(crate) traffic: Arc<crate::stat::Traffic>,
     tenancy: tokio::sync::watch::Receiver<u64>,
     pub(crate) peer_commands: Option<mpsc::UnboundedReceiver<crate::mesh::PeerCommand>>,
 }
@@ -305,6 +307,7 @@ impl ConnectionTask {
             routes: Default::default(),
             remote_container: String::new(),
             txns: Default::default(),
+            traffic: Arc::default(),
             tenancy,
             peer_commands: None,
         }
@@ -617,6 +620,11 @@ impl ConnectionTask {
             } else if gateway {
                 self.conn.set_max_links(GATEWAY_MAX_LINKS);
                 self.role = ConnRole::Gateway;
+                self.shared
+                    .gateways
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(self.id.0, open.container_id.clone());
             } else {
                 self.role = ConnRole::Tool;
             }
@@ -670,6 +678,7 @@ impl ConnectionTask {
                             container: open.container_id.clone(),
                             handle: self.handle.clone(),
                             links: self.link_counter(),
+                            traffic: self.traffic.clone(),
                         },
                     );
                 self.conn.open();
@@ -1330,6 +1339,7 @@ impl ConnectionTask {
         if self.is_controller(link) {
             return self.txn_control(link, d);
         }
+        self.traffic.r#in.fetch_add(1, Ordering::Relaxed);
         if let Some(e) = self.over_message_quota(d.payload.len()) {
             self.dirty.insert(link);
             return self.reject(&d.id, d.settled, e);
@@ -1546,6 +1556,7 @@ impl ConnectionTask {
         let token = self.next_token;
         if self.conn.send(link, &msg.payload, settle_here, token) {
             self.next_token += 1;
+            self.traffic.out.fetch_add(1, Ordering::Relaxed);
             if !settle_here {
                 self.unsettled.insert(
                     token,
@@ -1777,6 +1788,11 @@ impl ConnectionTask {
     fn cleanup(&mut self) {
         self.shared
             .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id.0);
+        self.shared
+            .gateways
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id.0);

@@ -196,6 +196,9 @@ pub(crate) struct Shared {
     /// and links again.
     pub(crate) tenancy_version: tokio::sync::watch::Sender<u64>,
     /// Open client connections, for the console's live view.
+    /// The MQTT gateways connected here: connection id → container id
+    /// (for the console's map).
+    pub(crate) gateways: std::sync::Mutex<std::collections::BTreeMap<u64, String>>,
     pub(crate) clients: std::sync::Mutex<std::collections::BTreeMap<u64, stat::ClientInfo>>,
     /// What `/readyz` answers: listeners bound, the mesh joined, not
     /// stopping.
@@ -395,6 +398,7 @@ impl Router {
             known_brokers: Default::default(),
             tenancy_version: tokio::sync::watch::Sender::new(0),
             clients: Default::default(),
+            gateways: Default::default(),
             readiness,
             in_flight: Default::default(),
             self_addrs: Default::default(),

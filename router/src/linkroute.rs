@@ -245,15 +245,19 @@ impl KnownBrokers {
 }
 
 impl crate::Shared {
-    /// Brokers connected here or anywhere in the mesh now.
-    pub(crate) fn present_brokers(&self) -> std::collections::BTreeSet<String> {
-        let mut present: std::collections::BTreeSet<String> = self
-            .brokers
+    /// The brokers (and route containers) connected to this router.
+    pub(crate) fn local_brokers(&self) -> std::collections::BTreeSet<String> {
+        self.brokers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Brokers connected here or anywhere in the mesh now.
+    pub(crate) fn present_brokers(&self) -> std::collections::BTreeSet<String> {
+        let mut present = self.local_brokers();
         if let Some(m) = &self.mesh {
             present.extend(m.snapshot().brokers.keys().cloned());
         }
@@ -730,6 +734,9 @@ impl ConnectionTask {
         link: LinkId,
         d: flotilla_amqp::connection::Delivery,
     ) {
+        self.traffic
+            .r#in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(e) = self.over_message_quota(d.payload.len()) {
             self.txn_dropped(
                 d.state.as_ref(),
@@ -802,6 +809,9 @@ impl ConnectionTask {
                 .send_with_state(link, &[&msg.payload], msg.settled, token, state.as_deref());
         if sent {
             self.next_token += 1;
+            self.traffic
+                .out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if !msg.settled {
                 self.routes
                     .outstanding

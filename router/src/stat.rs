@@ -167,6 +167,15 @@ pub(crate) struct ClientInfo {
     pub handle: crate::connection::TaskHandle,
     /// Links the client has open (refreshed by its connection task).
     pub links: Arc<AtomicUsize>,
+    pub traffic: Arc<Traffic>,
+}
+
+/// A connection's messages in (from the peer) and out (to it), counted by
+/// its task.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    pub r#in: std::sync::atomic::AtomicU64,
+    pub out: std::sync::atomic::AtomicU64,
 }
 
 /// The router's live state for the console: its client connections and,
@@ -176,22 +185,40 @@ pub(crate) fn report(
     shared: &Shared,
     last: &mut std::collections::HashMap<(String, String), u64>,
 ) -> serde_json::Value {
+    let mut space_links: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut seen = std::collections::HashMap::new();
     let connections: Vec<serde_json::Value> = shared
         .clients
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
         .map(|(id, c)| {
+            let links = c.links.load(Ordering::Relaxed);
+            *space_links.entry(c.space.clone()).or_insert(0) += links;
+            let (i, o) = (
+                c.traffic.r#in.load(Ordering::Relaxed),
+                c.traffic.out.load(Ordering::Relaxed),
+            );
+            let mut rate = |dir: &str, now: u64| {
+                let key = (format!("$conn-{dir}"), id.to_string());
+                let r = now.saturating_sub(last.get(&key).copied().unwrap_or(now));
+                seen.insert(key, now);
+                r
+            };
             serde_json::json!({
                 "id": id,
                 "space": c.space,
                 "user": c.user,
                 "addr": c.addr.to_string(),
                 "container": c.container,
+                "links": links,
+                "in": i,
+                "out": o,
+                "inRate": rate("in", i),
+                "outRate": rate("out", o),
             })
         })
         .collect();
-    let mut seen = std::collections::HashMap::new();
     let mut links = Vec::new();
     let addresses: Vec<serde_json::Value> = shared
         .table
@@ -227,11 +254,29 @@ pub(crate) fn report(
         })
         .collect();
     *last = seen;
+    let snapshot = shared.mesh.as_ref().map(|m| m.snapshot());
+    let peers: Vec<&String> = snapshot
+        .as_ref()
+        .map_or(Vec::new(), |s| s.neighbors.keys().collect());
+    let containers = shared.local_brokers();
+    let gateways: Vec<String> = shared
+        .gateways
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
     serde_json::json!({
         "component": "router",
         "id": shared.cfg.container_id,
-                "connections": connections,
-        "neighbours": shared.mesh.as_ref().map_or(0, |m| m.snapshot().neighbors.len()),
+        "routerId": snapshot.as_ref().map(|s| s.id.clone()),
+        "edge": shared.cfg.edge,
+        "connections": connections,
+        "neighbours": peers.len(),
+        "peers": peers,
+        "containers": containers,
+        "gateways": gateways,
+        "spaceLinks": space_links,
         "addresses": addresses,
         "links": links,
     })

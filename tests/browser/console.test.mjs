@@ -2,7 +2,7 @@
 // playwright-core, logs in with the admin token, creates an address through
 // the form, sees it in the addresses table, sees its stored-message count
 // rise while a client sends to it through the router, browses its first
-// messages, and makes an address with a policy.
+// messages on its page, and makes an address with a policy.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -67,11 +67,13 @@ test('create an address in the console and watch its stored count rise while a c
     await page.goto(url);
     await page.getByLabel('Admin token').fill(system.token);
     await page.getByRole('button', { name: 'Log in' }).click();
-    await page.locator('#app').waitFor({ state: 'visible' });
+    // The overview is the landing page.
+    await page.getByRole('heading', { name: 'Overview', exact: true }).waitFor();
     assert.equal(await page.locator('#login-error').textContent(), '');
 
     // Pick the default address space.
-    await page.locator('#spaces').getByRole('button', { name: 'default', exact: true }).click();
+    await page.getByRole('navigation', { name: 'Pages' }).getByRole('link', { name: 'Address spaces' }).click();
+    await page.locator('#spaces').getByRole('link', { name: 'default', exact: true }).click();
     await page.getByRole('heading', { name: 'Address space default' }).waitFor();
 
     // Create the address through the form.
@@ -102,12 +104,15 @@ test('create an address in the console and watch its stored count rise while a c
     const delivered = await cellNumber(page, 'orders', 'delivered');
     t.diagnostic(`stored ${first} then ${second}; delivered ${delivered}`);
 
-    // The queue's first messages, through the queue browser.
-    await row.getByRole('button', { name: 'Messages' }).click();
-    await page.locator('#browse-rows tr').first().waitFor();
-    const caption = await page.locator('#browse-caption').textContent();
+    // The queue's first messages, on its page.
+    await row.getByRole('button', { name: 'Messages in orders' }).click();
+    await page.getByRole('heading', { name: 'Address orders' }).waitFor();
+    await page.locator('#address-message-rows tr').first().waitFor();
+    const caption = await page.locator('#address-messages-caption').textContent();
     assert.match(caption, /^Messages in orders \(\d+ of \d+\)$/, caption);
-    assert.ok(await page.locator('#browse-rows tr').count() > 0);
+    assert.ok(await page.locator('#address-message-rows tr').count() > 0);
+    await page.getByRole('link', { name: 'Back to address space default' }).click();
+    await page.getByRole('heading', { name: 'Address space default' }).waitFor();
 
     // An address with a policy, made through the form's policy fields.
     await form.getByLabel('Name', { exact: true }).fill('limited');

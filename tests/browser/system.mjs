@@ -33,6 +33,7 @@ export function chromiumPath() {
 const LISTENING = {
   console: /flotilla_console: listening proto="http" addr=[\d.]+:(\d+)/,
   router: /flotilla_router: listening proto="amqp" addr=[\d.]+:(\d+)/,
+  interRouter: /flotilla_router: listening proto="inter-router" addr=[\d.]+:(\d+)/,
 };
 
 /**
@@ -40,7 +41,7 @@ const LISTENING = {
  * console and the router listen (within `ms`), with their ports and the
  * admin token. The log goes to DIR/flotilla.log; `tail()` gives its end.
  */
-export async function startSystem(ms = 20000) {
+export async function startSystem(ms = 20000, extra = []) {
   const dir = mkdtempSync(join(tmpdir(), 'flotilla-browser-'));
   const logPath = join(dir, 'flotilla.log');
   const log = createWriteStream(logPath);
@@ -51,6 +52,7 @@ export async function startSystem(ms = 20000) {
     '--broker-amqp', '127.0.0.1:0',
     '--http', '127.0.0.1:0',
     '--data-dir', dir,
+    ...extra,
   ], {
     // Its own process group, so stop() ends everything it started.
     detached: true,
@@ -79,7 +81,8 @@ export async function startSystem(ms = 20000) {
         const m = re.exec(line.replace(/\x1b\[[0-9;]*m/g, ''));
         if (m && ports[k] === undefined) ports[k] = Number(m[1]);
       }
-      if (ports.console !== undefined && ports.router !== undefined) { clearTimeout(timer); resolve(); }
+      const want = extra.includes('--inter-router') ? ports.interRouter !== undefined : true;
+      if (ports.console !== undefined && ports.router !== undefined && want) { clearTimeout(timer); resolve(); }
     };
     createInterface({ input: proc.stderr }).on('line', onLine);
     createInterface({ input: proc.stdout }).on('line', onLine);
@@ -111,9 +114,45 @@ export async function startSystem(ms = 20000) {
     logPath,
     consolePort: ports.console,
     routerPort: ports.router,
+    interRouterPort: ports.interRouter,
     token,
     tail: () => last.join('\n'),
     stop,
     remove: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+/**
+ * Starts one more router (`flotilla router`) that joins the mesh of
+ * `system` (started with `--inter-router`) and follows its console.
+ * Resolves once it listens; `kill()` ends it with SIGKILL.
+ */
+export async function startRouter(system, id, ms = 20000) {
+  const proc = spawn(binary(), [
+    'router',
+    '--amqp', '127.0.0.1:0',
+    '--inter-router', '127.0.0.1:0',
+    '--router-id', id,
+    '--peer', `127.0.0.1:${system.interRouterPort}`,
+    '--console', `http://127.0.0.1:${system.consolePort}`,
+    '--console-token-file', join(system.dir, 'console', 'admin-token'),
+    '--mesh-secret-file', join(system.dir, 'mesh-secret'),
+  ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: 'info', NO_COLOR: '1' } });
+  const onExit = () => { try { proc.kill('SIGKILL'); } catch { /* gone */ } };
+  process.once('exit', onExit);
+  const exit = new Promise((resolve) => proc.once('exit', resolve));
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`router ${id} did not listen within ${ms} ms`)), ms);
+    createInterface({ input: proc.stderr }).on('line', (line) => {
+      if (/listening proto="amqp"/.test(line)) { clearTimeout(timer); resolve(); }
+    });
+    proc.once('exit', (code) => { clearTimeout(timer); reject(new Error(`router ${id} exited (${code})`)); });
+  });
+  return {
+    kill: async () => {
+      process.removeListener('exit', onExit);
+      try { proc.kill('SIGKILL'); } catch { /* gone */ }
+      await exit;
+    },
   };
 }
