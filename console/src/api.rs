@@ -1345,6 +1345,17 @@ fn space_metrics(state: &AppState, space: &str) -> std::collections::BTreeMap<St
                 add(v, k, &a[k]);
             }
         }
+        // Senders to brokers' addresses: their links are routed (the
+        // receivers are counted by the brokers, as consumers).
+        for l in r["links"].as_array().into_iter().flatten() {
+            if l["routed"] == true && l["dir"] == "in" && l["space"] == space {
+                let name = l["address"].as_str().unwrap_or("").to_string();
+                let v = by
+                    .entry(name.clone())
+                    .or_insert_with(|| json!({"address": name}));
+                add(v, "senders", &json!(1));
+            }
+        }
     }
     for (_, r) in live.fresh("broker") {
         for q in r["queues"].as_array().into_iter().flatten() {
@@ -1400,10 +1411,20 @@ async fn links(State(state): State<AppState>, Path(space): Path<String>) -> ApiR
     let mut items = Vec::new();
     for (id, r) in live.fresh("router") {
         let router = id.trim_start_matches("router/");
+        // Each link's client: its connection's container id.
+        let containers: std::collections::HashMap<u64, &Value> = r["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["id"].as_u64()?, &c["container"])))
+            .collect();
         for l in r["links"].as_array().into_iter().flatten() {
             if l["space"] == space.as_str() {
                 let mut l = l.clone();
                 l["router"] = router.into();
+                if let Some(c) = l["connection"].as_u64().and_then(|c| containers.get(&c)) {
+                    l["container"] = (*c).clone();
+                }
                 items.push(l);
             }
         }

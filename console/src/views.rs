@@ -44,8 +44,15 @@ pub async fn overview(State(state): State<AppState>) -> ApiResult<Json<Value>> {
                 senders += a["senders"].as_u64().unwrap_or(0);
                 receivers += a["receivers"].as_u64().unwrap_or(0);
             }
-            senders += r["routedSenders"].as_u64().unwrap_or(0);
-            receivers += r["routedReceivers"].as_u64().unwrap_or(0);
+            for l in r["links"].as_array().into_iter().flatten() {
+                if l["routed"] == true {
+                    if l["dir"] == "in" {
+                        senders += 1;
+                    } else {
+                        receivers += 1;
+                    }
+                }
+            }
         }
         for (_, r) in live.fresh("gateway") {
             connections += r["sessions"].as_array().map_or(0, Vec::len);

@@ -985,6 +985,25 @@ async fn every_api_call_needs_the_admin_token() {
         ),
         (Method::GET, "/api/v1/watch", None),
         (Method::GET, "/api/v1/watch?resourceVersion=1", None),
+        (Method::GET, "/api/v1/overview", None),
+        (Method::GET, "/api/v1/mesh", None),
+        (Method::GET, "/api/v1/components/router/r1", None),
+        (Method::GET, "/api/v1/addressspaces/tenant-a/usage", None),
+        (
+            Method::GET,
+            "/api/v1/addressspaces/tenant-a/metrics?addresses=a",
+            None,
+        ),
+        (
+            Method::GET,
+            "/api/v1/addressspaces/tenant-a/addresses?sort=rate&order=desc",
+            None,
+        ),
+        (
+            Method::GET,
+            "/api/v1/addressspaces/tenant-a/addresses/a/history",
+            None,
+        ),
     ];
     for (method, uri, body) in calls {
         for token in [
@@ -1181,7 +1200,7 @@ async fn overview_map_usage_and_live_numbers_come_from_the_reports() {
             "containers": ["b1"], "gateways": [], "spaceLinks": {"tenant-a": 3},
             "connections": [{"id": 7, "space": "tenant-a", "addr": "127.0.0.1:1", "container": "c", "links": 3}],
             "addresses": [{"space": "tenant-a", "address": "alerts", "senders": 1, "receivers": 2, "delivered": 10, "rate": 5}],
-            "links": [],
+            "links": [{"space": "tenant-a", "address": "orders", "connection": 7, "dir": "in", "routed": true}],
         })
     };
     for r in [
@@ -1246,7 +1265,8 @@ async fn overview_map_usage_and_live_numbers_come_from_the_reports() {
     assert_eq!(s, StatusCode::OK, "{o}");
     assert_eq!(o["totals"]["addresses"], 1);
     assert_eq!(o["totals"]["connections"], 2, "one on each router");
-    assert_eq!(o["totals"]["senders"], 2);
+    // Each router: one sender to a router-held address, one routed to a broker.
+    assert_eq!(o["totals"]["senders"], 4);
     // The space's plan, quotas and use.
     let (s, u) = api.get("/api/v1/addressspaces/tenant-a/usage").await;
     assert_eq!(s, StatusCode::OK, "{u}");
@@ -1265,6 +1285,10 @@ async fn overview_map_usage_and_live_numbers_come_from_the_reports() {
     assert_eq!(
         (items[0]["stored"].clone(), items[0]["storedRate"].clone()),
         (json!(4), json!(3))
+    );
+    assert_eq!(
+        items[0]["senders"], 2,
+        "routed senders, one per router: {v}"
     );
     // Sorted by a live column.
     api.create_address("tenant-a", "alerts", "alerts", "anycast")

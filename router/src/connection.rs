@@ -193,6 +193,8 @@ pub(crate) struct ConnectionTask {
     pub(crate) txns: crate::transactions::Txns,
     /// Messages in and out on this connection (the console's view).
     pub(crate) traffic: Arc<crate::stat::Traffic>,
+    /// Its links routed to brokers (the console's view).
+    pub(crate) routed: crate::stat::Routed,
     tenancy: tokio::sync::watch::Receiver<u64>,
     pub(crate) peer_commands: Option<mpsc::UnboundedReceiver<crate::mesh::PeerCommand>>,
 }
@@ -308,6 +310,7 @@ impl ConnectionTask {
             remote_container: String::new(),
             txns: Default::default(),
             traffic: Arc::default(),
+            routed: Arc::default(),
             tenancy,
             peer_commands: None,
         }
@@ -679,6 +682,7 @@ impl ConnectionTask {
                             handle: self.handle.clone(),
                             links: self.link_counter(),
                             traffic: self.traffic.clone(),
+                            routed: self.routed.clone(),
                         },
                     );
                 self.conn.open();

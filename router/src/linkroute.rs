@@ -377,6 +377,8 @@ pub(crate) struct RouteLink {
     /// A transaction coordinator's link, towards the broker: a declare or
     /// discharge lost on it is in doubt, and must not look settled.
     coordinator: bool,
+    /// A client's link, listed for the console while it is routed.
+    _listed: Option<crate::stat::Listed>,
     /// The broker at the end of the route, once placed (here, or by the
     /// router that answered: `flotilla:broker` on its answer). A client's
     /// transaction is bound to the broker of its first link.
@@ -390,6 +392,7 @@ impl RouteLink {
             peer_link,
             answered,
             coordinator: false,
+            _listed: None,
             broker: None,
             gone: false,
             base,
@@ -524,6 +527,15 @@ impl ConnectionTask {
                 Role::Sender => flotilla_core::resources::Operation::Send,
             };
             r.guard = Some((info.address.clone(), op));
+            if matches!(self.role, crate::connection::ConnRole::Client(_)) {
+                let sends = op == flotilla_core::resources::Operation::Send;
+                r._listed = Some(crate::stat::Listed::new(
+                    &self.routed,
+                    link.0,
+                    info.address.clone(),
+                    sends,
+                ));
+            }
         }
         self.routes.links.insert(link, r);
         let req = RouteReq {

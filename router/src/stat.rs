@@ -168,6 +168,41 @@ pub(crate) struct ClientInfo {
     /// Links the client has open (refreshed by its connection task).
     pub links: Arc<AtomicUsize>,
     pub traffic: Arc<Traffic>,
+    /// Its links routed to brokers: link → (address, it sends).
+    pub routed: Routed,
+}
+
+/// A connection's routed links (link id → address and whether the client
+/// sends on it), for the console: each entry lives as long as the link's
+/// route ([`Listed`]).
+pub(crate) type Routed = Arc<std::sync::Mutex<std::collections::HashMap<u32, (String, bool)>>>;
+
+/// A routed link's entry in its connection's [`Routed`]: gone with it.
+pub(crate) struct Listed {
+    routed: Routed,
+    link: u32,
+}
+
+impl Listed {
+    pub(crate) fn new(routed: &Routed, link: u32, address: String, sends: bool) -> Listed {
+        routed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(link, (address, sends));
+        Listed {
+            routed: routed.clone(),
+            link,
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.routed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.link);
+    }
 }
 
 /// A connection's messages in (from the peer) and out (to it), counted by
@@ -187,12 +222,21 @@ pub(crate) fn report(
 ) -> serde_json::Value {
     let mut space_links: std::collections::BTreeMap<String, usize> = Default::default();
     let mut seen = std::collections::HashMap::new();
+    let mut links = Vec::new();
     let connections: Vec<serde_json::Value> = shared
         .clients
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
         .map(|(id, c)| {
+            // Its links to brokers' queues and topics (the router's own
+            // addresses' links are listed below, from the addresses).
+            for (address, sends) in c.routed.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                links.push(serde_json::json!({
+                    "space": c.space, "address": address, "connection": id,
+                    "dir": if *sends { "in" } else { "out" }, "routed": true,
+                }));
+            }
             let links = c.links.load(Ordering::Relaxed);
             *space_links.entry(c.space.clone()).or_insert(0) += links;
             let (i, o) = (
@@ -219,7 +263,6 @@ pub(crate) fn report(
             })
         })
         .collect();
-    let mut links = Vec::new();
     let addresses: Vec<serde_json::Value> = shared
         .table
         .all()

@@ -111,16 +111,22 @@ test('overview, map and drill-down: rates move, a killed router turns red, a con
     await page.waitForFunction(() => /in: [1-9]/.test(document.querySelector('#address-rate-chart svg')?.getAttribute('aria-label') || ''), null, { timeout: 20000 });
     await page.getByRole('button', { name: 'Show the first messages' }).click();
     await page.locator('#address-message-rows tr').first().waitFor();
-    await shot(page, 'address');
-    await axe(page, 'address page');
     await sender.stop();
     sender = null;
+    // A consumer of the queue (its link routed to the broker) is listed
+    // with its connection.
+    const consumer = receiver('orders', amqp);
+    await page.locator('#address-link-rows tr:has(a)').filter({ hasText: /^receiver/ }).first().waitFor({ timeout: 20000 });
+    await shot(page, 'address');
+    await axe(page, 'address page');
+    consumer.kill();
+    await consumer.exit;
 
     // A receiver on an anycast address: from its address page to its
     // connection's page, which closes it.
     rx = receiver('alerts', amqp);
     await page.goto(`${url}#/spaces/default/addresses/alerts`);
-    const link = page.locator('#address-link-rows tr').filter({ hasText: 'receiver' }).first();
+    const link = page.locator('#address-link-rows tr:has(a)').filter({ hasText: /^receiver/ }).first();
     await link.waitFor({ timeout: 20000 });
     await link.getByRole('link').first().click();
     await page.getByRole('heading', { name: /^Connection \d+ on / }).waitFor();

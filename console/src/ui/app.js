@@ -620,9 +620,7 @@ async function refreshAddressLive() {
   }
   if (!tb.children.length) {
     const tr = el("tr");
-    tr.appendChild(el("td", { colspan: "5" }, v.receivers || v.senders
-      ? "Its links are routed to its broker: " + fmt(v.senders) + " senders, " + fmt(v.receivers) + " consumers there."
-      : "No senders or receivers."));
+    tr.appendChild(el("td", { colspan: "5" }, "No senders or receivers."));
     tb.appendChild(tr);
   }
 }
