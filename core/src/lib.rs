@@ -26,6 +26,7 @@ pub mod config;
 #[cfg(feature = "kube")]
 pub mod crd;
 pub mod metrics;
+pub mod oidc;
 pub mod ops;
 pub mod pattern;
 pub mod placement;

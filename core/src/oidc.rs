@@ -1,0 +1,509 @@
+//! Tokens from an OIDC provider (JWTs): what a space trusts ([`OidcSpec`],
+//! to become an AddressSpace's `spec.authentication.oidc` once clients
+//! can present tokens), the issuer's signing keys (a JWKS),
+//! and the check of one token for one space: its signature by one of
+//! those keys with an algorithm the space allows, its times, issuer,
+//! audience and tenant, and the rules its claims map to.
+//!
+//! Only asymmetric algorithms are accepted (RS256, ES256, EdDSA): `none`
+//! never, and HMAC never, so a token "signed" with the issuer's *public*
+//! key as an HMAC secret (the classic confusion) is refused before any
+//! key is looked at. The algorithm is taken from the key, not only the
+//! token's header: a key published for ES256 never checks an RS256
+//! signature.
+
+use std::collections::HashMap;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::resources::{AuthorizationRule, Operation};
+
+/// The issuer a space trusts, and how its tokens' claims map to rules.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OidcSpec {
+    /// The issuer (`iss`), e.g. `https://keycloak.example/realms/kitt`.
+    pub issuer: String,
+    /// The audience a token must name (`aud`).
+    pub audience: String,
+    /// The claim that names the address space; default `tenant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_claim: Option<String>,
+    /// Where the keys are; default: the issuer's discovery document's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// Claim values mapped to rules, in the shape of a MessagingUser's.
+    #[serde(default)]
+    pub authorization: Vec<ClaimRule>,
+    /// How long fetched keys are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_cache_seconds: Option<u64>,
+}
+
+/// A token whose claim `claim` holds `value` may do `operations` on
+/// `addresses` (patterns).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimRule {
+    pub claim: String,
+    pub value: String,
+    pub addresses: Vec<String>,
+    pub operations: Vec<Operation>,
+}
+
+/// The clock skew allowed on `exp` and `nbf`, seconds.
+pub const LEEWAY: u64 = 30;
+
+/// The algorithms a token may be signed with.
+const ALLOWED: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+
+/// An issuer's signing keys, by key id, with the algorithm each is for.
+#[derive(Clone, Default)]
+pub struct Keys {
+    keys: HashMap<String, (Algorithm, DecodingKey)>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Keys {
+    /// The keys of a JWKS document (RFC 7517): those with a key id and
+    /// an algorithm we accept; the others are left out.
+    ///
+    /// # Errors
+    /// The document is not a JWKS.
+    pub fn from_jwks(json: &[u8]) -> Result<Keys, String> {
+        let set: JwkSet =
+            serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
+            let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                // Symmetric keys (`oct`) are never published signing keys.
+                (AlgorithmParameters::OctetKey(_), _) => continue,
+                (AlgorithmParameters::RSA(_), None) => Algorithm::RS256,
+                (AlgorithmParameters::EllipticCurve(_), None) => Algorithm::ES256,
+                (AlgorithmParameters::OctetKeyPair(_), None) => Algorithm::EdDSA,
+                (_, Some(a)) => match format!("{a:?}").as_str() {
+                    "RS256" => Algorithm::RS256,
+                    "ES256" => Algorithm::ES256,
+                    "EdDSA" => Algorithm::EdDSA,
+                    _ => continue,
+                },
+            };
+            if let Ok(k) = DecodingKey::from_jwk(jwk) {
+                keys.insert(kid, (alg, k));
+            }
+        }
+        Ok(Keys { keys })
+    }
+
+    /// Whether key `kid` is known.
+    pub fn has(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// A token that passed: who it is for, until when, and what it may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub subject: String,
+    /// Unix seconds.
+    pub expires: u64,
+    /// The token's id (`jti`), for revocation.
+    pub id: Option<String>,
+    /// The rules its claims map to through the space's `authorization`.
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// Why a token was refused (for the log and the client; never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a JWT, or its header does not decode.
+    Malformed(String),
+    /// `alg` is not RS256, ES256 or EdDSA (`none` and HS* among them).
+    Algorithm(String),
+    /// No key with its `kid` (after the keys were fetched again).
+    UnknownKey(String),
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    /// Its tenant claim does not name the space.
+    WrongTenant,
+    /// A claim is missing or of the wrong type.
+    Claims(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Malformed(why) => write!(f, "malformed token: {why}"),
+            Refused::Algorithm(a) => {
+                write!(f, "algorithm {a} is not accepted (RS256, ES256, EdDSA)")
+            }
+            Refused::UnknownKey(kid) => write!(f, "no signing key {kid:?} from the issuer"),
+            Refused::BadSignature => write!(f, "bad signature"),
+            Refused::Expired => write!(f, "expired"),
+            Refused::NotYetValid => write!(f, "not yet valid"),
+            Refused::WrongIssuer => write!(f, "wrong issuer"),
+            Refused::WrongAudience => write!(f, "wrong audience"),
+            Refused::WrongTenant => write!(f, "its tenant claim does not name this address space"),
+            Refused::Claims(why) => write!(f, "claims: {why}"),
+        }
+    }
+}
+
+/// The key id and algorithm a token names in its header, unchecked.
+///
+/// # Errors
+/// The token is not a JWT with a header we accept.
+pub fn header(token: &str) -> Result<(String, Algorithm), Refused> {
+    // `alg: none` and unknown algorithms do not parse as a header here.
+    let raw = token.split('.').next().unwrap_or("");
+    let alg = base64_json(raw)
+        .and_then(|v| v["alg"].as_str().map(String::from))
+        .ok_or_else(|| Refused::Malformed("no header with an alg".into()))?;
+    let h = jsonwebtoken::decode_header(token).map_err(|_| Refused::Algorithm(alg.clone()))?;
+    if !ALLOWED.contains(&h.alg) {
+        return Err(Refused::Algorithm(alg));
+    }
+    let kid = h
+        .kid
+        .ok_or_else(|| Refused::Malformed("no kid in its header".into()))?;
+    Ok((kid, h.alg))
+}
+
+fn base64_json(part: &str) -> Option<Value> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Checks `token` for address space `space` with `spec` and the issuer's
+/// `keys`, at unix time `now`.
+///
+/// # Errors
+/// Why it is refused.
+pub fn verify(
+    token: &str,
+    space: &str,
+    spec: &OidcSpec,
+    keys: &Keys,
+    now: u64,
+) -> Result<Verified, Refused> {
+    let (kid, alg) = header(token)?;
+    let Some((key_alg, key)) = keys.keys.get(&kid) else {
+        return Err(Refused::UnknownKey(kid));
+    };
+    if *key_alg != alg {
+        return Err(Refused::Algorithm(format!(
+            "{alg:?} with a key for {key_alg:?}"
+        )));
+    }
+    let mut v = Validation::new(alg);
+    // Times are checked below, against `now`, with our leeway.
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<Value>(token, key, &v).map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::InvalidSignature => Refused::BadSignature,
+            ErrorKind::InvalidAlgorithm => Refused::Algorithm(format!("{alg:?}")),
+            other => Refused::Malformed(format!("{other:?}")),
+        }
+    })?;
+    let c = data.claims;
+    let exp = c["exp"]
+        .as_u64()
+        .ok_or_else(|| Refused::Claims("no exp".into()))?;
+    if now > exp.saturating_add(LEEWAY) {
+        return Err(Refused::Expired);
+    }
+    if let Some(nbf) = c["nbf"].as_u64() {
+        if now.saturating_add(LEEWAY) < nbf {
+            return Err(Refused::NotYetValid);
+        }
+    }
+    if c["iss"].as_str() != Some(spec.issuer.trim_end_matches('/'))
+        && c["iss"].as_str() != Some(spec.issuer.as_str())
+    {
+        return Err(Refused::WrongIssuer);
+    }
+    let aud_ok = match &c["aud"] {
+        Value::String(a) => *a == spec.audience,
+        Value::Array(a) => a.iter().any(|x| x.as_str() == Some(spec.audience.as_str())),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(Refused::WrongAudience);
+    }
+    let claim = spec.tenant_claim.as_deref().unwrap_or("tenant");
+    if claim_values(&c, claim).iter().all(|t| *t != space) {
+        return Err(Refused::WrongTenant);
+    }
+    let subject = c["sub"]
+        .as_str()
+        .ok_or_else(|| Refused::Claims("no sub".into()))?
+        .to_string();
+    let rules = spec
+        .authorization
+        .iter()
+        .filter(|r| claim_values(&c, &r.claim).contains(&r.value.as_str()))
+        .map(|r| AuthorizationRule {
+            addresses: r.addresses.clone(),
+            operations: r.operations.clone(),
+        })
+        .collect();
+    Ok(Verified {
+        subject,
+        expires: exp,
+        id: c["jti"].as_str().map(String::from),
+        rules,
+    })
+}
+
+/// A claim's values: a string, the strings of an array, or (a dotted
+/// name, as Keycloak's `realm_access.roles`) those of a nested claim.
+fn claim_values<'a>(claims: &'a Value, name: &str) -> Vec<&'a str> {
+    let v = claims
+        .get(name)
+        .or_else(|| name.split('.').try_fold(claims, |v, k| v.get(k)));
+    match v {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn b64(b: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    }
+
+    /// A fresh Ed25519 key: its signing key, and its JWKS with `kid`.
+    fn ed25519(kid: &str) -> (EncodingKey, Vec<u8>) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA",
+            "x": b64(pair.public_key().as_ref()),
+        }]});
+        (
+            EncodingKey::from_ed_der(pkcs8.as_ref()),
+            serde_json::to_vec(&jwks).expect("json"),
+        )
+    }
+
+    /// A fresh P-256 key, likewise.
+    fn es256(kid: &str) -> (EncodingKey, Vec<u8>) {
+        use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("key");
+        let point = pair.public_key().as_ref();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        }]});
+        (
+            EncodingKey::from_ec_der(pkcs8.as_ref()),
+            serde_json::to_vec(&jwks).expect("json"),
+        )
+    }
+
+    fn spec() -> OidcSpec {
+        OidcSpec {
+            issuer: "https://idp.example/realms/kitt".into(),
+            audience: "flotilla".into(),
+            tenant_claim: None,
+            jwks_uri: None,
+            authorization: vec![ClaimRule {
+                claim: "realm_access.roles".into(),
+                value: "writer".into(),
+                addresses: vec!["orders/#".into()],
+                operations: vec![Operation::Send],
+            }],
+            key_cache_seconds: None,
+        }
+    }
+
+    fn claims() -> Value {
+        serde_json::json!({
+            "iss": "https://idp.example/realms/kitt", "aud": ["account", "flotilla"],
+            "sub": "device-7", "tenant": "factory-a", "exp": NOW + 300, "nbf": NOW - 10,
+            "jti": "t-1", "realm_access": {"roles": ["writer", "reader"]},
+        })
+    }
+
+    fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, c: &Value) -> String {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        encode(&h, c, key).expect("sign")
+    }
+
+    #[test]
+    fn a_good_token_passes_with_its_rules_for_eddsa_and_es256() {
+        for (alg, (key, jwks)) in [
+            (Algorithm::EdDSA, ed25519("k1")),
+            (Algorithm::ES256, es256("k1")),
+        ] {
+            let keys = Keys::from_jwks(&jwks).expect("jwks");
+            let v = verify(
+                &sign(alg, "k1", &key, &claims()),
+                "factory-a",
+                &spec(),
+                &keys,
+                NOW,
+            )
+            .expect("valid");
+            assert_eq!(v.subject, "device-7");
+            assert_eq!(v.id.as_deref(), Some("t-1"));
+            assert_eq!(v.rules.len(), 1);
+            assert_eq!(v.rules[0].addresses, ["orders/#"]);
+        }
+    }
+
+    #[test]
+    fn each_bad_token_is_refused_for_its_reason() {
+        let (key, jwks) = ed25519("k1");
+        let keys = Keys::from_jwks(&jwks).expect("jwks");
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut c = claims();
+            f(&mut c);
+            sign(Algorithm::EdDSA, "k1", &key, &c)
+        };
+        let check = |t: &str| verify(t, "factory-a", &spec(), &keys, NOW);
+        assert_eq!(
+            check(&with(&|c| c["exp"] = (NOW - 100).into())),
+            Err(Refused::Expired)
+        );
+        // Within the clock skew: still valid.
+        assert!(check(&with(&|c| c["exp"] = (NOW - 10).into())).is_ok());
+        assert_eq!(
+            check(&with(&|c| c["nbf"] = (NOW + 100).into())),
+            Err(Refused::NotYetValid)
+        );
+        assert_eq!(
+            check(&with(&|c| c["iss"] = "https://evil.example".into())),
+            Err(Refused::WrongIssuer)
+        );
+        assert_eq!(
+            check(&with(&|c| c["aud"] = "other".into())),
+            Err(Refused::WrongAudience)
+        );
+        assert_eq!(
+            check(&with(&|c| c["tenant"] = "factory-b".into())),
+            Err(Refused::WrongTenant)
+        );
+        // A tampered payload: the signature no longer holds.
+        let good = with(&|_| {});
+        let mut parts: Vec<String> = good.split('.').map(String::from).collect();
+        let mut c = claims();
+        c["tenant"] = "factory-a".into();
+        c["realm_access"]["roles"] = serde_json::json!(["admin"]);
+        parts[1] = b64(&serde_json::to_vec(&c).expect("json"));
+        assert_eq!(check(&parts.join(".")), Err(Refused::BadSignature));
+        // An unknown key id.
+        assert_eq!(
+            check(&sign(Algorithm::EdDSA, "k2", &key, &claims())),
+            Err(Refused::UnknownKey("k2".into()))
+        );
+        // Signed by another key under the same kid.
+        let (other, _) = ed25519("k1");
+        assert_eq!(
+            check(&sign(Algorithm::EdDSA, "k1", &other, &claims())),
+            Err(Refused::BadSignature)
+        );
+        // `alg: none`.
+        let none = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","kid":"k1","typ":"JWT"}"#),
+            b64(&serde_json::to_vec(&claims()).expect("json"))
+        );
+        assert!(matches!(check(&none), Err(Refused::Algorithm(a)) if a == "none"));
+        // HS256 with the issuer's public key as the secret.
+        let public = serde_json::from_slice::<Value>(&jwks).expect("json")["keys"][0]["x"]
+            .as_str()
+            .expect("x")
+            .to_string();
+        let hs = sign(
+            Algorithm::HS256,
+            "k1",
+            &EncodingKey::from_secret(public.as_bytes()),
+            &claims(),
+        );
+        assert!(matches!(check(&hs), Err(Refused::Algorithm(a)) if a == "HS256"));
+        // An ES256 header on a key published for EdDSA.
+        let (ec, _) = es256("k1");
+        assert!(matches!(
+            check(&sign(Algorithm::ES256, "k1", &ec, &claims())),
+            Err(Refused::Algorithm(_))
+        ));
+        assert!(matches!(check("not a token"), Err(Refused::Malformed(_))));
+    }
+
+    #[test]
+    fn the_tenant_claim_and_rule_claims_are_configurable() {
+        let (key, jwks) = ed25519("k1");
+        let keys = Keys::from_jwks(&jwks).expect("jwks");
+        let mut s = spec();
+        s.tenant_claim = Some("org".into());
+        let mut c = claims();
+        c["org"] = serde_json::json!(["factory-a", "factory-c"]);
+        c["realm_access"]["roles"] = serde_json::json!(["reader"]);
+        let v = verify(
+            &sign(Algorithm::EdDSA, "k1", &key, &c),
+            "factory-c",
+            &s,
+            &keys,
+            NOW,
+        )
+        .expect("valid");
+        assert!(v.rules.is_empty(), "no rule for a reader");
+    }
+
+    #[test]
+    fn symmetric_and_unknown_keys_in_a_jwks_are_left_out() {
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "oct", "kid": "h", "k": "c2VjcmV0"},
+            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
+        ]});
+        let keys = Keys::from_jwks(&serde_json::to_vec(&jwks).expect("json")).expect("jwks");
+        assert!(keys.is_empty());
+        assert!(Keys::from_jwks(b"{}").is_err());
+    }
+}
