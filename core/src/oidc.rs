@@ -13,10 +13,14 @@
 //! signature.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
+
+use tracing::{info, warn};
 
 use crate::resources::{AuthorizationRule, Operation};
 
@@ -119,6 +123,175 @@ impl Keys {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// How long fetched keys are kept when a space does not say.
+pub const KEY_CACHE: Duration = Duration::from_secs(300);
+/// An issuer's keys are fetched again for an unknown `kid` at most this
+/// often (a client naming ever new key ids cannot make us hammer it).
+pub const REFETCH_AT_MOST: Duration = Duration::from_secs(10);
+/// A key fetch gives up after this long.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest discovery or JWKS document read.
+pub const MAX_DOCUMENT: usize = 1 << 20;
+
+/// Issuers' keys as last fetched: from `jwksUri`, else from the issuer's
+/// discovery document (`ISSUER/.well-known/openid-configuration`), kept
+/// for `keyCacheSeconds` and fetched again early when a token names a key
+/// id they lack (key rotation), at most every [`REFETCH_AT_MOST`].
+#[derive(Default)]
+pub struct KeyCache {
+    issuers: tokio::sync::Mutex<HashMap<String, Fetched>>,
+}
+
+struct Fetched {
+    keys: Arc<Keys>,
+    at: Instant,
+}
+
+impl KeyCache {
+    /// The keys of `spec`'s issuer, fresh enough to hold `kid` if the
+    /// issuer publishes it.
+    ///
+    /// # Errors
+    /// The keys could not be fetched (and none are kept).
+    pub async fn keys(&self, spec: &OidcSpec, kid: &str) -> Result<Arc<Keys>, String> {
+        let ttl = spec
+            .key_cache_seconds
+            .map_or(KEY_CACHE, Duration::from_secs);
+        let mut issuers = self.issuers.lock().await;
+        if let Some(f) = issuers.get(&spec.issuer) {
+            let fresh = f.at.elapsed() < ttl;
+            if fresh && (f.keys.has(kid) || f.at.elapsed() < REFETCH_AT_MOST) {
+                return Ok(f.keys.clone());
+            }
+        }
+        match fetch_keys(spec).await {
+            Ok(keys) => {
+                let keys = Arc::new(keys);
+                issuers.insert(
+                    spec.issuer.clone(),
+                    Fetched {
+                        keys: keys.clone(),
+                        at: Instant::now(),
+                    },
+                );
+                Ok(keys)
+            }
+            // The issuer is away: what we had still serves (its tokens
+            // still expire on their own).
+            Err(e) => match issuers.get_mut(&spec.issuer) {
+                Some(f) => {
+                    warn!(issuer = %spec.issuer, error = %e, "fetching the issuer's keys failed; keeping the last ones");
+                    f.at = Instant::now();
+                    Ok(f.keys.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
+
+async fn fetch_keys(spec: &OidcSpec) -> Result<Keys, String> {
+    let uri = match &spec.jwks_uri {
+        Some(u) => u.clone(),
+        None => {
+            let url = format!(
+                "{}/.well-known/openid-configuration",
+                spec.issuer.trim_end_matches('/')
+            );
+            let doc: Value = serde_json::from_slice(&get(&url).await?)
+                .map_err(|e| format!("{url}: not a discovery document: {e}"))?;
+            doc["jwks_uri"]
+                .as_str()
+                .ok_or_else(|| format!("{url}: no jwks_uri"))?
+                .to_string()
+        }
+    };
+    let keys = Keys::from_jwks(&get(&uri).await?).map_err(|e| format!("{uri}: {e}"))?;
+    info!(issuer = %spec.issuer, jwks = %uri, keys = keys.len(), "issuer's signing keys fetched");
+    Ok(keys)
+}
+
+/// `GET url` (http or https, the system's trusted CAs), at most
+/// [`MAX_DOCUMENT`] bytes within [`FETCH_TIMEOUT`].
+///
+/// # Errors
+/// It failed, or did not answer 200.
+pub async fn get(url: &str) -> Result<Vec<u8>, String> {
+    tokio::time::timeout(FETCH_TIMEOUT, get_now(url))
+        .await
+        .map_err(|_| format!("{url}: no answer within {FETCH_TIMEOUT:?}"))?
+}
+
+async fn get_now(url: &str) -> Result<Vec<u8>, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .to_string();
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("{url}: not an http or https URL")),
+    };
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let authority = uri.authority().map_or(host.clone(), |a| a.to_string());
+    if tls {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        exchange(stream, &authority, &path, url).await
+    } else {
+        exchange(tcp, &authority, &path, url).await
+    }
+}
+
+async fn exchange<S>(stream: S, authority: &str, path: &str, url: &str) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if res.status() != hyper::StatusCode::OK {
+        return Err(format!("{url}: answered {}", res.status()));
+    }
+    let body = http_body_util::Limited::new(res.into_body(), MAX_DOCUMENT)
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(body.to_bytes().to_vec())
 }
 
 /// A token that passed: who it is for, until when, and what it may do.
@@ -505,5 +678,98 @@ mod tests {
         let keys = Keys::from_jwks(&serde_json::to_vec(&jwks).expect("json")).expect("jwks");
         assert!(keys.is_empty());
         assert!(Keys::from_jwks(b"{}").is_err());
+    }
+
+    /// A small HTTP server on 127.0.0.1 port 0: the issuer's discovery
+    /// document and its JWKS (which the test can change), counting the
+    /// JWKS requests.
+    async fn issuer(
+        jwks: Arc<std::sync::Mutex<Vec<u8>>>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let me = base.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let body = if req.starts_with("GET /.well-known/openid-configuration ") {
+                    serde_json::to_vec(
+                        &serde_json::json!({"issuer": me, "jwks_uri": format!("{me}/keys")}),
+                    )
+                    .expect("json")
+                } else if req.starts_with("GET /keys ") {
+                    fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    jwks.lock().expect("jwks").clone()
+                } else {
+                    let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    continue;
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            }
+        });
+        base
+    }
+
+    #[tokio::test]
+    async fn keys_are_fetched_by_discovery_kept_and_fetched_again_for_a_new_kid() {
+        let (k1, jwks1) = ed25519("k1");
+        let (k2, jwks2) = ed25519("k2");
+        let served = Arc::new(std::sync::Mutex::new(jwks1));
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let base = issuer(served.clone(), fetches.clone()).await;
+        let mut s = spec();
+        s.issuer = base.clone();
+        let cache = KeyCache::default();
+        let mut c = claims();
+        c["iss"] = base.clone().into();
+        let now = c["exp"].as_u64().expect("exp") - 300;
+        let check = |keys: &Keys, t: &str| verify(t, "factory-a", &s, keys, now);
+        // First use: discovery, then the JWKS.
+        let keys = cache.keys(&s, "k1").await.expect("keys");
+        assert!(check(&keys, &sign(Algorithm::EdDSA, "k1", &k1, &c)).is_ok());
+        // Kept: no second fetch for a known kid.
+        let _ = cache.keys(&s, "k1").await.expect("keys");
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The issuer rotates its key. A token with the new kid, right
+        // away: the refetch waits out REFETCH_AT_MOST...
+        *served.lock().expect("jwks") = jwks2;
+        let keys = cache.keys(&s, "k2").await.expect("keys");
+        assert!(
+            !keys.has("k2"),
+            "not fetched again within {REFETCH_AT_MOST:?}"
+        );
+        // ...and after it, the new key is fetched and works; the old one
+        // is gone.
+        {
+            let mut issuers = cache.issuers.lock().await;
+            let kept = issuers.get_mut(&base).expect("kept");
+            kept.at = kept
+                .at
+                .checked_sub(REFETCH_AT_MOST)
+                .expect("a monotonic clock older than 10 s");
+        }
+        let keys = cache.keys(&s, "k2").await.expect("keys");
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(check(&keys, &sign(Algorithm::EdDSA, "k2", &k2, &c)).is_ok());
+        assert_eq!(
+            check(&keys, &sign(Algorithm::EdDSA, "k1", &k1, &c)),
+            Err(Refused::UnknownKey("k1".into()))
+        );
+        // An issuer that is not there: an error, not a panic.
+        let mut gone = spec();
+        gone.issuer = "http://127.0.0.1:9".into();
+        assert!(cache.keys(&gone, "k1").await.is_err());
+        assert!(get("ftp://example").await.is_err());
     }
 }
