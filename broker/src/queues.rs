@@ -1721,7 +1721,6 @@ impl QueueTask {
     fn retain(&mut self, space: String, topic: String, message: Bytes, reply: PublishReply) {
         self.retain_version += 1;
         let version = self.retain_version;
-        let record = store::retain(&space, &topic, &message);
         let map = self.retained.entry(space.clone()).or_default();
         if message.is_empty() {
             map.remove(&topic);
@@ -1731,11 +1730,29 @@ impl QueueTask {
                 Retained {
                     seq: 0,
                     version,
-                    message,
+                    message: message.clone(),
                 },
             );
         }
+        self.record_retained(space, topic, version, &message, move |r| match r {
+            Ok(()) => reply.stored(),
+            Err(e) => reply.failed(e),
+        });
+    }
+
+    /// Writes retained message `version` of (`space`, `topic`) to the
+    /// journal; once it is there, the task learns its sequence number
+    /// (`RetainRecorded`) and `then` hears how it went.
+    fn record_retained(
+        &self,
+        space: String,
+        topic: String,
+        version: u64,
+        message: &Bytes,
+        then: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) {
         let tx = self.tx.clone();
+        let record = store::retain(&space, &topic, message);
         let done = Box::new(move |r: Result<u64, JournalError>| match r {
             Ok(seq) => {
                 if let Some(tx) = tx.upgrade() {
@@ -1749,11 +1766,9 @@ impl QueueTask {
                         },
                     );
                 }
-                reply.stored();
+                then(Ok(()));
             }
-            Err(e) => {
-                reply.failed(e.to_string());
-            }
+            Err(e) => then(Err(e.to_string())),
         });
         let _ = self.journal.append_then(record, done);
     }
@@ -2912,24 +2927,7 @@ impl QueueTask {
             }
         }
         for (space, topic, version, message) in stale_retained {
-            let tx = self.tx.clone();
-            let record = store::retain(&space, &topic, &message);
-            let _ = self.journal.append_then(
-                record,
-                Box::new(move |r: Result<u64, JournalError>| {
-                    if let (Ok(seq), Some(tx)) = (r, tx.upgrade()) {
-                        crate::shards::send_waiting(
-                            &tx,
-                            BrokerEvent::RetainRecorded {
-                                space,
-                                topic,
-                                version,
-                                seq,
-                            },
-                        );
-                    }
-                }),
-            );
+            self.record_retained(space, topic, version, &message, |_| {});
         }
         for record in stale {
             let tx = self.tx.clone();

@@ -89,28 +89,31 @@ fn components(live: &crate::api::Live) -> Vec<Value> {
     live.all()
         .filter(|(_, at, _)| at.elapsed() < FORGET)
         .map(|(id, at, r)| {
-            let kind = r["component"].as_str().unwrap_or("");
-            let gone = if kind == "router" {
-                ROUTER_GONE
-            } else {
-                crate::api::FRESH
-            };
-            let state = if at.elapsed() >= gone {
-                "down"
-            } else if r["ready"] == false {
-                "notReady"
-            } else {
-                "up"
-            };
             json!({
                 "id": id,
-                "kind": kind,
+                "kind": r["component"],
                 "name": r["id"],
-                "state": state,
+                "state": state(at, r),
                 "lastReportMs": at.elapsed().as_millis() as u64,
             })
         })
         .collect()
+}
+
+/// A component's state from its last report (made at `at`).
+fn state(at: std::time::Instant, r: &Value) -> &'static str {
+    let gone = if r["component"] == "router" {
+        ROUTER_GONE
+    } else {
+        crate::api::FRESH
+    };
+    if at.elapsed() >= gone {
+        "down"
+    } else if r["ready"] == false {
+        "notReady"
+    } else {
+        "up"
+    }
 }
 
 /// `GET /api/v1/mesh`: the routers, brokers, gateways and last-will
@@ -340,17 +343,10 @@ pub async fn component(
 ) -> ApiResult<Json<Value>> {
     let id = format!("{kind}/{name}");
     let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(c) = components(&live)
-        .into_iter()
-        .find(|c| c["id"] == id.as_str())
+    let Some((_, at, r)) = live
+        .all()
+        .find(|(k, at, _)| **k == id && at.elapsed() < FORGET)
     else {
-        return Err(crate::api::ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("no component {id:?} has reported"),
-        ));
-    };
-    let Some((_, _, r)) = live.all().find(|(k, _, _)| **k == id) else {
         return Err(crate::api::ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "NotFound",
@@ -438,7 +434,7 @@ pub async fn component(
         "id": id,
         "kind": kind,
         "name": name,
-        "state": c["state"],
+        "state": self::state(at, r),
         "facts": facts,
         "connections": connections,
         "addresses": addresses,

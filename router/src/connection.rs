@@ -727,7 +727,7 @@ impl ConnectionTask {
             && crate::linkroute::terminus_address(&attach).as_deref()
                 == Some(crate::linkroute::REATTACH_ADDRESS)
         {
-            return self.space_broker_attach(link, attach, crate::linkroute::REATTACH_ADDRESS);
+            return self.reattach(link, attach);
         }
         if self.identity.is_component()
             && self.container().is_none()
@@ -817,12 +817,8 @@ impl ConnectionTask {
     /// subscription by link name alone (`$reattach`, as JMS unsubscribes):
     /// routed to the broker that holds the space's queues and topics when
     /// one holds them all, else to the one placement picks for the space.
-    fn space_broker_attach(
-        &mut self,
-        link: LinkId,
-        attach: flotilla_amqp::types::performatives::Attach,
-        marker: &str,
-    ) {
+    fn reattach(&mut self, link: LinkId, attach: flotilla_amqp::types::performatives::Attach) {
+        let marker = crate::linkroute::REATTACH_ADDRESS;
         let p = match &self.role {
             ConnRole::Client(_) => self.principal().cloned(),
             _ => None,
