@@ -807,6 +807,55 @@ struct ConsoleServeArgs {
     /// The namespace of `--store kubernetes` (default: the pod's own).
     #[arg(long, env = "FLOTILLA_NAMESPACE")]
     namespace: Option<String>,
+    #[command(flatten)]
+    oidc: OidcArgs,
+}
+
+/// The console's OIDC provider: its tokens open the API and the web
+/// console, with console roles (the admin token still works).
+#[derive(Args, Clone, Default)]
+struct OidcArgs {
+    /// The issuer (`iss`) whose tokens the console takes.
+    #[arg(long, env = "FLOTILLA_OIDC_ISSUER", requires = "oidc_audience")]
+    oidc_issuer: Option<String>,
+    /// The audience (`aud`) those tokens must name.
+    #[arg(long, env = "FLOTILLA_OIDC_AUDIENCE", requires = "oidc_issuer")]
+    oidc_audience: Option<String>,
+    /// The claim holding console roles: `admin`, `editor:SPACE`,
+    /// `viewer:SPACE` (a dotted name reaches into objects).
+    #[arg(long, env = "FLOTILLA_OIDC_ROLES_CLAIM", default_value = "roles")]
+    oidc_roles_claim: String,
+    /// The web console's client id at the provider (default: the audience).
+    #[arg(long, env = "FLOTILLA_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String>,
+    /// The provider's JWKS (default: from its discovery document).
+    #[arg(long, env = "FLOTILLA_OIDC_JWKS_URI")]
+    oidc_jwks_uri: Option<String>,
+}
+
+impl OidcArgs {
+    fn config(&self) -> Result<Option<flotilla_console::access::ConsoleOidc>, String> {
+        let (Some(issuer), Some(audience)) = (&self.oidc_issuer, &self.oidc_audience) else {
+            return Ok(None);
+        };
+        let spec = flotilla_core::oidc::OidcSpec {
+            issuer: issuer.clone(),
+            audience: audience.clone(),
+            jwks_uri: self.oidc_jwks_uri.clone(),
+            ..Default::default()
+        };
+        spec.validate().map_err(|e| format!("--oidc: {e}"))?;
+        Ok(Some(flotilla_console::access::ConsoleOidc {
+            issuer: issuer.clone(),
+            audience: audience.clone(),
+            roles_claim: self.oidc_roles_claim.clone(),
+            client_id: self
+                .oidc_client_id
+                .clone()
+                .unwrap_or_else(|| audience.clone()),
+            jwks_uri: self.oidc_jwks_uri.clone(),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -839,6 +888,7 @@ impl ConsoleServeArgs {
             retire_brokers_after: (self.retire_brokers_after > 0)
                 .then(|| Duration::from_secs(self.retire_brokers_after)),
             store,
+            oidc: self.oidc.config()?,
         })
     }
 }
@@ -924,6 +974,8 @@ struct UpArgs {
     /// themselves, in memory).
     #[arg(long, env = "FLOTILLA_NO_LWT")]
     no_lwt: bool,
+    #[command(flatten)]
+    oidc: OidcArgs,
 }
 
 /// The tenancy of `--config`, or zero-config without one.
@@ -982,6 +1034,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             retire_brokers_after: 0,
             store: StoreArg::Redb,
             namespace: None,
+            oidc: args.oidc.clone(),
         }
         .config();
         let cfg = match cfg {

@@ -96,6 +96,15 @@ pub trait Handler: Send {
         false
     }
 
+    /// When the handler must act though nothing happened (a login's token
+    /// expires): [`Handler::on_deadline`] is called once it has passed.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// The deadline passed; it must move it or clear it.
+    fn on_deadline(&mut self) {}
+
     /// True once the handler has closed (or is closing) the connection:
     /// the driver ends after our Close is written.
     fn closing(&self) -> bool;
@@ -251,8 +260,11 @@ impl Driver {
         if can_read && self.rbuf.capacity() - self.rbuf.len() < self.cfg.read_chunk / 4 {
             self.rbuf.reserve(self.cfg.read_chunk);
         }
-        if self.timer.deadline() != self.next_tick.into() {
-            self.timer.as_mut().reset(self.next_tick.into());
+        let wake = h
+            .deadline()
+            .map_or(self.next_tick, |d| d.min(self.next_tick));
+        if self.timer.deadline() != wake.into() {
+            self.timer.as_mut().reset(wake.into());
         }
         let signals = !self.signals_done;
         let woke = {
@@ -289,6 +301,7 @@ impl Driver {
                 0 => self.eof = true,
                 _ => self.process_input(h),
             },
+            Woke::Timer if h.deadline().is_some_and(|d| d <= Instant::now()) => h.on_deadline(),
             Woke::Timer => match h.connection().tick(Instant::now()) {
                 Ok(t) => self.next_tick = t,
                 Err(ProtocolError(e)) => {

@@ -20,6 +20,17 @@
 //! space that has such a user, else `default`; an Open hostname naming
 //! another space is then refused.
 //!
+//! # Tokens
+//!
+//! A space with `spec.authentication.oidc` also takes tokens (JWTs) from
+//! its OIDC provider: SASL OAUTHBEARER or XOAUTH2, or PLAIN with the token
+//! as the password. The space is named as for PLAIN; when nothing names
+//! it, the token's tenant claim does (the one space that trusts tokens
+//! and is named by it). The token is checked against that space's
+//! settings (`oidc::verify`), and its claims map to the space's rules.
+//! Its connection ends when it expires (the owner's timer,
+//! [`Principal::expires_at`]) or when its `jti` is revoked ([`Policy::recheck`]).
+//!
 //! A space with `requireTls` (or a router with `--require-tls`) refuses
 //! clients that did not come over TLS, and refuses a PLAIN login over
 //! plain TCP before its password is looked at.
@@ -38,6 +49,7 @@ use std::sync::{Arc, RwLock};
 use crate::transport::{Authenticator, Hostnames, Identity, PeerKind, TlsState, Verdict};
 use flotilla_core::auth::{authorized, MeshSecret, ScramCredentials};
 use flotilla_core::config::{allow_all_shared, Anonymous, Space, Tenancy, DEFAULT_SPACE};
+use flotilla_core::oidc::{self, KeyCache, OidcSpec, Refused, Verified};
 use flotilla_core::resources::{AuthorizationRule, Operation};
 
 /// The tenancy a router or broker serves (replaceable while running) and
@@ -51,6 +63,8 @@ pub struct Policy {
     cert_components: bool,
     /// Every space requires TLS (`--require-tls`).
     require_tls: bool,
+    /// The signing keys of the issuers spaces trust.
+    keys: Arc<KeyCache>,
 }
 
 /// Who a client connection is, once its Open is accepted.
@@ -60,6 +74,11 @@ pub struct Principal {
     pub user: Option<String>,
     /// Shared with the tenancy (cloning a principal copies no rules).
     pub rules: std::sync::Arc<[AuthorizationRule]>,
+    /// The token it logged in with (`user` is then its subject).
+    pub token: Option<Arc<Verified>>,
+    /// When that token stops being valid (its `exp` and the space's clock
+    /// skew): the connection is closed then.
+    pub expires_at: Option<std::time::Instant>,
 }
 
 impl Principal {
@@ -74,6 +93,38 @@ fn anonymous_allowed(a: Anonymous, peer: SocketAddr) -> bool {
         Anonymous::Loopback => peer.ip().is_loopback(),
         Anonymous::Deny => false,
     }
+}
+
+/// The one space that takes tokens and that `token`'s tenant claim names.
+fn token_space(t: &Tenancy, token: &str) -> Option<String> {
+    let claims = oidc::unverified_claims(token)?;
+    let mut named = t.spaces.values().filter(|s| {
+        s.oidc.as_ref().is_some_and(|o| {
+            oidc::claim_holds(
+                &claims,
+                o.tenant_claim.as_deref().unwrap_or("tenant"),
+                &s.name,
+            )
+        })
+    });
+    match (named.next(), named.next()) {
+        (Some(s), None) => Some(s.name.clone()),
+        _ => None,
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The instant a token that expires at `exp` (Unix seconds) stops being
+/// valid with `skew` seconds of clock skew.
+fn deadline(exp: u64, skew: u64) -> std::time::Instant {
+    let left = exp.saturating_add(skew).saturating_sub(unix_now());
+    std::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 86_400))
 }
 
 /// Splits `user@space`.
@@ -118,6 +169,7 @@ impl Policy {
             mesh: None,
             cert_components: false,
             require_tls: false,
+            keys: Arc::default(),
         }
     }
 
@@ -176,6 +228,34 @@ impl Policy {
         if let Some(why) = self.tls_refusal(s, tls) {
             return Err(why);
         }
+        if let Some(token) = &p.token {
+            let spec = s
+                .oidc
+                .as_ref()
+                .ok_or_else(|| format!("address space {:?} no longer accepts tokens", p.space))?;
+            if token.claims["iss"]
+                .as_str()
+                .map(|i| i.trim_end_matches('/'))
+                != Some(spec.issuer.trim_end_matches('/'))
+            {
+                return Err(format!(
+                    "address space {:?} no longer trusts the token's issuer",
+                    p.space
+                ));
+            }
+            if token
+                .id
+                .as_ref()
+                .is_some_and(|j| spec.revoked_token_ids.contains(j))
+            {
+                oidc::audit_closed(&p.space, &token.subject, &Refused::Revoked);
+                return Err(Refused::Revoked.to_string());
+            }
+            return Ok(Principal {
+                rules: oidc::rules(spec, &token.claims).into(),
+                ..p.clone()
+            });
+        }
         let rules = match &p.user {
             Some(u) => s
                 .users
@@ -195,6 +275,8 @@ impl Policy {
             space: p.space.clone(),
             user: p.user.clone(),
             rules,
+            token: None,
+            expires_at: None,
         })
     }
 
@@ -231,6 +313,24 @@ impl Policy {
         if let Some(why) = self.tls_refusal(s, identity.tls) {
             return Err(why);
         }
+        if let Some(token) = &identity.token {
+            if identity.space.as_deref() != Some(space.as_str()) {
+                return Err(format!(
+                    "the token was not checked for address space {space:?}"
+                ));
+            }
+            let spec = s
+                .oidc
+                .as_ref()
+                .ok_or_else(|| format!("address space {space:?} accepts no tokens"))?;
+            return Ok(Principal {
+                space,
+                user: identity.user.clone(),
+                rules: token.rules.clone().into(),
+                expires_at: Some(deadline(token.expires, spec.skew())),
+                token: Some(token.clone()),
+            });
+        }
         match &identity.user {
             Some(user) => {
                 if identity.space.as_deref() != Some(space.as_str()) {
@@ -247,6 +347,8 @@ impl Policy {
                     space,
                     user: Some(user.clone()),
                     rules: u.rules.clone(),
+                    token: None,
+                    expires_at: None,
                 })
             }
             None => {
@@ -260,8 +362,99 @@ impl Policy {
                     space,
                     user: None,
                     rules: allow_all_shared(),
+                    token: None,
+                    expires_at: None,
                 })
             }
+        }
+    }
+
+    /// True when some space takes tokens.
+    fn any_tokens(&self) -> bool {
+        self.tenancy().spaces.values().any(|s| s.oidc.is_some())
+    }
+
+    /// The space a login is for: the SASL hostname's, else the Open
+    /// hostname's, else the username's `@space`, else (for a token) the
+    /// one space that takes tokens and that its tenant claim names.
+    /// `Ok(None)`: only the Open frame can tell, and it is not read yet.
+    fn space_of(
+        t: &Tenancy,
+        names: Hostnames<'_>,
+        at: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Option<String>, String> {
+        let space = match (naming(t, names.sasl), names.open) {
+            (Some(s), _) => s.to_string(),
+            (None, None) if at.is_none() => return Ok(None),
+            (None, open) => match naming(t, open.flatten()).or(at) {
+                Some(s) => s.to_string(),
+                None => match token.and_then(|tk| token_space(t, tk)) {
+                    Some(s) => s,
+                    None if token.is_some() => {
+                        return Err(
+                            "no address space named, and none that takes tokens is its tenant"
+                                .into(),
+                        )
+                    }
+                    None => DEFAULT_SPACE.to_string(),
+                },
+            },
+        };
+        if let Some(a) = at.filter(|a| *a != space) {
+            return Err(format!(
+                "the login names address space {a:?} but the connection names {space:?}"
+            ));
+        }
+        Ok(Some(space))
+    }
+
+    /// Checks `token` for `space` (with `spec`, its settings), and the
+    /// login's username against the space's `usernameClaim`.
+    async fn verify_token(
+        &self,
+        space: &str,
+        spec: &OidcSpec,
+        name: &str,
+        token: &str,
+    ) -> Result<Verified, Refused> {
+        if token.len() > oidc::MAX_TOKEN {
+            return Err(Refused::Malformed("longer than 16 KiB".into()));
+        }
+        let (kid, _) = oidc::header(token)?;
+        let keys = self
+            .keys
+            .keys(spec, &kid)
+            .await
+            .map_err(|e| Refused::Untrusted(format!("the issuer's keys: {e}")))?;
+        let v = oidc::verify(token, Some(space), spec, &keys, unix_now())?;
+        if let Some(claim) = spec.username_claim.as_ref().filter(|_| !name.is_empty()) {
+            if !oidc::claim_holds(&v.claims, claim, name) {
+                return Err(Refused::Username);
+            }
+        }
+        Ok(v)
+    }
+
+    /// A token login in `space`, audited.
+    async fn token_login(
+        &self,
+        space: &str,
+        spec: &OidcSpec,
+        name: &str,
+        token: &str,
+        mechanism: &'static str,
+    ) -> Verdict {
+        let outcome = self.verify_token(space, spec, name, token).await;
+        oidc::audit(mechanism, space, &spec.issuer, token, &outcome);
+        match outcome {
+            Ok(v) => Verdict::Accept(Identity {
+                user: Some(v.subject.clone()),
+                space: Some(space.to_string()),
+                token: Some(Arc::new(v)),
+                ..Identity::anonymous()
+            }),
+            Err(why) => Verdict::Refuse(why.to_string()),
         }
     }
 
@@ -279,6 +472,9 @@ impl Authenticator for Policy {
         let mut m = vec!["SCRAM-SHA-256", "PLAIN"];
         if self.cert_components && tls.client_cert {
             m.insert(0, "EXTERNAL");
+        }
+        if self.any_tokens() {
+            m.extend(["OAUTHBEARER", "XOAUTH2"]);
         }
         if self.any_anonymous(peer) {
             m.push("ANONYMOUS");
@@ -321,22 +517,22 @@ impl Authenticator for Policy {
         }
         let t = self.tenancy();
         let (name, at) = split_user(user);
-        let space = match (naming(&t, names.sasl), names.open) {
-            (Some(s), _) => s,
-            // Open may name the space: check the password then.
-            (None, None) if at.is_none() => return Verdict::AwaitOpen,
-            (None, open) => naming(&t, open.flatten()).or(at).unwrap_or(DEFAULT_SPACE),
+        let jwt = oidc::looks_like_jwt(password) && self.any_tokens();
+        // Open may name the space: check the password then.
+        let space = match Self::space_of(&t, names, at, jwt.then_some(password)) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Verdict::AwaitOpen,
+            Err(why) => return Verdict::Refuse(why),
         };
-        if let Some(a) = at.filter(|a| *a != space) {
-            return Verdict::Refuse(format!(
-                "the login names address space {a:?} but the connection names {space:?}"
-            ));
-        }
+        let space = space.as_str();
         let Some(s) = t.spaces.get(space) else {
             return Verdict::Refuse(format!("no address space {space:?}"));
         };
         if let Some(why) = self.tls_refusal(s, tls.tls) {
             return Verdict::Refuse(why);
+        }
+        if let (true, Some(spec)) = (jwt, &s.oidc) {
+            return self.token_login(space, spec, name, password, "PLAIN").await;
         }
         let user = s.users.get(name).map(|u| u.credentials.clone());
         // An unknown user costs as much as a wrong password, so timing does
@@ -364,6 +560,17 @@ impl Authenticator for Policy {
             space: Some(space.to_string()),
             ..Identity::anonymous()
         })
+    }
+
+    async fn token(
+        &self,
+        user: Option<&str>,
+        token: &str,
+        names: Hostnames<'_>,
+        tls: TlsState,
+        mechanism: &'static str,
+    ) -> Verdict {
+        self.bearer(user, token, names, tls, mechanism).await
     }
 
     async fn scram(
@@ -424,6 +631,36 @@ impl Authenticator for Policy {
                 ..Identity::anonymous()
             },
         )))
+    }
+}
+
+impl Policy {
+    /// A bearer-token login (OAUTHBEARER, XOAUTH2).
+    async fn bearer(
+        &self,
+        user: Option<&str>,
+        token: &str,
+        names: Hostnames<'_>,
+        tls: TlsState,
+        mechanism: &'static str,
+    ) -> Verdict {
+        let t = self.tenancy();
+        let (name, at) = user.map_or(("", None), split_user);
+        let space = match Self::space_of(&t, names, at, Some(token)) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Verdict::AwaitOpen,
+            Err(why) => return Verdict::Refuse(why),
+        };
+        let Some(s) = t.spaces.get(&space) else {
+            return Verdict::Refuse(format!("no address space {space:?}"));
+        };
+        if let Some(why) = self.tls_refusal(s, tls.tls) {
+            return Verdict::Refuse(why);
+        }
+        let Some(spec) = &s.oidc else {
+            return Verdict::Refuse(format!("address space {space:?} accepts no tokens"));
+        };
+        self.token_login(&space, spec, name, token, mechanism).await
     }
 }
 
@@ -745,5 +982,115 @@ spec: {addressSpace: tenant-a, username: solo, password: solo-pw}
             client_cert: true,
         };
         assert!(ca.without_credentials(None, remote, cert).is_some());
+    }
+
+    /// A space `oidc-a` taking tokens signed by a fresh Ed25519 key (inline
+    /// JWKS), with a writer rule; the key signs tokens with `claims`.
+    fn token_policy() -> (Policy, impl Fn(serde_json::Value) -> String) {
+        use base64::Engine;
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key());
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"k1","alg":"EdDSA","x":"{x}"}}]}}"#
+        );
+        let yaml = format!(
+            r##"{CONFIG}
+---
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {{name: oidc-a}}
+spec:
+  authentication:
+    oidc:
+      issuer: https://idp.example
+      audience: flotilla
+      jwks: '{jwks}'
+      usernameClaim: preferred_username
+      revokedTokenIds: [gone]
+      authorization: [{{claim: roles, value: writer, addresses: ["orders/#"], operations: [send]}}]
+"##
+        );
+        let key = jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref());
+        let sign = move |claims: serde_json::Value| {
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+            h.kid = Some("k1".into());
+            jsonwebtoken::encode(&h, &claims, &key).unwrap()
+        };
+        (Policy::new(Tenancy::from_yaml(&yaml).unwrap()), sign)
+    }
+
+    fn claims(tenant: &str, jti: &str) -> serde_json::Value {
+        serde_json::json!({
+            "iss": "https://idp.example", "aud": "flotilla", "sub": "dev-1",
+            "preferred_username": "dev-1", "tenant": tenant, "jti": jti,
+            "exp": unix_now() + 600, "roles": ["writer"],
+        })
+    }
+
+    #[tokio::test]
+    async fn a_token_as_the_password_logs_in_with_its_rules() {
+        let (p, sign) = token_policy();
+        let t = sign(claims("oidc-a", "t1"));
+        // Named by SASL, by @space, and by nothing but the tenant claim.
+        for (user, sasl) in [("dev-1", Some("oidc-a")), ("dev-1@oidc-a", None)] {
+            let i = accepted(plain(&p, user, &t, sasl, None, PLAIN_TCP).await);
+            assert_eq!(i.space.as_deref(), Some("oidc-a"));
+        }
+        let i = accepted(plain(&p, "dev-1", &t, None, Some(None), PLAIN_TCP).await);
+        assert_eq!(i.user.as_deref(), Some("dev-1"));
+        let pr = p.on_open(&i, None, peer()).unwrap();
+        assert!(pr.may(Operation::Send, "orders/1"));
+        assert!(!pr.may(Operation::Recv, "orders/1"));
+        assert!(pr.expires_at.is_some());
+        // Open may be the only name: the check waits for it.
+        assert!(matches!(
+            plain(&p, "dev-1", &t, None, None, PLAIN_TCP).await,
+            Verdict::AwaitOpen
+        ));
+        // OAUTHBEARER's and XOAUTH2's path.
+        let names = Hostnames {
+            sasl: Some("oidc-a"),
+            open: None,
+        };
+        let v = p.token(None, &t, names, PLAIN_TCP, "OAUTHBEARER").await;
+        assert!(matches!(v, Verdict::Accept(_)));
+    }
+
+    #[tokio::test]
+    async fn tokens_for_another_space_or_user_or_revoked_are_refused() {
+        let (p, sign) = token_policy();
+        let refused = |v: Verdict| match v {
+            Verdict::Refuse(why) => why,
+            v => panic!("accepted: {v:?}"),
+        };
+        // A token for tenant-b's name used on oidc-a.
+        let b = sign(claims("tenant-b", "t2"));
+        let why = refused(plain(&p, "dev-1", &b, Some("oidc-a"), None, PLAIN_TCP).await);
+        assert!(why.contains("tenant"), "{why}");
+        // tenant-b takes no tokens: its users' passwords only.
+        let why = refused(plain(&p, "app", &b, Some("tenant-b"), None, TLS).await);
+        assert!(why.contains("wrong password"), "{why}");
+        // The username must be the token's.
+        let a = sign(claims("oidc-a", "t3"));
+        let why = refused(plain(&p, "someone", &a, Some("oidc-a"), None, PLAIN_TCP).await);
+        assert!(why.contains("username"), "{why}");
+        // A revoked token id.
+        let gone = sign(claims("oidc-a", "gone"));
+        let why = refused(plain(&p, "dev-1", &gone, Some("oidc-a"), None, PLAIN_TCP).await);
+        assert!(why.contains("revoked"), "{why}");
+        // Revoked while connected: the recheck ends it.
+        let i = accepted(plain(&p, "dev-1", &a, Some("oidc-a"), None, PLAIN_TCP).await);
+        let pr = p.on_open(&i, None, peer()).unwrap();
+        let mut t = (*p.tenancy()).clone();
+        let s = t.spaces.get_mut("oidc-a").unwrap();
+        let mut spec = (**s.oidc.as_ref().unwrap()).clone();
+        spec.revoked_token_ids.push("t3".into());
+        s.oidc = Some(Arc::new(spec));
+        p.replace(t);
+        let why = p.recheck(&pr, peer(), false).unwrap_err();
+        assert!(why.contains("revoked"), "{why}");
     }
 }

@@ -80,6 +80,8 @@ pub struct Identity {
     pub kind: PeerKind,
     /// The connection came over TLS.
     pub tls: bool,
+    /// The token it logged in with (then `user` is its subject).
+    pub token: Option<std::sync::Arc<flotilla_core::oidc::Verified>>,
 }
 
 impl Identity {
@@ -91,6 +93,7 @@ impl Identity {
             mechanism: "ANONYMOUS",
             kind: PeerKind::Client,
             tls: false,
+            token: None,
         }
     }
 
@@ -102,6 +105,7 @@ impl Identity {
             mechanism,
             kind: PeerKind::Component,
             tls: false,
+            token: None,
         }
     }
 
@@ -172,6 +176,19 @@ pub trait Authenticator: Send + Sync {
         hostname: Option<&str>,
         tls: TlsState,
     ) -> impl Future<Output = Result<Option<(ScramCredentials, Identity)>, String>> + Send;
+    /// A bearer token (SASL OAUTHBEARER or XOAUTH2) with the username the
+    /// login gave, if any. Never answers [`Verdict::AwaitOpen`] once
+    /// `names.open` is known.
+    fn token(
+        &self,
+        _user: Option<&str>,
+        _token: &str,
+        _names: Hostnames<'_>,
+        _tls: TlsState,
+        _mechanism: &'static str,
+    ) -> impl Future<Output = Verdict> + Send {
+        async { Verdict::Refuse("tokens are not accepted here".into()) }
+    }
 }
 
 /// Admits every peer as an anonymous client (with or without a SASL
@@ -372,17 +389,15 @@ where
                         user,
                         password,
                         sasl_hostname,
+                        mechanism,
                     } => {
-                        plain_at_open(
-                            &mut io,
-                            &mut buf,
-                            auth,
-                            &user,
-                            &password,
+                        let login = Deferred {
+                            user: &user,
+                            secret: &password,
                             sasl_hostname,
-                            tls,
-                        )
-                        .await?
+                            mechanism,
+                        };
+                        plain_at_open(&mut io, &mut buf, auth, login, tls).await?
                     }
                 };
                 identity.tls = tls.tls;
@@ -449,25 +464,40 @@ async fn tls_accept(
 /// What the SASL exchange settled.
 enum Login {
     Done(Identity),
-    /// PLAIN, answered `ok`, to be checked against the space Open names.
+    /// PLAIN (or a token), answered `ok`, to be checked against the
+    /// space Open names.
     AwaitOpen {
         user: String,
         password: String,
         sasl_hostname: Option<String>,
+        mechanism: &'static str,
     },
 }
 
+/// A login whose space only the Open frame names.
+struct Deferred<'a> {
+    user: &'a str,
+    /// The password, or the token.
+    secret: &'a str,
+    sasl_hostname: Option<String>,
+    mechanism: &'static str,
+}
+
 /// Reads the client's Open (without taking it from `buf`) and checks a
-/// PLAIN login against the space its hostname names.
+/// PLAIN (or token) login against the space its hostname names.
 async fn plain_at_open<A: Authenticator>(
     io: &mut BoxIo,
     buf: &mut BytesMut,
     auth: &A,
-    user: &str,
-    password: &str,
-    sasl_hostname: Option<String>,
+    login: Deferred<'_>,
     tls: TlsState,
 ) -> Result<Identity, HandshakeError> {
+    let Deferred {
+        user,
+        secret: password,
+        sasl_hostname,
+        mechanism,
+    } = login;
     let open = loop {
         let mut peek = buf.clone();
         match frame::decode_frame(&mut peek, SASL_MAX_FRAME)? {
@@ -492,9 +522,15 @@ async fn plain_at_open<A: Authenticator>(
         sasl: sasl_hostname.as_deref(),
         open: Some(open.hostname.as_deref()),
     };
-    match auth.plain(user, password, names, tls).await {
+    let verdict = if mechanism == "PLAIN" {
+        auth.plain(user, password, names, tls).await
+    } else {
+        let user = (!user.is_empty()).then_some(user);
+        auth.token(user, password, names, tls, mechanism).await
+    };
+    match verdict {
         Verdict::Accept(mut identity) => {
-            identity.mechanism = "PLAIN";
+            identity.mechanism = mechanism;
             Ok(identity)
         }
         verdict => {
@@ -608,6 +644,7 @@ async fn sasl_server<A: Authenticator>(
                             user: u.to_string(),
                             password: p.to_string(),
                             sasl_hostname: hostname.map(str::to_string),
+                            mechanism: "PLAIN",
                         }),
                     }
                 }
@@ -619,6 +656,28 @@ async fn sasl_server<A: Authenticator>(
             scram_final = fin;
             r.map(Login::Done)
         }
+        Some(m @ ("OAUTHBEARER" | "XOAUTH2")) => match bearer(m, &response) {
+            Some((user, token)) => {
+                let names = Hostnames {
+                    sasl: hostname,
+                    open: None,
+                };
+                match auth.token(user.as_deref(), &token, names, tls, m).await {
+                    Verdict::Accept(mut i) => {
+                        i.mechanism = m;
+                        Ok(Login::Done(i))
+                    }
+                    Verdict::Refuse(why) => Err(format!("{m} refused: {why}")),
+                    Verdict::AwaitOpen => Ok(Login::AwaitOpen {
+                        user: user.unwrap_or_default(),
+                        password: token,
+                        sasl_hostname: hostname.map(str::to_string),
+                        mechanism: m,
+                    }),
+                }
+            }
+            None => Err(format!("malformed {m} response")),
+        },
         _ => Err(format!("mechanism {mech:?} not offered")),
     };
     match result {
@@ -635,11 +694,15 @@ async fn sasl_server<A: Authenticator>(
             Ok(login)
         }
         Err(why) => {
+            // RFC 7628 §3.2.2: an OAUTHBEARER failure says why, as JSON
+            // (here in the outcome: AMQP's SASL ends with it).
+            let additional_data = (mech == "OAUTHBEARER")
+                .then(|| Binary::from(br#"{"status":"invalid_token"}"#.to_vec()));
             write_sasl(
                 io,
                 SaslFrame::Outcome(SaslOutcome {
                     code: SaslCode::Auth,
-                    additional_data: None,
+                    additional_data,
                 }),
             )
             .await?;
@@ -647,6 +710,52 @@ async fn sasl_server<A: Authenticator>(
             Err(HandshakeError::AuthFailed(why))
         }
     }
+}
+
+/// The username (if any) and token of an OAUTHBEARER (RFC 7628 §3.1:
+/// `n,a=USER,^Aauth=Bearer TOKEN^A^A`) or XOAUTH2
+/// (`user=USER^Aauth=Bearer TOKEN^A^A`) initial response.
+pub fn bearer(mechanism: &str, response: &[u8]) -> Option<(Option<String>, String)> {
+    let text = std::str::from_utf8(response).ok()?;
+    let (user, pairs) = if mechanism == "OAUTHBEARER" {
+        // gs2-header: a channel-binding flag, then `a=AUTHZID` or nothing.
+        let (gs2, rest) = text.split_once(',')?;
+        if !matches!(gs2, "n" | "y") {
+            return None;
+        }
+        let (authz, rest) = rest.split_once(',')?;
+        let user = match authz {
+            "" => None,
+            a => Some(
+                a.strip_prefix("a=")?
+                    .replace("=2C", ",")
+                    .replace("=3D", "="),
+            ),
+        };
+        (user, rest)
+    } else {
+        (None, text)
+    };
+    let mut user = user;
+    let mut token = None;
+    for kv in pairs.split('\u{1}').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=')?;
+        match k {
+            "auth" => {
+                let (scheme, t) = v.split_once(' ')?;
+                if !scheme.eq_ignore_ascii_case("bearer") {
+                    return None;
+                }
+                token = Some(t.trim().to_string());
+            }
+            "user" if mechanism == "XOAUTH2" => user = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    Some((
+        user.filter(|u| !u.is_empty()),
+        token.filter(|t| !t.is_empty())?,
+    ))
 }
 
 /// The SCRAM-SHA-256 exchange after sasl-init; on success also returns the
@@ -853,4 +962,35 @@ pub async fn connect<IO: AsyncIo + 'static>(
         return Err(HandshakeError::BadHeader(h));
     }
     Ok((io, buf))
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::bearer;
+
+    #[test]
+    fn oauthbearer_and_xoauth2_responses_give_user_and_token() {
+        let r = b"n,a=dev@space,\x01host=h\x01port=5672\x01auth=Bearer abc.def.ghi\x01\x01";
+        assert_eq!(
+            bearer("OAUTHBEARER", r),
+            Some((Some("dev@space".into()), "abc.def.ghi".into()))
+        );
+        assert_eq!(
+            bearer("OAUTHBEARER", b"n,,\x01auth=bearer t\x01\x01"),
+            Some((None, "t".into()))
+        );
+        assert_eq!(
+            bearer("XOAUTH2", b"user=u\x01auth=Bearer t\x01\x01"),
+            Some((Some("u".into()), "t".into()))
+        );
+        for bad in [
+            &b""[..],
+            b"n,a=u,\x01auth=Basic xyz\x01\x01",
+            b"p=tls-unique,,\x01auth=Bearer t\x01\x01",
+            b"n,,\x01\x01",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(bearer("OAUTHBEARER", bad), None, "{bad:?}");
+        }
+    }
 }

@@ -2248,6 +2248,31 @@ impl Handler for BrokerConnection {
         !self.outbox.is_empty()
     }
 
+    fn deadline(&self) -> Option<std::time::Instant> {
+        if self.closing {
+            return None;
+        }
+        self.principal.as_ref().and_then(|p| p.expires_at)
+    }
+
+    fn on_deadline(&mut self) {
+        if let Some(p) = &self.principal {
+            if let Some(t) = &p.token {
+                flotilla_core::oidc::audit_closed(
+                    &p.space,
+                    &t.subject,
+                    &flotilla_core::oidc::Refused::Expired,
+                );
+            }
+        }
+        info!(conn.id = self.id, "closing connection: its token expired");
+        self.closing = true;
+        self.conn.close(Some(amqp_error(
+            AmqpError::UnauthorizedAccess,
+            "token expired: authenticate again with a new token",
+        )));
+    }
+
     fn closing(&self) -> bool {
         self.closing
     }

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use flotilla_core::auth::ScramCredentials;
 use flotilla_core::resources::{
     Address, AddressSpace, MessagingUser, ValidationError, API_VERSION,
@@ -35,6 +34,8 @@ pub struct AppState {
     pub index: crate::index::Index,
     /// The last 15 minutes and the last day, sampled from the reports.
     pub history: Arc<std::sync::Mutex<crate::history::History>>,
+    /// The OIDC provider whose tokens the API takes too.
+    pub oidc: Option<Arc<crate::access::Provider>>,
 }
 
 impl AppState {
@@ -49,6 +50,7 @@ impl AppState {
             registered: Default::default(),
             index,
             history: Arc::default(),
+            oidc: None,
         })
     }
 }
@@ -313,6 +315,8 @@ pub fn routes(state: AppState) -> Router {
             get(get_user).put(put_user).delete(delete_user),
         )
         .route("/watch", get(watch))
+        .route("/auth", get(crate::access::auth_info))
+        .route("/whoami", get(crate::access::whoami))
         .route("/brokers", get(crate::brokers::list))
         .route(
             "/brokers/{id}",
@@ -365,14 +369,14 @@ pub fn routes(state: AppState) -> Router {
         .route("/answers", axum::routing::post(crate::messages::answers))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_token,
+            crate::access::require_token,
         ))
         .with_state(state.clone());
     let prometheus = Router::new()
         .route("/metrics", get(prometheus))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_token,
+            crate::access::require_token,
         ))
         .with_state(state.clone());
     Router::new()
@@ -402,35 +406,6 @@ pub fn routes(state: AppState) -> Router {
 /// A file of the web console (built into the binary; no build step).
 fn ui(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-async fn require_token(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if flotilla_core::auth::ct_eq(t.trim().as_bytes(), state.token.as_bytes()) => {
-            next.run(req).await
-        }
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "the token is not the admin token",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "send the admin token: Authorization: Bearer TOKEN",
-        )
-        .into_response(),
-    }
 }
 
 /// Runs blocking store work off the async threads.
@@ -473,7 +448,15 @@ fn shown(mut v: Value) -> Value {
     v
 }
 
-async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiResult<Json<Value>> {
+/// A page of `kind` in `space`; `only`: the spaces a caller sees (for
+/// the list of spaces).
+async fn list(
+    state: AppState,
+    kind: Kind,
+    space: String,
+    q: ListQuery,
+    only: Option<Arc<crate::access::Caller>>,
+) -> ApiResult<Json<Value>> {
     if kind == Kind::Address {
         return list_addresses_page(state, space, q).await;
     }
@@ -490,7 +473,10 @@ async fn list(state: AppState, kind: Kind, space: String, q: ListQuery) -> ApiRe
     let filter = q.filter.filter(|f| !f.is_empty());
     let (rv, items) = blocking(move || {
         store.list_where(&prefix, after.as_deref(), limit.saturating_add(1), |v| {
-            filter.as_deref().is_none_or(|f| {
+            let seen = only
+                .as_ref()
+                .is_none_or(|c| v["metadata"]["name"].as_str().is_some_and(|n| c.sees(n)));
+            seen && filter.as_deref().is_none_or(|f| {
                 [
                     &v["metadata"]["name"],
                     &v["spec"]["address"],
@@ -976,9 +962,11 @@ async fn remove(
 #[utoipa::path(get, path = "/api/v1/addressspaces",  responses((status = 200, description = "the address spaces (`limit`, `continue`, `filter`)", body = Object), (status = 401, description = "no or wrong admin token")))]
 async fn list_spaces(
     State(s): State<AppState>,
+    caller: Option<Extension<Arc<crate::access::Caller>>>,
     Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    list(s, Kind::AddressSpace, String::new(), q).await
+    let only = caller.map(|Extension(c)| c).filter(|c| !c.admin);
+    list(s, Kind::AddressSpace, String::new(), q, only).await
 }
 #[utoipa::path(post, path = "/api/v1/addressspaces", request_body = AddressSpace, responses((status = 201, body = AddressSpace), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
 async fn create_space(State(s): State<AppState>, Body(b): Body) -> ApiResult<Response> {
@@ -1009,7 +997,7 @@ async fn list_addresses(
     Path(space): Path<String>,
     Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    list(s, Kind::Address, space, q).await
+    list(s, Kind::Address, space, q, None).await
 }
 #[utoipa::path(post, path = "/api/v1/addressspaces/{space}/addresses", params(("space" = String, Path)), request_body = Address, responses((status = 201, body = Address), (status = 403, description = "quota exceeded"), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
 async fn create_address(
@@ -1047,7 +1035,7 @@ async fn list_users(
     Path(space): Path<String>,
     Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    list(s, Kind::MessagingUser, space, q).await
+    list(s, Kind::MessagingUser, space, q, None).await
 }
 #[utoipa::path(post, path = "/api/v1/addressspaces/{space}/users", params(("space" = String, Path)), request_body = MessagingUser, responses((status = 201, description = "created; the password is never returned", body = MessagingUser), (status = 409, description = "exists"), (status = 422, description = "invalid"), (status = 401, description = "no or wrong admin token")))]
 async fn create_user(

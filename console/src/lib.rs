@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod brokers;
 pub mod history;
@@ -44,6 +45,8 @@ pub struct ConsoleConfig {
     pub retire_brokers_after: Option<std::time::Duration>,
     /// Where address spaces, addresses, users and brokers are kept.
     pub store: StoreKind,
+    /// An OIDC provider whose tokens the API takes (with console roles).
+    pub oidc: Option<access::ConsoleOidc>,
 }
 
 /// The console's store (`--store`).
@@ -152,7 +155,11 @@ impl Console {
                 store::Store::kubernetes(k)
             }
         };
-        let state = api::AppState::new(store, token)?;
+        let mut state = api::AppState::new(store, token)?;
+        state.oidc = cfg
+            .oidc
+            .clone()
+            .map(|o| std::sync::Arc::new(access::Provider::new(o)));
         state.registered.load(&state.store)?;
         let app = api::routes(state.clone());
         let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -84,6 +84,8 @@ pub struct Space {
     pub address_defaults: Arc<AddressPolicy>,
     /// Declared addresses' own policies, over `address_defaults`.
     policies: Map<String, Arc<AddressPolicy>>,
+    /// The OIDC provider whose tokens its clients may present.
+    pub oidc: Option<Arc<crate::oidc::OidcSpec>>,
 }
 
 impl Space {
@@ -101,6 +103,7 @@ impl Space {
             users: Map::new(),
             address_defaults: Arc::default(),
             policies: Map::new(),
+            oidc: None,
         }
     }
 
@@ -117,6 +120,7 @@ impl Space {
         };
         let mut space = Space::new(&s.metadata.name, anonymous, s.spec.undeclared_addresses);
         space.require_tls = s.spec.require_tls;
+        space.oidc = s.spec.authentication.oidc.clone().map(Arc::new);
         let plan = crate::resources::plan_address_defaults(s.spec.plan.as_deref());
         space.address_defaults = Arc::new(
             s.spec

@@ -117,6 +117,17 @@ impl Exposition {
                 );
             }
         }
+        for (outcome, reason, n) in crate::oidc::decisions() {
+            if n > 0 || outcome == "accepted" {
+                self.sample(
+                    "flotilla_token_auth_total",
+                    Kind::Counter,
+                    "OIDC token logins decided by this process, by outcome and reason.",
+                    &[("outcome", outcome), ("reason", reason)],
+                    n,
+                );
+            }
+        }
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             self.sample(
                 "process_open_fds",

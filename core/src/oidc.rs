@@ -1,6 +1,6 @@
 //! Tokens from an OIDC provider (JWTs): what a space trusts ([`OidcSpec`],
-//! to become an AddressSpace's `spec.authentication.oidc` once clients
-//! can present tokens), the issuer's signing keys (a JWKS),
+//! an AddressSpace's `spec.authentication.oidc`), the issuer's signing
+//! keys (a JWKS, fetched or given inline),
 //! and the check of one token for one space: its signature by one of
 //! those keys with an algorithm the space allows, its times, issuer,
 //! audience and tenant, and the rules its claims map to.
@@ -25,7 +25,10 @@ use tracing::{info, warn};
 use crate::resources::{AuthorizationRule, Operation};
 
 /// The issuer a space trusts, and how its tokens' claims map to rules.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OidcSpec {
     /// The issuer (`iss`), e.g. `https://keycloak.example/realms/kitt`.
@@ -38,17 +41,93 @@ pub struct OidcSpec {
     /// Where the keys are; default: the issuer's discovery document's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
+    /// The issuer's keys as a JWKS document (JSON text), for sites that
+    /// cannot reach the issuer: nothing is fetched then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
     /// Claim values mapped to rules, in the shape of a MessagingUser's.
     #[serde(default)]
     pub authorization: Vec<ClaimRule>,
     /// How long fetched keys are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_cache_seconds: Option<u64>,
+    /// The clock skew allowed on `exp` and `nbf`; default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_seconds: Option<u64>,
+    /// A claim the login's username (before any `@space`) must equal,
+    /// e.g. `preferred_username`; unset: the username is not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_claim: Option<String>,
+    /// Token ids (`jti`) no longer accepted; connections using them are
+    /// closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_token_ids: Vec<String>,
+}
+
+impl OidcSpec {
+    /// The clock skew allowed, seconds.
+    pub fn skew(&self) -> u64 {
+        self.clock_skew_seconds.unwrap_or(LEEWAY)
+    }
+
+    /// Whether the space's settings can be used: an http(s) issuer, an
+    /// audience, a JWKS that parses, rules that name a claim.
+    ///
+    /// # Errors
+    /// What is wrong, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = |field: &str, u: &str| {
+            if u.starts_with("https://") || u.starts_with("http://") {
+                u.parse::<hyper::Uri>()
+                    .map(|_| ())
+                    .map_err(|e| format!("{field} {u:?}: {e}"))
+            } else {
+                Err(format!("{field} {u:?} must be an http:// or https:// URL"))
+            }
+        };
+        url("issuer", &self.issuer)?;
+        if let Some(u) = &self.jwks_uri {
+            url("jwksUri", u)?;
+        }
+        if self.audience.is_empty() {
+            return Err("audience must not be empty".into());
+        }
+        if let Some(j) = &self.jwks {
+            let keys = Keys::from_jwks(j.as_bytes()).map_err(|e| format!("jwks: {e}"))?;
+            if keys.is_empty() {
+                return Err("jwks: no key with a kid for RS256, ES256 or EdDSA".into());
+            }
+        }
+        for (field, c) in [
+            ("tenantClaim", &self.tenant_claim),
+            ("usernameClaim", &self.username_claim),
+        ] {
+            if c.as_deref() == Some("") {
+                return Err(format!("{field} must not be empty"));
+            }
+        }
+        for r in &self.authorization {
+            if r.claim.is_empty() || r.value.is_empty() {
+                return Err("authorization: a rule needs a claim and a value".into());
+            }
+        }
+        if self.key_cache_seconds == Some(0) {
+            return Err("keyCacheSeconds must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Where its keys come from, naming the cache entry: the JWKS URI,
+    /// else the issuer (two spaces with one issuer share its keys).
+    fn source(&self) -> &str {
+        self.jwks_uri.as_deref().unwrap_or(&self.issuer)
+    }
 }
 
 /// A token whose claim `claim` holds `value` may do `operations` on
 /// `addresses` (patterns).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClaimRule {
     pub claim: String,
@@ -138,16 +217,31 @@ pub const MAX_DOCUMENT: usize = 1 << 20;
 /// Issuers' keys as last fetched: from `jwksUri`, else from the issuer's
 /// discovery document (`ISSUER/.well-known/openid-configuration`), kept
 /// for `keyCacheSeconds` and fetched again early when a token names a key
-/// id they lack (key rotation), at most every [`REFETCH_AT_MOST`].
+/// id they lack (key rotation), at most every [`REFETCH_AT_MOST`]. A
+/// space's inline `jwks` is parsed once per text and never fetched.
+///
+/// Each source has its own lock: a slow issuer holds up only the logins
+/// that need it.
 #[derive(Default)]
 pub struct KeyCache {
-    issuers: tokio::sync::Mutex<HashMap<String, Fetched>>,
+    issuers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
+    inline: std::sync::Mutex<HashMap<String, Arc<Keys>>>,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyCache")
+    }
 }
 
 struct Fetched {
     keys: Arc<Keys>,
     at: Instant,
 }
+
+/// How many sources and inline documents are kept at most (a space's
+/// settings change; old entries are dropped past this).
+const MAX_SOURCES: usize = 1024;
 
 impl KeyCache {
     /// The keys of `spec`'s issuer, fresh enough to hold `kid` if the
@@ -156,11 +250,33 @@ impl KeyCache {
     /// # Errors
     /// The keys could not be fetched (and none are kept).
     pub async fn keys(&self, spec: &OidcSpec, kid: &str) -> Result<Arc<Keys>, String> {
+        if let Some(text) = &spec.jwks {
+            let mut inline = self.inline.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(k) = inline.get(text) {
+                return Ok(k.clone());
+            }
+            let keys = Arc::new(Keys::from_jwks(text.as_bytes())?);
+            if inline.len() >= MAX_SOURCES {
+                inline.clear();
+            }
+            inline.insert(text.clone(), keys.clone());
+            return Ok(keys);
+        }
         let ttl = spec
             .key_cache_seconds
             .map_or(KEY_CACHE, Duration::from_secs);
-        let mut issuers = self.issuers.lock().await;
-        if let Some(f) = issuers.get(&spec.issuer) {
+        let slot = {
+            let mut issuers = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
+            if issuers.len() >= MAX_SOURCES && !issuers.contains_key(spec.source()) {
+                issuers.clear();
+            }
+            issuers
+                .entry(spec.source().to_string())
+                .or_default()
+                .clone()
+        };
+        let mut kept = slot.lock().await;
+        if let Some(f) = kept.as_ref() {
             let fresh = f.at.elapsed() < ttl;
             if fresh && (f.keys.has(kid) || f.at.elapsed() < REFETCH_AT_MOST) {
                 return Ok(f.keys.clone());
@@ -169,18 +285,15 @@ impl KeyCache {
         match fetch_keys(spec).await {
             Ok(keys) => {
                 let keys = Arc::new(keys);
-                issuers.insert(
-                    spec.issuer.clone(),
-                    Fetched {
-                        keys: keys.clone(),
-                        at: Instant::now(),
-                    },
-                );
+                *kept = Some(Fetched {
+                    keys: keys.clone(),
+                    at: Instant::now(),
+                });
                 Ok(keys)
             }
             // The issuer is away: what we had still serves (its tokens
             // still expire on their own).
-            Err(e) => match issuers.get_mut(&spec.issuer) {
+            Err(e) => match kept.as_mut() {
                 Some(f) => {
                     warn!(issuer = %spec.issuer, error = %e, "fetching the issuer's keys failed; keeping the last ones");
                     f.at = Instant::now();
@@ -295,7 +408,7 @@ where
 }
 
 /// A token that passed: who it is for, until when, and what it may do.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub subject: String,
     /// Unix seconds.
@@ -304,6 +417,9 @@ pub struct Verified {
     pub id: Option<String>,
     /// The rules its claims map to through the space's `authorization`.
     pub rules: Vec<AuthorizationRule>,
+    /// All its claims (the rules are mapped again when the space's
+    /// settings change).
+    pub claims: Arc<Value>,
 }
 
 /// Why a token was refused (for the log and the client; never the token).
@@ -324,6 +440,33 @@ pub enum Refused {
     WrongTenant,
     /// A claim is missing or of the wrong type.
     Claims(String),
+    /// Its `jti` is in the space's `revokedTokenIds`.
+    Revoked,
+    /// The login's username is not its `usernameClaim`.
+    Username,
+    /// The space trusts no issuer, or its keys could not be had.
+    Untrusted(String),
+}
+
+impl Refused {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refused::Malformed(_) => "malformed",
+            Refused::Algorithm(_) => "algorithm",
+            Refused::UnknownKey(_) => "unknown_key",
+            Refused::BadSignature => "bad_signature",
+            Refused::Expired => "expired",
+            Refused::NotYetValid => "not_yet_valid",
+            Refused::WrongIssuer => "wrong_issuer",
+            Refused::WrongAudience => "wrong_audience",
+            Refused::WrongTenant => "wrong_tenant",
+            Refused::Claims(_) => "claims",
+            Refused::Revoked => "revoked",
+            Refused::Username => "username",
+            Refused::Untrusted(_) => "untrusted",
+        }
+    }
 }
 
 impl std::fmt::Display for Refused {
@@ -335,14 +478,83 @@ impl std::fmt::Display for Refused {
             }
             Refused::UnknownKey(kid) => write!(f, "no signing key {kid:?} from the issuer"),
             Refused::BadSignature => write!(f, "bad signature"),
-            Refused::Expired => write!(f, "expired"),
+            Refused::Expired => write!(f, "token expired"),
             Refused::NotYetValid => write!(f, "not yet valid"),
             Refused::WrongIssuer => write!(f, "wrong issuer"),
             Refused::WrongAudience => write!(f, "wrong audience"),
             Refused::WrongTenant => write!(f, "its tenant claim does not name this address space"),
             Refused::Claims(why) => write!(f, "claims: {why}"),
+            Refused::Revoked => write!(f, "token revoked"),
+            Refused::Username => write!(f, "the username is not the token's"),
+            Refused::Untrusted(why) => write!(f, "{why}"),
         }
     }
+}
+
+/// Token decisions of this process so far: accepted, and refused by
+/// reason (the order of [`Refused::label`]'s labels).
+static DECISIONS: [std::sync::atomic::AtomicU64; 14] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 14];
+const REASONS: [&str; 13] = [
+    "malformed",
+    "algorithm",
+    "unknown_key",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "wrong_issuer",
+    "wrong_audience",
+    "wrong_tenant",
+    "claims",
+    "revoked",
+    "username",
+    "untrusted",
+];
+
+/// Logs one authentication decision on a token (issuer, subject, tenant,
+/// mechanism, outcome, reason; never the token) and counts it.
+pub fn audit(
+    mechanism: &str,
+    space: &str,
+    issuer: &str,
+    token: &str,
+    outcome: &Result<Verified, Refused>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    match outcome {
+        Ok(v) => {
+            DECISIONS[0].fetch_add(1, Relaxed);
+            info!(target: "flotilla::auth", %issuer, subject = %v.subject, tenant = %space, mechanism, outcome = "accepted", jti = v.id.as_deref().unwrap_or(""), "token accepted");
+        }
+        Err(why) => {
+            let i = REASONS.iter().position(|r| *r == why.label()).unwrap_or(0);
+            DECISIONS[i + 1].fetch_add(1, Relaxed);
+            // The subject as the token claims it (unchecked, for the log).
+            let claimed = unverified_claims(token)
+                .and_then(|c| {
+                    c["sub"]
+                        .as_str()
+                        .map(|s| s.chars().take(128).collect::<String>())
+                })
+                .unwrap_or_default();
+            info!(target: "flotilla::auth", %issuer, subject = %claimed, tenant = %space, mechanism, outcome = "refused", reason = %why, "token refused");
+        }
+    }
+}
+
+/// Counts a live connection closed for its token (expired or revoked).
+pub fn audit_closed(space: &str, subject: &str, why: &Refused) {
+    info!(target: "flotilla::auth", subject, tenant = %space, outcome = "closed", reason = %why, "connection closed for its token");
+}
+
+/// `(outcome, reason, count)` of every decision so far.
+pub fn decisions() -> Vec<(&'static str, &'static str, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = vec![("accepted", "", DECISIONS[0].load(Relaxed))];
+    for (i, r) in REASONS.iter().enumerate() {
+        out.push(("refused", r, DECISIONS[i + 1].load(Relaxed)));
+    }
+    out
 }
 
 /// The key id and algorithm a token names in its header, unchecked.
@@ -373,14 +585,15 @@ fn base64_json(part: &str) -> Option<Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Checks `token` for address space `space` with `spec` and the issuer's
-/// `keys`, at unix time `now`.
+/// Checks `token` for address space `space` (`None`: a token for no
+/// space, the console's) with `spec` and the issuer's `keys`, at unix time
+/// `now`.
 ///
 /// # Errors
 /// Why it is refused.
 pub fn verify(
     token: &str,
-    space: &str,
+    space: Option<&str>,
     spec: &OidcSpec,
     keys: &Keys,
     now: u64,
@@ -412,11 +625,11 @@ pub fn verify(
     let exp = c["exp"]
         .as_u64()
         .ok_or_else(|| Refused::Claims("no exp".into()))?;
-    if now > exp.saturating_add(LEEWAY) {
+    if now > exp.saturating_add(spec.skew()) {
         return Err(Refused::Expired);
     }
     if let Some(nbf) = c["nbf"].as_u64() {
-        if now.saturating_add(LEEWAY) < nbf {
+        if now.saturating_add(spec.skew()) < nbf {
             return Err(Refused::NotYetValid);
         }
     }
@@ -434,28 +647,75 @@ pub fn verify(
         return Err(Refused::WrongAudience);
     }
     let claim = spec.tenant_claim.as_deref().unwrap_or("tenant");
-    if claim_values(&c, claim).iter().all(|t| *t != space) {
-        return Err(Refused::WrongTenant);
+    if let Some(space) = space {
+        if claim_values(&c, claim).iter().all(|t| *t != space) {
+            return Err(Refused::WrongTenant);
+        }
     }
     let subject = c["sub"]
         .as_str()
         .ok_or_else(|| Refused::Claims("no sub".into()))?
         .to_string();
-    let rules = spec
-        .authorization
-        .iter()
-        .filter(|r| claim_values(&c, &r.claim).contains(&r.value.as_str()))
-        .map(|r| AuthorizationRule {
-            addresses: r.addresses.clone(),
-            operations: r.operations.clone(),
-        })
-        .collect();
+    if c["jti"]
+        .as_str()
+        .is_some_and(|j| spec.revoked_token_ids.iter().any(|r| r == j))
+    {
+        return Err(Refused::Revoked);
+    }
+    if let Some(claim) = &spec.username_claim {
+        if claim_values(&c, claim).is_empty() {
+            return Err(Refused::Claims(format!("no {claim}")));
+        }
+    }
     Ok(Verified {
         subject,
         expires: exp,
         id: c["jti"].as_str().map(String::from),
-        rules,
+        rules: rules(spec, &c),
+        claims: Arc::new(c),
     })
+}
+
+/// The rules `claims` map to through `spec`'s `authorization`.
+pub fn rules(spec: &OidcSpec, claims: &Value) -> Vec<AuthorizationRule> {
+    spec.authorization
+        .iter()
+        .filter(|r| claim_values(claims, &r.claim).contains(&r.value.as_str()))
+        .map(|r| AuthorizationRule {
+            addresses: r.addresses.clone(),
+            operations: r.operations.clone(),
+        })
+        .collect()
+}
+
+/// True when `token` has the shape of a JWT (three base64url parts, a
+/// header naming an `alg`): a password that is one is checked as a token.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.len() < MAX_TOKEN
+        && token.split('.').count() == 3
+        && base64_json(token.split('.').next().unwrap_or("")).is_some_and(|h| h["alg"].is_string())
+}
+
+/// The longest token taken (bytes).
+pub const MAX_TOKEN: usize = 16 * 1024;
+
+/// A token's claims, unchecked: only to find which space it names, before
+/// the space's settings check it.
+pub fn unverified_claims(token: &str) -> Option<Value> {
+    base64_json(token.split('.').nth(1)?)
+}
+
+/// The strings `claims`' `name` holds.
+pub fn claim_strings(claims: &Value, name: &str) -> Vec<String> {
+    claim_values(claims, name)
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+/// True when `claims`' `name` holds `value`.
+pub fn claim_holds(claims: &Value, name: &str, value: &str) -> bool {
+    claim_values(claims, name).contains(&value)
 }
 
 /// A claim's values: a string, the strings of an array, or (a dotted
@@ -530,7 +790,7 @@ mod tests {
                 addresses: vec!["orders/#".into()],
                 operations: vec![Operation::Send],
             }],
-            key_cache_seconds: None,
+            ..Default::default()
         }
     }
 
@@ -557,7 +817,7 @@ mod tests {
             let keys = Keys::from_jwks(&jwks).expect("jwks");
             let v = verify(
                 &sign(alg, "k1", &key, &claims()),
-                "factory-a",
+                Some("factory-a"),
                 &spec(),
                 &keys,
                 NOW,
@@ -579,7 +839,7 @@ mod tests {
             f(&mut c);
             sign(Algorithm::EdDSA, "k1", &key, &c)
         };
-        let check = |t: &str| verify(t, "factory-a", &spec(), &keys, NOW);
+        let check = |t: &str| verify(t, Some("factory-a"), &spec(), &keys, NOW);
         assert_eq!(
             check(&with(&|c| c["exp"] = (NOW - 100).into())),
             Err(Refused::Expired)
@@ -660,7 +920,7 @@ mod tests {
         c["realm_access"]["roles"] = serde_json::json!(["reader"]);
         let v = verify(
             &sign(Algorithm::EdDSA, "k1", &key, &c),
-            "factory-c",
+            Some("factory-c"),
             &s,
             &keys,
             NOW,
@@ -734,7 +994,7 @@ mod tests {
         let mut c = claims();
         c["iss"] = base.clone().into();
         let now = c["exp"].as_u64().expect("exp") - 300;
-        let check = |keys: &Keys, t: &str| verify(t, "factory-a", &s, keys, now);
+        let check = |keys: &Keys, t: &str| verify(t, Some("factory-a"), &s, keys, now);
         // First use: discovery, then the JWKS.
         let keys = cache.keys(&s, "k1").await.expect("keys");
         assert!(check(&keys, &sign(Algorithm::EdDSA, "k1", &k1, &c)).is_ok());
@@ -752,8 +1012,9 @@ mod tests {
         // ...and after it, the new key is fetched and works; the old one
         // is gone.
         {
-            let mut issuers = cache.issuers.lock().await;
-            let kept = issuers.get_mut(&base).expect("kept");
+            let slot = cache.issuers.lock().expect("cache")[&base].clone();
+            let mut kept = slot.lock().await;
+            let kept = kept.as_mut().expect("kept");
             kept.at = kept
                 .at
                 .checked_sub(REFETCH_AT_MOST)

@@ -70,6 +70,10 @@ pub struct AuthenticationSpec {
     /// Whether SASL ANONYMOUS (or no SASL at all) is accepted.
     #[serde(default)]
     pub anonymous: bool,
+    /// The OIDC provider whose tokens (JWTs) the space's clients may
+    /// present instead of a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<crate::oidc::OidcSpec>,
 }
 
 /// What an address space may use (DESIGN.md "Plans"); unset: no limit.
@@ -565,6 +569,15 @@ impl AddressSpace {
         if let Some(p) = &self.spec.address_defaults {
             p.validate()
                 .map_err(|e| ValidationError::Invalid(format!("spec.addressDefaults.{e}")))?;
+        }
+        if let Some(o) = &self.spec.authentication.oidc {
+            o.validate()
+                .map_err(|e| ValidationError::Invalid(format!("spec.authentication.oidc.{e}")))?;
+            for r in &o.authorization {
+                for a in &r.addresses {
+                    validate_address(a)?;
+                }
+            }
         }
         self.quotas().map(|_| ())
     }

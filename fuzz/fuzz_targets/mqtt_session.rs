@@ -26,6 +26,8 @@ fuzz_target!(|data: &[u8]| {
         space: "default".into(),
         user: None,
         rules: flotilla_core::config::allow_all_shared(),
+        token: None,
+        expires_at: None,
     };
     let mut s = Session::new(
         Setup {

@@ -1,6 +1,6 @@
 //! Tokens and key sets from anyone: a JWKS document (the bytes before the
 //! first 0x00) is read into keys, and the text after it is checked as a
-//! token against them for a space. Refusals are fine; panics and large
+//! token against them for a space, and as a SASL bearer-token response. Refusals are fine; panics and large
 //! allocations are not.
 #![no_main]
 
@@ -17,10 +17,13 @@ fuzz_target!(|data: &[u8]| {
     let spec = OidcSpec {
         issuer: "https://idp.example".into(),
         audience: "flotilla".into(),
-        tenant_claim: None,
-        jwks_uri: None,
-        authorization: Vec::new(),
-        key_cache_seconds: None,
+        ..Default::default()
     };
-    let _ = verify(token, "default", &spec, &keys, 1_800_000_000);
+    let _ = verify(token, Some("default"), &spec, &keys, 1_800_000_000);
+    let _ = verify(token, None, &spec, &keys, 1_800_000_000);
+    let _ = flotilla_core::oidc::unverified_claims(token);
+    let _ = flotilla_core::oidc::looks_like_jwt(token);
+    // The same bytes as a SASL OAUTHBEARER or XOAUTH2 response.
+    let _ = flotilla_amqp::transport::bearer("OAUTHBEARER", rest);
+    let _ = flotilla_amqp::transport::bearer("XOAUTH2", rest);
 });

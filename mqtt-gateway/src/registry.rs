@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
-use crate::upstream::{Mailbox, SIGNAL_KEEP_ALIVE, SIGNAL_KICK};
+use crate::upstream::{Mailbox, SIGNAL_KEEP_ALIVE, SIGNAL_KICK, SIGNAL_RECHECK};
 
 /// Counters of one connection, shared with the registry.
 #[derive(Debug, Default)]
@@ -45,6 +45,8 @@ pub struct Entry {
     /// Where a new connection taking the session over, an administrator's
     /// close or a change of tenancy reaches the connection.
     pub mailbox: Arc<Mailbox>,
+    /// When the token the client logged in with stops being valid.
+    pub expires_at: Option<std::time::Instant>,
 }
 
 /// Counters of connections that ended, so totals keep counting.
@@ -108,12 +110,17 @@ impl Registry {
         true
     }
 
-    /// Tells each connection silent for longer than its keep-alive.
+    /// Tells each connection silent for longer than its keep-alive, and
+    /// each whose token has expired (it checks itself again and ends).
     pub fn check_keep_alive(&self) {
+        let now = std::time::Instant::now();
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for e in s.values() {
             if e.mailbox.silent_too_long() {
                 e.mailbox.raise(SIGNAL_KEEP_ALIVE);
+            }
+            if e.expires_at.is_some_and(|t| t <= now) {
+                e.mailbox.raise(SIGNAL_RECHECK);
             }
         }
     }

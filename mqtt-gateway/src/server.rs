@@ -171,6 +171,71 @@ fn refusal(v5: u8, v3: u8, why: impl Into<String>) -> Refusal {
     }
 }
 
+/// MQTT 5 authentication methods taking a token (in the CONNECT's
+/// Authentication Data).
+const TOKEN_METHODS: [&str; 2] = ["OAUTHBEARER", "JWT"];
+
+/// MQTT 5 enhanced authentication in one step: the CONNECT's
+/// Authentication Data is the token (for `OAUTHBEARER`, either the RFC 7628
+/// client response or the bare token), checked as a PLAIN login with the
+/// token as its password would be. A second step (an AUTH packet) is
+/// never asked for.
+async fn token_login(
+    shared: &Shared,
+    c: &ConnectPacket,
+    method: &str,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Principal, Refusal> {
+    let data = c
+        .properties
+        .get_authentication_data()
+        .ok_or_else(|| refusal(0x87, 5, format!("{method} without Authentication Data")))?;
+    let data = std::str::from_utf8(data)
+        .map_err(|_| refusal(0x86, 4, "the Authentication Data is not UTF-8"))?;
+    let token = data
+        .split('\u{1}')
+        .find_map(|kv| kv.strip_prefix("auth=").and_then(|v| v.split_once(' ')))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or(data, |(_, t)| t)
+        .trim();
+    let user = c.username.as_deref().filter(|u| !u.is_empty());
+    let names = Hostnames {
+        sasl: None,
+        open: Some(None),
+    };
+    let tls_state = TlsState {
+        tls,
+        client_cert: false,
+    };
+    let verdict = shared
+        .policy
+        .token(user, token, names, tls_state, "MQTT-AUTH")
+        .await;
+    admitted(shared, verdict, peer, tls)
+}
+
+/// The principal of a login the policy accepted; a refusal is "bad user
+/// name or password".
+fn admitted(
+    shared: &Shared,
+    verdict: Verdict,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Principal, Refusal> {
+    match verdict {
+        Verdict::Accept(mut id) => {
+            id.tls = tls;
+            shared
+                .policy
+                .on_open(&id, None, peer)
+                .map_err(|why| refusal(0x87, 5, why))
+        }
+        Verdict::Refuse(why) => Err(refusal(0x86, 4, why)),
+        Verdict::AwaitOpen => Err(refusal(0x86, 4, "no address space")),
+    }
+}
+
 /// Checks a client's credentials: its principal, or why not.
 async fn login(
     shared: &Shared,
@@ -213,6 +278,8 @@ async fn login(
                     operations: vec![Operation::View],
                 }]
                 .into(),
+                token: None,
+                expires_at: None,
             })
         }
         Some(user) => {
@@ -223,21 +290,25 @@ async fn login(
                 sasl: None,
                 open: Some(None),
             };
-            match shared.policy.plain(user, &pass, names, tls_state).await {
-                Verdict::Accept(mut id) => {
-                    id.tls = tls;
-                    shared
-                        .policy
-                        .on_open(&id, None, peer)
-                        .map_err(|why| refusal(0x87, 5, why))
-                }
-                Verdict::Refuse(why) => Err(refusal(0x86, 4, why)),
-                Verdict::AwaitOpen => Err(refusal(0x86, 4, "no address space")),
-            }
+            let verdict = shared.policy.plain(user, &pass, names, tls_state).await;
+            admitted(shared, verdict, peer, tls)
         }
         None => {
-            if password.is_some() {
-                return Err(refusal(0x86, 4, "a password without a username"));
+            if let Some(pass) = password {
+                // MQTT 5 allows a password alone: a token's names its space.
+                if !flotilla_core::oidc::looks_like_jwt(&pass) {
+                    return Err(refusal(0x86, 4, "a password without a username"));
+                }
+                let names = Hostnames {
+                    sasl: None,
+                    open: Some(None),
+                };
+                return admitted(
+                    shared,
+                    shared.policy.plain("", &pass, names, tls_state).await,
+                    peer,
+                    tls,
+                );
             }
             let Some(mut id) = shared.policy.without_credentials(None, peer, tls_state) else {
                 return Err(refusal(
@@ -491,8 +562,19 @@ async fn start(
 ) -> Result<Box<Started>, Refusal> {
     let v5 = c.protocol_version == V5;
     let p = &c.properties;
-    if v5 && p.get_authentication_method().is_some() {
-        return Err(refusal(0x8c, 4, "enhanced authentication is not supported"));
+    let method = if v5 {
+        p.get_authentication_method()
+    } else {
+        None
+    };
+    if let Some(m) = method {
+        if !TOKEN_METHODS.contains(&m.as_str()) {
+            return Err(refusal(
+                0x8c,
+                4,
+                format!("authentication method {m:?} is not supported (OAUTHBEARER, JWT)"),
+            ));
+        }
     }
     if v5 && p.get_receive_maximum() == Some(0) {
         return Err(refusal(0x82, 2, "Receive Maximum 0"));
@@ -500,7 +582,10 @@ async fn start(
     if v5 && p.get_maximum_packet_size() == Some(0) {
         return Err(refusal(0x82, 2, "Maximum Packet Size 0"));
     }
-    let principal = login(shared, c, peer, tls).await?;
+    let principal = match method {
+        Some(m) => token_login(shared, c, m, peer, tls).await?,
+        None => login(shared, c, peer, tls).await?,
+    };
     let expiry = if v5 {
         p.get_session_expiry_interval().unwrap_or(0)
     } else if c.clean_start {
@@ -555,6 +640,7 @@ async fn start(
                 since_ms: crate::convert::now_ms(),
                 stats: stats.clone(),
                 mailbox: mailbox.clone(),
+                expires_at: principal.expires_at,
             },
         )
         .map_err(|()| refusal(0x87, 5, "the client id is in use by another user"))?;
@@ -765,6 +851,9 @@ async fn start(
         props.set_shared_subscription_available(true);
         if let Some(id) = &assigned {
             props.set_assigned_client_identifier(id.clone());
+        }
+        if let Some(m) = method {
+            props.set_authentication_method(m.clone());
         }
         if persistent && expiry != p.get_session_expiry_interval().unwrap_or(0) {
             props.set_session_expiry_interval(expiry);

@@ -1652,6 +1652,21 @@ impl Session {
         if self.space.as_ref() == crate::server::MESH_SPACE {
             return;
         }
+        if self
+            .principal
+            .expires_at
+            .is_some_and(|t| t <= std::time::Instant::now())
+        {
+            if let Some(t) = &self.principal.token {
+                flotilla_core::oidc::audit_closed(
+                    &self.principal.space,
+                    &t.subject,
+                    &flotilla_core::oidc::Refused::Expired,
+                );
+            }
+            info!(client = %self.client_id, space = %self.space, "closing connection: its token expired");
+            return self.fail(0x87, "token expired: connect again with a new token");
+        }
         match self.policy.recheck(&self.principal, peer, tls) {
             Ok(p) => self.principal = p,
             Err(why) => return self.fail(0x87, why),

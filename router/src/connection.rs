@@ -887,6 +887,8 @@ impl ConnectionTask {
             space,
             user: None,
             rules: flotilla_core::config::allow_all_shared(),
+            token: None,
+            expires_at: None,
         };
         if let Some(info) = self.route_for(&p, &attach, &container) {
             return self.route_attach(link, attach, info);
@@ -1927,6 +1929,32 @@ impl Handler for ConnectionTask {
         if !congested {
             self.offer_waiting();
         }
+    }
+
+    fn deadline(&self) -> Option<std::time::Instant> {
+        if self.closing.is_some() {
+            return None;
+        }
+        self.principal().and_then(|p| p.expires_at)
+    }
+
+    fn on_deadline(&mut self) {
+        let Some(p) = self.principal().cloned() else {
+            return;
+        };
+        if let Some(t) = &p.token {
+            flotilla_core::oidc::audit_closed(
+                &p.space,
+                &t.subject,
+                &flotilla_core::oidc::Refused::Expired,
+            );
+        }
+        info!(conn.id = self.id.0, client.addr = %self.peer, "closing connection: its token expired");
+        self.closing = Some(CloseReason::Unauthorized);
+        self.conn.close(Some(amqp_error(
+            AmqpError::UnauthorizedAccess,
+            "token expired: authenticate again with a new token",
+        )));
     }
 
     fn closing(&self) -> bool {

@@ -1,0 +1,318 @@
+//! Who may call the API: the admin token (everything, the break-glass
+//! credential), or a token from the console's OIDC provider whose roles
+//! claim grants `admin`, `editor:SPACE` or `viewer:SPACE`.
+//!
+//! An editor reads and changes what is inside its spaces (addresses,
+//! users, connections, queues), not the space itself (its plan, quotas and
+//! whom it trusts are the administrator's). A viewer reads inside its
+//! spaces. Neither sees other spaces, nor what spans them (the overview,
+//! the mesh, brokers, the watch, metrics).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use flotilla_core::oidc::{self, KeyCache, OidcSpec, Refused};
+use serde_json::{json, Value};
+
+use crate::api::{ApiError, AppState};
+
+/// The console's OIDC provider (`--oidc-issuer` and friends).
+#[derive(Debug, Clone)]
+pub struct ConsoleOidc {
+    pub issuer: String,
+    pub audience: String,
+    /// The claim holding the console roles; default `roles`.
+    pub roles_claim: String,
+    /// The web console's client id (authorization-code flow with PKCE).
+    pub client_id: String,
+    /// Else the issuer's discovery document names it.
+    pub jwks_uri: Option<String>,
+}
+
+/// What the console knows of its provider, and the provider's keys.
+#[derive(Debug)]
+pub struct Provider {
+    pub config: ConsoleOidc,
+    spec: OidcSpec,
+    keys: KeyCache,
+    /// The discovery document's endpoints, once fetched.
+    endpoints: tokio::sync::OnceCell<Value>,
+}
+
+impl Provider {
+    pub fn new(config: ConsoleOidc) -> Self {
+        let spec = OidcSpec {
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            jwks_uri: config.jwks_uri.clone(),
+            ..Default::default()
+        };
+        Provider {
+            config,
+            spec,
+            keys: KeyCache::default(),
+            endpoints: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The caller a token proves, or why not.
+    async fn caller(&self, token: &str) -> Result<Caller, Refused> {
+        let (kid, _) = oidc::header(token)?;
+        let keys = self
+            .keys
+            .keys(&self.spec, &kid)
+            .await
+            .map_err(Refused::Untrusted)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let v = oidc::verify(token, None, &self.spec, &keys, now)?;
+        Ok(Caller::from_roles(
+            v.subject.clone(),
+            oidc::claim_strings(&v.claims, &self.config.roles_claim),
+        ))
+    }
+}
+
+/// Who is calling, and what it may reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub subject: String,
+    pub admin: bool,
+    pub editor: BTreeSet<String>,
+    pub viewer: BTreeSet<String>,
+}
+
+impl Caller {
+    fn admin(subject: &str) -> Self {
+        Caller {
+            subject: subject.to_string(),
+            admin: true,
+            editor: BTreeSet::new(),
+            viewer: BTreeSet::new(),
+        }
+    }
+
+    /// The caller with roles `roles` (`admin`, `editor:SPACE`,
+    /// `viewer:SPACE`; others mean nothing here).
+    pub fn from_roles(subject: String, roles: Vec<String>) -> Self {
+        let mut c = Caller {
+            subject,
+            admin: false,
+            editor: BTreeSet::new(),
+            viewer: BTreeSet::new(),
+        };
+        for r in roles {
+            match r.split_once(':') {
+                _ if r == "admin" => c.admin = true,
+                Some(("editor", s)) if !s.is_empty() => {
+                    c.editor.insert(s.to_string());
+                }
+                Some(("viewer", s)) if !s.is_empty() => {
+                    c.viewer.insert(s.to_string());
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// Whether it may see space `s`.
+    pub fn sees(&self, s: &str) -> bool {
+        self.admin || self.editor.contains(s) || self.viewer.contains(s)
+    }
+
+    /// Why it may not make this call (a path under `/api/v1`, or
+    /// `/metrics`), if it may not.
+    pub fn refusal(&self, method: &Method, path: &str) -> Option<String> {
+        if self.admin {
+            return None;
+        }
+        let reads = matches!(*method, Method::GET | Method::HEAD);
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["whoami"] => None,
+            ["addressspaces"] if reads => None,
+            ["addressspaces"] => Some("only an administrator creates address spaces".into()),
+            ["addressspaces", space, rest @ ..] => {
+                if !self.sees(space) {
+                    Some(format!("no role in address space {space:?}"))
+                } else if reads {
+                    None
+                } else if rest.is_empty() {
+                    Some("only an administrator changes an address space itself".into())
+                } else if self.editor.contains(*space) {
+                    None
+                } else {
+                    Some(format!(
+                        "a viewer of address space {space:?} changes nothing"
+                    ))
+                }
+            }
+            _ => Some("only an administrator sees what spans address spaces".into()),
+        }
+    }
+}
+
+/// Every API call: the admin token, or an OIDC token whose roles allow
+/// the call. The caller goes on in the request's extensions.
+pub async fn require_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    // What the web console needs before it can sign in.
+    if req.uri().path() == "/auth" {
+        return next.run(req).await;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let unauthorized =
+        |why: String| ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", why).into_response();
+    let caller = match given {
+        Some(t) if flotilla_core::auth::ct_eq(t.as_bytes(), state.token.as_bytes()) => {
+            Caller::admin("admin")
+        }
+        Some(t) => match &state.oidc {
+            Some(p) if oidc::looks_like_jwt(t) => {
+                let outcome = p.caller(t).await;
+                audit(&p.config.issuer, t, &outcome);
+                match outcome {
+                    Ok(c) => c,
+                    Err(why) => return unauthorized(format!("token refused: {why}")),
+                }
+            }
+            _ => return unauthorized("the token is not the admin token".into()),
+        },
+        None => {
+            return unauthorized(if state.oidc.is_some() {
+                "send the admin token or a token from the OIDC provider: Authorization: Bearer TOKEN".into()
+            } else {
+                "send the admin token: Authorization: Bearer TOKEN".into()
+            })
+        }
+    };
+    if let Some(why) = caller.refusal(req.method(), req.uri().path()) {
+        return ApiError::new(StatusCode::FORBIDDEN, "Forbidden", why).into_response();
+    }
+    req.extensions_mut().insert(Arc::new(caller));
+    next.run(req).await
+}
+
+/// Logs a console login decision (never the token).
+fn audit(issuer: &str, token: &str, outcome: &Result<Caller, Refused>) {
+    match outcome {
+        Ok(c) => {
+            tracing::debug!(target: "flotilla::auth", %issuer, subject = %c.subject, admin = c.admin, "console token accepted")
+        }
+        Err(why) => {
+            let claimed = oidc::unverified_claims(token)
+                .and_then(|c| {
+                    c["sub"]
+                        .as_str()
+                        .map(|s| s.chars().take(128).collect::<String>())
+                })
+                .unwrap_or_default();
+            tracing::info!(target: "flotilla::auth", %issuer, subject = %claimed, outcome = "refused", reason = %why, "console token refused");
+        }
+    }
+}
+
+/// `GET /api/v1/auth`: how the web console signs in (no credentials
+/// needed).
+pub async fn auth_info(State(state): State<AppState>) -> Response {
+    let Some(p) = &state.oidc else {
+        return Json(json!({"oidc": null})).into_response();
+    };
+    let endpoints = p
+        .endpoints
+        .get_or_try_init(|| async {
+            let url = format!(
+                "{}/.well-known/openid-configuration",
+                p.config.issuer.trim_end_matches('/')
+            );
+            let doc: Value = serde_json::from_slice(&oidc::get(&url).await?)
+                .map_err(|e| format!("{url}: {e}"))?;
+            Ok::<Value, String>(doc)
+        })
+        .await;
+    match endpoints {
+        Ok(doc) => Json(json!({"oidc": {
+            "issuer": p.config.issuer,
+            "clientId": p.config.client_id,
+            "authorizationEndpoint": doc["authorization_endpoint"],
+            "tokenEndpoint": doc["token_endpoint"],
+            "scope": "openid",
+        }}))
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "IssuerUnreachable",
+            format!("the OIDC provider's discovery document: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// `GET /api/v1/whoami`: the caller and its roles.
+pub async fn whoami(Extension(c): Extension<Arc<Caller>>) -> Json<Value> {
+    Json(json!({
+        "subject": c.subject,
+        "admin": c.admin,
+        "editor": c.editor,
+        "viewer": c.viewer,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_limit_calls_to_their_spaces() {
+        let c = Caller::from_roles(
+            "ann".into(),
+            vec![
+                "editor:a".into(),
+                "viewer:b".into(),
+                "viewer:".into(),
+                "x".into(),
+            ],
+        );
+        let ok = |m: Method, p: &str| c.refusal(&m, p).is_none();
+        assert!(ok(Method::GET, "/addressspaces"));
+        assert!(!ok(Method::POST, "/addressspaces"));
+        assert!(ok(Method::GET, "/addressspaces/a/addresses"));
+        assert!(ok(Method::POST, "/addressspaces/a/addresses"));
+        assert!(ok(Method::DELETE, "/addressspaces/a/addresses/q"));
+        assert!(!ok(Method::PUT, "/addressspaces/a"));
+        assert!(!ok(Method::DELETE, "/addressspaces/a"));
+        assert!(ok(Method::GET, "/addressspaces/b/addresses"));
+        assert!(!ok(Method::POST, "/addressspaces/b/addresses"));
+        assert!(!ok(Method::POST, "/addressspaces/b/queues/q/purge"));
+        assert!(!ok(Method::GET, "/addressspaces/c"));
+        assert!(!ok(Method::GET, "/addressspaces/c/addresses"));
+        for p in [
+            "/overview",
+            "/mesh",
+            "/brokers",
+            "/watch",
+            "/metrics",
+            "/reports",
+        ] {
+            assert!(!ok(Method::GET, p), "{p}");
+        }
+        assert!(ok(Method::GET, "/whoami"));
+        let admin = Caller::from_roles("root".into(), vec!["admin".into()]);
+        assert!(admin.refusal(&Method::DELETE, "/addressspaces/z").is_none());
+    }
+}
