@@ -64,6 +64,17 @@ def start(args, pattern):
     return p, found["v"]
 
 
+def follow_args(tmp, caddr, token_file):
+    """Arguments that make a component follow the console at `caddr`, with
+    a mesh secret made in `tmp`."""
+    secret = f"{tmp}/mesh-secret"
+    with open(secret, "w") as f:
+        f.write(os.urandom(24).hex())
+    os.chmod(secret, 0o600)
+    return ["--console", f"http://{caddr}", "--console-token-file", token_file,
+            "--mesh-secret-file", secret]
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -136,12 +147,7 @@ def main():
         procs.append(console)
         token_file = f"{tmp}/console/admin-token"
         token = open(token_file).read().strip()
-        secret = f"{tmp}/mesh-secret"
-        with open(secret, "w") as f:
-            f.write(os.urandom(24).hex())
-        os.chmod(secret, 0o600)
-        follow = ["--console", f"http://{caddr}", "--console-token-file", token_file,
-                  "--mesh-secret-file", secret]
+        follow = follow_args(tmp, caddr, token_file)
         router, raddr = start(["router", "--amqp", "127.0.0.1:0", *follow], r'proto="amqp" addr=(\S+)')
         procs.append(router)
         broker, _ = start(["broker", "--amqp", "127.0.0.1:0", "--data-dir", f"{tmp}/broker",

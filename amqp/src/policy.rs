@@ -123,8 +123,12 @@ fn unix_now() -> u64 {
 /// The instant a token that expires at `exp` (Unix seconds) stops being
 /// valid with `skew` seconds of clock skew.
 fn deadline(exp: u64, skew: u64) -> std::time::Instant {
-    let left = exp.saturating_add(skew).saturating_sub(unix_now());
-    std::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 86_400))
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let end = UNIX_EPOCH + Duration::from_secs(exp.saturating_add(skew).min(1 << 40));
+    let left = end
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    std::time::Instant::now() + left.min(Duration::from_secs(10 * 365 * 86_400))
 }
 
 /// Splits `user@space`.
@@ -562,6 +566,7 @@ impl Authenticator for Policy {
         })
     }
 
+    /// A bearer-token login (OAUTHBEARER, XOAUTH2, MQTT 5's AUTH).
     async fn token(
         &self,
         user: Option<&str>,
@@ -570,7 +575,23 @@ impl Authenticator for Policy {
         tls: TlsState,
         mechanism: &'static str,
     ) -> Verdict {
-        self.bearer(user, token, names, tls, mechanism).await
+        let t = self.tenancy();
+        let (name, at) = user.map_or(("", None), split_user);
+        let space = match Self::space_of(&t, names, at, Some(token)) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Verdict::AwaitOpen,
+            Err(why) => return Verdict::Refuse(why),
+        };
+        let Some(s) = t.spaces.get(&space) else {
+            return Verdict::Refuse(format!("no address space {space:?}"));
+        };
+        if let Some(why) = self.tls_refusal(s, tls.tls) {
+            return Verdict::Refuse(why);
+        }
+        let Some(spec) = &s.oidc else {
+            return Verdict::Refuse(format!("address space {space:?} accepts no tokens"));
+        };
+        self.token_login(&space, spec, name, token, mechanism).await
     }
 
     async fn scram(
@@ -631,36 +652,6 @@ impl Authenticator for Policy {
                 ..Identity::anonymous()
             },
         )))
-    }
-}
-
-impl Policy {
-    /// A bearer-token login (OAUTHBEARER, XOAUTH2).
-    async fn bearer(
-        &self,
-        user: Option<&str>,
-        token: &str,
-        names: Hostnames<'_>,
-        tls: TlsState,
-        mechanism: &'static str,
-    ) -> Verdict {
-        let t = self.tenancy();
-        let (name, at) = user.map_or(("", None), split_user);
-        let space = match Self::space_of(&t, names, at, Some(token)) {
-            Ok(Some(s)) => s,
-            Ok(None) => return Verdict::AwaitOpen,
-            Err(why) => return Verdict::Refuse(why),
-        };
-        let Some(s) = t.spaces.get(&space) else {
-            return Verdict::Refuse(format!("no address space {space:?}"));
-        };
-        if let Some(why) = self.tls_refusal(s, tls.tls) {
-            return Verdict::Refuse(why);
-        }
-        let Some(spec) = &s.oidc else {
-            return Verdict::Refuse(format!("address space {space:?} accepts no tokens"));
-        };
-        self.token_login(&space, spec, name, token, mechanism).await
     }
 }
 

@@ -587,6 +587,20 @@ pub async fn refuse_open(
     frame::encode_performative(&mut out, 0, &frame::Performative::Close(close));
     io.write_all(&out).await?;
     io.flush().await?;
+    // Read what the peer sent meanwhile (Begin, Attach...) until it closes
+    // too (§2.4.3), for at most a second and 64 KiB: closing the socket on
+    // unread bytes would reset it, and the peer could lose our Close.
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
     Ok(())
 }
 async fn sasl_server<A: Authenticator>(

@@ -42,7 +42,14 @@ pub struct Provider {
     keys: KeyCache,
     /// The discovery document's endpoints, once fetched.
     endpoints: tokio::sync::OnceCell<Value>,
+    /// Tokens already checked (by their SHA-256), with their caller and
+    /// expiry: the web console calls the API every second, and a token is
+    /// checked and logged once.
+    checked: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Arc<Caller>, u64)>>,
 }
+
+/// How many checked tokens are remembered at most.
+const CHECKED: usize = 10_000;
 
 impl Provider {
     pub fn new(config: ConsoleOidc) -> Self {
@@ -57,26 +64,59 @@ impl Provider {
             spec,
             keys: KeyCache::default(),
             endpoints: tokio::sync::OnceCell::new(),
+            checked: Default::default(),
         }
     }
 
-    /// The caller a token proves, or why not.
-    async fn caller(&self, token: &str) -> Result<Caller, Refused> {
+    /// The caller a token proves, or why not (logged and counted as the
+    /// clients' token logins are).
+    async fn caller(&self, token: &str) -> Result<Arc<Caller>, Refused> {
+        use sha2::Digest;
+        let hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            match checked.get(&hash) {
+                Some((c, exp)) if now <= exp.saturating_add(oidc::LEEWAY) => return Ok(c.clone()),
+                Some(_) => {
+                    checked.remove(&hash);
+                }
+                None => {}
+            }
+        }
+        let outcome = self.verify(token, now).await;
+        oidc::audit("HTTP", "", &self.config.issuer, token, &outcome);
+        let v = outcome?;
+        let caller = Arc::new(Caller::from_roles(
+            v.subject.clone(),
+            oidc::claim_strings(&v.claims, &self.config.roles_claim),
+        ));
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.len() >= CHECKED {
+            checked.retain(|_, (_, exp)| now <= exp.saturating_add(oidc::LEEWAY));
+            if checked.len() >= CHECKED {
+                checked.clear();
+            }
+        }
+        checked.insert(hash, (caller.clone(), v.expires));
+        Ok(caller)
+    }
+
+    async fn verify(&self, token: &str, now: u64) -> Result<oidc::Verified, Refused> {
         let (kid, _) = oidc::header(token)?;
         let keys = self
             .keys
             .keys(&self.spec, &kid)
             .await
             .map_err(Refused::Untrusted)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let v = oidc::verify(token, None, &self.spec, &keys, now)?;
-        Ok(Caller::from_roles(
-            v.subject.clone(),
-            oidc::claim_strings(&v.claims, &self.config.roles_claim),
-        ))
+        oidc::verify(token, None, &self.spec, &keys, now)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Who is calling, and what it may reach.
@@ -180,17 +220,13 @@ pub async fn require_token(
         |why: String| ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", why).into_response();
     let caller = match given {
         Some(t) if flotilla_core::auth::ct_eq(t.as_bytes(), state.token.as_bytes()) => {
-            Caller::admin("admin")
+            Arc::new(Caller::admin("admin"))
         }
         Some(t) => match &state.oidc {
-            Some(p) if oidc::looks_like_jwt(t) => {
-                let outcome = p.caller(t).await;
-                audit(&p.config.issuer, t, &outcome);
-                match outcome {
-                    Ok(c) => c,
-                    Err(why) => return unauthorized(format!("token refused: {why}")),
-                }
-            }
+            Some(p) if oidc::looks_like_jwt(t) => match p.caller(t).await {
+                Ok(c) => c,
+                Err(why) => return unauthorized(format!("token refused: {why}")),
+            },
             _ => return unauthorized("the token is not the admin token".into()),
         },
         None => {
@@ -204,27 +240,8 @@ pub async fn require_token(
     if let Some(why) = caller.refusal(req.method(), req.uri().path()) {
         return ApiError::new(StatusCode::FORBIDDEN, "Forbidden", why).into_response();
     }
-    req.extensions_mut().insert(Arc::new(caller));
+    req.extensions_mut().insert(caller);
     next.run(req).await
-}
-
-/// Logs a console login decision (never the token).
-fn audit(issuer: &str, token: &str, outcome: &Result<Caller, Refused>) {
-    match outcome {
-        Ok(c) => {
-            tracing::debug!(target: "flotilla::auth", %issuer, subject = %c.subject, admin = c.admin, "console token accepted")
-        }
-        Err(why) => {
-            let claimed = oidc::unverified_claims(token)
-                .and_then(|c| {
-                    c["sub"]
-                        .as_str()
-                        .map(|s| s.chars().take(128).collect::<String>())
-                })
-                .unwrap_or_default();
-            tracing::info!(target: "flotilla::auth", %issuer, subject = %claimed, outcome = "refused", reason = %why, "console token refused");
-        }
-    }
 }
 
 /// `GET /api/v1/auth`: how the web console signs in (no credentials

@@ -41,9 +41,14 @@ pub struct OidcSpec {
     /// Where the keys are; default: the issuer's discovery document's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
-    /// The issuer's keys as a JWKS document (JSON text), for sites that
-    /// cannot reach the issuer: nothing is fetched then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The issuer's keys as a JWKS document (JSON text; the API takes the
+    /// object too), for sites that cannot reach the issuer: nothing is
+    /// fetched then.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "jwks_text"
+    )]
     pub jwks: Option<String>,
     /// Claim values mapped to rules, in the shape of a MessagingUser's.
     #[serde(default)]
@@ -62,6 +67,21 @@ pub struct OidcSpec {
     /// closed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_token_ids: Vec<String>,
+}
+
+/// A JWKS given as text, or as the JSON object itself (kept as its text).
+fn jwks_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::Deserialize;
+    Ok(match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(v @ Value::Object(_)) => Some(v.to_string()),
+        Some(_) => {
+            return Err(serde::de::Error::custom(
+                "jwks: a JWKS document, as an object or its JSON text",
+            ))
+        }
+    })
 }
 
 impl OidcSpec {
@@ -625,7 +645,9 @@ pub fn verify(
     let exp = c["exp"]
         .as_u64()
         .ok_or_else(|| Refused::Claims("no exp".into()))?;
-    if now > exp.saturating_add(spec.skew()) {
+    // Valid until exp + skew, exclusive (what a connection's deadline
+    // is, so a token closed for expiry never opens another).
+    if now >= exp.saturating_add(spec.skew()) {
         return Err(Refused::Expired);
     }
     if let Some(nbf) = c["nbf"].as_u64() {

@@ -10,7 +10,7 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { chromium } from 'playwright-core';
-import { startSystem, binary, chromiumPath, root } from './system.mjs';
+import { startSystem, binary, chromiumPath, root, createAddress } from './system.mjs';
 
 const STEP = 15000; // bound on each wait in the browser
 const SCREENSHOT = join(root, 'target', 'browser-screenshots', 'console.png');
@@ -77,15 +77,7 @@ test('create an address in the console and watch its stored count rise while a c
     await page.getByRole('heading', { name: 'Address space default' }).waitFor();
 
     // Create the address through the form.
-    const form = page.locator('#address-form');
-    await form.getByLabel('Name', { exact: true }).fill('orders');
-    await form.getByLabel('Address', { exact: true }).fill('orders');
-    await form.getByLabel('Type', { exact: true }).selectOption('queue');
-    await form.getByRole('button', { name: 'Create' }).click();
-
-    // It appears in the addresses table.
-    const row = page.locator('#address-rows tr[data-address="orders"]');
-    await row.waitFor();
+    const row = await createAddress(page, 'orders', 'queue');
     const cells = await row.locator('td').allTextContents();
     assert.deepEqual(cells.slice(0, 3), ['orders', 'orders', 'queue'], `row: ${JSON.stringify(cells)}`);
     assert.equal(await page.locator('#status').textContent(), '', 'no error shown');
@@ -115,6 +107,7 @@ test('create an address in the console and watch its stored count rise while a c
     await page.getByRole('heading', { name: 'Address space default' }).waitFor();
 
     // An address with a policy, made through the form's policy fields.
+    const form = page.locator('#address-form');
     await form.getByLabel('Name', { exact: true }).fill('limited');
     await form.getByLabel('Address', { exact: true }).fill('limited');
     await form.getByLabel('Type', { exact: true }).selectOption('queue');

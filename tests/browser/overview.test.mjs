@@ -11,13 +11,10 @@ import { execFile, spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
-import { startSystem, startRouter, binary, chromiumPath, root } from './system.mjs';
+import { startSystem, startRouter, binary, chromiumPath, axe, shot, SHOTS } from './system.mjs';
 
 const STEP = 15000;
-const SHOTS = join(root, 'target', 'browser-screenshots');
-const AXE = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
 
 /** Sends batches to a queue through the router until stopped. */
 function keepSending(address, url) {
@@ -40,23 +37,6 @@ function receiver(address, url) {
   return { exit, kill: () => { try { proc.kill('SIGKILL'); } catch { /* gone */ } } };
 }
 
-/** axe-core on the page as it is: the serious and critical violations. */
-async function axe(page, what) {
-  if (!(await page.evaluate(() => typeof window.axe !== 'undefined'))) await page.addScriptTag({ path: AXE });
-  const v = await page.evaluate(async () => {
-    const r = await window.axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } });
-    return r.violations.filter((x) => x.impact === 'serious' || x.impact === 'critical')
-      .map((x) => `${x.id} (${x.impact}): ${x.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
-  });
-  assert.deepEqual(v, [], `axe-core on the ${what}`);
-}
-
-async function shot(page, name) {
-  mkdirSync(SHOTS, { recursive: true });
-  const path = join(SHOTS, `${name}.png`);
-  await page.screenshot({ path, fullPage: true });
-  console.log(`screenshot: ${path}`);
-}
 
 test('overview, map and drill-down: rates move, a killed router turns red, a connection closes from its page', { timeout: 120000 }, async (t) => {
   const system = await startSystem(20000, ['--inter-router', '127.0.0.1:0']);

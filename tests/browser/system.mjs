@@ -2,13 +2,50 @@
 // 127.0.0.1 port 0, reads the bound ports from the `listening` log lines,
 // and stops the whole process group.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, createWriteStream, rmSync } from 'node:fs';
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, createWriteStream, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, dirname, delimiter } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+/** Where the tests leave their screenshots. */
+export const SHOTS = join(root, 'target', 'browser-screenshots');
+const AXE = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
+
+/** axe-core on the page as it is: no serious or critical violations. */
+export async function axe(page, what) {
+  if (!(await page.evaluate(() => typeof window.axe !== 'undefined'))) await page.addScriptTag({ path: AXE });
+  const v = await page.evaluate(async () => {
+    const r = await window.axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } });
+    return r.violations.filter((x) => x.impact === 'serious' || x.impact === 'critical')
+      .map((x) => `${x.id} (${x.impact}): ${x.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+  });
+  assert.deepEqual(v, [], `axe-core on the ${what}`);
+}
+
+/** Creates address `name` (its address too) of `type` through the space
+ * page's form; resolves with its row once the table shows it. */
+export async function createAddress(page, name, type) {
+  const form = page.locator('#address-form');
+  await form.getByLabel('Name', { exact: true }).fill(name);
+  await form.getByLabel('Address', { exact: true }).fill(name);
+  await form.getByLabel('Type', { exact: true }).selectOption(type);
+  await form.getByRole('button', { name: 'Create' }).click();
+  const row = page.locator(`#address-rows tr[data-address="${name}"]`);
+  await row.waitFor();
+  return row;
+}
+
+/** A full-page screenshot in SHOTS, named `name`. */
+export async function shot(page, name) {
+  mkdirSync(SHOTS, { recursive: true });
+  const path = join(SHOTS, `${name}.png`);
+  await page.screenshot({ path, fullPage: true });
+  console.log(`screenshot: ${path}`);
+}
 
 /** The flotilla binary: $FLOTILLA_BIN, else the debug build, else release. */
 export function binary() {
@@ -37,23 +74,16 @@ const LISTENING = {
 };
 
 /**
- * Runs `flotilla up` in a fresh temporary directory. Resolves once the
- * console and the router listen (within `ms`), with their ports and the
- * admin token. The log goes to DIR/flotilla.log; `tail()` gives its end.
+ * Runs `flotilla ARGS` in its own process group with its log in
+ * DIR/flotilla.log. Resolves once `ready(ports)` holds for the ports read
+ * from its `listening` lines (within `ms`); `tail()` gives the log's end,
+ * `stop()` ends the whole group.
  */
-export async function startSystem(ms = 20000, extra = []) {
-  const dir = mkdtempSync(join(tmpdir(), 'flotilla-browser-'));
+async function launch(what, args, dir, ready, ms) {
   const logPath = join(dir, 'flotilla.log');
   const log = createWriteStream(logPath);
   const last = [];
-  const proc = spawn(binary(), [
-    'up',
-    '--amqp', '127.0.0.1:0',
-    '--broker-amqp', '127.0.0.1:0',
-    '--http', '127.0.0.1:0',
-    '--data-dir', dir,
-    ...extra,
-  ], {
+  const proc = spawn(binary(), args, {
     // Its own process group, so stop() ends everything it started.
     detached: true,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -66,11 +96,11 @@ export async function startSystem(ms = 20000, extra = []) {
   process.once('exit', onExit);
 
   const ports = {};
-  const ready = new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`flotilla up did not report listening within ${ms} ms`)), ms);
+  const listening = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${what} did not report listening within ${ms} ms`)), ms);
     proc.once('exit', (code, signal) => {
       clearTimeout(timer);
-      reject(new Error(`flotilla up exited (code ${code}, signal ${signal}) before listening`));
+      reject(new Error(`${what} exited (code ${code}, signal ${signal}) before listening`));
     });
     const onLine = (line) => {
       // Keep draining both pipes for the whole run, or the process blocks on a full pipe.
@@ -81,8 +111,7 @@ export async function startSystem(ms = 20000, extra = []) {
         const m = re.exec(line.replace(/\x1b\[[0-9;]*m/g, ''));
         if (m && ports[k] === undefined) ports[k] = Number(m[1]);
       }
-      const want = extra.includes('--inter-router') ? ports.interRouter !== undefined : true;
-      if (ports.console !== undefined && ports.router !== undefined && want) { clearTimeout(timer); resolve(); }
+      if (ready(ports)) { clearTimeout(timer); resolve(); }
     };
     createInterface({ input: proc.stderr }).on('line', onLine);
     createInterface({ input: proc.stdout }).on('line', onLine);
@@ -102,12 +131,31 @@ export async function startSystem(ms = 20000, extra = []) {
   };
 
   try {
-    await ready;
+    await listening;
   } catch (e) {
     await stop();
     e.message += `\n--- ${logPath} (end) ---\n${last.join('\n')}`;
     throw e;
   }
+  return { ports, logPath, tail: () => last.join('\n'), stop };
+}
+
+/**
+ * Runs `flotilla up` in a fresh temporary directory. Resolves once the
+ * console and the router listen (within `ms`), with their ports and the
+ * admin token. The log goes to DIR/flotilla.log; `tail()` gives its end.
+ */
+export async function startSystem(ms = 20000, extra = []) {
+  const dir = mkdtempSync(join(tmpdir(), 'flotilla-browser-'));
+  const { ports, logPath, tail, stop } = await launch('flotilla up', [
+    'up',
+    '--amqp', '127.0.0.1:0',
+    '--broker-amqp', '127.0.0.1:0',
+    '--http', '127.0.0.1:0',
+    '--data-dir', dir,
+    ...extra,
+  ], dir, (p) => p.console !== undefined && p.router !== undefined &&
+    (!extra.includes('--inter-router') || p.interRouter !== undefined), ms);
   const token = readFileSync(join(dir, 'console', 'admin-token'), 'utf8').trim();
   return {
     dir,
@@ -116,7 +164,32 @@ export async function startSystem(ms = 20000, extra = []) {
     routerPort: ports.router,
     interRouterPort: ports.interRouter,
     token,
-    tail: () => last.join('\n'),
+    tail,
+    stop,
+    remove: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+/**
+ * Runs the console alone (`flotilla console`, no router or broker) with
+ * `extra` flags, its store in a fresh temporary directory. Resolves once it
+ * listens, with its port and the admin token it made in DIR/admin-token.
+ */
+export async function startConsole(extra = [], ms = 20000) {
+  const dir = mkdtempSync(join(tmpdir(), 'flotilla-browser-'));
+  const { ports, logPath, tail, stop } = await launch('flotilla console', [
+    'console',
+    '--http', '127.0.0.1:0',
+    '--data-dir', dir,
+    ...extra,
+  ], dir, (p) => p.console !== undefined, ms);
+  const token = readFileSync(join(dir, 'admin-token'), 'utf8').trim();
+  return {
+    dir,
+    logPath,
+    consolePort: ports.console,
+    token,
+    tail,
     stop,
     remove: () => rmSync(dir, { recursive: true, force: true }),
   };

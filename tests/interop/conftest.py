@@ -388,14 +388,20 @@ class Console:
         """`--console URL --console-token-file FILE`, for a router or broker."""
         return ["--console", self.url, "--console-token-file", self.token_file]
 
-    def api(self, method, path, body=None):
-        """One call with the admin token: (status, JSON body or None)."""
+    ADMIN = object()
+
+    def api(self, method, path, body=None, token=ADMIN):
+        """One call with `token` (default: the admin token; None: no
+        credentials): (status, JSON body or None)."""
         import urllib.error
         import urllib.request
 
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", "Bearer " + self.token)
+        if token is Console.ADMIN:
+            token = self.token
+        if token is not None:
+            req.add_header("Authorization", "Bearer " + token)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:

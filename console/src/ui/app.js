@@ -1,6 +1,11 @@
 // Flotilla console: plain JavaScript over the REST API (/api/v1). No build
-// step, no CDN; charts and the map are SVG drawn here. The admin token
-// stays in this tab's sessionStorage. Pages are routes in the hash:
+// step, no CDN; charts and the map are SVG drawn here. Who calls the API:
+// the admin token (break-glass), or, when the console trusts an OIDC
+// issuer (GET /api/v1/auth), an access token got with the authorization-code
+// flow with PKCE (RFC 7636, S256). Either stays in this tab's
+// sessionStorage only. What a signed-in user may see and change comes from
+// GET /api/v1/whoami; pages the user may not use are not offered. Pages are
+// routes in the hash:
 //   #/                                  overview (the landing page)
 //   #/map                               the mesh
 //   #/spaces/S                          an address space
@@ -11,7 +16,18 @@
 const PAGE = 50;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
-let token = sessionStorage.getItem("flotilla-token") || "";
+// sessionStorage keys: the admin token; an OIDC access token with its
+// expiry ({accessToken, expiresAt}); a sign-in under way ({verifier, state,
+// hash}).
+const ADMIN_KEY = "flotilla-token";
+const OIDC_KEY = "flotilla-oidc";
+const PENDING_KEY = "flotilla-oidc-pending";
+let token = sessionStorage.getItem(ADMIN_KEY) || "";
+let kind = "admin";      // what `token` is: "admin" or "oidc"
+let expiresAt = null;    // when an OIDC token expires (ms since the epoch)
+let expiryTimer = null;
+let me = null;           // GET /whoami: {subject, admin, editor: [..], viewer: [..]}
+let oidc = null;         // GET /auth's oidc: {issuer, clientId, authorizationEndpoint, tokenEndpoint, scope}
 let space = null;
 let pages = [null];      // continue tokens of the pages seen
 let page = 0;
@@ -22,6 +38,11 @@ let route = { page: "overview" };
 let picked = null;       // the map's selected node
 
 async function api(method, path, body) {
+  if (kind === "oidc" && expiresAt && Date.now() >= expiresAt) {
+    const e = new Error("the sign-in expired");
+    e.status = 401;
+    throw e;
+  }
   const r = await fetch("/api/v1" + path, {
     method,
     headers: Object.assign({ Authorization: "Bearer " + token },
@@ -29,7 +50,8 @@ async function api(method, path, body) {
     body: body ? JSON.stringify(body) : undefined,
   });
   const text = await r.text();
-  const data = text ? JSON.parse(text) : {};
+  let data = {};
+  try { data = text ? JSON.parse(text) : {}; } catch { data = { message: text }; }
   if (!r.ok) {
     const e = new Error(data.message || r.statusText);
     e.status = r.status;
@@ -81,41 +103,254 @@ function status(msg) {
 
 async function guarded(f) {
   try { status(""); await f(); } catch (e) {
-    if (e.status === 401) return logout("The token was refused.");
+    if (e.status === 401) return logout(refusedMessage());
     status(e.message);
   }
 }
 
+function refusedMessage() {
+  return kind === "oidc" ? "Your sign-in expired or is no longer accepted: sign in again." : "The token was refused.";
+}
+
+// What the user may do: everything (admin), or change (editor) or look at
+// (viewer) the spaces their roles name.
+const isAdmin = () => !!(me && me.admin);
+const canEdit = (s) => isAdmin() || !!(me && (me.editor || []).includes(s));
+function mySpaces() {
+  return me ? [...new Set([...(me.editor || []), ...(me.viewer || [])])] : [];
+}
+
 // ---- logging in ------------------------------------------------------------
 
-async function login(t) {
+// Logs in with `t`, the admin token (how = "admin") or an OIDC access
+// token (how = "oidc", valid until `until`), if the console takes it.
+async function login(t, how = "admin", until = null) {
   token = t;
+  kind = how;
+  expiresAt = how === "oidc" ? until : null;
   try {
-    await api("GET", "/addressspaces?limit=1");
+    me = await api("GET", "/whoami");
   } catch (e) {
-    $("login-error").textContent = e.status === 401 ? "That is not the admin token." : e.message;
     token = "";
+    me = null;
+    if (how === "oidc") {
+      sessionStorage.removeItem(OIDC_KEY);
+      $("login-error").textContent = e.status === 401
+        ? "The console does not accept the token from " + issuerHost() + " (" + e.message + "). Sign in again, or ask an administrator."
+        : e.message;
+    } else {
+      $("login-error").textContent = e.status === 401 ? "That is not the admin token." : e.message;
+    }
+    kind = "admin";
+    expiresAt = null;
+    focusLogin();
     return;
   }
-  sessionStorage.setItem("flotilla-token", token);
+  // One way in per tab: the other's token goes.
+  if (how === "admin") { sessionStorage.setItem(ADMIN_KEY, token); sessionStorage.removeItem(OIDC_KEY); } else sessionStorage.removeItem(ADMIN_KEY);
   $("login").hidden = true;
+  $("login-status").textContent = "";
+  $("login-error").textContent = "";
   $("logout").hidden = false;
+  $("logout").textContent = how === "oidc" ? "Sign out" : "Log out";
   $("top-nav").hidden = false;
-  $("who").textContent = "admin";
+  $("who").textContent = how === "oidc" ? "Signed in as " + me.subject + roleSummary() : "admin";
+  applyRoles();
+  if (expiryTimer) clearTimeout(expiryTimer);
+  expiryTimer = null;
+  // setTimeout takes at most 2^31-1 ms; api() checks the expiry anyway.
+  if (expiresAt && expiresAt - Date.now() < 2 ** 31 - 1) {
+    expiryTimer = setTimeout(() => logout("Your sign-in expired: sign in again."), Math.max(0, expiresAt - Date.now()));
+  }
   await guarded(show);
   if (!timer) timer = setInterval(() => refreshLive(), 1000);
 }
 
+function roleSummary() {
+  if (me.admin) return " (admin)";
+  const parts = [];
+  if ((me.editor || []).length) parts.push("editor of " + me.editor.join(", "));
+  if ((me.viewer || []).length) parts.push("viewer of " + me.viewer.join(", "));
+  return " (" + (parts.join("; ") || "no roles here") + ")";
+}
+
+// Offers only what the user may use: the overview and the map are the
+// administrators'; so is making an address space.
+function applyRoles() {
+  for (const a of $("top-nav").querySelectorAll("a")) {
+    const href = a.getAttribute("href");
+    a.hidden = (href === "#/" || href === "#/map") && !isAdmin();
+  }
+  $("space-form").hidden = !isAdmin();
+}
+
 function logout(msg) {
-  sessionStorage.removeItem("flotilla-token");
+  const was = kind;
+  sessionStorage.removeItem(ADMIN_KEY);
+  sessionStorage.removeItem(OIDC_KEY);
   token = "";
+  kind = "admin";
+  me = null;
+  expiresAt = null;
+  if (expiryTimer) { clearTimeout(expiryTimer); expiryTimer = null; }
   for (const p of document.querySelectorAll(".page")) p.hidden = true;
   $("login").hidden = false;
   $("logout").hidden = true;
   $("top-nav").hidden = true;
   $("who").textContent = "";
+  $("page-status").textContent = "";
   $("login-error").textContent = msg || "";
+  $("login-status").textContent = !msg && was === "oidc"
+    ? "You are signed out of this console (your session at " + issuerHost() + " may still be open)." : "";
   if (timer) { clearInterval(timer); timer = null; }
+  focusLogin();
+}
+
+function focusLogin() {
+  if (oidc) $("oidc-signin").focus(); else $("token").focus();
+}
+
+// ---- signing in with the OIDC issuer (authorization code + PKCE) -------------
+
+function issuerHost() {
+  try { return new URL(oidc.issuer).host; } catch { return oidc && oidc.issuer ? oidc.issuer : "the identity provider"; }
+}
+
+// Where the issuer sends the browser back: this page, without query or hash.
+const redirectUri = () => location.origin + location.pathname;
+
+function base64url(bytes) {
+  let s = "";
+  for (const b of bytes) s += String.fromCharCode(b);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+// `n` random bytes as base64url: 48 give a 64-character verifier
+// (RFC 7636 §4.1 asks for 43 to 128 of [A-Za-z0-9-._~]).
+function randomText(n) {
+  const b = new Uint8Array(n);
+  crypto.getRandomValues(b);
+  return base64url(b);
+}
+
+async function signIn() {
+  $("login-error").textContent = "";
+  if (!oidc) return;
+  // crypto.subtle exists only in secure contexts (HTTPS, or localhost).
+  if (!window.crypto || !crypto.subtle) {
+    $("login-error").textContent = "Signing in needs this console on HTTPS (or localhost): the browser computes the PKCE challenge only there. Use the admin token, or reach the console over HTTPS.";
+    return;
+  }
+  const verifier = randomText(48);
+  const state = randomText(24);
+  // RFC 7636 §4.2: S256, BASE64URL(SHA256(ASCII(code_verifier))).
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier));
+  const challenge = base64url(new Uint8Array(digest));
+  sessionStorage.setItem(PENDING_KEY, JSON.stringify({ verifier, state, hash: location.hash }));
+  const u = new URL(oidc.authorizationEndpoint);
+  const q = {
+    response_type: "code",
+    client_id: oidc.clientId,
+    redirect_uri: redirectUri(),
+    scope: oidc.scope || "openid",
+    state,
+    code_challenge: challenge,
+    code_challenge_method: "S256",
+  };
+  for (const [k, v] of Object.entries(q)) u.searchParams.set(k, v);
+  $("login-status").textContent = "Going to " + issuerHost() + "…";
+  location.assign(u.toString());
+}
+
+// Back from the issuer with ?code=&state= (or ?error=): checks the state,
+// trades the code and the verifier for an access token at the token
+// endpoint, and logs in with it.
+async function finishSignIn(q) {
+  let pending = null;
+  try { pending = JSON.parse(sessionStorage.getItem(PENDING_KEY) || "null"); } catch { pending = null; }
+  sessionStorage.removeItem(PENDING_KEY);
+  // The code is for one use: out of the address bar and the history.
+  history.replaceState(null, "", location.pathname + ((pending && pending.hash) || ""));
+  const fail = (msg) => { $("login-status").textContent = ""; $("login-error").textContent = msg; focusLogin(); };
+  if (q.get("error")) {
+    const why = q.get("error_description");
+    return fail("Signing in at " + (oidc ? issuerHost() : "the identity provider") + " failed: " + q.get("error") + (why ? " (" + why + ")" : "") + ".");
+  }
+  if (!oidc) return fail("This console signs in with no identity provider; use the admin token.");
+  if (!pending || !q.get("state") || q.get("state") !== pending.state) {
+    return fail("That sign-in answer is not for a sign-in started in this tab (its state does not match). Sign in again.");
+  }
+  $("login-status").textContent = "Signing in…";
+  let r, data = {};
+  try {
+    r = await fetch(oidc.tokenEndpoint, {
+      method: "POST",
+      headers: { "Content-Type": "application/x-www-form-urlencoded", Accept: "application/json" },
+      body: new URLSearchParams({
+        grant_type: "authorization_code",
+        code: q.get("code"),
+        redirect_uri: redirectUri(),
+        client_id: oidc.clientId,
+        code_verifier: pending.verifier,
+      }),
+    });
+    data = await r.json().catch(() => ({}));
+  } catch (e) {
+    return fail("Could not reach " + issuerHost() + " to finish signing in (" + e.message + ").");
+  }
+  if (!r.ok || !data.access_token) {
+    const why = data.error ? data.error + (data.error_description ? " (" + data.error_description + ")" : "") : "HTTP " + r.status;
+    return fail(issuerHost() + " did not give a token: " + why + ". Sign in again.");
+  }
+  if (data.token_type && data.token_type.toLowerCase() !== "bearer") {
+    return fail(issuerHost() + " gave a " + data.token_type + " token; the console takes Bearer tokens only.");
+  }
+  const until = expiryOf(data);
+  sessionStorage.setItem(OIDC_KEY, JSON.stringify({ accessToken: data.access_token, expiresAt: until }));
+  await login(data.access_token, "oidc", until);
+}
+
+// When a token answer expires: expires_in (relative, so the browser's clock
+// need not agree with the issuer's), else the JWT's exp, else never known.
+function expiryOf(data) {
+  const secs = Number(data.expires_in);
+  if (secs > 0) return Date.now() + secs * 1000;
+  try {
+    const claims = JSON.parse(atob(data.access_token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+    if (typeof claims.exp === "number") return claims.exp * 1000;
+  } catch { /* not a JWT we can read: the console's 401 tells */ }
+  return null;
+}
+
+// On load: the console's sign-in settings, then an answer from the issuer,
+// a token this tab kept, or the login screen.
+async function start() {
+  try {
+    const r = await fetch("/api/v1/auth");
+    if (r.ok) oidc = (await r.json()).oidc || null;
+    else {
+      // The console trusts an issuer it cannot reach now (502).
+      const e = await r.json().catch(() => ({}));
+      $("login-status").textContent = "Signing in through the identity provider is not possible now" +
+        (e.message ? " (" + e.message + ")" : "") + "; the admin token still works.";
+    }
+  } catch { oidc = null; }
+  if (oidc) {
+    $("oidc-signin").textContent = "Sign in with " + issuerHost();
+    $("oidc-login").hidden = false;
+    $("token-h").hidden = false;
+  }
+  const q = new URLSearchParams(location.search);
+  if (q.has("code") || q.has("error")) return finishSignIn(q);
+  let saved = null;
+  try { saved = JSON.parse(sessionStorage.getItem(OIDC_KEY) || "null"); } catch { saved = null; }
+  if (saved && saved.accessToken) {
+    if (!saved.expiresAt || saved.expiresAt > Date.now()) return login(saved.accessToken, "oidc", saved.expiresAt);
+    sessionStorage.removeItem(OIDC_KEY);
+    $("login-error").textContent = "Your sign-in expired: sign in again.";
+  }
+  if (token) return login(token, "admin");
+  focusLogin();
 }
 
 // ---- pages -----------------------------------------------------------------
@@ -135,6 +370,9 @@ const PAGES = { overview: "overview-page", map: "map-page", space: "app", addres
 
 async function show() {
   route = parseRoute();
+  // The overview and the map are the administrators': others land on
+  // their own address spaces.
+  if (!isAdmin() && (route.page === "overview" || route.page === "map")) route = { page: "space", space: null };
   for (const [k, id] of Object.entries(PAGES)) $(id).hidden = k !== route.page;
   for (const a of $("top-nav").querySelectorAll("a")) {
     const here = (a.getAttribute("href") === "#/" && route.page === "overview") ||
@@ -153,7 +391,7 @@ async function show() {
 }
 
 async function refreshLive() {
-  if (!token) return;
+  if (!token || !me) return;
   try {
     if (route.page === "overview") await refreshOverview();
     else if (route.page === "map") await refreshMap();
@@ -163,7 +401,7 @@ async function refreshLive() {
     } else if (route.page === "address") await refreshAddressLive();
     else if (route.page === "connection") await refreshConnectionLive();
   } catch (e) {
-    if (e.status === 401) logout("The token was refused.");
+    if (e.status === 401) logout(refusedMessage());
   }
 }
 
@@ -387,7 +625,10 @@ async function showNode(id, focus) {
 
 async function loadSpaces(want) {
   const list = await api("GET", "/addressspaces");
-  const names = ["default"].concat(list.items.map((s) => s.metadata.name).filter((n) => n !== "default"));
+  // The API lists only the caller's spaces; "default" is there without
+  // being stored, for whoever may use it.
+  const withDefault = isAdmin() || mySpaces().includes("default");
+  const names = (withDefault ? ["default"] : []).concat(list.items.map((s) => s.metadata.name).filter((n) => n !== "default"));
   const ul = $("spaces");
   ul.replaceChildren();
   for (const n of names) {
@@ -396,7 +637,15 @@ async function loadSpaces(want) {
     li.appendChild(a);
     ul.appendChild(li);
   }
-  if (!names.includes(want)) { location.hash = "#/spaces/" + enc(names[0]); return; }
+  if (!names.length) {
+    space = null;
+    $("space-h").textContent = "No address spaces for you";
+    $("space-body").hidden = true;
+    status("Your roles give you no address space on this console. Ask an administrator for an editor or viewer role.");
+    return;
+  }
+  // Replaced, not pushed: Back does not come here again.
+  if (!names.includes(want)) { location.replace("#/spaces/" + enc(names[0])); return; }
   if (want !== space || $("space-body").hidden) await pickSpace(want);
 }
 
@@ -404,7 +653,13 @@ async function pickSpace(n) {
   space = n;
   $("space-h").textContent = "Address space " + n;
   $("space-body").hidden = false;
-  $("delete-space").hidden = n === "default";
+  // Deleting a space is the administrators'; changing what is in it, the
+  // editors' too.
+  $("delete-space").hidden = n === "default" || !isAdmin();
+  const edit = canEdit(n);
+  $("address-form").hidden = !edit;
+  $("user-form").hidden = !edit;
+  $("role-note").hidden = edit;
   pages = [null];
   page = 0;
   await Promise.all([loadAddresses(), loadUsers(), loadConnections(), loadUsage()]);
@@ -464,7 +719,7 @@ async function loadAddresses() {
       m.addEventListener("click", () => { location.hash = "#/spaces/" + enc(space) + "/addresses/" + enc(a.metadata.name) + "/messages"; });
       actions.appendChild(m);
     }
-    if (["queue", "topic", "subscription"].includes(a.spec.type)) {
+    if (canEdit(space) && ["queue", "topic", "subscription"].includes(a.spec.type)) {
       const p = el("button", { "aria-label": "Purge " + a.metadata.name }, "Purge");
       p.addEventListener("click", () => guarded(async () => {
         await api("POST", "/addressspaces/" + enc(space) + "/addresses/" + enc(a.metadata.name) + "/purge");
@@ -472,12 +727,14 @@ async function loadAddresses() {
       }));
       actions.appendChild(p);
     }
-    const d = el("button", { class: "danger", "aria-label": "Delete address " + a.metadata.name }, "Delete");
-    d.addEventListener("click", () => guarded(async () => {
-      await api("DELETE", "/addressspaces/" + enc(space) + "/addresses/" + enc(a.metadata.name));
-      await loadAddresses();
-    }));
-    actions.appendChild(d);
+    if (canEdit(space)) {
+      const d = el("button", { class: "danger", "aria-label": "Delete address " + a.metadata.name }, "Delete");
+      d.addEventListener("click", () => guarded(async () => {
+        await api("DELETE", "/addressspaces/" + enc(space) + "/addresses/" + enc(a.metadata.name));
+        await loadAddresses();
+      }));
+      actions.appendChild(d);
+    }
     tr.appendChild(actions);
     tb.appendChild(tr);
   }
@@ -509,6 +766,7 @@ async function loadUsers() {
     const tr = el("tr");
     cell(tr, u.spec.username);
     cell(tr, (u.spec.authorization || []).map((r) => r.operations.join("+") + " on " + r.addresses.join(", ")).join("; "));
+    if (!canEdit(space)) { cell(tr, ""); tb.appendChild(tr); continue; }
     const b = button(tr, "Delete", () => guarded(async () => {
       await api("DELETE", "/addressspaces/" + enc(space) + "/users/" + enc(u.metadata.name));
       await loadUsers();
@@ -530,6 +788,7 @@ async function loadConnections() {
     cell(tr, c.user || "(anonymous)");
     cell(tr, c.addr);
     cell(tr, c.container);
+    if (!canEdit(space)) { cell(tr, ""); tb.appendChild(tr); continue; }
     const b = button(tr, "Close", () => guarded(async () => {
       await api("POST", "/addressspaces/" + enc(space) + "/connections/" + enc(c.router) + "/" + c.id + "/close");
       status((c.gateway ? "The gateway" : "The router") + " closes it within a second or so.");
@@ -583,6 +842,8 @@ async function loadAddressPage() {
   dl.appendChild(el("dt", {}, "Now"));
   dl.appendChild(el("dd", { id: "address-now" }, ""));
   $("address-queue").hidden = !["queue", "undeclared"].includes(a.spec.type);
+  $("address-retry").hidden = !canEdit(s);
+  $("address-purge").hidden = !canEdit(s);
   $("address-messages").hidden = true;
   await refreshAddressLive();
   if (route.messages) await addressMessages();
@@ -633,6 +894,7 @@ async function loadConnectionPage() {
   $("connection-back").textContent = "Back to address space " + route.space;
   $("connection-h").textContent = "Connection " + route.id + " on " + route.router;
   $("connection-close").disabled = false;
+  $("connection-close").hidden = !canEdit(route.space);
   await refreshConnectionLive();
 }
 
@@ -673,9 +935,10 @@ $("connection-close").addEventListener("click", () => guarded(async () => {
 
 // ---- forms and buttons ---------------------------------------------------------
 
-$("login-form").addEventListener("submit", (e) => { e.preventDefault(); login($("token").value.trim()); });
+$("login-form").addEventListener("submit", (e) => { e.preventDefault(); login($("token").value.trim(), "admin"); });
 $("logout").addEventListener("click", () => logout());
-window.addEventListener("hashchange", () => { if (token) guarded(show); });
+window.addEventListener("hashchange", () => { if (token && me) guarded(show); });
+$("oidc-signin").addEventListener("click", () => signIn().catch((e) => { $("login-error").textContent = e.message; }));
 $("space-form").addEventListener("submit", (e) => {
   e.preventDefault();
   guarded(async () => {
@@ -730,6 +993,7 @@ async function addressMessages() {
     cell(tr, JSON.stringify(Object.assign({}, m.properties || {}, m.applicationProperties || {})));
     const body = m.body || {};
     cell(tr, body.text !== undefined ? body.text : body.base64 !== undefined ? "(binary) " + body.base64 : body.value || "");
+    if (!canEdit(space)) { cell(tr, ""); rows.appendChild(tr); continue; }
     const b = button(tr, "Delete", () => guarded(async () => {
       await api("DELETE", queuePath(address) + "/messages/" + m.id);
       await addressMessages();
@@ -815,4 +1079,4 @@ for (const t of TABS) {
 }
 showTab("addresses");
 
-if (token) login(token); else $("token").focus();
+start().catch((e) => { $("login-error").textContent = e.message; });
