@@ -252,6 +252,11 @@ impl Driver {
     /// # Cancel safety
     /// Not cancel safe: run it to completion.
     pub async fn turn<H: Handler>(&mut self, h: &mut H) -> Result<bool, std::io::Error> {
+        // Before anything else: a peer whose socket is always readable
+        // must not keep the timer from ever being polled.
+        if h.deadline().is_some_and(|d| d <= Instant::now()) {
+            h.on_deadline();
+        }
         self.collect_output(h);
         if self.finished(h) {
             return Ok(false);

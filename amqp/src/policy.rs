@@ -95,6 +95,9 @@ fn anonymous_allowed(a: Anonymous, peer: SocketAddr) -> bool {
     }
 }
 
+/// What a token login's user name ends with (its subject before it).
+pub const TOKEN_USER: &str = "@oidc";
+
 /// The one space that takes tokens and that `token`'s tenant claim names.
 fn token_space(t: &Tenancy, token: &str) -> Option<String> {
     let claims = oidc::unverified_claims(token)?;
@@ -111,6 +114,46 @@ fn token_space(t: &Tenancy, token: &str) -> Option<String> {
         (Some(s), None) => Some(s.name.clone()),
         _ => None,
     }
+}
+
+/// Whether a token checked at login still holds in space `s` as it is now:
+/// not expired, the space still trusting its issuer and audience, its id
+/// not revoked. Its rules as the space maps its claims now.
+fn still_valid(s: &Space, token: &Verified) -> Result<Vec<AuthorizationRule>, String> {
+    let spec = s
+        .oidc
+        .as_ref()
+        .ok_or_else(|| format!("address space {:?} no longer accepts tokens", s.name))?;
+    let refused = |why: Refused| {
+        oidc::audit_closed(&s.name, &token.subject, &why);
+        Err(why.to_string())
+    };
+    if unix_now() >= token.expires.saturating_add(spec.skew()) {
+        return refused(Refused::Expired);
+    }
+    if token.claims["iss"]
+        .as_str()
+        .map(|i| i.trim_end_matches('/'))
+        != Some(spec.issuer.trim_end_matches('/'))
+    {
+        return refused(Refused::WrongIssuer);
+    }
+    let aud = &token.claims["aud"];
+    if aud.as_str() != Some(spec.audience.as_str())
+        && !aud
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(spec.audience.as_str())))
+    {
+        return refused(Refused::WrongAudience);
+    }
+    if token
+        .id
+        .as_ref()
+        .is_some_and(|j| spec.revoked_token_ids.contains(j))
+    {
+        return refused(Refused::Revoked);
+    }
+    Ok(oidc::rules(spec, &token.claims))
 }
 
 /// Seconds since the Unix epoch.
@@ -233,30 +276,8 @@ impl Policy {
             return Err(why);
         }
         if let Some(token) = &p.token {
-            let spec = s
-                .oidc
-                .as_ref()
-                .ok_or_else(|| format!("address space {:?} no longer accepts tokens", p.space))?;
-            if token.claims["iss"]
-                .as_str()
-                .map(|i| i.trim_end_matches('/'))
-                != Some(spec.issuer.trim_end_matches('/'))
-            {
-                return Err(format!(
-                    "address space {:?} no longer trusts the token's issuer",
-                    p.space
-                ));
-            }
-            if token
-                .id
-                .as_ref()
-                .is_some_and(|j| spec.revoked_token_ids.contains(j))
-            {
-                oidc::audit_closed(&p.space, &token.subject, &Refused::Revoked);
-                return Err(Refused::Revoked.to_string());
-            }
             return Ok(Principal {
-                rules: oidc::rules(spec, &token.claims).into(),
+                rules: still_valid(s, token)?.into(),
                 ..p.clone()
             });
         }
@@ -323,15 +344,15 @@ impl Policy {
                     "the token was not checked for address space {space:?}"
                 ));
             }
-            let spec = s
-                .oidc
-                .as_ref()
-                .ok_or_else(|| format!("address space {space:?} accepts no tokens"))?;
+            // Open may come long after SASL: the token must still hold,
+            // as the space is now.
+            let rules = still_valid(s, token)?;
+            let skew = s.oidc.as_ref().map_or(0, |o| o.skew());
             return Ok(Principal {
                 space,
                 user: identity.user.clone(),
-                rules: token.rules.clone().into(),
-                expires_at: Some(deadline(token.expires, spec.skew())),
+                rules: rules.into(),
+                expires_at: Some(deadline(token.expires, skew)),
                 token: Some(token.clone()),
             });
         }
@@ -431,12 +452,15 @@ impl Policy {
             .keys(spec, &kid)
             .await
             .map_err(|e| Refused::Untrusted(format!("the issuer's keys: {e}")))?;
-        let v = oidc::verify(token, Some(space), spec, &keys, unix_now())?;
+        let mut v = oidc::verify(token, Some(space), spec, &keys, unix_now())?;
         if let Some(claim) = spec.username_claim.as_ref().filter(|_| !name.is_empty()) {
             if !oidc::claim_holds(&v.claims, claim, name) {
                 return Err(Refused::Username);
             }
         }
+        // A connection keeps only the claims its space reads.
+        let claims = oidc::kept_claims(spec, std::mem::take(Arc::make_mut(&mut v.claims)));
+        v.claims = Arc::new(claims);
         Ok(v)
     }
 
@@ -453,7 +477,10 @@ impl Policy {
         oidc::audit(mechanism, space, &spec.issuer, token, &outcome);
         match outcome {
             Ok(v) => Verdict::Accept(Identity {
-                user: Some(v.subject.clone()),
+                // Never a MessagingUser's name (those have no '@'): what is
+                // looked up or compared by user name never takes a token's
+                // subject for a user.
+                user: Some(format!("{}{}", v.subject, TOKEN_USER)),
                 space: Some(space.to_string()),
                 token: Some(Arc::new(v)),
                 ..Identity::anonymous()
@@ -575,6 +602,9 @@ impl Authenticator for Policy {
         tls: TlsState,
         mechanism: &'static str,
     ) -> Verdict {
+        if token.len() > oidc::MAX_TOKEN {
+            return Verdict::Refuse("the token is longer than 16 KiB".into());
+        }
         let t = self.tenancy();
         let (name, at) = user.map_or(("", None), split_user);
         let space = match Self::space_of(&t, names, at, Some(token)) {
@@ -1017,7 +1047,7 @@ spec:
         serde_json::json!({
             "iss": "https://idp.example", "aud": "flotilla", "sub": "dev-1",
             "preferred_username": "dev-1", "tenant": tenant, "jti": jti,
-            "exp": unix_now() + 600, "roles": ["writer"],
+            "exp": unix_now() + 600, "roles": ["writer"], "junk": vec!["x"; 64],
         })
     }
 
@@ -1031,7 +1061,11 @@ spec:
             assert_eq!(i.space.as_deref(), Some("oidc-a"));
         }
         let i = accepted(plain(&p, "dev-1", &t, None, Some(None), PLAIN_TCP).await);
-        assert_eq!(i.user.as_deref(), Some("dev-1"));
+        // Never a MessagingUser's name: those have no '@'.
+        assert_eq!(i.user.as_deref(), Some("dev-1@oidc"));
+        // It keeps the claims its space reads, not the rest.
+        let kept = &i.token.as_ref().unwrap().claims;
+        assert!(kept.get("roles").is_some() && kept.get("junk").is_none());
         let pr = p.on_open(&i, None, peer()).unwrap();
         assert!(pr.may(Operation::Send, "orders/1"));
         assert!(!pr.may(Operation::Recv, "orders/1"));
@@ -1083,5 +1117,22 @@ spec:
         p.replace(t);
         let why = p.recheck(&pr, peer(), false).unwrap_err();
         assert!(why.contains("revoked"), "{why}");
+        // Revoked between SASL and a late Open: Open is refused.
+        let why = p.on_open(&i, None, peer()).unwrap_err();
+        assert!(why.contains("revoked"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_token_that_expired_before_open_is_refused_there() {
+        let (p, sign) = token_policy();
+        let t = sign(claims("oidc-a", "t4"));
+        let mut i = accepted(plain(&p, "dev-1", &t, Some("oidc-a"), None, PLAIN_TCP).await);
+        assert!(p.on_open(&i, None, peer()).is_ok());
+        // The same login, its token past exp + skew when Open comes.
+        let mut v = (**i.token.as_ref().unwrap()).clone();
+        v.expires = unix_now() - 31;
+        i.token = Some(Arc::new(v));
+        let why = p.on_open(&i, None, peer()).unwrap_err();
+        assert!(why.contains("expired"), "{why}");
     }
 }

@@ -544,6 +544,7 @@ async fn plain_at_open<A: Authenticator>(
                 "Authentication failed",
             )
             .await?;
+            drain(io).await;
             Err(HandshakeError::AuthFailed(why))
         }
     }
@@ -587,9 +588,13 @@ pub async fn refuse_open(
     frame::encode_performative(&mut out, 0, &frame::Performative::Close(close));
     io.write_all(&out).await?;
     io.flush().await?;
-    // Read what the peer sent meanwhile (Begin, Attach...) until it closes
-    // too (§2.4.3), for at most a second and 64 KiB: closing the socket on
-    // unread bytes would reset it, and the peer could lose our Close.
+    Ok(())
+}
+
+/// Reads what the peer sent meanwhile (Begin, Attach...) until it closes
+/// too (§2.4.3), for at most a second and 64 KiB: closing the socket on
+/// unread bytes would reset it, and the peer could lose our Close.
+async fn drain(io: &mut BoxIo) {
     let drain = async {
         let mut sink = [0u8; 4096];
         let mut left = 64 * 1024usize;
@@ -601,7 +606,6 @@ pub async fn refuse_open(
         }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
-    Ok(())
 }
 async fn sasl_server<A: Authenticator>(
     io: &mut BoxIo,

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
@@ -131,16 +131,24 @@ impl OidcSpec {
                 return Err("authorization: a rule needs a claim and a value".into());
             }
         }
+        if self.clock_skew_seconds.is_some_and(|s| s > MAX_SKEW) {
+            return Err(format!("clockSkewSeconds must be at most {MAX_SKEW}"));
+        }
         if self.key_cache_seconds == Some(0) {
             return Err("keyCacheSeconds must be at least 1".into());
         }
         Ok(())
     }
 
-    /// Where its keys come from, naming the cache entry: the JWKS URI,
-    /// else the issuer (two spaces with one issuer share its keys).
-    fn source(&self) -> &str {
-        self.jwks_uri.as_deref().unwrap_or(&self.issuer)
+    /// Where its keys come from, naming the cache entry: the issuer and
+    /// its JWKS URI (two spaces trusting one issuer the same way share
+    /// its keys; fetched another way, they do not).
+    fn source(&self) -> String {
+        format!(
+            "{}\n{}",
+            self.issuer,
+            self.jwks_uri.as_deref().unwrap_or("")
+        )
     }
 }
 
@@ -158,6 +166,8 @@ pub struct ClaimRule {
 
 /// The clock skew allowed on `exp` and `nbf`, seconds.
 pub const LEEWAY: u64 = 30;
+/// The most clock skew a space may allow, seconds.
+pub const MAX_SKEW: u64 = 300;
 
 /// The algorithms a token may be signed with.
 const ALLOWED: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
@@ -183,13 +193,34 @@ impl Keys {
     /// # Errors
     /// The document is not a JWKS.
     pub fn from_jwks(json: &[u8]) -> Result<Keys, String> {
-        let set: JwkSet =
+        let doc: Value =
             serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let listed = doc["keys"]
+            .as_array()
+            .ok_or("not a JWKS document: no \"keys\" array")?;
         let mut keys = HashMap::new();
-        for jwk in &set.keys {
+        // Key by key: one of a kind we do not know (ES512, X25519, ...)
+        // leaves the others usable.
+        for jwk in listed
+            .iter()
+            .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
+        {
             let Some(kid) = jwk.common.key_id.clone() else {
                 continue;
             };
+            // Only signature keys: not `use: enc`, and `verify` among
+            // `key_ops` where those are given.
+            let for_signing = !matches!(
+                jwk.common.public_key_use,
+                Some(PublicKeyUse::Encryption) | Some(PublicKeyUse::Other(_))
+            ) && jwk
+                .common
+                .key_operations
+                .as_ref()
+                .is_none_or(|ops| ops.contains(&KeyOperations::Verify));
+            if !for_signing {
+                continue;
+            }
             let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
                 // Symmetric keys (`oct`) are never published signing keys.
                 (AlgorithmParameters::OctetKey(_), _) => continue,
@@ -203,7 +234,7 @@ impl Keys {
                     _ => continue,
                 },
             };
-            if let Ok(k) = DecodingKey::from_jwk(jwk) {
+            if let Ok(k) = DecodingKey::from_jwk(&jwk) {
                 keys.insert(kid, (alg, k));
             }
         }
@@ -229,8 +260,9 @@ pub const KEY_CACHE: Duration = Duration::from_secs(300);
 /// An issuer's keys are fetched again for an unknown `kid` at most this
 /// often (a client naming ever new key ids cannot make us hammer it).
 pub const REFETCH_AT_MOST: Duration = Duration::from_secs(10);
-/// A key fetch gives up after this long.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A key fetch (discovery and JWKS together) gives up after this long,
+/// well inside a login's handshake time (5 s).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest discovery or JWKS document read.
 pub const MAX_DOCUMENT: usize = 1 << 20;
 
@@ -244,7 +276,7 @@ pub const MAX_DOCUMENT: usize = 1 << 20;
 /// that need it.
 #[derive(Default)]
 pub struct KeyCache {
-    issuers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
+    issuers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     inline: std::sync::Mutex<HashMap<String, Arc<Keys>>>,
 }
 
@@ -259,7 +291,14 @@ struct Fetched {
     at: Instant,
 }
 
-/// How many sources and inline documents are kept at most (a space's
+/// One source's keys, and when fetching them last failed.
+#[derive(Default)]
+struct Slot {
+    kept: Option<Fetched>,
+    failed: Option<Instant>,
+}
+
+/// One source's keys, and when fetching them last failed.
 /// settings change; old entries are dropped past this).
 const MAX_SOURCES: usize = 1024;
 
@@ -287,40 +326,54 @@ impl KeyCache {
             .map_or(KEY_CACHE, Duration::from_secs);
         let slot = {
             let mut issuers = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
-            if issuers.len() >= MAX_SOURCES && !issuers.contains_key(spec.source()) {
+            let source = spec.source();
+            if issuers.len() >= MAX_SOURCES && !issuers.contains_key(&source) {
                 issuers.clear();
             }
-            issuers
-                .entry(spec.source().to_string())
-                .or_default()
-                .clone()
+            issuers.entry(source).or_default().clone()
         };
-        let mut kept = slot.lock().await;
-        if let Some(f) = kept.as_ref() {
+        let mut slot = slot.lock().await;
+        if let Some(f) = slot.kept.as_ref() {
             let fresh = f.at.elapsed() < ttl;
             if fresh && (f.keys.has(kid) || f.at.elapsed() < REFETCH_AT_MOST) {
                 return Ok(f.keys.clone());
             }
         }
-        match fetch_keys(spec).await {
+        // With no keys, a fetch that just failed is not tried again at
+        // once: strangers' logins cannot make us call the issuer each.
+        if slot.kept.is_none() && slot.failed.is_some_and(|t| t.elapsed() < REFETCH_AT_MOST) {
+            return Err("the issuer's keys could not be fetched (tried again shortly)".into());
+        }
+        // Bounded well inside a login's handshake time.
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, fetch_keys(spec))
+            .await
+            .unwrap_or_else(|_| Err(format!("no keys within {FETCH_TIMEOUT:?}")));
+        match fetched {
             Ok(keys) => {
                 let keys = Arc::new(keys);
-                *kept = Some(Fetched {
+                slot.kept = Some(Fetched {
                     keys: keys.clone(),
                     at: Instant::now(),
                 });
+                slot.failed = None;
                 Ok(keys)
             }
             // The issuer is away: what we had still serves (its tokens
             // still expire on their own).
-            Err(e) => match kept.as_mut() {
-                Some(f) => {
-                    warn!(issuer = %spec.issuer, error = %e, "fetching the issuer's keys failed; keeping the last ones");
-                    f.at = Instant::now();
-                    Ok(f.keys.clone())
+            Err(e) => {
+                slot.failed = Some(Instant::now());
+                match slot.kept.as_mut() {
+                    Some(f) => {
+                        warn!(issuer = %spec.issuer, error = %e, "fetching the issuer's keys failed; keeping the last ones");
+                        f.at = Instant::now();
+                        Ok(f.keys.clone())
+                    }
+                    None => {
+                        warn!(issuer = %spec.issuer, error = %e, "fetching the issuer's keys failed");
+                        Err(e)
+                    }
                 }
-                None => Err(e),
-            },
+            }
         }
     }
 }
@@ -506,7 +559,9 @@ impl std::fmt::Display for Refused {
             Refused::Claims(why) => write!(f, "claims: {why}"),
             Refused::Revoked => write!(f, "token revoked"),
             Refused::Username => write!(f, "the username is not the token's"),
-            Refused::Untrusted(why) => write!(f, "{why}"),
+            // The detail (URLs, what the issuer answered) is logged where
+            // the fetch failed, not told to clients.
+            Refused::Untrusted(_) => write!(f, "the issuer's signing keys are not available"),
         }
     }
 }
@@ -544,27 +599,31 @@ pub fn audit(
     match outcome {
         Ok(v) => {
             DECISIONS[0].fetch_add(1, Relaxed);
-            info!(target: "flotilla::auth", %issuer, subject = %v.subject, tenant = %space, mechanism, outcome = "accepted", jti = v.id.as_deref().unwrap_or(""), "token accepted");
+            info!(target: "flotilla::auth", %issuer, subject = ?v.subject, tenant = %space, mechanism, outcome = "accepted", jti = ?v.id.as_deref().unwrap_or(""), "token accepted");
         }
         Err(why) => {
             let i = REASONS.iter().position(|r| *r == why.label()).unwrap_or(0);
             DECISIONS[i + 1].fetch_add(1, Relaxed);
             // The subject as the token claims it (unchecked, for the log).
-            let claimed = unverified_claims(token)
+            let claimed = (token.len() <= MAX_TOKEN)
+                .then(|| unverified_claims(token))
+                .flatten()
                 .and_then(|c| {
                     c["sub"]
                         .as_str()
                         .map(|s| s.chars().take(128).collect::<String>())
                 })
                 .unwrap_or_default();
-            info!(target: "flotilla::auth", %issuer, subject = %claimed, tenant = %space, mechanism, outcome = "refused", reason = %why, "token refused");
+            // Debug formatting: what a stranger wrote is escaped, so no
+            // line of the log is theirs.
+            info!(target: "flotilla::auth", %issuer, subject = ?claimed, tenant = %space, mechanism, outcome = "refused", reason = ?why.to_string(), "token refused");
         }
     }
 }
 
 /// Counts a live connection closed for its token (expired or revoked).
 pub fn audit_closed(space: &str, subject: &str, why: &Refused) {
-    info!(target: "flotilla::auth", subject, tenant = %space, outcome = "closed", reason = %why, "connection closed for its token");
+    info!(target: "flotilla::auth", subject = ?subject, tenant = %space, outcome = "closed", reason = %why, "connection closed for its token");
 }
 
 /// `(outcome, reason, count)` of every decision so far.
@@ -585,7 +644,11 @@ pub fn header(token: &str) -> Result<(String, Algorithm), Refused> {
     // `alg: none` and unknown algorithms do not parse as a header here.
     let raw = token.split('.').next().unwrap_or("");
     let alg = base64_json(raw)
-        .and_then(|v| v["alg"].as_str().map(String::from))
+        .and_then(|v| {
+            v["alg"]
+                .as_str()
+                .map(|a| a.chars().take(32).collect::<String>())
+        })
         .ok_or_else(|| Refused::Malformed("no header with an alg".into()))?;
     let h = jsonwebtoken::decode_header(token).map_err(|_| Refused::Algorithm(alg.clone()))?;
     if !ALLOWED.contains(&h.alg) {
@@ -678,6 +741,11 @@ pub fn verify(
         .as_str()
         .ok_or_else(|| Refused::Claims("no sub".into()))?
         .to_string();
+    if subject.is_empty() || subject.len() > 255 || subject.chars().any(char::is_control) {
+        return Err(Refused::Claims(
+            "sub must be 1 to 255 bytes without control characters".into(),
+        ));
+    }
     if c["jti"]
         .as_str()
         .is_some_and(|j| spec.revoked_token_ids.iter().any(|r| r == j))
@@ -696,6 +764,28 @@ pub fn verify(
         rules: rules(spec, &c),
         claims: Arc::new(c),
     })
+}
+
+/// What a connection keeps of a token's claims: those its space's rules
+/// and checks read, not all a token of 16 KiB may hold.
+pub fn kept_claims(spec: &OidcSpec, mut c: Value) -> Value {
+    let Some(all) = c.as_object_mut() else {
+        return Value::Null;
+    };
+    let root = |claim: &str| claim.split('.').next().map(String::from);
+    let named: Vec<String> = spec
+        .authorization
+        .iter()
+        .map(|r| r.claim.as_str())
+        .chain(spec.username_claim.as_deref())
+        .chain([spec.tenant_claim.as_deref().unwrap_or("tenant")])
+        .flat_map(|c| [Some(c.to_string()), root(c)])
+        .flatten()
+        .collect();
+    let wanted =
+        |k: &str| ["iss", "aud", "sub", "jti", "exp"].contains(&k) || named.iter().any(|n| n == k);
+    all.retain(|k, _| wanted(k));
+    c
 }
 
 /// The rules `claims` map to through `spec`'s `authorization`.
@@ -960,6 +1050,22 @@ mod tests {
         let keys = Keys::from_jwks(&serde_json::to_vec(&jwks).expect("json")).expect("jwks");
         assert!(keys.is_empty());
         assert!(Keys::from_jwks(b"{}").is_err());
+        // A kind of key we do not know beside one we do: the known one is
+        // kept; an encryption key is not a signing key.
+        let (_, good) = ed25519("k1");
+        let mut set: Value = serde_json::from_slice(&good).expect("json");
+        let known = set["keys"][0].clone();
+        let mut enc = known.clone();
+        enc["kid"] = "k2".into();
+        enc["use"] = "enc".into();
+        set["keys"] = serde_json::json!([
+            {"kty": "EC", "crv": "P-521", "kid": "big", "alg": "ES512", "x": "AA", "y": "AA"},
+            {"kty": "OKP", "crv": "X25519", "kid": "dh", "x": "AA"},
+            known,
+            enc,
+        ]);
+        let keys = Keys::from_jwks(&serde_json::to_vec(&set).expect("json")).expect("jwks");
+        assert!(keys.has("k1") && !keys.has("k2") && keys.len() == 1);
     }
 
     /// A small HTTP server on 127.0.0.1 port 0: the issuer's discovery
@@ -1034,9 +1140,9 @@ mod tests {
         // ...and after it, the new key is fetched and works; the old one
         // is gone.
         {
-            let slot = cache.issuers.lock().expect("cache")[&base].clone();
-            let mut kept = slot.lock().await;
-            let kept = kept.as_mut().expect("kept");
+            let slot = cache.issuers.lock().expect("cache")[&s.source()].clone();
+            let mut slot = slot.lock().await;
+            let kept = slot.kept.as_mut().expect("kept");
             kept.at = kept
                 .at
                 .checked_sub(REFETCH_AT_MOST)

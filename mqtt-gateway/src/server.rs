@@ -475,7 +475,7 @@ where
                 .totals
                 .refused_connections
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(client.addr = %peer, client.id = %c.client_id, user = c.username.as_deref().unwrap_or("<anonymous>"), reason = %r.why, "connection refused");
+            warn!(client.addr = %peer, client.id = %c.client_id, user = c.username.as_deref().unwrap_or("<anonymous>"), reason = ?r.why, "connection refused");
             let code = if version == V5 { r.v5 } else { r.v3 };
             let mut props = Properties::default();
             if version == V5 {
