@@ -354,6 +354,8 @@ struct RouterArgs {
     #[arg(long, env = "FLOTILLA_MODE", value_enum, default_value = "interior")]
     mode: Mode,
     #[command(flatten)]
+    tokens: TokenArgs,
+    #[command(flatten)]
     limits: LimitArgs,
     #[arg(
         long,
@@ -430,6 +432,7 @@ impl RouterArgs {
             tenancy,
             console: self.console.link()?,
             mesh_secret: mesh_secret(self.mesh_secret_file.as_deref())?,
+            jwks_dir: self.tokens.jwks_dir.clone(),
             require_tls: self.require_tls,
             retire_brokers_after: (self.retire_brokers_after > 0)
                 .then(|| Duration::from_secs(self.retire_brokers_after)),
@@ -519,6 +522,8 @@ struct BrokerArgs {
     #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
     require_tls: bool,
     #[command(flatten)]
+    tokens: TokenArgs,
+    #[command(flatten)]
     limits: LimitArgs,
     /// Operations listener (/metrics, /healthz, /readyz), HOST:PORT.
     #[arg(long, env = "FLOTILLA_HTTP")]
@@ -559,6 +564,7 @@ impl BrokerArgs {
                 .clamp(1, 256),
             tls: self.creds.tls(),
             mesh_secret: self.creds.mesh_secret()?,
+            jwks_dir: self.tokens.jwks_dir,
             tls_ca: self.creds.tls_ca,
             require_tls: self.require_tls,
             admission: self.limits.admission(),
@@ -640,6 +646,8 @@ struct GatewayArgs {
     #[arg(long, env = "FLOTILLA_REQUIRE_TLS")]
     require_tls: bool,
     #[command(flatten)]
+    tokens: TokenArgs,
+    #[command(flatten)]
     limits: LimitArgs,
     /// Operations listener (/metrics, /healthz, /readyz), HOST:PORT.
     #[arg(long, env = "FLOTILLA_HTTP")]
@@ -660,6 +668,7 @@ impl GatewayArgs {
             console: self.console.link()?,
             tls: self.creds.tls(),
             mesh_secret: self.creds.mesh_secret()?,
+            jwks_dir: self.tokens.jwks_dir,
             tls_ca: self.creds.tls_ca,
             require_tls: self.require_tls,
             admission: self.limits.admission(),
@@ -809,6 +818,16 @@ struct ConsoleServeArgs {
     namespace: Option<String>,
     #[command(flatten)]
     oidc: OidcArgs,
+}
+
+/// Where routers, brokers and gateways read address spaces' JWKS files.
+#[derive(Args, Clone, Default)]
+struct TokenArgs {
+    /// Directory of JWKS files that address spaces name with
+    /// `oidc.jwksFile` (issuers' keys for sites that cannot fetch them;
+    /// on Kubernetes, a Secret mounted here).
+    #[arg(long, env = "FLOTILLA_JWKS_DIR")]
+    jwks_dir: Option<PathBuf>,
 }
 
 /// The console's OIDC provider: its tokens open the API and the web
@@ -1119,6 +1138,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
             queue_shards: None,
             creds: args.router.component_creds(),
             require_tls: args.router.require_tls,
+            tokens: args.router.tokens.clone(),
             limits: args.router.limits.clone(),
             http: None,
         };
@@ -1170,6 +1190,7 @@ async fn run_up(mut args: UpArgs) -> ExitCode {
                 container_id: format!("mqtt-gateway-{g}"),
                 creds: args.router.component_creds(),
                 require_tls: args.router.require_tls,
+                tokens: args.router.tokens.clone(),
                 limits: args.router.limits.clone(),
                 http: None,
             };

@@ -234,6 +234,13 @@ impl Policy {
         self
     }
 
+    /// Spaces' `jwksFile`s are read from `dir` (`--jwks-dir`).
+    #[must_use]
+    pub fn with_jwks_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.keys = Arc::new(KeyCache::with_dir(dir));
+        self
+    }
+
     /// Every space requires TLS.
     #[must_use]
     pub fn with_require_tls(mut self, on: bool) -> Self {

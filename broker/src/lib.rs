@@ -76,6 +76,8 @@ pub struct BrokerConfig {
     /// with it (SCRAM-SHA-256 as `ID@$mesh`); operators' tools may log in
     /// to the broker's own listener with it to see every space.
     pub mesh_secret: Option<flotilla_core::auth::MeshSecret>,
+    /// Where address spaces' `jwksFile`s are (`--jwks-dir`).
+    pub jwks_dir: Option<std::path::PathBuf>,
     /// Clients of the broker's own listener must use TLS.
     pub require_tls: bool,
     /// Limits on the broker's own listener.
@@ -417,6 +419,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: CancellationToken) -> Result<(), B
     }
     let policy = Policy::new(cfg.tenancy.clone())
         .with_mesh_secret(cfg.mesh_secret.clone())
+        .with_jwks_dir(cfg.jwks_dir.clone())
         .with_cert_components(cfg.tls_ca.is_some())
         .with_require_tls(cfg.require_tls);
     let services = connection::Services {

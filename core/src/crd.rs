@@ -47,6 +47,12 @@ pub struct FlotillaSpec {
     pub console: ConsoleSpec,
     #[serde(default)]
     pub tls: TlsSpec,
+    /// A Secret of JWKS files (one key per file) that address spaces name
+    /// with `oidc.jwksFile`: issuers' keys for sites that cannot fetch
+    /// them. Mounted into routers, brokers and gateways; a changed Secret
+    /// reaches them within their spaces' `keyCacheSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_secret: Option<String>,
     /// Seconds a pod has to stop; a router spends all but five of them
     /// draining (lame duck). Default 60.
     #[serde(default, skip_serializing_if = "Option::is_none")]

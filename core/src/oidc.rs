@@ -50,6 +50,12 @@ pub struct OidcSpec {
         deserialize_with = "jwks_text"
     )]
     pub jwks: Option<String>,
+    /// A JWKS file in the components' JWKS directory (`--jwks-dir`; on
+    /// Kubernetes, the Secret the Flotilla resource's `jwksSecret` names,
+    /// mounted there), read again as `keyCacheSeconds` say and for an
+    /// unknown key id, so a changed file or Secret rotates the keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
     /// Claim values mapped to rules, in the shape of a MessagingUser's.
     #[serde(default)]
     pub authorization: Vec<ClaimRule>,
@@ -112,6 +118,22 @@ impl OidcSpec {
         if self.audience.is_empty() {
             return Err("audience must not be empty".into());
         }
+        if self.jwks.is_some() && self.jwks_file.is_some() {
+            return Err("jwks and jwksFile: give the keys one way".into());
+        }
+        if let Some(f) = &self.jwks_file {
+            // A name in the operator's directory, never a path.
+            let ok = !f.is_empty()
+                && f.len() <= 253
+                && !f.starts_with('.')
+                && f.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !ok {
+                return Err(format!(
+                    "jwksFile {f:?} must be a file name (letters, digits, '.', '_', '-'; not starting with '.')"
+                ));
+            }
+        }
         if let Some(j) = &self.jwks {
             let keys = Keys::from_jwks(j.as_bytes()).map_err(|e| format!("jwks: {e}"))?;
             if keys.is_empty() {
@@ -145,9 +167,10 @@ impl OidcSpec {
     /// its keys; fetched another way, they do not).
     fn source(&self) -> String {
         format!(
-            "{}\n{}",
+            "{}\n{}\n{}",
             self.issuer,
-            self.jwks_uri.as_deref().unwrap_or("")
+            self.jwks_uri.as_deref().unwrap_or(""),
+            self.jwks_file.as_deref().unwrap_or("")
         )
     }
 }
@@ -278,6 +301,8 @@ pub const MAX_DOCUMENT: usize = 1 << 20;
 pub struct KeyCache {
     issuers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     inline: std::sync::Mutex<HashMap<String, Arc<Keys>>>,
+    /// Where spaces' `jwksFile`s are (`--jwks-dir`).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -303,6 +328,14 @@ struct Slot {
 const MAX_SOURCES: usize = 1024;
 
 impl KeyCache {
+    /// A cache that reads spaces' `jwksFile`s from `dir`.
+    pub fn with_dir(dir: Option<std::path::PathBuf>) -> Self {
+        KeyCache {
+            dir,
+            ..Default::default()
+        }
+    }
+
     /// The keys of `spec`'s issuer, fresh enough to hold `kid` if the
     /// issuer publishes it.
     ///
@@ -345,7 +378,7 @@ impl KeyCache {
             return Err("the issuer's keys could not be fetched (tried again shortly)".into());
         }
         // Bounded well inside a login's handshake time.
-        let fetched = tokio::time::timeout(FETCH_TIMEOUT, fetch_keys(spec))
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, fetch_keys(spec, self.dir.as_deref()))
             .await
             .unwrap_or_else(|_| Err(format!("no keys within {FETCH_TIMEOUT:?}")));
         match fetched {
@@ -378,7 +411,35 @@ impl KeyCache {
     }
 }
 
-async fn fetch_keys(spec: &OidcSpec) -> Result<Keys, String> {
+async fn fetch_keys(spec: &OidcSpec, dir: Option<&std::path::Path>) -> Result<Keys, String> {
+    if let Some(name) = &spec.jwks_file {
+        let dir =
+            dir.ok_or_else(|| format!("jwksFile {name:?}: this component has no --jwks-dir"))?;
+        let path = dir.join(name);
+        let file = path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut text = Vec::new();
+            std::fs::File::open(&file)?
+                .take(MAX_DOCUMENT as u64 + 1)
+                .read_to_end(&mut text)?;
+            Ok::<_, std::io::Error>(text)
+        });
+        let text = read
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if text.len() > MAX_DOCUMENT {
+            return Err(format!(
+                "{}: larger than {MAX_DOCUMENT} bytes",
+                path.display()
+            ));
+        }
+        let keys = Keys::from_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        info!(issuer = %spec.issuer, file = %path.display(), keys = keys.len(), "issuer's signing keys read");
+        return Ok(keys);
+    }
     let uri = match &spec.jwks_uri {
         Some(u) => u.clone(),
         None => {
@@ -1107,6 +1168,43 @@ mod tests {
             }
         });
         base
+    }
+
+    #[tokio::test]
+    async fn keys_are_read_from_a_file_in_the_jwks_dir_and_again_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("flotilla-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (k1, jwks1) = ed25519("k1");
+        let (k2, jwks2) = ed25519("k2");
+        std::fs::write(dir.join("plant.json"), &jwks1).expect("write");
+        let mut s = spec();
+        s.jwks_file = Some("plant.json".into());
+        assert!(s.validate().is_ok());
+        let cache = KeyCache::with_dir(Some(dir.clone()));
+        let keys = cache.keys(&s, "k1").await.expect("keys");
+        let check = |keys: &Keys, t: &str| verify(t, Some("factory-a"), &s, keys, NOW);
+        assert!(check(&keys, &sign(Algorithm::EdDSA, "k1", &k1, &claims())).is_ok());
+        // The file changes (a Secret updated): after the refetch window
+        // an unknown kid reads it again.
+        std::fs::write(dir.join("plant.json"), &jwks2).expect("write");
+        {
+            let slot = cache.issuers.lock().expect("cache")[&s.source()].clone();
+            let mut slot = slot.lock().await;
+            let kept = slot.kept.as_mut().expect("kept");
+            kept.at = kept.at.checked_sub(REFETCH_AT_MOST).expect("clock");
+        }
+        let keys = cache.keys(&s, "k2").await.expect("keys");
+        assert!(check(&keys, &sign(Algorithm::EdDSA, "k2", &k2, &claims())).is_ok());
+        // A component without --jwks-dir, a path, two ways at once.
+        assert!(KeyCache::default().keys(&s, "k1").await.is_err());
+        for bad in ["../etc/passwd", "a/b", ".hidden", ""] {
+            s.jwks_file = Some(bad.into());
+            assert!(s.validate().is_err(), "{bad}");
+        }
+        s.jwks_file = Some("plant.json".into());
+        s.jwks = Some(String::from_utf8(jwks1).expect("utf8"));
+        assert!(s.validate().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

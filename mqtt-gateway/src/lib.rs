@@ -70,6 +70,8 @@ pub struct GatewayConfig {
     /// The mesh secret: the gateway's credential towards its router, and
     /// what operators' tools log in with for `stat`.
     pub mesh_secret: Option<MeshSecret>,
+    /// Where address spaces' `jwksFile`s are (`--jwks-dir`).
+    pub jwks_dir: Option<std::path::PathBuf>,
     /// Clients must come over TLS.
     pub require_tls: bool,
     pub admission: AdmissionConfig,
@@ -129,6 +131,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     )?;
     let policy = Policy::new(cfg.tenancy.clone())
         .with_mesh_secret(cfg.mesh_secret.clone())
+        .with_jwks_dir(cfg.jwks_dir.clone())
         .with_require_tls(cfg.require_tls);
     let tracker = TaskTracker::new();
     let pool = upstream::Pool::start(cfg.upstreams, router, shutdown.clone());

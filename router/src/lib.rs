@@ -85,6 +85,8 @@ pub struct RouterConfig {
     /// The mesh credential (`--mesh-secret-file`): routers authenticate
     /// to each other with it, and components (brokers) to this router.
     pub mesh_secret: Option<flotilla_core::auth::MeshSecret>,
+    /// Where address spaces' `jwksFile`s are (`--jwks-dir`).
+    pub jwks_dir: Option<std::path::PathBuf>,
     /// Every client must come over TLS (`--require-tls`).
     pub require_tls: bool,
     /// A broker away this long is retired: the addresses it held are
@@ -127,6 +129,7 @@ impl Default for RouterConfig {
             edge: false,
             console: None,
             mesh_secret: None,
+            jwks_dir: None,
             require_tls: false,
             retire_brokers_after: None,
             http: None,
@@ -350,6 +353,7 @@ impl Router {
         }
         let policy = Policy::new(cfg.tenancy.clone())
             .with_mesh_secret(cfg.mesh_secret.clone())
+            .with_jwks_dir(cfg.jwks_dir.clone())
             .with_cert_components(cfg.tls_ca.is_some())
             .with_require_tls(cfg.require_tls);
         let mesh_auth = flotilla_amqp::policy::MeshAuth {

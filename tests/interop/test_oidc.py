@@ -716,6 +716,48 @@ def test_the_username_must_equal_the_username_claim(env, amqp, clients):
     assert e.value.code in (0x86, 0x87), e.value.code
 
 
+def test_a_space_reads_its_keys_from_a_jwks_file_that_may_change(start_router, config_file, tmpdir_path):
+    # Air-gapped: the router reads the JWKS from a file in its --jwks-dir
+    # (on Kubernetes a Secret mounted there), and reads it again when a
+    # token names a key it lacks, so a changed file rotates the keys.
+    issuer = Issuer()
+    try:
+        jwks_dir = os.path.join(tmpdir_path, "jwks")
+        os.makedirs(jwks_dir)
+        path = os.path.join(jwks_dir, "plant.json")
+        with open(path, "w") as f:
+            json.dump(issuer.jwks(), f)
+        r = start_router("--config", config_file("""
+apiVersion: flotilla.dev/v1
+kind: AddressSpace
+metadata: {name: plant}
+spec:
+  undeclaredAddresses: anycast
+  authentication:
+    oidc:
+      issuer: %s
+      audience: %s
+      jwksFile: plant.json
+      authorization: [{claim: roles, value: app, addresses: ["#"], operations: [send, recv]}]
+""" % (issuer.issuer, AUDIENCE)), "--jwks-dir", jwks_dir)
+        c = plain(r.url, issuer.token(tenant="plant", roles=["app"]), "device-1@plant")
+        assert round_trip(c, "inbox", 2)[0] == ["inbox 0", "inbox 1", "marker"]
+        c.close()
+        assert issuer.fetches() == 0, "nothing fetched from the issuer"
+        new_kid = issuer.rotate("EdDSA")
+        with open(path + ".new", "w") as f:
+            json.dump(issuer.jwks(), f)
+        os.replace(path + ".new", path)
+        # The new key is read within the refetch window (a real wait: the
+        # router rereads for an unknown kid at most every 10 s).
+        deadline = time.monotonic() + REFETCH_WINDOW + TIMEOUT
+        while refusal(r.url, issuer.token(kid=new_kid, tenant="plant", roles=["app"]), "device-1@plant"):
+            assert time.monotonic() < deadline, "the changed file was not read"
+            time.sleep(0.1)
+    finally:
+        issuer.stop()
+
+
 # ---- MQTT (paho) ----
 
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])

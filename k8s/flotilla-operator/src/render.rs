@@ -23,6 +23,7 @@ pub const DEFAULT_GRACE: i64 = 60;
 /// Where the pods find their secrets.
 const MESH_DIR: &str = "/etc/flotilla/mesh";
 const TLS_DIR: &str = "/etc/flotilla/tls";
+const JWKS_DIR: &str = "/etc/flotilla/jwks";
 const DATA_DIR: &str = "/var/lib/flotilla";
 
 /// One object to apply, and how.
@@ -121,7 +122,10 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             create_only,
         });
     };
-    let settings = shared_settings(&n, spec.console.enabled);
+    let mut settings = shared_settings(&n, spec.console.enabled);
+    if spec.jwks_secret.is_some() {
+        settings["FLOTILLA_JWKS_DIR"] = JWKS_DIR.into();
+    }
     let ctx = Pods {
         n: &n,
         image: &image,
@@ -132,6 +136,7 @@ pub fn render(f: &Flotilla, image: &str, secrets: &crate::secrets::Generated) ->
             .secret_name
             .clone()
             .unwrap_or_else(|| n.name("tls")),
+        jwks_secret: spec.jwks_secret.clone(),
     };
 
     // The pods' own account: no API access (the console's store is its
@@ -563,6 +568,8 @@ struct Pods<'a> {
     image: &'a str,
     grace: i64,
     tls_secret: String,
+    /// The Secret of JWKS files address spaces may name.
+    jwks_secret: Option<String>,
     /// Of the ConfigMap's data.
     config_hash: String,
 }
@@ -602,6 +609,18 @@ impl Pods<'_> {
             json!({"name": "mesh", "mountPath": MESH_DIR, "readOnly": true}),
             json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}),
         ]);
+        let mut volumes = vec![
+            json!({"name": "mesh", "secret": {"secretName": n.name("mesh"), "defaultMode": 0o400}}),
+            json!({"name": "tls", "secret": {"secretName": self.tls_secret, "defaultMode": 0o400}}),
+        ];
+        if let Some(jwks) = &self.jwks_secret {
+            // Public keys: readable, and updated in place when the Secret
+            // changes (a directory mount, not subPath).
+            mounts.push(json!({"name": "jwks", "mountPath": JWKS_DIR, "readOnly": true}));
+            volumes.push(
+                json!({"name": "jwks", "secret": {"secretName": jwks, "defaultMode": 0o444}}),
+            );
+        }
         let mut container = json!({
             "name": component,
             "image": self.image,
@@ -645,10 +664,7 @@ impl Pods<'_> {
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
                 "containers": [container],
-                "volumes": [
-                    {"name": "mesh", "secret": {"secretName": n.name("mesh"), "defaultMode": 0o400}},
-                    {"name": "tls", "secret": {"secretName": self.tls_secret, "defaultMode": 0o400}},
-                ],
+                "volumes": volumes,
             },
         })
     }

@@ -48,3 +48,46 @@ fn prod() {
 fn edge() {
     check("edge");
 }
+
+/// `spec.jwksSecret`: every router, broker and gateway pod mounts the
+/// Secret where `FLOTILLA_JWKS_DIR` (in the shared ConfigMap) says.
+#[test]
+fn a_jwks_secret_is_mounted_where_the_components_read_it() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let input = std::fs::read_to_string(format!("{dir}/../overlays/prod/flotilla.yaml")).unwrap();
+    let mut f: Flotilla = serde_yaml::from_str(&input).unwrap();
+    f.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    f.spec.jwks_secret = Some("plant-jwks".into());
+    let objects = render::render(&f, "img:test", &Generated::fixed());
+    let config = objects
+        .iter()
+        .find(|d| d.kind() == "ConfigMap")
+        .expect("config map");
+    let dir_env = config.object["data"]["FLOTILLA_JWKS_DIR"]
+        .as_str()
+        .expect("FLOTILLA_JWKS_DIR");
+    let mut mounted = 0;
+    for d in objects
+        .iter()
+        .filter(|d| matches!(d.kind(), "Deployment" | "StatefulSet"))
+    {
+        let spec = &d.object["spec"]["template"]["spec"];
+        let has_volume = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "plant-jwks");
+        let has_mount = spec["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == dir_env);
+        assert!(
+            has_volume && has_mount,
+            "{} mounts the JWKS Secret",
+            d.name()
+        );
+        mounted += 1;
+    }
+    assert!(mounted >= 3, "routers, brokers and gateways: {mounted}");
+}
