@@ -81,6 +81,8 @@ struct LinkInfo {
     instance: u64,
     kind: Kind,
     user: Option<String>,
+    /// A token user's claims (JSON), from `flotilla:claims`.
+    claims: Option<String>,
     /// Deliveries not acknowledged yet.
     unacked: u32,
 }
@@ -199,6 +201,7 @@ impl<'a> Conn<'a> {
                 instance,
                 kind,
                 user: prop("flotilla:user"),
+                claims: prop("flotilla:claims"),
                 unacked: 0,
             },
         );
@@ -225,6 +228,7 @@ impl<'a> Conn<'a> {
                         owner: info.owner.clone(),
                         instance: info.instance,
                         user: r.user,
+                        claims: r.claims,
                         to: r.topic,
                         qos: r.qos,
                         retain: r.retain,
@@ -423,7 +427,13 @@ fn amqp_will(policy: &Policy, info: &LinkInfo, d: &Delivery) -> Result<Will, (Am
             "a will needs a `to`: the address it is published to".to_string(),
         ))?
         .to_string();
-    if !may_send(policy, &info.owner.space, info.user.as_deref(), &to) {
+    if !may_send(
+        policy,
+        &info.owner.space,
+        info.user.as_deref(),
+        info.claims.as_deref(),
+        &to,
+    ) {
         return Err((
             AmqpError::UnauthorizedAccess,
             format!("not allowed to send to {to:?}"),
@@ -465,6 +475,7 @@ fn amqp_will(policy: &Policy, info: &LinkInfo, d: &Delivery) -> Result<Will, (Am
         owner: info.owner.clone(),
         instance: info.instance,
         user: info.user.clone(),
+        claims: info.claims.clone(),
         to,
         qos: if d.settled { 0 } else { 1 },
         retain: false,
@@ -476,11 +487,36 @@ fn amqp_will(policy: &Policy, info: &LinkInfo, d: &Delivery) -> Result<Will, (Am
 
 /// True when `user` (or an anonymous client) may send to `to` in `space`
 /// under the rules as they are now.
-pub fn may_send(policy: &Policy, space: &str, user: Option<&str>, to: &str) -> bool {
+pub fn may_send(
+    policy: &Policy,
+    space: &str,
+    user: Option<&str>,
+    claims: Option<&str>,
+    to: &str,
+) -> bool {
     let t = policy.tenancy();
     let Some(s) = t.spaces.get(space) else {
         return false;
     };
+    // A token user: its claims mapped through the space's rules as they
+    // are now (the space must still take tokens, its id not revoked).
+    if user.is_some_and(|u| u.ends_with(flotilla_amqp::policy::TOKEN_USER)) {
+        let (Some(spec), Some(claims)) = (&s.oidc, claims) else {
+            return false;
+        };
+        let Ok(claims) = serde_json::from_str::<serde_json::Value>(claims) else {
+            return false;
+        };
+        let revoked = claims["jti"]
+            .as_str()
+            .is_some_and(|j| spec.revoked_token_ids.iter().any(|r| r == j));
+        return !revoked
+            && flotilla_core::auth::authorized(
+                &flotilla_core::oidc::rules(spec, &claims),
+                Operation::Send,
+                to,
+            );
+    }
     match user {
         Some(u) => s
             .users
@@ -511,7 +547,13 @@ impl Service {
         }
         let t = self.policy.tenancy();
         for ((space, client), w) in std::mem::take(&mut self.unpublished) {
-            if !may_send(&self.policy, &space, w.user.as_deref(), &w.to) {
+            if !may_send(
+                &self.policy,
+                &space,
+                w.user.as_deref(),
+                w.claims.as_deref(),
+                &w.to,
+            ) {
                 warn!(vhost = %space, client.id = %client, topic = %w.to, "will not published: its user may no longer send there");
                 continue;
             }

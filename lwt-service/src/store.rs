@@ -65,7 +65,7 @@ fn get_u32(b: &mut &[u8]) -> Option<u32> {
 /// Encodes a will for the table (its attach instance is not kept).
 pub fn encode(w: &Will) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(w.message.len() + 128);
-    out.put_u8(1); // format version
+    out.put_u8(2); // format version (1: without claims)
     out.put_u8(match w.kind {
         Kind::Gateway => 0,
         Kind::Amqp => 1,
@@ -78,6 +78,13 @@ pub fn encode(w: &Will) -> Vec<u8> {
         Some(u) => {
             out.put_u8(1);
             put_str(&mut out, u);
+        }
+        None => out.put_u8(0),
+    }
+    match &w.claims {
+        Some(c) => {
+            out.put_u8(1);
+            put_str(&mut out, c);
         }
         None => out.put_u8(0),
     }
@@ -101,7 +108,11 @@ pub fn encode(w: &Will) -> Vec<u8> {
 /// Decodes a will from the table.
 pub fn decode(mut b: &[u8]) -> Option<Will> {
     let b = &mut b;
-    if b.len() < 2 || b.get_u8() != 1 {
+    if b.len() < 2 {
+        return None;
+    }
+    let version = b.get_u8();
+    if !matches!(version, 1 | 2) {
         return None;
     }
     let kind = match b.get_u8() {
@@ -117,6 +128,13 @@ pub fn decode(mut b: &[u8]) -> Option<Will> {
     };
     let user = match (!b.is_empty()).then(|| b.get_u8())? {
         1 => Some(get_str(b)?),
+        _ => None,
+    };
+    let claims = match version {
+        2 => match (!b.is_empty()).then(|| b.get_u8())? {
+            1 => Some(get_str(b)?),
+            _ => None,
+        },
         _ => None,
     };
     let to = get_str(b)?;
@@ -139,6 +157,7 @@ pub fn decode(mut b: &[u8]) -> Option<Will> {
         owner,
         instance: 0,
         user,
+        claims,
         to,
         qos,
         retain,
@@ -264,6 +283,7 @@ mod tests {
             },
             instance: 0,
             user: user.map(str::to_string),
+            claims: user.map(|_| r#"{"roles":["app"]}"#.to_string()),
             to: "t/1".into(),
             qos: 2,
             retain: true,

@@ -59,6 +59,9 @@ pub struct Will {
     pub instance: u64,
     /// The user it is published as (its authorization applies).
     pub user: Option<String>,
+    /// A token user's claims (JSON): its rules are what the space maps
+    /// them to when the will goes.
+    pub claims: Option<String>,
     /// Where it goes.
     pub to: String,
     pub qos: u8,
@@ -423,6 +426,7 @@ mod tests {
             owner: owner(link),
             instance,
             user: None,
+            claims: None,
             to: "status".into(),
             qos: 1,
             retain: false,

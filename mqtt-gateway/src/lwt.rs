@@ -35,6 +35,8 @@ pub struct Registration {
     pub reg: String,
     /// The client's user (its authorization applies when the will goes).
     pub user: Option<String>,
+    /// A token user's claims (JSON): the will is authorized by them.
+    pub claims: Option<String>,
     /// Where the will goes (an MQTT topic: an address of the space).
     pub topic: String,
     pub qos: u8,
@@ -80,6 +82,9 @@ pub fn encode(op: &Op) -> Bytes {
             ap.insert("reg".into(), s(&r.reg));
             if let Some(u) = &r.user {
                 ap.insert("user".into(), s(u));
+            }
+            if let Some(c) = &r.claims {
+                ap.insert("claims".into(), s(c));
             }
             ap.insert("topic".into(), s(&r.topic));
             ap.insert("qos".into(), SimpleValue::Ubyte(r.qos));
@@ -175,6 +180,7 @@ pub fn decode(message: &Bytes) -> Result<Op, String> {
                 client: need("client")?,
                 reg: need("reg")?,
                 user: text("user"),
+                claims: text("claims"),
                 topic: need("topic")?,
                 qos,
                 retain,
@@ -211,7 +217,8 @@ mod tests {
             Op::Register(Registration {
                 client: "c1".into(),
                 reg: "gw/1/2".into(),
-                user: Some("alice".into()),
+                user: Some("alice@oidc".into()),
+                claims: Some(r#"{"roles":["app"],"jti":"t1"}"#.into()),
                 topic: "status/c1".into(),
                 qos: 1,
                 retain: true,
@@ -222,6 +229,7 @@ mod tests {
                 client: "c2".into(),
                 reg: "gw/1/3".into(),
                 user: None,
+                claims: None,
                 topic: "t".into(),
                 qos: 0,
                 retain: false,

@@ -805,6 +805,7 @@ async fn start(
             client: client_id.clone(),
             reg: reg.clone(),
             user: principal.user.clone(),
+            claims: principal.token.as_ref().map(|t| t.claims.to_string()),
             topic: w.topic.clone(),
             qos: w.qos,
             retain: w.retain,

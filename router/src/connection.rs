@@ -756,6 +756,7 @@ impl ConnectionTask {
                 topic: None,
                 user: None,
                 gateway: None,
+                claims: None,
             };
             return self.route_attach(link, attach, info);
         }
@@ -850,6 +851,7 @@ impl ConnectionTask {
             topic: None,
             user: p.user.clone(),
             gateway: None,
+            claims: None,
         };
         debug!(conn.id = self.id.0, space = %p.space, link = marker, "routing a link with no address to a broker");
         self.route_attach(link, attach, info)
@@ -986,6 +988,7 @@ impl ConnectionTask {
                 topic: None,
                 user: None,
                 gateway: None,
+                claims: None,
             });
         }
         if address == crate::linkroute::LWT_ADDRESS && attach.role == Role::Sender {
@@ -1004,6 +1007,7 @@ impl ConnectionTask {
                 topic: None,
                 user: p.user.clone(),
                 gateway: gateway.then(|| self.remote_container.clone()),
+                claims: p.token.as_ref().map(|t| t.claims.to_string()),
             });
         }
         if address.starts_with('$') {
@@ -1071,6 +1075,7 @@ impl ConnectionTask {
             topic,
             user: None,
             gateway: None,
+            claims: None,
         })
     }
 

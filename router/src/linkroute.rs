@@ -51,6 +51,8 @@ pub const PROP_GATEWAY: &str = "flotilla:gateway";
 /// space; the link goes to the last-will service (DESIGN.md "MQTT gateway
 /// and last-will service").
 pub const LWT_ADDRESS: &str = "$lwt";
+/// A token user's claims on a will link (JSON).
+pub const PROP_CLAIMS: &str = "flotilla:claims";
 /// The container id of the last-will service, as a route container.
 pub const LWT_CONTAINER: &str = "$lwt";
 /// The space an operator's tool's routed links name (no tenant's space
@@ -85,6 +87,9 @@ pub struct RouteInfo {
     pub user: Option<String>,
     /// The gateway's container id when the link is an MQTT gateway's.
     pub gateway: Option<String>,
+    /// A token user's claims (those its space reads, JSON), for the
+    /// last-will service: it authorizes such a user's wills by them.
+    pub claims: Option<String>,
 }
 
 impl RouteInfo {
@@ -117,6 +122,9 @@ impl RouteInfo {
         if let Some(g) = &self.gateway {
             f.insert(Symbol::from(PROP_GATEWAY), s(g));
         }
+        if let Some(c) = &self.claims {
+            f.insert(Symbol::from(PROP_CLAIMS), s(c));
+        }
         f
     }
 
@@ -145,6 +153,7 @@ impl RouteInfo {
             topic: get(PROP_TOPIC),
             user: get(PROP_USER),
             gateway: get(PROP_GATEWAY),
+            claims: get(PROP_CLAIMS),
             hops: match p.get(&Symbol::from(PROP_HOPS)) {
                 Some(Value::Uint(n)) => *n,
                 _ => 0,

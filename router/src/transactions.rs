@@ -464,6 +464,7 @@ impl ConnectionTask {
             topic: None,
             user: p.user.clone(),
             gateway: None,
+            claims: None,
         };
         let Some(peer) = self.route_next_hop(&mut info) else {
             return Err(amqp_error(

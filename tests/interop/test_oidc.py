@@ -19,6 +19,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -31,7 +32,7 @@ from proton import ConnectionException, Data, Delivery, Described, Endpoint, Mes
 from proton.reactor import AtMostOnce
 from proton.utils import ConnectionClosed, LinkDetached
 
-from conftest import ROOT, TIMEOUT, Broker, Console, Gateway, Router, Scenario, connect
+from conftest import ROOT, TIMEOUT, Broker, Console, Gateway, Lwt, Router, Scenario, connect
 from mqtt_client import Client, Refused
 from oidc_issuer import AUDIENCE, Issuer, decode_part
 from test_console import until
@@ -85,6 +86,8 @@ class Env:
         self.router = self._keep(Router(*follow, "--http", "127.0.0.1:0"))
         self._keep(Broker(os.path.join(d, "broker"), *follow, "--router", self.router.url))
         self.router.wait_for_log(BROKER_UP)
+        # The last-will service keeps the gateway's clients' wills.
+        self._keep(Lwt(os.path.join(d, "lwt"), self.router, *follow))
         self.gateway = self._keep(Gateway(*follow, "--router", self.router.url, "--http", "127.0.0.1:0"))
         self.router.wait_for_log(GATEWAY_UP, count=2)
 
@@ -774,16 +777,52 @@ def test_mqtt_token_as_password_publishes_and_subscribes(env, clients, v5):
     assert sub.nothing_more()
 
 
-def test_mqtt_token_client_with_a_will_connects_and_works(env, clients):
-    # A token user's will is not kept by the last-will service (it checks
-    # wills against MessagingUsers' rules; README "Not done yet"), but
-    # giving one must not cost the client its connection.
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+def test_a_token_users_will_goes_out_once_when_its_connection_is_lost(env, clients, v5):
+    # The last-will service keeps the will with the token's claims and, when
+    # the connection is lost, publishes it under the rules they map to.
+    topic = "sensors/gone-%s" % ("5" if v5 else "3")
     sub = clients(env.gateway.port, user="meter@tenant-a", password=env.token())
-    assert sub.subscribe("sensors/will-test", 1) == [1]
-    pub = clients(env.gateway.port, v5=True, user="meter@tenant-a", password=env.token(),
-                  will=("sensors/gone", b"gone", 1))
-    assert pub.publish("sensors/will-test", b"alive", qos=1) == 0
+    assert sub.subscribe(topic, 1) == [1]
+    dev = clients(env.gateway.port, v5=v5, client_id="will-" + topic[-1], user="meter@tenant-a",
+                  password=env.token(), will=(topic, b"gone", 1))
+    assert dev.publish(topic, b"alive", qos=1) == 0
     assert [m.payload for m in sub.receive_n(1)] == [b"alive"]
+    dev.drop()
+    assert [m.payload for m in sub.receive_n(1)] == [b"gone"]
+    assert sub.nothing_more()
+
+
+TOKEN_WILL = """
+import os, sys
+from proton import Message
+from proton.utils import BlockingConnection
+url, token, to = sys.argv[1:4]
+c = BlockingConnection(url, timeout=10, user="device-1@tenant-a", password=token, allowed_mechs="PLAIN")
+# Accepted once the service holds it on disk, authorized by the token's claims.
+c.create_sender("$lwt").send(Message(address=to, body="amqp gone", annotations={"x-opt-will-delay": 0}))
+os._exit(0)  # no Close: the connection is lost
+"""
+
+
+def test_an_amqp_token_users_will_goes_out_when_its_connection_is_lost(env, clients):
+    sub = clients(env.gateway.port, user="meter@tenant-a", password=env.token())
+    assert sub.subscribe("sensors/amqp-gone", 1) == [1]
+    subprocess.run([sys.executable, "-c", TOKEN_WILL, env.router.url, env.token(), "sensors/amqp-gone"],
+                   check=True, timeout=TIMEOUT * 2)
+    assert [m.payload for m in sub.receive_n(1)] == [b"amqp gone"]
+    # A token whose rules do not let it send there: the will is refused.
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, "-c", TOKEN_WILL, env.router.url, env.token(roles=["writer"]),
+                        "sensors/amqp-gone"], check=True, timeout=TIMEOUT * 2, capture_output=True)
+    assert sub.nothing_more()
+
+
+def test_a_token_may_not_leave_a_will_where_its_rules_do_not_let_it_send(env, clients):
+    with pytest.raises(Refused) as e:
+        clients(env.gateway.port, v5=True, user="meter@tenant-a", password=env.token(roles=["writer"]),
+                will=("sensors/gone", b"gone", 1))
+    assert e.value.code == 0x87, e.value.code
 
 
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
