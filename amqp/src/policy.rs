@@ -156,6 +156,30 @@ fn still_valid(s: &Space, token: &Verified) -> Result<Vec<AuthorizationRule>, St
     Ok(oidc::rules(spec, &token.claims))
 }
 
+/// Whether a token user that a router or gateway names, with the claims
+/// its space reads (`claims`, JSON), may do `op` on `address` in space
+/// `s` as it is now: the space still takes tokens, the token's id is not
+/// revoked, and its claims map to a rule that allows it. For a
+/// component that acts for the user later (a will, a durable
+/// subscription's reattach).
+pub fn token_claims_may(s: &Space, claims: Option<&str>, op: Operation, address: &str) -> bool {
+    let (Some(spec), Some(claims)) = (&s.oidc, claims) else {
+        return false;
+    };
+    let Ok(claims) = serde_json::from_str::<serde_json::Value>(claims) else {
+        return false;
+    };
+    let revoked = claims["jti"]
+        .as_str()
+        .is_some_and(|j| spec.revoked_token_ids.iter().any(|r| r == j));
+    !revoked && authorized(&oidc::rules(spec, &claims), op, address)
+}
+
+/// True for a user name a token login made (`SUBJECT@oidc`).
+pub fn is_token_user(user: &str) -> bool {
+    user.ends_with(TOKEN_USER)
+}
+
 /// Seconds since the Unix epoch.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()

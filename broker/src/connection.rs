@@ -237,7 +237,8 @@ pub(crate) struct BrokerConnection {
     consumer_task: HashMap<LinkId, usize>,
     /// Routed receivers asking for a subscription by name: the user the
     /// router says they are (until the broker answers).
-    routed_user: HashMap<LinkId, String>,
+    /// A routed reattach's user, and a token user's claims.
+    routed_user: HashMap<LinkId, (String, Option<String>)>,
     /// Events for the queue tasks waiting for room (in order): the
     /// driver reads nothing more from the peer until they are gone.
     outbox: std::collections::VecDeque<(usize, BrokerEvent)>,
@@ -1230,7 +1231,7 @@ impl BrokerConnection {
                     _ => None,
                 };
                 if let Some(u) = get("flotilla:user") {
-                    self.routed_user.insert(link, u);
+                    self.routed_user.insert(link, (u, get("flotilla:claims")));
                 }
                 (
                     space,
@@ -1282,15 +1283,24 @@ impl BrokerConnection {
             (Peer::Client { .. }, Some(p)) => p.may(Operation::Recv, &r.pattern),
             (Peer::Router, _) => match &routed_user {
                 None => true,
-                Some(u) => self
-                    .policy
-                    .tenancy()
-                    .spaces
-                    .get(&r.space)
-                    .and_then(|s| s.users.get(u))
-                    .is_some_and(|u| {
-                        flotilla_core::auth::authorized(&u.rules, Operation::Recv, &r.pattern)
-                    }),
+                Some((u, claims)) => {
+                    let t = self.policy.tenancy();
+                    let Some(s) = t.spaces.get(&r.space) else {
+                        return false;
+                    };
+                    if flotilla_amqp::policy::is_token_user(u) {
+                        flotilla_amqp::policy::token_claims_may(
+                            s,
+                            claims.as_deref(),
+                            Operation::Recv,
+                            &r.pattern,
+                        )
+                    } else {
+                        s.users.get(u).is_some_and(|u| {
+                            flotilla_core::auth::authorized(&u.rules, Operation::Recv, &r.pattern)
+                        })
+                    }
+                }
             },
             _ => false,
         };

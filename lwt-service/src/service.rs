@@ -500,22 +500,8 @@ pub fn may_send(
     };
     // A token user: its claims mapped through the space's rules as they
     // are now (the space must still take tokens, its id not revoked).
-    if user.is_some_and(|u| u.ends_with(flotilla_amqp::policy::TOKEN_USER)) {
-        let (Some(spec), Some(claims)) = (&s.oidc, claims) else {
-            return false;
-        };
-        let Ok(claims) = serde_json::from_str::<serde_json::Value>(claims) else {
-            return false;
-        };
-        let revoked = claims["jti"]
-            .as_str()
-            .is_some_and(|j| spec.revoked_token_ids.iter().any(|r| r == j));
-        return !revoked
-            && flotilla_core::auth::authorized(
-                &flotilla_core::oidc::rules(spec, &claims),
-                Operation::Send,
-                to,
-            );
+    if user.is_some_and(flotilla_amqp::policy::is_token_user) {
+        return flotilla_amqp::policy::token_claims_may(s, claims, Operation::Send, to);
     }
     match user {
         Some(u) => s

@@ -851,7 +851,8 @@ impl ConnectionTask {
             topic: None,
             user: p.user.clone(),
             gateway: None,
-            claims: None,
+            // A token user is authorized by its claims there.
+            claims: p.token.as_ref().map(|t| t.claims.to_string()),
         };
         debug!(conn.id = self.id.0, space = %p.space, link = marker, "routing a link with no address to a broker");
         self.route_attach(link, attach, info)

@@ -761,6 +761,27 @@ spec:
         issuer.stop()
 
 
+def test_a_token_user_finds_its_durable_subscription_by_link_name(env):
+    # JMS's unsubscribe by link name alone, through the router to the
+    # broker, which authorizes it by the token's claims.
+    from proton.reactor import DurableSubscription
+    from test_broker import leave
+    c = plain(env.router.url, env.token(), container_id="jms-token")
+    leave(c, c.create_receiver("sensors/jms", name="ticker", credit=10, options=DurableSubscription()))
+    # A token whose claims grant no receive finds nothing it may take.
+    c = plain(env.router.url, env.token(roles=["writer"]), container_id="jms-token")
+    with pytest.raises(LinkDetached):
+        c.create_receiver(None, name="ticker", credit=0)
+    c.close()
+    c = plain(env.router.url, env.token(), container_id="jms-token")
+    found = c.create_receiver(None, name="ticker", credit=0)
+    assert found.link.remote_source.address == "sensors/jms"
+    found.close()  # a closing detach deletes the subscription
+    with pytest.raises(LinkDetached):
+        c.create_receiver(None, name="ticker", credit=0)
+    c.close()
+
+
 # ---- MQTT (paho) ----
 
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
