@@ -42,7 +42,7 @@ pub fn decode(message: &[u8]) -> Result<Control, AmqpErrorBody> {
         .value;
     // The descriptor may be the code (0x31, 0x32, in any ulong encoding)
     // or the symbolic name: the codec checks it.
-    if let Ok(d) = serde_amqp::from_slice::<Declare>(value) {
+    if let Ok(d) = crate::frame::decode_checked::<Declare>(value) {
         if d.global_id.is_some() {
             return Err(AmqpErrorBody::new(
                 AmqpError::NotImplemented,
@@ -52,7 +52,7 @@ pub fn decode(message: &[u8]) -> Result<Control, AmqpErrorBody> {
         }
         return Ok(Control::Declare);
     }
-    match serde_amqp::from_slice::<Discharge>(value) {
+    match crate::frame::decode_checked::<Discharge>(value) {
         Ok(d) => Ok(Control::Discharge {
             txn: Bytes::from(d.txn_id.into_vec()),
             fail: d.fail.unwrap_or(false),

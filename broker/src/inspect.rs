@@ -16,7 +16,10 @@ pub fn describe(message: &[u8]) -> Json {
     let mut out = Map::new();
     for s in sections(message) {
         let Ok(s) = s else { break };
-        let value = || serde_amqp::from_slice::<Value>(s.value).ok();
+        // Checked first: serde_amqp panics on a map with an odd count and
+        // allocates declared sizes before reading (a stored message is a
+        // client's bytes).
+        let value = || flotilla_amqp::frame::decode_checked::<Value>(s.value).ok();
         match s.code {
             section::HEADER => {
                 if let Some(Value::List(items)) = value() {
@@ -169,6 +172,18 @@ fn to_json(v: &Value) -> Json {
 mod tests {
     use super::*;
     use flotilla_amqp::message::{encode_message, MessageParts};
+
+    #[test]
+    fn a_malformed_stored_value_is_left_out_not_a_panic() {
+        // amqp-value: a map8 that says 1 item (a key without its value),
+        // and one declaring a 4 GiB string.
+        for bytes in [
+            &[0x00, 0x53, 0x77, 0xc1, 0x01, 0x01][..],
+            &[0x00, 0x53, 0x77, 0xb1, 0xff, 0xff, 0xff, 0xff, b'x'][..],
+        ] {
+            assert!(describe(bytes).get("body").is_none());
+        }
+    }
 
     #[test]
     fn a_message_reads_as_json_with_its_body_cut() {
