@@ -40,8 +40,10 @@ pub struct Provider {
     pub config: ConsoleOidc,
     spec: OidcSpec,
     keys: KeyCache,
-    /// The discovery document's endpoints, once fetched.
-    endpoints: tokio::sync::OnceCell<Value>,
+    /// The discovery document, once fetched; or when fetching it last
+    /// failed (anyone may ask `/auth`: a failure is not retried for
+    /// `oidc::REFETCH_AT_MOST`).
+    endpoints: tokio::sync::Mutex<Option<Result<Value, (std::time::Instant, String)>>>,
     /// Tokens already checked (by their SHA-256), with their caller and
     /// expiry: the web console calls the API every second, and a token is
     /// checked and logged once.
@@ -63,7 +65,7 @@ impl Provider {
             config,
             spec,
             keys: KeyCache::default(),
-            endpoints: tokio::sync::OnceCell::new(),
+            endpoints: Default::default(),
             checked: Default::default(),
         }
     }
@@ -73,7 +75,7 @@ impl Provider {
     async fn caller(&self, token: &str) -> Result<Arc<Caller>, Refused> {
         use sha2::Digest;
         let hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        let now = unix_now();
+        let now = flotilla_core::time::now_secs();
         {
             let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
             match checked.get(&hash) {
@@ -84,7 +86,7 @@ impl Provider {
                 None => {}
             }
         }
-        let outcome = self.verify(token, now).await;
+        let outcome = self.keys.check(token, None, &self.spec).await;
         oidc::audit("HTTP", "", &self.config.issuer, token, &outcome);
         let v = outcome?;
         let caller = Arc::new(Caller::from_roles(
@@ -101,22 +103,6 @@ impl Provider {
         checked.insert(hash, (caller.clone(), v.expires));
         Ok(caller)
     }
-
-    async fn verify(&self, token: &str, now: u64) -> Result<oidc::Verified, Refused> {
-        let (kid, _) = oidc::header(token)?;
-        let keys = self
-            .keys
-            .keys(&self.spec, &kid)
-            .await
-            .map_err(Refused::Untrusted)?;
-        oidc::verify(token, None, &self.spec, &keys, now)
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Who is calling, and what it may reach.
@@ -250,18 +236,32 @@ pub async fn auth_info(State(state): State<AppState>) -> Response {
     let Some(p) = &state.oidc else {
         return Json(json!({"oidc": null})).into_response();
     };
-    let endpoints = p
-        .endpoints
-        .get_or_try_init(|| async {
+    let endpoints = {
+        let mut kept = p.endpoints.lock().await;
+        let stale = match kept.as_ref() {
+            None => true,
+            Some(Err((at, _))) => at.elapsed() >= oidc::REFETCH_AT_MOST,
+            Some(Ok(_)) => false,
+        };
+        if stale {
             let url = format!(
                 "{}/.well-known/openid-configuration",
                 p.config.issuer.trim_end_matches('/')
             );
-            let doc: Value = serde_json::from_slice(&oidc::get(&url).await?)
-                .map_err(|e| format!("{url}: {e}"))?;
-            Ok::<Value, String>(doc)
-        })
-        .await;
+            let fetched = match oidc::get(&url).await {
+                Ok(body) => {
+                    serde_json::from_slice::<Value>(&body).map_err(|e| format!("{url}: {e}"))
+                }
+                Err(e) => Err(e),
+            };
+            *kept = Some(fetched.map_err(|e| (std::time::Instant::now(), e)));
+        }
+        match kept.as_ref() {
+            Some(Ok(doc)) => Ok(doc.clone()),
+            Some(Err((_, e))) => Err(e.clone()),
+            None => Err("not fetched".to_string()),
+        }
+    };
     match endpoints {
         Ok(doc) => Json(json!({"oidc": {
             "issuer": p.config.issuer,

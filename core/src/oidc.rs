@@ -328,6 +328,22 @@ struct Slot {
 const MAX_SOURCES: usize = 1024;
 
 impl KeyCache {
+    /// Checks `token` (as [`verify`] does, for `space`) with the keys of
+    /// `spec`'s issuer, fetched or read as needed, at the current time.
+    ///
+    /// # Errors
+    /// Why it is refused.
+    pub async fn check(
+        &self,
+        token: &str,
+        space: Option<&str>,
+        spec: &OidcSpec,
+    ) -> Result<Verified, Refused> {
+        let (kid, _) = header(token)?;
+        let keys = self.keys(spec, &kid).await.map_err(Refused::Untrusted)?;
+        verify(token, space, spec, &keys, crate::time::now_secs())
+    }
+
     /// A cache that reads spaces' `jwksFile`s from `dir`.
     pub fn with_dir(dir: Option<std::path::PathBuf>) -> Self {
         KeyCache {
@@ -779,17 +795,10 @@ pub fn verify(
             return Err(Refused::NotYetValid);
         }
     }
-    if c["iss"].as_str() != Some(spec.issuer.trim_end_matches('/'))
-        && c["iss"].as_str() != Some(spec.issuer.as_str())
-    {
+    if !issued_by(&c, spec) {
         return Err(Refused::WrongIssuer);
     }
-    let aud_ok = match &c["aud"] {
-        Value::String(a) => *a == spec.audience,
-        Value::Array(a) => a.iter().any(|x| x.as_str() == Some(spec.audience.as_str())),
-        _ => false,
-    };
-    if !aud_ok {
+    if !for_audience(&c, spec) {
         return Err(Refused::WrongAudience);
     }
     let claim = spec.tenant_claim.as_deref().unwrap_or("tenant");
@@ -847,6 +856,23 @@ pub fn kept_claims(spec: &OidcSpec, mut c: Value) -> Value {
         |k: &str| ["iss", "aud", "sub", "jti", "exp"].contains(&k) || named.iter().any(|n| n == k);
     all.retain(|k, _| wanted(k));
     c
+}
+
+/// True when `claims`' `iss` is `spec`'s issuer (a trailing `/` in the
+/// setting aside).
+pub fn issued_by(claims: &Value, spec: &OidcSpec) -> bool {
+    let iss = claims["iss"].as_str();
+    iss == Some(spec.issuer.trim_end_matches('/')) || iss == Some(spec.issuer.as_str())
+}
+
+/// True when `claims`' `aud` (a string or an array) names `spec`'s
+/// audience.
+pub fn for_audience(claims: &Value, spec: &OidcSpec) -> bool {
+    match &claims["aud"] {
+        Value::String(a) => *a == spec.audience,
+        Value::Array(a) => a.iter().any(|x| x.as_str() == Some(spec.audience.as_str())),
+        _ => false,
+    }
 }
 
 /// The rules `claims` map to through `spec`'s `authorization`.

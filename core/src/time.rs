@@ -26,6 +26,11 @@ pub fn rfc3339(ms: i64, millis: bool) -> String {
 }
 
 /// Now, in milliseconds since the Unix epoch.
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
